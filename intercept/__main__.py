@@ -1,0 +1,3 @@
+from intercept.cli import main
+
+main()

@@ -1,0 +1,60 @@
+"""Typed errors that carry their fix.
+
+Every error a user can cause or meet is an :class:`InterceptError` subclass with a
+message that names the object and says what to do, and a distinct exit code that the
+CLI returns (listed in the README). Library code raises them; only the CLI prints them.
+"""
+
+from __future__ import annotations
+
+
+class InterceptError(Exception):
+    """Base class: ``str(error)`` is one readable line that names the object and the fix."""
+
+    exit_code = 1
+
+
+class UsageError(InterceptError):
+    """A flag, rule or option value is malformed."""
+
+    exit_code = 2
+
+
+class AgentUnreachable(InterceptError):
+    """The agent's SSH port could not be reached."""
+
+    exit_code = 3
+
+
+class AuthenticationFailed(InterceptError):
+    """The agent refused the access token."""
+
+    exit_code = 4
+
+
+class HostKeyMismatch(InterceptError):
+    """The agent's host key is not the pinned one: possibly an impersonation."""
+
+    exit_code = 5
+
+
+class RouteConflict(InterceptError):
+    """Another session already holds the same rule set (or all traffic)."""
+
+    exit_code = 6
+
+    def __init__(self, message: str, holder: str | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class CredentialsError(InterceptError):
+    """The credentials file is missing or unreadable."""
+
+    exit_code = 7
+
+
+class CommandFailed(InterceptError):
+    """The local COMMAND could not be started."""
+
+    exit_code = 8

@@ -1,0 +1,16 @@
+"""The developer's side: sessions to agents, the local process, ``intercept start``."""
+
+from intercept.client.session import AgentSession, Event, InterceptOptions, keep_intercepting
+from intercept.client.start import default_name, start
+from intercept.client.transport import DirectTransport, Transport
+
+__all__ = [
+    "AgentSession",
+    "DirectTransport",
+    "Event",
+    "InterceptOptions",
+    "Transport",
+    "default_name",
+    "keep_intercepting",
+    "start",
+]

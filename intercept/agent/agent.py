@@ -1,0 +1,152 @@
+"""The agent: the HTTP listener, the SSH server and the route table they share."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+
+from intercept import __version__, credentials
+from intercept.agent import sshd
+from intercept.agent.proxy import ClientConnection, Link, RouteGone, TCPLink, Unavailable
+from intercept.errors import UsageError
+from intercept.routing.match import RegisteredRoute, Route, RouteTable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    listen: tuple[str, int]
+    upstream: tuple[str, int]
+    ssh_listen: tuple[str, int]
+    credentials: Path
+    hold_timeout: float = 10.0
+    allow_outbound: bool = False
+
+
+class Agent:
+    """Serves HTTP on ``config.listen``: each request to the upstream, or to the developer whose route it matches."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.credentials = credentials.load_or_create(config.credentials)
+        self.routes = RouteTable()
+        self.sessions: dict[str, sshd.DeveloperSession] = {}
+        self._http: asyncio.Server | None = None
+        self._ssh: asyncssh.SSHAcceptor | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = self.config.listen
+        self._http = await loop.create_server(lambda: ClientConnection(self), host, port, backlog=1024, reuse_address=True)
+        key = asyncssh.import_private_key(self.credentials.host_private_key)
+        self._ssh = await sshd.start_server(self, *self.config.ssh_listen, key)
+        log.info("agent %s: http %s, ssh %s, upstream %s", __version__, self.http_address, self.ssh_address, self.config.upstream)
+
+    @property
+    def http_address(self) -> tuple[str, int]:
+        return self._http.sockets[0].getsockname()[:2]
+
+    @property
+    def ssh_address(self) -> tuple[str, int]:
+        return self._ssh.sockets[0].getsockname()[:2]
+
+    async def close(self) -> None:
+        if self._ssh is not None:
+            self._ssh.close()
+        for session in list(self.sessions.values()):
+            session.conn.close()
+        if self._http is not None:
+            self._http.close()
+
+    def describe(self) -> dict[str, Any]:
+        host, port = self.config.upstream
+        return {"agent_version": __version__, "upstream": f"{host}:{port}", "hold_timeout": self.config.hold_timeout}
+
+    # -- sessions and routes -------------------------------------------------------------
+
+    def session_opened(self, session: sshd.DeveloperSession) -> None:
+        self.sessions[session.id] = session
+        log.info("%s connected from %s as %s", session.name, session.peer[0], session.id)
+
+    def session_closed(self, session: sshd.DeveloperSession, exc: Exception | None) -> None:
+        self.sessions.pop(session.id, None)
+        for route in self.routes.remove_session(session.id):
+            log.info("dropped route %s of %s (%s)", route.route.describe(), session.name, exc or "connection closed")
+
+    def register(self, session: sshd.DeveloperSession, rules: list[dict[str, Any]], all_traffic: bool) -> RegisteredRoute:
+        if not session.forwarding:
+            raise UsageError(f"request tcpip-forward on {sshd.FORWARD_HOST}:{sshd.FORWARD_PORT} before registering a route")
+        route = Route.from_json(rules)
+        if not route.rules and not all_traffic:
+            raise UsageError("a route without rules takes all traffic; register it with all=true (--all)")
+        registered = self.routes.add(session.id, session.name, route)
+        log.info("route %s registered by %s", route.describe(), session.name)
+        return registered
+
+    def unregister(self, session: sshd.DeveloperSession, route_id: int) -> None:
+        for route in self.routes.snapshot():
+            if route["id"] == route_id and route["session"] == session.id:
+                self.routes.remove(route_id)
+                log.info("route %s unregistered by %s", route["description"], session.name)
+
+    # -- destinations for the proxy --------------------------------------------------------
+
+    async def open_upstream(self, owner: ClientConnection) -> Link:
+        host, port = self.config.upstream
+        try:
+            _, link = await asyncio.get_running_loop().create_connection(lambda: TCPLink(owner), host, port)
+        except OSError as e:
+            raise Unavailable(f"upstream {host}:{port} is unreachable: {e.strerror or e}") from None
+        return link
+
+    async def open_developer(self, route: RegisteredRoute, owner: ClientConnection) -> Link:
+        """A channel to the developer of ``route``; held up to the hold timeout while their process does not accept."""
+        loop = asyncio.get_running_loop()
+        hold = self.config.hold_timeout
+        deadline = loop.time() + hold
+        delay = 0.02
+        reason = "no answer"
+        while True:
+            session = self.sessions.get(route.session_id)
+            if session is None or not any(r["id"] == route.id for r in self.routes.snapshot()):
+                raise RouteGone()
+            try:
+                return await session.open_channel(owner)
+            except asyncssh.ChannelOpenError as e:
+                reason = e.reason
+            except (asyncssh.Error, OSError) as e:
+                reason = f"the connection to their machine failed ({e})"
+            if loop.time() + delay > deadline:
+                raise Unavailable(f"intercept of {route.holder} failed: {reason} (held {hold:g}s)")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+
+def run(config: AgentConfig, ready: Any = None) -> None:
+    """Run the agent until SIGINT/SIGTERM; ``ready(agent)`` is called once it listens."""
+    import signal
+
+    async def main() -> None:
+        agent = Agent(config)
+        await agent.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready(agent)
+        await stop.wait()
+        await agent.close()
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())

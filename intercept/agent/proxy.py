@@ -1,0 +1,505 @@
+"""The agent's HTTP listener: every request routed on its own headers, bytes forwarded as received.
+
+One :class:`ClientConnection` per downstream TCP connection. It finds each request head
+in the stream (:mod:`intercept.routing.http1`), asks the route table where it goes, and
+forwards the head and body bytes unchanged over a :class:`Link`: a reused TCP connection
+to the app container, or an SSH channel to the developer whose route matched. The
+response is framed the same way, so the next request on a keep-alive connection is
+routed again on its own headers. Requests on one connection are handled one at a time,
+so pipelined requests are answered in order.
+
+Invariants:
+
+- A request that matches no route goes to the upstream, whatever happens to developers.
+- A malformed request gets an error response on its own connection only.
+- Nothing is buffered without bound: a full outgoing buffer pauses reading on the
+  other side, in both directions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from enum import Enum
+from typing import TYPE_CHECKING, Protocol
+
+from intercept.routing.http1 import (
+    MAX_HEAD_SIZE,
+    ChunkedScanner,
+    Framing,
+    Kind,
+    ProtocolError,
+    RequestHead,
+    ResponseHead,
+    classify,
+    error_response,
+    parse_request_head,
+    parse_response_head,
+)
+
+if TYPE_CHECKING:
+    from intercept.routing.match import RegisteredRoute, RouteTable
+
+log = logging.getLogger(__name__)
+
+
+class Link(Protocol):
+    """One byte stream to where a request goes; reports to its owner's ``link_*`` methods."""
+
+    def write(self, data: bytes) -> None: ...
+    def write_eof(self) -> None: ...
+    def close(self) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
+class Unavailable(Exception):
+    """The destination could not be reached; ``reason`` is the 502 body."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class RouteGone(Exception):
+    """The matched route was removed while its request waited: route the request again."""
+
+
+class Destinations(Protocol):
+    """What a connection needs from the agent."""
+
+    routes: RouteTable
+
+    async def open_upstream(self, owner: ClientConnection) -> Link: ...
+    async def open_developer(self, route: RegisteredRoute, owner: ClientConnection) -> Link: ...
+
+
+class TCPLink(asyncio.Protocol):
+    """A TCP connection to the upstream (the app container)."""
+
+    def __init__(self, owner: ClientConnection) -> None:
+        self.owner = owner
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.owner.link_data(self, data)
+
+    def eof_received(self) -> bool:
+        return self.owner.link_eof(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.link_lost(self)
+
+    def pause_writing(self) -> None:
+        self.owner.link_pause(self)
+
+    def resume_writing(self) -> None:
+        self.owner.link_resume(self)
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def write_eof(self) -> None:
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def pause_reading(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()
+
+
+class Mode(Enum):
+    CLASSIFY = 0  # first bytes: HTTP or something else?
+    HEAD = 1  # waiting for a request head
+    CONNECTING = 2  # head parsed, destination being reached
+    BODY = 3  # forwarding the request body
+    AWAIT = 4  # request sent, response not finished: further bytes wait
+    TUNNEL = 5  # raw bytes both ways (not HTTP, or after an Upgrade)
+    CLOSED = 6
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, destinations: Destinations) -> None:
+        self.dest = destinations
+        self.transport: asyncio.Transport | None = None
+        self.mode = Mode.CLASSIFY
+        self.pending = b""  # downstream bytes not yet processed
+        self.paused: set[str] = set()  # why downstream reading is paused
+        self.down_full = False  # downstream write buffer is full
+        self.client_eof = False
+        # where requests go; links are reused across requests
+        self.upstream: Link | None = None
+        self.developers: dict[str, Link] = {}
+        self.link: Link | None = None  # the current request's link
+        self.link_used = False  # the current link carried an earlier request
+        self.connecting: asyncio.Task[None] | None = None
+        # the current request
+        self.req: RequestHead | None = None
+        self.req_left = 0
+        self.req_chunks: ChunkedScanner | None = None
+        self.replay: bytes | None = None  # a body-less request, resent once if a reused link was stale
+        # its response
+        self.resp: ResponseHead | None = None
+        self.resp_pending = b""
+        self.resp_left = 0
+        self.resp_chunks: ChunkedScanner | None = None
+        self.resp_started = False
+        self.resp_done = False
+
+    # -- downstream events -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.mode is Mode.TUNNEL:
+            self.link.write(data)
+            return
+        if self.pending:
+            data = self.pending + data
+            self.pending = b""
+        self._consume(data)
+
+    def eof_received(self) -> bool:
+        self.client_eof = True
+        if self.mode is Mode.TUNNEL:
+            self.link.write_eof()
+            return True
+        # keep the connection half open while an answer is still owed
+        return self.mode in (Mode.CONNECTING, Mode.AWAIT) or (self.mode is Mode.BODY and self.resp_started)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.mode = Mode.CLOSED
+        if self.connecting is not None:
+            self.connecting.cancel()
+        for link in self._links():
+            link.close()
+
+    def pause_writing(self) -> None:
+        self.down_full = True
+        if self.link is not None:
+            self.link.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.down_full = False
+        if self.link is not None:
+            self.link.resume_reading()
+
+    # -- requests ----------------------------------------------------------------------
+
+    def _consume(self, data: bytes) -> None:
+        """Process downstream bytes; whatever cannot be processed yet goes to ``pending``."""
+        pos, n = 0, len(data)
+        while pos < n:
+            mode = self.mode
+            if mode is Mode.BODY:
+                end = self._request_body_end(data, pos)
+                if end > pos:
+                    self.link.write(data[pos:end])
+                pos = end
+            elif mode is Mode.HEAD:
+                try:
+                    head = parse_request_head(data, pos)
+                except ProtocolError as e:
+                    self._refuse(e.status, e.reason, head_only=False)
+                    return
+                if head is None:
+                    self.pending = data[pos:]
+                    return
+                self.req = head
+                route = self.dest.routes.match(head.method, head.target, head.headers) if len(self.dest.routes) else None
+                link = self.upstream if route is None else self.developers.get(route.session_id)
+                if link is None:
+                    self.mode = Mode.CONNECTING
+                    self._pause("connecting")
+                    self.connecting = asyncio.get_running_loop().create_task(self._connect(route, head))
+                    self.pending = data[pos:]
+                    return
+                self.link_used = True
+                pos = self._send_head(link, data, pos)
+            elif mode is Mode.CLASSIFY:
+                kind = classify(data)
+                if kind is Kind.NEED_MORE:
+                    self.pending = data
+                    return
+                if kind is Kind.HTTP:
+                    self.mode = Mode.HEAD
+                    continue
+                self.mode = Mode.CONNECTING
+                self._pause("connecting")
+                self.connecting = asyncio.get_running_loop().create_task(self._connect(None, None))
+                self.pending = data
+                return
+            elif mode is Mode.TUNNEL:
+                self.link.write(data[pos:])
+                return
+            else:  # CONNECTING or AWAIT: later
+                self.pending = data[pos:]
+                if len(self.pending) > MAX_HEAD_SIZE:
+                    self._pause("pipeline")
+                return
+
+    def _send_head(self, link: Link, data: bytes, pos: int) -> int:
+        """Start forwarding the current request (head at ``data[pos]``) over ``link``."""
+        head = self.req
+        if self.link is not link:
+            self.link = link
+            if self.down_full:
+                link.pause_reading()
+            else:
+                link.resume_reading()  # it may have been paused while it was not current
+        self.resp = None
+        self.resp_started = self.resp_done = False
+        self.req_left = head.length
+        self.req_chunks = ChunkedScanner(400) if head.framing is Framing.CHUNKED else None
+        self.mode = Mode.BODY
+        start = pos
+        pos += head.size
+        self.replay = data[start:pos] if head.framing is Framing.NONE else None
+        end = self._request_body_end(data, pos)
+        link.write(data[start:end])
+        return end
+
+    def _request_body_end(self, data: bytes, pos: int) -> int:
+        """How far the current request's body reaches in ``data``; moves on when it ends."""
+        head = self.req
+        if head.framing is Framing.LENGTH:
+            take = min(self.req_left, len(data) - pos)
+            self.req_left -= take
+            end, done = pos + take, self.req_left == 0
+        elif head.framing is Framing.CHUNKED:
+            try:
+                end = self.req_chunks.feed(data, pos)
+            except ProtocolError as e:
+                self._refuse(e.status, e.reason, head_only=False)
+                return len(data)
+            done = self.req_chunks.done
+        else:
+            end, done = pos, True
+        if done:
+            if head.upgrade or not self.resp_done:
+                self.mode = Mode.AWAIT
+            else:
+                self._request_finished()
+        return end
+
+    async def _connect(self, route: RegisteredRoute | None, head: RequestHead | None) -> None:
+        """Reach the destination of a request (or of a non-HTTP stream when ``head`` is None)."""
+        while True:
+            try:
+                if route is None:
+                    link = self.upstream = await self.dest.open_upstream(self)
+                else:
+                    link = self.developers[route.session_id] = await self.dest.open_developer(route, self)
+                break
+            except RouteGone:
+                route = self.dest.routes.match(head.method, head.target, head.headers)
+            except Unavailable as e:
+                self.connecting = None
+                if head is None:
+                    log.info("non-HTTP stream dropped: %s", e.reason)
+                    self._close()
+                else:
+                    self._refuse(502, e.reason, head_only=head.method == b"HEAD")
+                return
+        self.connecting = None
+        if self.mode is Mode.CLOSED:
+            link.close()
+            return
+        self.link_used = False
+        data, self.pending = self.pending, b""
+        self._resume("connecting")
+        if head is None:
+            self.link = link
+            self._tunnel(data)
+            return
+        pos = self._send_head(link, data, 0)
+        if pos < len(data):
+            self._consume(data[pos:])
+
+    def _request_finished(self) -> None:
+        """Request and response are both complete: the next request may start."""
+        if self.client_eof:
+            self._close()
+            return
+        self.mode = Mode.HEAD
+        self._resume("pipeline")
+        if self.pending:
+            data, self.pending = self.pending, b""
+            self._consume(data)
+
+    def _tunnel(self, data: bytes) -> None:
+        self.mode = Mode.TUNNEL
+        self._resume("pipeline")
+        if data:
+            self.link.write(data)
+        if self.client_eof:
+            self.link.write_eof()
+
+    # -- responses ---------------------------------------------------------------------
+
+    def link_data(self, link: Link, data: bytes) -> None:
+        if link is not self.link or self.resp_done:
+            # an idle connection spoke out of turn: it can no longer be trusted for framing
+            self._forget(link)
+            link.close()
+            return
+        if self.mode is Mode.TUNNEL:
+            self.transport.write(data)
+            return
+        if self.resp_pending:
+            data = self.resp_pending + data
+            self.resp_pending = b""
+        pos, n = 0, len(data)
+        try:
+            while pos < n:
+                if self.resp is None:
+                    resp = parse_response_head(data, self.req.method, pos)
+                    if resp is None:
+                        self.resp_pending = data[pos:]
+                        return
+                    start = pos
+                    pos += resp.size
+                    self.resp_started = True
+                    if resp.status < 200 and resp.framing is not Framing.TUNNEL:
+                        self.transport.write(data[start:pos])  # 1xx: forward, a final response follows
+                        continue
+                    self.resp = resp
+                    if resp.framing is Framing.TUNNEL:
+                        self.transport.write(data[start:])
+                        pending, self.pending = self.pending, b""
+                        self._tunnel(pending)
+                        return
+                    self.resp_left = resp.length
+                    self.resp_chunks = ChunkedScanner(502) if resp.framing is Framing.CHUNKED else None
+                    end = self._response_body_end(data, pos)
+                    self.transport.write(data[start:end])
+                else:
+                    end = self._response_body_end(data, pos)
+                    self.transport.write(data[pos:end])
+                pos = end
+                if self.resp_done:
+                    if pos < n:  # bytes after a complete response: do not reuse this link
+                        self._forget(link)
+                        link.close()
+                    self._response_finished(link)
+                    return
+        except ProtocolError as e:
+            self._forget(link)
+            link.close()
+            if self.resp is None:
+                self._refuse(502, e.reason, head_only=False)
+            else:
+                self._close()
+
+    def _response_body_end(self, data: bytes, pos: int) -> int:
+        framing = self.resp.framing
+        if framing is Framing.LENGTH:
+            take = min(self.resp_left, len(data) - pos)
+            self.resp_left -= take
+            self.resp_done = self.resp_left == 0
+            return pos + take
+        if framing is Framing.CHUNKED:
+            end = self.resp_chunks.feed(data, pos)
+            self.resp_done = self.resp_chunks.done
+            return end
+        if framing is Framing.UNTIL_CLOSE:
+            return len(data)
+        self.resp_done = True
+        return pos
+
+    def _response_finished(self, link: Link) -> None:
+        self.resp_done = True
+        if not self.resp.keep_alive:
+            self._forget(link)
+            link.close()
+        if not (self.req.keep_alive and self.resp.keep_alive):
+            self._close()
+        elif self.mode is Mode.AWAIT:
+            self._request_finished()
+
+    def link_eof(self, link: Link) -> bool:
+        if link is self.link and self.mode is Mode.TUNNEL:
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            return True
+        return False
+
+    def link_lost(self, link: Link) -> None:
+        self._forget(link)
+        if link is not self.link or self.mode is Mode.CLOSED:
+            return
+        self.link = None
+        if self.mode is Mode.TUNNEL:
+            self._close()
+        elif self.resp is not None and self.resp.framing is Framing.UNTIL_CLOSE:
+            self._close()  # the close is the end of this response
+        elif self.mode in (Mode.BODY, Mode.AWAIT) and not self.resp_done:
+            if not self.resp_started and self.link_used and self.replay is not None:
+                # a reused keep-alive connection was closed by the server: resend once
+                self.mode = Mode.CONNECTING
+                self._pause("connecting")
+                self.pending = self.replay + self.pending
+                route = self.dest.routes.match(self.req.method, self.req.target, self.req.headers) if len(self.dest.routes) else None
+                self.connecting = asyncio.get_running_loop().create_task(self._connect(route, self.req))
+            elif not self.resp_started:
+                self._refuse(502, "the destination closed the connection before responding", head_only=self.req.method == b"HEAD")
+            else:
+                self._close()
+
+    def link_pause(self, link: Link) -> None:
+        self._pause("link")
+
+    def link_resume(self, link: Link) -> None:
+        self._resume("link")
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _links(self) -> list[Link]:
+        links = list(self.developers.values())
+        if self.upstream is not None:
+            links.append(self.upstream)
+        if self.link is not None and self.link not in links:
+            links.append(self.link)
+        return links
+
+    def _forget(self, link: Link) -> None:
+        if self.upstream is link:
+            self.upstream = None
+        for key, value in list(self.developers.items()):
+            if value is link:
+                del self.developers[key]
+
+    def _pause(self, reason: str) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused.add(reason)
+
+    def _resume(self, reason: str) -> None:
+        if reason in self.paused:
+            self.paused.discard(reason)
+            if not self.paused and self.mode is not Mode.CLOSED:
+                self.transport.resume_reading()
+
+    def _refuse(self, status: int, reason: str, *, head_only: bool) -> None:
+        """Answer with an error of our own (unless a response already began) and close."""
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        log.info("%s from %s: %s", status, peer, reason)
+        if not self.resp_started and self.mode is not Mode.CLOSED:
+            self.transport.write(error_response(status, reason, head_only=head_only))
+        self._close()
+
+    def _close(self) -> None:
+        if self.mode is not Mode.CLOSED:
+            self.mode = Mode.CLOSED
+            self.transport.close()
+        for link in self._links():
+            link.close()

@@ -1,0 +1,228 @@
+"""The agent's SSH server: token authentication, a control channel, channels back to clients.
+
+Each client connection is one :class:`DeveloperSession`. The client asks for a
+``tcpip-forward`` on the pseudo address ``intercept:1`` (nothing is bound in the pod);
+the agent then opens one ``forwarded-tcpip`` channel per downstream connection that
+matched the developer's route, and the client connects it to the local process.
+
+Routes are registered over the ``intercept`` subsystem, a JSON-lines control channel:
+``{"op": "register", "rules": [...], "all": false}``, ``{"op": "unregister", "id": N}``,
+``{"op": "list"}``, ``{"op": "hello"}``; every request gets one JSON line back with
+``"ok": true`` or ``"ok": false`` and ``"error"``/``"message"``.
+
+Invariants: no shell, no exec, no port bound in answer to a client; outbound
+``direct-tcpip`` only with ``allow_outbound``; a closed connection's routes are dropped
+at once, and keepalive closes a silent one within 15 s.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+import asyncssh
+
+from intercept.errors import InterceptError, RouteConflict
+
+if TYPE_CHECKING:
+    from intercept.agent.agent import Agent
+    from intercept.agent.proxy import ClientConnection
+
+log = logging.getLogger(__name__)
+
+FORWARD_HOST = "intercept"
+FORWARD_PORT = 1
+CONTROL_SUBSYSTEM = "intercept"
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT_MAX = 3  # a silent client is dropped after 3 unanswered keepalives: 15 s
+ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com", "aes128-ctr"]
+
+_session_ids = itertools.count(1)
+
+
+class ChannelLink(asyncssh.SSHTCPSession[bytes]):
+    """An SSH channel to a developer's machine, as a :class:`~intercept.agent.proxy.Link`."""
+
+    def __init__(self, owner: ClientConnection) -> None:
+        self.owner = owner
+        self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
+
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        self.chan = chan
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.owner.link_data(self, data)
+
+    def eof_received(self) -> bool:
+        return self.owner.link_eof(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.link_lost(self)
+
+    def pause_writing(self) -> None:
+        self.owner.link_pause(self)
+
+    def resume_writing(self) -> None:
+        self.owner.link_resume(self)
+
+    def write(self, data: bytes) -> None:
+        self.chan.write(data)
+
+    def write_eof(self) -> None:
+        self.chan.write_eof()
+
+    def close(self) -> None:
+        self.chan.close()
+
+    def pause_reading(self) -> None:
+        self.chan.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.chan.resume_reading()
+
+
+class _PseudoListener(asyncssh.SSHListener):
+    """Accepts a client's tcpip-forward without binding anything in the pod."""
+
+    def close(self) -> None:
+        pass
+
+    async def wait_closed(self) -> None:
+        pass
+
+
+class DeveloperSession(asyncssh.SSHServer):
+    """One client's SSH connection: who they are, whether they can receive requests, their routes."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self.id = f"s{next(_session_ids)}"
+        self.name = "?"
+        self.peer: tuple[str, int] = ("", 0)
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.forwarding = False
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        peer = conn.get_extra_info("peername") or ("", 0)
+        self.peer = (str(peer[0]), int(peer[1]))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.agent.session_closed(self, exc)
+
+    def begin_auth(self, username: str) -> bool:
+        self.name = username
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    def validate_password(self, username: str, password: str) -> bool:
+        ok = hmac.compare_digest(password.encode(), self.agent.credentials.token.encode())
+        if ok:
+            self.agent.session_opened(self)
+        else:
+            log.warning("refused %s from %s: wrong token", username, self.peer[0])
+        return ok
+
+    def session_requested(self) -> Any:
+        return self.conn.create_server_channel(encoding=None), ControlChannel(self)
+
+    def server_requested(self, listen_host: str, listen_port: int) -> Any:
+        if (listen_host, listen_port) != (FORWARD_HOST, FORWARD_PORT):
+            log.warning("refused tcpip-forward %s:%s from %s", listen_host, listen_port, self.name)
+            return False
+        self.forwarding = True
+        return _PseudoListener()
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
+        if not self.agent.config.allow_outbound:
+            log.info("refused outbound connection to %s:%s from %s (agent started without --allow-outbound)", dest_host, dest_port, self.name)
+            return False
+        return True
+
+    async def open_channel(self, owner: ClientConnection) -> ChannelLink:
+        _, link = await self.conn.create_connection(
+            lambda: ChannelLink(owner), FORWARD_HOST, FORWARD_PORT, self.peer[0], self.peer[1]
+        )
+        return link
+
+
+class ControlChannel(asyncssh.SSHServerSession[bytes]):
+    """The ``intercept`` subsystem: JSON lines in, one JSON line out per request."""
+
+    def __init__(self, session: DeveloperSession) -> None:
+        self.session = session
+        self.chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self.buf = b""
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        self.chan = chan
+
+    def shell_requested(self) -> bool:
+        return False
+
+    def exec_requested(self, command: str) -> bool:
+        return False
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return subsystem == CONTROL_SUBSYSTEM
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.buf += data
+        if len(self.buf) > 1 << 20:
+            self.chan.close()
+            return
+        *lines, self.buf = self.buf.split(b"\n")
+        for line in lines:
+            if line.strip():
+                reply = self._handle(line)
+                self.chan.write(json.dumps(reply).encode() + b"\n")
+
+    def _handle(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+            op = request["op"]
+        except (ValueError, KeyError, TypeError):
+            return {"ok": False, "error": "bad-request", "message": "expected a JSON object with an op"}
+        agent, session = self.session.agent, self.session
+        try:
+            if op == "hello":
+                return {"ok": True, **agent.describe()}
+            if op == "list":
+                return {"ok": True, "routes": agent.routes.snapshot()}
+            if op == "register":
+                route = agent.register(session, request.get("rules", []), bool(request.get("all")))
+                return {"ok": True, "id": route.id, "description": route.route.describe()}
+            if op == "unregister":
+                agent.unregister(session, int(request["id"]))
+                return {"ok": True}
+        except RouteConflict as e:
+            return {"ok": False, "error": "conflict", "message": str(e), "holder": e.holder}
+        except InterceptError as e:
+            return {"ok": False, "error": "invalid", "message": str(e)}
+        except (KeyError, TypeError, ValueError) as e:
+            return {"ok": False, "error": "bad-request", "message": f"malformed {op} request: {e}"}
+        return {"ok": False, "error": "bad-request", "message": f"unknown op {op!r}"}
+
+
+async def start_server(agent: Agent, host: str, port: int, host_key: asyncssh.SSHKey) -> asyncssh.SSHAcceptor:
+    return await asyncssh.create_server(
+        lambda: DeveloperSession(agent),
+        host,
+        port,
+        server_host_keys=[host_key],
+        encryption_algs=ENCRYPTION_ALGS,
+        keepalive_interval=KEEPALIVE_INTERVAL,
+        keepalive_count_max=KEEPALIVE_COUNT_MAX,
+        login_timeout=30,
+        agent_forwarding=False,
+        x11_forwarding=False,
+        allow_scp=False,
+        line_editor=False,
+        reuse_address=True,
+    )
+

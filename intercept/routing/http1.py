@@ -1,0 +1,344 @@
+"""HTTP/1.x framing decisions for the agent's proxy, sans-IO.
+
+The proxy never re-serializes a message: it forwards the bytes it received. What it
+needs from this module is where each message starts and ends, and whether it may be
+forwarded at all. So the functions here take bytes and return small immutable facts:
+
+- :func:`classify` decides from a connection's first bytes whether it speaks HTTP/1.x
+  (routed per request) or something else (relayed untouched as a TCP stream).
+- :func:`parse_request_head` / :func:`parse_response_head` find a complete head in a
+  buffer, validate it strictly, and decide the body's framing (RFC 9112 section 6).
+- :class:`ChunkedScanner` finds where a chunked body ends without copying its data.
+
+Invariants kept here (the proxy relies on them for request-smuggling safety):
+
+- A request is forwarded only when its length is unambiguous: Content-Length together
+  with Transfer-Encoding, conflicting Content-Lengths, a Transfer-Encoding whose last
+  coding is not ``chunked``, bare CR or LF in the head, obsolete line folding, and
+  whitespace before a colon are all refused with 400.
+- Header bytes are never altered: case, order and repeats arrive as sent.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+MAX_HEAD_SIZE = 64 * 1024
+MAX_CHUNK_LINE = 4096
+
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e\x80-\xff]+) HTTP/([0-9])\.([0-9])")
+_ANY_VERSION = re.compile(rb".* HTTP/([0-9]+)\.([0-9]+)")
+_STATUS_LINE = re.compile(rb"HTTP/1\.([0-9]) ([0-9]{3})(?:[ \t][\t\x20-\x7e\x80-\xff]*)?")
+_HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?)[ \t]*")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[\t\x20-\x7e\x80-\xff]*)?")
+_TCHARS = frozenset(b"!#$%&'*+.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-")
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_KNOWN_CODINGS = frozenset({b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"})
+_FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"connection", b"host", b"upgrade", b"expect"})
+
+
+class ProtocolError(Exception):
+    """A message that must not be forwarded; ``status`` is what the client is told."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Kind(Enum):
+    NEED_MORE = 0
+    HTTP = 1
+    OTHER = 2
+
+
+class Framing(Enum):
+    NONE = 0  # no body
+    LENGTH = 1  # Content-Length bytes
+    CHUNKED = 2  # chunked transfer coding, ends at the last chunk and trailers
+    UNTIL_CLOSE = 3  # response body delimited by the connection closing
+    TUNNEL = 4  # after 101 Switching Protocols or a 2xx to CONNECT: raw bytes both ways
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes
+    minor: int  # HTTP/1.<minor>
+    headers: list[tuple[bytes, bytes]]  # lowercased names, stripped values, wire order
+    size: int  # bytes of the head, leading empty lines and the final CRLF included
+    framing: Framing
+    length: int  # body length when framing is LENGTH
+    keep_alive: bool
+    upgrade: bool  # asks to switch protocols (Upgrade) or to tunnel (CONNECT)
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    status: int
+    size: int
+    framing: Framing
+    length: int
+    keep_alive: bool
+
+
+def classify(buf: bytes | bytearray) -> Kind:
+    """Decide from a connection's first bytes whether it speaks HTTP/1.x.
+
+    HTTP is a method token followed by a space (empty lines before it are allowed by
+    RFC 9112 section 2.2). The HTTP/2 connection preface, a TLS ClientHello and any other
+    byte stream are OTHER and get relayed untouched.
+    """
+    start = 0
+    n = len(buf)
+    while start < n and buf[start] in (13, 10):
+        start += 1
+    if start == n:
+        return Kind.NEED_MORE
+    head = bytes(buf[start : start + len(_H2_PREFACE)])
+    if _H2_PREFACE.startswith(head):
+        return Kind.NEED_MORE if len(head) < len(_H2_PREFACE) else Kind.OTHER
+    if head.startswith(b"PRI * HTTP/2"):
+        return Kind.OTHER
+    i = start
+    while i < n and i - start <= 32:
+        c = buf[i]
+        if c == 32:
+            return Kind.HTTP if i > start else Kind.OTHER
+        if c not in _TCHARS:
+            return Kind.OTHER
+        i += 1
+    return Kind.NEED_MORE if i == n else Kind.OTHER
+
+
+def _find_head(buf: bytes | bytearray, start: int) -> int:
+    """Index just past the head's terminating blank line, or -1 if it is not complete."""
+    end = buf.find(b"\r\n\r\n", start)
+    if end < 0:
+        if len(buf) - start > MAX_HEAD_SIZE:
+            raise ProtocolError(431, "request head larger than 64 KiB")
+        return -1
+    if end - start > MAX_HEAD_SIZE:
+        raise ProtocolError(431, "request head larger than 64 KiB")
+    return end + 4
+
+
+def _parse_fields(lines: list[bytes], status: int) -> list[tuple[bytes, bytes]]:
+    headers = []
+    match = _HEADER_LINE.fullmatch
+    for line in lines:
+        m = match(line)
+        if m is None:
+            if line[:1] in (b" ", b"\t"):
+                raise ProtocolError(status, "obsolete line folding in a header")
+            raise ProtocolError(status, f"malformed header line {line[:60]!r}")
+        headers.append((m[1].lower(), m[2]))
+    return headers
+
+
+def _tokens(values: list[bytes]) -> list[bytes]:
+    return [t.strip().lower() for v in values for t in v.split(b",") if t.strip()]
+
+
+def _content_length(values: list[bytes], status: int) -> int:
+    lengths = {t.strip() for v in values for t in v.split(b",")}
+    if len(lengths) != 1:
+        raise ProtocolError(status, "conflicting Content-Length values")
+    (value,) = lengths
+    if not value.isdigit() or len(value) > 18:
+        raise ProtocolError(status, f"invalid Content-Length {value[:30]!r}")
+    return int(value)
+
+
+def parse_request_head(buf: bytes | bytearray, start: int = 0) -> RequestHead | None:
+    """Parse the request head that begins at ``buf[start]``; None while it is incomplete.
+
+    Raises :class:`ProtocolError` with 400, 431, 501 or 505 for a request that must be
+    refused.
+    """
+    body = start
+    n = len(buf)
+    while body + 1 < n and buf[body] == 13 and buf[body + 1] == 10:
+        body += 2  # RFC 9112 2.2: ignore empty lines before the request line
+    end = _find_head(buf, body)
+    if end < 0:
+        return None
+    lines = bytes(buf[body : end - 4]).split(b"\r\n")
+    m = _REQUEST_LINE.fullmatch(lines[0])
+    if m is None:
+        v = _ANY_VERSION.fullmatch(lines[0])
+        if v is not None and v[1] != b"1":
+            raise ProtocolError(505, f"HTTP version {v[1].decode()}.{v[2].decode()} is not supported; use HTTP/1.1")
+        raise ProtocolError(400, f"malformed request line {lines[0][:60]!r}")
+    method, target, major, minor = m[1], m[2], m[3], int(m[4])
+    if major != b"1":
+        raise ProtocolError(505, f"HTTP version {major.decode()}.{minor} is not supported; use HTTP/1.1")
+    headers = _parse_fields(lines[1:], 400)
+
+    framing_values: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        if name in _FRAMING_HEADERS:
+            framing_values.setdefault(name, []).append(value)
+    get = framing_values.get
+    hosts = get(b"host")
+    if minor >= 1 and hosts is None:
+        raise ProtocolError(400, "HTTP/1.1 request without a Host header")
+    if hosts is not None and len(hosts) > 1:
+        raise ProtocolError(400, "several Host headers")
+    te = get(b"transfer-encoding")
+    cl = get(b"content-length")
+    framing, length = Framing.NONE, 0
+    if te is not None:
+        if cl is not None:
+            raise ProtocolError(400, "both Content-Length and Transfer-Encoding (refused: request smuggling shape)")
+        if minor == 0:
+            raise ProtocolError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        codings = _tokens(te)
+        for coding in codings:
+            if coding not in _KNOWN_CODINGS:
+                raise ProtocolError(501, f"transfer coding {coding[:30].decode('latin-1')!r} is not implemented")
+        if not codings or codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
+            raise ProtocolError(400, "Transfer-Encoding must end with chunked, once")
+        framing = Framing.CHUNKED
+    elif cl is not None:
+        length = _content_length(cl, 400)
+        if length:
+            framing = Framing.LENGTH
+    connection = _tokens(get(b"connection") or ())
+    keep_alive = b"close" not in connection and (minor >= 1 or b"keep-alive" in connection)
+    upgrade = method == b"CONNECT" or (b"upgrade" in connection and get(b"upgrade") is not None)
+    return RequestHead(method, target, minor, headers, end - start, framing, length, keep_alive, upgrade)
+
+
+def parse_response_head(buf: bytes | bytearray, method: bytes, start: int = 0) -> ResponseHead | None:
+    """Parse the response head at ``buf[start]`` to a request with ``method``.
+
+    Body framing follows RFC 9112 section 6.3. Raises :class:`ProtocolError` (502) for a
+    response that cannot be framed.
+    """
+    end = buf.find(b"\r\n\r\n", start)
+    if end < 0:
+        if len(buf) - start > MAX_HEAD_SIZE:
+            raise ProtocolError(502, "upstream response head larger than 64 KiB")
+        return None
+    lines = bytes(buf[start:end]).split(b"\r\n")
+    m = _STATUS_LINE.fullmatch(lines[0])
+    if m is None:
+        raise ProtocolError(502, f"malformed status line {lines[0][:60]!r} from upstream")
+    minor, status = int(m[1]), int(m[2])
+    headers = _parse_fields(lines[1:], 502)
+    te: list[bytes] = []
+    cl: list[bytes] = []
+    conn: list[bytes] = []
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            te.append(value)
+        elif name == b"content-length":
+            cl.append(value)
+        elif name == b"connection":
+            conn.append(value)
+    connection = _tokens(conn)
+    keep_alive = b"close" not in connection and (minor >= 1 or b"keep-alive" in connection)
+    length = 0
+    if status == 101 or (method == b"CONNECT" and 200 <= status < 300):
+        framing = Framing.TUNNEL
+    elif method == b"HEAD" or status < 200 or status in (204, 304):
+        framing = Framing.NONE
+    elif te:
+        framing = Framing.CHUNKED if _tokens(te)[-1:] == [b"chunked"] else Framing.UNTIL_CLOSE
+    elif cl:
+        length = _content_length(cl, 502)
+        framing = Framing.LENGTH if length else Framing.NONE
+    else:
+        framing = Framing.UNTIL_CLOSE
+    if framing is Framing.UNTIL_CLOSE:
+        keep_alive = False
+    return ResponseHead(status, end + 4 - start, framing, length, keep_alive)
+
+
+class ChunkedScanner:
+    """Finds the end of a chunked body in a byte stream, without copying chunk data.
+
+    Feed it the bytes that follow the head; :meth:`feed` returns how far the body
+    reaches in that buffer. Once :attr:`done`, the bytes after that index belong to the
+    next message. ``error_status`` is the status of the :class:`ProtocolError` raised
+    for a malformed body (400 for requests, 502 for responses).
+    """
+
+    __slots__ = ("done", "_remaining", "_line", "_in_trailer", "_error_status")
+
+    def __init__(self, error_status: int = 400) -> None:
+        self.done = False
+        self._remaining = 0  # data bytes, then 2 for the CRLF after them, still to skip
+        self._line = b""  # partial size or trailer line
+        self._in_trailer = False
+        self._error_status = error_status
+
+    def feed(self, buf: bytes, pos: int = 0) -> int:
+        n = len(buf)
+        while pos < n and not self.done:
+            if self._remaining:
+                take = min(self._remaining, n - pos)
+                if self._remaining <= 2:  # the CRLF that closes a chunk's data
+                    expect = b"\r\n"[2 - self._remaining : 2 - self._remaining + take]
+                    if buf[pos : pos + take] != expect:
+                        raise ProtocolError(self._error_status, "chunk data longer than its size")
+                elif take > self._remaining - 2:
+                    take = self._remaining - 2
+                self._remaining -= take
+                pos += take
+                continue
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                self._line += buf[pos:]
+                if len(self._line) > MAX_CHUNK_LINE:
+                    raise ProtocolError(self._error_status, "chunk size line too long")
+                return n
+            line = self._line + buf[pos:nl]
+            self._line = b""
+            pos = nl + 1
+            if not line.endswith(b"\r") or len(line) > MAX_CHUNK_LINE:
+                raise ProtocolError(self._error_status, "malformed chunk line")
+            line = line[:-1]
+            if self._in_trailer:
+                if not line:
+                    self.done = True
+                elif _HEADER_LINE.fullmatch(line) is None:
+                    raise ProtocolError(self._error_status, "malformed trailer")
+                continue
+            m = _CHUNK_SIZE.fullmatch(line)
+            if m is None:
+                raise ProtocolError(self._error_status, f"malformed chunk size {line[:30]!r}")
+            size = int(m[1], 16)
+            if size == 0:
+                self._in_trailer = True
+            else:
+                self._remaining = size + 2
+        return pos
+
+
+def error_response(status: int, reason: str, *, head_only: bool = False) -> bytes:
+    """A short plain-text response from the agent itself; the connection closes after it."""
+    body = (reason.rstrip() + "\n").encode("utf-8", "replace")
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+        "Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n"
+        "X-Intercept-Agent: error\r\n\r\n"
+    ).encode("ascii")
+    return head if head_only else head + body
+
+
+_REASONS = {
+    400: "Bad Request",
+    408: "Request Timeout",
+    431: "Request Header Fields Too Large",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    505: "HTTP Version Not Supported",
+}

@@ -1,0 +1,607 @@
+"""Routes and the route table: the agent's routing decision, as data.
+
+Sans-IO: no sockets, no asyncio. The agent hands :meth:`RouteTable.match` a view of one
+request head and gets back the registered route that claims it, or ``None`` (the
+request goes to the app container, undisturbed).
+
+The request view, as the agent's HTTP layer produces it:
+
+- ``method``: bytes, e.g. ``b"GET"``;
+- ``target``: the request-target as sent, origin-form (``b"/a/b?x=1"``) or absolute-form
+  (``b"http://h/a"``);
+- ``headers``: ``list[tuple[bytes, bytes]]`` in wire order, repeats kept, each name
+  already lowercased, each value with surrounding whitespace stripped.
+
+Rules (all rules of a route must match; a route without rules takes all traffic):
+
+- :class:`HeaderEquals` (``--header NAME=VALUE``): a field line named NAME has exactly
+  VALUE (case-sensitive), or the values of all NAME lines, comma-joined, equal VALUE.
+- :class:`HeaderRegex` (``--header-regex NAME=REGEX``): REGEX *fully* matches a NAME
+  value (or the comma-joined values), so ``x-dev=alice`` does not match ``alice2``
+  unless written ``alice.*``.
+- :class:`Baggage` (``--baggage KEY=VALUE``): the W3C baggage (all ``baggage`` lines
+  together) has a member KEY whose percent-decoded value is VALUE; the first member
+  with that key counts.
+- :class:`PathPrefix` (``--path-prefix /PREFIX``): the raw path of the target (query
+  excluded; no decoding, no dot-segment removal) starts with PREFIX, as a plain string:
+  ``/api`` also matches ``/apiv2``, like Telepresence's ``--http-path-prefix``.
+
+Hot path: every rule precomputes its bytes (and compiled regex) at construction, and
+matching compares bytes without decoding or copying the request, except where a rule
+needs a joined or decoded value (several lines of one header; baggage).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+from urllib.parse import quote, unquote
+
+from intercept.errors import RouteConflict, UsageError
+
+__all__ = [
+    "Baggage",
+    "HeaderEquals",
+    "HeaderRegex",
+    "PathPrefix",
+    "RegisteredRoute",
+    "Route",
+    "RouteTable",
+    "Rule",
+    "parse_baggage",
+    "parse_rule",
+]
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9110 section 5.6.2: token = 1*tchar.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKEN_BYTES = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# W3C baggage-octet: visible US-ASCII except DQUOTE, comma, semicolon and backslash.
+_BAGGAGE_VALUE = re.compile(rb"[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
+# A header value the agent could ever see: no control characters except HTAB.
+_FIELD_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# A path prefix as it appears on the wire: visible ASCII, no query or fragment.
+_PATH_PREFIX = re.compile(r"/[\x21\x22\x24-\x3e\x40-\x7e]*")
+_OWS = b" \t"
+
+
+def _arg(flag: str, text: str) -> str:
+    """The flag and its argument as the user would type them (shell-quoted)."""
+    return f"{flag} {shlex.quote(text)}"
+
+
+def _check_token(flag: str, text: str, what: str, name: str, example: str) -> None:
+    if not _TOKEN.fullmatch(name):
+        raise UsageError(
+            f"{_arg(flag, text)}: {what} {name!r} is not a valid HTTP token; "
+            f"write {'NAME' if what == 'header name' else 'KEY'}=VALUE, e.g. {flag} {example}"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderEquals:
+    """``--header NAME=VALUE``: the header NAME has exactly VALUE.
+
+    The name is case-insensitive (stored lowercased); the value is compared exactly,
+    case-sensitive, as UTF-8 bytes. Matches if ANY field line named NAME has VALUE, or
+    if the values of all NAME lines, joined with ``", "`` or ``","``, equal VALUE.
+    """
+
+    name: str
+    value: str
+    kind: ClassVar[str] = "header"
+    _name: bytes = field(init=False, repr=False, compare=False)
+    _value: bytes = field(init=False, repr=False, compare=False)
+    _joinable: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        flag, text = "--header", f"{self.name}={self.value}"
+        _check_token(flag, text, "header name", self.name, "x-dev=alice")
+        _check_header_value(flag, text, self.name, self.value)
+        name = self.name.lower()
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "_name", name.encode("ascii"))
+        object.__setattr__(self, "_value", self.value.encode("utf-8"))
+        object.__setattr__(self, "_joinable", "," in self.value)
+
+    def matches(self, method: bytes, target: bytes, headers: Headers) -> bool:
+        name, value, joinable = self._name, self._value, self._joinable
+        seen: list[bytes] | None = None
+        for n, v in headers:
+            if n == name:
+                if v == value:
+                    return True
+                if joinable:  # only a value with a comma can equal a joined one
+                    if seen is None:
+                        seen = [v]
+                    else:
+                        seen.append(v)
+        if seen is not None and len(seen) > 1:
+            return b", ".join(seen) == value or b",".join(seen) == value
+        return False
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.value}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "name": self.name, "value": self.value}
+
+    def _sort_key(self) -> tuple[int, str, str]:
+        return (0, self.name, self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderRegex:
+    """``--header-regex NAME=REGEX``: REGEX fully matches a value of header NAME.
+
+    Full match (``re.fullmatch``): ``alice`` does not match ``alice2``; write
+    ``alice.*`` for that. Tried against each NAME field line, then against the values of
+    all NAME lines joined with ``", "``. An ASCII pattern is matched against the raw
+    bytes; a non-ASCII pattern against the value decoded as UTF-8. The pattern runs on
+    every request that carries the header: keep it simple (Python's ``re`` has no
+    time limit).
+    """
+
+    name: str
+    pattern: str
+    kind: ClassVar[str] = "header-regex"
+    _name: bytes = field(init=False, repr=False, compare=False)
+    _regex: re.Pattern[Any] = field(init=False, repr=False, compare=False)
+    _text: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        flag, text = "--header-regex", f"{self.name}={self.pattern}"
+        _check_token(flag, text, "header name", self.name, "x-dev='alice.*'")
+        if not self.pattern:
+            raise UsageError(
+                f"{_arg(flag, text)}: the pattern is empty; "
+                f"write NAME=REGEX, e.g. {flag} x-dev='alice.*'"
+            )
+        is_text = not self.pattern.isascii()
+        try:
+            regex = re.compile(self.pattern if is_text else self.pattern.encode("ascii"))
+        except re.error as error:
+            raise UsageError(
+                f"{_arg(flag, text)}: pattern {self.pattern!r} is not a valid regular "
+                f"expression ({error}); fix it, e.g. {flag} x-dev='alice.*'"
+            ) from None
+        name = self.name.lower()
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "_name", name.encode("ascii"))
+        object.__setattr__(self, "_regex", regex)
+        object.__setattr__(self, "_text", is_text)
+
+    def matches(self, method: bytes, target: bytes, headers: Headers) -> bool:
+        name, fullmatch, text = self._name, self._regex.fullmatch, self._text
+        first: bytes | None = None
+        seen: list[bytes] | None = None
+        for n, v in headers:
+            if n == name:
+                if fullmatch(v.decode("utf-8", "surrogateescape") if text else v):
+                    return True
+                if first is None:
+                    first = v
+                elif seen is None:
+                    seen = [first, v]
+                else:
+                    seen.append(v)
+        if seen is None:
+            return False
+        joined = b", ".join(seen)
+        return fullmatch(joined.decode("utf-8", "surrogateescape") if text else joined) is not None
+
+    def describe(self) -> str:
+        return f"{self.name} matching {self.pattern}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "name": self.name, "pattern": self.pattern}
+
+    def _sort_key(self) -> tuple[int, str, str]:
+        return (1, self.name, self.pattern)
+
+
+@dataclass(frozen=True, slots=True)
+class Baggage:
+    """``--baggage KEY=VALUE``: the W3C baggage has member KEY with value VALUE.
+
+    All ``baggage`` lines of the request form one list (see :func:`parse_baggage`); the
+    first valid member named KEY counts, and its percent-decoded value must equal VALUE
+    exactly. Keys are case-sensitive.
+    """
+
+    key: str
+    value: str
+    kind: ClassVar[str] = "baggage"
+    _key: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        flag, text = "--baggage", f"{self.key}={self.value}"
+        _check_token(flag, text, "baggage key", self.key, "dev=alice")
+        if not self.value:
+            raise UsageError(
+                f"{_arg(flag, text)}: the value is empty; write KEY=VALUE, e.g. {flag} {self.key}=alice"
+            )
+        object.__setattr__(self, "_key", self.key.encode("ascii"))
+
+    def matches(self, method: bytes, target: bytes, headers: Headers) -> bool:
+        key = self._key
+        lines: list[bytes] | None = None
+        for n, v in headers:
+            if n == b"baggage":
+                if lines is None:
+                    lines = [v]
+                else:
+                    lines.append(v)
+        if lines is None or not any(key in line for line in lines):
+            return False
+        return _baggage_value(lines, key) == self.value
+
+    def describe(self) -> str:
+        return f"baggage {self.key}={self.value}"
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "key": self.key, "value": self.value}
+
+    def _sort_key(self) -> tuple[int, str, str]:
+        return (2, self.key, self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class PathPrefix:
+    """``--path-prefix /PREFIX``: the path of the request-target starts with PREFIX.
+
+    A plain string prefix of the raw path as sent (``/api`` also matches ``/apiv2``
+    and ``/api/v1``); the query never takes part. For an absolute-form target
+    (``http://host/a``) the path after the authority is used, ``/`` when there is none.
+    PREFIX must start with ``/`` and be written as on the wire (percent-encoded).
+    """
+
+    prefix: str
+    kind: ClassVar[str] = "path-prefix"
+    _prefix: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        flag = "--path-prefix"
+        if not self.prefix.startswith("/"):
+            raise UsageError(
+                f"{_arg(flag, self.prefix)}: the prefix must start with '/'; "
+                f"e.g. {flag} {shlex.quote('/' + self.prefix.lstrip())}"
+            )
+        if not _PATH_PREFIX.fullmatch(self.prefix):
+            path = re.split(r"[?#]", self.prefix, maxsplit=1)[0]
+            fixed = quote(path, safe="/%!$&'()*+,;=:@-._~")
+            raise UsageError(
+                f"{_arg(flag, self.prefix)}: the prefix must be a path as sent on the wire: "
+                f"visible ASCII, percent-encoded, without a query ('?') or fragment ('#'); "
+                f"write {flag} {shlex.quote(fixed)}"
+            )
+        object.__setattr__(self, "_prefix", self.prefix.encode("ascii"))
+
+    def matches(self, method: bytes, target: bytes, headers: Headers) -> bool:
+        prefix = self._prefix
+        if target[:1] == b"/":
+            # Origin-form. The prefix holds no '?' or '#', so a prefix match never
+            # reaches into the query: no need to cut it off.
+            return target.startswith(prefix)
+        scheme_end = target.find(b"://")
+        if scheme_end < 0:
+            return False  # asterisk-form ("*") or authority-form (CONNECT): no path
+        start = scheme_end + 3
+        end = len(target)
+        for delimiter in (b"/", b"?", b"#"):
+            at = target.find(delimiter, start, end)
+            if at >= 0:
+                end = at
+        if end < len(target) and target[end] == 0x2F:  # "/"
+            return target.startswith(prefix, end)
+        return prefix == b"/"  # "http://h" or "http://h?q": the path is "/"
+
+    def describe(self) -> str:
+        return f"path {self.prefix}*"
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "prefix": self.prefix}
+
+    def _sort_key(self) -> tuple[int, str, str]:
+        return (3, self.prefix, "")
+
+
+Rule = HeaderEquals | HeaderRegex | Baggage | PathPrefix
+
+_KINDS: dict[str, type[HeaderEquals] | type[HeaderRegex] | type[Baggage] | type[PathPrefix]] = {
+    cls.kind: cls for cls in (HeaderEquals, HeaderRegex, Baggage, PathPrefix)
+}
+_EXAMPLES = {
+    "header": "x-dev=alice",
+    "header-regex": "x-dev='alice.*'",
+    "baggage": "dev=alice",
+    "path-prefix": "/api",
+}
+# Cheapest checks first: Route.matches stops at the first rule that fails.
+_COST = {PathPrefix: 0, HeaderEquals: 1, HeaderRegex: 2, Baggage: 3}
+
+
+def _check_header_value(flag: str, text: str, name: str, value: str) -> None:
+    example = f"{flag} {name}=alice"
+    if not value:
+        raise UsageError(f"{_arg(flag, text)}: the value is empty; write NAME=VALUE, e.g. {example}")
+    if value != value.strip(" \t"):
+        raise UsageError(
+            f"{_arg(flag, text)}: the value {value!r} has leading or trailing whitespace, "
+            f"which HTTP strips, so it could never match; write {flag} "
+            f"{shlex.quote(f'{name}={value.strip()}')}"
+        )
+    if _FIELD_VALUE_FORBIDDEN.search(value):
+        raise UsageError(
+            f"{_arg(flag, text)}: the value {value!r} holds control characters, which "
+            f"no HTTP header can carry; use printable text, e.g. {example}"
+        )
+
+
+def parse_rule(kind: str, text: str) -> Rule:
+    """Parse one CLI rule argument.
+
+    ``kind`` is the flag without dashes: ``header`` (``x-dev=alice``), ``header-regex``
+    (``x-dev=al.*``), ``baggage`` (``dev=alice``) or ``path-prefix`` (``/api``). Raises
+    :class:`UsageError` naming the flag, the bad value and the fix.
+    """
+    if kind not in _KINDS:
+        raise UsageError(f"unknown rule kind {kind!r}; use one of {', '.join(_KINDS)}")
+    flag = f"--{kind}"
+    if kind == "path-prefix":
+        return PathPrefix(text)
+    name, sep, value = text.partition("=")
+    if not sep:
+        hint = _EXAMPLES[kind]
+        before, colon, after = text.partition(":")
+        if colon and before.strip() and after.strip():
+            hint = shlex.quote(f"{before.strip()}={after.strip()}")
+        placeholder = "KEY=VALUE" if kind == "baggage" else "NAME=REGEX" if kind == "header-regex" else "NAME=VALUE"
+        raise UsageError(f"{_arg(flag, text)}: expected {placeholder}; e.g. {flag} {hint}")
+    if kind == "header":
+        return HeaderEquals(name, value)
+    if kind == "header-regex":
+        return HeaderRegex(name, value)
+    return Baggage(name, value)
+
+
+def _rule_from_json(item: object) -> Rule:
+    if not isinstance(item, dict):
+        raise UsageError(f"route rule {item!r}: expected an object with a 'kind'")
+    kind = item.get("kind")
+    cls = _KINDS.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise UsageError(f"route rule {item!r}: unknown kind {kind!r}; use one of {', '.join(_KINDS)}")
+    fields = {"header": ("name", "value"), "header-regex": ("name", "pattern"),
+              "baggage": ("key", "value"), "path-prefix": ("prefix",)}[kind]
+    extra = set(item) - {"kind", *fields}
+    if extra:
+        raise UsageError(f"route rule {item!r}: unexpected field(s) {', '.join(sorted(map(str, extra)))}; expected {', '.join(fields)}")
+    args = []
+    for name in fields:
+        value = item.get(name)
+        if not isinstance(value, str):
+            raise UsageError(f"route rule {item!r}: field {name!r} must be a string")
+        args.append(value)
+    return cls(*args)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A developer's route: all ``rules`` must match; no rules means all traffic."""
+
+    rules: frozenset[Rule] = frozenset()
+    _ordered: tuple[Rule, ...] = field(init=False, repr=False, compare=False)
+    _by_cost: tuple[Rule, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        rules = frozenset(self.rules)
+        for rule in rules:
+            if not isinstance(rule, (HeaderEquals, HeaderRegex, Baggage, PathPrefix)):
+                raise UsageError(f"route rule {rule!r}: not a rule; build rules with parse_rule()")
+        object.__setattr__(self, "rules", rules)
+        ordered = tuple(sorted(rules, key=lambda rule: rule._sort_key()))
+        object.__setattr__(self, "_ordered", ordered)
+        object.__setattr__(self, "_by_cost", tuple(sorted(ordered, key=lambda rule: _COST[type(rule)])))
+
+    def matches(self, method: bytes, target: bytes, headers: Headers) -> bool:
+        for rule in self._by_cost:
+            if not rule.matches(method, target, headers):
+                return False
+        return True
+
+    @property
+    def is_all_traffic(self) -> bool:
+        return not self.rules
+
+    def describe(self) -> str:
+        """Human text, e.g. ``x-dev: alice and path /api*``; ``all traffic`` when empty."""
+        if not self._ordered:
+            return "all traffic"
+        return " and ".join(rule.describe() for rule in self._ordered)
+
+    def to_json(self) -> list[dict[str, str]]:
+        """Rules as ``[{"kind": "header", "name": "x-dev", "value": "alice"}, ...]``,
+        in a deterministic order (the order of :meth:`describe`)."""
+        return [rule.to_json() for rule in self._ordered]
+
+    @classmethod
+    def from_json(cls, data: list[dict[str, Any]]) -> Route:
+        """The inverse of :meth:`to_json`; validates like :func:`parse_rule`."""
+        if not isinstance(data, list):
+            raise UsageError(f"route {data!r}: expected a list of rules")
+        return cls(frozenset(_rule_from_json(item) for item in data))
+
+
+def _parse_member(member: bytes) -> tuple[str, str] | None:
+    """One W3C baggage list-member -> (key, decoded value), or None when invalid.
+
+    Properties (after the first ';') are ignored, valid or not.
+    """
+    key_value = member.split(b";", 1)[0]
+    key, sep, value = key_value.partition(b"=")
+    if not sep:
+        return None
+    key = key.strip(_OWS)
+    value = value.strip(_OWS)
+    if not _TOKEN_BYTES.fullmatch(key) or not _BAGGAGE_VALUE.fullmatch(value):
+        return None
+    # The value is ASCII here; unquote decodes %XX as UTF-8, puts U+FFFD for
+    # invalid UTF-8 (as the spec requires) and leaves a stray '%' as is.
+    return key.decode("ascii"), unquote(value.decode("ascii"), "utf-8", "replace")
+
+
+def parse_baggage(values: list[bytes]) -> dict[str, str]:
+    """Parse W3C baggage (https://www.w3.org/TR/baggage/) into ``{key: value}``.
+
+    ``values`` are the ``baggage`` field lines in wire order; together they are one list.
+    Members are separated by ``,``; OWS around members, keys and values is trimmed;
+    a value is percent-decoded as UTF-8 (invalid sequences become U+FFFD); properties
+    are ignored. An invalid member is skipped, not the whole header; for a duplicate
+    key the first member wins. Never raises, whatever the bytes.
+    """
+    result: dict[str, str] = {}
+    for line in values:
+        for member in line.split(b","):
+            parsed = _parse_member(member)
+            if parsed is not None and parsed[0] not in result:
+                result[parsed[0]] = parsed[1]
+    return result
+
+
+def _baggage_value(values: list[bytes], key: bytes) -> str | None:
+    """The value of the first valid member named ``key``, as :func:`parse_baggage` would."""
+    name = key.decode("ascii")
+    for line in values:
+        for member in line.split(b","):
+            if key not in member:  # cheap skip: only members naming the key are parsed
+                continue
+            parsed = _parse_member(member)
+            if parsed is not None and parsed[0] == name:
+                return parsed[1]
+    return None
+
+
+@dataclass
+class RegisteredRoute:
+    """A route as held by one session of one developer (``holder``)."""
+
+    id: int
+    session_id: str
+    holder: str
+    route: Route
+
+
+def _alternative(route: Route) -> str:
+    kinds = {rule.kind for rule in route.rules}
+    if len(kinds) != 1:
+        return "other rules"
+    return {
+        "header": "header value",
+        "header-regex": "pattern",
+        "baggage": "baggage value",
+        "path-prefix": "path prefix",
+    }[kinds.pop()]
+
+
+def _who(holder: str, other: RegisteredRoute) -> str:
+    if other.holder == holder:
+        return f"{other.holder} (in another session)"
+    return other.holder
+
+
+class RouteTable:
+    """The routes an agent serves, in registration order.
+
+    Invariants:
+
+    - The first registered route that matches a request wins (:meth:`match` scans in
+      registration order), so a later, narrower route never steals traffic from an
+      earlier one, and a request goes to exactly one session.
+    - No two sessions hold an identical rule set, and a session holding all traffic
+      (an empty rule set) is the only session in the table: :meth:`add` refuses with
+      :class:`RouteConflict` naming the holder.
+    - Route ids are never reused within a table.
+
+    Mutation rebuilds an immutable tuple, so :meth:`match` is one loop over it.
+    """
+
+    def __init__(self) -> None:
+        self._routes: tuple[RegisteredRoute, ...] = ()
+        self._next_id = 1
+
+    def add(self, session_id: str, holder: str, route: Route) -> RegisteredRoute:
+        """Register ``route`` for ``session_id``; idempotent for the same session.
+
+        A session may hold several routes. Raises :class:`RouteConflict` (with
+        ``holder``) when another session holds the identical rule set, when ``route``
+        is all traffic and another session holds any route, or when another session
+        holds all traffic.
+        """
+        for other in self._routes:
+            if other.session_id == session_id and other.route == route:
+                return other
+        for other in self._routes:
+            if other.session_id == session_id:
+                continue
+            who = _who(holder, other)
+            if other.route.is_all_traffic:
+                raise RouteConflict(
+                    f"route {route.describe()} cannot be added: all traffic is already held by "
+                    f"{who}; ask {other.holder} to leave",
+                    holder=other.holder,
+                )
+            if route.is_all_traffic:
+                raise RouteConflict(
+                    f"cannot take all traffic: {who} holds route {other.route.describe()}; "
+                    f"add a rule, e.g. --header x-dev=NAME, "
+                    f"or ask {other.holder} to leave",
+                    holder=other.holder,
+                )
+            if other.route == route:
+                raise RouteConflict(
+                    f"route {route.describe()} is already held by {who}; choose another "
+                    f"{_alternative(route)}, or ask {other.holder} to leave",
+                    holder=other.holder,
+                )
+        registered = RegisteredRoute(self._next_id, session_id, holder, route)
+        self._next_id += 1
+        self._routes = (*self._routes, registered)
+        return registered
+
+    def remove(self, route_id: int) -> None:
+        """Drop one route; an unknown id is ignored (the route is already gone)."""
+        self._routes = tuple(r for r in self._routes if r.id != route_id)
+
+    def remove_session(self, session_id: str) -> list[RegisteredRoute]:
+        """Drop every route of a session (it left); returns them in registration order."""
+        removed = [r for r in self._routes if r.session_id == session_id]
+        if removed:
+            self._routes = tuple(r for r in self._routes if r.session_id != session_id)
+        return removed
+
+    def match(self, method: bytes, target: bytes, headers: Headers) -> RegisteredRoute | None:
+        """The first registered route matching the request, or None (to the app)."""
+        for registered in self._routes:
+            if registered.route.matches(method, target, headers):
+                return registered
+        return None
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The table as JSON-ready dicts, in registration order."""
+        return [
+            {
+                "id": r.id,
+                "holder": r.holder,
+                "session": r.session_id,
+                "rules": r.route.to_json(),
+                "description": r.route.describe(),
+            }
+            for r in self._routes
+        ]

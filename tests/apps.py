@@ -1,0 +1,156 @@
+"""A scriptable HTTP/1.1 app for the tests, built on h11 (an independent HTTP implementation).
+
+It plays the "cluster version" (the upstream behind the agent) or a developer's "local
+version". Every answer names the app, so a test sees where each request landed. It
+echoes what it received as JSON: method, target, raw header lines (case, order and
+repeats as they arrived), body length and SHA-256, streamed (no body is held).
+
+Paths:
+  /status/N        status N (no body for 1xx/204/304)
+  /bytes/N         N bytes with Content-Length, streamed
+  /chunked/N/M     N chunks of M bytes, chunked
+  /close           a body delimited by closing the connection (HTTP/1.0 style)
+  /ws              101 Switching Protocols, then echoes raw bytes
+  anything else    the JSON echo
+A connection whose first byte is not a letter is echoed back raw (a TCP echo server).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+
+import h11
+
+CHUNK = 64 * 1024
+
+
+class App:
+    def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.name = name
+        self.sock = socket.create_server((host, port), backlog=512, reuse_port=False)
+        self.port = self.sock.getsockname()[1]
+        self.hits = 0
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            first = conn.recv(CHUNK)
+            if first and (not first[:1].isalpha() or first.startswith(b"PRI * HTTP/2")):
+                self._echo_raw(conn, first)
+                return
+            h = h11.Connection(h11.SERVER)
+            h.receive_data(first)
+            while self._one_request(conn, h):
+                h.start_next_cycle()
+        except (OSError, h11.ProtocolError):
+            pass
+        finally:
+            conn.close()
+
+    def _echo_raw(self, conn: socket.socket, data: bytes) -> None:
+        while data:
+            conn.sendall(data)
+            data = conn.recv(CHUNK)
+
+    def _next(self, conn: socket.socket, h: h11.Connection):
+        while True:
+            event = h.next_event()
+            if event is h11.NEED_DATA:
+                if h.they_are_waiting_for_100_continue:
+                    conn.sendall(h.send(h11.InformationalResponse(status_code=100, headers=[])))
+                h.receive_data(conn.recv(CHUNK))
+                continue
+            return event
+
+    def _one_request(self, conn: socket.socket, h: h11.Connection) -> bool:
+        event = self._next(conn, h)
+        if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+            return False
+        request: h11.Request = event
+        with self._lock:
+            self.hits += 1
+        digest, length = hashlib.sha256(), 0
+        while True:
+            event = self._next(conn, h)
+            if isinstance(event, h11.Data):
+                digest.update(event.data)
+                length += len(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                return False
+        target = request.target.decode()
+        parts = target.split("?")[0].strip("/").split("/")
+        base = [("X-App", self.name)]
+        if parts[0] == "status":
+            status = int(parts[1])
+            body = b"" if status in (204, 304) else f"{self.name} {status}\n".encode()
+            headers = base + ([("Content-Length", str(len(body)))] if status not in (204, 304) else [])
+            conn.sendall(h.send(h11.Response(status_code=status, headers=headers)))
+            if body:
+                conn.sendall(h.send(h11.Data(data=body)))
+        elif parts[0] == "bytes":
+            n = int(parts[1])
+            conn.sendall(h.send(h11.Response(status_code=200, headers=base + [("Content-Length", str(n))])))
+            block = b"x" * CHUNK
+            while n:
+                piece = block[: min(n, CHUNK)]
+                conn.sendall(h.send(h11.Data(data=piece)))
+                n -= len(piece)
+        elif parts[0] == "chunked":
+            count, size = int(parts[1]), int(parts[2])
+            conn.sendall(h.send(h11.Response(status_code=200, headers=base + [("Transfer-Encoding", "chunked")])))
+            for i in range(count):
+                conn.sendall(h.send(h11.Data(data=bytes([97 + i % 26]) * size)))
+        elif parts[0] == "close":
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nX-App: " + self.name.encode() + b"\r\nConnection: close\r\n\r\n"
+                + self.name.encode() + b" until close\n"
+            )
+            return False
+        elif parts[0] == "ws":
+            conn.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"X-App: " + self.name.encode() + b"\r\n\r\n"
+            )
+            self._echo_raw(conn, h.trailing_data[0] or conn.recv(CHUNK))
+            return False
+        else:
+            body = json.dumps(
+                {
+                    "app": self.name,
+                    "method": request.method.decode(),
+                    "target": target,
+                    "http_version": request.http_version.decode(),
+                    "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.headers.raw_items()],
+                    "body_length": length,
+                    "body_sha256": digest.hexdigest(),
+                }
+            ).encode()
+            headers = base + [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+            conn.sendall(h.send(h11.Response(status_code=200, headers=headers)))
+            if request.method != b"HEAD":
+                conn.sendall(h.send(h11.Data(data=body)))
+        conn.sendall(h.send(h11.EndOfMessage()))
+        return h.our_state is h11.DONE and h.their_state is h11.DONE

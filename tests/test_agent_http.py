@@ -1,0 +1,274 @@
+"""HTTP/1.1 proxying through a real agent process, with real clients (http.client, curl, raw sockets)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import socket
+import subprocess
+
+import h11
+import pytest
+
+from tests.conftest import echo, start_agent
+
+
+def raw_exchange(port: int, data: bytes, *, read_until_close: bool = True) -> bytes:
+    """Send bytes on a fresh connection; everything the agent answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(data)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+
+
+def read_responses(sock: socket.socket, count: int, methods: list[bytes] | None = None) -> list[tuple[h11.Response, bytes]]:
+    """Read ``count`` responses from a keep-alive connection with h11 (an independent parser)."""
+    h = h11.Connection(h11.CLIENT)
+    out = []
+    for i in range(count):
+        method = (methods or [b"GET"] * count)[i]
+        h.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
+        h.send(h11.EndOfMessage())
+        resp, body = None, b""
+        while True:
+            event = h.next_event()
+            if event is h11.NEED_DATA:
+                h.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                resp = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                break
+        out.append((resp, body))
+        h.start_next_cycle()
+    return out
+
+
+def test_request_without_header_reaches_cluster_version(agent):
+    status, headers, body = agent.request(path="/hello?x=1")
+    assert status == 200
+    assert headers["X-App"] == "cluster"
+    assert echo(body)["target"] == "/hello?x=1"
+
+
+def test_headers_arrive_as_sent_case_order_and_repeats(agent):
+    request = (
+        b"GET /h HTTP/1.1\r\nHost: a\r\nX-Mixed-Case: one\r\nx-mixed-case: two\r\nZ-Last: 1\r\n"
+        b"A-First: 2\r\nConnection: close\r\n\r\n"
+    )
+    reply = raw_exchange(agent.http_port, request)
+    body = reply.split(b"\r\n\r\n", 1)[1]
+    assert echo(body)["headers"] == [
+        ["Host", "a"], ["X-Mixed-Case", "one"], ["x-mixed-case", "two"], ["Z-Last", "1"], ["A-First", "2"], ["Connection", "close"],
+    ]
+
+
+def test_content_length_upload_is_streamed_intact(agent):
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    status, _, body = agent.request("POST", "/upload", body=data, headers={"Content-Type": "application/octet-stream"})
+    assert status == 200
+    assert echo(body)["body_length"] == len(data)
+    assert echo(body)["body_sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_chunked_upload_is_streamed_intact(agent):
+    pieces = [os.urandom(n) for n in (1, 100, 65536, 70000, 3)]
+    conn = http.client.HTTPConnection("127.0.0.1", agent.http_port, timeout=30)
+    conn.request("POST", "/chunked-upload", body=iter(pieces), encode_chunked=True)
+    resp = conn.getresponse()
+    got = echo(resp.read())
+    conn.close()
+    assert got["body_length"] == sum(map(len, pieces))
+    assert got["body_sha256"] == hashlib.sha256(b"".join(pieces)).hexdigest()
+    assert ["Transfer-Encoding", "chunked"] in got["headers"]
+
+
+def test_chunked_and_length_downloads_on_one_keep_alive_connection(agent):
+    conn = http.client.HTTPConnection("127.0.0.1", agent.http_port, timeout=30)
+    conn.request("GET", "/chunked/40/5000")
+    resp = conn.getresponse()
+    assert resp.getheader("Transfer-Encoding") == "chunked"
+    assert len(resp.read()) == 40 * 5000
+    conn.request("GET", "/bytes/1000000")
+    assert len(conn.getresponse().read()) == 1000000
+    conn.request("GET", "/again")
+    assert echo(conn.getresponse().read())["target"] == "/again"
+    conn.close()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed (apt-get install curl)")
+def test_expect_100_continue_through_curl(agent, tmp_path):
+    payload = tmp_path / "payload"
+    payload.write_bytes(os.urandom(200_000))
+    out = subprocess.run(
+        ["curl", "-sv", "-H", "Expect: 100-continue", "--data-binary", f"@{payload}", f"http://127.0.0.1:{agent.http_port}/up"],
+        capture_output=True, timeout=30, check=True,
+    )
+    assert b"< HTTP/1.1 100" in out.stderr
+    assert echo(out.stdout)["body_sha256"] == hashlib.sha256(payload.read_bytes()).hexdigest()
+
+
+def test_head_204_304_keep_the_connection_in_step(agent):
+    conn = http.client.HTTPConnection("127.0.0.1", agent.http_port, timeout=30)
+    conn.request("HEAD", "/head")
+    resp = conn.getresponse()
+    assert resp.status == 200 and int(resp.getheader("Content-Length")) > 0
+    assert resp.read() == b""
+    for status in (204, 304):
+        conn.request("GET", f"/status/{status}")
+        resp = conn.getresponse()
+        assert resp.status == status and resp.read() == b""
+    conn.request("GET", "/after")
+    assert echo(conn.getresponse().read())["target"] == "/after"
+    conn.close()
+
+
+def test_connection_close_closes_after_the_response(agent):
+    reply = raw_exchange(agent.http_port, b"GET /c HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\nGET /never HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert reply.count(b"HTTP/1.1 200") == 1
+    assert b"/never" not in reply
+
+
+def test_http_1_0_client_gets_its_answer_and_a_close(agent):
+    reply = raw_exchange(agent.http_port, b"GET /old HTTP/1.0\r\n\r\n")
+    head, body = reply.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert echo(body)["http_version"] == "1.0"
+
+
+def test_close_delimited_response_reaches_the_client_whole(agent):
+    reply = raw_exchange(agent.http_port, b"GET /close HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert reply.endswith(b"cluster until close\n")
+
+
+def test_pipelined_requests_are_answered_in_order(agent):
+    with socket.create_connection(("127.0.0.1", agent.http_port), timeout=30) as s:
+        s.sendall(b"".join(b"GET /p%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(5)) + b"HEAD /p5 HTTP/1.1\r\nHost: a\r\n\r\n")
+        responses = read_responses(s, 6, [b"GET"] * 5 + [b"HEAD"])
+    assert [echo(body)["target"] for _, body in responses[:5]] == [f"/p{i}" for i in range(5)]
+    assert responses[5][0].status_code == 200 and responses[5][1] == b""
+
+
+def test_websocket_upgrade_then_bytes_both_ways(agent):
+    with socket.create_connection(("127.0.0.1", agent.http_port), timeout=30) as s:
+        s.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(1)
+        assert head.startswith(b"HTTP/1.1 101")
+        frame = b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58"  # a masked "Hello" text frame
+        s.sendall(frame)
+        got = b""
+        while len(got) < len(frame):
+            got += s.recv(100)
+        assert got == frame
+
+
+@pytest.mark.parametrize(
+    "first_bytes",
+    [
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(32)),  # TLS ClientHello
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00",  # HTTP/2 preface
+        b"*1\r\n$4\r\nPING\r\n",  # something else (RESP)
+    ],
+    ids=["tls", "h2-preface", "other"],
+)
+def test_non_http_traffic_is_relayed_untouched(agent, first_bytes):
+    with socket.create_connection(("127.0.0.1", agent.http_port), timeout=30) as s:
+        s.sendall(first_bytes)
+        got = b""
+        while len(got) < len(first_bytes):
+            got += s.recv(65536)
+        s.sendall(b"\x00more")
+        more = b""
+        while len(more) < 5:
+            more += s.recv(100)
+    assert got == first_bytes and more == b"\x00more"
+
+
+MALFORMED = [
+    (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, b"Transfer-Encoding"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 400, b"Content-Length"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 7\r\n\r\nhello!!", 400, b"Content-Length"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400, b"Content-Length"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n", 400, b"chunked"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 400, b"chunked"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: rot13, chunked\r\n\r\n", 501, b"rot13"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400, b"chunk"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX-Folded: a\r\n b\r\n\r\n", 400, b"folding"),
+    (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400, b"header"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nBad\x00Name: x\r\n\r\n", 400, b"header"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n", 400, b"header"),
+    (b"GET / HTTP/1.1\r\n\r\n", 400, b"Host"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, b"Host"),
+    (b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n", 400, b"request line"),
+    (b"GET / HTTP/1.1 extra\r\nHost: a\r\n\r\n", 400, b"request line"),
+    (b"GET / HTTP/3.0\r\nHost: a\r\n\r\n", 505, b"version"),
+    (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505, b"version"),
+    (b"GET / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, b"HTTP/1.0"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431, b"64 KiB"),
+]
+
+
+@pytest.mark.parametrize("request_bytes,status,reason", MALFORMED, ids=[f"{i}-{m[1]}" for i, m in enumerate(MALFORMED)])
+def test_malformed_request_gets_its_status_and_others_keep_being_served(agent, cluster_app, request_bytes, status, reason):
+    neighbour = http.client.HTTPConnection("127.0.0.1", agent.http_port, timeout=30)
+    neighbour.request("GET", "/before")
+    assert neighbour.getresponse().read()
+    hits = cluster_app.hits
+    reply = raw_exchange(agent.http_port, request_bytes)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status), reply[:200]
+    assert reason in body
+    assert cluster_app.hits == hits, "a refused request must not reach the app"
+    neighbour.request("GET", "/after")
+    assert echo(neighbour.getresponse().read())["target"] == "/after"
+    neighbour.close()
+
+
+def test_unreachable_upstream_gets_502_naming_it(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]  # closed again before the agent dials it
+    agent = start_agent(tmp_path, dead_port)
+    try:
+        status, _, body = agent.request(path="/")
+        assert status == 502
+        assert f"upstream 127.0.0.1:{dead_port} is unreachable".encode() in body
+    finally:
+        agent.proc.stop()
+
+
+def _peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc to read the agent's peak memory")
+def test_large_bodies_are_streamed_not_held(agent):
+    size = 300 * 1024 * 1024
+    conn = http.client.HTTPConnection("127.0.0.1", agent.http_port, timeout=60)
+    conn.request("GET", f"/bytes/{size}")
+    resp = conn.getresponse()
+    got = 0
+    while chunk := resp.read(1 << 20):
+        got += len(chunk)
+    assert got == size
+
+    def upload():
+        block = b"u" * (1 << 20)
+        for _ in range(size >> 20):
+            yield block
+
+    conn.request("POST", "/upload", body=upload(), headers={"Content-Length": str(size)})
+    assert echo(conn.getresponse().read())["body_length"] == size
+    conn.close()
+    assert _peak_rss_kib(agent.proc.p.pid) < 150 * 1024, "the agent held a body in memory"

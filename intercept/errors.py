@@ -58,3 +58,15 @@ class CommandFailed(InterceptError):
     """The local COMMAND could not be started."""
 
     exit_code = 8
+
+
+class ResolveError(InterceptError):
+    """A Service does not lead to exactly one workload, container and port."""
+
+    exit_code = 9
+
+
+class InjectError(InterceptError):
+    """The agent cannot be injected (or the originals restored) safely as asked."""
+
+    exit_code = 10

@@ -1,0 +1,959 @@
+"""Inject the agent into a workload's manifests, and restore them: pure functions over dicts.
+
+The objects are the JSON form of Kubernetes objects, as ``yaml.safe_load_all`` or the API
+server give them. Nothing here does I/O; the cluster path (``kube/apply.py``) and the
+offline path (``intercept inject -f`` / ``intercept restore -f``) call the same functions.
+
+What :func:`inject` changes, and nothing else:
+
+- the workload (Deployment, StatefulSet, ReplicaSet) behind the Service: the agent
+  container is appended, a volume holding the Secret ``intercept-<workload>`` is
+  appended, and for a *named* targetPort the app container's port is renamed (and its
+  probes that used the name follow it) so that the name now resolves to the agent;
+- the Service, for a *numeric* targetPort: that port's targetPort points at the agent;
+- NetworkPolicies that admit the app's port but not the agent's: the rules that admit
+  the app's port also admit the agent's (refused with ``no_policy_changes``).
+
+Invariants, kept by the tests:
+
+- ``restore(inject(x)) == x`` for every list of objects ``x``: each changed object
+  carries, in the annotation :data:`ANNOTATION`, the original value of every field that
+  was replaced and the name of every list item that was added.
+- ``inject(inject(x)) == inject(x)``: the injection is computed from the restored
+  original, never from an injected object, so it is a function of the original and the
+  options only. Other options (another agent image) upgrade the agent in place.
+- Input objects are never mutated; unchanged objects are returned as they came.
+
+Annotation format (``intercept.dev/original``), compact JSON with sorted keys::
+
+    {"version": 1,
+     "role": "workload" | "service" | "policy",
+     "replaced": [{"path": [...], "value": <original>} | {"path": [...], "absent": true}],
+     "added": [{"path": [...], "name": "<list item name>", "listWasAbsent": bool}],
+     "annotationsWereAbsent": bool,
+     ...role specific: "agentVersion", "upstream", "portName" (workload),
+                       "workload" (service), "workloads" (policy)}
+
+A path is a list of keys, where ``{"name": N}`` stands for the list item named N (paths
+survive containers being reordered).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from intercept import __version__
+from intercept.errors import InjectError, ResolveError, UsageError
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+
+AGENT_CONTAINER = "intercept-agent"
+ANNOTATION = "intercept.dev/original"
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "ReplicaSet")
+
+AGENT_HTTP_PORT = 9900
+AGENT_SSH_PORT = 9922
+AGENT_HTTP_PORT_NAME = "intercept-http"
+AGENT_SSH_PORT_NAME = "intercept-ssh"
+CREDENTIALS_VOLUME = "intercept-credentials"
+CREDENTIALS_DIR = "/var/run/intercept"
+CREDENTIALS_KEY = "credentials.json"
+# The user the agent runs as when the pod does not name a non-root one (distroless "nonroot").
+AGENT_USER = 65532
+AGENT_RESOURCES = {
+    "requests": {"cpu": "10m", "memory": "32Mi"},
+    "limits": {"cpu": "500m", "memory": "128Mi"},
+}
+
+_RECORD_VERSION = 1
+_PORT_NAME_MAX = 15  # IANA_SVC_NAME
+_DNS_LABEL_MAX = 63
+_DNS_SUBDOMAIN_MAX = 253
+_PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
+_POD_SPEC = ("spec", "template", "spec")
+
+
+@dataclass(frozen=True)
+class InjectOptions:
+    """How to inject: the agent image and the choices the CLI flags make."""
+
+    image: str
+    agent_version: str = __version__
+    service_port: str | int | None = None
+    no_policy_changes: bool = False
+    outbound: bool = True
+    hold_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.image or any(c.isspace() for c in self.image):
+            raise UsageError(f"invalid agent image {self.image!r}: pass --agent-image REPOSITORY:TAG")
+        if self.hold_timeout <= 0:
+            raise UsageError(f"invalid hold timeout {self.hold_timeout!r}: it must be positive")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a Service port leads to: the workload, its app container and the port it serves."""
+
+    service: str
+    namespace: str | None
+    service_port: int
+    service_port_name: str | None
+    target_port: str | int  # as the Service states it (defaulted to the port): name or number
+    workload_kind: str
+    workload_name: str
+    container: str
+    container_port: int
+
+    @property
+    def workload(self) -> str:
+        """``Kind/name``, the key that records and :func:`restore` use."""
+        return f"{self.workload_kind}/{self.workload_name}"
+
+    @property
+    def named(self) -> bool:
+        """True when the Service reaches the app by port name (taken over by renaming)."""
+        return isinstance(self.target_port, str)
+
+
+def secret_name(workload_name: str) -> str:
+    """The Secret holding the agent's host key and token: ``intercept-<workload>``.
+
+    Shortened with a hash when the name would exceed a DNS subdomain's 253 characters.
+    """
+    name = f"intercept-{workload_name}"
+    if len(name) <= _DNS_SUBDOMAIN_MAX:
+        return name
+    digest = hashlib.sha256(workload_name.encode()).hexdigest()[:10]
+    return f"{name[: _DNS_SUBDOMAIN_MAX - 11].rstrip('-.')}-{digest}"
+
+
+def is_injected(obj: Obj) -> bool:
+    """True when ``obj`` carries an intercept record (a workload, Service or policy we changed)."""
+    return _record(obj) is not None
+
+
+# --------------------------------------------------------------------------- resolve
+
+
+def resolve(objects: list[Obj], service_name: str, service_port: str | int | None = None) -> Target:
+    """Service -> selector -> the one workload whose pods it selects -> container and port.
+
+    Works on injected objects too: it sees through the records to the originals.
+    Raises :class:`ResolveError` for every ambiguity and dead end, naming the candidates
+    and the flag that picks one.
+    """
+    view = [restore_object(o) for o in objects]
+    service = _find_service(view, service_name)
+    _check_interceptable(service)
+    port = service["spec"]["ports"][_choose_service_port(service, service_port)]
+    workload = _find_workload(view, service)
+    container, container_port = _find_container_port(workload, service, port)
+    return Target(
+        service=service_name,
+        namespace=_namespace(service),
+        service_port=port["port"],
+        service_port_name=port.get("name"),
+        target_port=_target_port(port),
+        workload_kind=workload["kind"],
+        workload_name=workload["metadata"]["name"],
+        container=container["name"],
+        container_port=container_port,
+    )
+
+
+def _find_service(view: list[Obj], name: str) -> Obj:
+    services = [o for o in view if o.get("kind") == "Service"]
+    found = [s for s in services if _name(s) == name]
+    if not found:
+        known = ", ".join(sorted({_name(s) for s in services})) or "none"
+        raise ResolveError(f"no Service named {name!r} in the manifests (Services: {known})")
+    if len(found) > 1:
+        where = ", ".join(repr(_namespace(s)) for s in found)
+        raise ResolveError(
+            f"several Services named {name!r} (namespaces {where}): "
+            "pass the manifests of one namespace only"
+        )
+    return found[0]
+
+
+def _check_interceptable(service: Obj) -> None:
+    spec = service.get("spec") or {}
+    name = _name(service)
+    if spec.get("type") == "ExternalName":
+        raise ResolveError(
+            f"Service {name!r} is of type ExternalName (it points at "
+            f"{spec.get('externalName', '?')!r} outside the cluster): there are no pods to "
+            "intercept; intercept the Service of the workload that serves it"
+        )
+    if spec.get("clusterIP") == "None" or "None" in (spec.get("clusterIPs") or []):
+        raise ResolveError(
+            f"Service {name!r} is headless (clusterIP: None): its clients connect to pod "
+            "addresses directly, so the traffic cannot be taken over; intercept a Service "
+            "with a cluster IP that selects the same pods"
+        )
+    if not spec.get("selector"):
+        raise ResolveError(
+            f"Service {name!r} has no selector (its endpoints are managed by hand): "
+            "intercept a Service that selects the workload's pods"
+        )
+    if not spec.get("ports"):
+        raise ResolveError(f"Service {name!r} declares no ports: there is nothing to intercept")
+
+
+def _describe_service_port(port: Obj) -> str:
+    label = port.get("name") or "(unnamed)"
+    return f"{label} ({port['port']} -> {_target_port(port)})"
+
+
+def _choose_service_port(service: Obj, wanted: str | int | None) -> int:
+    ports = service["spec"]["ports"]
+    name = _name(service)
+    candidates = ", ".join(_describe_service_port(p) for p in ports)
+    if wanted is None or wanted == "":
+        if len(ports) > 1:
+            raise ResolveError(
+                f"Service {name!r} has several ports: {candidates}; "
+                "pick one with --service-port NAME|NUMBER"
+            )
+        index = 0
+    else:
+        by_number = isinstance(wanted, int) or str(wanted).isdigit()
+        matches = [
+            i
+            for i, p in enumerate(ports)
+            if (p["port"] == int(wanted) if by_number else p.get("name") == wanted)
+        ]
+        if not matches:
+            raise ResolveError(
+                f"Service {name!r} has no port {wanted!r}; its ports: {candidates}; "
+                "pass one of them to --service-port"
+            )
+        index = matches[0]
+    protocol = ports[index].get("protocol", "TCP")
+    if protocol != "TCP":
+        raise ResolveError(
+            f"Service {name!r} port {_describe_service_port(ports[index])} is {protocol}: "
+            "only TCP ports can be intercepted; pick another with --service-port"
+        )
+    return index
+
+
+def _find_workload(view: list[Obj], service: Obj) -> Obj:
+    selector = service["spec"]["selector"]
+    shown = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+    ns = _namespace(service)
+    selected = [
+        o
+        for o in view
+        if o.get("kind") in WORKLOAD_KINDS
+        and _namespace(o) == ns
+        and all(_pod_labels(o).get(k) == v for k, v in selector.items())
+    ]
+    # A Deployment's ReplicaSets carry its pod template; the Deployment is the one to change.
+    candidates = [o for o in selected if not _controlled_by_deployment(o)]
+    if not candidates:
+        owned = [_ref(o) for o in selected]
+        hint = f" ({', '.join(owned)} is owned by a Deployment not in the manifests)" if owned else ""
+        raise ResolveError(
+            f"Service {_name(service)!r} selects {shown} but no Deployment, StatefulSet or "
+            f"ReplicaSet in the manifests has pods with those labels{hint}; "
+            "include the workload's manifest"
+        )
+    if len(candidates) > 1:
+        raise ResolveError(
+            f"Service {_name(service)!r} selects {shown}, which matches the pods of several "
+            f"workloads: {', '.join(_ref(o) for o in candidates)}; intercept a Service whose "
+            "selector matches one workload only (narrow its selector)"
+        )
+    return candidates[0]
+
+
+def _find_container_port(workload: Obj, service: Obj, port: Obj) -> tuple[Obj, int]:
+    containers = _pod_spec(workload).get("containers") or []
+    target = _target_port(port)
+    tcp = [
+        (c, p)
+        for c in containers
+        for p in c.get("ports") or []
+        if p.get("protocol", "TCP") == "TCP"
+    ]
+    if isinstance(target, str):
+        # As the endpoints controller resolves a named targetPort: first container in order.
+        for c, p in tcp:
+            if p.get("name") == target:
+                return c, p["containerPort"]
+        declared = ", ".join(
+            f"{c['name']}:{p.get('name') or '(unnamed)'}={p['containerPort']}" for c, p in tcp
+        ) or "none"
+        raise ResolveError(
+            f"Service {_name(service)!r} port {_describe_service_port(port)} targets the port "
+            f"name {target!r}, which no container of {_ref(workload)} declares (ports: "
+            f"{declared}); fix the name or pick another port with --service-port"
+        )
+    for c, p in tcp:
+        if p["containerPort"] == target:
+            return c, target
+    if len(containers) == 1:
+        # Declaring a containerPort is optional; a single container is the one listening.
+        return containers[0], target
+    raise ResolveError(
+        f"Service {_name(service)!r} port {_describe_service_port(port)} targets port "
+        f"{target}, which no container of {_ref(workload)} declares, and the pod has several "
+        f"containers ({', '.join(c['name'] for c in containers)}); declare containerPort "
+        f"{target} on the container that serves it"
+    )
+
+
+# --------------------------------------------------------------------------- inject
+
+
+def inject(objects: list[Obj], service_name: str, options: InjectOptions) -> list[Obj]:
+    """Return ``objects`` with the agent injected behind ``service_name``.
+
+    All objects come back in the same order, unchanged ones as they came. Raises
+    :class:`ResolveError` when the Service does not lead to one workload and port, and
+    :class:`InjectError` when the injection cannot be done safely (a NetworkPolicy would
+    need a change under ``no_policy_changes``, an agent already serves another port, ...).
+    """
+    target = resolve(objects, service_name, options.service_port)
+    result = list(objects)
+
+    wi = _index_of(objects, target.workload_kind, target.workload_name, target.namespace)
+    current = objects[wi]
+    original = restore_object(current)
+    takeover = _takeover_name(current, target)
+    workload, agent = _inject_workload(original, target, takeover, options)
+    if workload != current:
+        log.info("%s: agent %s", _ref(current), "updated" if is_injected(current) else "added")
+        result[wi] = workload
+
+    if not target.named:
+        si = _index_of(objects, "Service", target.service, target.namespace)
+        service = _redirect_service(restore_object(objects[si]), target, agent.http_port)
+        if service != objects[si]:
+            log.info("%s: port %s now targets the agent's port %d", _ref(service),
+                     target.service_port, agent.http_port)
+            result[si] = service
+
+    refused = []
+    for i, obj in enumerate(objects):
+        if obj.get("kind") != "NetworkPolicy" or _namespace(obj) != target.namespace:
+            continue
+        policy, admits_more = _admit_agent(obj, original, target, agent)
+        if policy is obj:
+            continue
+        if admits_more and options.no_policy_changes:
+            refused.append(_ref(obj))
+        else:
+            log.info("%s: now also admits the agent's port %d", _ref(obj), agent.http_port)
+            result[i] = policy
+    if refused:
+        raise InjectError(
+            f"NetworkPolicy {', '.join(refused)} admits only the app's port "
+            f"{target.container_port} to the pods of {target.workload}, so traffic to the "
+            f"agent's port {agent.http_port} would be dropped; drop --no-policy-changes to "
+            f"let intercept extend it (restored on uninstall), or admit TCP port "
+            f"{agent.http_port} yourself"
+        )
+    return result
+
+
+@dataclass(frozen=True)
+class _Agent:
+    """The agent's choices in one pod, which the Service and the policies must follow."""
+
+    http_port: int
+    http_port_name: str
+    ssh_port: int
+    app_port_name: str | None  # the app port's name after injection
+
+
+def _takeover_name(current: Obj, target: Target) -> str | None:
+    """The port name the agent takes over: this Service's, or the one an earlier injection took.
+
+    One agent forwards to one app port; a second Service on another port is refused.
+    """
+    record = _record(current)
+    if not record:
+        return target.target_port if target.named else None
+    upstream = record["upstream"]
+    if (upstream["container"], upstream["port"]) != (target.container, target.container_port):
+        raise InjectError(
+            f"{target.workload} already has an agent for container {upstream['container']!r} "
+            f"port {upstream['port']}, and Service {target.service!r} targets container "
+            f"{target.container!r} port {target.container_port}; one agent serves one port: "
+            f"run `intercept uninstall` for the other Service first"
+        )
+    return target.target_port if target.named else record.get("portName")
+
+
+def _inject_workload(
+    original: Obj, target: Target, takeover: str | None, options: InjectOptions
+) -> tuple[Obj, _Agent]:
+    workload = copy.deepcopy(original)
+    pod = _pod_spec(workload)
+    containers = pod["containers"]
+    if any(c.get("name") == AGENT_CONTAINER for c in containers):
+        raise InjectError(
+            f"{_ref(original)} has a container named {AGENT_CONTAINER!r} but no "
+            f"{ANNOTATION} annotation to restore from; remove that container by hand, then inject"
+        )
+    app = next(c for c in containers if c["name"] == target.container)
+    app_path = [*_POD_SPEC, "containers", {"name": app["name"]}]
+    replaced: list[Obj] = []
+
+    used_ports = _pod_ports(pod) | {target.container_port}
+    http_port = _free_port(AGENT_HTTP_PORT, used_ports)
+    ssh_port = _free_port(AGENT_SSH_PORT, used_ports | {http_port})
+    used_names = _pod_port_names(pod)
+
+    app_port_name = _port_name(app, target.container_port)
+    if takeover is not None:
+        others = [c["name"] for c in containers if c is not app and takeover in _port_names(c)]
+        if others:
+            raise InjectError(
+                f"{_ref(original)}: containers {app['name']!r} and {', '.join(others)} both "
+                f"declare the port name {takeover!r}; give the others another name so that "
+                "the name can be taken over"
+            )
+        fresh = _fresh_name(f"app-{takeover}", used_names, _PORT_NAME_MAX)
+        replaced.append({"path": [*app_path, "ports"], "value": copy.deepcopy(app["ports"])})
+        app["ports"] = [dict(p, name=fresh) if p.get("name") == takeover else p for p in app["ports"]]
+        # Probes address ports within their own container: follow the rename there only.
+        for key in (*_PROBES, "lifecycle"):
+            if key in app:
+                renamed = _rename_port_refs(app[key], takeover, fresh)
+                if renamed != app[key]:
+                    replaced.append({"path": [*app_path, key], "value": app[key]})
+                    app[key] = renamed
+        http_name, app_port_name = takeover, fresh
+        used_names = (used_names - {takeover}) | {fresh}
+    else:
+        http_name = _fresh_name(AGENT_HTTP_PORT_NAME, used_names, _PORT_NAME_MAX)
+    ssh_name = _fresh_name(AGENT_SSH_PORT_NAME, used_names | {http_name}, _PORT_NAME_MAX)
+    agent = _Agent(http_port, http_name, ssh_port, app_port_name)
+
+    volume = _fresh_name(
+        CREDENTIALS_VOLUME, {v.get("name") for v in pod.get("volumes") or []}, _DNS_LABEL_MAX
+    )
+    added = [{"path": [*_POD_SPEC, "containers"], "name": AGENT_CONTAINER, "listWasAbsent": False}]
+    added.append({"path": [*_POD_SPEC, "volumes"], "name": volume, "listWasAbsent": "volumes" not in pod})
+    pod.setdefault("volumes", []).append(
+        {
+            "name": volume,
+            "secret": {
+                "secretName": secret_name(_name(original)),
+                "items": [{"key": CREDENTIALS_KEY, "path": CREDENTIALS_KEY}],
+                # Readable by whichever non-root user the agent runs as; only the agent mounts it.
+                "defaultMode": 0o444,
+            },
+        }
+    )
+    containers.append(_agent_container(original, pod, app, target, agent, ssh_name, volume, options))
+
+    record = {
+        "role": "workload",
+        "agentVersion": options.agent_version,
+        "upstream": {"container": app["name"], "port": target.container_port},
+        "portName": takeover,
+        "replaced": replaced,
+        "added": added,
+    }
+    _write_record(workload, record, _annotations_absent(original))
+    return workload, agent
+
+
+def _agent_container(
+    workload: Obj,
+    pod: Obj,
+    app: Obj,
+    target: Target,
+    agent: _Agent,
+    ssh_name: str,
+    volume: str,
+    options: InjectOptions,
+) -> Obj:
+    mounts = []
+    for mount in app.get("volumeMounts") or []:
+        path = mount.get("mountPath", "").rstrip("/")
+        if path == CREDENTIALS_DIR or path.startswith(CREDENTIALS_DIR + "/"):
+            raise InjectError(
+                f"{_ref(workload)}: container {app['name']!r} mounts {path}, where the agent "
+                "mounts its credentials; move that mount elsewhere"
+            )
+        copied = dict(mount, readOnly=True)
+        copied.pop("mountPropagation", None)  # Bidirectional needs a privileged container
+        mounts.append(copied)
+    mounts.append({"name": volume, "mountPath": CREDENTIALS_DIR, "readOnly": True})
+
+    env = [_copy_env_var(e, app["name"]) for e in app.get("env") or []
+           if not e.get("name", "").startswith("INTERCEPT_")]
+    hold = options.hold_timeout
+    env += [
+        {"name": "INTERCEPT_LISTEN", "value": f"0.0.0.0:{agent.http_port}"},
+        {"name": "INTERCEPT_UPSTREAM", "value": f"127.0.0.1:{target.container_port}"},
+        {"name": "INTERCEPT_SSH_LISTEN", "value": f"0.0.0.0:{agent.ssh_port}"},
+        {"name": "INTERCEPT_CREDENTIALS", "value": f"{CREDENTIALS_DIR}/{CREDENTIALS_KEY}"},
+        {"name": "INTERCEPT_HOLD_TIMEOUT", "value": str(int(hold)) if hold == int(hold) else str(hold)},
+        {"name": "INTERCEPT_ALLOW_OUTBOUND", "value": "true" if options.outbound else "false"},
+        {"name": "INTERCEPT_APP_CONTAINER", "value": app["name"]},
+    ]
+
+    container: Obj = {
+        "name": AGENT_CONTAINER,
+        "image": options.image,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["intercept", "agent"],
+        "ports": [
+            {"name": agent.http_port_name, "containerPort": agent.http_port, "protocol": "TCP"},
+            {"name": ssh_name, "containerPort": agent.ssh_port, "protocol": "TCP"},
+        ],
+        "env": env,
+    }
+    if app.get("envFrom"):
+        container["envFrom"] = copy.deepcopy(app["envFrom"])
+    container.update(
+        {
+            "volumeMounts": mounts,
+            "readinessProbe": {"tcpSocket": {"port": agent.http_port}, "periodSeconds": 5},
+            "resources": copy.deepcopy(AGENT_RESOURCES),
+            "securityContext": _agent_security_context(pod, app),
+        }
+    )
+    return container
+
+
+def _copy_env_var(var: Obj, app_name: str) -> Obj:
+    var = copy.deepcopy(var)
+    ref = (var.get("valueFrom") or {}).get("resourceFieldRef")
+    if ref is not None and not ref.get("containerName"):
+        # Without a name it would report the agent's own limits, not the app's.
+        ref["containerName"] = app_name
+    return var
+
+
+def _agent_security_context(pod: Obj, app: Obj) -> Obj:
+    """Pod Security "restricted", as the same user as the app where that is non-root.
+
+    Sharing the app's user lets the agent read the files of the mounts it copies.
+    """
+    app_sc = app.get("securityContext") or {}
+    pod_sc = pod.get("securityContext") or {}
+    uid = app_sc.get("runAsUser", pod_sc.get("runAsUser"))
+    gid = app_sc.get("runAsGroup", pod_sc.get("runAsGroup"))
+    if not uid:  # unset or root
+        uid, gid = AGENT_USER, AGENT_USER
+    context: Obj = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    if gid is not None:
+        context["runAsGroup"] = gid
+    return context
+
+
+def _redirect_service(original: Obj, target: Target, http_port: int) -> Obj:
+    service = copy.deepcopy(original)
+    ports = service["spec"]["ports"]
+    index = next(
+        i for i, p in enumerate(ports)
+        if p["port"] == target.service_port and p.get("name") == target.service_port_name
+    )
+    ports[index]["targetPort"] = http_port
+    record = {
+        "role": "service",
+        "workload": target.workload,
+        "replaced": [{"path": ["spec", "ports"], "value": original["spec"]["ports"]}],
+        "added": [],
+    }
+    _write_record(service, record, _annotations_absent(original))
+    return service
+
+
+# --------------------------------------------------------------------------- network policies
+
+
+def _admit_agent(
+    current: Obj, original_workload: Obj, target: Target, agent: _Agent
+) -> tuple[Obj, bool]:
+    """``current`` with every rule that reaches the app's port also reaching the agent's.
+
+    Returns the policy and whether it admits more than before; ``current`` itself when
+    nothing needs to change (when only the record changes, it admits nothing more). Whether a rule needs the
+    agent's port is decided on the original policy; the ports are added to the current
+    one, so other workloads' additions stay. Named ports resolve against the pod as
+    NetworkPolicies do: before injection the app port's name, after it the agent's.
+    """
+    original = restore_object(current)
+    labels = _pod_labels(original_workload)
+    old_name = _port_name(_container(original_workload, target.container), target.container_port)
+    spec = original.get("spec") or {}
+    types = spec.get("policyTypes") or (["Ingress", "Egress"] if "egress" in spec else ["Ingress"])
+
+    additions: dict[tuple[str, int], list[Obj]] = {}
+    for section in ("ingress", "egress"):
+        if section.capitalize() not in types:
+            continue
+        if section == "ingress" and not _selects(spec.get("podSelector") or {}, labels):
+            continue
+        for index, rule in enumerate(spec.get(section) or []):
+            if section == "egress" and not _may_reach(rule.get("to"), labels):
+                continue
+            ports = rule.get("ports")
+            if not _admits(ports, target.container_port, old_name):
+                continue
+            extra = []
+            if not _admits(ports, agent.http_port, agent.http_port_name):
+                extra.append({"port": agent.http_port, "protocol": "TCP"})
+            renamed = agent.app_port_name != old_name
+            if renamed and not _admits(ports, target.container_port, agent.app_port_name):
+                # The app's port was renamed: keep admitting direct traffic to it by its new name.
+                extra.append({"port": agent.app_port_name, "protocol": "TCP"})
+            if extra:
+                additions[(section, index)] = extra
+    if not additions:
+        return current, False
+
+    policy = copy.deepcopy(current)
+    admits_more = False
+    for (section, index), extra in additions.items():
+        rule = policy["spec"][section][index]
+        new = [e for e in extra if e not in rule["ports"]]
+        admits_more = admits_more or bool(new)
+        rule["ports"] = rule["ports"] + new
+    record = _record(current)
+    workloads = record["workloads"] if record else []
+    if target.workload not in workloads:
+        workloads = [*workloads, target.workload]
+    replaced = record["replaced"] if record else []
+    recorded = {tuple(r["path"]) for r in replaced}
+    for section in sorted({s for s, _ in additions}):
+        if ("spec", section) not in recorded:
+            replaced = [*replaced, {"path": ["spec", section], "value": spec[section]}]
+    new_record = {"role": "policy", "workloads": workloads, "replaced": replaced, "added": []}
+    absent = record["annotationsWereAbsent"] if record else _annotations_absent(current)
+    _write_record(policy, new_record, absent)
+    return (policy, admits_more) if policy != current else (current, False)
+
+
+def _admits(ports: list[Obj] | None, number: int, name: str | None) -> bool:
+    """Whether a rule's ``ports`` admit TCP ``number`` (declared in the pod as ``name``)."""
+    if not ports:
+        return True
+    for entry in ports:
+        if entry.get("protocol", "TCP") != "TCP":
+            continue
+        port = entry.get("port")
+        if port is None:
+            return True
+        if isinstance(port, str) and not port.isdigit():
+            if port == name:
+                return True
+            continue
+        if int(port) <= number <= int(entry.get("endPort", port)):
+            return True
+    return False
+
+
+def _may_reach(peers: list[Obj] | None, labels: dict[str, str]) -> bool:
+    """Whether an egress rule's ``to`` can include the pods (ipBlocks are taken as outside)."""
+    if not peers:
+        return True
+    for peer in peers:
+        if "podSelector" in peer:
+            if _selects(peer["podSelector"] or {}, labels):
+                return True
+        elif "namespaceSelector" in peer:
+            return True
+    return False
+
+
+def _selects(selector: Obj, labels: dict[str, str]) -> bool:
+    """A LabelSelector (matchLabels and matchExpressions) against a pod's labels."""
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+# --------------------------------------------------------------------------- restore
+
+
+def restore(objects: list[Obj], workload: str | None = None) -> list[Obj]:
+    """Return ``objects`` with every intercept change undone, exactly; others as they came.
+
+    With ``workload`` (``"Deployment/name"``), undo only what was done for that workload:
+    the workload, the Services pointed at its agent, and the policies no other agent
+    still needs (a shared policy keeps the agent port until its last agent goes).
+    """
+    if workload is None:
+        return [restore_object(o) for o in objects]
+    result = []
+    for obj in objects:
+        record = _record(obj)
+        if record is None:
+            result.append(obj)
+        elif record["role"] == "workload":
+            result.append(restore_object(obj) if _key(obj) == workload else obj)
+        elif record["role"] == "service":
+            result.append(restore_object(obj) if record["workload"] == workload else obj)
+        elif workload not in record["workloads"]:
+            result.append(obj)
+        elif record["workloads"] == [workload]:
+            result.append(restore_object(obj))
+        else:
+            kept = copy.deepcopy(obj)
+            rest = dict(record, workloads=[w for w in record["workloads"] if w != workload])
+            absent = rest.pop("annotationsWereAbsent")
+            rest.pop("version")
+            _write_record(kept, rest, absent)
+            result.append(kept)
+    return result
+
+
+def restore_object(obj: Obj) -> Obj:
+    """One object as it was before injection; ``obj`` itself when it carries no record."""
+    record = _record(obj)
+    if record is None:
+        return obj
+    restored = copy.deepcopy(obj)
+    for item in record["added"]:
+        parent, key = _parent(restored, item["path"], obj)
+        kept = [x for x in parent.get(key) or [] if x.get("name") != item["name"]]
+        if not kept and item["listWasAbsent"]:
+            parent.pop(key, None)
+        else:
+            parent[key] = kept
+    for item in record["replaced"]:
+        parent, key = _parent(restored, item["path"], obj)
+        if item.get("absent"):
+            parent.pop(key, None)
+        else:
+            parent[key] = copy.deepcopy(item["value"])
+    annotations = restored["metadata"]["annotations"]
+    del annotations[ANNOTATION]
+    if not annotations and record["annotationsWereAbsent"]:
+        del restored["metadata"]["annotations"]
+    return restored
+
+
+def _parent(root: Obj, path: list[Any], obj: Obj) -> tuple[Any, Any]:
+    node: Any = root
+    for step in path[:-1]:
+        if isinstance(step, dict):
+            node = next((x for x in node if x.get("name") == step["name"]), None)
+        else:
+            node = node.get(step) if isinstance(node, dict) else None
+        if node is None:
+            raise InjectError(
+                f"cannot restore {_ref(obj)}: {'.'.join(_show(s) for s in path)} is gone "
+                f"since injection; edit it by hand and remove the {ANNOTATION} annotation"
+            )
+    return node, path[-1]
+
+
+def _show(step: Any) -> str:
+    return f"[{step['name']}]" if isinstance(step, dict) else str(step)
+
+
+# --------------------------------------------------------------------------- describe
+
+
+def describe_changes(before: list[Obj], after: list[Obj]) -> list[str]:
+    """One line per object that :func:`inject` or :func:`restore` changed, for the CLI to print."""
+    lines = []
+    for old, new in zip(before, after):
+        if old == new:
+            continue
+        record = _record(new)
+        if record is None:
+            lines.append(f"{_ref(new)}: restored")
+        elif record["role"] == "workload":
+            agent = _container(new, AGENT_CONTAINER)
+            ports = ", ".join(f"{p['name']}={p['containerPort']}" for p in agent["ports"])
+            verb = "agent updated" if is_injected(old) else "agent added"
+            up = record["upstream"]
+            lines.append(f"{_ref(new)}: {verb} ({agent['image']}; {ports}; forwards to "
+                         f"{up['container']}:{up['port']})")
+        elif record["role"] == "service":
+            lines.append(f"{_ref(new)}: now targets the agent of {record['workload']}")
+        else:
+            verb = "still admits" if is_injected(old) else "now also admits"
+            lines.append(f"{_ref(new)}: {verb} the agent's port "
+                         f"(for {', '.join(record['workloads'])})")
+    return lines
+
+
+# --------------------------------------------------------------------------- small pieces
+
+
+def _record(obj: Obj) -> Obj | None:
+    raw = ((obj.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION)
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError as error:
+        raise InjectError(f"{_ref(obj)}: the {ANNOTATION} annotation is not JSON ({error}); "
+                          "restore the object by hand") from None
+    if not isinstance(record, dict) or record.get("version") != _RECORD_VERSION:
+        raise InjectError(f"{_ref(obj)}: the {ANNOTATION} annotation was written by another "
+                          "version of intercept; restore with that version")
+    return record
+
+
+def _write_record(obj: Obj, record: Obj, annotations_absent: bool) -> None:
+    record = {"version": _RECORD_VERSION, **record, "annotationsWereAbsent": annotations_absent}
+    metadata = obj.setdefault("metadata", {})
+    metadata["annotations"] = {
+        **(metadata.get("annotations") or {}),
+        ANNOTATION: json.dumps(record, sort_keys=True, separators=(",", ":")),
+    }
+
+
+def _annotations_absent(obj: Obj) -> bool:
+    return "annotations" not in (obj.get("metadata") or {})
+
+
+def _free_port(preferred: int, used: set[int]) -> int:
+    port = preferred
+    while port in used:
+        port += 1
+    if port > 65535:
+        raise InjectError(f"no free port at or above {preferred} in the pod for the agent")
+    return port
+
+
+def _fresh_name(base: str, used: set[str | None], limit: int) -> str:
+    """``base``, or ``base`` shortened and numbered, so that it is unused and at most ``limit`` long."""
+    for n in itertools.count(1):
+        suffix = "" if n == 1 else str(n)
+        name = base[: limit - len(suffix)].rstrip("-") + suffix
+        if name not in used:
+            return name
+    raise AssertionError("unreachable")
+
+
+def _rename_port_refs(handler: Any, old: str, new: str) -> Any:
+    """A probe or lifecycle handler with httpGet/tcpSocket ``port: old`` changed to ``new``."""
+    if isinstance(handler, dict):
+        return {
+            k: (new if k == "port" and v == old else _rename_port_refs(v, old, new))
+            for k, v in handler.items()
+        }
+    return handler
+
+
+def _pod_ports(pod: Obj) -> set[int]:
+    """Every port number the pod declares or probes: the agent must not take any of them."""
+    used = set()
+    for c in [*(pod.get("containers") or []), *(pod.get("initContainers") or [])]:
+        used |= {p["containerPort"] for p in c.get("ports") or []}
+        for key in (*_PROBES, "lifecycle"):
+            used |= _numeric_ports(c.get(key))
+    return used
+
+
+def _numeric_ports(handler: Any) -> set[int]:
+    if not isinstance(handler, dict):
+        return set()
+    found = set()
+    for key, value in handler.items():
+        if key == "port" and isinstance(value, int):
+            found.add(value)
+        else:
+            found |= _numeric_ports(value)
+    return found
+
+
+def _pod_port_names(pod: Obj) -> set[str | None]:
+    names: set[str | None] = set()
+    for c in [*(pod.get("containers") or []), *(pod.get("initContainers") or [])]:
+        names |= _port_names(c)
+    return names
+
+
+def _port_names(container: Obj) -> set[str | None]:
+    return {p.get("name") for p in container.get("ports") or [] if p.get("name")}
+
+
+def _port_name(container: Obj, number: int) -> str | None:
+    for p in container.get("ports") or []:
+        if p["containerPort"] == number and p.get("protocol", "TCP") == "TCP":
+            return p.get("name")
+    return None
+
+
+def _container(workload: Obj, name: str) -> Obj:
+    return next(c for c in _pod_spec(workload)["containers"] if c["name"] == name)
+
+
+def _pod_spec(workload: Obj) -> Obj:
+    return workload["spec"]["template"]["spec"]
+
+
+def _pod_labels(workload: Obj) -> dict[str, str]:
+    template = (workload.get("spec") or {}).get("template") or {}
+    return (template.get("metadata") or {}).get("labels") or {}
+
+
+def _controlled_by_deployment(obj: Obj) -> bool:
+    return any(
+        ref.get("controller") and ref.get("kind") == "Deployment"
+        for ref in (obj.get("metadata") or {}).get("ownerReferences") or []
+    )
+
+
+def _target_port(port: Obj) -> str | int:
+    target = port.get("targetPort", port["port"])
+    return int(target) if isinstance(target, str) and target.isdigit() else target
+
+
+def _index_of(objects: list[Obj], kind: str, name: str, namespace: str | None) -> int:
+    return next(
+        i for i, o in enumerate(objects)
+        if o.get("kind") == kind and _name(o) == name and _namespace(o) == namespace
+    )
+
+
+def _name(obj: Obj) -> str:
+    return (obj.get("metadata") or {}).get("name", "")
+
+
+def _namespace(obj: Obj) -> str | None:
+    return (obj.get("metadata") or {}).get("namespace")
+
+
+def _key(obj: Obj) -> str:
+    """``Kind/name``: how records name a workload."""
+    return f"{obj.get('kind', '?')}/{_name(obj)}"
+
+
+def _ref(obj: Obj) -> str:
+    namespace = _namespace(obj)
+    where = f" in namespace {namespace}" if namespace else ""
+    return f"{obj.get('kind', '?')}/{_name(obj)}{where}"

@@ -122,6 +122,8 @@ class Agent:
                 reason = e.reason
             except (asyncssh.Error, OSError) as e:
                 reason = f"the connection to their machine failed ({e})"
+            if delay == 0.02:
+                log.info("holding a request for %s: %s", route.holder, reason)
             if loop.time() + delay > deadline:
                 raise Unavailable(f"intercept of {route.holder} failed: {reason} (held {hold:g}s)")
             await asyncio.sleep(delay)

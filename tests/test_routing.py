@@ -1,0 +1,270 @@
+"""Per-request routing to developers' processes: real agent, real clients, real SSH."""
+
+from __future__ import annotations
+
+import http.client
+import random
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tests.apps import App
+from tests.conftest import echo, start_agent, start_client
+
+
+def test_request_with_my_header_reaches_my_process(agent, local_app, clients):
+    clients.append(start_client(agent, local_app.port, "--header", "x-dev=alice", "--name", "alice"))
+    assert "requests with x-dev: alice now reach localhost" in clients[0].output
+    assert agent.app_of({"x-dev": "alice"}) == "local"
+    assert agent.app_of({"x-dev": "bob"}) == "cluster"
+    assert agent.app_of() == "cluster"
+
+
+def test_default_route_is_the_personal_header(agent, local_app, clients):
+    clients.append(start_client(agent, local_app.port, "--name", "carol"))
+    assert "your requests carry x-intercept-id: carol" in clients[0].output
+    assert agent.app_of({"X-Intercept-Id": "carol"}) == "local"
+    assert agent.app_of() == "cluster"
+
+
+def test_each_request_on_a_keep_alive_connection_is_routed_on_its_own(agent, local_app, clients):
+    clients.append(start_client(agent, local_app.port, "--header", "x-dev=dave", "--name", "dave"))
+    conn = http.client.HTTPConnection("127.0.0.1", agent.http_port, timeout=30)
+    seen = []
+    for i in range(12):
+        headers = {"x-dev": "dave"} if i % 3 == 0 else {}
+        conn.request("POST", f"/k{i}", body=b"b" * i, headers=headers)
+        resp = conn.getresponse()
+        got = echo(resp.read())
+        assert got["target"] == f"/k{i}" and got["body_length"] == i
+        seen.append(got["app"])
+    conn.close()
+    assert seen == ["local" if i % 3 == 0 else "cluster" for i in range(12)]
+
+
+def test_baggage_and_path_prefix_routes(agent, local_app, clients):
+    clients.append(start_client(agent, local_app.port, "--baggage", "dev=erin", "--path-prefix", "/api", "--name", "erin"))
+    assert agent.app_of({"baggage": "userId=1, dev = erin;ttl=5"}, path="/api/orders") == "local"
+    assert agent.app_of({"baggage": "userId=1, dev=erin"}, path="/web") == "cluster"
+    assert agent.app_of({"baggage": "dev=frank"}, path="/api/orders") == "cluster"
+
+
+def test_upgrade_is_routed_by_the_upgrade_requests_headers(agent, local_app, clients):
+    import socket
+
+    clients.append(start_client(agent, local_app.port, "--header", "x-dev=gina", "--name", "gina"))
+    with socket.create_connection(("127.0.0.1", agent.http_port), timeout=30) as s:
+        s.sendall(b"GET /ws HTTP/1.1\r\nHost: a\r\nx-dev: gina\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(1)
+        assert b"X-App: local" in head
+        s.sendall(b"ping over ssh")
+        got = b""
+        while len(got) < 13:
+            got += s.recv(100)
+        assert got == b"ping over ssh"
+
+
+def test_same_rule_held_by_someone_else_is_refused_naming_the_holder(agent, local_app, clients):
+    clients.append(start_client(agent, local_app.port, "--header", "x-dev=hank", "--name", "hank"))
+    second = start_client(agent, local_app.port, "--header", "x-dev=hank", "--name", "ivan", wait=False)
+    clients.append(second)
+    assert second.finish() == 6
+    assert "already held by hank" in second.output
+    assert agent.app_of({"x-dev": "hank"}) == "local"
+
+
+def test_all_traffic_only_while_nobody_else_intercepts(agent, local_app, clients):
+    clients.append(start_client(agent, local_app.port, "--header", "x-dev=judy", "--name", "judy"))
+    greedy = start_client(agent, local_app.port, "--all", "--name", "kim", wait=False)
+    clients.append(greedy)
+    assert greedy.finish() == 6
+
+
+def test_ten_developers_ten_thousand_requests_none_misrouted(cluster_app, tmp_path):
+    agent = start_agent(tmp_path, cluster_app.port)
+    apps = [App(f"dev{i}") for i in range(10)]
+    procs = [start_client(agent, app.port, "--header", f"x-dev=dev{i}", "--name", f"dev{i}") for i, app in enumerate(apps)]
+    try:
+        def worker(seed: int) -> list[tuple[str, str]]:
+            rng = random.Random(seed)
+            conn = http.client.HTTPConnection("127.0.0.1", agent.http_port, timeout=60)
+            wrong = []
+            for n in range(500):
+                who = rng.randrange(11)  # 10 = nobody's header
+                headers = {"x-dev": f"dev{who}"} if who < 10 else {}
+                conn.request("GET", f"/{seed}/{n}", headers=headers)
+                resp = conn.getresponse()
+                resp.read()
+                expected = f"dev{who}" if who < 10 else "cluster"
+                if resp.getheader("X-App") != expected:
+                    wrong.append((expected, resp.getheader("X-App")))
+            conn.close()
+            return wrong
+
+        with ThreadPoolExecutor(20) as pool:
+            results = list(pool.map(worker, range(20)))
+        assert sum(map(len, results)) == 0, results
+        assert all(app.hits > 0 for app in apps)
+    finally:
+        for p in procs:
+            p.stop()
+        for app in apps:
+            app.close()
+        agent.proc.stop()
+
+
+def test_killed_developer_falls_back_and_others_keep_working(agent, cluster_app, local_app, clients):
+    other_app = App("other")
+    try:
+        victim = start_client(agent, local_app.port, "--header", "x-dev=leo", "--name", "leo")
+        survivor = start_client(agent, other_app.port, "--header", "x-dev=mia", "--name", "mia")
+        clients += [victim, survivor]
+        assert agent.app_of({"x-dev": "leo"}) == "local"
+        seen = len(agent.proc.lines)
+        victim.signal(signal.SIGKILL)
+        agent.proc.wait_for(r"dropped route x-dev: leo of leo", start=seen)
+        assert agent.app_of({"x-dev": "leo"}) == "cluster"
+        assert agent.app_of({"x-dev": "mia"}) == "other"
+    finally:
+        other_app.close()
+
+
+def test_ctrl_c_unregisters_and_exits_zero(agent, local_app, clients):
+    client = start_client(agent, local_app.port, "--header", "x-dev=nina", "--name", "nina")
+    clients.append(client)
+    assert agent.app_of({"x-dev": "nina"}) == "local"
+    client.signal(signal.SIGINT)
+    assert client.finish() == 0
+    assert "intercept: left: " in client.output
+    assert agent.app_of({"x-dev": "nina"}) == "cluster"
+
+
+def test_matched_request_is_held_until_the_process_accepts(agent, clients):
+    import socket
+
+    with socket.socket() as s:  # a port for the developer's process, free until it starts
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    clients.append(start_client(agent, port, "--header", "x-dev=olga", "--name", "olga"))
+    seen = len(agent.proc.lines)
+    result: dict = {}
+    t = threading.Thread(target=lambda: result.update(app=agent.app_of({"x-dev": "olga"})))
+    t.start()
+    agent.proc.wait_for(r"holding a request for olga", start=seen)
+    late = App("late", port=port)
+    try:
+        t.join(60)
+        assert result["app"] == "late"
+    finally:
+        late.close()
+
+
+def test_matched_request_whose_process_never_accepts_gets_502_naming_the_developer(cluster_app, tmp_path, clients):
+    import socket
+
+    agent = start_agent(tmp_path, cluster_app.port, "--hold-timeout", "0.3")
+    try:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        clients.append(start_client(agent, port, "--header", "x-dev=pete", "--name", "pete"))
+        status, _, body = agent.request(headers={"x-dev": "pete"})
+        assert status == 502
+        assert b"intercept of pete failed" in body and f"localhost:{port}".encode() in body
+        assert agent.app_of() == "cluster"
+    finally:
+        agent.proc.stop()
+
+
+def test_wrong_token_is_refused_with_its_exit_code(agent, local_app, tmp_path, clients):
+    import json
+
+    creds = json.loads(agent.credentials.read_text())
+    creds["token"] = "not-the-token"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(creds))
+    client = start_client(agent, local_app.port, "--name", "quinn", credentials=bad, wait=False)
+    clients.append(client)
+    assert client.finish() == 4
+    assert "refused the access token" in client.output
+
+
+def test_host_key_mismatch_is_refused_as_possible_impersonation(agent, local_app, tmp_path, clients):
+    import json
+
+    from intercept.credentials import Credentials
+
+    creds = json.loads(agent.credentials.read_text())
+    creds["host_public_key"] = Credentials.generate().host_public_key
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(creds))
+    client = start_client(agent, local_app.port, "--name", "rita", credentials=other, wait=False)
+    clients.append(client)
+    assert client.finish() == 5
+    assert "possible impersonation" in client.output
+
+
+def test_unreachable_agent_has_its_exit_code(agent, clients):
+    import socket
+
+    from tests.conftest import INTERCEPT, Proc
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = Proc(INTERCEPT + ["start", "--agent", f"127.0.0.1:{port}", "--credentials", str(agent.credentials), "--port", "1"])
+    clients.append(dead)
+    assert dead.finish() == 3
+    assert f"agent 127.0.0.1:{port} is unreachable" in dead.output
+
+
+def test_client_reconnects_and_registers_again_after_agent_restart(cluster_app, local_app, tmp_path, clients):
+    agent = start_agent(tmp_path, cluster_app.port)
+    client = start_client(agent, local_app.port, "--header", "x-dev=tina", "--name", "tina")
+    clients.append(client)
+    assert agent.app_of({"x-dev": "tina"}) == "local"
+    ports = (agent.http_port, agent.ssh_port)
+    agent.proc.stop()
+    client.wait_for(r"^intercept: reconnecting: ")
+    agent = start_agent(tmp_path, cluster_app.port, credentials=agent.credentials, ports=ports)
+    try:
+        client.wait_for(r"^intercept: reconnected: requests with x-dev: tina reach localhost")
+        assert agent.app_of({"x-dev": "tina"}) == "local"
+    finally:
+        agent.proc.stop()
+
+
+def test_command_runs_as_the_local_process_and_stops_with_the_intercept(agent, clients, tmp_path):
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "index.html").write_text("from the command\n")
+    client = start_client(
+        agent, port, "--header", "x-dev=uma", "--name", "uma", "--",
+        sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(tmp_path),
+        wait=True,
+    )
+    clients.append(client)
+    status, _, body = agent.request(path="/index.html", headers={"x-dev": "uma"})
+    assert (status, body) == (200, b"from the command\n")
+    client.signal(signal.SIGTERM)
+    assert client.finish() == 0
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_command_exit_ends_the_intercept_with_its_status(agent, local_app, clients):
+    import sys
+
+    client = start_client(agent, local_app.port, "--header", "x-dev=vic", "--name", "vic", "--",
+                          sys.executable, "-c", "import sys; sys.exit(3)", wait=False)
+    clients.append(client)
+    assert client.finish() == 3
+    assert agent.app_of({"x-dev": "vic"}) == "cluster"

@@ -1,0 +1,188 @@
+"""The sans-IO framing decisions: classify, request and response heads, chunked bodies."""
+
+from __future__ import annotations
+
+import pytest
+
+from intercept.routing.http1 import (
+    ChunkedScanner,
+    Framing,
+    Kind,
+    ProtocolError,
+    classify,
+    error_response,
+    parse_request_head,
+    parse_response_head,
+)
+
+
+@pytest.mark.parametrize(
+    "data,kind",
+    [
+        (b"GET / HTTP/1.1\r\n", Kind.HTTP),
+        (b"\r\nPOST /x HTTP/1.1\r\n", Kind.HTTP),
+        (b"get / HTTP/1.1\r\n", Kind.HTTP),
+        (b"GE", Kind.NEED_MORE),
+        (b"", Kind.NEED_MORE),
+        (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Kind.OTHER),
+        (b"PRI * HT", Kind.NEED_MORE),
+        (b"\x16\x03\x01\x00", Kind.OTHER),
+        (b"*1\r\n$4\r\nPING\r\n", Kind.OTHER),
+        (b"SSH-2.0-OpenSSH\r\n", Kind.OTHER),
+        (b" GET / HTTP/1.1", Kind.OTHER),
+        (b"A" * 40, Kind.OTHER),
+    ],
+)
+def test_classify_tells_http_from_other_streams(data, kind):
+    assert classify(data) is kind
+
+
+def test_request_head_keeps_headers_in_order_with_lowercased_names():
+    head = parse_request_head(b"GET /a?b HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nx-a:  2 \r\n\r\nrest")
+    assert (head.method, head.target, head.minor) == (b"GET", b"/a?b", 1)
+    assert head.headers == [(b"host", b"x"), (b"x-a", b"1"), (b"x-a", b"2")]
+    assert head.size == len(b"GET /a?b HTTP/1.1\r\nHost: x\r\nX-A: 1\r\nx-a:  2 \r\n\r\n")
+    assert head.framing is Framing.NONE and head.keep_alive and not head.upgrade
+
+
+def test_request_head_is_none_until_complete_then_found_at_an_offset():
+    data = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n"
+    first = parse_request_head(data)
+    assert parse_request_head(data, first.size) is None
+    second = parse_request_head(data + b"\r\n", first.size)
+    assert second.target == b"/2"
+
+
+def test_leading_empty_lines_are_skipped_and_counted():
+    head = parse_request_head(b"\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert head.target == b"/" and head.size == 4 + len(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    "headers,framing,length",
+    [
+        (b"Content-Length: 10\r\n", Framing.LENGTH, 10),
+        (b"Content-Length: 0\r\n", Framing.NONE, 0),
+        (b"Content-Length: 7\r\nContent-Length: 7\r\n", Framing.LENGTH, 7),
+        (b"Content-Length: 7, 7\r\n", Framing.LENGTH, 7),
+        (b"Transfer-Encoding: chunked\r\n", Framing.CHUNKED, 0),
+        (b"Transfer-Encoding: gzip, Chunked\r\n", Framing.CHUNKED, 0),
+        (b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n", Framing.CHUNKED, 0),
+    ],
+)
+def test_request_body_framing(headers, framing, length):
+    head = parse_request_head(b"POST / HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+    assert (head.framing, head.length) == (framing, length)
+
+
+@pytest.mark.parametrize(
+    "request_bytes,status",
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1e3\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: br, chunked\r\n\r\n", 501),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX:\x01\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX: a\nY: b\r\n\r\n", 400),
+        (b"GET  / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/0.9\r\nHost: x\r\n\r\n", 505),
+        (b"GET / HTTP/11.1\r\nHost: x\r\n\r\n", 505),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 70000, 431),
+    ],
+)
+def test_refused_requests(request_bytes, status):
+    with pytest.raises(ProtocolError) as e:
+        parse_request_head(request_bytes)
+    assert e.value.status == status
+
+
+@pytest.mark.parametrize(
+    "version,connection,keep_alive",
+    [(b"1.1", b"", True), (b"1.1", b"Connection: close\r\n", False), (b"1.0", b"", False),
+     (b"1.0", b"Connection: Keep-Alive\r\n", True), (b"1.1", b"Connection: foo, CLOSE\r\n", False)],
+)
+def test_request_keep_alive(version, connection, keep_alive):
+    head = parse_request_head(b"GET / HTTP/" + version + b"\r\nHost: x\r\n" + connection + b"\r\n")
+    assert head.keep_alive is keep_alive
+
+
+def test_upgrade_needs_both_connection_upgrade_and_upgrade_header():
+    up = parse_request_head(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    assert up.upgrade
+    assert not parse_request_head(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n").upgrade
+    assert parse_request_head(b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n").upgrade
+
+
+@pytest.mark.parametrize(
+    "method,status_line,headers,framing,keep_alive",
+    [
+        (b"GET", b"HTTP/1.1 200 OK", b"Content-Length: 5\r\n", Framing.LENGTH, True),
+        (b"HEAD", b"HTTP/1.1 200 OK", b"Content-Length: 5\r\n", Framing.NONE, True),
+        (b"GET", b"HTTP/1.1 204 No Content", b"", Framing.NONE, True),
+        (b"GET", b"HTTP/1.1 304 Not Modified", b"Content-Length: 5\r\n", Framing.NONE, True),
+        (b"GET", b"HTTP/1.1 100 Continue", b"", Framing.NONE, True),
+        (b"GET", b"HTTP/1.1 101 Switching Protocols", b"Upgrade: websocket\r\n", Framing.TUNNEL, True),
+        (b"CONNECT", b"HTTP/1.1 200 OK", b"", Framing.TUNNEL, True),
+        (b"GET", b"HTTP/1.1 200 OK", b"Transfer-Encoding: chunked\r\n", Framing.CHUNKED, True),
+        (b"GET", b"HTTP/1.1 200 OK", b"Transfer-Encoding: gzip\r\n", Framing.UNTIL_CLOSE, False),
+        (b"GET", b"HTTP/1.1 200 OK", b"", Framing.UNTIL_CLOSE, False),
+        (b"GET", b"HTTP/1.0 200 OK", b"Content-Length: 1\r\n", Framing.LENGTH, False),
+        (b"GET", b"HTTP/1.1 200", b"Content-Length: 1\r\nConnection: close\r\n", Framing.LENGTH, False),
+    ],
+)
+def test_response_framing(method, status_line, headers, framing, keep_alive):
+    resp = parse_response_head(status_line + b"\r\n" + headers + b"\r\n", method)
+    assert (resp.framing, resp.keep_alive) == (framing, keep_alive)
+
+
+def test_malformed_response_is_a_502():
+    for data in (b"HTTP/1.1 2000 OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", b"SSH-2.0\r\n\r\n"):
+        with pytest.raises(ProtocolError) as e:
+            parse_response_head(data, b"GET")
+        assert e.value.status == 502
+
+
+CHUNKED = b"5\r\nhello\r\n1;ext=1\r\n \r\n10\r\n" + b"x" * 16 + b"\r\n0\r\nTrailer: t\r\n\r\n"
+
+
+def test_chunked_scanner_finds_the_end_however_the_bytes_are_split():
+    after = b"GET /next HTTP/1.1\r\n"
+    data = CHUNKED + after
+    for split in range(1, len(data)):
+        scanner = ChunkedScanner()
+        end = scanner.feed(data[:split])
+        if scanner.done:
+            assert end == len(CHUNKED)
+            continue
+        assert end == split
+        end = scanner.feed(data, split)
+        assert scanner.done and end == len(CHUNKED), split
+
+
+def test_chunked_scanner_byte_by_byte():
+    scanner = ChunkedScanner()
+    for i in range(len(CHUNKED)):
+        assert not scanner.done
+        assert scanner.feed(CHUNKED[i : i + 1]) == 1
+    assert scanner.done
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"zz\r\n", b"5\r\nhelloX\r\n", b"5\nhello\r\n", b"-1\r\n", b"0\r\nbad trailer\r\n\r\n", b"1" * 5000],
+)
+def test_chunked_scanner_refuses_malformed_bodies(body):
+    with pytest.raises(ProtocolError):
+        ChunkedScanner().feed(body)
+
+
+def test_error_response_is_short_plain_text_and_closes():
+    data = error_response(400, "malformed request line")
+    head, body = data.split(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"Connection: close" in head
+    assert body == b"malformed request line\n"
+    assert error_response(502, "x", head_only=True).endswith(b"\r\n\r\n")

@@ -1,0 +1,203 @@
+"""The agent's SSH server: nothing without the token, nothing beyond routes, silent clients dropped."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import uuid
+
+import asyncssh
+import pytest
+
+from intercept.agent.sshd import CONTROL_SUBSYSTEM
+from tests.apps import App
+from tests.conftest import start_agent, start_client
+
+
+async def _connect(agent, token: str | None = None, username: str = "probe") -> asyncssh.SSHClientConnection:
+    creds = json.loads(agent.credentials.read_text())
+    return await asyncssh.connect(
+        "127.0.0.1", agent.ssh_port, username=username, password=token or creds["token"],
+        known_hosts=([asyncssh.import_public_key(creds["host_public_key"])], [], []),
+        client_keys=None, agent_path=None, preferred_auth="password", config=None,
+    )
+
+
+def test_credentials_file_is_created_private_and_reused(cluster_app, tmp_path):
+    path = tmp_path / "creds.json"
+    first = start_agent(tmp_path, cluster_app.port, credentials=path)
+    first.proc.stop()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    content = path.read_text()
+    assert {"token", "host_public_key", "host_private_key"} <= json.loads(content).keys()
+    second = start_agent(tmp_path, cluster_app.port, credentials=path)
+    second.proc.stop()
+    assert path.read_text() == content
+
+
+def test_shell_and_exec_are_refused(agent):
+    async def main():
+        async with await _connect(agent) as conn:
+            with pytest.raises(asyncssh.ChannelOpenError):
+                await conn.run("id", check=True)
+            with pytest.raises(asyncssh.ChannelOpenError):
+                await conn.create_process(term_type="xterm")
+            # the control subsystem is the one thing a session may open
+            writer, reader, _ = await conn.open_session(subsystem=CONTROL_SUBSYSTEM, encoding=None)
+            writer.write(b'{"op": "hello"}\n')
+            assert json.loads(await reader.readline())["ok"] is True
+
+    asyncio.run(main())
+
+
+def test_forwarding_binds_nothing_and_outbound_is_refused_by_default(agent, cluster_app):
+    async def main():
+        async with await _connect(agent) as conn:
+            with pytest.raises(asyncssh.ChannelOpenError):
+                await conn.open_connection("127.0.0.1", cluster_app.port)
+            with pytest.raises(asyncssh.ChannelListenError):
+                await conn.forward_remote_port("0.0.0.0", 0, "127.0.0.1", 1)
+
+    asyncio.run(main())
+
+
+def test_outbound_is_allowed_only_with_the_flag(cluster_app, tmp_path):
+    agent = start_agent(tmp_path, cluster_app.port, "--allow-outbound")
+
+    async def main():
+        async with await _connect(agent) as conn:
+            reader, writer = await conn.open_connection("127.0.0.1", cluster_app.port)
+            writer.write(b"GET /outbound HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return await reader.read()
+
+    try:
+        assert b'"target": "/outbound"' in asyncio.run(main())
+    finally:
+        agent.proc.stop()
+
+
+def test_wrong_token_gets_no_session(agent):
+    async def main():
+        with pytest.raises(asyncssh.PermissionDenied):
+            await _connect(agent, token="guess")
+
+    asyncio.run(main())
+
+
+def test_control_channel_answers_bad_requests_without_dropping_the_session(agent):
+    async def main():
+        async with await _connect(agent) as conn:
+            writer, reader, _ = await conn.open_session(subsystem=CONTROL_SUBSYSTEM, encoding=None)
+            for line, error in ((b"not json", "bad-request"), (b'{"op": "nope"}', "bad-request"),
+                                (b'{"op": "register", "rules": []}', "invalid")):
+                writer.write(line + b"\n")
+                reply = json.loads(await reader.readline())
+                assert reply["ok"] is False and reply["error"] == error
+            writer.write(b'{"op": "list"}\n')
+            assert json.loads(await reader.readline()) == {"ok": True, "routes": []}
+
+    asyncio.run(main())
+
+
+def test_list_shows_everyones_routes(agent, local_app, clients):
+    clients.append(start_client(agent, local_app.port, "--header", "x-dev=wendy", "--name", "wendy"))
+
+    async def main():
+        async with await _connect(agent) as conn:
+            writer, reader, _ = await conn.open_session(subsystem=CONTROL_SUBSYSTEM, encoding=None)
+            writer.write(b'{"op": "list"}\n')
+            return json.loads(await reader.readline())["routes"]
+
+    routes = asyncio.run(main())
+    assert [(r["holder"], r["description"]) for r in routes] == [("wendy", "x-dev: wendy")]
+
+
+def test_silent_client_is_dropped_by_keepalive(agent, local_app, clients):
+    """A frozen laptop (SIGSTOP: TCP stays up, nothing answers) loses its route within 15 s."""
+    client = start_client(agent, local_app.port, "--header", "x-dev=xena", "--name", "xena")
+    clients.append(client)
+    assert agent.app_of({"x-dev": "xena"}) == "local"
+    seen = len(agent.proc.lines)
+    client.signal(signal.SIGSTOP)
+    try:
+        agent.proc.wait_for(r"dropped route x-dev: xena of xena", start=seen, timeout=40)
+        assert agent.app_of({"x-dev": "xena"}) == "cluster"
+    finally:
+        client.signal(signal.SIGCONT)
+
+
+def _netns_available() -> bool:
+    return sys.platform == "linux" and os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+@pytest.mark.skipif(not _netns_available(), reason="needs root and iproute2 (ip netns) to build separate hosts")
+def test_agent_and_client_in_separate_network_namespaces(tmp_path):
+    """A "cluster" host runs the app and the agent; a "laptop" host runs the client and the local app."""
+    tag = uuid.uuid4().hex[:6]
+    cluster, laptop = f"icl-{tag}", f"ilp-{tag}"
+    veth_c, veth_l = f"vc{tag}", f"vl{tag}"
+
+    def sh(*args: str) -> None:
+        subprocess.run(args, check=True, capture_output=True)
+
+    try:
+        sh("ip", "netns", "add", cluster)
+        sh("ip", "netns", "add", laptop)
+        sh("ip", "link", "add", veth_c, "type", "veth", "peer", "name", veth_l)
+        sh("ip", "link", "set", veth_c, "netns", cluster)
+        sh("ip", "link", "set", veth_l, "netns", laptop)
+        for ns, dev, addr in ((cluster, veth_c, "10.77.0.1/24"), (laptop, veth_l, "10.77.0.2/24")):
+            sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
+            sh("ip", "-n", ns, "link", "set", dev, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+        run = [sys.executable, "-c", _NETNS_SCRIPT, str(tmp_path)]
+        out = subprocess.run(
+            ["ip", "netns", "exec", cluster] + run + ["cluster", laptop],
+            capture_output=True, text=True, timeout=120, cwd=os.getcwd(),
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "local via laptop" in out.stdout and "cluster without header" in out.stdout
+    finally:
+        subprocess.run(["ip", "netns", "del", cluster], capture_output=True)
+        subprocess.run(["ip", "netns", "del", laptop], capture_output=True)
+
+
+# Runs inside the "cluster" namespace: app + agent there; client + local app in the laptop
+# namespace (started through `ip netns exec`); then requests from the cluster side.
+_NETNS_SCRIPT = r"""
+import sys, subprocess
+from pathlib import Path
+sys.path.insert(0, ".")
+from tests.apps import App
+from tests.conftest import Agent, Proc, INTERCEPT
+tmp, _, laptop = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+app = App("cluster", host="10.77.0.1")
+agent = Agent(Proc(INTERCEPT + ["-v", "agent", "--listen", "10.77.0.1:0", "--ssh-listen", "10.77.0.1:0",
+                                 "--upstream", f"10.77.0.1:{app.port}", "--credentials", str(tmp / "c.json")]), tmp / "c.json")
+local = Proc(["ip", "netns", "exec", laptop, sys.executable, "-c",
+              "import sys; sys.path.insert(0, '.'); from tests.apps import App; import threading; "
+              "a = App('laptop', port=18123); print('up', flush=True); threading.Event().wait()"])
+local.wait_for("^up")
+client = Proc(["ip", "netns", "exec", laptop] + INTERCEPT + ["start", "--agent", f"10.77.0.1:{agent.ssh_port}",
+              "--credentials", str(tmp / "c.json"), "--port", "18123", "--header", "x-dev=ns", "--name", "ns"])
+try:
+    client.wait_for("^intercept: ready: ")
+    import http.client
+    def app_of(headers):
+        c = http.client.HTTPConnection("10.77.0.1", agent.http_port, timeout=30)
+        c.request("GET", "/", headers=headers)
+        r = c.getresponse(); r.read(); c.close()
+        return r.getheader("X-App")
+    assert app_of({"x-dev": "ns"}) == "laptop", "routed request did not reach the laptop"
+    print("local via laptop")
+    assert app_of({}) == "cluster"
+    print("cluster without header")
+finally:
+    client.stop(); local.stop(); agent.proc.stop()
+"""

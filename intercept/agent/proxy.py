@@ -202,6 +202,8 @@ class ClientConnection(asyncio.Protocol):
             mode = self.mode
             if mode is Mode.BODY:
                 end = self._request_body_end(data, pos)
+                if self.mode is Mode.CLOSED:
+                    return
                 if end > pos:
                     self.link.write(data[pos:end])
                 pos = end
@@ -225,6 +227,8 @@ class ClientConnection(asyncio.Protocol):
                     return
                 self.link_used = True
                 pos = self._send_head(link, data, pos)
+                if self.mode is Mode.CLOSED:
+                    return
             elif mode is Mode.CLASSIFY:
                 kind = classify(data)
                 if kind is Kind.NEED_MORE:
@@ -265,7 +269,8 @@ class ClientConnection(asyncio.Protocol):
         pos += head.size
         self.replay = data[start:pos] if head.framing is Framing.NONE else None
         end = self._request_body_end(data, pos)
-        link.write(data[start:end])
+        if self.mode is not Mode.CLOSED:
+            link.write(data[start:end])
         return end
 
     def _request_body_end(self, data: bytes, pos: int) -> int:
@@ -322,7 +327,7 @@ class ClientConnection(asyncio.Protocol):
             self._tunnel(data)
             return
         pos = self._send_head(link, data, 0)
-        if pos < len(data):
+        if pos < len(data) and self.mode is not Mode.CLOSED:
             self._consume(data[pos:])
 
     def _request_finished(self) -> None:

@@ -70,3 +70,18 @@ class InjectError(InterceptError):
     """The agent cannot be injected (or the originals restored) safely as asked."""
 
     exit_code = 10
+
+
+class SpecError(UsageError):
+    """``intercept.yaml``, a flag or an ``INTERCEPT_*`` variable holds an unknown key or a bad value.
+
+    The message names the file and line (when the value came from a file), the key and
+    the fix. ``path``, ``line`` (1-based) and ``key`` locate it for tools; each is ``None``
+    when it does not apply.
+    """
+
+    def __init__(self, message: str, *, path: str | None = None, line: int | None = None, key: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.line = line
+        self.key = key

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 class Link(Protocol):
     """One byte stream to where a request goes; reports to its owner's ``link_*`` methods."""
 
+    reusable: bool  # may carry another request after this response
+
     def write(self, data: bytes) -> None: ...
     def write_eof(self) -> None: ...
     def close(self) -> None: ...
@@ -76,6 +78,8 @@ class Destinations(Protocol):
 
 class TCPLink(asyncio.Protocol):
     """A TCP connection to the upstream (the app container)."""
+
+    reusable = True
 
     def __init__(self, owner: ClientConnection) -> None:
         self.owner = owner
@@ -423,7 +427,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _response_finished(self, link: Link) -> None:
         self.resp_done = True
-        if not self.resp.keep_alive:
+        if not (self.resp.keep_alive and link.reusable):
             self._forget(link)
             link.close()
         if not (self.req.keep_alive and self.resp.keep_alive):
@@ -459,6 +463,13 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse(502, "the destination closed the connection before responding", head_only=self.req.method == b"HEAD")
             else:
                 self._close()
+
+    def release(self, link: Link) -> None:
+        """Close ``link`` now if it is idle, else once the current response is complete."""
+        busy = link is self.link and self.mode in (Mode.CONNECTING, Mode.BODY, Mode.AWAIT, Mode.TUNNEL) and not self.resp_done
+        if not busy:
+            self._forget(link)
+            link.close()
 
     def link_pause(self, link: Link) -> None:
         self._pause("link")

@@ -7,7 +7,8 @@ matched the developer's route, and the client connects it to the local process.
 
 Routes are registered over the ``intercept`` subsystem, a JSON-lines control channel:
 ``{"op": "register", "rules": [...], "all": false}``, ``{"op": "unregister", "id": N}``,
-``{"op": "list"}``, ``{"op": "hello"}``; every request gets one JSON line back with
+``{"op": "list"}``, ``{"op": "hello"}``, ``{"op": "drain"}`` / ``{"op": "resume"}`` (around a
+restart of the developer's process); every request gets one JSON line back with
 ``"ok": true`` or ``"ok": false`` and ``"error"``/``"message"``.
 
 Invariants: no shell, no exec, no port bound in answer to a client; outbound
@@ -46,12 +47,18 @@ _session_ids = itertools.count(1)
 class ChannelLink(asyncssh.SSHTCPSession[bytes]):
     """An SSH channel to a developer's machine, as a :class:`~intercept.agent.proxy.Link`."""
 
-    def __init__(self, owner: ClientConnection) -> None:
+    def __init__(self, owner: ClientConnection, session: DeveloperSession) -> None:
         self.owner = owner
+        self.session = session
         self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
+
+    @property
+    def reusable(self) -> bool:
+        return not self.session.draining
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self.chan = chan
+        self.session.links.add(self)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self.owner.link_data(self, data)
@@ -60,6 +67,7 @@ class ChannelLink(asyncssh.SSHTCPSession[bytes]):
         return self.owner.link_eof(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.session.links.discard(self)
         self.owner.link_lost(self)
 
     def pause_writing(self) -> None:
@@ -104,6 +112,8 @@ class DeveloperSession(asyncssh.SSHServer):
         self.peer: tuple[str, int] = ("", 0)
         self.conn: asyncssh.SSHServerConnection | None = None
         self.forwarding = False
+        self.links: set[ChannelLink] = set()
+        self.draining = False  # the developer's process restarts: keep no channel past its response
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
@@ -146,9 +156,18 @@ class DeveloperSession(asyncssh.SSHServer):
 
     async def open_channel(self, owner: ClientConnection) -> ChannelLink:
         _, link = await self.conn.create_connection(
-            lambda: ChannelLink(owner), FORWARD_HOST, FORWARD_PORT, self.peer[0], self.peer[1]
+            lambda: ChannelLink(owner, self), FORWARD_HOST, FORWARD_PORT, self.peer[0], self.peer[1]
         )
         return link
+
+    def drain(self, draining: bool) -> int:
+        """While draining, channels close at the end of their response (idle ones now), so that
+        the developer's old process sees no new request. Returns the channels still busy."""
+        self.draining = draining
+        if draining:
+            for link in list(self.links):
+                link.owner.release(link)
+        return len(self.links)
 
 
 class ControlChannel(asyncssh.SSHServerSession[bytes]):
@@ -197,6 +216,8 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
             if op == "register":
                 route = agent.register(session, request.get("rules", []), bool(request.get("all")))
                 return {"ok": True, "id": route.id, "description": route.route.describe()}
+            if op in ("drain", "resume"):
+                return {"ok": True, "busy": session.drain(op == "drain")}
             if op == "unregister":
                 agent.unregister(session, int(request["id"]))
                 return {"ok": True}

@@ -1,0 +1,136 @@
+"""Where routed connections enter the developer's machine.
+
+Every channel an agent opens for a routed request becomes one TCP connection to the
+local process, bridged byte for byte with flow control both ways. The door can be
+*closed* while the local process restarts: new channels then wait (up to the hold
+timeout) instead of failing, and :meth:`LocalDoor.drained` tells when the old process
+has finished its last response (the agents close channels at response boundaries
+while draining). Together these make a restart invisible to the requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncssh
+
+log = logging.getLogger(__name__)
+
+
+class _Bridge(asyncssh.SSHTCPSession[bytes]):
+    """One routed connection: an SSH channel on one side, a local TCP connection on the other."""
+
+    def __init__(self, door: LocalDoor) -> None:
+        self.door = door
+        self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
+        self.local: asyncio.Transport | None = None
+
+    # the SSH channel side
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        self.chan = chan
+        self.local.resume_reading()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.local.write(data)
+
+    def eof_received(self) -> bool:
+        if self.local.can_write_eof():
+            self.local.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.local.close()
+        self.door._closed(self)
+
+    def pause_writing(self) -> None:
+        self.local.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.local.resume_reading()
+
+
+class _LocalSide(asyncio.Protocol):
+    def __init__(self, bridge: _Bridge) -> None:
+        self.bridge = bridge
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.bridge.local = transport  # type: ignore[assignment]
+        transport.pause_reading()  # until the channel is open
+
+    def data_received(self, data: bytes) -> None:
+        self.bridge.chan.write(data)
+
+    def eof_received(self) -> bool:
+        self.bridge.chan.write_eof()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.bridge.chan is not None:
+            self.bridge.chan.close()
+
+    def pause_writing(self) -> None:
+        self.bridge.chan.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.bridge.chan.resume_reading()
+
+
+class LocalDoor:
+    """Connects routed channels to ``host:port``; can hold them while the process restarts."""
+
+    def __init__(self, name: str, port: int, host: str = "127.0.0.1", hold_timeout: float = 10.0) -> None:
+        self.name = name
+        self.host = host
+        self.port = port
+        self.hold_timeout = hold_timeout
+        self._open_gate = asyncio.Event()
+        self._open_gate.set()
+        self._bridges: set[_Bridge] = set()
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def close(self) -> None:
+        """New channels wait until :meth:`open`."""
+        self._open_gate.clear()
+
+    def open(self) -> None:
+        self._open_gate.set()
+
+    @property
+    def busy(self) -> int:
+        return len(self._bridges)
+
+    async def drained(self, timeout: float) -> bool:
+        """Wait until no routed connection is open (True), or ``timeout`` (False)."""
+        try:
+            await asyncio.wait_for(self._empty.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def accept(self, orig_host: str, orig_port: int) -> asyncssh.SSHTCPSession[bytes]:
+        """asyncssh's session factory for a channel from an agent."""
+        if not self._open_gate.is_set():
+            try:
+                await asyncio.wait_for(self._open_gate.wait(), self.hold_timeout)
+            except asyncio.TimeoutError:
+                raise asyncssh.ChannelOpenError(
+                    asyncssh.OPEN_CONNECT_FAILED, f"{self.name}'s process is still restarting"
+                ) from None
+        bridge = _Bridge(self)
+        try:
+            await asyncio.get_running_loop().create_connection(lambda: _LocalSide(bridge), self.host, self.port)
+        except OSError:
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_CONNECT_FAILED,
+                f"{self.name}'s process does not accept connections on localhost:{self.port}",
+            ) from None
+        self._bridges.add(bridge)
+        self._empty.clear()
+        return bridge
+
+    def _closed(self, bridge: _Bridge) -> None:
+        self._bridges.discard(bridge)
+        if not self._bridges:
+            self._empty.set()

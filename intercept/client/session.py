@@ -138,7 +138,7 @@ class AgentSession:
 class Event:
     """Something the developer should hear about; the CLI prints ``intercept: KIND: MESSAGE``."""
 
-    kind: str  # ready | reconnecting | reconnected | left
+    kind: str  # ready | waiting | joined | gone | reconnecting | reconnected | left | exited
     message: str
 
 
@@ -149,42 +149,15 @@ async def keep_intercepting(
 
     The first connection's errors are raised as they are. Later, a lost connection is
     retried with backoff (0.5 s doubling to 10 s) for as long as the agent is
-    unreachable; an authentication, host key or conflict error on reconnect is raised.
+    unreachable; an authentication, host key or conflict error on reconnect is raised
+    (except, for a while, our own route still held by the agent for the connection it
+    has not yet seen die). This is a :class:`~intercept.client.fleet.Fleet` of the one
+    agent ``options.transport``.
     """
-    target = f"localhost:{options.local_port}"
-    session = AgentSession(options)
-    await session.open()
-    report(Event("ready", f"{options.describe()} now reach {target}"))
-    while True:
-        if await _first(stop.wait(), session.wait_closed()) == 0:
-            await session.leave()
-            report(Event("left", f"{options.describe()} go to the cluster again"))
-            return
-        delay = 0.5
-        while True:
-            report(Event("reconnecting", f"connection to agent {options.transport.describe()} lost; retrying in {delay:g}s"))
-            if await _first(stop.wait(), asyncio.sleep(delay)) == 0:
-                return
-            session = AgentSession(options)
-            try:
-                await session.open()
-            except AgentUnreachable as e:
-                log.info("reconnect failed: %s", e)
-                delay = min(delay * 2, 10.0)
-                continue
-            report(Event("reconnected", f"{options.describe()} reach {target} again"))
-            break
+    from intercept.client.fleet import Fleet, Replica, fixed  # fleet.py builds on this module
 
-
-async def _first(*aws: Any) -> int:
-    """Wait for the first of ``aws`` to finish, cancel the rest, return its index."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()
-    return next(i for i, t in enumerate(tasks) if t in done)
+    replica = Replica(options.transport.describe(), options.transport)
+    await Fleet(options, report, count_replicas=False, first_attempts=1).run(fixed([replica]), stop)
 
 
 __all__ = ["AgentSession", "Event", "InterceptError", "InterceptOptions", "keep_intercepting"]

@@ -6,8 +6,9 @@ import asyncio
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 
+from intercept.client.fleet import Fleet, Replica
 from intercept.client.runner import LocalProcess
 from intercept.client.session import Event, InterceptOptions, keep_intercepting
 
@@ -28,11 +29,14 @@ async def start(
     options: InterceptOptions,
     command: Sequence[str] = (),
     report: Callable[[Event], None] = lambda event: None,
+    replicas: AsyncIterator[Collection[Replica]] | None = None,
 ) -> int:
     """Intercept until SIGINT/SIGTERM (exit 0) or until COMMAND exits (its exit code).
 
     Raises the typed errors of the first connection (unreachable, authentication, host
-    key, conflict) before anything is started.
+    key, conflict). With ``replicas`` (each item: the current set of agent replicas),
+    the route is held on every replica (:class:`~intercept.client.fleet.Fleet`) and
+    ``options.transport`` is not dialled; without, on the one agent ``options.transport``.
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -42,7 +46,10 @@ async def start(
     if command:
         process = LocalProcess(command)
         await process.start()
-    intercepting = asyncio.ensure_future(keep_intercepting(options, report, stop))
+    if replicas is None:
+        intercepting = asyncio.ensure_future(keep_intercepting(options, report, stop))
+    else:
+        intercepting = asyncio.ensure_future(Fleet(options, report).run(replicas, stop))
     exited = asyncio.ensure_future(process.wait()) if process else None
     try:
         waits = [intercepting] + ([exited] if exited else [])

@@ -1,0 +1,359 @@
+"""The route on every agent replica of a service, kept there as pods come and go.
+
+A Service spreads its traffic over its pods, and each pod's agent has its own route
+table. A route registered on one agent only brings home the requests that pod receives:
+1/N of them (Telepresence's issue #4085). A :class:`Fleet` therefore holds one
+:class:`~intercept.client.session.AgentSession` per agent replica, with the same route
+on each, and follows the set of replicas it is given: it opens a session for a replica
+that appears, closes the session of one that goes, and reconnects to one whose
+connection drops, each on its own, with backoff (0.5 s doubling to 10 s).
+
+Direct mode is a fleet of one fixed replica (:func:`~intercept.client.session.keep_intercepting`).
+
+Events, printed by the CLI as ``intercept: KIND: MESSAGE``:
+
+============  ===============================================================================
+ready         once, when every current replica has the route:
+              ``requests with x-dev: alice now reach localhost:8080 (2 replicas)``
+waiting       before ready: no replica yet, or one not reached yet (with the reason and retry)
+joined        a replica that appeared after ready has the route
+gone          a replica left the set; its session is closed
+reconnecting  a replica's connection was lost; retrying after the delay
+reconnected   that replica has the route again
+left          the fleet was stopped; the route is removed from every replica
+============  ===============================================================================
+
+Invariants:
+
+- At most one session per replica name. A replica that leaves the set has its session
+  closed, so its agent drops the route at once.
+- An error that retrying cannot fix, on any replica (the route held by someone else,
+  a wrong token, a host key that is not the pinned one, a route the agent refuses),
+  ends the fleet: every session is closed, which removes the route from every agent,
+  and then the error is raised. The route is never left on some replicas only.
+- Before ready, when no replica could be reached at all (every one failed its first
+  ``first_attempts`` attempts), the error is raised rather than retried in silence;
+  otherwise unreachable replicas are retried for as long as they are in the set.
+- A reconnect that finds the route held under our own name, shortly after our
+  connection was lost, is retried: after a silent loss (a port-forward that died
+  without a word) the agent keeps our previous session until its keepalive gives up on
+  it (15 s). Any other conflict is fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from intercept.agent.sshd import KEEPALIVE_COUNT_MAX, KEEPALIVE_INTERVAL
+from intercept.client.session import AgentSession, Event, InterceptOptions
+from intercept.client.transport import Transport
+from intercept.errors import AgentUnreachable, RouteConflict
+
+log = logging.getLogger(__name__)
+
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 10.0
+# After a silent loss, the agent may still hold our previous session (and its route) until
+# its keepalive gives up on it; a reconnect that meets our own route is retried this long.
+STALE_SESSION_GRACE = 2.0 * KEEPALIVE_INTERVAL * KEEPALIVE_COUNT_MAX
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One agent to hold a session with: its name (the pod's) and how to reach it."""
+
+    name: str
+    transport: Transport
+
+
+async def _close_source(source: AsyncIterator[Any]) -> None:
+    """Close an async generator source at once (a pod watch stops as soon as we do)."""
+    aclose = getattr(source, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def fixed(replicas: Iterable[Replica]) -> AsyncIterator[list[Replica]]:
+    """A replica source that never changes (direct mode: one agent at a known address)."""
+    yield list(replicas)
+
+
+class _Holder:
+    """The task that keeps one replica's session up, and what it has achieved so far."""
+
+    def __init__(self, replica: Replica, ever_registered: bool = False) -> None:
+        self.replica = replica
+        self.task: asyncio.Task[None] | None = None
+        self.session: AgentSession | None = None
+        self.failures = 0  # connection attempts that found the agent unreachable, in a row
+        self.registered = False  # the route is on this replica now
+        self.ever_registered = ever_registered
+        self.lost_at: float | None = None  # when a session of this replica last closed
+        self.previous: asyncio.Task[None] | None = None  # the closing of the session this one replaces
+
+
+class Fleet:
+    """This developer's route on every agent replica in the set it follows.
+
+    Each replica's session uses ``options`` with the replica's transport;
+    ``options.transport`` itself is not dialled. ``count_replicas`` adds the replica
+    count to the lines (off for direct mode, whose lines name no replicas).
+    ``first_attempts``: before ready, how many times in a row every replica must have
+    been found unreachable for the fleet to give up (1 in direct mode: fail at once; a
+    pod that has just become ready, or a port-forward that hiccups, deserves a retry).
+    """
+
+    def __init__(
+        self,
+        options: InterceptOptions,
+        report: Callable[[Event], None],
+        *,
+        count_replicas: bool = True,
+        first_attempts: int = 3,
+    ) -> None:
+        self.options = options
+        self._report = report
+        self._count_replicas = count_replicas
+        self._first_attempts = first_attempts
+        self._holders: dict[str, _Holder] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._closing_named: dict[str, asyncio.Task[None]] = {}
+        self._ready = False
+        self._said_no_replica = False
+        self._error: BaseException | None = None
+        self._failed = asyncio.Event()
+
+    @property
+    def ready(self) -> bool:
+        """Every replica of the set had the route at least once (``ready`` was reported)."""
+        return self._ready
+
+    @property
+    def replicas(self) -> dict[str, bool]:
+        """The current replicas, by name: whether each has the route right now."""
+        return {name: holder.registered for name, holder in self._holders.items()}
+
+    async def run(self, replicas: AsyncIterator[Collection[Replica]], stop: asyncio.Event) -> None:
+        """Follow ``replicas`` (each item: the whole current set) until ``stop`` is set.
+
+        Returns after removing the route from every replica. Raises the error that ended
+        the fleet (see the module's invariants), or one raised by ``replicas``, after
+        removing the route likewise. When ``replicas`` ends, the last set is kept.
+        """
+        follow = asyncio.ensure_future(self._follow(replicas))
+        stopped = asyncio.ensure_future(stop.wait())
+        failed = asyncio.ensure_future(self._failed.wait())
+        try:
+            await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (follow, stopped, failed):
+                task.cancel()
+            await asyncio.gather(follow, return_exceptions=True)
+            await self._close_all()
+        if self._error is not None:
+            raise self._error
+        self._report(Event("left", f"{self.options.describe()} go to the cluster again"))
+
+    # -- following the set ------------------------------------------------------------------
+
+    async def _follow(self, replicas: AsyncIterator[Collection[Replica]]) -> None:
+        try:
+            async for current in replicas:
+                self._update(current)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the source's own error ends the fleet, typed as it came
+            self._fail(e)
+            return
+        finally:
+            await _close_source(replicas)
+        log.info("the replica source ended; keeping %s", sorted(self._holders) or "no replica")
+
+    def _update(self, current: Collection[Replica]) -> None:
+        wanted = {replica.name: replica for replica in current}
+        for name, holder in list(self._holders.items()):
+            replica = wanted.get(name)
+            if replica == holder.replica:
+                continue
+            self._remove(holder, gone=replica is None)
+            if replica is not None:  # the same pod at another address: dial that one
+                self._add(replica, ever_registered=holder.ever_registered)
+        for name, replica in wanted.items():
+            if name not in self._holders:
+                self._add(replica)
+        if not wanted and not self._ready and not self._said_no_replica:
+            self._said_no_replica = True
+            self._report(Event("waiting", "no agent replica is ready yet; waiting for one"))
+        self._check_ready()
+
+    def _add(self, replica: Replica, ever_registered: bool = False) -> None:
+        holder = _Holder(replica, ever_registered)
+        previous = self._closing_named.get(replica.name)
+        if previous is not None:  # the same pod again, while its old session is still closing
+            holder.previous = previous
+            holder.lost_at = asyncio.get_running_loop().time()
+        self._holders[replica.name] = holder
+        holder.task = asyncio.ensure_future(self._hold(holder))
+        log.info("replica %s: connecting to %s", replica.name, replica.transport.describe())
+
+    def _remove(self, holder: _Holder, gone: bool) -> None:
+        """Close the session of a replica that left the set (or moved to another address)."""
+        name = holder.replica.name
+        del self._holders[name]
+        closing = asyncio.ensure_future(self._close(holder, unregister=False))
+        self._closing.add(closing)
+        self._closing_named[name] = closing
+
+        def closed(task: asyncio.Task[None]) -> None:
+            self._closing.discard(task)
+            if self._closing_named.get(name) is task:
+                del self._closing_named[name]
+
+        closing.add_done_callback(closed)
+        log.info("replica %s %s", name, "left the set" if gone else "moved to another address")
+        if gone and self._ready:
+            self._report(Event("gone", f"replica {name} is gone ({self._count()})"))
+
+    # -- one replica ------------------------------------------------------------------------
+
+    async def _hold(self, holder: _Holder) -> None:
+        """Keep ``holder``'s replica registered until cancelled; report what happens."""
+        replica = holder.replica
+        options = dataclasses.replace(self.options, transport=replica.transport)
+        where = replica.transport.describe()
+        if holder.previous is not None:  # let the replaced session close before registering again
+            await asyncio.wait({holder.previous})
+        delay: float | None = None  # no wait before the first attempt
+        while True:
+            if delay is not None:
+                await asyncio.sleep(delay)
+            session = holder.session = AgentSession(options)
+            try:
+                await session.open()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # each is either retried or ends the fleet (and is raised)
+                if isinstance(e, AgentUnreachable):
+                    holder.failures += 1
+                retry = self._retry(holder, e)
+                if retry is None:
+                    self._fail(self._on_replica(e, replica))
+                    return
+                delay = BACKOFF_FIRST if delay is None else min(delay * 2, BACKOFF_MAX)
+                log.info("replica %s: %s", replica.name, e)
+                kind, message = retry
+                self._report(Event(kind, f"{message}; retrying in {delay:g}s"))
+                continue
+            holder.failures = 0
+            self._registered(holder)
+            await session.wait_closed()
+            holder.registered, holder.session = False, None
+            holder.lost_at = asyncio.get_running_loop().time()
+            delay = BACKOFF_FIRST
+            log.info("replica %s: connection to %s lost", replica.name, where)
+            self._report(Event("reconnecting", f"connection to agent {where} lost; retrying in {delay:g}s"))
+
+    def _retry(self, holder: _Holder, error: Exception) -> tuple[str, str] | None:
+        """The event kind and message for a failed attempt worth retrying; None when it is fatal."""
+        where = holder.replica.transport.describe()
+        if isinstance(error, AgentUnreachable):
+            if self._nothing_reachable():
+                return None
+            if holder.ever_registered:
+                return "reconnecting", f"connection to agent {where} lost"
+            return "waiting", str(error)
+        if (
+            isinstance(error, RouteConflict)
+            and error.holder == self.options.name
+            and holder.lost_at is not None
+            and asyncio.get_running_loop().time() - holder.lost_at < STALE_SESSION_GRACE
+        ):
+            # Most likely our own previous connection: after a silent loss the agent holds
+            # it, and its route, until its keepalive gives up on it.
+            return "reconnecting", (
+                f"agent {where} still holds the route of {error.holder}, most likely for our "
+                "previous connection, which it has not yet seen close"
+            )
+        return None
+
+    def _registered(self, holder: _Holder) -> None:
+        holder.registered = True
+        again = holder.ever_registered
+        holder.ever_registered = True
+        if not self._ready:
+            self._check_ready()
+            return
+        what, target = self.options.describe(), f"localhost:{self.options.local_port}"
+        name = holder.replica.name
+        if not self._count_replicas:
+            self._report(Event("reconnected", f"{what} reach {target} again"))
+        elif again:
+            self._report(Event("reconnected", f"replica {name}: {what} reach {target} again ({self._count()})"))
+        else:
+            self._report(Event("joined", f"replica {name}: {what} reach {target} through it too ({self._count()})"))
+
+    def _check_ready(self) -> None:
+        if self._ready or not self._holders or not all(h.registered for h in self._holders.values()):
+            return
+        self._ready = True
+        line = f"{self.options.describe()} now reach localhost:{self.options.local_port}"
+        self._report(Event("ready", f"{line} ({self._count()})" if self._count_replicas else line))
+
+    def _nothing_reachable(self) -> bool:
+        holders = self._holders.values()
+        return (
+            not self._ready
+            and all(h.failures >= self._first_attempts for h in holders)
+            and not any(h.ever_registered for h in holders)
+        )
+
+    def _on_replica(self, error: Exception, replica: Replica) -> Exception:
+        """Name the replica in a conflict (the agent's message names only the holder)."""
+        if self._count_replicas and isinstance(error, RouteConflict):
+            return RouteConflict(f"agent {replica.transport.describe()}: {error}", holder=error.holder)
+        return error
+
+    def _count(self) -> str:
+        total = len(self._holders)
+        registered = sum(h.registered for h in self._holders.values())
+        noun = "replica" if total == 1 else "replicas"
+        return f"{total} {noun}" if registered == total else f"{registered} of {total} {noun}"
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+            log.info("intercept ends: %s", error)
+        self._failed.set()
+
+    # -- closing ----------------------------------------------------------------------------
+
+    async def _close(self, holder: _Holder, unregister: bool) -> None:
+        """End ``holder``'s task, then close its session (unregistering first if asked)."""
+        if holder.task is not None:
+            holder.task.cancel()
+            await asyncio.gather(holder.task, return_exceptions=True)
+        session, holder.session, holder.registered = holder.session, None, False
+        if session is None or session.conn is None:
+            return
+        if unregister:
+            await session.leave()
+        else:  # the replica is gone or moved: closing is enough, its agent drops the route
+            session.conn.close()
+            await session.conn.wait_closed()
+
+    async def _close_all(self) -> None:
+        holders = list(self._holders.values())
+        self._holders.clear()
+        closing = [self._close(holder, unregister=True) for holder in holders] + list(self._closing)
+        results = await asyncio.gather(*closing, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("closing a session failed: %s", result)
+
+
+__all__ = ["BACKOFF_FIRST", "BACKOFF_MAX", "STALE_SESSION_GRACE", "Fleet", "Replica", "fixed"]

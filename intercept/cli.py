@@ -102,6 +102,11 @@ def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_t
 @click.option("--path-prefix", metavar="PREFIX", help="Route requests whose path starts with PREFIX.")
 @click.option("--all", "all_traffic", is_flag=True, help="Route ALL requests (only while nobody else intercepts).")
 @click.option("--name", help="Your display name and personal header value [default: git user.email local part, else $USER].")
+@click.option("--watch", "watch", multiple=True, metavar="PATH", help="Restart COMMAND when files under PATH change [default: . with a COMMAND].")
+@click.option("--no-watch", is_flag=True, help="Do not restart COMMAND on changes; its exit ends the intercept.")
+@click.option("--debug", is_flag=True, help="Run the Python COMMAND under debugpy.")
+@click.option("--debug-port", type=int, default=5678, show_default=True, help="Port debugpy listens on (127.0.0.1).")
+@click.option("--debug-wait", is_flag=True, help="With --debug: the program waits for the debugger before it starts.")
 @click.pass_context
 def start(
     ctx: click.Context,
@@ -115,6 +120,11 @@ def start(
     path_prefix: str | None,
     all_traffic: bool,
     name: str | None,
+    watch: tuple[str, ...],
+    no_watch: bool,
+    debug: bool,
+    debug_port: int,
+    debug_wait: bool,
 ) -> None:
     """Intercept: requests that match your route reach localhost:PORT.
 
@@ -123,6 +133,7 @@ def start(
     """
     from intercept.client import DirectTransport, InterceptOptions, default_name
     from intercept.client import start as start_api
+    from intercept.client.runner import LocalCommand
     from intercept.credentials import load
     from intercept.routing.match import HeaderEquals, Route, parse_rule
 
@@ -159,7 +170,15 @@ def start(
             click.echo(f"intercept: {event.kind}: {event.message}")
             sys.stdout.flush()
 
-        code = asyncio.run(start_api(options, command, report))
+        if (debug or debug_wait) and not command:
+            raise UsageError("--debug runs your COMMAND under debugpy: add -- COMMAND ARGS, e.g. -- python app.py")
+        local = LocalCommand(
+            tuple(command),
+            watch=() if no_watch or not command else (watch or (".",)),
+            debug_port=debug_port if debug or debug_wait else None,
+            debug_wait=debug_wait,
+        )
+        code = asyncio.run(start_api(options, local, report))
     except InterceptError as e:
         _fail(e)
     sys.exit(code)

@@ -258,13 +258,3 @@ def test_command_runs_as_the_local_process_and_stops_with_the_intercept(agent, c
     assert client.finish() == 0
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
-
-
-def test_command_exit_ends_the_intercept_with_its_status(agent, local_app, clients):
-    import sys
-
-    client = start_client(agent, local_app.port, "--header", "x-dev=vic", "--name", "vic", "--",
-                          sys.executable, "-c", "import sys; sys.exit(3)", wait=False)
-    clients.append(client)
-    assert client.finish() == 3
-    assert agent.app_of({"x-dev": "vic"}) == "cluster"

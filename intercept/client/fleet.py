@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from intercept.agent.sshd import KEEPALIVE_COUNT_MAX, KEEPALIVE_INTERVAL
+from intercept.client.door import LocalDoor
 from intercept.client.session import AgentSession, Event, InterceptOptions
 from intercept.client.transport import Transport
 from intercept.errors import AgentUnreachable, RouteConflict
@@ -115,8 +116,10 @@ class Fleet:
         *,
         count_replicas: bool = True,
         first_attempts: int = 3,
+        door: LocalDoor | None = None,
     ) -> None:
         self.options = options
+        self.door = door or LocalDoor(options.name, options.local_port, options.local_host)
         self._report = report
         self._count_replicas = count_replicas
         self._first_attempts = first_attempts
@@ -158,6 +161,16 @@ class Fleet:
         if self._error is not None:
             raise self._error
         self._report(Event("left", f"{self.options.describe()} go to the cluster again"))
+
+    async def drain(self, draining: bool) -> None:
+        """Ask every agent to keep no channel past its response (``True``), or to reuse them again."""
+        sessions = [h.session for h in self._holders.values() if h.registered and h.session is not None]
+        results = await asyncio.gather(
+            *(s.request(op="drain" if draining else "resume") for s in sessions), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, Exception):  # a lost connection drops its channels anyway
+                log.info("drain request failed: %s", result)
 
     # -- following the set ------------------------------------------------------------------
 
@@ -232,7 +245,7 @@ class Fleet:
         while True:
             if delay is not None:
                 await asyncio.sleep(delay)
-            session = holder.session = AgentSession(options)
+            session = holder.session = AgentSession(options, self.door)
             try:
                 await session.open()
             except asyncio.CancelledError:

@@ -5,10 +5,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
-from intercept.errors import CommandFailed
+import watchfiles
+
+from intercept.errors import CommandFailed, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -16,14 +22,15 @@ log = logging.getLogger(__name__)
 class LocalProcess:
     """COMMAND as a child process group; :meth:`stop` ends the whole group (TERM, then KILL)."""
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | None = None) -> None:
         self.argv = list(argv)
         self.env = dict(os.environ if env is None else env)
+        self.cwd = cwd
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
         try:
-            self.proc = await asyncio.create_subprocess_exec(*self.argv, env=self.env, start_new_session=True)
+            self.proc = await asyncio.create_subprocess_exec(*self.argv, env=self.env, cwd=self.cwd, start_new_session=True)
         except OSError as e:
             raise CommandFailed(f"cannot run {self.argv[0]!r}: {e.strerror or e}; check the command after --") from None
         log.info("started %s (pid %s)", self.argv, self.proc.pid)
@@ -44,3 +51,108 @@ class LocalProcess:
             except asyncio.TimeoutError:
                 log.warning("%s did not stop within %ss; killing it", self.argv[0], grace)
         return await self.proc.wait()
+
+
+_PYTHON = re.compile(r"^python(\d+(\.\d+)?)?(\.exe)?$")
+IGNORED_DIRS = {"venv", "env", ".direnv", ".eggs", "build", "dist", ".ruff_cache", ".nox", ".vscode"}
+
+
+def debug_argv(argv: Sequence[str], port: int, wait: bool) -> list[str]:
+    """COMMAND under debugpy listening on 127.0.0.1:PORT (Python commands only)."""
+    if not argv or not _PYTHON.match(os.path.basename(argv[0])):
+        raise UsageError(
+            f"--debug runs a Python COMMAND under debugpy, not {argv[0] if argv else 'nothing'!r}; "
+            "for other runtimes pass the runtime's own flag, e.g. -- node --inspect=127.0.0.1:9229 app.js"
+        )
+    return [argv[0], "-m", "debugpy", "--listen", f"127.0.0.1:{port}", *(["--wait-for-client"] if wait else []), *argv[1:]]
+
+
+def debugpy_path() -> str:
+    """A directory holding only debugpy, for PYTHONPATH: the developer's interpreter may not have it."""
+    try:
+        import debugpy
+    except ImportError:
+        raise UsageError("--debug needs debugpy: pip install debugpy") from None
+    path = Path(tempfile.gettempdir()) / f"intercept-debugpy-{os.getuid()}"
+    link = path / "debugpy"
+    if not link.exists():
+        path.mkdir(exist_ok=True)
+        link.symlink_to(Path(debugpy.__file__).parent, target_is_directory=True)
+    return str(path)
+
+
+class _WatchFilter(watchfiles.DefaultFilter):
+    ignore_dirs = (*watchfiles.DefaultFilter.ignore_dirs, *sorted(IGNORED_DIRS))
+
+
+async def changes(paths: Sequence[str], stop: asyncio.Event) -> AsyncIterator[list[str]]:
+    """Batches of changed files under ``paths`` (VCS, virtual environments, caches ignored)."""
+    async for batch in watchfiles.awatch(*paths, watch_filter=_WatchFilter(), debounce=100, step=20, stop_event=stop):
+        yield sorted({path for _, path in batch})
+
+
+@dataclass(frozen=True)
+class LocalCommand:
+    """The developer's process: what to run, where, with what, watched for changes, debugged."""
+
+    argv: tuple[str, ...]
+    watch: tuple[str, ...] = ()  # restart on changes under these paths; empty: no reload
+    env: Mapping[str, str] | None = None  # the whole environment; None: this one
+    cwd: str | None = None
+    debug_port: int | None = None  # run under debugpy listening on 127.0.0.1:PORT
+    debug_wait: bool = False
+
+
+class Supervisor:
+    """Runs a :class:`LocalCommand` and restarts it on demand; tells when it exits by itself."""
+
+    def __init__(self, command: LocalCommand, on_exit: Callable[[int], None]) -> None:
+        self.command = command
+        self.on_exit = on_exit
+        self.process: LocalProcess | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        cmd = self.command
+        argv, env = list(cmd.argv), dict(os.environ if cmd.env is None else cmd.env)
+        if cmd.debug_port is not None:
+            argv = debug_argv(argv, cmd.debug_port, cmd.debug_wait)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (debugpy_path(), env.get("PYTHONPATH")) if p)
+        process = self.process = LocalProcess(argv, env, cmd.cwd)
+        await process.start()
+        asyncio.ensure_future(process.wait()).add_done_callback(lambda task: self._ended(process, task))
+
+    def _ended(self, process: LocalProcess, task: asyncio.Future[int]) -> None:
+        if process is self.process and not self._stopping and not task.cancelled():
+            self.on_exit(task.result())
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.proc is not None and self.process.proc.returncode is None
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+    async def stop(self) -> None:
+        if self.process is not None:
+            self._stopping = True
+            try:
+                await self.process.stop()
+            finally:
+                self._stopping = False
+
+
+async def accepting(host: str, port: int, timeout: float, alive: Callable[[], bool]) -> bool:
+    """Wait until ``host:port`` accepts a connection (True), ``timeout`` passes or ``alive()`` is False."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while alive() and loop.time() < deadline:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            await asyncio.sleep(0.02)  # polling a port that is not open yet
+            continue
+        writer.close()
+        return True
+    return False

@@ -17,6 +17,7 @@ from typing import Any
 import asyncssh
 
 from intercept.agent.sshd import CONTROL_SUBSYSTEM, ENCRYPTION_ALGS, FORWARD_HOST, FORWARD_PORT, KEEPALIVE_COUNT_MAX, KEEPALIVE_INTERVAL
+from intercept.client.door import LocalDoor
 from intercept.client.transport import Transport
 from intercept.credentials import Credentials
 from intercept.errors import (
@@ -49,11 +50,14 @@ class InterceptOptions:
 class AgentSession:
     """One SSH connection to one agent, with this developer's route registered on it."""
 
-    def __init__(self, options: InterceptOptions) -> None:
+    def __init__(self, options: InterceptOptions, door: LocalDoor | None = None) -> None:
         self.options = options
+        self.door = door or LocalDoor(options.name, options.local_port, options.local_host)
         self.conn: asyncssh.SSHClientConnection | None = None
         self._control: tuple[asyncssh.SSHWriter[bytes], asyncssh.SSHReader[bytes]] | None = None
+        self._control_lock = asyncio.Lock()  # one request at a time: replies come in order
         self.route_id: int | None = None
+        self.agent: dict[str, Any] = {}  # what the agent says of itself (hello)
 
     async def open(self) -> None:
         """Connect, pin the host key, authenticate and register the route; typed errors on failure."""
@@ -84,9 +88,10 @@ class AgentSession:
         except (asyncssh.Error, OSError) as e:
             raise AgentUnreachable(f"agent {where}: SSH connection failed: {e}; check the address and that the agent runs") from None
         try:
-            await self.conn.create_server(self._accept, FORWARD_HOST, FORWARD_PORT)
+            await self.conn.create_server(self.door.accept, FORWARD_HOST, FORWARD_PORT)
             writer, reader, _ = await self.conn.open_session(subsystem=CONTROL_SUBSYSTEM, encoding=None)
             self._control = (writer, reader)
+            self.agent = await self.request(op="hello")
             reply = await self.request(op="register", rules=opts.route.to_json(), all=opts.all_traffic)
         except (asyncssh.Error, OSError) as e:
             self.conn.close()
@@ -99,21 +104,12 @@ class AgentSession:
         self.route_id = reply["id"]
         log.info("route %s registered on %s", opts.route.describe(), where)
 
-    async def _accept(self, orig_host: str, orig_port: int) -> asyncssh.SSHTCPSession[bytes]:
-        """A request channel from the agent: connect it to the local process."""
-        host, port = self.options.local_host, self.options.local_port
-        try:
-            return await self.conn.forward_connection(host, port)
-        except asyncssh.ChannelOpenError:
-            raise asyncssh.ChannelOpenError(
-                asyncssh.OPEN_CONNECT_FAILED,
-                f"{self.options.name}'s process does not accept connections on localhost:{port}",
-            ) from None
-
     async def request(self, **message: Any) -> dict[str, Any]:
+        """One request on the control channel and its reply."""
         writer, reader = self._control
-        writer.write(json.dumps(message).encode() + b"\n")
-        line = await reader.readline()
+        async with self._control_lock:
+            writer.write(json.dumps(message).encode() + b"\n")
+            line = await reader.readline()
         if not line:
             raise asyncssh.ConnectionLost("control channel closed")
         return json.loads(line)

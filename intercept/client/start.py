@@ -1,16 +1,30 @@
-"""``intercept start`` as a Python API: the intercept and, optionally, the local process."""
+"""``intercept start`` as a Python API: the intercept and, optionally, the local process.
+
+With a watched COMMAND, a change restarts it without failing a request: the door is
+closed (new routed connections wait), the agents are asked to drain (each channel to
+the old process closes when its response is complete), the old process is stopped once
+its last connection closed, the new one started, and the door opened again as soon as
+it accepts connections. Lines: ``intercept: reloading: ...`` then
+``intercept: reloaded: ...``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 
-from intercept.client.fleet import Fleet, Replica
-from intercept.client.runner import LocalProcess
-from intercept.client.session import Event, InterceptOptions, keep_intercepting
+from intercept.client.door import LocalDoor
+from intercept.client.fleet import Fleet, Replica, fixed
+from intercept.client.runner import LocalCommand, Supervisor, accepting, changes
+from intercept.client.session import Event, InterceptOptions
+
+log = logging.getLogger(__name__)
+
+DRAIN_GRACE = 10.0  # how long a restart waits for responses in flight to the old process
 
 
 def default_name() -> str:
@@ -27,47 +41,93 @@ def default_name() -> str:
 
 async def start(
     options: InterceptOptions,
-    command: Sequence[str] = (),
+    command: LocalCommand | Sequence[str] = (),
     report: Callable[[Event], None] = lambda event: None,
     replicas: AsyncIterator[Collection[Replica]] | None = None,
 ) -> int:
-    """Intercept until SIGINT/SIGTERM (exit 0) or until COMMAND exits (its exit code).
+    """Intercept until SIGINT/SIGTERM (exit 0), or until an unwatched COMMAND exits (its status).
 
     Raises the typed errors of the first connection (unreachable, authentication, host
     key, conflict). With ``replicas`` (each item: the current set of agent replicas),
     the route is held on every replica (:class:`~intercept.client.fleet.Fleet`) and
     ``options.transport`` is not dialled; without, on the one agent ``options.transport``.
+    A watched COMMAND that exits is restarted by the next change instead.
     """
+    if not isinstance(command, LocalCommand):
+        command = LocalCommand(tuple(command))
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    process: LocalProcess | None = None
-    if command:
-        process = LocalProcess(command)
-        await process.start()
+    door = LocalDoor(options.name, options.local_port, options.local_host)
     if replicas is None:
-        intercepting = asyncio.ensure_future(keep_intercepting(options, report, stop))
+        fleet = Fleet(options, report, count_replicas=False, first_attempts=1, door=door)
+        replicas = fixed([Replica(options.transport.describe(), options.transport)])
     else:
-        intercepting = asyncio.ensure_future(Fleet(options, report).run(replicas, stop))
-    exited = asyncio.ensure_future(process.wait()) if process else None
+        fleet = Fleet(options, report, door=door)
+    exited: asyncio.Future[int] = loop.create_future()
+    supervisor: Supervisor | None = None
+    reloading: asyncio.Future[None] | None = None
+    intercepting: asyncio.Future[None] | None = None
     try:
-        waits = [intercepting] + ([exited] if exited else [])
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        code = 0
-        if exited is not None and exited.done():
-            code = exited.result()
-            report(Event("exited", f"{command[0]} exited with status {code}"))
+        if command.argv:
+
+            def on_exit(code: int) -> None:
+                if command.watch:
+                    report(Event("exited", f"{command.argv[0]} exited with status {code}; save a change to restart it"))
+                elif not exited.done():
+                    exited.set_result(code)
+
+            supervisor = Supervisor(command, on_exit)
+            await supervisor.start()
+            if command.debug_port is not None:
+                waiting = "; it waits for the debugger before running" if command.debug_wait else ""
+                report(Event("debug", f"debugpy listens on 127.0.0.1:{command.debug_port}{waiting}"))
+            if command.watch:
+                reloading = asyncio.ensure_future(_reload_on_change(command, supervisor, door, fleet, options, report, stop))
+        intercepting = asyncio.ensure_future(fleet.run(replicas, stop))
+        await asyncio.wait([intercepting, exited], return_when=asyncio.FIRST_COMPLETED)
+        if exited.done():
+            report(Event("exited", f"{command.argv[0]} exited with status {exited.result()}"))
             stop.set()
             await intercepting
-        else:
-            intercepting.result()  # raise the intercept's error, if any
-        return code
+            return exited.result()
+        intercepting.result()  # raise the intercept's error, if any
+        return 0
     finally:
-        if not intercepting.done():
-            stop.set()
-            await asyncio.gather(intercepting, return_exceptions=True)
-        if process is not None:
-            await process.stop()
+        stop.set()
+        if reloading is not None:
+            reloading.cancel()
+        await asyncio.gather(*(t for t in (reloading, intercepting) if t is not None), return_exceptions=True)
+        if supervisor is not None:
+            await supervisor.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+async def _reload_on_change(
+    command: LocalCommand,
+    supervisor: Supervisor,
+    door: LocalDoor,
+    fleet: Fleet,
+    options: InterceptOptions,
+    report: Callable[[Event], None],
+    stop: asyncio.Event,
+) -> None:
+    name = command.argv[0]
+    async for changed in changes(command.watch, stop):
+        first = os.path.relpath(changed[0], command.cwd or os.getcwd())
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        report(Event("reloading", f"{first}{more} changed; restarting {name}"))
+        door.close()
+        await fleet.drain(True)
+        if not await door.drained(DRAIN_GRACE):
+            log.warning("%d routed connections still open after %ss; restarting anyway", door.busy, DRAIN_GRACE)
+        await supervisor.restart()
+        up = await accepting(options.local_host, options.local_port, door.hold_timeout, lambda: supervisor.running)
+        door.open()
+        await fleet.drain(False)
+        if up:
+            report(Event("reloaded", f"{name} restarted; {options.describe()} reach localhost:{options.local_port}"))
+        else:
+            report(Event("waiting", f"{name} does not accept connections on localhost:{options.local_port}; save a fix to restart it"))

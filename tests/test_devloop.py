@@ -1,0 +1,208 @@
+"""The developer loop: hot reload without failed requests, crash and fix, debugpy attach."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import INTERCEPT, Proc
+
+APP = '''
+import http.server, sys
+VERSION = "{version}"
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = VERSION.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_app(directory: Path, version: str) -> None:
+    (directory / "app.py").write_text(APP.format(version=version))
+
+
+def start_dev(agent, directory: Path, port: int, name: str, *flags: str) -> Proc:
+    proc = Proc(
+        INTERCEPT + ["start", "--agent", agent.ssh, "--credentials", str(agent.credentials), "--port", str(port),
+                     "--header", f"x-dev={name}", "--name", name, *flags, "--", sys.executable, "app.py", str(port)],
+        cwd=str(directory),
+    )
+    proc.wait_for(r"^intercept: ready: ")
+    return proc
+
+
+class SteadyLoad:
+    """Requests with the header on keep-alive and fresh connections until stopped; counts failures."""
+
+    def __init__(self, port: int, header: str, workers: int = 4) -> None:
+        self.port, self.header = port, header
+        self.failures: list[str] = []
+        self.answers: list[str] = []
+        self.stop = threading.Event()
+        self.progress = threading.Condition()
+        self.threads = [threading.Thread(target=self._run, args=(i % 2 == 0,)) for i in range(workers)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, keep_alive: bool) -> None:
+        conn = None
+        while not self.stop.is_set():
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+                conn.request("GET", "/", headers={"x-dev": self.header})
+                resp = conn.getresponse()
+                body = resp.read().decode()
+                with self.progress:
+                    if resp.status != 200:
+                        self.failures.append(f"{resp.status} {body}")
+                    else:
+                        self.answers.append(body)
+                    self.progress.notify_all()
+                if not keep_alive or resp.will_close:
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException) as e:
+                with self.progress:
+                    self.failures.append(repr(e))
+                    self.progress.notify_all()
+                conn = None
+        if conn is not None:
+            conn.close()
+
+    def wait_for_answer(self, answer: str, limit: int = 200_000) -> None:
+        """Let the load run until some request answered ``answer`` (bounded by a request count)."""
+        start = len(self.answers)
+        with self.progress:
+            while answer not in self.answers[start:]:
+                assert len(self.answers) - start < limit and not self.failures, self.failures[:5]
+                self.progress.wait(30)
+
+    def finish(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+
+def test_saved_change_restarts_the_process_and_no_request_fails(agent, tmp_path, clients):
+    port = free_port()
+    write_app(tmp_path, "v1")
+    dev = start_dev(agent, tmp_path, port, "reload")
+    clients.append(dev)
+    load = SteadyLoad(agent.http_port, "reload")
+    try:
+        load.wait_for_answer("v1")
+        for version in ("v2", "v3"):
+            seen = len(dev.lines)
+            write_app(tmp_path, version)
+            dev.wait_for(r"^intercept: reloading: app.py changed; restarting ", start=seen)
+            dev.wait_for(r"^intercept: reloaded: ", start=seen)
+            load.wait_for_answer(version)
+    finally:
+        load.finish()
+    assert load.failures == []
+    assert {"v1", "v2", "v3"} <= set(load.answers)
+    assert agent.app_of() == "cluster"
+
+
+def test_crashed_process_waits_for_a_fix_while_the_intercept_stays(agent, tmp_path, clients):
+    port = free_port()
+    write_app(tmp_path, "v1")
+    dev = start_dev(agent, tmp_path, port, "crash")
+    clients.append(dev)
+    seen = len(dev.lines)
+    (tmp_path / "app.py").write_text("raise SystemExit(7)\n")
+    dev.wait_for(r"^intercept: exited: .* exited with status 7; save a change to restart it", start=seen)
+    assert dev.p.poll() is None
+    write_app(tmp_path, "fixed")
+    dev.wait_for(r"^intercept: reloaded: ", start=seen)
+    status, _, body = agent.request(headers={"x-dev": "crash"})
+    assert (status, body) == (200, b"fixed")
+
+
+def test_ignored_directories_do_not_restart(agent, tmp_path, clients):
+    port = free_port()
+    write_app(tmp_path, "v1")
+    dev = start_dev(agent, tmp_path, port, "ignore")
+    clients.append(dev)
+    seen = len(dev.lines)
+    for ignored in (".git", "__pycache__", "node_modules", ".venv"):
+        (tmp_path / ignored).mkdir()
+        (tmp_path / ignored / "x.py").write_text("x = 1\n")
+    (tmp_path / "trigger.py").write_text("# a real change\n")
+    m = dev.wait_for(r"^intercept: reloading: (.*) changed", start=seen)
+    assert m[1] == "trigger.py"
+
+
+def test_unwatched_command_exit_ends_the_intercept(agent, tmp_path, clients):
+    (tmp_path / "app.py").write_text("raise SystemExit(3)\n")
+    proc = Proc(
+        INTERCEPT + ["start", "--agent", agent.ssh, "--credentials", str(agent.credentials), "--port", "1",
+                     "--header", "x-dev=nowatch", "--no-watch", "--", sys.executable, "app.py"],
+        cwd=str(tmp_path),
+    )
+    clients.append(proc)
+    assert proc.finish() == 3
+
+
+def dap_initialize(port: int) -> dict:
+    """A Debug Adapter Protocol ``initialize`` request; the adapter's response."""
+    body = json.dumps({"seq": 1, "type": "request", "command": "initialize",
+                       "arguments": {"clientID": "intercept-test", "adapterID": "debugpy"}}).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        data = b""
+        while True:
+            head, sep, rest = data.partition(b"\r\n\r\n")
+            if sep:
+                length = int(head.split(b":")[1])
+                if len(rest) >= length:
+                    message = json.loads(rest[:length])
+                    if message.get("type") == "response":
+                        return message
+                    data = rest[length:]
+                    continue
+            chunk = s.recv(65536)
+            assert chunk, "debug adapter closed the connection"
+            data += chunk
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("debugpy") is None, reason="debugpy is not installed")
+def test_debugger_answers_initialize_and_again_after_a_reload(agent, tmp_path, clients):
+    port, debug_port = free_port(), free_port()
+    write_app(tmp_path, "v1")
+    dev = start_dev(agent, tmp_path, port, "debug", "--debug", "--debug-port", str(debug_port))
+    clients.append(dev)
+    assert f"intercept: debug: debugpy listens on 127.0.0.1:{debug_port}" in dev.output
+    # the program runs (it answers), so debugpy, which starts before it, listens
+    assert agent.request(headers={"x-dev": "debug"})[2] == b"v1"
+    first = dap_initialize(debug_port)
+    assert first["success"] and first["command"] == "initialize"
+    seen = len(dev.lines)
+    write_app(tmp_path, "v2")
+    dev.wait_for(r"^intercept: reloaded: ", start=seen)
+    assert agent.request(headers={"x-dev": "debug"})[2] == b"v2"
+    again = dap_initialize(debug_port)
+    assert again["success"] and again["command"] == "initialize"
+    dev.signal(signal.SIGTERM)
+    assert dev.finish() == 0

@@ -107,6 +107,7 @@ def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_t
 @click.option("--debug", is_flag=True, help="Run the Python COMMAND under debugpy.")
 @click.option("--debug-port", type=int, default=5678, show_default=True, help="Port debugpy listens on (127.0.0.1).")
 @click.option("--debug-wait", is_flag=True, help="With --debug: the program waits for the debugger before it starts.")
+@click.option("--env-file", type=click.Path(dir_okay=False), help="Also write COMMAND's pod environment to FILE (dotenv).")
 @click.pass_context
 def start(
     ctx: click.Context,
@@ -125,6 +126,7 @@ def start(
     debug: bool,
     debug_port: int,
     debug_wait: bool,
+    env_file: str | None,
 ) -> None:
     """Intercept: requests that match your route reach localhost:PORT.
 
@@ -177,6 +179,7 @@ def start(
             watch=() if no_watch or not command else (watch or (".",)),
             debug_port=debug_port if debug or debug_wait else None,
             debug_wait=debug_wait,
+            env_file=env_file,
         )
         code = asyncio.run(start_api(options, local, report))
     except InterceptError as e:
@@ -195,6 +198,138 @@ def demo(keep: bool) -> None:
     except InterceptError as e:
         _fail(e)
     sys.exit(0 if ok else 1)
+
+
+# --------------------------------------------------------------------------- Kubernetes: inject, restore, uninstall, list
+
+
+def _cluster_options(command: Any) -> Any:
+    """``-n``, ``--context``, ``--kubeconfig``: cluster access as kubectl's (see intercept.kube.config)."""
+    command = click.option("--kubeconfig", type=click.Path(dir_okay=False), help="Kubeconfig file [default: $KUBECONFIG, else ~/.kube/config, else in-cluster].")(command)
+    command = click.option("--context", help="Kubeconfig context [default: the current context].")(command)
+    command = click.option("-n", "--namespace", help="Namespace [default: the context's, else default].")(command)
+    return command
+
+
+def _agent_image_option(command: Any) -> Any:
+    from intercept.kube.image import AGENT_IMAGE_ENV, DEFAULT_AGENT_IMAGE
+
+    return click.option("--agent-image", envvar=AGENT_IMAGE_ENV, default=DEFAULT_AGENT_IMAGE, show_default=True,
+                        help=f"The agent image (also ${AGENT_IMAGE_ENV}).")(command)
+
+
+def _progress(line: str) -> None:
+    click.echo(f"intercept: progress: {line}")
+    sys.stdout.flush()
+
+
+@main.command("inject")
+@click.argument("service")
+@click.option("-f", "--filename", "manifests", required=True, type=click.File("r"), help="Manifests (YAML, several documents); - reads stdin.")
+@_agent_image_option
+@click.option("--service-port", metavar="NAME|NUMBER", help="The Service port to take over, when it has several.")
+@click.option("--no-policy-changes", is_flag=True, help="Refuse rather than extend NetworkPolicies that would cut the agent off.")
+@click.option("--no-outbound", is_flag=True, help="Do not let clients open connections from the pod through the agent.")
+def inject_command(service: str, manifests: Any, agent_image: str, service_port: str | None, no_policy_changes: bool, no_outbound: bool) -> None:
+    """Print the manifests with the agent injected behind SERVICE (offline; comments are not kept).
+
+    \b
+    intercept inject orders -f manifests.yaml > injected.yaml
+    """
+    from intercept.kube.inject import InjectOptions
+    from intercept.kube.manifests import inject_text
+
+    try:
+        options = InjectOptions(
+            image=agent_image,
+            service_port=int(service_port) if service_port and service_port.isdigit() else service_port,
+            no_policy_changes=no_policy_changes,
+            outbound=not no_outbound,
+        )
+        text, changes = inject_text(manifests.read(), service, options, source=manifests.name)
+    except InterceptError as e:
+        _fail(e)
+    for line in changes:
+        click.echo(f"intercept: injected: {line}", err=True)
+    click.echo(text, nl=False)
+
+
+@main.command("restore")
+@click.option("-f", "--filename", "manifests", required=True, type=click.File("r"), help="Injected manifests (YAML); - reads stdin.")
+def restore_command(manifests: Any) -> None:
+    """Print injected manifests as they were before `intercept inject` (offline)."""
+    from intercept.kube.manifests import restore_text
+
+    try:
+        text, changes = restore_text(manifests.read(), source=manifests.name)
+    except InterceptError as e:
+        _fail(e)
+    for line in changes:
+        click.echo(f"intercept: restored: {line}", err=True)
+    click.echo(text, nl=False)
+
+
+@main.command("uninstall")
+@click.argument("service", required=False)
+@click.option("--all", "all_agents", is_flag=True, help="Every agent in the namespace.")
+@_cluster_options
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for each rollout.")
+def uninstall_command(service: str | None, all_agents: bool, namespace: str | None, context: str | None, kubeconfig: str | None, timeout: float) -> None:
+    """Remove the agent behind SERVICE (or every agent with --all) and restore what it changed, exactly."""
+    from intercept.kube.apply import uninstall
+    from intercept.kube.config import connect
+
+    try:
+        if bool(service) == all_agents:
+            raise UsageError("pass a SERVICE, or --all for every agent in the namespace (not both)")
+        cluster = connect(kubeconfig, context, namespace)
+        result = uninstall(cluster.api, cluster.namespace, service, all=all_agents, progress=_progress, timeout=timeout)
+    except InterceptError as e:
+        _fail(e)
+    what = f"Service {service}" if service else "no workload"
+    if not result.changed:
+        click.echo(f"intercept: uninstall: {what} has no agent in namespace {result.namespace}; nothing to do")
+        return
+    parts = [f"restored {', '.join(result.restored)}"] if result.restored else []
+    parts += [f"deleted Secret {', '.join(result.secrets_deleted)}"] if result.secrets_deleted else []
+    click.echo(f"intercept: uninstalled: {'; '.join(parts)} (namespace {result.namespace})")
+
+
+@main.command("list")
+@_cluster_options
+@click.option("-A", "--all-namespaces", is_flag=True, help="Services of every namespace.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def list_command(namespace: str | None, context: str | None, kubeconfig: str | None, all_namespaces: bool, output: str) -> None:
+    """The Services that can be intercepted, and which have an agent."""
+    import json
+
+    from intercept.kube.apply import list_services
+    from intercept.kube.config import connect
+
+    try:
+        if all_namespaces and namespace:
+            raise UsageError("pass -n NAMESPACE or -A, not both")
+        cluster = connect(kubeconfig, context, namespace)
+        rows = list_services(cluster.api, None if all_namespaces else cluster.namespace)
+    except InterceptError as e:
+        _fail(e)
+    if output == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"intercept: list: no Services in {'any namespace' if all_namespaces else 'namespace ' + cluster.namespace}")
+        return
+    header = (["NAMESPACE"] if all_namespaces else []) + ["SERVICE", "WORKLOAD", "PORTS", "AGENT", "ROUTES", "NOTE"]
+    table = [header]
+    for r in rows:
+        ports = ",".join(f"{p['port']}->{p['containerPort']}" for p in r["ports"]) or "-"
+        routes = "-" if r["routes"] is None else str(len(r["routes"]))
+        note = "" if r["interceptable"] else "not interceptable: " + (r["reason"] or "").split(";")[0]
+        cells = [r["service"], r["workload"] or "-", ports, r["agentVersion"] or ("yes" if r["agent"] else "-"), routes, note]
+        table.append(([r["namespace"]] if all_namespaces else []) + cells)
+    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+    for row in table:
+        click.echo(("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]).rstrip())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -129,11 +129,12 @@ class Agent:
         return hdrs["X-App"]
 
 
-def start_agent(tmp_path: Path, upstream_port: int, *extra: str, credentials: Path | None = None, ports=(0, 0)) -> Agent:
+def start_agent(tmp_path: Path, upstream_port: int, *extra: str, credentials: Path | None = None, ports=(0, 0), env=None) -> Agent:
     credentials = credentials or tmp_path / f"agent-{time.monotonic_ns()}.json"
     proc = Proc(
         INTERCEPT + ["-v", "agent", "--listen", f"127.0.0.1:{ports[0]}", "--ssh-listen", f"127.0.0.1:{ports[1]}",
-                     "--upstream", f"127.0.0.1:{upstream_port}", "--credentials", str(credentials), *extra]
+                     "--upstream", f"127.0.0.1:{upstream_port}", "--credentials", str(credentials), *extra],
+        env=env or {},
     )
     return Agent(proc, credentials)
 

@@ -206,3 +206,34 @@ def test_debugger_answers_initialize_and_again_after_a_reload(agent, tmp_path, c
     assert again["success"] and again["command"] == "initialize"
     dev.signal(signal.SIGTERM)
     assert dev.finish() == 0
+
+
+def test_command_gets_the_pod_environment_and_the_env_file(cluster_app, tmp_path, clients):
+    from tests.conftest import start_agent
+
+    agent = start_agent(tmp_path, cluster_app.port, env={"ORDERS_DB": "postgres://db:5432/orders", "INTERCEPT_HOLD_TIMEOUT": "10",
+                                                         "IMAGE_ONLY": "x", "INTERCEPT_IMAGE_ENV": "IMAGE_ONLY"})
+    try:
+        port = free_port()
+        (tmp_path / "app.py").write_text(
+            "import json, os, sys\n"
+            "keys = ('ORDERS_DB', 'IMAGE_ONLY', 'INTERCEPT_HOLD_TIMEOUT', 'INTERCEPT_SESSION_NAME', 'INTERCEPT_SESSION_ROUTE')\n"
+            "print('ENV ' + json.dumps({k: os.environ.get(k) for k in keys}), flush=True)\n"
+        )
+        env_file = tmp_path / "pod.env"
+        proc = Proc(
+            INTERCEPT + ["start", "--agent", agent.ssh, "--credentials", str(agent.credentials), "--port", str(port),
+                         "--header", "x-dev=envy", "--name", "envy", "--no-watch", "--env-file", str(env_file),
+                         "--", sys.executable, "app.py"],
+            cwd=str(tmp_path),
+        )
+        clients.append(proc)
+        assert proc.finish() == 0
+        seen = json.loads(proc.wait_for(r"^ENV (.*)")[1])
+        assert seen == {"ORDERS_DB": "postgres://db:5432/orders", "IMAGE_ONLY": None, "INTERCEPT_HOLD_TIMEOUT": None,
+                        "INTERCEPT_SESSION_NAME": "envy", "INTERCEPT_SESSION_ROUTE": "requests with x-dev: envy"}
+        text = env_file.read_text()
+        assert 'ORDERS_DB="postgres://db:5432/orders"\n' in text and "INTERCEPT_SESSION_NAME=\"envy\"\n" in text
+        assert "IMAGE_ONLY" not in text and "INTERCEPT_HOLD_TIMEOUT" not in text
+    finally:
+        agent.proc.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,14 @@ class Agent:
             session.conn.close()
         if self._http is not None:
             self._http.close()
+
+    @staticmethod
+    def pod_environment() -> dict[str, str]:
+        """The app container's variables as the pod sees them: the injection gives the agent
+        copies of the app's env and envFrom; the agent's own settings (``INTERCEPT_*``) and
+        its image's variables (named in ``INTERCEPT_IMAGE_ENV``) are left out."""
+        own = set(os.environ.get("INTERCEPT_IMAGE_ENV", "").split())
+        return {k: v for k, v in os.environ.items() if not k.startswith("INTERCEPT_") and k not in own}
 
     def describe(self) -> dict[str, Any]:
         host, port = self.config.upstream

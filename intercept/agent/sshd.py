@@ -7,8 +7,9 @@ matched the developer's route, and the client connects it to the local process.
 
 Routes are registered over the ``intercept`` subsystem, a JSON-lines control channel:
 ``{"op": "register", "rules": [...], "all": false}``, ``{"op": "unregister", "id": N}``,
-``{"op": "list"}``, ``{"op": "hello"}``, ``{"op": "drain"}`` / ``{"op": "resume"}`` (around a
-restart of the developer's process); every request gets one JSON line back with
+``{"op": "list"}``, ``{"op": "hello"}``, ``{"op": "env"}`` (the pod's environment),
+``{"op": "drain"}`` / ``{"op": "resume"}`` (around a restart of the developer's
+process); every request gets one JSON line back with
 ``"ok": true`` or ``"ok": false`` and ``"error"``/``"message"``.
 
 Invariants: no shell, no exec, no port bound in answer to a client; outbound
@@ -211,6 +212,8 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
         try:
             if op == "hello":
                 return {"ok": True, **agent.describe()}
+            if op == "env":
+                return {"ok": True, "env": agent.pod_environment()}
             if op == "list":
                 return {"ok": True, "routes": agent.routes.snapshot()}
             if op == "register":

@@ -98,6 +98,10 @@ class LocalDoor:
         self._open_gate.set()
 
     @property
+    def is_open(self) -> bool:
+        return self._open_gate.is_set()
+
+    @property
     def busy(self) -> int:
         return len(self._bridges)
 

@@ -127,6 +127,7 @@ class Fleet:
         self._closing: set[asyncio.Task[None]] = set()
         self._closing_named: dict[str, asyncio.Task[None]] = {}
         self._ready = False
+        self.became_ready = asyncio.Event()
         self._said_no_replica = False
         self._error: BaseException | None = None
         self._failed = asyncio.Event()
@@ -161,6 +162,19 @@ class Fleet:
         if self._error is not None:
             raise self._error
         self._report(Event("left", f"{self.options.describe()} go to the cluster again"))
+
+    async def pod_environment(self) -> dict[str, str]:
+        """The app container's environment, as an agent of the set reports it ({} if none can)."""
+        for holder in list(self._holders.values()):
+            if holder.registered and holder.session is not None:
+                try:
+                    reply = await holder.session.request(op="env")
+                except Exception as e:  # noqa: BLE001 - any failure: try the next replica
+                    log.info("replica %s: no environment: %s", holder.replica.name, e)
+                    continue
+                if reply.get("ok"):
+                    return dict(reply["env"])
+        return {}
 
     async def drain(self, draining: bool) -> None:
         """Ask every agent to keep no channel past its response (``True``), or to reuse them again."""
@@ -314,6 +328,7 @@ class Fleet:
         if self._ready or not self._holders or not all(h.registered for h in self._holders.values()):
             return
         self._ready = True
+        self.became_ready.set()
         line = f"{self.options.describe()} now reach localhost:{self.options.local_port}"
         self._report(Event("ready", f"{line} ({self._count()})" if self._count_replicas else line))
 

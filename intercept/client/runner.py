@@ -91,6 +91,24 @@ async def changes(paths: Sequence[str], stop: asyncio.Event) -> AsyncIterator[li
         yield sorted({path for _, path in batch})
 
 
+async def watch(paths: Sequence[str], stop: asyncio.Event) -> AsyncIterator[list[str]]:
+    """:func:`changes`, with the watches already set up when this returns: a change saved
+    after it is seen."""
+    batches = changes(paths, stop)
+    first = asyncio.ensure_future(anext(batches))
+    await asyncio.sleep(0)  # the task's first step sets up the OS watches (awatch builds its notifier)
+
+    async def rest() -> AsyncIterator[list[str]]:
+        try:
+            yield await first
+        except StopAsyncIteration:
+            return
+        async for batch in batches:
+            yield batch
+
+    return rest()
+
+
 @dataclass(frozen=True)
 class LocalCommand:
     """The developer's process: what to run, where, with what, watched for changes, debugged."""
@@ -101,6 +119,15 @@ class LocalCommand:
     cwd: str | None = None
     debug_port: int | None = None  # run under debugpy listening on 127.0.0.1:PORT
     debug_wait: bool = False
+    env_file: str | None = None  # also write the process's pod environment here (dotenv)
+
+
+def dotenv(env: Mapping[str, str]) -> str:
+    """``KEY="value"`` lines, quoted so that dotenv readers and ``set -a; . FILE`` agree."""
+    def quote(value: str) -> str:
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$").replace("\n", "\\n") + '"'
+
+    return "".join(f"{key}={quote(value)}\n" for key, value in sorted(env.items()))
 
 
 class Supervisor:

@@ -11,15 +11,17 @@ it accepts connections. Lines: ``intercept: reloading: ...`` then
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from pathlib import Path
 
 from intercept.client.door import LocalDoor
 from intercept.client.fleet import Fleet, Replica, fixed
-from intercept.client.runner import LocalCommand, Supervisor, accepting, changes
+from intercept.client.runner import LocalCommand, Supervisor, accepting, dotenv, watch
 from intercept.client.session import Event, InterceptOptions
 
 log = logging.getLogger(__name__)
@@ -60,17 +62,33 @@ async def start(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     door = LocalDoor(options.name, options.local_port, options.local_host)
+    held: list[Event] = []  # with a COMMAND, "ready" waits until the process accepts
+
+    def fleet_report(event: Event) -> None:
+        if command.argv and event.kind == "ready" and not door.is_open:
+            held.append(event)
+        else:
+            report(event)
+
     if replicas is None:
-        fleet = Fleet(options, report, count_replicas=False, first_attempts=1, door=door)
+        fleet = Fleet(options, fleet_report, count_replicas=False, first_attempts=1, door=door)
         replicas = fixed([Replica(options.transport.describe(), options.transport)])
     else:
-        fleet = Fleet(options, report, door=door)
+        fleet = Fleet(options, fleet_report, door=door)
     exited: asyncio.Future[int] = loop.create_future()
     supervisor: Supervisor | None = None
     reloading: asyncio.Future[None] | None = None
     intercepting: asyncio.Future[None] | None = None
     try:
+        intercepting = asyncio.ensure_future(fleet.run(replicas, stop))
         if command.argv:
+            door.close()  # routed requests wait until the process accepts them
+            ready = asyncio.ensure_future(fleet.became_ready.wait())
+            await asyncio.wait([ready, intercepting], return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            if intercepting.done():
+                intercepting.result()  # raise the intercept's error
+                return 0
 
             def on_exit(code: int) -> None:
                 if command.watch:
@@ -78,14 +96,23 @@ async def start(
                 elif not exited.done():
                     exited.set_result(code)
 
-            supervisor = Supervisor(command, on_exit)
+            pod = {**await fleet.pod_environment(), **session_variables(options)}
+            if command.env_file:
+                Path(command.env_file).write_text(dotenv(pod))
+            env = {**(os.environ if command.env is None else command.env), **pod}
+            supervisor = Supervisor(dataclasses.replace(command, env=env), on_exit)
             await supervisor.start()
             if command.debug_port is not None:
                 waiting = "; it waits for the debugger before running" if command.debug_wait else ""
                 report(Event("debug", f"debugpy listens on 127.0.0.1:{command.debug_port}{waiting}"))
             if command.watch:
-                reloading = asyncio.ensure_future(_reload_on_change(command, supervisor, door, fleet, options, report, stop))
-        intercepting = asyncio.ensure_future(fleet.run(replicas, stop))
+                batches = await watch(command.watch, stop)
+                reloading = asyncio.ensure_future(_reload_on_change(batches, command, supervisor, door, fleet, options, report))
+            if not command.debug_wait:
+                await accepting(options.local_host, options.local_port, door.hold_timeout, lambda: supervisor.running)
+            door.open()
+            for event in held:
+                report(event)
         await asyncio.wait([intercepting, exited], return_when=asyncio.FIRST_COMPLETED)
         if exited.done():
             report(Event("exited", f"{command.argv[0]} exited with status {exited.result()}"))
@@ -105,17 +132,26 @@ async def start(
             loop.remove_signal_handler(sig)
 
 
+def session_variables(options: InterceptOptions) -> dict[str, str]:
+    """``INTERCEPT_SESSION_*``: the intercept, described to the local process."""
+    return {
+        "INTERCEPT_SESSION_NAME": options.name,
+        "INTERCEPT_SESSION_ROUTE": options.describe(),
+        "INTERCEPT_SESSION_PORT": str(options.local_port),
+    }
+
+
 async def _reload_on_change(
+    batches: AsyncIterator[list[str]],
     command: LocalCommand,
     supervisor: Supervisor,
     door: LocalDoor,
     fleet: Fleet,
     options: InterceptOptions,
     report: Callable[[Event], None],
-    stop: asyncio.Event,
 ) -> None:
     name = command.argv[0]
-    async for changed in changes(command.watch, stop):
+    async for changed in batches:
         first = os.path.relpath(changed[0], command.cwd or os.getcwd())
         more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
         report(Event("reloading", f"{first}{more} changed; restarting {name}"))

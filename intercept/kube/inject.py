@@ -358,7 +358,7 @@ def inject(objects: list[Obj], service_name: str, options: InjectOptions) -> lis
             result[i] = policy
     if refused:
         raise InjectError(
-            f"NetworkPolicy {', '.join(refused)} admits only the app's port "
+            f"{', '.join(refused)} admit{'s' if len(refused) == 1 else ''} only the app's port "
             f"{target.container_port} to the pods of {target.workload}, so traffic to the "
             f"agent's port {agent.http_port} would be dropped; drop --no-policy-changes to "
             f"let intercept extend it (restored on uninstall), or admit TCP port "

@@ -1,0 +1,465 @@
+"""The cluster path: ensure_agent, uninstall and list against the stand-in API server.
+
+The real ``kubernetes`` client runs (kubeconfig, ApiClient, urllib3) against
+``tests/kubeapi.py``, which keeps the objects, checks resourceVersions, and simulates
+the controllers and the kubelet one step per look at a workload: rollouts move, pods
+get IPs and readiness, unpullable images fail with the kubelet's events. Nothing here
+sleeps or times anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from intercept.credentials import Credentials
+from intercept.errors import CredentialsError, InjectError, ResolveError
+from intercept.kube import inject
+from intercept.kube.apply import (
+    CONFLICT_RETRIES,
+    AgentInfo,
+    RolloutFailed,
+    agent_credentials,
+    ensure_agent,
+    list_services,
+    uninstall,
+)
+from intercept.kube.config import connect
+from intercept.kube.inject import AGENT_CONTAINER, ANNOTATION, InjectOptions
+from intercept.kube.pods import agent_pods
+from tests.kubeapi import FIXTURES, KubeAPI, as_user_sees_it, boutique
+
+if not (FIXTURES / "kubernetes-manifests.yaml").exists():
+    pytest.skip(f"Online Boutique fixtures not found in {FIXTURES}", allow_module_level=True)
+
+IMAGE = "registry.example/intercept-agent:0.1.0"
+OPTIONS = InjectOptions(image=IMAGE)
+NS = "default"
+
+
+class Cluster:
+    """The stand-in server, loaded with the Online Boutique, and a client connected through a kubeconfig."""
+
+    def __init__(self, server: KubeAPI, kubeconfig: Path) -> None:
+        self.server = server
+        self.kubeconfig = kubeconfig
+        self.api = connect(kubeconfig).api
+        self.progress: list[str] = []
+
+    def ensure(self, service: str, options: InjectOptions = OPTIONS, **kwargs) -> AgentInfo:
+        return ensure_agent(self.api, NS, service, options, self.progress.append, poll_interval=0, **kwargs)
+
+    def uninstall(self, service: str | None = None, **kwargs):
+        return uninstall(self.api, NS, service, progress=self.progress.append, poll_interval=0, **kwargs)
+
+    def get(self, kind: str, name: str, namespace: str = NS) -> dict | None:
+        return self.server.get(kind, namespace, name)
+
+    def snapshot(self, namespace: str = NS) -> dict[tuple[str, str], dict]:
+        """Every object a user owns in the namespace, as they see it."""
+        return {(kind, o["metadata"]["name"]): as_user_sees_it(o)
+                for kind in ("Service", "Deployment", "StatefulSet", "NetworkPolicy", "Secret")
+                for o in self.server.objects(kind, namespace)}
+
+    def pods(self, selector: str) -> list:
+        return agent_pods(self.api, NS, selector)
+
+
+def with_replicas(objects: list[dict], name: str, replicas: int) -> list[dict]:
+    for o in objects:
+        if o["kind"] == "Deployment" and o["metadata"]["name"] == name:
+            o["spec"]["replicas"] = replicas
+    return objects
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    with KubeAPI() as server:
+        server.load(with_replicas(boutique(), "cartservice", 2))
+        yield Cluster(server, server.kubeconfig(tmp_path / "kubeconfig"))
+
+
+def agent_of(workload: dict) -> dict | None:
+    return next((c for c in workload["spec"]["template"]["spec"]["containers"] if c["name"] == AGENT_CONTAINER), None)
+
+
+def secret_credentials(secret: dict) -> Credentials:
+    data = json.loads(base64.b64decode(secret["data"]["credentials.json"]))
+    return Credentials(data["token"], data["host_public_key"], data.get("host_private_key"))
+
+
+def admitted_ports(policy: dict) -> set:
+    return {p.get("port") for rule in policy["spec"].get("ingress", []) for p in rule.get("ports", [])}
+
+
+# --------------------------------------------------------------------------- ensure_agent
+
+
+def test_ensure_agent_injects_the_deployment_behind_the_service(cluster: Cluster) -> None:
+    before = boutique()
+    info = cluster.ensure("cartservice")
+
+    deployment = cluster.get("Deployment", "cartservice")
+    agent = agent_of(deployment)
+    assert agent is not None and agent["image"] == IMAGE
+    # The cluster got exactly what the pure transform computes from the manifests.
+    expected = inject.inject(before, "cartservice", OPTIONS)
+    expected_deployment = next(o for o in expected if o["kind"] == "Deployment" and o["metadata"]["name"] == "cartservice")
+    assert deployment["spec"]["template"] == expected_deployment["spec"]["template"]
+    service = cluster.get("Service", "cartservice")
+    assert service["spec"]["ports"][0]["targetPort"] == info.http_port == 9900
+    assert 9900 in admitted_ports(cluster.get("NetworkPolicy", "cartservice"))
+
+    assert (info.workload_kind, info.workload_name, info.namespace, info.service) == ("Deployment", "cartservice", NS, "cartservice")
+    assert info.selector == "app=cartservice"
+    assert (info.http_port, info.ssh_port) == (9900, 9922)
+    assert info.agent_version == "0.1.0" and info.image == IMAGE
+
+
+def test_the_secret_holds_the_credentials_and_is_owned_by_the_workload(cluster: Cluster) -> None:
+    info = cluster.ensure("cartservice")
+    secret = cluster.get("Secret", "intercept-cartservice")
+    deployment = cluster.get("Deployment", "cartservice")
+    stored = secret_credentials(secret)
+    assert stored.host_private_key, "the agent needs its private host key"
+    assert (info.credentials.token, info.credentials.host_public_key) == (stored.token, stored.host_public_key)
+    assert info.credentials.host_private_key is None, "the client gets no private key"
+    [owner] = secret["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["uid"]) == ("Deployment", "cartservice", deployment["metadata"]["uid"])
+    assert secret["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "intercept"
+    assert agent_credentials(cluster.api, NS, "cartservice") == info.credentials
+
+
+def test_after_ensure_agent_every_replica_runs_a_ready_agent(cluster: Cluster) -> None:
+    info = cluster.ensure("cartservice")
+    pods = cluster.pods(info.selector)
+    assert len(pods) == 2
+    assert all(p.ready and p.ip and p.ssh_port == info.ssh_port for p in pods)
+
+
+def test_writes_happen_in_the_order_that_keeps_traffic_flowing(cluster: Cluster) -> None:
+    cluster.ensure("cartservice")
+    writes = [(m, p.rsplit("/", 2)[-2] if m == "PUT" else p.rsplit("/", 1)[-1]) for m, p in cluster.server.writes()]
+    assert writes == [
+        ("PUT", "networkpolicies"),  # the agent's port is admitted before any pod serves on it
+        ("POST", "secrets"),  # the credentials exist before the pods mount them
+        ("PUT", "deployments"),
+        ("PUT", "services"),  # the Service moves to the agent's port last
+    ]
+    requests = cluster.server.requests
+    service_put = next(i for i, (m, p, _) in enumerate(requests) if m == "PUT" and "/services/" in p)
+    assert cluster.progress.index('deployment "cartservice" successfully rolled out') >= 0
+    # The rollout was observed complete before the Service was pointed at the agent.
+    last_look = max(i for i, (m, p, _) in enumerate(requests[:service_put]) if m == "GET" and p.endswith("/deployments/cartservice"))
+    assert last_look < service_put
+
+
+def test_a_conflict_is_retried_on_a_fresh_read_and_keeps_the_other_writers_change(cluster: Cluster) -> None:
+    cluster.server.interfere(times=2, kind="Deployment", name="cartservice")
+    cluster.server.interfere(times=1, kind="Service", name="cartservice")
+    cluster.ensure("cartservice")
+
+    deployment = cluster.get("Deployment", "cartservice")
+    assert agent_of(deployment) is not None
+    assert "other-writer" in deployment["metadata"]["labels"], "the concurrent change was overwritten"
+    assert "other-writer" in cluster.get("Service", "cartservice")["metadata"]["labels"]
+    puts = [p for m, p in cluster.server.writes() if m == "PUT"]
+    assert sum(p.endswith("/deployments/cartservice") for p in puts) == 3
+    assert sum(p.endswith("/services/cartservice") for p in puts) == 2
+
+
+def test_endless_conflicts_fail_clearly_and_put_the_policy_back(cluster: Cluster) -> None:
+    before = cluster.snapshot()
+    cluster.server.interfere(times=CONFLICT_RETRIES, kind="Deployment", name="cartservice")
+    with pytest.raises(RolloutFailed) as failure:
+        cluster.ensure("cartservice")
+    message = str(failure.value)
+    assert "kept changing" in message and "NetworkPolicy/cartservice" in message
+    assert "nothing was left half-injected" in message
+    after = cluster.snapshot()
+    assert after[("NetworkPolicy", "cartservice")] == before[("NetworkPolicy", "cartservice")]
+    assert ("Secret", "intercept-cartservice") not in after
+    assert agent_of(cluster.get("Deployment", "cartservice")) is None
+
+
+def test_the_rollout_is_awaited_with_kubectls_progress_lines(cluster: Cluster) -> None:
+    cluster.ensure("cartservice")
+    expected = [
+        'Waiting for deployment "cartservice" rollout to finish: 0 out of 2 new replicas have been updated...',
+        'Waiting for deployment "cartservice" rollout to finish: 1 out of 2 new replicas have been updated...',
+        'Waiting for deployment "cartservice" rollout to finish: 1 old replicas are pending termination...',
+        'deployment "cartservice" successfully rolled out',
+    ]
+    shown = [line for line in cluster.progress if "deployment" in line]
+    assert shown == expected
+    assert cluster.progress[0].startswith("Service/cartservice in namespace default: now targets the agent")
+    assert cluster.progress[-1] == "Deployment/cartservice: agent 0.1.0 ready"
+
+
+@pytest.mark.parametrize("failure, reason, event", [
+    ("unpullable", "ImagePullBackOff", f'Failed to pull image "{IMAGE}"'),
+    ("crashing", "CrashLoopBackOff", "Back-off restarting failed container intercept-agent"),
+])
+def test_a_failed_rollout_puts_everything_back_and_shows_the_pod_events(cluster: Cluster, failure: str, reason: str, event: str) -> None:
+    before = cluster.snapshot()
+    getattr(cluster.server.controller, failure).add(IMAGE)
+    with pytest.raises(RolloutFailed) as raised:
+        cluster.ensure("cartservice")
+
+    error = raised.value
+    message = str(error)
+    assert error.exit_code == 10
+    assert "\n" not in message
+    assert reason in message and event in message
+    assert any(event in e for e in error.events)
+    assert "nothing was left half-injected" in message
+    assert "Deployment/cartservice" in message and "NetworkPolicy/cartservice" in message
+    assert cluster.snapshot() == before, "the workload, Service, policy and Secrets are exactly as before"
+
+    cluster.server.settle()  # the Deployment rolls back to its old pods
+    pods = cluster.server.objects("Pod", NS)
+    cart = [p for p in pods if p["metadata"]["labels"].get("app") == "cartservice"]
+    assert len(cart) == 2 and all(len(p["spec"]["containers"]) == 1 for p in cart)
+
+
+def test_a_rollback_keeps_what_another_writer_changed_meanwhile(cluster: Cluster) -> None:
+    before = cluster.get("Deployment", "cartservice")
+
+    def autoscale(deployment: dict) -> None:
+        deployment["spec"]["replicas"] = 3
+
+    cluster.server.interfere(kind="Deployment", name="cartservice", mutate=autoscale)
+    cluster.server.controller.unpullable.add(IMAGE)
+    with pytest.raises(RolloutFailed):
+        cluster.ensure("cartservice")
+    after = cluster.get("Deployment", "cartservice")
+    assert after["spec"]["replicas"] == 3
+    assert after["spec"]["template"] == before["spec"]["template"]
+    assert ANNOTATION not in after["metadata"]["annotations"]
+
+
+def test_an_admission_rejection_of_the_workload_puts_the_policy_back(cluster: Cluster) -> None:
+    before = cluster.snapshot()
+    cluster.server.reject("Deployment", "containers must come from registry.internal")
+    with pytest.raises(RolloutFailed) as raised:
+        cluster.ensure("cartservice")
+    message = str(raised.value)
+    assert 'admission webhook "validate.policy.example" denied the request: containers must come from registry.internal' in message
+    assert "put back NetworkPolicy/cartservice, Secret/intercept-cartservice (deleted)" in message
+    assert cluster.snapshot() == before
+
+
+def test_a_rollout_that_does_not_finish_in_time_is_rolled_back(cluster: Cluster) -> None:
+    before = cluster.snapshot()
+    cluster.server.controller.enabled = False  # a cluster that does not move
+    with pytest.raises(RolloutFailed) as raised:
+        cluster.ensure("cartservice", timeout=0)
+    assert "did not finish within 0s" in str(raised.value)
+    assert "--timeout" in str(raised.value)
+    assert cluster.snapshot() == before
+
+
+def test_a_second_ensure_agent_writes_nothing(cluster: Cluster) -> None:
+    first = cluster.ensure("cartservice")
+    writes = len(cluster.server.writes())
+    second = cluster.ensure("cartservice")
+    assert len(cluster.server.writes()) == writes
+    assert second == first
+
+
+def test_an_agent_of_another_version_is_upgraded_in_place_with_the_same_credentials(cluster: Cluster) -> None:
+    first = cluster.ensure("cartservice")
+    newer = InjectOptions(image="registry.example/intercept-agent:0.2.0", agent_version="0.2.0")
+    second = cluster.ensure("cartservice", newer)
+    assert agent_of(cluster.get("Deployment", "cartservice"))["image"] == newer.image
+    assert second.credentials == first.credentials
+    assert second.agent_version == "0.2.0"
+    assert not any(m == "POST" for m, _ in cluster.server.writes()[4:]), "the Secret was reused"
+
+
+def test_a_failed_upgrade_goes_back_to_the_previous_agent_not_to_none(cluster: Cluster) -> None:
+    cluster.ensure("cartservice")
+    injected = cluster.snapshot()
+    newer = InjectOptions(image="registry.example/intercept-agent:0.2.0", agent_version="0.2.0")
+    cluster.server.controller.unpullable.add(newer.image)
+    with pytest.raises(RolloutFailed):
+        cluster.ensure("cartservice", newer)
+    assert cluster.snapshot() == injected
+
+
+def test_a_foreign_secret_of_the_same_name_is_refused(cluster: Cluster) -> None:
+    cluster.server.put({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "intercept-cartservice", "namespace": NS},
+                        "data": {"x": "eQ=="}})
+    before = cluster.snapshot()
+    with pytest.raises(InjectError) as raised:
+        cluster.ensure("cartservice")
+    assert "was not created by intercept" in str(raised.value)
+    assert cluster.snapshot() == before
+
+
+def test_a_missing_service_names_the_services_of_the_namespace(cluster: Cluster) -> None:
+    with pytest.raises(ResolveError) as raised:
+        cluster.ensure("cart")
+    assert raised.value.exit_code == 9
+    assert "no Service named 'cart' in namespace default" in str(raised.value)
+    assert "cartservice, checkoutservice" in str(raised.value)
+    assert cluster.server.writes() == []
+
+
+def test_agent_credentials_of_a_workload_without_agent_say_how_to_get_one(cluster: Cluster) -> None:
+    with pytest.raises(CredentialsError) as raised:
+        agent_credentials(cluster.api, NS, "cartservice")
+    assert "intercept start" in str(raised.value)
+
+
+# --------------------------------------------------------------------------- other workload kinds
+
+
+def small_app(kind: str, strategy: str | None = None) -> list[dict]:
+    labels = {"app": "db"}
+    workload = {
+        "apiVersion": "apps/v1", "kind": kind, "metadata": {"name": "db"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels},
+                              "spec": {"containers": [{"name": "db", "image": "example/db:1",
+                                                       "ports": [{"name": "http", "containerPort": 8080}]}]}}},
+    }
+    if strategy:
+        workload["spec"]["updateStrategy"] = {"type": strategy}
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db"},
+               "spec": {"selector": labels, "ports": [{"port": 80, "targetPort": "http"}]}}
+    return [service, workload]
+
+
+@pytest.mark.parametrize("kind, strategy, deleted", [
+    ("StatefulSet", "RollingUpdate", 0),  # the controller replaces the pods
+    ("StatefulSet", "OnDelete", 2),  # intercept replaces them, one at a time
+    ("ReplicaSet", None, 2),
+])
+def test_statefulsets_and_replicasets_get_the_agent_on_every_pod_and_lose_it_again(
+    tmp_path: Path, kind: str, strategy: str | None, deleted: int
+) -> None:
+    with KubeAPI() as server:
+        server.load(small_app(kind, strategy))
+        cluster = Cluster(server, server.kubeconfig(tmp_path / "kubeconfig"))
+        before = cluster.snapshot()
+        info = cluster.ensure("db")
+        assert info.workload_kind == kind
+        pods = cluster.pods(info.selector)
+        assert len(pods) == 2 and all(p.ready for p in pods)
+        assert sum(m == "DELETE" and "/pods/" in p for m, p in server.writes()) == deleted
+
+        cluster.uninstall("db")
+        assert cluster.snapshot() == before
+        assert cluster.pods(info.selector) == []
+        assert len(server.objects("Pod", NS)) == 2
+
+
+# --------------------------------------------------------------------------- uninstall
+
+
+def test_uninstall_restores_the_deployment_service_and_policy_exactly_and_deletes_the_secret(cluster: Cluster) -> None:
+    before = cluster.snapshot()
+    info = cluster.ensure("cartservice")
+    assert cluster.snapshot() != before
+
+    result = cluster.uninstall("cartservice")
+    assert cluster.snapshot() == before
+    assert result.restored == ("Service/cartservice", "Deployment/cartservice", "NetworkPolicy/cartservice")
+    assert result.secrets_deleted == ("intercept-cartservice",)
+    assert cluster.pods(info.selector) == []
+    assert 'deployment "cartservice" successfully rolled out' in cluster.progress[-2]
+
+
+def test_uninstall_keeps_what_others_changed_meanwhile(cluster: Cluster) -> None:
+    cluster.ensure("cartservice")
+    scaled = cluster.get("Deployment", "cartservice")
+    scaled["spec"]["replicas"] = 3  # an autoscaler at work
+    cluster.server.put(scaled)
+    cluster.uninstall("cartservice")
+    deployment = cluster.get("Deployment", "cartservice")
+    assert deployment["spec"]["replicas"] == 3
+    assert agent_of(deployment) is None and ANNOTATION not in deployment["metadata"].get("annotations", {})
+
+
+def test_uninstall_without_an_agent_changes_nothing(cluster: Cluster) -> None:
+    cluster.ensure("cartservice")
+    cluster.uninstall("cartservice")
+    writes = len(cluster.server.writes())
+    result = cluster.uninstall("cartservice")
+    assert not result.changed
+    assert len(cluster.server.writes()) == writes
+
+
+def test_uninstall_all_restores_every_agent_of_the_namespace_and_no_other(cluster: Cluster) -> None:
+    other = [dict(o, metadata=dict(o["metadata"], namespace="shop")) for o in boutique()]
+    cluster.server.load(other, namespace="shop")
+    ensure_agent(cluster.api, "shop", "frontend", OPTIONS, poll_interval=0)
+    shop = cluster.snapshot("shop")
+
+    before = cluster.snapshot()
+    for service in ("frontend", "cartservice", "checkoutservice"):
+        cluster.ensure(service)
+    result = cluster.uninstall(all=True)
+
+    assert cluster.snapshot() == before
+    assert set(result.secrets_deleted) == {"intercept-frontend", "intercept-cartservice", "intercept-checkoutservice"}
+    assert cluster.snapshot("shop") == shop, "another namespace's agent stays"
+
+
+def test_uninstall_needs_a_service_or_all(cluster: Cluster) -> None:
+    with pytest.raises(InjectError):
+        cluster.uninstall()
+    with pytest.raises(InjectError):
+        cluster.uninstall("cartservice", all=True)
+
+
+# --------------------------------------------------------------------------- list
+
+
+def test_list_says_which_services_can_be_intercepted_and_which_have_an_agent(cluster: Cluster) -> None:
+    cluster.server.load([
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "payments-gateway"},
+         "spec": {"type": "ExternalName", "externalName": "pay.example.com"}},
+    ])
+    cluster.ensure("cartservice")
+    rows = {r["service"]: r for r in list_services(cluster.api, NS)}
+
+    cart = rows["cartservice"]
+    assert cart["interceptable"] and cart["agent"] and cart["agentVersion"] == "0.1.0"
+    assert cart["workload"] == "Deployment/cartservice"
+    assert cart["ports"] == [{"port": 7070, "name": "grpc", "targetPort": 7070, "container": "server", "containerPort": 7070}]
+    assert cart["routes"] is None
+    assert rows["adservice"]["interceptable"] and not rows["adservice"]["agent"]
+    gateway = rows["payments-gateway"]
+    assert not gateway["interceptable"] and "ExternalName" in gateway["reason"]
+    assert len(rows) == 13
+
+
+def test_list_of_all_namespaces_and_the_routes_hook(cluster: Cluster) -> None:
+    cluster.server.load(small_app("Deployment"), namespace="db")
+    ensure_agent(cluster.api, "db", "db", OPTIONS, poll_interval=0)
+    asked: list[AgentInfo] = []
+
+    def routes(info: AgentInfo) -> list[dict]:
+        asked.append(info)
+        return [{"name": "alice", "rules": ["x-dev: alice"]}]
+
+    rows = list_services(cluster.api, None, routes=routes)
+    assert {r["namespace"] for r in rows} == {"default", "db"}
+    db = next(r for r in rows if r["namespace"] == "db")
+    assert db["routes"] == [{"name": "alice", "rules": ["x-dev: alice"]}]
+    assert [(i.namespace, i.workload, i.ssh_port) for i in asked] == [("db", "Deployment/db", 9922)]
+    assert asked[0].credentials.token
+    assert all(r["routes"] is None for r in rows if r["namespace"] == "default")
+
+
+def test_list_ignores_the_replicasets_of_deployments(cluster: Cluster) -> None:
+    assert cluster.server.objects("ReplicaSet", NS), "the stand-in's Deployments own ReplicaSets"
+    rows = list_services(cluster.api, NS)
+    assert all(r["interceptable"] for r in rows), [r["reason"] for r in rows if not r["interceptable"]]
+

@@ -91,6 +91,21 @@ def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_t
         _fail(InterceptError(f"agent cannot listen: {e.strerror or e}; choose free ports with --listen/--ssh-listen"))
 
 
+def _cluster_options(command: Any) -> Any:
+    """``-n``, ``--context``, ``--kubeconfig``: cluster access as kubectl's (see intercept.kube.config)."""
+    command = click.option("--kubeconfig", type=click.Path(dir_okay=False), help="Kubeconfig file [default: $KUBECONFIG, else ~/.kube/config, else in-cluster].")(command)
+    command = click.option("--context", help="Kubeconfig context [default: the current context].")(command)
+    command = click.option("-n", "--namespace", help="Namespace [default: the context's, else default].")(command)
+    return command
+
+
+def _agent_image_option(command: Any) -> Any:
+    from intercept.kube.image import AGENT_IMAGE_ENV, DEFAULT_AGENT_IMAGE
+
+    return click.option("--agent-image", envvar=AGENT_IMAGE_ENV, default=DEFAULT_AGENT_IMAGE, show_default=True,
+                        help=f"The agent image (also ${AGENT_IMAGE_ENV}).")(command)
+
+
 @main.command(cls=_DashDashCommand)
 @click.argument("service", required=False)
 @click.option("--agent", "agent_address", metavar="HOST:PORT", help="The agent's SSH address (direct mode).")
@@ -108,6 +123,11 @@ def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_t
 @click.option("--debug-port", type=int, default=5678, show_default=True, help="Port debugpy listens on (127.0.0.1).")
 @click.option("--debug-wait", is_flag=True, help="With --debug: the program waits for the debugger before it starts.")
 @click.option("--env-file", type=click.Path(dir_okay=False), help="Also write COMMAND's pod environment to FILE (dotenv).")
+@click.option("--forward", "forwards", multiple=True, metavar="SERVICE:PORT[:LOCAL_PORT]", help="Plain TCP from localhost to a cluster service, through the agent's pod.")
+@click.option("--propagate-header", is_flag=True, help="Add your route's headers to COMMAND's outbound plain HTTP (chains of intercepted services).")
+@click.option("--service-port", metavar="NAME|NUMBER", help="The Service port to intercept, when it has several.")
+@_agent_image_option
+@_cluster_options
 @click.pass_context
 def start(
     ctx: click.Context,
@@ -127,6 +147,13 @@ def start(
     debug_port: int,
     debug_wait: bool,
     env_file: str | None,
+    forwards: tuple[str, ...],
+    propagate_header: bool,
+    service_port: str | None,
+    agent_image: str,
+    namespace: str | None,
+    context: str | None,
+    kubeconfig: str | None,
 ) -> None:
     """Intercept: requests that match your route reach localhost:PORT.
 
@@ -136,19 +163,33 @@ def start(
     from intercept.client import DirectTransport, InterceptOptions, default_name
     from intercept.client import start as start_api
     from intercept.client.runner import LocalCommand
+    from intercept.spec import parse_forward
     from intercept.credentials import load
     from intercept.routing.match import HeaderEquals, Route, parse_rule
 
     command = ctx.meta["command"]
+    replicas = None
     try:
-        if agent_address is None:
-            raise UsageError(
-                f"intercepting {service or 'a service'} through Kubernetes is not available in this version; "
-                "use --agent HOST:PORT --credentials FILE to reach an agent directly"
-            )
-        if credentials is None:
-            raise UsageError("--credentials FILE is required with --agent (the file the agent wrote)")
-        host, port = _address(agent_address, "--agent")
+        if agent_address is None and service is None:
+            raise UsageError("name the SERVICE to intercept (intercept start orders), or --agent HOST:PORT for an agent you can reach")
+        if agent_address is not None:
+            if credentials is None:
+                raise UsageError("--credentials FILE is required with --agent (the file the agent wrote)")
+            host, port = _address(agent_address, "--agent")
+            transport: Any = DirectTransport(host, port)
+            creds = load(credentials)
+        else:
+            from intercept.client.portforward import pod_replicas
+            from intercept.client.transport import ServiceTransport
+            from intercept.kube.apply import ensure_agent
+            from intercept.kube.config import connect
+            from intercept.kube.inject import InjectOptions
+            from intercept.kube.pods import watch_agent_pods
+
+            cluster = connect(kubeconfig, context, namespace)
+            info = ensure_agent(cluster.api, cluster.namespace, service, InjectOptions(image=agent_image, service_port=service_port), _progress)
+            transport, creds = ServiceTransport(cluster.namespace, service), info.credentials
+            replicas = pod_replicas(watch_agent_pods(cluster.api, cluster.namespace, info.selector), cluster.api, in_cluster=cluster.in_cluster)
         name = name or default_name()
         rules = [parse_rule("header", h) for h in headers]
         rules += [parse_rule("header-regex", h) for h in header_regexes]
@@ -160,8 +201,8 @@ def start(
             rules = [HeaderEquals("x-intercept-id", name)]
             click.echo(f"intercept: header: your requests carry x-intercept-id: {name}")
         options = InterceptOptions(
-            transport=DirectTransport(host, port),
-            credentials=load(credentials),
+            transport=transport,
+            credentials=creds,
             route=Route(frozenset(rules)),
             name=name,
             local_port=local_port,
@@ -181,7 +222,8 @@ def start(
             debug_wait=debug_wait,
             env_file=env_file,
         )
-        code = asyncio.run(start_api(options, local, report))
+        parsed_forwards = [parse_forward(f) for f in forwards]
+        code = asyncio.run(start_api(options, local, report, replicas, parsed_forwards, propagate_header))
     except InterceptError as e:
         _fail(e)
     sys.exit(code)
@@ -201,21 +243,6 @@ def demo(keep: bool) -> None:
 
 
 # --------------------------------------------------------------------------- Kubernetes: inject, restore, uninstall, list
-
-
-def _cluster_options(command: Any) -> Any:
-    """``-n``, ``--context``, ``--kubeconfig``: cluster access as kubectl's (see intercept.kube.config)."""
-    command = click.option("--kubeconfig", type=click.Path(dir_okay=False), help="Kubeconfig file [default: $KUBECONFIG, else ~/.kube/config, else in-cluster].")(command)
-    command = click.option("--context", help="Kubeconfig context [default: the current context].")(command)
-    command = click.option("-n", "--namespace", help="Namespace [default: the context's, else default].")(command)
-    return command
-
-
-def _agent_image_option(command: Any) -> Any:
-    from intercept.kube.image import AGENT_IMAGE_ENV, DEFAULT_AGENT_IMAGE
-
-    return click.option("--agent-image", envvar=AGENT_IMAGE_ENV, default=DEFAULT_AGENT_IMAGE, show_default=True,
-                        help=f"The agent image (also ${AGENT_IMAGE_ENV}).")(command)
 
 
 def _progress(line: str) -> None:

@@ -238,6 +238,15 @@ def _forward(value: object) -> Forward:
     raise _Invalid(f"expected SERVICE:PORT or SERVICE:PORT:LOCAL_PORT (SERVICE as named in the cluster, e.g. redis or redis.cache), e.g. {_EG}")
 
 
+def parse_forward(text: str) -> Forward:
+    """``--forward SERVICE:PORT[:LOCAL_PORT]`` as typed on the command line."""
+    try:
+        return _forward(text)
+    except _Invalid as e:
+        option = next(o for o in OPTIONS if o.key == "forward")
+        raise UsageError(f"--forward {text!r}: {_render(str(e), option, 'flag')}") from None
+
+
 # --- the table ------------------------------------------------------------------------
 
 

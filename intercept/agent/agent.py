@@ -75,7 +75,12 @@ class Agent:
 
     def describe(self) -> dict[str, Any]:
         host, port = self.config.upstream
-        return {"agent_version": __version__, "upstream": f"{host}:{port}", "hold_timeout": self.config.hold_timeout}
+        return {
+            "agent_version": __version__,
+            "upstream": f"{host}:{port}",
+            "hold_timeout": self.config.hold_timeout,
+            "outbound": self.config.allow_outbound,
+        }
 
     # -- sessions and routes -------------------------------------------------------------
 

@@ -163,6 +163,18 @@ class Fleet:
             raise self._error
         self._report(Event("left", f"{self.options.describe()} go to the cluster again"))
 
+    def connection(self) -> Any:
+        """A live SSH connection to any agent of the set (for outbound dials), or None."""
+        for holder in self._holders.values():
+            session = holder.session
+            if holder.registered and session is not None and session.conn is not None and not session.conn.is_closed():
+                return session.conn
+        return None
+
+    def outbound_allowed(self) -> bool:
+        """Whether the agents let us open connections from their pods (``--allow-outbound``)."""
+        return any(h.registered and h.session is not None and h.session.agent.get("outbound") for h in self._holders.values())
+
     async def pod_environment(self) -> dict[str, str]:
         """The app container's environment, as an agent of the set reports it ({} if none can)."""
         for holder in list(self._holders.values()):

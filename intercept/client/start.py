@@ -21,8 +21,10 @@ from pathlib import Path
 
 from intercept.client.door import LocalDoor
 from intercept.client.fleet import Fleet, Replica, fixed
+from intercept.client.outbound import OutboundProxy, SSHDialer, TCPForward, propagation, proxy_env
 from intercept.client.runner import LocalCommand, Supervisor, accepting, dotenv, watch
 from intercept.client.session import Event, InterceptOptions
+from intercept.spec import Forward
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,8 @@ async def start(
     command: LocalCommand | Sequence[str] = (),
     report: Callable[[Event], None] = lambda event: None,
     replicas: AsyncIterator[Collection[Replica]] | None = None,
+    forwards: Sequence[Forward] = (),
+    propagate_header: bool = False,
 ) -> int:
     """Intercept until SIGINT/SIGTERM (exit 0), or until an unwatched COMMAND exits (its status).
 
@@ -54,7 +58,13 @@ async def start(
     the route is held on every replica (:class:`~intercept.client.fleet.Fleet`) and
     ``options.transport`` is not dialled; without, on the one agent ``options.transport``.
     A watched COMMAND that exits is restarted by the next change instead.
+
+    When the agents allow outbound connections, COMMAND gets HTTP_PROXY/HTTPS_PROXY
+    pointing at a local proxy that dials from the agent's pod (with the route's headers
+    added to plain HTTP when ``propagate_header``); each of ``forwards`` listens on
+    localhost for plain TCP to a cluster service.
     """
+    propagate = propagation(options.route) if propagate_header else []
     if not isinstance(command, LocalCommand):
         command = LocalCommand(tuple(command))
     loop = asyncio.get_running_loop()
@@ -79,6 +89,7 @@ async def start(
     supervisor: Supervisor | None = None
     reloading: asyncio.Future[None] | None = None
     intercepting: asyncio.Future[None] | None = None
+    listeners: list[OutboundProxy | TCPForward] = []
     try:
         intercepting = asyncio.ensure_future(fleet.run(replicas, stop))
         if command.argv:
@@ -97,6 +108,16 @@ async def start(
                     exited.set_result(code)
 
             pod = {**await fleet.pod_environment(), **session_variables(options)}
+            dialer = SSHDialer(fleet.connection)
+            for forward in forwards:
+                listeners.append(TCPForward(dialer, forward.service, forward.port, forward.local_port))
+                await listeners[-1].start()
+                report(Event("forward", f"localhost:{forward.local_port} reaches {forward.service}:{forward.port} in the cluster"))
+            if fleet.outbound_allowed():
+                listeners.append(OutboundProxy(dialer, propagate))
+                host, port = await listeners[-1].start()
+                pod.update(proxy_env(host, port))
+                report(Event("outbound", f"{command.argv[0]} reaches cluster services through the proxy on {host}:{port}"))
             if command.env_file:
                 Path(command.env_file).write_text(dotenv(pod))
             env = {**(os.environ if command.env is None else command.env), **pod}
@@ -128,6 +149,8 @@ async def start(
         await asyncio.gather(*(t for t in (reloading, intercepting) if t is not None), return_exceptions=True)
         if supervisor is not None:
             await supervisor.stop()
+        for listener in listeners:
+            await listener.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 

@@ -42,3 +42,17 @@ class DirectTransport:
             raise AgentUnreachable(
                 f"agent {self.describe()} is unreachable: {reason}; check the address and that the agent runs"
             ) from None
+
+
+@dataclass(frozen=True)
+class ServiceTransport:
+    """Names a Kubernetes Service; its agents are reached through their pods (see fleet and portforward)."""
+
+    namespace: str
+    service: str
+
+    def describe(self) -> str:
+        return f"service {self.namespace}/{self.service}"
+
+    async def connect(self, **ssh_options: Any) -> asyncssh.SSHClientConnection:
+        raise AgentUnreachable(f"{self.describe()} is reached through its agent pods, not directly")

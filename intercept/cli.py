@@ -229,6 +229,57 @@ def start(
     sys.exit(code)
 
 
+@main.command("env")
+@click.argument("service", required=False)
+@click.option("--agent", "agent_address", metavar="HOST:PORT", help="The agent's SSH address (direct mode).")
+@click.option("--credentials", type=click.Path(path_type=Path), help="The agent's credentials file (direct mode).")
+@click.option("-o", "--output", type=click.Choice(["dotenv", "json", "sh"]), default="dotenv", show_default=True)
+@_agent_image_option
+@_cluster_options
+def env_command(service: str | None, agent_address: str | None, credentials: Path | None, output: str,
+                agent_image: str, namespace: str | None, context: str | None, kubeconfig: str | None) -> None:
+    """Print the pod's environment (the app container's variables), without intercepting."""
+    import json
+    import shlex
+
+    from intercept.client import DirectTransport, InterceptOptions
+    from intercept.client.runner import dotenv
+    from intercept.client.start import default_name, pod_environment
+    from intercept.credentials import load
+    from intercept.routing.match import Route
+
+    try:
+        if agent_address is not None:
+            if credentials is None:
+                raise UsageError("--credentials FILE is required with --agent (the file the agent wrote)")
+            transport: Any = DirectTransport(*_address(agent_address, "--agent"))
+            creds = load(credentials)
+        elif service is not None:
+            from intercept.client.portforward import pod_transport
+            from intercept.kube.apply import agent_pods, ensure_agent
+            from intercept.kube.config import connect
+            from intercept.kube.inject import InjectOptions
+
+            cluster = connect(kubeconfig, context, namespace)
+            info = ensure_agent(cluster.api, cluster.namespace, service, InjectOptions(image=agent_image), _progress)
+            pods = [p for p in agent_pods(cluster.api, cluster.namespace, info.selector) if p.ready and p.ip]
+            if not pods:
+                raise UsageError(f"no ready agent pod behind {cluster.namespace}/{service}; check `kubectl get pods -n {cluster.namespace}`")
+            transport, creds = pod_transport(pods[0], cluster.api, in_cluster=cluster.in_cluster), info.credentials
+        else:
+            raise UsageError("name the SERVICE (intercept env orders), or --agent HOST:PORT --credentials FILE")
+        options = InterceptOptions(transport=transport, credentials=creds, route=Route(frozenset()), name=default_name(), local_port=0)
+        env = asyncio.run(pod_environment(options))
+    except InterceptError as e:
+        _fail(e)
+    if output == "json":
+        click.echo(json.dumps(env, indent=2, sort_keys=True))
+    elif output == "sh":
+        click.echo("".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items())), nl=False)
+    else:
+        click.echo(dotenv(env), nl=False)
+
+
 @main.command()
 @click.option("--keep", is_flag=True, help="Leave the processes running after the table is printed (Ctrl-C stops them).")
 def demo(keep: bool) -> None:

@@ -237,3 +237,25 @@ def test_command_gets_the_pod_environment_and_the_env_file(cluster_app, tmp_path
         assert "IMAGE_ONLY" not in text and "INTERCEPT_HOLD_TIMEOUT" not in text
     finally:
         agent.proc.stop()
+
+
+def test_env_prints_the_pod_environment_without_intercepting(cluster_app, tmp_path):
+    from tests.conftest import start_agent
+
+    agent = start_agent(tmp_path, cluster_app.port, env={"ORDERS_DB": "postgres://db/orders", "QUOTED": "a 'b' $c"})
+    try:
+        for output in ("json", "sh", "dotenv"):
+            proc = Proc(INTERCEPT + ["env", "--agent", agent.ssh, "--credentials", str(agent.credentials), "-o", output])
+            assert proc.finish() == 0, proc.output
+            text = proc.output
+            if output == "json":
+                env = json.loads(text)
+                assert env["ORDERS_DB"] == "postgres://db/orders" and not any(k.startswith("INTERCEPT_") for k in env)
+            elif output == "sh":
+                assert "export QUOTED='a '\"'\"'b'\"'\"' $c'" in text
+            else:
+                assert 'ORDERS_DB="postgres://db/orders"' in text
+        agent.proc.wait_for(r"connected from")  # it really spoke to the agent
+        assert agent.app_of() == "cluster"
+    finally:
+        agent.proc.stop()

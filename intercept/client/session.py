@@ -61,6 +61,11 @@ class AgentSession:
 
     async def open(self) -> None:
         """Connect, pin the host key, authenticate and register the route; typed errors on failure."""
+        await self.connect()
+        await self._register()
+
+    async def connect(self) -> None:
+        """Connect, pin the host key, authenticate and open the control channel (no route yet)."""
         opts = self.options
         where = opts.transport.describe()
         try:
@@ -88,10 +93,18 @@ class AgentSession:
         except (asyncssh.Error, OSError) as e:
             raise AgentUnreachable(f"agent {where}: SSH connection failed: {e}; check the address and that the agent runs") from None
         try:
-            await self.conn.create_server(self.door.accept, FORWARD_HOST, FORWARD_PORT)
             writer, reader, _ = await self.conn.open_session(subsystem=CONTROL_SUBSYSTEM, encoding=None)
             self._control = (writer, reader)
             self.agent = await self.request(op="hello")
+        except (asyncssh.Error, OSError) as e:
+            self.conn.close()
+            raise AgentUnreachable(f"agent {where}: connection lost while opening the control channel: {e}") from None
+
+    async def _register(self) -> None:
+        opts = self.options
+        where = opts.transport.describe()
+        try:
+            await self.conn.create_server(self.door.accept, FORWARD_HOST, FORWARD_PORT)
             reply = await self.request(op="register", rules=opts.route.to_json(), all=opts.all_traffic)
         except (asyncssh.Error, OSError) as e:
             self.conn.close()

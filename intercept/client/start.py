@@ -23,7 +23,7 @@ from intercept.client.door import LocalDoor
 from intercept.client.fleet import Fleet, Replica, fixed
 from intercept.client.outbound import OutboundProxy, SSHDialer, TCPForward, propagation, proxy_env
 from intercept.client.runner import LocalCommand, Supervisor, accepting, dotenv, watch
-from intercept.client.session import Event, InterceptOptions
+from intercept.client.session import AgentSession, Event, InterceptOptions
 from intercept.spec import Forward
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,17 @@ async def start(
             await listener.close()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+async def pod_environment(options: InterceptOptions) -> dict[str, str]:
+    """The app container's environment, from the agent ``options.transport`` reaches (no route)."""
+    session = AgentSession(options)
+    await session.connect()
+    try:
+        reply = await session.request(op="env")
+    finally:
+        await session.leave()
+    return dict(reply.get("env", {}))
 
 
 def session_variables(options: InterceptOptions) -> dict[str, str]:

@@ -43,10 +43,11 @@ class Agent:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        host, port = self.config.listen
-        self._http = await loop.create_server(lambda: ClientConnection(self), host, port, backlog=1024, reuse_address=True)
+        # SSH first: the pod's readiness probe checks the HTTP port, and a ready pod must take sessions
         key = asyncssh.import_private_key(self.credentials.host_private_key)
         self._ssh = await sshd.start_server(self, *self.config.ssh_listen, key)
+        host, port = self.config.listen
+        self._http = await loop.create_server(lambda: ClientConnection(self), host, port, backlog=1024, reuse_address=True)
         log.info("agent %s: http %s, ssh %s, upstream %s", __version__, self.http_address, self.ssh_address, self.config.upstream)
 
     @property

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import threading
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from intercept.errors import UsageError
 from intercept.routing.http1 import ProtocolError
 from intercept.routing.match import Route, parse_rule
 from tests.apps import App
+from tests.netns import needs_netns, sh, two_hosts
 from tests.conftest import INTERCEPT, Agent, Proc, start_agent
 
 TIMEOUT = 15
@@ -533,61 +533,39 @@ def test_targets_and_authorities_parse_strictly():
 # --- the decisive test: separate network namespaces --------------------------------------
 
 
-def _netns_available() -> bool:
-    return sys.platform == "linux" and os.geteuid() == 0 and shutil.which("ip") is not None
-
-
-@pytest.mark.skipif(not _netns_available(), reason="needs root and iproute2 (ip netns) to build separate hosts")
+@needs_netns
 def test_proxy_reaches_a_service_only_the_cluster_namespace_can_reach_and_propagates_the_header(tmp_path):
     """The "cluster" namespace has the service (10.88.0.1:8080, named ``orders`` in its
     /etc/hosts) and the agent; the "laptop" namespace reaches only the agent's address."""
-    tag = uuid.uuid4().hex[:6]
-    cluster, laptop = f"ocl-{tag}", f"olp-{tag}"
-    veth_c, veth_l = f"oc{tag}", f"ol{tag}"
-    hosts_dir = Path("/etc/netns") / cluster  # `ip netns exec` bind-mounts these files over /etc
-
-    def sh(*args: str) -> None:
-        subprocess.run(args, check=True, capture_output=True)
-
     procs: list[Proc] = []
-    try:
-        sh("ip", "netns", "add", cluster)
-        sh("ip", "netns", "add", laptop)
-        sh("ip", "link", "add", veth_c, "type", "veth", "peer", "name", veth_l)
-        sh("ip", "link", "set", veth_c, "netns", cluster)
-        sh("ip", "link", "set", veth_l, "netns", laptop)
-        for ns, dev, addr in ((cluster, veth_c, "10.78.0.1/24"), (laptop, veth_l, "10.78.0.2/24")):
-            sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-        sh("ip", "-n", cluster, "addr", "add", "10.88.0.1/32", "dev", "lo")
-        hosts_dir.mkdir(parents=True)
-        (hosts_dir / "hosts").write_text("127.0.0.1 localhost\n10.88.0.1 orders orders.default.svc.cluster.local\n")
-
-        in_cluster = ["ip", "netns", "exec", cluster]
-        app = Proc(in_cluster + [sys.executable, "-c",
-                   "import sys, threading; sys.path.insert(0, '.'); from tests.apps import App; "
-                   "App('orders-in-cluster', host='10.88.0.1', port=8080); print('up', flush=True); threading.Event().wait()"],
-                   cwd=os.getcwd())
-        procs.append(app)
-        app.wait_for("^up")
-        creds = tmp_path / "c.json"
-        agent_proc = Proc(in_cluster + INTERCEPT + ["-v", "agent", "--listen", "10.78.0.1:0", "--ssh-listen", "10.78.0.1:0",
-                                                    "--upstream", "10.88.0.1:8080", "--credentials", str(creds), "--allow-outbound"])
-        procs.append(agent_proc)
-        agent = Agent(agent_proc, creds)
-        out = subprocess.run(
-            ["ip", "netns", "exec", laptop, sys.executable, "-c", _LAPTOP_SCRIPT, f"10.78.0.1:{agent.ssh_port}", str(creds)],
-            capture_output=True, text=True, timeout=60, cwd=os.getcwd(),
-        )
-        assert out.returncode == 0, out.stdout + out.stderr
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-    finally:
-        for proc in procs:
-            proc.stop()
-        subprocess.run(["ip", "netns", "del", cluster], capture_output=True)
-        subprocess.run(["ip", "netns", "del", laptop], capture_output=True)
-        shutil.rmtree(hosts_dir, ignore_errors=True)
+    with two_hosts("10.78.0") as hosts:
+        hosts_dir = Path("/etc/netns") / hosts.cluster  # `ip netns exec` bind-mounts these files over /etc
+        try:
+            sh("ip", "-n", hosts.cluster, "addr", "add", "10.88.0.1/32", "dev", "lo")
+            hosts_dir.mkdir(parents=True)
+            (hosts_dir / "hosts").write_text("127.0.0.1 localhost\n10.88.0.1 orders orders.default.svc.cluster.local\n")
+            in_cluster = hosts.run_in(hosts.cluster)
+            app = Proc(in_cluster + [sys.executable, "-c",
+                       "import sys, threading; sys.path.insert(0, '.'); from tests.apps import App; "
+                       "App('orders-in-cluster', host='10.88.0.1', port=8080); print('up', flush=True); threading.Event().wait()"],
+                       cwd=os.getcwd())
+            procs.append(app)
+            app.wait_for("^up")
+            creds = tmp_path / "c.json"
+            agent_proc = Proc(in_cluster + INTERCEPT + ["-v", "agent", "--listen", f"{hosts.cluster_ip}:0", "--ssh-listen", f"{hosts.cluster_ip}:0",
+                                                        "--upstream", "10.88.0.1:8080", "--credentials", str(creds), "--allow-outbound"])
+            procs.append(agent_proc)
+            agent = Agent(agent_proc, creds)
+            out = subprocess.run(
+                hosts.run_in(hosts.laptop) + [sys.executable, "-c", _LAPTOP_SCRIPT, f"{hosts.cluster_ip}:{agent.ssh_port}", str(creds)],
+                capture_output=True, text=True, timeout=60, cwd=os.getcwd(),
+            )
+            assert out.returncode == 0, out.stdout + out.stderr
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+        finally:
+            for proc in procs:
+                proc.stop()
+            shutil.rmtree(hosts_dir, ignore_errors=True)
 
     assert result["resolve"].startswith("gaierror"), "the laptop resolved the cluster-only name"
     assert result["direct"].startswith("OSError"), "the laptop reached the service directly"

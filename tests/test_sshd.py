@@ -5,19 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import stat
 import subprocess
 import sys
-import uuid
 
 import asyncssh
 import pytest
 
 from intercept.agent.sshd import CONTROL_SUBSYSTEM
-from tests.apps import App
 from tests.conftest import start_agent, start_client
+from tests.netns import needs_netns, two_hosts
 
 
 async def _connect(agent, token: str | None = None, username: str = "probe") -> asyncssh.SSHClientConnection:
@@ -132,40 +130,17 @@ def test_silent_client_is_dropped_by_keepalive(agent, local_app, clients):
         client.signal(signal.SIGCONT)
 
 
-def _netns_available() -> bool:
-    return sys.platform == "linux" and os.geteuid() == 0 and shutil.which("ip") is not None
-
-
-@pytest.mark.skipif(not _netns_available(), reason="needs root and iproute2 (ip netns) to build separate hosts")
+@needs_netns
 def test_agent_and_client_in_separate_network_namespaces(tmp_path):
     """A "cluster" host runs the app and the agent; a "laptop" host runs the client and the local app."""
-    tag = uuid.uuid4().hex[:6]
-    cluster, laptop = f"icl-{tag}", f"ilp-{tag}"
-    veth_c, veth_l = f"vc{tag}", f"vl{tag}"
-
-    def sh(*args: str) -> None:
-        subprocess.run(args, check=True, capture_output=True)
-
-    try:
-        sh("ip", "netns", "add", cluster)
-        sh("ip", "netns", "add", laptop)
-        sh("ip", "link", "add", veth_c, "type", "veth", "peer", "name", veth_l)
-        sh("ip", "link", "set", veth_c, "netns", cluster)
-        sh("ip", "link", "set", veth_l, "netns", laptop)
-        for ns, dev, addr in ((cluster, veth_c, "10.77.0.1/24"), (laptop, veth_l, "10.77.0.2/24")):
-            sh("ip", "-n", ns, "addr", "add", addr, "dev", dev)
-            sh("ip", "-n", ns, "link", "set", dev, "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
+    with two_hosts("10.77.0") as hosts:
         run = [sys.executable, "-c", _NETNS_SCRIPT, str(tmp_path)]
         out = subprocess.run(
-            ["ip", "netns", "exec", cluster] + run + ["cluster", laptop],
+            hosts.run_in(hosts.cluster) + run + ["cluster", hosts.laptop],
             capture_output=True, text=True, timeout=120, cwd=os.getcwd(),
         )
         assert out.returncode == 0, out.stdout + out.stderr
         assert "local via laptop" in out.stdout and "cluster without header" in out.stdout
-    finally:
-        subprocess.run(["ip", "netns", "del", cluster], capture_output=True)
-        subprocess.run(["ip", "netns", "del", laptop], capture_output=True)
 
 
 # Runs inside the "cluster" namespace: app + agent there; client + local app in the laptop
@@ -174,7 +149,6 @@ _NETNS_SCRIPT = r"""
 import sys, subprocess
 from pathlib import Path
 sys.path.insert(0, ".")
-from tests.apps import App
 from tests.conftest import Agent, Proc, INTERCEPT
 tmp, _, laptop = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 app = App("cluster", host="10.77.0.1")

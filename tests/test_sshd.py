@@ -149,6 +149,7 @@ _NETNS_SCRIPT = r"""
 import sys, subprocess
 from pathlib import Path
 sys.path.insert(0, ".")
+from tests.apps import App
 from tests.conftest import Agent, Proc, INTERCEPT
 tmp, _, laptop = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 app = App("cluster", host="10.77.0.1")

@@ -410,5 +410,114 @@ def list_command(namespace: str | None, context: str | None, kubeconfig: str | N
         click.echo(("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]).rstrip())
 
 
+# --------------------------------------------------------------------------- this machine: up, down, status, leave, vscode
+
+
+def _echo_line(line: str) -> None:
+    click.echo(line)
+    sys.stdout.flush()
+
+
+@main.command("up")
+@click.option("-f", "--filename", "spec_file", default="intercept.yaml", show_default=True, type=click.Path(dir_okay=False, path_type=Path), help="The intercepts to bring up.")
+@click.option("--detach", is_flag=True, help="Return once every intercept is ready; they keep running in the background.")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="Where the intercepts' output goes [default with --detach: the state directory].")
+def up_command(spec_file: Path, detach: bool, log_file: Path | None) -> None:
+    """Bring up the intercepts of intercept.yaml (never prompts; already up: exit 0).
+
+    \b
+    intercept up -f intercept.yaml --detach --log-file /tmp/intercept.log
+    """
+    import os
+
+    from intercept.workspace import up
+
+    try:
+        code = up(spec_file, os.environ, detach=detach, log_file=log_file, report=_echo_line)
+    except InterceptError as e:
+        _fail(e)
+    sys.exit(code)
+
+
+@main.command("down")
+@click.option("-f", "--filename", "spec_file", default="intercept.yaml", show_default=True, type=click.Path(dir_okay=False, path_type=Path), help="The intercepts to stop (the file need not exist any more).")
+@click.option("--all", "everything", is_flag=True, help="Stop every workspace that intercept up brought up on this machine.")
+def down_command(spec_file: Path, everything: bool) -> None:
+    """Stop what `intercept up` started (nothing up: exit 0)."""
+    from intercept.workspace import down
+
+    try:
+        code = down(None if everything else spec_file, report=_echo_line)
+    except InterceptError as e:
+        _fail(e)
+    sys.exit(code)
+
+
+@main.command("status")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def status_command(output: str) -> None:
+    """This machine's intercepts: service, route, local port, process, log."""
+    import json
+
+    from intercept.workspace import status
+
+    try:
+        rows = status()
+    except InterceptError as e:
+        _fail(e)
+    if output == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("intercept: status: no intercept is running on this machine")
+        return
+    table = [["SERVICE", "ROUTE", "PORT", "PID", "STATE", "STARTED", "LOG"]]
+    for r in rows:
+        state = "running" if r["alive"] else f"exited {r['exit_code']}" if r["exit_code"] is not None else "gone"
+        what = r["service"] or f"agent {r['agent']}"
+        what += f" -n {r['namespace']}" if r["namespace"] else ""
+        table.append([what, r["route"] or "-", str(r["local_port"] or "-"), str(r["pid"]), state,
+                      r["started_at"] or "-", r["log_file"] or "-"])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        click.echo(("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]).rstrip())
+
+
+@main.command("leave")
+@click.argument("service")
+@click.option("-n", "--namespace", help="Only the intercepts of SERVICE in this namespace.")
+def leave_command(service: str, namespace: str | None) -> None:
+    """Remove my route from SERVICE (stops its `intercept start` on this machine); the agent stays."""
+    from intercept.workspace import leave
+
+    try:
+        left = leave(service, namespace)
+    except InterceptError as e:
+        _fail(e)
+    for entry in left:
+        route = f": {entry.route} go to the cluster again" if entry.route else ""
+        click.echo(f"intercept: left: {entry.label} (pid {entry.pid}){route}")
+
+
+@main.command("vscode")
+@click.argument("services", nargs=-1)
+def vscode_command(services: tuple[str, ...]) -> None:
+    """Write .vscode/launch.json and tasks.json to debug SERVICE (default: the services of ./intercept.yaml)."""
+    from intercept.workspace import vscode
+
+    try:
+        written = vscode(services, directory=Path.cwd(), spec_file=Path("intercept.yaml"))
+    except InterceptError as e:
+        _fail(e)
+    if not written:
+        click.echo("intercept: vscode: .vscode/launch.json and .vscode/tasks.json are up to date")
+    for path in written:
+        shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+        if path.suffix == ".bak":
+            click.echo(f"intercept: vscode: wrote {shown} (the original, with its comments, which the new file cannot keep)")
+        else:
+            click.echo(f"intercept: vscode: wrote {shown}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

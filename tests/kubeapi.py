@@ -11,7 +11,10 @@ What it speaks (namespaced, and across namespaces for LIST):
 - ``/api/v1``: services, secrets, pods, events (serviceaccounts, configmaps: stored
   only); ``/apis/apps/v1``: deployments, statefulsets, replicasets;
   ``/apis/networking.k8s.io/v1``: networkpolicies. Not: PATCH (405), subresources
-  (``/status``, ``/log``, ``/portforward``), discovery.
+  (``/status``, ``/log``), discovery.
+- ``/api/v1/namespaces/NS/pods/NAME/portforward``: the WebSocket port-forward
+  (``v4.channel.k8s.io``, :class:`PortForwarder`), relayed to the loopback port a test
+  chose for that pod (:meth:`KubeAPI.forward`), as the kubelet relays to the pod's port.
 - GET (one object), LIST (``labelSelector`` with ``=``, ``==``, ``!=``, ``in``,
   ``notin``, ``key``, ``!key``; ``fieldSelector`` with dotted paths and ``=``/``!=``),
   POST (409 AlreadyExists), PUT (409 Conflict unless ``metadata.resourceVersion`` is the
@@ -40,7 +43,10 @@ and a test is deterministic: no timers):
 - Pods get an IP (10.244.x.y), a Ready condition and containerStatuses. A container
   whose image is in :attr:`Controller.unpullable` waits in ImagePullBackOff, one in
   :attr:`Controller.crashing` in CrashLoopBackOff, with the Events a kubelet records
-  (``Failed``, ``BackOff``, ...). :attr:`Controller.enabled` ``= False`` freezes them.
+  (``Failed``, ``BackOff``, ...). A container whose image is in :attr:`Controller.starting`
+  runs but is not ready (its readiness probe does not pass yet) until the test calls
+  :meth:`KubeAPI.set_pod_ready`: a rollout waits there, as for a container that takes
+  time to start. :attr:`Controller.enabled` ``= False`` freezes them.
 
 Use::
 
@@ -63,6 +69,12 @@ Test hooks (all thread-safe; call them from the test while the server runs):
   pods with given labels, IP and readiness, optionally with an agent container
   (``agent=True``, ``ssh_port=``), for the consumers of ``watch_agent_pods``;
   :meth:`add_event` — an Event about any object.
+- :meth:`forward` — where ``pods/NAME/portforward`` goes: the loopback port that stands
+  for the pod's ports (a real agent's SSH port, say). A pod that exists but has no port
+  gets the kubelet's "connection refused" on the error channel; one that does not exist,
+  404. :attr:`portforward` is the :class:`PortForwarder` (``forbidden``, ``forwards``, ``drop``).
+- :meth:`wait_for` — block until a condition on the store holds (woken by every change;
+  e.g. until the controller has created a pod), instead of polling.
 - :meth:`expire_watches` — compact the history: open watches end with a 410 ERROR
   event (``http=True``: they end quietly, and the next watch request from an old
   version gets HTTP 410), so watchers must list again.
@@ -72,24 +84,27 @@ Test hooks (all thread-safe; call them from the test while the server runs):
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import itertools
 import json
 import re
 import socket
+import struct
 import threading
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from typing import Any, BinaryIO, TypeVar
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 import yaml
 
 Obj = dict[str, Any]
+T = TypeVar("T")
 
 TOKEN = "stand-in-token"
 AGENT_CONTAINER = "intercept-agent"
@@ -230,6 +245,7 @@ class Controller:
         self.api = api
         self.unpullable: set[str] = set()  # images that cannot be pulled
         self.crashing: set[str] = set()  # images whose containers crash at start
+        self.starting: set[str] = set()  # images whose containers run but are not ready until set_pod_ready
         self.enabled = True  # False: workloads do not move at all (a stuck controller)
         self._ips = itertools.count(10)
         self._names = itertools.count(1)
@@ -357,10 +373,12 @@ class Controller:
                 state = {"waiting": {"reason": "CrashLoopBackOff",
                                      "message": f"back-off 10s restarting failed container={c['name']} pod={name}"}}
             ok = "running" in state
-            ready = ready and ok
-            statuses.append({"name": c["name"], "image": c.get("image"), "ready": ok,
+            started = ok and c.get("image") not in self.starting
+            ready = ready and started
+            statuses.append({"name": c["name"], "image": c.get("image"), "ready": started,
                              "restartCount": 0 if ok or c.get("image") not in self.crashing else 3,
                              "started": ok, "state": state})
+        running = all("running" in s["state"] for s in statuses)
         pod = {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": ns, "labels": labels,
@@ -369,6 +387,8 @@ class Controller:
             "spec": spec,
             "status": self.api.pod_status(next(self._ips), ready, statuses),
         }
+        if running:
+            pod["status"]["phase"] = "Running"  # a container that runs but is not ready yet
         self.api._create("pods", ns, pod)
         self.api._add_event(ns, pod, "Normal", "Scheduled", f"Successfully assigned {ns}/{name} to stand-in-node")
         for c in spec["containers"]:
@@ -439,6 +459,7 @@ class KubeAPI:
         self._rejections: list[tuple[str, int, str]] = []
         self._closing = False
         self.controller = Controller(self)
+        self.portforward = PortForwarder(self._pod_exists)
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -464,6 +485,7 @@ class KubeAPI:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+        self.portforward.close()
 
     def __enter__(self) -> KubeAPI:
         return self.start()
@@ -626,6 +648,35 @@ class KubeAPI:
     def add_event(self, about: Obj, type_: str, reason: str, message: str, count: int = 1) -> None:
         with self._lock:
             self._add_event(about["metadata"]["namespace"], about, type_, reason, message, count)
+
+    def forward(self, pod: str, port: int | None, namespace: str = "default") -> None:
+        """Port-forwards to pod ``namespace/pod`` (whichever pod port they ask for) reach 127.0.0.1:``port``.
+
+        ``None``: nothing listens in that pod any more (the kubelet's "connection refused").
+        The pod itself must exist in the store when the forward is opened (else 404).
+        """
+        with self.portforward.lock:
+            if port is None:
+                self.portforward.pods.pop(f"{namespace}/{pod}", None)
+            else:
+                self.portforward.pods[f"{namespace}/{pod}"] = port
+
+    def wait_for(self, condition: Callable[[], T], timeout: float = 30.0, what: str = "the condition") -> T:
+        """Block until ``condition()`` returns something truthy, and return it.
+
+        It is called with the store lock held, now and after every change to the store
+        (a request, a controller step, a hook), so it may call :meth:`get` and
+        :meth:`objects`; it must not block.
+        """
+        with self._changed:
+            result = self._changed.wait_for(condition, timeout)
+        if not result:
+            raise AssertionError(f"stand-in API server: {what} did not happen within {timeout:g}s")
+        return result
+
+    def _pod_exists(self, namespace: str, name: str) -> bool:
+        with self._lock:
+            return ("pods", namespace, name) in self._objects
 
     # ------------------------------------------------------------------ the store (lock held)
 
@@ -848,6 +899,218 @@ class KubeAPI:
             return self._expired_http and version != "0" and int(version) < self._horizon
 
 
+# --------------------------------------------------------------------------- port-forward
+
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+PORTFORWARD_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/portforward$")
+
+
+class PortForwarder:
+    """The API server's (and kubelet's) side of ``pods/NAME/portforward`` over WebSocket.
+
+    The protocol the kubernetes client speaks (``v4.channel.k8s.io``): binary frames whose
+    first byte is the channel, per port a data channel and an error channel, each opened by
+    a frame carrying the port number (little-endian). Data is relayed to loopback ports, as
+    the kubelet relays to a pod's port. ``pods`` maps "namespace/name" to the loopback port
+    that stands for the pod's ports. Every path of a client's transport can be made to run:
+    refusal (``forbidden``: 403; a pod that does not exist: 404), a refused pod port (the
+    error channel), a forward cut on the client's side (:meth:`drop`), or silently.
+
+    ``exists(namespace, name)`` says whether a pod exists (default: it has a port in
+    ``pods``); one that exists without a port gets "connection refused", as from a pod
+    where nothing listens. :meth:`serve` answers one request whose head has been read
+    (the :class:`KubeAPI` handler); :meth:`serve_connection` reads the head itself.
+    """
+
+    def __init__(self, exists: Callable[[str, str], bool] | None = None) -> None:
+        self.pods: dict[str, int] = {}
+        self.forbidden = False
+        self.forwards: list[tuple[str, int]] = []  # (pod, pod port) per forward opened
+        self.lock = threading.Lock()
+        self._exists = exists or (lambda namespace, name: f"{namespace}/{name}" in self.pods)
+        self._open: dict[str, list[Forward]] = {}
+        self._stale: list[socket.socket] = []
+
+    def drop(self, pod: str, silently: bool = False) -> None:
+        """Cut every open forward to ``pod`` ("namespace/name") on the client's side, as an API server restart does.
+
+        ``silently`` leaves the pod's side of the connection open, as a forward that died
+        without a word does: the agent keeps that session until its keepalive gives up
+        on it, or until :meth:`release_stale`.
+        """
+        with self.lock:
+            forwards = self._open.pop(pod, [])
+            if silently:
+                self._stale += [f.upstream for f in forwards]
+        for forward in forwards:
+            forward.silent = silently
+            close(forward.conn, shut_only=True)
+
+    def release_stale(self) -> None:
+        """Close the pod's side of the silently dropped forwards."""
+        with self.lock:
+            stale, self._stale = self._stale, []
+        for upstream in stale:
+            close(upstream)
+
+    def close(self) -> None:
+        """End every forward (both sides)."""
+        self.release_stale()
+        with self.lock:
+            forwards = [f for fs in self._open.values() for f in fs]
+            self._open.clear()
+        for forward in forwards:
+            close(forward.conn, shut_only=True)
+            close(forward.upstream)
+
+    def serve_connection(self, conn: socket.socket) -> None:
+        """Read a request head from ``conn`` and answer it (blocking, until the forward ends)."""
+        reader = conn.makefile("rb")
+        try:
+            request_line = reader.readline().decode("latin-1")
+            headers: dict[str, str] = {}
+            while (line := reader.readline().decode("latin-1").strip()):
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            target = urlsplit(request_line.split()[1])
+            self.serve(conn, reader, target.path, parse_qs(target.query), headers)
+        except (OSError, IndexError):
+            pass
+        finally:
+            reader.close()
+            close(conn)
+
+    def serve(self, conn: socket.socket, reader: BinaryIO, path: str, query: Mapping[str, list[str]],
+              headers: Mapping[str, str]) -> None:
+        """Answer the port-forward request ``path?query`` (head read; ``headers`` lower-cased) on ``conn``.
+
+        ``reader`` reads what follows the head on ``conn``. Returns when the forward ends,
+        with ``conn`` shut down.
+        """
+        try:
+            m = PORTFORWARD_PATH.match(path)
+            if not m:
+                return _refuse(conn, 404, "Not Found", "the server could not find the requested resource")
+            namespace, name = m[1], m[2]
+            pod = f"{namespace}/{name}"
+            port = int(query["ports"][0])
+            if self.forbidden:
+                return _refuse(conn, 403, "Forbidden", f'pods "{name}" is forbidden: cannot create resource "pods/portforward"')
+            if not self._exists(namespace, name):
+                return _refuse(conn, 404, "Not Found", f'pods "{name}" not found')
+            accept = base64.b64encode(hashlib.sha1((headers["sec-websocket-key"] + WS_GUID).encode()).digest()).decode()
+            conn.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                + f"Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: v4.channel.k8s.io\r\n\r\n".encode()
+            )
+            with self.lock:
+                self.forwards.append((pod, port))
+                local = self.pods.get(pod)
+            opening = struct.pack("<H", port)
+            send_frame(conn, b"\x00" + opening)
+            send_frame(conn, b"\x01" + opening)
+            try:
+                if local is None:
+                    raise ConnectionRefusedError(111, "Connection refused")
+                upstream = socket.create_connection(("127.0.0.1", local))
+            except OSError as e:
+                send_frame(conn, b"\x01" + f"error forwarding port {port} to pod {pod}: dial tcp 127.0.0.1:{port}: "
+                           f"{(e.strerror or str(e)).lower()}".encode())
+                return
+            forward = Forward(conn, reader, upstream)
+            with self.lock:
+                self._open.setdefault(pod, []).append(forward)
+            to_pod = threading.Thread(target=self._to_pod, args=(forward,), name=f"stand-in port-forward {pod}", daemon=True)
+            to_pod.start()
+            while True:
+                data = upstream.recv(65536)
+                if not data:
+                    break
+                send_frame(conn, b"\x00" + data)
+        except (OSError, ValueError, KeyError):
+            pass
+        finally:
+            close(conn, shut_only=True)
+
+    def _to_pod(self, forward: Forward) -> None:
+        try:
+            while True:
+                opcode, payload = recv_frame(forward.reader)
+                if opcode == 8:
+                    break
+                if opcode == 2 and payload[:1] == b"\x00" and len(payload) > 1:
+                    forward.upstream.sendall(payload[1:])
+        except (OSError, EOFError, ValueError):
+            pass
+        finally:
+            if not forward.silent:
+                close(forward.upstream)
+
+
+class Forward:
+    """One open port-forward: the client's WebSocket and the connection to the pod's port."""
+
+    def __init__(self, conn: socket.socket, reader: BinaryIO, upstream: socket.socket) -> None:
+        self.conn = conn
+        self.reader = reader
+        self.upstream = upstream
+        self.silent = False
+
+
+def close(sock: socket.socket, shut_only: bool = False) -> None:
+    """Shut down, then close: a thread blocked in recv() on it would otherwise keep it open.
+
+    ``shut_only``: leave the closing to the socket's owner (an HTTP server's handler).
+    """
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    if not shut_only:
+        sock.close()
+
+
+def _refuse(conn: socket.socket, code: int, reason: str, message: str) -> None:
+    body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "code": code}).encode()
+    conn.sendall(f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+
+
+def send_frame(conn: socket.socket, payload: bytes, opcode: int = 2) -> None:
+    """One unmasked WebSocket frame (the server's side)."""
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x80 | opcode, n)
+    elif n < 1 << 16:
+        head = struct.pack("!BBH", 0x80 | opcode, 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 127, n)
+    conn.sendall(head + payload)
+
+
+def recv_exactly(reader: BinaryIO, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = reader.read(n - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+def recv_frame(reader: BinaryIO) -> tuple[int, bytes]:
+    """One WebSocket frame (masked, as a client sends): (opcode, payload)."""
+    b0, b1 = recv_exactly(reader, 2)
+    n = b1 & 0x7F
+    if n == 126:
+        (n,) = struct.unpack("!H", recv_exactly(reader, 2))
+    elif n == 127:
+        (n,) = struct.unpack("!Q", recv_exactly(reader, 8))
+    mask = recv_exactly(reader, 4) if b1 & 0x80 else b"\0\0\0\0"
+    data = recv_exactly(reader, n)
+    return b0 & 0x0F, bytes(c ^ mask[i % 4] for i, c in enumerate(data))
+
+
 _PATH = re.compile(
     r"^/(?:api/v1|apis/(?P<group>[\w.]+)/(?P<version>v\w+))"
     r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?$"
@@ -865,6 +1128,20 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args: Any) -> None:  # quiet
         pass
+
+    # A client that goes away (a watching process that exits) leaves unsent bytes in the
+    # buffered writer; flushing them again must not print a traceback.
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        except (BrokenPipeError, ConnectionResetError):
+            self.rfile.close()
 
     def do_GET(self) -> None:
         self._serve("GET")
@@ -891,6 +1168,12 @@ class _Handler(BaseHTTPRequestHandler):
             api.requests.append((method, url.path, query))
         if self.headers.get("Authorization") != f"Bearer {TOKEN}":
             return self._reply(401, status_object(401, "Unauthorized", "Unauthorized"))
+        if PORTFORWARD_PATH.match(url.path):
+            if method != "GET" or (self.headers.get("Upgrade") or "").lower() != "websocket":
+                return self._reply(400, status_object(400, "BadRequest", "the stand-in port-forwards over WebSocket only"))
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            self.close_connection = True
+            return api.portforward.serve(self.connection, self.rfile, url.path, parse_qs(url.query), headers)
         m = _PATH.match(url.path)
         if not m or m["plural"] not in RESOURCES:
             return self._reply(404, status_object(404, "NotFound", "the server could not find the requested resource"))

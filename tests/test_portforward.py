@@ -11,15 +11,9 @@ runs it in ``e2e/``.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import json
-import re
 import socket
-import struct
 import threading
 from collections.abc import Iterator
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 from kubernetes.client import ApiClient, Configuration
@@ -31,28 +25,23 @@ from intercept.credentials import load
 from intercept.errors import AgentUnreachable
 from intercept.routing.match import HeaderEquals, Route
 from tests.conftest import LINE_TIMEOUT, start_agent
+from tests.kubeapi import PortForwarder, close
 from tests.test_fleet import RunningFleet, free_port
 
 # The client's relay thread must never die of a reset or a broken pipe (see portforward.py).
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
 
-WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)/portforward$")
 
+class PortForwardAPI(PortForwarder):
+    """A bare API server that serves only ``pods/NAME/portforward`` (no auth), relaying to loopback ports.
 
-class PortForwardAPI:
-    """The API server's ``pods/NAME/portforward`` over WebSocket, relaying to loopback ports.
-
-    ``pods`` maps "namespace/name" to the local port that stands for the pod's port.
+    The protocol and the relay are :class:`tests.kubeapi.PortForwarder`'s (``pods``,
+    ``forbidden``, ``forwards``, ``drop``, ``release_stale``); the full stand-in serves
+    the same path among the others (``tests/test_kube_start.py``).
     """
 
     def __init__(self) -> None:
-        self.pods: dict[str, int] = {}
-        self.forbidden = False
-        self.forwards: list[tuple[str, int]] = []  # (pod, pod port) per forward opened
-        self._open: dict[str, list[Forward]] = {}
-        self._stale: list[socket.socket] = []
-        self._lock = threading.Lock()
+        super().__init__()
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         threading.Thread(target=self._serve, daemon=True).start()
@@ -62,30 +51,8 @@ class PortForwardAPI:
         config.host = f"http://127.0.0.1:{self.port}"
         return ApiClient(config)
 
-    def drop(self, pod: str, silently: bool = False) -> None:
-        """Cut every open forward to ``pod`` on the client's side, as an API server restart does.
-
-        ``silently`` leaves the pod's side of the connection open, as a forward that died
-        without a word does: the agent keeps that session until its keepalive gives up
-        on it, or until :meth:`release_stale`.
-        """
-        with self._lock:
-            forwards = self._open.pop(pod, [])
-            if silently:
-                self._stale += [f.upstream for f in forwards]
-        for forward in forwards:
-            forward.silent = silently
-            forward.conn.shutdown(socket.SHUT_RDWR)
-
-    def release_stale(self) -> None:
-        """Close the pod's side of the silently dropped forwards."""
-        with self._lock:
-            stale, self._stale = self._stale, []
-        for upstream in stale:
-            close(upstream)
-
     def close(self) -> None:
-        self.release_stale()
+        super().close()
         close(self.sock)
 
     def _serve(self) -> None:
@@ -94,124 +61,7 @@ class PortForwardAPI:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn: socket.socket) -> None:
-        try:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    return
-                head += chunk
-            request_line, *lines = head.split(b"\r\n\r\n")[0].decode().split("\r\n")
-            headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
-            target = urlparse(request_line.split()[1])
-            m = PATH.match(target.path)
-            pod = f"{m[1]}/{m[2]}" if m else ""
-            port = int(parse_qs(target.query)["ports"][0])
-            if self.forbidden:
-                return self._refuse(conn, 403, "Forbidden", f'pods "{m[2]}" is forbidden: cannot create resource "pods/portforward"')
-            if pod not in self.pods:
-                return self._refuse(conn, 404, "Not Found", f'pods "{m[2]}" not found')
-            accept = base64.b64encode(hashlib.sha1((headers["sec-websocket-key"] + WS_GUID).encode()).digest()).decode()
-            conn.sendall(
-                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                + f"Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: v4.channel.k8s.io\r\n\r\n".encode()
-            )
-            self.forwards.append((pod, port))
-            opening = struct.pack("<H", port)
-            send_frame(conn, b"\x00" + opening)
-            send_frame(conn, b"\x01" + opening)
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.pods[pod]))
-            except OSError as e:
-                send_frame(conn, b"\x01" + f"error forwarding port {port} to pod {pod}: dial tcp 127.0.0.1:{port}: {e.strerror.lower()}".encode())
-                return
-            forward = Forward(conn, upstream)
-            with self._lock:
-                self._open.setdefault(pod, []).append(forward)
-            threading.Thread(target=self._to_pod, args=(forward,), daemon=True).start()
-            while True:
-                data = upstream.recv(65536)
-                if not data:
-                    break
-                send_frame(conn, b"\x00" + data)
-        except OSError:
-            pass
-        finally:
-            close(conn)
-
-    def _to_pod(self, forward: Forward) -> None:
-        try:
-            while True:
-                opcode, payload = recv_frame(forward.conn)
-                if opcode == 8:
-                    break
-                if opcode == 2 and payload[:1] == b"\x00" and len(payload) > 1:
-                    forward.upstream.sendall(payload[1:])
-        except (OSError, EOFError):
-            pass
-        finally:
-            if not forward.silent:
-                close(forward.upstream)
-
-    @staticmethod
-    def _refuse(conn: socket.socket, code: int, reason: str, message: str) -> None:
-        body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "code": code}).encode()
-        conn.sendall(f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        conn.close()
-
-
-class Forward:
-    """One open port-forward: the client's WebSocket and the connection to the pod's port."""
-
-    def __init__(self, conn: socket.socket, upstream: socket.socket) -> None:
-        self.conn = conn
-        self.upstream = upstream
-        self.silent = False
-
-
-def close(sock: socket.socket) -> None:
-    """Shut down, then close: a thread blocked in recv() on it would otherwise keep it open."""
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()
-
-
-def send_frame(conn: socket.socket, payload: bytes, opcode: int = 2) -> None:
-    n = len(payload)
-    if n < 126:
-        head = struct.pack("!BB", 0x80 | opcode, n)
-    elif n < 1 << 16:
-        head = struct.pack("!BBH", 0x80 | opcode, 126, n)
-    else:
-        head = struct.pack("!BBQ", 0x80 | opcode, 127, n)
-    conn.sendall(head + payload)
-
-
-def recv_exactly(conn: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = conn.recv(n - len(data))
-        if not chunk:
-            raise EOFError
-        data += chunk
-    return data
-
-
-def recv_frame(conn: socket.socket) -> tuple[int, bytes]:
-    b0, b1 = recv_exactly(conn, 2)
-    n = b1 & 0x7F
-    if n == 126:
-        (n,) = struct.unpack("!H", recv_exactly(conn, 2))
-    elif n == 127:
-        (n,) = struct.unpack("!Q", recv_exactly(conn, 8))
-    mask = recv_exactly(conn, 4) if b1 & 0x80 else b"\0\0\0\0"
-    data = recv_exactly(conn, n)
-    return b0 & 0x0F, bytes(c ^ mask[i % 4] for i, c in enumerate(data))
+            threading.Thread(target=self.serve_connection, args=(conn,), daemon=True).start()
 
 
 def relay_threads() -> list[threading.Thread]:

@@ -223,7 +223,12 @@ def start(
             env_file=env_file,
         )
         parsed_forwards = [parse_forward(f) for f in forwards]
-        code = asyncio.run(start_api(options, local, report, replicas, parsed_forwards, propagate_header))
+        from intercept.workspace import register
+
+        entry = {"service": service, "agent": agent_address, "namespace": cluster.namespace if agent_address is None else namespace,
+                 "context": context, "route": options.describe(), "name": name, "local_port": local_port, "command": list(command)}
+        with register(entry):  # for intercept status / leave; removed when this intercept ends
+            code = asyncio.run(start_api(options, local, report, replicas, parsed_forwards, propagate_header))
     except InterceptError as e:
         _fail(e)
     sys.exit(code)

@@ -249,7 +249,7 @@ def env_command(service: str | None, agent_address: str | None, credentials: Pat
 
     from intercept.client import DirectTransport, InterceptOptions
     from intercept.client.runner import dotenv
-    from intercept.client.start import default_name, pod_environment
+    from intercept.client.start import ask_agent, default_name
     from intercept.credentials import load
     from intercept.routing.match import Route
 
@@ -274,7 +274,7 @@ def env_command(service: str | None, agent_address: str | None, credentials: Pat
         else:
             raise UsageError("name the SERVICE (intercept env orders), or --agent HOST:PORT --credentials FILE")
         options = InterceptOptions(transport=transport, credentials=creds, route=Route(frozenset()), name=default_name(), local_port=0)
-        env = asyncio.run(pod_environment(options))
+        env = asyncio.run(ask_agent(options, op="env")).get("env", {})
     except InterceptError as e:
         _fail(e)
     if output == "json":
@@ -393,7 +393,7 @@ def list_command(namespace: str | None, context: str | None, kubeconfig: str | N
         if all_namespaces and namespace:
             raise UsageError("pass -n NAMESPACE or -A, not both")
         cluster = connect(kubeconfig, context, namespace)
-        rows = list_services(cluster.api, None if all_namespaces else cluster.namespace)
+        rows = list_services(cluster.api, None if all_namespaces else cluster.namespace, routes=lambda info: _agent_routes(cluster, info))
     except InterceptError as e:
         _fail(e)
     if output == "json":
@@ -406,13 +406,33 @@ def list_command(namespace: str | None, context: str | None, kubeconfig: str | N
     table = [header]
     for r in rows:
         ports = ",".join(f"{p['port']}->{p['containerPort']}" for p in r["ports"]) or "-"
-        routes = "-" if r["routes"] is None else str(len(r["routes"]))
+        routes = "-" if not r["routes"] else ", ".join(  # -o json says why an agent did not answer
+            "unknown" if "error" in x else f"{x['holder']} ({x['description']})" for x in r["routes"])
         note = "" if r["interceptable"] else "not interceptable: " + (r["reason"] or "").split(";")[0]
         cells = [r["service"], r["workload"] or "-", ports, r["agentVersion"] or ("yes" if r["agent"] else "-"), routes, note]
         table.append(([r["namespace"]] if all_namespaces else []) + cells)
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     for row in table:
         click.echo(("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]).rstrip())
+
+
+def _agent_routes(cluster: Any, info: Any) -> list[dict[str, Any]]:
+    """Everyone's routes, as one ready agent pod of ``info`` lists them (an ``error`` entry if none answers)."""
+    from intercept.client import InterceptOptions
+    from intercept.client.portforward import pod_transport
+    from intercept.client.start import ask_agent, default_name
+    from intercept.kube.apply import agent_pods
+    from intercept.routing.match import Route
+
+    pods = [p for p in agent_pods(cluster.api, info.namespace, info.selector) if p.ready and p.ip]
+    if not pods:
+        return [{"error": "no ready agent pod"}]
+    options = InterceptOptions(transport=pod_transport(pods[0], cluster.api, in_cluster=cluster.in_cluster),
+                               credentials=info.credentials, route=Route(frozenset()), name=default_name(), local_port=0)
+    try:
+        return asyncio.run(ask_agent(options, op="list")).get("routes", [])
+    except InterceptError as e:
+        return [{"error": str(e)}]
 
 
 # --------------------------------------------------------------------------- this machine: up, down, status, leave, vscode

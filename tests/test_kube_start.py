@@ -190,6 +190,13 @@ def test_start_injects_holds_the_route_on_every_pod_as_they_come_and_go_and_unin
             assert pods.agents[pod].app_of() == "cluster"
         assert not any(line.startswith(("intercept: reconnecting:", "intercept: error:")) for line in client.lines), client.output
 
+        # list shows the service, its agent and who holds which route (asked of an agent pod).
+        listed = intercept("list", "--kubeconfig", str(kubeconfig), "-o", "json")
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        (row,) = [r for r in json.loads(listed.stdout) if r["service"] == "web"]
+        assert row["agent"] is True
+        assert [(r["holder"], r["description"]) for r in row["routes"]] == [("kube", "x-dev: kube")]
+
         # SIGTERM: the route leaves every agent, exit 0.
         client.signal(signal.SIGTERM)
         assert client.finish() == 0, client.output

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from typing import Any
 from pathlib import Path
 
 from intercept.client.door import LocalDoor
@@ -155,15 +156,15 @@ async def start(
             loop.remove_signal_handler(sig)
 
 
-async def pod_environment(options: InterceptOptions) -> dict[str, str]:
-    """The app container's environment, from the agent ``options.transport`` reaches (no route)."""
+async def ask_agent(options: InterceptOptions, **message: Any) -> dict[str, Any]:
+    """One control request to the agent ``options.transport`` reaches, without a route:
+    ``op="env"`` (the pod's environment), ``op="list"`` (everyone's routes)."""
     session = AgentSession(options)
     await session.connect()
     try:
-        reply = await session.request(op="env")
+        return await session.request(**message)
     finally:
         await session.leave()
-    return dict(reply.get("env", {}))
 
 
 def session_variables(options: InterceptOptions) -> dict[str, str]:

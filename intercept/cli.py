@@ -160,24 +160,35 @@ def start(
     \b
     intercept start --agent HOST:PORT --credentials FILE --port 8080 [--header x-dev=alice] [-- COMMAND ARGS...]
     """
+    import os
+
+    from click.core import ParameterSource
+
     from intercept.client import DirectTransport, InterceptOptions, default_name
     from intercept.client import start as start_api
     from intercept.client.runner import LocalCommand
-    from intercept.spec import parse_forward
     from intercept.credentials import load
-    from intercept.routing.match import HeaderEquals, Route, parse_rule
+    from intercept.routing.match import HeaderEquals, Route
+    from intercept.spec import merge
+    from intercept.workspace import register
 
-    command = ctx.meta["command"]
+    # flags > INTERCEPT_* variables > defaults: one object (intercept.spec), as intercept.yaml is
+    given = {key: ctx.params[param] for param, key in _START_OPTIONS.items()
+             if ctx.get_parameter_source(param) is ParameterSource.COMMANDLINE}
+    if ctx.meta["command"]:
+        given["command"] = ctx.meta["command"]
     replicas = None
     try:
-        if agent_address is None and service is None:
+        spec = merge(None, os.environ, given)
+        command = list(spec.command)
+        if spec.agent_address is None and spec.service is None:
             raise UsageError("name the SERVICE to intercept (intercept start orders), or --agent HOST:PORT for an agent you can reach")
-        if agent_address is not None:
-            if credentials is None:
+        if spec.agent_address is not None:
+            if spec.credentials is None:
                 raise UsageError("--credentials FILE is required with --agent (the file the agent wrote)")
-            host, port = _address(agent_address, "--agent")
-            transport: Any = DirectTransport(host, port)
-            creds = load(credentials)
+            transport: Any = DirectTransport(*spec.agent_address)
+            creds = load(spec.credentials)
+            namespace = spec.namespace
         else:
             from intercept.client.portforward import pod_replicas
             from intercept.client.transport import ServiceTransport
@@ -186,52 +197,48 @@ def start(
             from intercept.kube.inject import InjectOptions
             from intercept.kube.pods import watch_agent_pods
 
-            cluster = connect(kubeconfig, context, namespace)
-            info = ensure_agent(cluster.api, cluster.namespace, service, InjectOptions(image=agent_image, service_port=service_port), _progress)
-            transport, creds = ServiceTransport(cluster.namespace, service), info.credentials
+            cluster = connect(spec.kubeconfig, spec.context, spec.namespace)
+            info = ensure_agent(cluster.api, cluster.namespace, spec.service,
+                                InjectOptions(image=agent_image, service_port=spec.service_port), _progress)
+            transport, creds, namespace = ServiceTransport(cluster.namespace, spec.service), info.credentials, cluster.namespace
             replicas = pod_replicas(watch_agent_pods(cluster.api, cluster.namespace, info.selector), cluster.api, in_cluster=cluster.in_cluster)
-        name = name or default_name()
-        rules = [parse_rule("header", h) for h in headers]
-        rules += [parse_rule("header-regex", h) for h in header_regexes]
-        rules += [parse_rule("baggage", baggage)] if baggage else []
-        rules += [parse_rule("path-prefix", path_prefix)] if path_prefix else []
-        if all_traffic and rules:
-            raise UsageError("--all takes every request; drop it or drop the rules")
-        if not rules and not all_traffic:
+        name = spec.name or default_name()
+        rules = spec.rules()
+        if not rules and not spec.all:
             rules = [HeaderEquals("x-intercept-id", name)]
             click.echo(f"intercept: header: your requests carry x-intercept-id: {name}")
-        options = InterceptOptions(
-            transport=transport,
-            credentials=creds,
-            route=Route(frozenset(rules)),
-            name=name,
-            local_port=local_port,
-            all_traffic=all_traffic,
-        )
+        options = InterceptOptions(transport=transport, credentials=creds, route=Route(frozenset(rules)), name=name,
+                                   local_port=spec.port, all_traffic=spec.all)
 
         def report(event: Any) -> None:
             click.echo(f"intercept: {event.kind}: {event.message}")
             sys.stdout.flush()
 
-        if (debug or debug_wait) and not command:
-            raise UsageError("--debug runs your COMMAND under debugpy: add -- COMMAND ARGS, e.g. -- python app.py")
         local = LocalCommand(
             tuple(command),
-            watch=() if no_watch or not command else (watch or (".",)),
-            debug_port=debug_port if debug or debug_wait else None,
-            debug_wait=debug_wait,
-            env_file=env_file,
+            watch=tuple(str(p) for p in spec.watch) if command and not spec.no_watch else (),
+            debug_port=spec.debug_port if spec.debug or spec.debug_wait else None,
+            debug_wait=spec.debug_wait,
+            env_file=str(spec.env_file) if spec.env_file else None,
         )
-        parsed_forwards = [parse_forward(f) for f in forwards]
-        from intercept.workspace import register
-
-        entry = {"service": service, "agent": agent_address, "namespace": cluster.namespace if agent_address is None else namespace,
-                 "context": context, "route": options.describe(), "name": name, "local_port": local_port, "command": list(command)}
+        entry = {"service": spec.service, "agent": given.get("agent") or os.environ.get("INTERCEPT_AGENT"), "namespace": namespace,
+                 "context": spec.context, "route": options.describe(), "name": name, "local_port": spec.port, "command": command}
         with register(entry):  # for intercept status / leave; removed when this intercept ends
-            code = asyncio.run(start_api(options, local, report, replicas, parsed_forwards, propagate_header))
+            code = asyncio.run(start_api(options, local, report, replicas, spec.forward, spec.propagate_header))
     except InterceptError as e:
         _fail(e)
     sys.exit(code)
+
+
+# start's parameters, by the name of the option they spell in intercept.spec
+_START_OPTIONS = {
+    "service": "service", "agent_address": "agent", "credentials": "credentials", "local_port": "port",
+    "headers": "headers", "header_regexes": "header_regexes", "baggage": "baggage", "path_prefix": "path_prefix",
+    "all_traffic": "all", "name": "name", "watch": "watch", "no_watch": "no_watch", "debug": "debug",
+    "debug_port": "debug_port", "debug_wait": "debug_wait", "env_file": "env_file", "forwards": "forward",
+    "propagate_header": "propagate_header", "service_port": "service_port", "namespace": "namespace",
+    "context": "context", "kubeconfig": "kubeconfig",
+}
 
 
 @main.command("env")

@@ -258,3 +258,19 @@ def test_command_runs_as_the_local_process_and_stops_with_the_intercept(agent, c
     assert client.finish() == 0
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_intercept_variables_are_another_spelling_of_the_flags(agent, local_app, clients):
+    from tests.conftest import INTERCEPT, Proc
+
+    proc = Proc(INTERCEPT + ["start", "--port", str(local_app.port), "--header", "x-dev=flag-wins"],
+                env={"INTERCEPT_AGENT": agent.ssh, "INTERCEPT_CREDENTIALS": str(agent.credentials),
+                     "INTERCEPT_HEADER": "x-dev=from-env", "INTERCEPT_NAME": "yuri"})
+    clients.append(proc)
+    proc.wait_for(r"^intercept: ready: requests with x-dev: flag-wins now reach")
+    assert agent.app_of({"x-dev": "flag-wins"}) == "local"
+    assert agent.app_of({"x-dev": "from-env"}) == "cluster"
+    bad = Proc(INTERCEPT + ["start"], env={"INTERCEPT_AGENT": agent.ssh, "INTERCEPT_PORT": "http"})
+    clients.append(bad)
+    assert bad.finish() == 2
+    assert "INTERCEPT_PORT=http" in bad.output

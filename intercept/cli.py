@@ -223,6 +223,7 @@ def start(
         )
         entry = {"service": spec.service, "agent": given.get("agent") or os.environ.get("INTERCEPT_AGENT"), "namespace": namespace,
                  "context": spec.context, "route": options.describe(), "name": name, "local_port": spec.port, "command": command}
+        click.echo(f"intercept: starting: {options.describe()} to localhost:{spec.port} through {transport.describe()}")
         with register(entry):  # for intercept status / leave; removed when this intercept ends
             code = asyncio.run(start_api(options, local, report, replicas, spec.forward, spec.propagate_header))
     except InterceptError as e:

@@ -125,6 +125,7 @@ def _agent_image_option(command: Any) -> Any:
 @click.option("--env-file", type=click.Path(dir_okay=False), help="Also write COMMAND's pod environment to FILE (dotenv).")
 @click.option("--forward", "forwards", multiple=True, metavar="SERVICE:PORT[:LOCAL_PORT]", help="Plain TCP from localhost to a cluster service, through the agent's pod.")
 @click.option("--propagate-header", is_flag=True, help="Add your route's headers to COMMAND's outbound plain HTTP (chains of intercepted services).")
+@click.option("--no-outbound", is_flag=True, help="When injecting the agent: no connections from the pod on your behalf.")
 @click.option("--service-port", metavar="NAME|NUMBER", help="The Service port to intercept, when it has several.")
 @_agent_image_option
 @_cluster_options
@@ -149,6 +150,7 @@ def start(
     env_file: str | None,
     forwards: tuple[str, ...],
     propagate_header: bool,
+    no_outbound: bool,
     service_port: str | None,
     agent_image: str,
     namespace: str | None,
@@ -199,7 +201,7 @@ def start(
 
             cluster = connect(spec.kubeconfig, spec.context, spec.namespace)
             info = ensure_agent(cluster.api, cluster.namespace, spec.service,
-                                InjectOptions(image=agent_image, service_port=spec.service_port), _progress)
+                                InjectOptions(image=agent_image, service_port=spec.service_port, outbound=not spec.no_outbound), _progress)
             transport, creds, namespace = ServiceTransport(cluster.namespace, spec.service), info.credentials, cluster.namespace
             replicas = pod_replicas(watch_agent_pods(cluster.api, cluster.namespace, info.selector), cluster.api, in_cluster=cluster.in_cluster)
         name = spec.name or default_name()
@@ -237,7 +239,7 @@ _START_OPTIONS = {
     "headers": "headers", "header_regexes": "header_regexes", "baggage": "baggage", "path_prefix": "path_prefix",
     "all_traffic": "all", "name": "name", "watch": "watch", "no_watch": "no_watch", "debug": "debug",
     "debug_port": "debug_port", "debug_wait": "debug_wait", "env_file": "env_file", "forwards": "forward",
-    "propagate_header": "propagate_header", "service_port": "service_port", "namespace": "namespace",
+    "propagate_header": "propagate_header", "no_outbound": "no_outbound", "service_port": "service_port", "namespace": "namespace",
     "context": "context", "kubeconfig": "kubeconfig",
 }
 

@@ -369,6 +369,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("propagate_header", "--propagate-header", "boolean", False,
            "Add your route's header to outbound HTTP through the proxy, so that a chain of intercepted services keeps routing.",
            True, _bool, verbatim=False),
+    Option("no_outbound", "--no-outbound", "boolean", False,
+           "When the agent is injected: refuse connections from the pod on a developer's behalf (no proxy, no --forward).",
+           True, _bool, verbatim=False),
 )
 
 _BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS}
@@ -440,7 +443,7 @@ class InterceptSpec:
 
     Build it with :func:`merge` or :func:`load_workspace`, which validate and apply the
     defaults (including ``watch``'s: ``directory`` when a command is given, unless
-    ``no_watch``); the constructor does not. The fields up to ``propagate_header`` are
+    ``no_watch``); the constructor does not. The fields up to ``no_outbound`` are
     the options of :data:`OPTIONS`, in order. ``directory`` is where the command runs
     and where relative paths of the file were resolved from (the directory of
     intercept.yaml, else ``.``). ``origins`` says which option was set where (options
@@ -470,6 +473,7 @@ class InterceptSpec:
     debug_wait: bool = False
     forward: tuple[Forward, ...] = ()
     propagate_header: bool = False
+    no_outbound: bool = False
     directory: Path = Path(".")
     origins: Mapping[str, Origin] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
     location: Origin | None = field(default=None, compare=False, repr=False)

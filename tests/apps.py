@@ -11,6 +11,8 @@ Paths:
   /chunked/N/M     N chunks of M bytes, chunked
   /close           a body delimited by closing the connection (HTTP/1.0 style)
   /ws              101 Switching Protocols, then echoes raw bytes
+  /hangup          reads the request, closes without answering (a crash)
+  /idle-close      answers (keep-alive, as far as the client knows), then closes: an idle timeout
   anything else    the JSON echo
 A connection whose first byte is not a letter is echoed back raw (a TCP echo server).
 """
@@ -33,6 +35,7 @@ class App:
         self.sock = socket.create_server((host, port), backlog=512, reuse_port=False)
         self.port = self.sock.getsockname()[1]
         self.hits = 0
+        self.seen: list[str] = []  # "METHOD target" of every request, in order
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -90,6 +93,7 @@ class App:
         request: h11.Request = event
         with self._lock:
             self.hits += 1
+            self.seen.append(f"{request.method.decode()} {request.target.decode()}")
         digest, length = hashlib.sha256(), 0
         while True:
             event = self._next(conn, h)
@@ -103,6 +107,8 @@ class App:
         target = request.target.decode()
         parts = target.split("?")[0].strip("/").split("/")
         base = [("X-App", self.name)]
+        if parts[0] == "hangup":
+            return False
         if parts[0] == "status":
             status = int(parts[1])
             body = b"" if status in (204, 304) else f"{self.name} {status}\n".encode()
@@ -153,4 +159,6 @@ class App:
             if request.method != b"HEAD":
                 conn.sendall(h.send(h11.Data(data=body)))
         conn.sendall(h.send(h11.EndOfMessage()))
+        if parts[0] == "idle-close":
+            return False
         return h.our_state is h11.DONE and h.their_state is h11.DONE

@@ -272,3 +272,37 @@ def test_large_bodies_are_streamed_not_held(agent):
     assert echo(conn.getresponse().read())["body_length"] == size
     conn.close()
     assert _peak_rss_kib(agent.proc.p.pid) < 150 * 1024, "the agent held a body in memory"
+
+
+def test_a_flood_of_empty_lines_is_refused_and_bounded(agent):
+    reply = raw_exchange(agent.http_port, b"\r\n" * 5000 + b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400 ") and b"empty lines" in reply
+
+
+def test_pipelined_requests_then_half_close_are_all_answered(agent):
+    with socket.create_connection(("127.0.0.1", agent.http_port), timeout=30) as s:
+        s.sendall(b"".join(b"GET /h%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(3)))
+        s.shutdown(socket.SHUT_WR)
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    assert out.count(b"HTTP/1.1 200 ") == 3 and b"/h2" in out
+
+
+def test_a_stale_keep_alive_link_is_retried_for_get_but_never_for_post(agent, cluster_app):
+    conn = http.client.HTTPConnection("127.0.0.1", agent.http_port, timeout=30)
+    conn.request("GET", "/warm")
+    conn.getresponse().read()
+    before = len(cluster_app.seen)
+    conn.request("POST", "/hangup", body=b"")  # Content-Length: 0, body-less but not idempotent
+    assert conn.getresponse().status == 502
+    conn.close()
+    assert cluster_app.seen[before:].count("POST /hangup") == 1
+    conn = http.client.HTTPConnection("127.0.0.1", agent.http_port, timeout=30)
+    conn.request("GET", "/warm")
+    conn.getresponse().read()
+    before = len(cluster_app.seen)
+    conn.request("GET", "/hangup")
+    assert conn.getresponse().status == 502
+    conn.close()
+    assert cluster_app.seen[before:].count("GET /hangup") == 2  # resent once on a fresh connection

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import random
+import socket
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -274,3 +275,25 @@ def test_intercept_variables_are_another_spelling_of_the_flags(agent, local_app,
     clients.append(bad)
     assert bad.finish() == 2
     assert "INTERCEPT_PORT=http" in bad.output
+
+
+def test_developer_process_closing_connections_never_hangs_a_request(agent, local_app, clients):
+    clients.append(start_client(agent, local_app.port, "--header", "x-dev=zoe", "--name", "zoe"))
+    # a close-delimited response from the developer's process arrives whole
+    with socket.create_connection(("127.0.0.1", agent.http_port), timeout=30) as s:
+        s.sendall(b"GET /close HTTP/1.1\r\nHost: a\r\nx-dev: zoe\r\n\r\n")
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    assert out.endswith(b"local until close\n")
+    # the process crashes mid-request: a 502 naming the intercept, not a hang
+    status, _, body = agent.request(path="/hangup", headers={"x-dev": "zoe"})
+    assert status == 502
+    # the process closes idle keep-alive connections: the next request still gets through
+    conn = http.client.HTTPConnection("127.0.0.1", agent.http_port, timeout=30)
+    for path in ("/idle-close", "/after", "/idle-close", "/after-again"):
+        conn.request("GET", path, headers={"x-dev": "zoe"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("X-App") == "local", path
+        resp.read()
+    conn.close()

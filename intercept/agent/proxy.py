@@ -120,6 +120,9 @@ class TCPLink(asyncio.Protocol):
         self.transport.resume_reading()
 
 
+_REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})  # idempotent: may be resent on a fresh link
+
+
 class Mode(Enum):
     CLASSIFY = 0  # first bytes: HTTP or something else?
     HEAD = 1  # waiting for a request head
@@ -136,6 +139,8 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.mode = Mode.CLASSIFY
         self.pending = b""  # downstream bytes not yet processed
+        self.scanned = 0  # how far ``pending`` was searched for the end of a head
+        self.link_eof_seen = False  # in a tunnel: the far side sent EOF
         self.paused: set[str] = set()  # why downstream reading is paused
         self.down_full = False  # downstream write buffer is full
         self.client_eof = False
@@ -168,14 +173,18 @@ class ClientConnection(asyncio.Protocol):
             self.link.write(data)
             return
         if self.pending:
-            data = self.pending + data
-            self.pending = b""
+            if not isinstance(self.pending, bytearray):
+                self.pending = bytearray(self.pending)
+            self.pending += data  # amortized: a slow head is not copied again on every read
+            data, self.pending = self.pending, b""
         self._consume(data)
 
     def eof_received(self) -> bool:
         self.client_eof = True
         if self.mode is Mode.TUNNEL:
             self.link.write_eof()
+            if self.link_eof_seen:
+                self._close()
             return True
         # keep the connection half open while an answer is still owed
         return self.mode in (Mode.CONNECTING, Mode.AWAIT) or (self.mode is Mode.BODY and self.resp_started)
@@ -213,16 +222,22 @@ class ClientConnection(asyncio.Protocol):
                 pos = end
             elif mode is Mode.HEAD:
                 try:
-                    head = parse_request_head(data, pos)
+                    head = parse_request_head(data, pos, self.scanned if pos == 0 else 0)
                 except ProtocolError as e:
                     self._refuse(e.status, e.reason, head_only=False)
                     return
                 if head is None:
-                    self.pending = data[pos:]
+                    self.pending = data if pos == 0 else data[pos:]
+                    self.scanned = len(self.pending)
                     return
+                self.scanned = 0
                 self.req = head
                 route = self.dest.routes.match(head.method, head.target, head.headers) if len(self.dest.routes) else None
                 link = self.upstream if route is None else self.developers.get(route.session_id)
+                if link is not None and not link.reusable:
+                    self._forget(link)
+                    link.close()
+                    link = None
                 if link is None:
                     self.mode = Mode.CONNECTING
                     self._pause("connecting")
@@ -271,7 +286,7 @@ class ClientConnection(asyncio.Protocol):
         self.mode = Mode.BODY
         start = pos
         pos += head.size
-        self.replay = data[start:pos] if head.framing is Framing.NONE else None
+        self.replay = data[start:pos] if head.framing is Framing.NONE and head.method in _REPLAYABLE else None
         end = self._request_body_end(data, pos)
         if self.mode is not Mode.CLOSED:
             link.write(data[start:end])
@@ -336,14 +351,13 @@ class ClientConnection(asyncio.Protocol):
 
     def _request_finished(self) -> None:
         """Request and response are both complete: the next request may start."""
-        if self.client_eof:
-            self._close()
-            return
         self.mode = Mode.HEAD
         self._resume("pipeline")
         if self.pending:
             data, self.pending = self.pending, b""
             self._consume(data)
+        if self.client_eof and self.mode is Mode.HEAD:  # the client sent all it will send
+            self._close()
 
     def _tunnel(self, data: bytes) -> None:
         self.mode = Mode.TUNNEL
@@ -437,18 +451,25 @@ class ClientConnection(asyncio.Protocol):
 
     def link_eof(self, link: Link) -> bool:
         if link is self.link and self.mode is Mode.TUNNEL:
-            if self.transport.can_write_eof():
+            self.link_eof_seen = True
+            if self.client_eof:
+                self._close()
+            elif self.transport.can_write_eof():
                 self.transport.write_eof()
             return True
-        return False
+        link.close()  # outside a tunnel, EOF ends the link: link_lost follows
+        return True
 
     def link_lost(self, link: Link) -> None:
         self._forget(link)
         if link is not self.link or self.mode is Mode.CLOSED:
             return
         self.link = None
+        self._resume("link")  # a lost link's backpressure must not keep the client paused
         if self.mode is Mode.TUNNEL:
             self._close()
+        elif self.mode is Mode.BODY and self.resp_done:
+            self._close()  # answered early; the rest of the body has nowhere to go
         elif self.resp is not None and self.resp.framing is Framing.UNTIL_CLOSE:
             self._close()  # the close is the end of this response
         elif self.mode in (Mode.BODY, Mode.AWAIT) and not self.resp_done:
@@ -466,7 +487,9 @@ class ClientConnection(asyncio.Protocol):
 
     def release(self, link: Link) -> None:
         """Close ``link`` now if it is idle, else once the current response is complete."""
-        busy = link is self.link and self.mode in (Mode.CONNECTING, Mode.BODY, Mode.AWAIT, Mode.TUNNEL) and not self.resp_done
+        busy = link is self.link and (
+            self.mode in (Mode.BODY, Mode.TUNNEL) or (self.mode is Mode.AWAIT and not self.resp_done)
+        )
         if not busy:
             self._forget(link)
             link.close()

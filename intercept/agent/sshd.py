@@ -78,7 +78,10 @@ class ChannelLink(asyncssh.SSHTCPSession[bytes]):
         self.owner.link_resume(self)
 
     def write(self, data: bytes) -> None:
-        self.chan.write(data)
+        try:
+            self.chan.write(bytes(data))
+        except BrokenPipeError:  # the developer's side closed: connection_lost follows
+            pass
 
     def write_eof(self) -> None:
         self.chan.write_eof()
@@ -206,7 +209,7 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
         try:
             request = json.loads(line)
             op = request["op"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             return {"ok": False, "error": "bad-request", "message": "expected a JSON object with an op"}
         agent, session = self.session.agent, self.session
         try:
@@ -228,7 +231,7 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
             return {"ok": False, "error": "conflict", "message": str(e), "holder": e.holder}
         except InterceptError as e:
             return {"ok": False, "error": "invalid", "message": str(e)}
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             return {"ok": False, "error": "bad-request", "message": f"malformed {op} request: {e}"}
         return {"ok": False, "error": "bad-request", "message": f"unknown op {op!r}"}
 

@@ -39,17 +39,22 @@ class LocalProcess:
         return await self.proc.wait()
 
     async def stop(self, grace: float = 5.0) -> int | None:
-        if self.proc is None or self.proc.returncode is not None:
-            return None if self.proc is None else self.proc.returncode
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                return await asyncio.wait_for(self.proc.wait(), grace)
-            except asyncio.TimeoutError:
-                log.warning("%s did not stop within %ss; killing it", self.argv[0], grace)
+        """TERM the whole process group, then KILL what is left of it after ``grace`` (the
+        group outlives its leader when children remain: they are stopped too)."""
+        if self.proc is None:
+            return None
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return await self.proc.wait()
+        try:
+            await asyncio.wait_for(self.proc.wait(), grace)
+        except asyncio.TimeoutError:
+            log.warning("%s did not stop within %ss; killing it", self.argv[0], grace)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         return await self.proc.wait()
 
 

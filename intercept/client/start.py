@@ -25,6 +25,7 @@ from intercept.client.fleet import Fleet, Replica, fixed
 from intercept.client.outbound import OutboundProxy, SSHDialer, TCPForward, propagation, proxy_env
 from intercept.client.runner import LocalCommand, Supervisor, accepting, dotenv, watch
 from intercept.client.session import AgentSession, Event, InterceptOptions
+from intercept.errors import InterceptError
 from intercept.spec import Forward
 
 log = logging.getLogger(__name__)
@@ -191,13 +192,18 @@ async def _reload_on_change(
         more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
         report(Event("reloading", f"{first}{more} changed; restarting {name}"))
         door.close()
-        await fleet.drain(True)
-        if not await door.drained(DRAIN_GRACE):
-            log.warning("%d routed connections still open after %ss; restarting anyway", door.busy, DRAIN_GRACE)
-        await supervisor.restart()
-        up = await accepting(options.local_host, options.local_port, door.hold_timeout, lambda: supervisor.running)
-        door.open()
-        await fleet.drain(False)
+        try:
+            await fleet.drain(True)
+            if not await door.drained(DRAIN_GRACE):
+                log.warning("%d routed connections still open after %ss; restarting anyway", door.busy, DRAIN_GRACE)
+            await supervisor.restart()
+            up = await accepting(options.local_host, options.local_port, door.hold_timeout, lambda: supervisor.running)
+        except InterceptError as e:  # e.g. the command vanished mid-save: say so, keep watching
+            report(Event("waiting", f"{e}; save a change to try again"))
+            continue
+        finally:
+            door.open()
+            await fleet.drain(False)
         if up:
             report(Event("reloaded", f"{name} restarted; {options.describe()} reach localhost:{options.local_port}"))
         else:

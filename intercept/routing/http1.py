@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 MAX_HEAD_SIZE = 64 * 1024
+MAX_EMPTY_LINES = 1024  # bytes of CRLF tolerated before a request line
 MAX_CHUNK_LINE = 4096
 
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
@@ -96,6 +97,8 @@ def classify(buf: bytes | bytearray) -> Kind:
     n = len(buf)
     while start < n and buf[start] in (13, 10):
         start += 1
+    if start > MAX_EMPTY_LINES:
+        return Kind.HTTP  # the request parser refuses it
     if start == n:
         return Kind.NEED_MORE
     head = bytes(buf[start : start + len(_H2_PREFACE)])
@@ -114,9 +117,9 @@ def classify(buf: bytes | bytearray) -> Kind:
     return Kind.NEED_MORE if i == n else Kind.OTHER
 
 
-def _find_head(buf: bytes | bytearray, start: int) -> int:
+def _find_head(buf: bytes | bytearray, start: int, search_from: int) -> int:
     """Index just past the head's terminating blank line, or -1 if it is not complete."""
-    end = buf.find(b"\r\n\r\n", start)
+    end = buf.find(b"\r\n\r\n", search_from)
     if end < 0:
         if len(buf) - start > MAX_HEAD_SIZE:
             raise ProtocolError(431, "request head larger than 64 KiB")
@@ -153,17 +156,20 @@ def _content_length(values: list[bytes], status: int) -> int:
     return int(value)
 
 
-def parse_request_head(buf: bytes | bytearray, start: int = 0) -> RequestHead | None:
+def parse_request_head(buf: bytes | bytearray, start: int = 0, scanned: int = 0) -> RequestHead | None:
     """Parse the request head that begins at ``buf[start]``; None while it is incomplete.
 
-    Raises :class:`ProtocolError` with 400, 431, 501 or 505 for a request that must be
-    refused.
+    ``scanned``: how many bytes of ``buf`` an earlier call already searched (so a head
+    that arrives in many pieces is searched once, not once per piece). Raises
+    :class:`ProtocolError` with 400, 431, 501 or 505 for a request that must be refused.
     """
     body = start
     n = len(buf)
     while body + 1 < n and buf[body] == 13 and buf[body + 1] == 10:
         body += 2  # RFC 9112 2.2: ignore empty lines before the request line
-    end = _find_head(buf, body)
+        if body - start > MAX_EMPTY_LINES:
+            raise ProtocolError(400, "too many empty lines before the request line")
+    end = _find_head(buf, body, max(body, scanned - 3))
     if end < 0:
         return None
     lines = bytes(buf[body : end - 4]).split(b"\r\n")

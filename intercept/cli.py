@@ -65,7 +65,8 @@ def main(verbose: int) -> None:
 @click.option("--credentials", envvar="INTERCEPT_CREDENTIALS", required=True, type=click.Path(path_type=Path), help="Host key and token file; created (0600) at first start.")
 @click.option("--hold-timeout", envvar="INTERCEPT_HOLD_TIMEOUT", default=10.0, show_default=True, type=float, help="Seconds a matched request waits for the developer's process.")
 @click.option("--allow-outbound/--no-allow-outbound", envvar="INTERCEPT_ALLOW_OUTBOUND", default=False, help="Let clients open TCP connections from this pod.")
-def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_timeout: float, allow_outbound: bool) -> None:
+@click.option("--shutdown-grace", envvar="INTERCEPT_SHUTDOWN_GRACE", default=0.0, show_default=True, type=float, help="Seconds to keep serving after SIGTERM.")
+def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_timeout: float, allow_outbound: bool, shutdown_grace: float) -> None:
     """Run the agent in front of an app (in a pod: configured by INTERCEPT_* variables)."""
     from intercept.agent import AgentConfig, run
 
@@ -77,6 +78,7 @@ def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_t
             credentials=credentials,
             hold_timeout=hold_timeout,
             allow_outbound=allow_outbound,
+            shutdown_grace=shutdown_grace,
         )
 
         def ready(a: Any) -> None:

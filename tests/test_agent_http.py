@@ -306,3 +306,22 @@ def test_a_stale_keep_alive_link_is_retried_for_get_but_never_for_post(agent, cl
     assert conn.getresponse().status == 502
     conn.close()
     assert cluster_app.seen[before:].count("GET /hangup") == 2  # resent once on a fresh connection
+
+
+def test_after_sigterm_the_agent_keeps_serving_for_its_grace(cluster_app, tmp_path):
+    import signal
+
+    agent = start_agent(tmp_path, cluster_app.port, "--shutdown-grace", "60")
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", agent.http_port, timeout=30)
+        conn.request("GET", "/before")
+        conn.getresponse().read()
+        agent.proc.signal(signal.SIGTERM)
+        agent.proc.wait_for(r"stopping: still serving for 60s")
+        conn.request("GET", "/during")  # the same keep-alive connection, and a new one
+        assert echo(conn.getresponse().read())["target"] == "/during"
+        assert agent.app_of(path="/new") == "cluster"
+        conn.close()
+    finally:
+        agent.proc.p.kill()
+        agent.proc.stop()

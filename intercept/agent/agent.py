@@ -28,6 +28,7 @@ class AgentConfig:
     credentials: Path
     hold_timeout: float = 10.0
     allow_outbound: bool = False
+    shutdown_grace: float = 0.0  # seconds to keep serving after SIGTERM
 
 
 class Agent:
@@ -159,6 +160,10 @@ def run(config: AgentConfig, ready: Any = None) -> None:
         if ready is not None:
             ready(agent)
         await stop.wait()
+        if config.shutdown_grace > 0:
+            # the pod is leaving; until every node has dropped it from the endpoints, traffic still arrives
+            log.warning("stopping: still serving for %gs", config.shutdown_grace)
+            await asyncio.sleep(config.shutdown_grace)
         await agent.close()
 
     try:

@@ -506,6 +506,8 @@ def _agent_container(
         {"name": "INTERCEPT_HOLD_TIMEOUT", "value": str(int(hold)) if hold == int(hold) else str(hold)},
         {"name": "INTERCEPT_ALLOW_OUTBOUND", "value": "true" if options.outbound else "false"},
         {"name": "INTERCEPT_APP_CONTAINER", "value": app["name"]},
+        # keep serving a few seconds after SIGTERM, while the endpoints controller removes the pod
+        {"name": "INTERCEPT_SHUTDOWN_GRACE", "value": "5"},
     ]
 
     container: Obj = {

@@ -271,21 +271,16 @@ def env_command(service: str | None, agent_address: str | None, credentials: Pat
                 raise UsageError("--credentials FILE is required with --agent (the file the agent wrote)")
             transport: Any = DirectTransport(*_address(agent_address, "--agent"))
             creds = load(credentials)
+            options = InterceptOptions(transport=transport, credentials=creds, route=Route(frozenset()), name=default_name(), local_port=0)
         elif service is not None:
-            from intercept.client.portforward import pod_transport
-            from intercept.kube.apply import agent_pods, ensure_agent
+            from intercept.kube.apply import ensure_agent
             from intercept.kube.config import connect
             from intercept.kube.inject import InjectOptions
 
             cluster = connect(kubeconfig, context, namespace)
-            info = ensure_agent(cluster.api, cluster.namespace, service, InjectOptions(image=agent_image), _progress)
-            pods = [p for p in agent_pods(cluster.api, cluster.namespace, info.selector) if p.ready and p.ip]
-            if not pods:
-                raise UsageError(f"no ready agent pod behind {cluster.namespace}/{service}; check `kubectl get pods -n {cluster.namespace}`")
-            transport, creds = pod_transport(pods[0], cluster.api, in_cluster=cluster.in_cluster), info.credentials
+            options = _one_agent(cluster, ensure_agent(cluster.api, cluster.namespace, service, InjectOptions(image=agent_image), _progress))
         else:
             raise UsageError("name the SERVICE (intercept env orders), or --agent HOST:PORT --credentials FILE")
-        options = InterceptOptions(transport=transport, credentials=creds, route=Route(frozenset()), name=default_name(), local_port=0)
         env = asyncio.run(ask_agent(options, op="env")).get("env", {})
     except InterceptError as e:
         _fail(e)
@@ -428,21 +423,27 @@ def list_command(namespace: str | None, context: str | None, kubeconfig: str | N
         click.echo(("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]).rstrip())
 
 
-def _agent_routes(cluster: Any, info: Any) -> list[dict[str, Any]]:
-    """Everyone's routes, as one ready agent pod of ``info`` lists them (an ``error`` entry if none answers)."""
+def _one_agent(cluster: Any, info: Any) -> Any:
+    """Options to ask one ready agent pod of ``info`` (no route); UsageError when none is ready."""
     from intercept.client import InterceptOptions
     from intercept.client.portforward import pod_transport
-    from intercept.client.start import ask_agent, default_name
+    from intercept.client.start import default_name
     from intercept.kube.apply import agent_pods
     from intercept.routing.match import Route
 
     pods = [p for p in agent_pods(cluster.api, info.namespace, info.selector) if p.ready and p.ip]
     if not pods:
-        return [{"error": "no ready agent pod"}]
-    options = InterceptOptions(transport=pod_transport(pods[0], cluster.api, in_cluster=cluster.in_cluster),
-                               credentials=info.credentials, route=Route(frozenset()), name=default_name(), local_port=0)
+        raise UsageError(f"no ready agent pod behind {info.namespace}/{info.service}; check `kubectl get pods -n {info.namespace}`")
+    return InterceptOptions(transport=pod_transport(pods[0], cluster.api, in_cluster=cluster.in_cluster),
+                            credentials=info.credentials, route=Route(frozenset()), name=default_name(), local_port=0)
+
+
+def _agent_routes(cluster: Any, info: Any) -> list[dict[str, Any]]:
+    """Everyone's routes, as one ready agent pod of ``info`` lists them (an ``error`` entry if none answers)."""
+    from intercept.client.start import ask_agent
+
     try:
-        return asyncio.run(ask_agent(options, op="list")).get("routes", [])
+        return asyncio.run(ask_agent(_one_agent(cluster, info), op="list")).get("routes", [])
     except InterceptError as e:
         return [{"error": str(e)}]
 

@@ -38,6 +38,15 @@ class _DashDashCommand(click.Command):
         return super().parse_args(ctx, args)
 
 
+def _run(main: Any) -> Any:
+    """Run a coroutine on uvloop when it is installed (the data path is asyncio throughout)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
 def _fail(error: InterceptError) -> None:
     click.echo(f"intercept: error: {error}", err=True)
     sys.exit(error.exit_code)
@@ -229,7 +238,7 @@ def start(
                  "context": spec.context, "route": options.describe(), "name": name, "local_port": spec.port, "command": command}
         click.echo(f"intercept: starting: {options.describe()} to localhost:{spec.port} through {transport.describe()}")
         with register(entry):  # for intercept status / leave; removed when this intercept ends
-            code = asyncio.run(start_api(options, local, report, replicas, spec.forward, spec.propagate_header))
+            code = _run(start_api(options, local, report, replicas, spec.forward, spec.propagate_header))
     except InterceptError as e:
         _fail(e)
     sys.exit(code)
@@ -281,7 +290,7 @@ def env_command(service: str | None, agent_address: str | None, credentials: Pat
             options = _one_agent(cluster, ensure_agent(cluster.api, cluster.namespace, service, InjectOptions(image=agent_image), _progress))
         else:
             raise UsageError("name the SERVICE (intercept env orders), or --agent HOST:PORT --credentials FILE")
-        env = asyncio.run(ask_agent(options, op="env")).get("env", {})
+        env = _run(ask_agent(options, op="env")).get("env", {})
     except InterceptError as e:
         _fail(e)
     if output == "json":
@@ -443,7 +452,7 @@ def _agent_routes(cluster: Any, info: Any) -> list[dict[str, Any]]:
     from intercept.client.start import ask_agent
 
     try:
-        return asyncio.run(ask_agent(_one_agent(cluster, info), op="list")).get("routes", [])
+        return _run(ask_agent(_one_agent(cluster, info), op="list")).get("routes", [])
     except InterceptError as e:
         return [{"error": str(e)}]
 

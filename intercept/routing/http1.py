@@ -64,7 +64,7 @@ class Framing(Enum):
     TUNNEL = 4  # after 101 Switching Protocols or a 2xx to CONNECT: raw bytes both ways
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen __init__ costs a setattr call per field, per request
 class RequestHead:
     method: bytes
     target: bytes
@@ -77,7 +77,7 @@ class RequestHead:
     upgrade: bool  # asks to switch protocols (Upgrade) or to tunnel (CONNECT)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ResponseHead:
     status: int
     size: int

@@ -36,6 +36,7 @@ class App:
         self.port = self.sock.getsockname()[1]
         self.hits = 0
         self.seen: list[str] = []  # "METHOD target" of every request, in order
+        self.connections = 0  # TCP connections accepted
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -53,6 +54,8 @@ class App:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            with self._lock:
+                self.connections += 1
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:

@@ -325,3 +325,25 @@ def test_after_sigterm_the_agent_keeps_serving_for_its_grace(cluster_app, tmp_pa
     finally:
         agent.proc.p.kill()
         agent.proc.stop()
+
+
+def _one_request_then_hang_up(port: int, path: str) -> bytes:
+    """A client that sends one keep-alive request, reads the answer and closes (no Connection: close)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(b"GET %s HTTP/1.1\r\nHost: a\r\n\r\n" % path.encode())
+        (resp, body), = read_responses(s, 1)
+        return resp.status_code, body
+
+
+def test_a_connection_per_request_reuses_upstream_connections(agent, cluster_app):
+    before = cluster_app.connections
+    for i in range(20):
+        status, body = _one_request_then_hang_up(agent.http_port, f"/once/{i}")
+        assert status == 200 and echo(body)["target"] == f"/once/{i}"
+    assert cluster_app.connections - before <= 1  # one upstream connection served them all
+
+
+def test_pooled_upstream_connections_closed_by_the_app_are_not_a_failure(agent):
+    for i in range(10):
+        path = "/idle-close" if i % 2 == 0 else f"/then/{i}"
+        assert _one_request_then_hang_up(agent.http_port, path)[0] == 200, path

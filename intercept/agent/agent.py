@@ -13,7 +13,7 @@ import asyncssh
 
 from intercept import __version__, credentials
 from intercept.agent import sshd
-from intercept.agent.proxy import ClientConnection, Link, RouteGone, TCPLink, Unavailable
+from intercept.agent.proxy import ClientConnection, Link, RouteGone, TCPLink, Unavailable, UpstreamPool
 from intercept.errors import UsageError
 from intercept.routing.match import RegisteredRoute, Route, RouteTable
 
@@ -38,6 +38,7 @@ class Agent:
         self.config = config
         self.credentials = credentials.load_or_create(config.credentials)
         self.routes = RouteTable()
+        self.pool = UpstreamPool()
         self.sessions: dict[str, sshd.DeveloperSession] = {}
         self._http: asyncio.Server | None = None
         self._ssh: asyncssh.SSHAcceptor | None = None
@@ -114,6 +115,9 @@ class Agent:
     # -- destinations for the proxy --------------------------------------------------------
 
     async def open_upstream(self, owner: ClientConnection) -> Link:
+        link = self.pool.take(owner)
+        if link is not None:
+            return link
         host, port = self.config.upstream
         try:
             _, link = await asyncio.get_running_loop().create_connection(lambda: TCPLink(owner), host, port)

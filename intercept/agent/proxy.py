@@ -71,6 +71,7 @@ class Destinations(Protocol):
     """What a connection needs from the agent."""
 
     routes: RouteTable
+    pool: UpstreamPool | None
 
     async def open_upstream(self, owner: ClientConnection) -> Link: ...
     async def open_developer(self, route: RegisteredRoute, owner: ClientConnection) -> Link: ...
@@ -81,9 +82,10 @@ class TCPLink(asyncio.Protocol):
 
     reusable = True
 
-    def __init__(self, owner: ClientConnection) -> None:
+    def __init__(self, owner: ClientConnection | UpstreamPool) -> None:
         self.owner = owner
         self.transport: asyncio.Transport | None = None
+        self.pooled = False  # it served another client connection before: it may have gone stale
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -121,6 +123,60 @@ class TCPLink(asyncio.Protocol):
 
 
 _REPLAYABLE = frozenset({b"GET", b"HEAD", b"OPTIONS"})  # idempotent: may be resent on a fresh link
+
+
+class UpstreamPool:
+    """Idle keep-alive connections to the upstream, shared by every client connection.
+
+    A client that opens a connection per request (curl in a script, health checks)
+    would otherwise cost a TCP connect to the app per request; nginx's ``keepalive``
+    does the same. While idle, a link reports to the pool: anything it says (data,
+    EOF, close) ends it.
+    """
+
+    def __init__(self, limit: int = 64) -> None:
+        self.limit = limit
+        self.idle: list[TCPLink] = []
+
+    def take(self, owner: ClientConnection) -> TCPLink | None:
+        while self.idle:
+            link = self.idle.pop()
+            if not link.transport.is_closing():
+                link.owner = owner
+                link.transport.resume_reading()
+                return link
+        return None
+
+    def give(self, link: TCPLink) -> None:
+        """Keep a clean link (no request or response in flight) for another client connection."""
+        if len(self.idle) >= self.limit or link.transport.is_closing():
+            link.close()
+            return
+        link.owner = self
+        link.pooled = True
+        self.idle.append(link)
+
+    def _drop(self, link: TCPLink) -> None:
+        if link in self.idle:
+            self.idle.remove(link)
+        link.close()
+
+    def link_data(self, link: TCPLink, data: bytes) -> None:
+        self._drop(link)  # an idle upstream connection that speaks is out of step
+
+    def link_eof(self, link: TCPLink) -> bool:
+        self._drop(link)
+        return True
+
+    def link_lost(self, link: TCPLink) -> None:
+        if link in self.idle:
+            self.idle.remove(link)
+
+    def link_pause(self, link: TCPLink) -> None:
+        pass
+
+    def link_resume(self, link: TCPLink) -> None:
+        pass
 
 
 class Mode(Enum):
@@ -190,11 +246,9 @@ class ClientConnection(asyncio.Protocol):
         return self.mode in (Mode.CONNECTING, Mode.AWAIT) or (self.mode is Mode.BODY and self.resp_started)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.mode = Mode.CLOSED
         if self.connecting is not None:
             self.connecting.cancel()
-        for link in self._links():
-            link.close()
+        self._close()
 
     def pause_writing(self) -> None:
         self.down_full = True
@@ -338,7 +392,7 @@ class ClientConnection(asyncio.Protocol):
         if self.mode is Mode.CLOSED:
             link.close()
             return
-        self.link_used = False
+        self.link_used = getattr(link, "pooled", False)
         data, self.pending = self.pending, b""
         self._resume("connecting")
         if head is None:
@@ -537,8 +591,17 @@ class ClientConnection(asyncio.Protocol):
         self._close()
 
     def _close(self) -> None:
+        clean = self.mode is Mode.HEAD or (self.mode is Mode.AWAIT and self.resp_done)  # nothing in flight
         if self.mode is not Mode.CLOSED:
             self.mode = Mode.CLOSED
             self.transport.close()
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            if clean and isinstance(upstream, TCPLink) and self.dest.pool is not None:
+                if self.link is upstream:
+                    self.link = None
+                self.dest.pool.give(upstream)
+            else:
+                upstream.close()
         for link in self._links():
             link.close()

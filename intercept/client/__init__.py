@@ -1,6 +1,6 @@
 """The developer's side: sessions to agents, the local process, ``intercept start``."""
 
-from intercept.client.session import AgentSession, Event, InterceptOptions, keep_intercepting
+from intercept.client.session import AgentSession, Event, InterceptOptions
 from intercept.client.start import default_name, start
 from intercept.client.transport import DirectTransport, Transport
 
@@ -11,6 +11,5 @@ __all__ = [
     "InterceptOptions",
     "Transport",
     "default_name",
-    "keep_intercepting",
     "start",
 ]

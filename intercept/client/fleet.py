@@ -8,7 +8,7 @@ on each, and follows the set of replicas it is given: it opens a session for a r
 that appears, closes the session of one that goes, and reconnects to one whose
 connection drops, each on its own, with backoff (0.5 s doubling to 10 s).
 
-Direct mode is a fleet of one fixed replica (:func:`~intercept.client.session.keep_intercepting`).
+Direct mode (``intercept start --agent``) is a fleet of one fixed replica (:func:`fixed`).
 
 Events, printed by the CLI as ``intercept: KIND: MESSAGE``:
 

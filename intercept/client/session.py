@@ -1,8 +1,7 @@
 """A developer's connection to an agent: authenticate, register the route, bring requests home.
 
-:class:`AgentSession` is one SSH connection to one agent with one route on it.
-:func:`keep_intercepting` holds a session up until told to stop, reconnecting with
-backoff and registering the route again when the connection drops.
+:class:`AgentSession` is one SSH connection to one agent with one route on it;
+:class:`~intercept.client.fleet.Fleet` keeps one per agent replica up, reconnecting.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +22,6 @@ from intercept.errors import (
     AgentUnreachable,
     AuthenticationFailed,
     HostKeyMismatch,
-    InterceptError,
     RouteConflict,
     UsageError,
 )
@@ -151,22 +148,4 @@ class Event:
     message: str
 
 
-async def keep_intercepting(
-    options: InterceptOptions, report: Callable[[Event], None], stop: asyncio.Event
-) -> None:
-    """Hold the intercept up until ``stop`` is set.
-
-    The first connection's errors are raised as they are. Later, a lost connection is
-    retried with backoff (0.5 s doubling to 10 s) for as long as the agent is
-    unreachable; an authentication, host key or conflict error on reconnect is raised
-    (except, for a while, our own route still held by the agent for the connection it
-    has not yet seen die). This is a :class:`~intercept.client.fleet.Fleet` of the one
-    agent ``options.transport``.
-    """
-    from intercept.client.fleet import Fleet, Replica, fixed  # fleet.py builds on this module
-
-    replica = Replica(options.transport.describe(), options.transport)
-    await Fleet(options, report, count_replicas=False, first_attempts=1).run(fixed([replica]), stop)
-
-
-__all__ = ["AgentSession", "Event", "InterceptError", "InterceptOptions", "keep_intercepting"]
+__all__ = ["AgentSession", "Event", "InterceptOptions"]

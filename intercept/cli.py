@@ -75,7 +75,9 @@ def main(verbose: int) -> None:
 @click.option("--hold-timeout", envvar="INTERCEPT_HOLD_TIMEOUT", default=10.0, show_default=True, type=float, help="Seconds a matched request waits for the developer's process.")
 @click.option("--allow-outbound/--no-allow-outbound", envvar="INTERCEPT_ALLOW_OUTBOUND", default=False, help="Let clients open TCP connections from this pod.")
 @click.option("--shutdown-grace", envvar="INTERCEPT_SHUTDOWN_GRACE", default=0.0, show_default=True, type=float, help="Seconds to keep serving after SIGTERM.")
-def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_timeout: float, allow_outbound: bool, shutdown_grace: float) -> None:
+@click.option("--header-timeout", envvar="INTERCEPT_HEADER_TIMEOUT", default=60.0, show_default=True, type=float, help="Close connections that wait longer for a request head.")
+def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_timeout: float, allow_outbound: bool,
+          shutdown_grace: float, header_timeout: float) -> None:
     """Run the agent in front of an app (in a pod: configured by INTERCEPT_* variables)."""
     from intercept.agent import AgentConfig, run
 
@@ -88,6 +90,7 @@ def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_t
             hold_timeout=hold_timeout,
             allow_outbound=allow_outbound,
             shutdown_grace=shutdown_grace,
+            header_timeout=header_timeout,
         )
 
         def ready(a: Any) -> None:

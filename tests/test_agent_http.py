@@ -347,3 +347,19 @@ def test_pooled_upstream_connections_closed_by_the_app_are_not_a_failure(agent):
     for i in range(10):
         path = "/idle-close" if i % 2 == 0 else f"/then/{i}"
         assert _one_request_then_hang_up(agent.http_port, path)[0] == 200, path
+
+
+def test_connections_that_never_finish_a_head_are_closed(cluster_app, tmp_path):
+    agent = start_agent(tmp_path, cluster_app.port, "--header-timeout", "0.5")
+    try:
+        with socket.create_connection(("127.0.0.1", agent.http_port), timeout=30) as slow, \
+             socket.create_connection(("127.0.0.1", agent.http_port), timeout=30) as idle:
+            slow.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ")  # and never more
+            reply = b""
+            while chunk := slow.recv(65536):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 408 ")
+            assert idle.recv(1) == b""  # closed without a word: it had sent nothing
+        assert agent.app_of() == "cluster"  # others are served as before
+    finally:
+        agent.proc.stop()

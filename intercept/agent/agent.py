@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ class AgentConfig:
     hold_timeout: float = 10.0
     allow_outbound: bool = False
     shutdown_grace: float = 0.0  # seconds to keep serving after SIGTERM
+    header_timeout: float = 60.0  # a connection waiting longer for a request head is closed
 
 
 class Agent:
@@ -39,6 +41,8 @@ class Agent:
         self.credentials = credentials.load_or_create(config.credentials)
         self.routes = RouteTable()
         self.pool = UpstreamPool()
+        self.connections: weakref.WeakSet[ClientConnection] = weakref.WeakSet()
+        self._sweeper: asyncio.Task[None] | None = None
         self.sessions: dict[str, sshd.DeveloperSession] = {}
         self._http: asyncio.Server | None = None
         self._ssh: asyncssh.SSHAcceptor | None = None
@@ -50,6 +54,7 @@ class Agent:
         self._ssh = await sshd.start_server(self, *self.config.ssh_listen, key)
         host, port = self.config.listen
         self._http = await loop.create_server(lambda: ClientConnection(self), host, port, backlog=1024, reuse_address=True)
+        self._sweeper = loop.create_task(self._expire_waiting())
         log.info("agent %s: http %s, ssh %s, upstream %s", __version__, self.http_address, self.ssh_address, self.config.upstream)
 
     @property
@@ -60,7 +65,19 @@ class Agent:
     def ssh_address(self) -> tuple[str, int]:
         return self._ssh.sockets[0].getsockname()[:2]
 
+    async def _expire_waiting(self) -> None:
+        """Every few seconds, close connections that wait too long for a request head (slowloris)."""
+        timeout = self.config.header_timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(5.0, timeout / 2))
+            now = loop.time()
+            for connection in list(self.connections):
+                connection.expire(now, timeout)
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._ssh is not None:
             self._ssh.close()
         for session in list(self.sessions.values()):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
@@ -72,6 +73,7 @@ class Destinations(Protocol):
 
     routes: RouteTable
     pool: UpstreamPool | None
+    connections: weakref.WeakSet[ClientConnection]
 
     async def open_upstream(self, owner: ClientConnection) -> Link: ...
     async def open_developer(self, route: RegisteredRoute, owner: ClientConnection) -> Link: ...
@@ -206,6 +208,7 @@ class ClientConnection(asyncio.Protocol):
         self.link: Link | None = None  # the current request's link
         self.link_used = False  # the current link carried an earlier request
         self.connecting: asyncio.Task[None] | None = None
+        self.waiting_since = 0.0  # when the connection began waiting for its next request head
         # the current request
         self.req: RequestHead | None = None
         self.req_left = 0
@@ -223,6 +226,18 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.loop = asyncio.get_running_loop()  # once: get_running_loop() costs a getpid() syscall
+        self.waiting_since = self.loop.time()
+        self.dest.connections.add(self)
+
+    def expire(self, now: float, timeout: float) -> None:
+        """Close a connection that has waited for a request head longer than ``timeout``
+        (a slow or idle client holding a socket): 408 if a head had begun."""
+        if self.mode in (Mode.CLASSIFY, Mode.HEAD) and now - self.waiting_since > timeout:
+            if self.pending:
+                self._refuse(408, f"no complete request head within {timeout:g}s", head_only=False)
+            else:
+                self._close()
 
     def data_received(self, data: bytes) -> None:
         if self.mode is Mode.TUNNEL:
@@ -295,7 +310,7 @@ class ClientConnection(asyncio.Protocol):
                 if link is None:
                     self.mode = Mode.CONNECTING
                     self._pause("connecting")
-                    self.connecting = asyncio.get_running_loop().create_task(self._connect(route, head))
+                    self.connecting = self.loop.create_task(self._connect(route, head))
                     self.pending = data[pos:]
                     return
                 self.link_used = True
@@ -312,7 +327,7 @@ class ClientConnection(asyncio.Protocol):
                     continue
                 self.mode = Mode.CONNECTING
                 self._pause("connecting")
-                self.connecting = asyncio.get_running_loop().create_task(self._connect(None, None))
+                self.connecting = self.loop.create_task(self._connect(None, None))
                 self.pending = data
                 return
             elif mode is Mode.TUNNEL:
@@ -406,6 +421,7 @@ class ClientConnection(asyncio.Protocol):
     def _request_finished(self) -> None:
         """Request and response are both complete: the next request may start."""
         self.mode = Mode.HEAD
+        self.waiting_since = self.loop.time()
         self._resume("pipeline")
         if self.pending:
             data, self.pending = self.pending, b""
@@ -533,7 +549,7 @@ class ClientConnection(asyncio.Protocol):
                 self._pause("connecting")
                 self.pending = self.replay + self.pending
                 route = self.dest.routes.match(self.req.method, self.req.target, self.req.headers) if len(self.dest.routes) else None
-                self.connecting = asyncio.get_running_loop().create_task(self._connect(route, self.req))
+                self.connecting = self.loop.create_task(self._connect(route, self.req))
             elif not self.resp_started:
                 self._refuse(502, "the destination closed the connection before responding", head_only=self.req.method == b"HEAD")
             else:

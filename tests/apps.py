@@ -29,6 +29,24 @@ import h11
 CHUNK = 64 * 1024
 
 
+def accept_each(sock: socket.socket, handle, *, threaded: bool = True) -> None:
+    """Accept connections on ``sock`` in a daemon thread until it is closed; ``handle(conn)``
+    runs in a thread per connection (or inline, one at a time, with ``threaded=False``)."""
+
+    def loop() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            if threaded:
+                threading.Thread(target=handle, args=(conn,), daemon=True).start()
+            else:
+                handle(conn)
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
 class App:
     def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0) -> None:
         self.name = name
@@ -38,8 +56,7 @@ class App:
         self.seen: list[str] = []  # "METHOD target" of every request, in order
         self.connections = 0  # TCP connections accepted
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        accept_each(self.sock, self._handle)
 
     def close(self) -> None:
         try:
@@ -48,17 +65,9 @@ class App:
             pass
         self.sock.close()
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.connections += 1
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
     def _handle(self, conn: socket.socket) -> None:
+        with self._lock:
+            self.connections += 1
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             first = conn.recv(CHUNK)

@@ -12,6 +12,7 @@ import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -102,6 +103,13 @@ class Proc:
 
 
 INTERCEPT = [sys.executable, "-m", "intercept"]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (free until someone binds it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Agent:

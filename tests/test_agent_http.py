@@ -12,7 +12,7 @@ import subprocess
 import h11
 import pytest
 
-from tests.conftest import echo, start_agent
+from tests.conftest import echo, free_port, start_agent
 
 
 def raw_exchange(port: int, data: bytes, *, read_until_close: bool = True) -> bytes:
@@ -235,9 +235,7 @@ def test_malformed_request_gets_its_status_and_others_keep_being_served(agent, c
 
 
 def test_unreachable_upstream_gets_502_naming_it(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]  # closed again before the agent dials it
+    dead_port = free_port()
     agent = start_agent(tmp_path, dead_port)
     try:
         status, _, body = agent.request(path="/")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from intercept.credentials import load
 from intercept.errors import AgentUnreachable, RouteConflict
 from intercept.routing.match import HeaderEquals, Route
 from tests.apps import App
-from tests.conftest import LINE_TIMEOUT, Agent, start_agent, start_client
+from tests.conftest import LINE_TIMEOUT, Agent, free_port, start_agent, start_client
 
 
 class RunningFleet:
@@ -122,12 +121,6 @@ def options_for(agent: Agent, header: str, name: str, local_port: int) -> Interc
         name=name,
         local_port=local_port,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

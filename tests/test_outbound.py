@@ -17,7 +17,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,9 +38,9 @@ from intercept.client.outbound import (
 from intercept.errors import UsageError
 from intercept.routing.http1 import ProtocolError
 from intercept.routing.match import Route, parse_rule
-from tests.apps import App
+from tests.apps import App, accept_each
 from tests.netns import needs_netns, sh, two_hosts
-from tests.conftest import INTERCEPT, Agent, Proc, start_agent
+from tests.conftest import INTERCEPT, Agent, Proc, free_port, start_agent
 
 TIMEOUT = 15
 
@@ -125,9 +124,7 @@ def outbound_agent(target: App, tmp_path_factory: pytest.TempPathFactory) -> Ite
 @pytest.fixture
 def closed_port() -> int:
     """A port on which nothing listens."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 # --- plain HTTP (absolute-form) ----------------------------------------------------------
@@ -218,19 +215,14 @@ class ForgetfulServer:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.connections = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        accept_each(self.sock, self._handle, threaded=False)
 
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            with conn:
-                read_until(conn, b"\r\n\r\n")
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                conn.recv(65536)
+    def _handle(self, conn: socket.socket) -> None:
+        self.connections += 1
+        with conn:
+            read_until(conn, b"\r\n\r\n")
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            conn.recv(65536)
 
     def close(self) -> None:
         self.sock.close()

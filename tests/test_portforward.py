@@ -24,9 +24,10 @@ from intercept.client.portforward import PortForwardTransport
 from intercept.credentials import load
 from intercept.errors import AgentUnreachable
 from intercept.routing.match import HeaderEquals, Route
-from tests.conftest import LINE_TIMEOUT, start_agent
+from tests.apps import accept_each
+from tests.conftest import LINE_TIMEOUT, free_port, start_agent
 from tests.kubeapi import PortForwarder, close
-from tests.test_fleet import RunningFleet, free_port
+from tests.test_fleet import RunningFleet
 
 # The client's relay thread must never die of a reset or a broken pipe (see portforward.py).
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
@@ -44,7 +45,7 @@ class PortForwardAPI(PortForwarder):
         super().__init__()
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
+        accept_each(self.sock, self.serve_connection)
 
     def api_client(self) -> ApiClient:
         config = Configuration()
@@ -54,14 +55,6 @@ class PortForwardAPI(PortForwarder):
     def close(self) -> None:
         super().close()
         close(self.sock)
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.serve_connection, args=(conn,), daemon=True).start()
 
 
 def relay_threads() -> list[threading.Thread]:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.apps import App
-from tests.conftest import echo, start_agent, start_client
+from tests.conftest import echo, free_port, start_agent, start_client
 
 
 def test_request_with_my_header_reaches_my_process(agent, local_app, clients):
@@ -145,11 +145,7 @@ def test_ctrl_c_unregisters_and_exits_zero(agent, local_app, clients):
 
 
 def test_matched_request_is_held_until_the_process_accepts(agent, clients):
-    import socket
-
-    with socket.socket() as s:  # a port for the developer's process, free until it starts
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     clients.append(start_client(agent, port, "--header", "x-dev=olga", "--name", "olga"))
     seen = len(agent.proc.lines)
     result: dict = {}
@@ -165,13 +161,10 @@ def test_matched_request_is_held_until_the_process_accepts(agent, clients):
 
 
 def test_matched_request_whose_process_never_accepts_gets_502_naming_the_developer(cluster_app, tmp_path, clients):
-    import socket
 
     agent = start_agent(tmp_path, cluster_app.port, "--hold-timeout", "0.3")
     try:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         clients.append(start_client(agent, port, "--header", "x-dev=pete", "--name", "pete"))
         status, _, body = agent.request(headers={"x-dev": "pete"})
         assert status == 502
@@ -210,13 +203,10 @@ def test_host_key_mismatch_is_refused_as_possible_impersonation(agent, local_app
 
 
 def test_unreachable_agent_has_its_exit_code(agent, clients):
-    import socket
 
     from tests.conftest import INTERCEPT, Proc
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     dead = Proc(INTERCEPT + ["start", "--agent", f"127.0.0.1:{port}", "--credentials", str(agent.credentials), "--port", "1"])
     clients.append(dead)
     assert dead.finish() == 3
@@ -243,9 +233,7 @@ def test_command_runs_as_the_local_process_and_stops_with_the_intercept(agent, c
     import socket
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     (tmp_path / "index.html").write_text("from the command\n")
     client = start_client(
         agent, port, "--header", "x-dev=uma", "--name", "uma", "--",

@@ -213,7 +213,9 @@ class ClientConnection(asyncio.Protocol):
         self.req: RequestHead | None = None
         self.req_left = 0
         self.req_chunks: ChunkedScanner | None = None
-        self.replay: bytes | None = None  # a body-less request, resent once if a reused link was stale
+        # where a body-less idempotent request's bytes are (buffer, start, end), to resend it once
+        # if a reused link turns out stale; sliced only then, not on every request
+        self.replay: tuple[bytes, int, int] | None = None
         # its response
         self.resp: ResponseHead | None = None
         self.resp_pending = b""
@@ -355,7 +357,7 @@ class ClientConnection(asyncio.Protocol):
         self.mode = Mode.BODY
         start = pos
         pos += head.size
-        self.replay = data[start:pos] if head.framing is Framing.NONE and head.method in _REPLAYABLE else None
+        self.replay = (data, start, pos) if head.framing is Framing.NONE and head.method in _REPLAYABLE else None
         end = self._request_body_end(data, pos)
         if self.mode is not Mode.CLOSED:
             link.write(data[start:end])
@@ -547,7 +549,8 @@ class ClientConnection(asyncio.Protocol):
                 # a reused keep-alive connection was closed by the server: resend once
                 self.mode = Mode.CONNECTING
                 self._pause("connecting")
-                self.pending = self.replay + self.pending
+                buf, start, end = self.replay
+                self.pending = buf[start:end] + self.pending
                 route = self.dest.routes.match(self.req.method, self.req.target, self.req.headers) if len(self.dest.routes) else None
                 self.connecting = self.loop.create_task(self._connect(route, self.req))
             elif not self.resp_started:

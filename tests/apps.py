@@ -174,3 +174,71 @@ class App:
         if parts[0] == "idle-close":
             return False
         return h.our_state is h11.DONE and h.their_state is h11.DONE
+
+
+class Recorder:
+    """A TCP relay in front of an app that records what each upstream connection carried.
+
+    The agent's upstream is pointed here, so a test sees exactly which bytes reached the
+    app on which connection, and whether the agent closed that connection.
+    """
+
+    class Conn:
+        def __init__(self) -> None:
+            self.sent = bytearray()  # agent -> app
+            self.closed = threading.Event()  # the agent closed (or half-closed) its side
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.sock = socket.create_server(("127.0.0.1", 0), backlog=512)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[Recorder.Conn] = []
+        self._lock = threading.Condition()
+        accept_each(self.sock, self._relay)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def carried(self) -> list[bytes]:
+        with self._lock:
+            return [bytes(c.sent) for c in self.conns]
+
+    def wait_for(self, marker: bytes, timeout: float = 30) -> Conn:
+        """The upstream connection that carried ``marker``, once it has."""
+        with self._lock:
+            found = self._lock.wait_for(lambda: next((c for c in self.conns if marker in c.sent), None), timeout)
+        assert found is not None, f"no upstream connection carried {marker!r} within {timeout}s"
+        return found
+
+    def _relay(self, down: socket.socket) -> None:
+        record = Recorder.Conn()
+        with self._lock:
+            self.conns.append(record)
+        up = socket.create_connection(("127.0.0.1", self.target_port))
+
+        def back() -> None:
+            try:
+                while data := up.recv(CHUNK):
+                    down.sendall(data)
+            except OSError:
+                pass
+            try:
+                down.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+        threading.Thread(target=back, daemon=True).start()
+        try:
+            while data := down.recv(CHUNK):
+                with self._lock:
+                    record.sent += data
+                    self._lock.notify_all()
+                up.sendall(data)
+        except OSError:
+            pass
+        finally:
+            record.closed.set()
+            try:
+                up.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass

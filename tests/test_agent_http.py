@@ -177,9 +177,9 @@ def test_websocket_upgrade_then_bytes_both_ways(agent):
     [
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(32)),  # TLS ClientHello
         b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00",  # HTTP/2 preface
-        b"*1\r\n$4\r\nPING\r\n",  # something else (RESP)
+        b"\x00\x00\x00\x08\x04\xd2\x16\x2f",  # binary (a PostgreSQL SSLRequest)
     ],
-    ids=["tls", "h2-preface", "other"],
+    ids=["tls", "h2-preface", "binary"],
 )
 def test_non_http_traffic_is_relayed_untouched(agent, first_bytes):
     with socket.create_connection(("127.0.0.1", agent.http_port), timeout=30) as s:
@@ -215,6 +215,16 @@ MALFORMED = [
     (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505, b"version"),
     (b"GET / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, b"HTTP/1.0"),
     (b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431, b"64 KiB"),
+    # nearly HTTP: refused, never relayed raw past routing
+    (b"*1\r\n$4\r\nPING\r\n", 400, b"request line"),
+    (b"GET\t/ HTTP/1.1\r\nHost: a\r\n\r\n", 400, b"request line"),
+    (b"GET / HTTP/1.1\nHost: a\n\n", 400, b"bare LF"),
+    (b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n", 400, b"header"),
+    # an Upgrade or CONNECT with a body: parsers disagree on where it ends
+    (b"POST / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: foo\r\nContent-Length: 5\r\n\r\nhello", 400, b"Upgrade"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nUpgrade: foo\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, b"Upgrade"),
+    (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\nContent-Length: 5\r\n\r\nhello", 400, b"CONNECT"),
+    (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n" + b"X: y\r\n" * 20000 + b"\r\n", 400, b"trailer"),
 ]
 
 

@@ -22,15 +22,19 @@ from intercept.routing.http1 import (
         (b"GET / HTTP/1.1\r\n", Kind.HTTP),
         (b"\r\nPOST /x HTTP/1.1\r\n", Kind.HTTP),
         (b"get / HTTP/1.1\r\n", Kind.HTTP),
-        (b"GE", Kind.NEED_MORE),
+        (b"G", Kind.HTTP),
         (b"", Kind.NEED_MORE),
+        (b"\r\n", Kind.NEED_MORE),
         (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", Kind.OTHER),
         (b"PRI * HT", Kind.NEED_MORE),
-        (b"\x16\x03\x01\x00", Kind.OTHER),
-        (b"*1\r\n$4\r\nPING\r\n", Kind.OTHER),
-        (b"SSH-2.0-OpenSSH\r\n", Kind.OTHER),
+        (b"\x16\x03\x01\x00", Kind.OTHER),  # TLS
+        (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Kind.OTHER),  # binary (a PostgreSQL SSLRequest)
         (b" GET / HTTP/1.1", Kind.OTHER),
-        (b"A" * 40, Kind.OTHER),
+        # nearly HTTP is HTTP: the request parser refuses it, it is never relayed past routing
+        (b"*1\r\n$4\r\nPING\r\n", Kind.HTTP),
+        (b"SSH-2.0-OpenSSH\r\n", Kind.HTTP),
+        (b"A" * 40 + b" / HTTP/1.1\r\n", Kind.HTTP),
+        (b"GET\t/ HTTP/1.1\r\n", Kind.HTTP),
     ],
 )
 def test_classify_tells_http_from_other_streams(data, kind):
@@ -110,11 +114,46 @@ def test_request_keep_alive(version, connection, keep_alive):
     assert head.keep_alive is keep_alive
 
 
-def test_upgrade_needs_both_connection_upgrade_and_upgrade_header():
-    up = parse_request_head(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n")
-    assert up.upgrade
-    assert not parse_request_head(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n").upgrade
+@pytest.mark.parametrize(
+    "fields",
+    [b"Connection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n", b"Upgrade: websocket\r\n", b"Connection: upgrade\r\n"],
+)
+def test_any_reading_of_upgrade_counts(fields):
+    # h11 takes an Upgrade field alone as a proposal, llhttp wants Connection: upgrade too:
+    # the agent waits for the answer on every reading
+    assert parse_request_head(b"GET / HTTP/1.1\r\nHost: x\r\n" + fields + b"\r\n").upgrade
     assert parse_request_head(b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n").upgrade
+    assert not parse_request_head(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n").upgrade
+
+
+@pytest.mark.parametrize("fields", [b"Content-Length: 3\r\n", b"Transfer-Encoding: chunked\r\n"])
+@pytest.mark.parametrize("upgrade", [b"Connection: Upgrade\r\nUpgrade: foo\r\n", b"Upgrade: foo\r\n", b"Connection: upgrade\r\n"])
+def test_an_upgrade_with_a_body_is_refused(upgrade, fields):
+    with pytest.raises(ProtocolError) as e:
+        parse_request_head(b"POST / HTTP/1.1\r\nHost: x\r\n" + upgrade + fields + b"\r\n")
+    assert e.value.status == 400 and "smuggling" in e.value.reason
+    with pytest.raises(ProtocolError):
+        parse_request_head(b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n" + fields + b"\r\n")
+    assert parse_request_head(b"POST / HTTP/1.1\r\nHost: x\r\n" + upgrade + b"Content-Length: 0\r\n\r\n").upgrade
+
+
+def test_a_head_with_a_bare_lf_is_refused_before_it_completes():
+    with pytest.raises(ProtocolError) as e:
+        parse_request_head(b"GET / HTTP/1.1\nHost: x\n")
+    assert e.value.status == 400 and "bare LF" in e.value.reason
+    assert parse_request_head(b"GET / HTTP/1.1\r\nHost: x\r") is None
+    with pytest.raises(ProtocolError) as e:
+        parse_response_head(b"HTTP/1.1 200 OK\nContent-Length: 0\n", b"GET")
+    assert e.value.status == 502
+
+
+def test_trailer_lines_are_capped():
+    scanner = ChunkedScanner(400)
+    scanner.feed(b"0\r\n")
+    with pytest.raises(ProtocolError) as e:
+        for _ in range(10000):
+            scanner.feed(b"X-Trailer: 0123456789\r\n")
+    assert "trailer" in e.value.reason
 
 
 @pytest.mark.parametrize(

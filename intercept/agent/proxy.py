@@ -25,6 +25,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 from intercept.routing.http1 import (
+    MAX_EMPTY_LINES,
     MAX_HEAD_SIZE,
     ChunkedScanner,
     Framing,
@@ -36,6 +37,7 @@ from intercept.routing.http1 import (
     error_response,
     parse_request_head,
     parse_response_head,
+    skip_empty_lines,
 )
 
 if TYPE_CHECKING:
@@ -198,6 +200,7 @@ class ClientConnection(asyncio.Protocol):
         self.mode = Mode.CLASSIFY
         self.pending = b""  # downstream bytes not yet processed
         self.scanned = 0  # how far ``pending`` was searched for the end of a head
+        self.empty_lines = 0  # bytes of empty lines skipped before the next request line
         self.link_eof_seen = False  # in a tunnel: the far side sent EOF
         self.paused: set[str] = set()  # why downstream reading is paused
         self.down_full = False  # downstream write buffer is full
@@ -292,6 +295,10 @@ class ClientConnection(asyncio.Protocol):
                     self.link.write(data[pos:end])
                 pos = end
             elif mode is Mode.HEAD:
+                if data[pos] == 13:
+                    pos = self._skip_empty_lines(data, pos)
+                    if pos < 0 or pos == n:
+                        return
                 try:
                     head = parse_request_head(data, pos, self.scanned if pos == 0 else 0)
                 except ProtocolError as e:
@@ -320,6 +327,11 @@ class ClientConnection(asyncio.Protocol):
                 if self.mode is Mode.CLOSED:
                     return
             elif mode is Mode.CLASSIFY:
+                if data[0] == 13:
+                    pos = self._skip_empty_lines(data, 0)
+                    if pos < 0 or pos == n:
+                        return
+                    data, pos, n = data[pos:], 0, n - pos
                 kind = classify(data)
                 if kind is Kind.NEED_MORE:
                     self.pending = data
@@ -340,6 +352,23 @@ class ClientConnection(asyncio.Protocol):
                 if len(self.pending) > MAX_HEAD_SIZE:
                     self._pause("pipeline")
                 return
+
+    def _skip_empty_lines(self, data: bytes, pos: int) -> int:
+        """Skip the empty lines (CRLF pairs) at ``data[pos]`` that may precede a request line.
+
+        They are dropped, not forwarded, and skipped once as they arrive rather than
+        rescanned on every read. Returns where the request line may begin, or -1 when
+        there is nothing more to do now (refused, or a CR whose LF is still to come).
+        """
+        end = skip_empty_lines(data, pos)
+        self.empty_lines += end - pos
+        if self.empty_lines > MAX_EMPTY_LINES:
+            self._refuse(400, "too many empty lines before the request line", head_only=False)
+            return -1
+        if end == len(data) - 1 and data[end] == 13:
+            self.pending = data[end:]
+            return -1
+        return end
 
     def _send_head(self, link: Link, data: bytes, pos: int) -> int:
         """Start forwarding the current request (head at ``data[pos]``) over ``link``."""
@@ -380,7 +409,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             end, done = pos, True
         if done:
-            if head.upgrade or not self.resp_done:
+            if not self.resp_done:  # an upgrade request waits here too: its answer decides what follows
                 self.mode = Mode.AWAIT
             else:
                 self._request_finished()
@@ -423,6 +452,7 @@ class ClientConnection(asyncio.Protocol):
     def _request_finished(self) -> None:
         """Request and response are both complete: the next request may start."""
         self.mode = Mode.HEAD
+        self.empty_lines = 0
         self.waiting_since = self.loop.time()
         self._resume("pipeline")
         if self.pending:
@@ -513,7 +543,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _response_finished(self, link: Link) -> None:
         self.resp_done = True
-        if not (self.resp.keep_alive and link.reusable):
+        # after an upgrade that was declined, the destination's idea of the connection's
+        # state cannot be trusted for framing (some servers stop parsing HTTP): never reuse it
+        if not (self.resp.keep_alive and link.reusable) or self.req.upgrade:
             self._forget(link)
             link.close()
         if not (self.req.keep_alive and self.resp.keep_alive):
@@ -610,7 +642,7 @@ class ClientConnection(asyncio.Protocol):
         self._close()
 
     def _close(self) -> None:
-        clean = self.mode is Mode.HEAD or (self.mode is Mode.AWAIT and self.resp_done)  # nothing in flight
+        clean = self.mode is Mode.HEAD  # both directions ended a message: nothing in flight
         if self.mode is not Mode.CLOSED:
             self.mode = Mode.CLOSED
             self.transport.close()

@@ -28,6 +28,7 @@ from enum import Enum
 MAX_HEAD_SIZE = 64 * 1024
 MAX_EMPTY_LINES = 1024  # bytes of CRLF tolerated before a request line
 MAX_CHUNK_LINE = 4096
+MAX_TRAILER_SIZE = MAX_HEAD_SIZE  # all trailer lines of one chunked body together
 
 _TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e\x80-\xff]+) HTTP/([0-9])\.([0-9])")
@@ -37,6 +38,7 @@ _HEADER_LINE = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:[\x21-\x7e\x80-\xff](?
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;[\t\x20-\x7e\x80-\xff]*)?")
 _TCHARS = frozenset(b"!#$%&'*+.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz-")
 _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 _KNOWN_CODINGS = frozenset({b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"})
 _FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"connection", b"host", b"upgrade", b"expect"})
 
@@ -89,9 +91,13 @@ class ResponseHead:
 def classify(buf: bytes | bytearray) -> Kind:
     """Decide from a connection's first bytes whether it speaks HTTP/1.x.
 
-    HTTP is a method token followed by a space (empty lines before it are allowed by
-    RFC 9112 section 2.2). The HTTP/2 connection preface, a TLS ClientHello and any other
-    byte stream are OTHER and get relayed untouched.
+    Only what is clearly not HTTP/1.x is OTHER and gets relayed untouched: the HTTP/2
+    connection preface, and a first byte that no request line can begin with (a TLS
+    record starts with 0x16, binary protocols with control or high bytes). Anything that
+    begins like a method is HTTP, so text that is nearly HTTP (a method longer than
+    usual, a tab for a space, a protocol of text lines) meets the request parser and is
+    refused with 400: it is never relayed past routing. Empty lines before the request
+    line are allowed (RFC 9112 section 2.2).
     """
     start = 0
     n = len(buf)
@@ -101,31 +107,40 @@ def classify(buf: bytes | bytearray) -> Kind:
         return Kind.HTTP  # the request parser refuses it
     if start == n:
         return Kind.NEED_MORE
+    if buf[start] not in _TCHARS:
+        return Kind.OTHER
     head = bytes(buf[start : start + len(_H2_PREFACE)])
     if _H2_PREFACE.startswith(head):
         return Kind.NEED_MORE if len(head) < len(_H2_PREFACE) else Kind.OTHER
     if head.startswith(b"PRI * HTTP/2"):
         return Kind.OTHER
-    i = start
-    while i < n and i - start <= 32:
-        c = buf[i]
-        if c == 32:
-            return Kind.HTTP if i > start else Kind.OTHER
-        if c not in _TCHARS:
-            return Kind.OTHER
-        i += 1
-    return Kind.NEED_MORE if i == n else Kind.OTHER
+    return Kind.HTTP
 
 
-def _find_head(buf: bytes | bytearray, start: int, search_from: int) -> int:
-    """Index just past the head's terminating blank line, or -1 if it is not complete."""
+def skip_empty_lines(buf: bytes | bytearray, pos: int) -> int:
+    """Index of the first byte at or after ``pos`` that does not begin a CRLF pair."""
+    n = len(buf)
+    while pos + 1 < n and buf[pos] == 13 and buf[pos + 1] == 10:
+        pos += 2
+    return pos
+
+
+def _find_head(buf: bytes | bytearray, start: int, search_from: int, status: int, what: str) -> int:
+    """Index just past the head's terminating blank line, or -1 if it is not complete.
+
+    A line that ends in a bare LF is refused at once (``status``) rather than waited on:
+    this parser only ends lines at CRLF, and a peer that ends them at LF would otherwise
+    wait for a blank line that never comes.
+    """
     end = buf.find(b"\r\n\r\n", search_from)
     if end < 0:
         if len(buf) - start > MAX_HEAD_SIZE:
-            raise ProtocolError(431, "request head larger than 64 KiB")
+            raise ProtocolError(431 if status == 400 else status, f"{what} head larger than 64 KiB")
+        if _BARE_LF.search(buf, max(start, search_from)) is not None:
+            raise ProtocolError(status, f"{what} head has a line that ends in a bare LF (CRLF is required)")
         return -1
     if end - start > MAX_HEAD_SIZE:
-        raise ProtocolError(431, "request head larger than 64 KiB")
+        raise ProtocolError(431 if status == 400 else status, f"{what} head larger than 64 KiB")
     return end + 4
 
 
@@ -156,6 +171,19 @@ def _content_length(values: list[bytes], status: int) -> int:
     return int(value)
 
 
+def _request_line(line: bytes) -> tuple[bytes, bytes, int]:
+    """Method, target and minor version of a request line; raises 400 or 505."""
+    m = _REQUEST_LINE.fullmatch(line)
+    if m is None:
+        v = _ANY_VERSION.fullmatch(line)
+        if v is not None and v[1] != b"1":
+            raise ProtocolError(505, f"HTTP version {v[1].decode()}.{v[2].decode()} is not supported; use HTTP/1.1")
+        raise ProtocolError(400, f"malformed request line {line[:60]!r}")
+    if m[3] != b"1":
+        raise ProtocolError(505, f"HTTP version {m[3].decode()}.{m[4].decode()} is not supported; use HTTP/1.1")
+    return m[1], m[2], int(m[4])
+
+
 def parse_request_head(buf: bytes | bytearray, start: int = 0, scanned: int = 0) -> RequestHead | None:
     """Parse the request head that begins at ``buf[start]``; None while it is incomplete.
 
@@ -169,19 +197,15 @@ def parse_request_head(buf: bytes | bytearray, start: int = 0, scanned: int = 0)
         body += 2  # RFC 9112 2.2: ignore empty lines before the request line
         if body - start > MAX_EMPTY_LINES:
             raise ProtocolError(400, "too many empty lines before the request line")
-    end = _find_head(buf, body, max(body, scanned - 3))
+    end = _find_head(buf, body, max(body, scanned - 3), 400, "request")
     if end < 0:
+        if buf.find(b"\r\n", max(body, scanned - 1)) >= 0:
+            # a line was completed by the new bytes: judge the request line now rather than
+            # wait for a head that a client speaking something else will never finish
+            _request_line(bytes(buf[body : buf.find(b"\r\n", body)]))
         return None
     lines = bytes(buf[body : end - 4]).split(b"\r\n")
-    m = _REQUEST_LINE.fullmatch(lines[0])
-    if m is None:
-        v = _ANY_VERSION.fullmatch(lines[0])
-        if v is not None and v[1] != b"1":
-            raise ProtocolError(505, f"HTTP version {v[1].decode()}.{v[2].decode()} is not supported; use HTTP/1.1")
-        raise ProtocolError(400, f"malformed request line {lines[0][:60]!r}")
-    method, target, major, minor = m[1], m[2], m[3], int(m[4])
-    if major != b"1":
-        raise ProtocolError(505, f"HTTP version {major.decode()}.{minor} is not supported; use HTTP/1.1")
+    method, target, minor = _request_line(lines[0])
     headers = _parse_fields(lines[1:], 400)
 
     framing_values: dict[bytes, list[bytes]] = {}
@@ -215,7 +239,17 @@ def parse_request_head(buf: bytes | bytearray, start: int = 0, scanned: int = 0)
             framing = Framing.LENGTH
     connection = _tokens(get(b"connection") or ())
     keep_alive = b"close" not in connection and (minor >= 1 or b"keep-alive" in connection)
-    upgrade = method == b"CONNECT" or (b"upgrade" in connection and get(b"upgrade") is not None)
+    # Parsers disagree on what makes an upgrade (h11: an Upgrade field; llhttp: Upgrade and
+    # Connection: upgrade) and on where its body ends (llhttp ends the message at the head),
+    # so every reading counts, and a body on any of them is refused: what one side frames
+    # as a body the app could read as the next request.
+    upgrade = method == b"CONNECT" or b"upgrade" in connection or get(b"upgrade") is not None
+    if upgrade and framing is not Framing.NONE:
+        raise ProtocolError(
+            400,
+            f"{'CONNECT' if method == b'CONNECT' else 'an Upgrade request'} with a body is refused "
+            "(request smuggling shape); send the body without Upgrade or after the switch",
+        )
     return RequestHead(method, target, minor, headers, end - start, framing, length, keep_alive, upgrade)
 
 
@@ -225,11 +259,10 @@ def parse_response_head(buf: bytes | bytearray, method: bytes, start: int = 0) -
     Body framing follows RFC 9112 section 6.3. Raises :class:`ProtocolError` (502) for a
     response that cannot be framed.
     """
-    end = buf.find(b"\r\n\r\n", start)
+    end = _find_head(buf, start, start, 502, "upstream response")
     if end < 0:
-        if len(buf) - start > MAX_HEAD_SIZE:
-            raise ProtocolError(502, "upstream response head larger than 64 KiB")
         return None
+    end -= 4
     lines = bytes(buf[start:end]).split(b"\r\n")
     m = _STATUS_LINE.fullmatch(lines[0])
     if m is None:
@@ -274,13 +307,14 @@ class ChunkedScanner:
     for a malformed body (400 for requests, 502 for responses).
     """
 
-    __slots__ = ("done", "_remaining", "_line", "_in_trailer", "_error_status")
+    __slots__ = ("done", "_remaining", "_line", "_in_trailer", "_trailer_size", "_error_status")
 
     def __init__(self, error_status: int = 400) -> None:
         self.done = False
         self._remaining = 0  # data bytes, then 2 for the CRLF after them, still to skip
         self._line = b""  # partial size or trailer line
         self._in_trailer = False
+        self._trailer_size = 0
         self._error_status = error_status
 
     def feed(self, buf: bytes, pos: int = 0) -> int:
@@ -310,10 +344,13 @@ class ChunkedScanner:
                 raise ProtocolError(self._error_status, "malformed chunk line")
             line = line[:-1]
             if self._in_trailer:
+                self._trailer_size += len(line) + 2
                 if not line:
                     self.done = True
                 elif _HEADER_LINE.fullmatch(line) is None:
                     raise ProtocolError(self._error_status, "malformed trailer")
+                elif self._trailer_size > MAX_TRAILER_SIZE:
+                    raise ProtocolError(self._error_status, "chunked trailer section larger than 64 KiB")
                 continue
             m = _CHUNK_SIZE.fullmatch(line)
             if m is None:

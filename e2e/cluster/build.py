@@ -1,0 +1,229 @@
+"""Build the control plane's binaries from the Go modules, into a cache keyed by what they are built from.
+
+Three small Go modules beside this file name what to build, with ``tool`` directives
+and no Go code: ``kube/`` (kube-apiserver, kube-controller-manager, kube-scheduler and
+kubectl from ``k8s.io/kubernetes``), ``etcd/`` (``go.etcd.io/etcd/server/v3``) and
+``kwok/`` (``sigs.k8s.io/kwok/cmd/kwok``, the kubelet of a simulated node). They are
+separate modules because kwok pins older ``k8s.io/*`` libraries than kube-apiserver.
+
+:func:`ensure_binaries` returns a :class:`Binaries` directory:
+
+- the cache is ``$INTERCEPT_CLUSTER_CACHE``, else ``~/.cache/intercept-cluster``, and
+  the directory in it is named by a hash of the three go.mod and go.sum files and of
+  ``go version``: a change of any pin or of the toolchain builds anew, anything else
+  reuses what is there (Go's own build cache makes a rebuild after a small change quick);
+- a directory is used only when complete (it is filled under another name and renamed);
+- it also holds what kwok needs at run time from its own module: the PortForward CRD
+  and its node stages (copied from the module cache, never into the repository).
+
+Raises :class:`BuildUnavailable` (Go missing) or :class:`BuildFailed` (with the
+command and its last output lines). ``say`` receives one line per step.
+
+:func:`pin_kubernetes` rewrites ``kube/go.mod`` for another Kubernetes release: the
+``replace`` of every ``k8s.io/*`` staging module is generated from that release's own
+go.mod, not typed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+MODULES = ("kube", "etcd", "kwok")
+# module directory -> the module it builds from
+MAIN_MODULE = {"kube": "k8s.io/kubernetes", "etcd": "go.etcd.io/etcd/server/v3", "kwok": "sigs.k8s.io/kwok"}
+# binary name -> (module directory, package)
+PROGRAMS = {
+    "kube-apiserver": ("kube", "k8s.io/kubernetes/cmd/kube-apiserver"),
+    "kube-controller-manager": ("kube", "k8s.io/kubernetes/cmd/kube-controller-manager"),
+    "kube-scheduler": ("kube", "k8s.io/kubernetes/cmd/kube-scheduler"),
+    "kubectl": ("kube", "k8s.io/kubernetes/cmd/kubectl"),
+    "etcd": ("etcd", "go.etcd.io/etcd/server/v3"),
+    "kwok": ("kwok", "sigs.k8s.io/kwok/cmd/kwok"),
+}
+# files of the kwok module that kwok reads at run time: (path in the module, name in the cache)
+KWOK_ASSETS = (
+    ("kustomize/crd/bases/kwok.x-k8s.io_portforwards.yaml", "kwok-portforwards-crd.yaml"),
+    ("kustomize/stage/node/fast/node-initialize.yaml", "kwok-node-initialize.yaml"),
+    ("kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml", "kwok-node-heartbeat.yaml"),
+)
+COMPLETE = ".complete"
+
+Say = Callable[[str], None]
+
+
+class BuildUnavailable(Exception):
+    """The binaries cannot be built here (no Go toolchain); the message says what is missing."""
+
+
+class BuildFailed(Exception):
+    """A build step failed; the message names the command and ends with its output."""
+
+
+@dataclass(frozen=True)
+class Binaries:
+    """A complete directory of built programs and kwok's assets."""
+
+    dir: Path
+
+    def __getitem__(self, program: str) -> Path:
+        return self.dir / program
+
+    def asset(self, name: str) -> Path:
+        return self.dir / name
+
+
+def cache_root(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
+    return Path(environ.get("INTERCEPT_CLUSTER_CACHE") or Path.home() / ".cache" / "intercept-cluster")
+
+
+def go_missing() -> str | None:
+    """Why the binaries cannot be built here, or None."""
+    if shutil.which("go") is None:
+        return "Go is not installed (no `go` on PATH): the real-cluster tests build kube-apiserver, etcd and kwok with it"
+    return None
+
+
+def cache_key() -> str:
+    """A hash of the pins (go.mod, go.sum of each module) and of the Go toolchain."""
+    digest = hashlib.sha256()
+    for module in MODULES:
+        for name in ("go.mod", "go.sum"):
+            digest.update(f"{module}/{name}\0".encode())
+            digest.update((HERE / module / name).read_bytes())
+    digest.update(_go("version").encode())
+    digest.update(Path(__file__).read_bytes())  # how they are built (flags, assets) is part of what they are
+    return digest.hexdigest()[:16]
+
+
+def ensure_binaries(say: Say = lambda line: None, *, cache: Path | None = None) -> Binaries:
+    """The binaries for the current pins: reused from the cache, else built now (minutes when cold)."""
+    missing = go_missing()
+    if missing:
+        raise BuildUnavailable(missing)
+    root = cache or cache_root()
+    key = cache_key()
+    target = root / key
+    if (target / COMPLETE).is_file():
+        say(f"binaries: reusing {target}")
+        return Binaries(target)
+    root.mkdir(parents=True, exist_ok=True)
+    work = root / f".{key}.{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    started = time.monotonic()
+    say(f"binaries: building into {target} (Go build cache: {_go('env', 'GOCACHE').strip()})")
+    try:
+        for module in MODULES:
+            programs = [name for name, (m, _) in PROGRAMS.items() if m == module]
+            version = _module_version(module)
+            say(f"binaries: building {', '.join(programs)} from {version} ...")
+            step = time.monotonic()
+            for name in programs:
+                _build(module, PROGRAMS[name][1], work / name, _version_flags(module, version))
+            say(f"binaries: built {', '.join(programs)} in {time.monotonic() - step:.0f}s")
+        kwok_dir = Path(_go_in("kwok", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/kwok").strip())
+        for source, name in KWOK_ASSETS:
+            shutil.copyfile(kwok_dir / source, work / name)
+        (work / COMPLETE).write_text(json.dumps({"key": key, "seconds": round(time.monotonic() - started)}) + "\n")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(work, target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for old in root.iterdir():  # binaries of other pins: 400 MB each, and rebuilt quickly from Go's cache
+        if old != target and not old.name.startswith(".") and (old / COMPLETE).is_file():
+            shutil.rmtree(old, ignore_errors=True)
+    say(f"binaries: ready in {time.monotonic() - started:.0f}s")
+    return Binaries(target)
+
+
+def _module_version(module: str) -> str:
+    """``path@version`` of the module a Go module directory builds from."""
+    return "@".join(_go_in(module, "list", "-m", "-f", "{{.Path}} {{.Version}}", MAIN_MODULE[module]).split())
+
+
+def _version_flags(module: str, version: str) -> str:
+    """The ``-X`` flags that stamp a Kubernetes binary with its release, as its own build does.
+
+    Without them the API server reports ``v0.0.0-master`` to every client (``/version``).
+    """
+    if module != "kube":
+        return ""
+    release = version.rpartition("@")[2]
+    major, minor = release.removeprefix("v").split(".")[:2]
+    flags = []
+    for package in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [f"-X {package}.gitVersion={release}", f"-X {package}.gitMajor={major}",
+                  f"-X {package}.gitMinor={minor}", f"-X {package}.gitTreeState=clean"]
+    return " " + " ".join(flags)
+
+
+def _build(module: str, package: str, output: Path, ldflags: str = "") -> None:
+    _go_in(module, "build", "-trimpath", f"-ldflags=-s -w{ldflags}", "-o", str(output), package)
+
+
+def _env() -> dict[str, str]:
+    # The modules are built exactly as pinned: no workspace, go.sum must already hold every hash.
+    return dict(os.environ, GOWORK="off", GOFLAGS="-mod=readonly", GOTOOLCHAIN="local")
+
+
+def _go(*args: str) -> str:
+    return _run(["go", *args], HERE)
+
+
+def _go_in(module: str, *args: str) -> str:
+    return _run(["go", *args], HERE / module)
+
+
+def _run(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    result = subprocess.run(argv, cwd=cwd, env=env or _env(), capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-30:])
+        raise BuildFailed(f"`{' '.join(argv)}` in {cwd} failed with exit code {result.returncode}:\n{tail}")
+    return result.stdout
+
+
+# --------------------------------------------------------------------------- pins
+
+
+def staging_replaces(kubernetes_go_mod: str, version: str) -> list[tuple[str, str]]:
+    """``(module, module@v0.X.Y)`` for each ``k8s.io/*`` staging module the Kubernetes go.mod replaces locally.
+
+    ``version`` is the Kubernetes release (``v1.37.2``); its staging modules are tagged
+    ``v0.37.2``.
+    """
+    staging = "v0." + version.removeprefix("v").split(".", 1)[1]
+    found = re.findall(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/src/\1\s*$", kubernetes_go_mod, re.M)
+    if not found:
+        raise BuildFailed("the Kubernetes go.mod replaces no staging module: has its layout changed?")
+    return [(module, staging) for module in found]
+
+
+def pin_kubernetes(version: str, say: Say = lambda line: None) -> None:
+    """Rewrite ``kube/go.mod`` (and go.sum) for Kubernetes ``version``, e.g. ``v1.37.2``."""
+    info = json.loads(_run(["go", "mod", "download", "-json", f"k8s.io/kubernetes@{version}"], HERE,
+                           env=dict(_env(), GOFLAGS="-mod=mod")))
+    replaces = staging_replaces(Path(info["GoMod"]).read_text(), version)
+    say(f"pin: k8s.io/kubernetes {version}, {len(replaces)} staging modules replaced")
+    go_version = _go("env", "GOVERSION").strip().removeprefix("go")
+    lines = ["module intercept.dev/e2e/cluster/kube", "", f"go {go_version}", "", "replace ("]
+    lines += [f"\t{module} => {module} {tag}" for module, tag in replaces]
+    lines += [")", ""]
+    kube = HERE / "kube"
+    (kube / "go.mod").write_text("\n".join(lines))
+    (kube / "go.sum").unlink(missing_ok=True)
+    tools = [f"{pkg}@{version}" for m, pkg in PROGRAMS.values() if m == "kube"]
+    _run(["go", "get", "-tool", *tools], kube, env=dict(_env(), GOFLAGS="-mod=mod"))
+    say(f"pin: wrote {kube / 'go.mod'}")

@@ -140,6 +140,8 @@ def _agent_image_option(command: Any) -> Any:
 @click.option("--forward", "forwards", multiple=True, metavar="SERVICE:PORT[:LOCAL_PORT]", help="Plain TCP from localhost to a cluster service, through the agent's pod.")
 @click.option("--propagate-header", is_flag=True, help="Add your route's headers to COMMAND's outbound plain HTTP (chains of intercepted services).")
 @click.option("--no-outbound", is_flag=True, help="When injecting the agent: no connections from the pod on your behalf.")
+@click.option("--no-policy-changes", is_flag=True, help="When injecting the agent: refuse rather than extend NetworkPolicies that would cut it off.")
+@click.option("--timeout", "timeout", type=float, default=300.0, show_default=True, help="Seconds the agent's rollout may take when it is injected.")
 @click.option("--service-port", metavar="NAME|NUMBER", help="The Service port to intercept, when it has several.")
 @_agent_image_option
 @_cluster_options
@@ -165,6 +167,8 @@ def start(
     forwards: tuple[str, ...],
     propagate_header: bool,
     no_outbound: bool,
+    no_policy_changes: bool,
+    timeout: float,
     service_port: str | None,
     agent_image: str,
     namespace: str | None,
@@ -215,7 +219,9 @@ def start(
 
             cluster = connect(spec.kubeconfig, spec.context, spec.namespace)
             info = ensure_agent(cluster.api, cluster.namespace, spec.service,
-                                InjectOptions(image=agent_image, service_port=spec.service_port, outbound=not spec.no_outbound), _progress)
+                                InjectOptions(image=agent_image, service_port=spec.service_port, outbound=not spec.no_outbound,
+                                              no_policy_changes=spec.no_policy_changes),
+                                _progress, timeout=spec.timeout)
             transport, creds, namespace = ServiceTransport(cluster.namespace, spec.service), info.credentials, cluster.namespace
             replicas = pod_replicas(watch_agent_pods(cluster.api, cluster.namespace, info.selector), cluster.api, in_cluster=cluster.in_cluster)
         name = spec.name or default_name()
@@ -253,7 +259,8 @@ _START_OPTIONS = {
     "headers": "headers", "header_regexes": "header_regexes", "baggage": "baggage", "path_prefix": "path_prefix",
     "all_traffic": "all", "name": "name", "watch": "watch", "no_watch": "no_watch", "debug": "debug",
     "debug_port": "debug_port", "debug_wait": "debug_wait", "env_file": "env_file", "forwards": "forward",
-    "propagate_header": "propagate_header", "no_outbound": "no_outbound", "service_port": "service_port", "namespace": "namespace",
+    "propagate_header": "propagate_header", "no_outbound": "no_outbound",
+    "no_policy_changes": "no_policy_changes", "timeout": "timeout", "service_port": "service_port", "namespace": "namespace",
     "context": "context", "kubeconfig": "kubeconfig",
 }
 

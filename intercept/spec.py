@@ -175,6 +175,17 @@ def _port(value: object) -> int:
     raise _Invalid(f"not a port number; write a number from 1 to 65535, e.g. {_EG}")
 
 
+def _seconds(value: object) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf"):
+        return float(value)
+    raise _Invalid(f"not a number of seconds; write a positive number, e.g. {_EG}")
+
+
 def _address(value: object) -> str:
     text = _text(value)
     host, sep, port = text.rpartition(":")
@@ -372,6 +383,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("no_outbound", "--no-outbound", "boolean", False,
            "When the agent is injected: refuse connections from the pod on a developer's behalf (no proxy, no --forward).",
            True, _bool, verbatim=False),
+    Option("no_policy_changes", "--no-policy-changes", "boolean", False,
+           "When the agent is injected: refuse, rather than extend, NetworkPolicies that would cut the agent off.",
+           True, _bool, verbatim=False),
+    Option("timeout", "--timeout", "seconds", 300.0,
+           "How long the agent's rollout may take when it is injected (then the originals are put back).",
+           120, _seconds, verbatim=False),
 )
 
 _BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS}
@@ -443,7 +460,7 @@ class InterceptSpec:
 
     Build it with :func:`merge` or :func:`load_workspace`, which validate and apply the
     defaults (including ``watch``'s: ``directory`` when a command is given, unless
-    ``no_watch``); the constructor does not. The fields up to ``no_outbound`` are
+    ``no_watch``); the constructor does not. The fields up to ``timeout`` are
     the options of :data:`OPTIONS`, in order. ``directory`` is where the command runs
     and where relative paths of the file were resolved from (the directory of
     intercept.yaml, else ``.``). ``origins`` says which option was set where (options
@@ -474,6 +491,8 @@ class InterceptSpec:
     forward: tuple[Forward, ...] = ()
     propagate_header: bool = False
     no_outbound: bool = False
+    no_policy_changes: bool = False
+    timeout: float = 300.0
     directory: Path = Path(".")
     origins: Mapping[str, Origin] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
     location: Origin | None = field(default=None, compare=False, repr=False)

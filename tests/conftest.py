@@ -188,3 +188,7 @@ def clients() -> Iterator[list[Proc]]:
 
 def echo(body: bytes) -> dict:
     return json.loads(body)
+
+
+# The real control plane (e2e/cluster): one per session, for every test module that asks.
+from tests.realcluster import namespace_of, real_cluster  # noqa: E402,F401

@@ -89,6 +89,9 @@ class ControlPlane:
         for old in ("etcd", "pki", "logs", "pods"):  # a state directory is reused: start afresh
             shutil.rmtree(self.state / old, ignore_errors=True)
         self.logs.mkdir(exist_ok=True)
+        link = self.state / "bin"  # DIR/bin/kubectl --kubeconfig DIR/kubeconfig works by hand
+        link.unlink(missing_ok=True)
+        link.symlink_to(self.binaries.dir)
         ca = self._authority = Authority(self.pki)
         sa_key = signing_key(self.pki / "service-account.key")
         etcd_port, peer_port, api_port, self.kwok_port = free_port(), free_port(), free_port(), free_port()

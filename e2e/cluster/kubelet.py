@@ -322,6 +322,7 @@ class PodWorker:
             c.process = subprocess.Popen(argv, env=env, cwd=self.dir, stdout=log_file, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
         log_file.close()
+        (self.dir / f"{c.name}.pid").write_text(f"{c.process.pid}\n")  # for tests that crash a container
         c.id = f"kwok://{uuid.uuid4().hex}"
         c.started_at = _now()
         c.terminated = None

@@ -1,0 +1,257 @@
+"""The real control plane (e2e/cluster) as a pytest fixture: one per test session, a namespace per test.
+
+``real_cluster`` runs ``python -m e2e.cluster up --state DIR`` (the command a developer
+runs by hand), waits for its ``cluster: ready:`` line, and at the end sends SIGTERM and
+waits for it to tear everything down. It builds the binaries first when the cache is
+cold (``.ci/run`` builds them before the tests, with its progress shown).
+
+Skipped, with one line saying what is missing, where Go is not installed or pods cannot
+get network namespaces (not root, no iproute2).
+
+The tests' own view of the cluster goes through :class:`e2e.cluster.api.API` as the
+administrator, never through the product's Kubernetes code (which is what they test).
+"""
+
+from __future__ import annotations
+
+import copy
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from e2e.cluster.api import API, APIError, wait_until
+from e2e.cluster.build import go_missing
+from e2e.cluster.network import unavailable
+from e2e.cluster.pki import Authority
+from tests.conftest import INTERCEPT, Proc
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "e2e" / "app" / "sample.py"
+AGENT_IMAGE = "intercept.test/agent:1"
+APP_IMAGE = "intercept.test/sample:1"
+START_TIMEOUT = 3600.0  # a cold build of the binaries included
+WAIT = 120.0  # seconds the cluster may take to converge (rollouts, endpoints)
+
+Obj = dict[str, Any]
+
+PLURALS = {
+    "Namespace": ("v1", "namespaces", False), "Pod": ("v1", "pods", True), "Service": ("v1", "services", True),
+    "Secret": ("v1", "secrets", True), "ConfigMap": ("v1", "configmaps", True),
+    "ServiceAccount": ("v1", "serviceaccounts", True), "Event": ("v1", "events", True),
+    "Deployment": ("apps/v1", "deployments", True), "StatefulSet": ("apps/v1", "statefulsets", True),
+    "ReplicaSet": ("apps/v1", "replicasets", True),
+    "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies", True),
+    "EndpointSlice": ("discovery.k8s.io/v1", "endpointslices", True),
+    "Role": ("rbac.authorization.k8s.io/v1", "roles", True),
+    "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings", True),
+    "ValidatingAdmissionPolicy": ("admissionregistration.k8s.io/v1", "validatingadmissionpolicies", False),
+    "ValidatingAdmissionPolicyBinding": ("admissionregistration.k8s.io/v1", "validatingadmissionpolicybindings", False),
+}
+
+# Pod Security "restricted", as a restricted namespace demands of every container.
+RESTRICTED = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
+              "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def path(kind: str, namespace: str | None = None, name: str | None = None) -> str:
+    api_version, plural, namespaced = PLURALS[kind]
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    scope = f"/namespaces/{namespace}" if namespaced and namespace else ""
+    return f"{base}{scope}/{plural}" + (f"/{name}" if name else "")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A ready endpoint of a Service, from its EndpointSlices: where "the Service" sends a connection."""
+
+    pod: str
+    ip: str
+    port: int
+
+
+class RealCluster:
+    """The running cluster: its administrator's kubeconfig and API, and helpers the tests share."""
+
+    def __init__(self, state: Path, process: Proc) -> None:
+        self.state = state
+        self.process = process
+        self.kubeconfig = state / "kubeconfig"
+        self.api = API(_server(self.kubeconfig), str(state / "pki" / "ca.crt"), str(state / "pki" / "admin.crt"),
+                       str(state / "pki" / "admin.key"))
+        self.kubectl = state / "bin" / "kubectl"
+
+    # ------------------------------------------------------------------ objects
+
+    def create(self, obj: Obj, namespace: str | None = None) -> Obj:
+        obj = copy.deepcopy(obj)
+        ns = namespace or obj["metadata"].get("namespace")
+        if ns and PLURALS[obj["kind"]][2]:
+            obj["metadata"]["namespace"] = ns
+        return self.api.post(path(obj["kind"], ns), obj)
+
+    def get(self, kind: str, namespace: str | None, name: str) -> Obj:
+        return self.api.get(path(kind, namespace, name))
+
+    def items(self, kind: str, namespace: str | None, **query: str) -> list[Obj]:
+        return self.api.get(path(kind, namespace), **query).get("items") or []
+
+    def exists(self, kind: str, namespace: str | None, name: str) -> bool:
+        try:
+            self.get(kind, namespace, name)
+            return True
+        except APIError as error:
+            if error.status == 404:
+                return False
+            raise
+
+    def patch(self, kind: str, namespace: str, name: str, body: Obj) -> Obj:
+        return self.api.patch(path(kind, namespace, name), body)
+
+    def delete(self, kind: str, namespace: str | None, name: str) -> None:
+        self.api.delete(path(kind, namespace, name))
+
+    # ------------------------------------------------------------------ namespaces and users
+
+    def new_namespace(self, prefix: str, labels: dict[str, str] | None = None) -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+        self.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels or {}}})
+        return name
+
+    def kubeconfig_for(self, user: str, directory: Path, namespace: str | None = None) -> Path:
+        """A kubeconfig of ``user``, a user with no rights but what RBAC grants it."""
+        authority = Authority(self.state / "pki", load=True)
+        pair = authority.client(f"test-{uuid.uuid4().hex[:8]}", user)
+        config = yaml.safe_load(self.kubeconfig.read_text())
+        config["users"] = [{"name": user, "user": {"client-certificate": str(pair.cert), "client-key": str(pair.key)}}]
+        config["contexts"][0]["context"]["user"] = user
+        if namespace:
+            config["contexts"][0]["context"]["namespace"] = namespace
+        target = directory / f"kubeconfig-{user}"
+        target.write_text(yaml.safe_dump(config))
+        return target
+
+    # ------------------------------------------------------------------ waiting
+
+    def wait_ready(self, namespace: str, service: str, count: int, timeout: float = WAIT) -> list[Endpoint]:
+        """The Service's ready endpoints once there are exactly ``count`` of them."""
+        return wait_until(lambda: (lambda e: e if len(e) == count else None)(self.endpoints(namespace, service)),
+                          f"{count} ready endpoints of Service {namespace}/{service}", timeout)
+
+    def endpoints(self, namespace: str, service: str, port_name: str | None = None) -> list[Endpoint]:
+        """Ready endpoints of ``service`` (sorted by pod), read from its EndpointSlices."""
+        found = []
+        for slice_ in self.items("EndpointSlice", namespace, labelSelector=f"kubernetes.io/service-name={service}"):
+            ports = [p for p in slice_.get("ports") or [] if port_name is None or p.get("name") == port_name]
+            if not ports:
+                continue
+            for endpoint in slice_.get("endpoints") or []:
+                if (endpoint.get("conditions") or {}).get("ready"):
+                    pod = (endpoint.get("targetRef") or {}).get("name", "")
+                    found += [Endpoint(pod, endpoint["addresses"][0], int(ports[0]["port"]))]
+        return sorted(found, key=lambda e: e.pod)
+
+    def pods(self, namespace: str, selector: str) -> list[Obj]:
+        return self.items("Pod", namespace, labelSelector=selector)
+
+    def pod_dir(self, namespace: str, pod: Obj) -> Path:
+        """Where the harness keeps a pod's volumes, logs and process ids."""
+        return self.state / "pods" / f"{namespace}_{pod['metadata']['name']}_{pod['metadata']['uid'][:8]}"
+
+
+def served_by(endpoint: Endpoint, headers: dict[str, str] | None = None) -> str:
+    """Who answered one request (fresh connection) sent to the endpoint: its X-Served-By."""
+    conn = http.client.HTTPConnection(endpoint.ip, endpoint.port, timeout=30)
+    try:
+        conn.request("GET", "/", headers=headers or {})
+        response = conn.getresponse()
+        body = response.read()
+        assert response.status == 200, (response.status, body)
+        return response.headers.get("X-Served-By", "?")
+    finally:
+        conn.close()
+
+
+def user_view(obj: Obj) -> Obj:
+    """What the user owns of an object as the server gives it back, defaults included.
+
+    Leaves out what the server or controllers keep (versions, managedFields, status, the
+    Deployment controller's revision annotation), so "before" and "after" compare.
+    """
+    obj = copy.deepcopy(obj)
+    metadata = obj["metadata"]
+    for key in ("resourceVersion", "generation", "managedFields"):
+        metadata.pop(key, None)
+    annotations = metadata.get("annotations") or {}
+    annotations.pop("deployment.kubernetes.io/revision", None)
+    if not annotations:
+        metadata.pop("annotations", None)
+    obj.pop("status", None)
+    return obj
+
+
+def intercept(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """``intercept ARGS``, to completion."""
+    return subprocess.run([*INTERCEPT, *args], capture_output=True, text=True, timeout=timeout,
+                          env={k: v for k, v in os.environ.items() if k != "INTERCEPT_AGENT_IMAGE"})
+
+
+def start(cluster: RealCluster, namespace: str, service: str, port: int, *args: str, name: str = "alice",
+          header: str = "x-dev=alice", kubeconfig: Path | None = None) -> Proc:
+    """``intercept start SERVICE -- python sample.py serve --port PORT --name local`` (not waited for)."""
+    return Proc([*INTERCEPT, "start", service, "-n", namespace, "--kubeconfig", str(kubeconfig or cluster.kubeconfig),
+                 "--agent-image", AGENT_IMAGE, "--header", header, "--name", name, "--port", str(port), "--no-watch",
+                 *args, "--", sys.executable, str(SAMPLE), "serve", "--port", str(port), "--name", "local"])
+
+
+def _server(kubeconfig: Path) -> str:
+    return yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+
+
+def _why_not() -> str | None:
+    return go_missing() or unavailable()
+
+
+@pytest.fixture(scope="session")
+def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealCluster]:
+    missing = _why_not()
+    if missing:
+        pytest.skip(f"real cluster: {missing}")
+    state = tmp_path_factory.mktemp("cluster")
+    process = Proc([sys.executable, "-m", "e2e.cluster", "up", "--state", str(state)], cwd=ROOT)
+    try:
+        process.wait_for(r"^cluster: ready: kubeconfig ", timeout=START_TIMEOUT)
+        yield RealCluster(state, process)
+    finally:
+        process.signal(signal.SIGTERM)
+        try:
+            code = process.finish(120)
+        finally:
+            process.stop()
+        assert code == 0, process.output
+
+
+@pytest.fixture
+def namespace_of(real_cluster: RealCluster) -> Iterator[Any]:
+    """``namespace_of(prefix, labels)`` makes a namespace for this test; all of them are deleted after it."""
+    made: list[str] = []
+
+    def make(prefix: str, labels: dict[str, str] | None = None) -> str:
+        made.append(real_cluster.new_namespace(prefix, labels))
+        return made[-1]
+
+    yield make
+    for name in made:
+        try:
+            real_cluster.delete("Namespace", None, name)
+        except APIError:
+            pass

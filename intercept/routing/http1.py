@@ -112,9 +112,7 @@ def classify(buf: bytes | bytearray) -> Kind:
     head = bytes(buf[start : start + len(_H2_PREFACE)])
     if _H2_PREFACE.startswith(head):
         return Kind.NEED_MORE if len(head) < len(_H2_PREFACE) else Kind.OTHER
-    if head.startswith(b"PRI * HTTP/2"):
-        return Kind.OTHER
-    return Kind.HTTP
+    return Kind.HTTP  # even "PRI * HTTP/2.0" that is not the whole preface: h11 reads that as a request
 
 
 def skip_empty_lines(buf: bytes | bytearray, pos: int) -> int:

@@ -24,6 +24,7 @@ FOUND_BEFORE = [
     b"X" * 33 + b" / HTTP/1.1\r\nHost: a\r\n\r\n" + SMUGGLED,
     b"GET\t/ HTTP/1.1\r\nHost: a\r\n\r\n" + SMUGGLED,
     b"PRI * HTTP/2.0\r\nHost: a\r\n\r\n" + SMUGGLED,
+    b"PRI / HTTP/1.1\r\nHost: a\r\n\r\n" + SMUGGLED,  # llhttp waits for the rest of a preface
     # the classic shapes
     b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
     b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: x\r\n\r\n0\r\n\r\n" + SMUGGLED,

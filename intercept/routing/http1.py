@@ -179,6 +179,8 @@ def _request_line(line: bytes) -> tuple[bytes, bytes, int]:
         raise ProtocolError(400, f"malformed request line {line[:60]!r}")
     if m[3] != b"1":
         raise ProtocolError(505, f"HTTP version {m[3].decode()}.{m[4].decode()} is not supported; use HTTP/1.1")
+    if m[1] == b"PRI":  # llhttp reads on for the rest of an HTTP/2 preface: framing would differ
+        raise ProtocolError(400, "method PRI is reserved for the HTTP/2 connection preface")
     return m[1], m[2], int(m[4])
 
 

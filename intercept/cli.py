@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from intercept import __version__
+from intercept import __version__, protocol
 from intercept.errors import InterceptError, UsageError
 
 
@@ -300,7 +300,7 @@ def env_command(service: str | None, agent_address: str | None, credentials: Pat
             options = _one_agent(cluster, ensure_agent(cluster.api, cluster.namespace, service, InjectOptions(image=agent_image), _progress))
         else:
             raise UsageError("name the SERVICE (intercept env orders), or --agent HOST:PORT --credentials FILE")
-        env = _run(ask_agent(options, op="env")).get("env", {})
+        env = _run(ask_agent(options, protocol.Env())).get("env", {})
     except InterceptError as e:
         _fail(e)
     if output == "json":
@@ -462,7 +462,7 @@ def _agent_routes(cluster: Any, info: Any) -> list[dict[str, Any]]:
     from intercept.client.start import ask_agent
 
     try:
-        return _run(ask_agent(_one_agent(cluster, info), op="list")).get("routes", [])
+        return _run(ask_agent(_one_agent(cluster, info), protocol.ListRoutes())).get("routes", [])
     except InterceptError as e:
         return [{"error": str(e)}]
 

@@ -13,7 +13,7 @@ import sys
 import asyncssh
 import pytest
 
-from intercept.agent.sshd import CONTROL_SUBSYSTEM
+from intercept.protocol import CONTROL_SUBSYSTEM
 from tests.conftest import start_agent, start_client
 from tests.netns import needs_netns, two_hosts
 

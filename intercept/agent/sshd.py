@@ -5,16 +5,14 @@ Each client connection is one :class:`DeveloperSession`. The client asks for a
 the agent then opens one ``forwarded-tcpip`` channel per downstream connection that
 matched the developer's route, and the client connects it to the local process.
 
-Routes are registered over the ``intercept`` subsystem, a JSON-lines control channel:
-``{"op": "register", "rules": [...], "all": false}``, ``{"op": "unregister", "id": N}``,
-``{"op": "list"}``, ``{"op": "hello"}``, ``{"op": "env"}`` (the pod's environment),
-``{"op": "drain"}`` / ``{"op": "resume"}`` (around a restart of the developer's
-process); every request gets one JSON line back with
-``"ok": true`` or ``"ok": false`` and ``"error"``/``"message"``.
+Routes are registered over the control subsystem (the messages are
+:mod:`intercept.protocol`'s): register, unregister, list, hello, env (the pod's
+environment), drain and resume (around a restart of the developer's process).
 
-Invariants: no shell, no exec, no port bound in answer to a client; outbound
-``direct-tcpip`` only with ``allow_outbound``; a closed connection's routes are dropped
-at once, and keepalive closes a silent one within 15 s.
+Invariants: no shell, no exec, no port bound in answer to a client; ``direct-tcpip``
+reaches the agent's own HTTP listener (the front door: a request sent there is routed
+like cluster traffic), anything else only with ``allow_outbound``; a closed connection's
+routes are dropped at once, and keepalive closes a silent one within 15 s.
 """
 
 from __future__ import annotations
@@ -27,20 +25,26 @@ from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
+from intercept import protocol
 from intercept.errors import InterceptError, RouteConflict
+from intercept.protocol import (
+    CONTROL_SUBSYSTEM,
+    ENCRYPTION_ALGS,
+    FORWARD_HOST,
+    FORWARD_PORT,
+    FRONT_DOOR_HOST,
+    FRONT_DOOR_PORT,
+    KEEPALIVE_COUNT_MAX,
+    KEEPALIVE_INTERVAL,
+    BadRequest,
+    Refusal,
+)
 
 if TYPE_CHECKING:
     from intercept.agent.agent import Agent
     from intercept.agent.proxy import ClientConnection
 
 log = logging.getLogger(__name__)
-
-FORWARD_HOST = "intercept"
-FORWARD_PORT = 1
-CONTROL_SUBSYSTEM = "intercept"
-KEEPALIVE_INTERVAL = 5
-KEEPALIVE_COUNT_MAX = 3  # a silent client is dropped after 3 unanswered keepalives: 15 s
-ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com", "aes128-ctr"]
 
 _session_ids = itertools.count(1)
 
@@ -152,7 +156,11 @@ class DeveloperSession(asyncssh.SSHServer):
         self.forwarding = True
         return _PseudoListener()
 
-    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> bool:
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
+        if (dest_host, dest_port) == (FRONT_DOOR_HOST, FRONT_DOOR_PORT):
+            # the agent's own listener: nothing is reached that cluster traffic could not reach
+            host, port = self.agent.http_address
+            return self.conn.forward_connection("127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
         if not self.agent.config.allow_outbound:
             log.info("refused outbound connection to %s:%s from %s (agent started without --allow-outbound)", dest_host, dest_port, self.name)
             return False
@@ -196,7 +204,7 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self.buf += data
-        if len(self.buf) > 1 << 20:
+        if len(self.buf) > protocol.MAX_CONTROL_LINE:
             self.chan.close()
             return
         *lines, self.buf = self.buf.split(b"\n")
@@ -207,33 +215,33 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
 
     def _handle(self, line: bytes) -> dict[str, Any]:
         try:
-            request = json.loads(line)
-            op = request["op"]
-        except (ValueError, KeyError, TypeError, RecursionError):
-            return {"ok": False, "error": "bad-request", "message": "expected a JSON object with an op"}
+            request = protocol.decode(line)
+        except BadRequest as e:
+            return Refusal("bad-request", str(e)).to_json()
         agent, session = self.session.agent, self.session
         try:
-            if op == "hello":
-                return {"ok": True, **agent.describe()}
-            if op == "env":
-                return {"ok": True, "env": agent.pod_environment()}
-            if op == "list":
-                return {"ok": True, "routes": agent.routes.snapshot()}
-            if op == "register":
-                route = agent.register(session, request.get("rules", []), bool(request.get("all")))
-                return {"ok": True, "id": route.id, "description": route.route.describe()}
-            if op in ("drain", "resume"):
-                return {"ok": True, "busy": session.drain(op == "drain")}
-            if op == "unregister":
-                agent.unregister(session, int(request["id"]))
-                return {"ok": True}
+            match request:
+                case protocol.Hello():
+                    return {"ok": True, **agent.describe()}
+                case protocol.Env():
+                    return {"ok": True, "env": agent.pod_environment()}
+                case protocol.ListRoutes():
+                    return {"ok": True, "routes": agent.routes.snapshot()}
+                case protocol.Register(rules=rules, all=everything):
+                    route = agent.register(session, rules, everything)
+                    return {"ok": True, "id": route.id, "description": route.route.describe()}
+                case protocol.Drain() | protocol.Resume():
+                    return {"ok": True, "busy": session.drain(isinstance(request, protocol.Drain))}
+                case protocol.Unregister(id=route_id):
+                    agent.unregister(session, route_id)
+                    return {"ok": True}
         except RouteConflict as e:
-            return {"ok": False, "error": "conflict", "message": str(e), "holder": e.holder}
+            return Refusal("conflict", str(e), e.holder).to_json()
         except InterceptError as e:
-            return {"ok": False, "error": "invalid", "message": str(e)}
+            return Refusal("invalid", str(e)).to_json()
         except (KeyError, TypeError, ValueError, OverflowError) as e:
-            return {"ok": False, "error": "bad-request", "message": f"malformed {op} request: {e}"}
-        return {"ok": False, "error": "bad-request", "message": f"unknown op {op!r}"}
+            return Refusal("bad-request", f"malformed {request.op} request: {e}").to_json()
+        raise AssertionError(f"unhandled request {request!r}")  # every Request class has a case
 
 
 async def start_server(agent: Agent, host: str, port: int, host_key: asyncssh.SSHKey) -> asyncssh.SSHAcceptor:

@@ -49,7 +49,8 @@ from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from intercept.agent.sshd import KEEPALIVE_COUNT_MAX, KEEPALIVE_INTERVAL
+from intercept import protocol
+from intercept.protocol import KEEPALIVE_COUNT_MAX, KEEPALIVE_INTERVAL
 from intercept.client.door import LocalDoor
 from intercept.client.session import AgentSession, Event, InterceptOptions
 from intercept.client.transport import Transport
@@ -180,7 +181,7 @@ class Fleet:
         for holder in list(self._holders.values()):
             if holder.registered and holder.session is not None:
                 try:
-                    reply = await holder.session.request(op="env")
+                    reply = await holder.session.request(protocol.Env())
                 except Exception as e:  # noqa: BLE001 - any failure: try the next replica
                     log.info("replica %s: no environment: %s", holder.replica.name, e)
                     continue
@@ -192,7 +193,7 @@ class Fleet:
         """Ask every agent to keep no channel past its response (``True``), or to reuse them again."""
         sessions = [h.session for h in self._holders.values() if h.registered and h.session is not None]
         results = await asyncio.gather(
-            *(s.request(op="drain" if draining else "resume") for s in sessions), return_exceptions=True
+            *(s.request(protocol.Drain() if draining else protocol.Resume()) for s in sessions), return_exceptions=True
         )
         for result in results:
             if isinstance(result, Exception):  # a lost connection drops its channels anyway

@@ -14,7 +14,8 @@ from typing import Any
 
 import asyncssh
 
-from intercept.agent.sshd import CONTROL_SUBSYSTEM, ENCRYPTION_ALGS, FORWARD_HOST, FORWARD_PORT, KEEPALIVE_COUNT_MAX, KEEPALIVE_INTERVAL
+from intercept import protocol
+from intercept.protocol import CONTROL_SUBSYSTEM, ENCRYPTION_ALGS, FORWARD_HOST, FORWARD_PORT, KEEPALIVE_COUNT_MAX, KEEPALIVE_INTERVAL, Refusal
 from intercept.client.door import LocalDoor
 from intercept.client.transport import Transport
 from intercept.credentials import Credentials
@@ -92,7 +93,7 @@ class AgentSession:
         try:
             writer, reader, _ = await self.conn.open_session(subsystem=CONTROL_SUBSYSTEM, encoding=None)
             self._control = (writer, reader)
-            self.agent = await self.request(op="hello")
+            self.agent = await self.request(protocol.Hello())
         except (asyncssh.Error, OSError) as e:
             self.conn.close()
             raise AgentUnreachable(f"agent {where}: connection lost while opening the control channel: {e}") from None
@@ -102,23 +103,24 @@ class AgentSession:
         where = opts.transport.describe()
         try:
             await self.conn.create_server(self.door.accept, FORWARD_HOST, FORWARD_PORT)
-            reply = await self.request(op="register", rules=opts.route.to_json(), all=opts.all_traffic)
+            reply = await self.request(protocol.Register(opts.route.to_json(), opts.all_traffic))
         except (asyncssh.Error, OSError) as e:
             self.conn.close()
             raise AgentUnreachable(f"agent {where}: connection lost while registering: {e}") from None
         if not reply.get("ok"):
             self.conn.close()
-            if reply.get("error") == "conflict":
-                raise RouteConflict(reply["message"], holder=reply.get("holder"))
-            raise UsageError(f"agent {where} refused the route: {reply.get('message')}")
+            refusal = Refusal.from_json(reply)
+            if refusal.error == "conflict":
+                raise RouteConflict(refusal.message, holder=refusal.holder)
+            raise UsageError(f"agent {where} refused the route: {refusal.message}")
         self.route_id = reply["id"]
         log.info("route %s registered on %s", opts.route.describe(), where)
 
-    async def request(self, **message: Any) -> dict[str, Any]:
+    async def request(self, request: protocol.Request) -> dict[str, Any]:
         """One request on the control channel and its reply."""
         writer, reader = self._control
         async with self._control_lock:
-            writer.write(json.dumps(message).encode() + b"\n")
+            writer.write(protocol.encode(request))
             line = await reader.readline()
         if not line:
             raise asyncssh.ConnectionLost("control channel closed")
@@ -133,7 +135,7 @@ class AgentSession:
             return
         try:
             if self.route_id is not None:
-                await asyncio.wait_for(self.request(op="unregister", id=self.route_id), 5)
+                await asyncio.wait_for(self.request(protocol.Unregister(self.route_id)), 5)
         except (asyncssh.Error, OSError, asyncio.TimeoutError, ValueError) as e:
             log.debug("unregister failed: %s", e)
         self.conn.close()

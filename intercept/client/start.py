@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any
 from pathlib import Path
 
+from intercept import protocol
 from intercept.client.door import LocalDoor
 from intercept.client.fleet import Fleet, Replica, fixed
 from intercept.client.outbound import OutboundProxy, SSHDialer, TCPForward, propagation, proxy_env
@@ -157,13 +158,13 @@ async def start(
             loop.remove_signal_handler(sig)
 
 
-async def ask_agent(options: InterceptOptions, **message: Any) -> dict[str, Any]:
+async def ask_agent(options: InterceptOptions, request: protocol.Request) -> dict[str, Any]:
     """One control request to the agent ``options.transport`` reaches, without a route:
-    ``op="env"`` (the pod's environment), ``op="list"`` (everyone's routes)."""
+    :class:`~intercept.protocol.Env` (the pod's environment), :class:`~intercept.protocol.ListRoutes`."""
     session = AgentSession(options)
     await session.connect()
     try:
-        return await session.request(**message)
+        return await session.request(request)
     finally:
         await session.leave()
 

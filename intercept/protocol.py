@@ -1,0 +1,138 @@
+"""The SSH wire protocol between the agent and its clients: constants and control messages.
+
+Both sides import this module and nothing of each other, so that the client does not load
+the agent and the two cannot drift apart.
+
+Channels:
+
+- The control channel is the SSH subsystem :data:`CONTROL_SUBSYSTEM`: JSON lines, one
+  reply line per request line, in order.
+- The client asks for ``tcpip-forward`` on the pseudo address
+  (:data:`FORWARD_HOST`, :data:`FORWARD_PORT`); nothing is bound in the pod. The agent then
+  opens one ``forwarded-tcpip`` channel per routed downstream connection.
+- ``direct-tcpip`` to (:data:`FRONT_DOOR_HOST`, :data:`FRONT_DOOR_PORT`) reaches the agent's
+  own HTTP listener, so a client can send a request exactly as cluster traffic arrives
+  (routed like it). Any other ``direct-tcpip`` is outbound from the pod and needs the agent's
+  ``--allow-outbound``.
+
+Requests are small frozen classes (:data:`Request`); :func:`encode` writes one and
+:func:`decode` reads one, raising :class:`BadRequest` for anything else. Replies are
+JSON objects with ``"ok"``; a refusal (:class:`Refusal`) carries ``error`` (``conflict``,
+``invalid``, ``bad-request``), ``message`` and, for a conflict, the ``holder``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+CONTROL_SUBSYSTEM = "intercept"
+FORWARD_HOST = "intercept"
+FORWARD_PORT = 1
+FRONT_DOOR_HOST = "intercept-http"
+FRONT_DOOR_PORT = 1
+KEEPALIVE_INTERVAL = 5
+KEEPALIVE_COUNT_MAX = 3  # a silent peer is dropped after 3 unanswered keepalives: 15 s
+ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com", "aes128-ctr"]
+MAX_CONTROL_LINE = 1 << 20
+
+
+class BadRequest(ValueError):
+    """A control line that is not a known request."""
+
+
+@dataclass(frozen=True)
+class Hello:
+    """What the agent says of itself (version, upstream, outbound allowed)."""
+
+    op: ClassVar[str] = "hello"
+
+
+@dataclass(frozen=True)
+class Env:
+    """The pod's environment: the app container's variables."""
+
+    op: ClassVar[str] = "env"
+
+
+@dataclass(frozen=True)
+class ListRoutes:
+    """Everyone's routes on this agent."""
+
+    op: ClassVar[str] = "list"
+
+
+@dataclass(frozen=True)
+class Register:
+    """Hold a route (all ``rules`` must match; ``all``: every request) for this session."""
+
+    op: ClassVar[str] = "register"
+    rules: list[dict[str, Any]] = field(default_factory=list)
+    all: bool = False
+
+
+@dataclass(frozen=True)
+class Unregister:
+    op: ClassVar[str] = "unregister"
+    id: int
+
+
+@dataclass(frozen=True)
+class Drain:
+    """Around a restart of the developer's process: channels close at response ends."""
+
+    op: ClassVar[str] = "drain"
+
+
+@dataclass(frozen=True)
+class Resume:
+    op: ClassVar[str] = "resume"
+
+
+Request = Hello | Env | ListRoutes | Register | Unregister | Drain | Resume
+_REQUESTS: dict[str, type] = {cls.op: cls for cls in (Hello, Env, ListRoutes, Register, Unregister, Drain, Resume)}
+
+
+def encode(request: Request) -> bytes:
+    return json.dumps({"op": request.op, **asdict(request)}).encode() + b"\n"
+
+
+def decode(line: bytes) -> Request:
+    """The request on one control line; :class:`BadRequest` says what is wrong with it."""
+    try:
+        message = json.loads(line)
+        op = message.pop("op")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        raise BadRequest("expected a JSON object with an op") from None
+    cls = _REQUESTS.get(op) if isinstance(op, str) else None
+    if cls is None:
+        raise BadRequest(f"unknown op {op!r}")
+    try:
+        request = cls(**message)
+    except TypeError as e:
+        raise BadRequest(f"malformed {op} request: {e}") from None
+    if isinstance(request, Register) and not (isinstance(request.rules, list) and isinstance(request.all, bool)):
+        raise BadRequest("malformed register request: rules must be a list and all a boolean")
+    if isinstance(request, Unregister) and (not isinstance(request.id, int) or isinstance(request.id, bool)):
+        raise BadRequest("malformed unregister request: id must be a number")
+    return request
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request the agent refused: ``error`` is ``conflict``, ``invalid`` or ``bad-request``."""
+
+    error: str
+    message: str
+    holder: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        reply: dict[str, Any] = {"ok": False, "error": self.error, "message": self.message}
+        if self.holder is not None:
+            reply["holder"] = self.holder
+        return reply
+
+    @classmethod
+    def from_json(cls, reply: dict[str, Any]) -> Refusal:
+        return cls(str(reply.get("error", "invalid")), str(reply.get("message", "")), reply.get("holder"))

@@ -210,7 +210,7 @@ def start(
             creds = load(spec.credentials)
             namespace = spec.namespace
         else:
-            from intercept.client.portforward import pod_replicas
+            from intercept.client.fleet import pod_replicas
             from intercept.client.transport import ServiceTransport
             from intercept.kube.apply import ensure_agent
             from intercept.kube.config import connect
@@ -445,7 +445,7 @@ def list_command(namespace: str | None, context: str | None, kubeconfig: str | N
 def _one_agent(cluster: Any, info: Any) -> Any:
     """Options to ask one ready agent pod of ``info`` (no route); UsageError when none is ready."""
     from intercept.client import InterceptOptions
-    from intercept.client.portforward import pod_transport
+    from intercept.client.fleet import pod_transport
     from intercept.client.start import default_name
     from intercept.kube.apply import agent_pods
     from intercept.routing.match import Route

@@ -20,7 +20,7 @@ from kubernetes.client import ApiClient, Configuration
 
 from intercept.client import AgentSession, InterceptOptions
 from intercept.client.fleet import Replica
-from intercept.client.portforward import PortForwardTransport
+from intercept.kube.portforward import PortForwardTransport
 from intercept.credentials import load
 from intercept.errors import AgentUnreachable
 from intercept.routing.match import HeaderEquals, Route
@@ -201,7 +201,7 @@ def test_an_unreachable_api_server_says_so(pods, local_app):
 
 def test_pod_replicas_forward_to_each_ready_pod_or_dial_its_ip_inside_the_cluster():
     from intercept.client import DirectTransport
-    from intercept.client.portforward import pod_replicas
+    from intercept.client.fleet import pod_replicas
     from intercept.kube.pods import PodEndpoint
 
     client = ApiClient(Configuration())

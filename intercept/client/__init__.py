@@ -1,6 +1,7 @@
 """The developer's side: sessions to agents, the local process, ``intercept start``."""
 
-from intercept.client.session import AgentSession, Event, InterceptOptions
+from intercept.client.session import AgentSession, InterceptOptions
+from intercept.events import Event
 from intercept.client.start import default_name, start
 from intercept.client.transport import DirectTransport, Transport
 

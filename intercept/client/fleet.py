@@ -47,14 +47,18 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from intercept import protocol
 from intercept.protocol import KEEPALIVE_COUNT_MAX, KEEPALIVE_INTERVAL
 from intercept.client.door import LocalDoor
-from intercept.client.session import AgentSession, Event, InterceptOptions
-from intercept.client.transport import Transport
+from intercept.client.session import AgentSession, InterceptOptions
+from intercept.client.transport import DirectTransport, Transport
+from intercept.events import Event
 from intercept.errors import AgentUnreachable, RouteConflict
+
+if TYPE_CHECKING:
+    from intercept.kube.pods import PodEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,33 @@ async def _close_source(source: AsyncIterator[Any]) -> None:
 async def fixed(replicas: Iterable[Replica]) -> AsyncIterator[list[Replica]]:
     """A replica source that never changes (direct mode: one agent at a known address)."""
     yield list(replicas)
+
+
+async def pod_replicas(
+    pods: AsyncIterator[Iterable[PodEndpoint]], api: Any, *, in_cluster: bool = False
+) -> AsyncIterator[list[Replica]]:
+    """The replica sets to follow, from a watch of agent pods (:func:`intercept.kube.pods.watch_agent_pods`).
+
+    Each ready pod with an address is a replica named after the pod, reached through a
+    port-forward to its agent's SSH port, or, when we run inside the cluster, directly
+    at the pod's IP (no API server in the data path).
+    """
+    try:
+        async for current in pods:
+            yield [Replica(pod.name, pod_transport(pod, api, in_cluster=in_cluster)) for pod in current if pod.ready and pod.ip]
+    finally:
+        aclose = getattr(pods, "aclose", None)
+        if aclose is not None:  # stop the watch at once
+            await aclose()
+
+
+def pod_transport(pod: PodEndpoint, api: Any, *, in_cluster: bool = False) -> Transport:
+    """How to reach one agent pod's SSH server: see :func:`pod_replicas`."""
+    if in_cluster and pod.ip:
+        return DirectTransport(pod.ip, pod.ssh_port)
+    from intercept.kube.portforward import PortForwardTransport  # loads the kubernetes client: only here
+
+    return PortForwardTransport(api, pod.namespace, pod.name, pod.ssh_port)
 
 
 class _Holder:
@@ -257,7 +288,7 @@ class Fleet:
         closing.add_done_callback(closed)
         log.info("replica %s %s", name, "left the set" if gone else "moved to another address")
         if gone and self._ready:
-            self._report(Event("gone", f"replica {name} is gone ({self._count()})"))
+            self._report(Event("gone", f"replica {name} is gone ({self._count()})", replica=name))
 
     # -- one replica ------------------------------------------------------------------------
 
@@ -287,7 +318,7 @@ class Fleet:
                 delay = BACKOFF_FIRST if delay is None else min(delay * 2, BACKOFF_MAX)
                 log.info("replica %s: %s", replica.name, e)
                 kind, message = retry
-                self._report(Event(kind, f"{message}; retrying in {delay:g}s"))
+                self._report(Event(kind, f"{message}; retrying in {delay:g}s", replica=replica.name))
                 continue
             holder.failures = 0
             self._registered(holder)
@@ -296,7 +327,7 @@ class Fleet:
             holder.lost_at = asyncio.get_running_loop().time()
             delay = BACKOFF_FIRST
             log.info("replica %s: connection to %s lost", replica.name, where)
-            self._report(Event("reconnecting", f"connection to agent {where} lost; retrying in {delay:g}s"))
+            self._report(Event("reconnecting", f"connection to agent {where} lost; retrying in {delay:g}s", replica=replica.name))
 
     def _retry(self, holder: _Holder, error: Exception) -> tuple[str, str] | None:
         """The event kind and message for a failed attempt worth retrying; None when it is fatal."""
@@ -331,11 +362,11 @@ class Fleet:
         what, target = self.options.describe(), f"localhost:{self.options.local_port}"
         name = holder.replica.name
         if not self._count_replicas:
-            self._report(Event("reconnected", f"{what} reach {target} again"))
+            self._report(Event("reconnected", f"{what} reach {target} again", replica=name))
         elif again:
-            self._report(Event("reconnected", f"replica {name}: {what} reach {target} again ({self._count()})"))
+            self._report(Event("reconnected", f"replica {name}: {what} reach {target} again ({self._count()})", replica=name))
         else:
-            self._report(Event("joined", f"replica {name}: {what} reach {target} through it too ({self._count()})"))
+            self._report(Event("joined", f"replica {name}: {what} reach {target} through it too ({self._count()})", replica=name))
 
     def _check_ready(self) -> None:
         if self._ready or not self._holders or not all(h.registered for h in self._holders.values()):

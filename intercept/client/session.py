@@ -19,6 +19,7 @@ from intercept.protocol import CONTROL_SUBSYSTEM, ENCRYPTION_ALGS, FORWARD_HOST,
 from intercept.client.door import LocalDoor
 from intercept.client.transport import Transport
 from intercept.credentials import Credentials
+from intercept.events import Event
 from intercept.errors import (
     AgentUnreachable,
     AuthenticationFailed,
@@ -142,12 +143,4 @@ class AgentSession:
         await self.conn.wait_closed()
 
 
-@dataclass(frozen=True)
-class Event:
-    """Something the developer should hear about; the CLI prints ``intercept: KIND: MESSAGE``."""
-
-    kind: str  # ready | waiting | joined | gone | reconnecting | reconnected | left | exited
-    message: str
-
-
-__all__ = ["AgentSession", "Event", "InterceptOptions"]
+__all__ = ["AgentSession", "InterceptOptions"]

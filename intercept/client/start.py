@@ -25,7 +25,8 @@ from intercept.client.door import LocalDoor
 from intercept.client.fleet import Fleet, Replica, fixed
 from intercept.client.outbound import OutboundProxy, SSHDialer, TCPForward, propagation, proxy_env
 from intercept.client.runner import LocalCommand, Supervisor, accepting, dotenv, watch
-from intercept.client.session import AgentSession, Event, InterceptOptions
+from intercept.client.session import AgentSession, InterceptOptions
+from intercept.events import Event
 from intercept.errors import InterceptError
 from intercept.spec import Forward
 

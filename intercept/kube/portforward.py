@@ -31,9 +31,8 @@ import os
 import re
 import socket
 import threading
-from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncssh
 from kubernetes.client import ApiClient, CoreV1Api
@@ -41,12 +40,7 @@ from kubernetes.client.exceptions import ApiException, ApiValueError
 from kubernetes.stream import portforward
 from kubernetes.stream.ws_client import PortForward
 
-from intercept.client.fleet import Replica
-from intercept.client.transport import DirectTransport, Transport
 from intercept.errors import AgentUnreachable
-
-if TYPE_CHECKING:
-    from intercept.kube.pods import PodEndpoint
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +54,8 @@ _watchers: set[asyncio.Task[None]] = set()
 class PortForwardTransport:
     """SSH to ``port`` of pod ``namespace/pod`` through the API server's port-forward.
 
-    Equal transports dial the same pod port through the same API client, which lets a
+    A transport in the sense of :class:`intercept.client.transport.Transport`. Equal
+    transports dial the same pod port through the same API client, which lets a
     :class:`~intercept.client.fleet.Fleet` see whether a replica changed.
     """
 
@@ -166,31 +161,6 @@ class PortForwardTransport:
             _release_in_thread(kept)
 
 
-async def pod_replicas(
-    pods: AsyncIterator[Iterable[PodEndpoint]], api: ApiClient, *, in_cluster: bool = False
-) -> AsyncIterator[list[Replica]]:
-    """The replica sets a :class:`~intercept.client.fleet.Fleet` follows, from a watch of agent pods.
-
-    Each ready pod with an address is a replica named after the pod, reached through a
-    port-forward to its agent's SSH port, or, when we run inside the cluster, directly
-    at the pod's IP (no API server in the data path).
-    """
-    try:
-        async for current in pods:
-            yield [Replica(pod.name, pod_transport(pod, api, in_cluster=in_cluster)) for pod in current if pod.ready and pod.ip]
-    finally:
-        aclose = getattr(pods, "aclose", None)
-        if aclose is not None:  # stop the watch at once
-            await aclose()
-
-
-def pod_transport(pod: PodEndpoint, api: ApiClient, *, in_cluster: bool = False) -> Transport:
-    """How to reach one agent pod's SSH server: see :func:`pod_replicas`."""
-    if in_cluster and pod.ip:
-        return DirectTransport(pod.ip, pod.ssh_port)
-    return PortForwardTransport(api, pod.namespace, pod.name, pod.ssh_port)
-
-
 def _ends(forward: PortForward, port: int) -> tuple[socket.socket, socket.socket]:
     """Two handles on our end of the forward's socketpair: one for asyncio, one kept.
 
@@ -247,4 +217,4 @@ def _gist(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-__all__ = ["PortForwardTransport", "pod_replicas", "pod_transport"]
+__all__ = ["PortForwardTransport"]

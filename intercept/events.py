@@ -1,0 +1,68 @@
+"""What an intercept tells the people, scripts and editors watching it.
+
+Every face renders the same :class:`Event`: the CLI as the line
+``intercept: KIND: MESSAGE`` (a contract: VS Code's problem matcher and scripts read it),
+``intercept start --output json`` and ``intercept up`` as one JSON object per line, the
+MCP server as part of a tool result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+EventKind = Literal[
+    "starting",  # what is about to be intercepted, and through what
+    "header",  # the personal header, when no rule was given
+    "progress",  # injecting the agent, waiting for its rollout
+    "waiting",  # nothing reachable yet, or the local process does not accept
+    "ready",  # requests that match now reach the local port
+    "joined",  # one more agent replica holds the route
+    "gone",  # an agent replica went away
+    "reconnecting",  # a connection to an agent was lost; retrying
+    "reconnected",
+    "debug",  # debugpy listens
+    "outbound",  # the local process reaches the cluster through the proxy
+    "forward",  # a --forward listens
+    "warning",  # something works, but probably not as the developer expects
+    "reloading",  # a change was saved; the local process restarts
+    "reloaded",
+    "exited",  # the local process exited
+    "left",  # the route is gone from every agent
+    "error",  # the intercept ended with an error
+]
+
+KINDS: tuple[str, ...] = EventKind.__args__  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing that happened to an intercept.
+
+    ``replica`` names the agent replica for ``joined``, ``gone``, ``reconnecting`` and
+    ``reconnected`` on a Service; ``status`` is the exit status for ``exited``, and the
+    exit code of the error for ``error``.
+    """
+
+    kind: EventKind
+    message: str
+    replica: str | None = None
+    status: int | None = None
+
+    def line(self) -> str:
+        return f"intercept: {self.kind}: {self.message}"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "message": self.message}
+        if self.replica is not None:
+            out["replica"] = self.replica
+        if self.status is not None:
+            out["status"] = self.status
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Event:
+        kind = data.get("kind")
+        if kind not in KINDS or not isinstance(data.get("message"), str):
+            raise ValueError(f"not an intercept event: {data!r}")
+        return cls(kind, data["message"], data.get("replica"), data.get("status"))

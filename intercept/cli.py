@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from intercept import __version__, protocol
+from intercept import __version__
 from intercept.errors import InterceptError, UsageError
 
 
@@ -38,13 +39,65 @@ class _DashDashCommand(click.Command):
         return super().parse_args(ctx, args)
 
 
-def _run(main: Any) -> Any:
-    """Run a coroutine on uvloop when it is installed (the data path is asyncio throughout)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
+def _spec_options(*keys: str) -> Callable[[Any], Any]:
+    """click parameters for the options ``keys`` of :data:`intercept.spec.OPTIONS`: the flag,
+    its short form, help, variable and default are the table's, written nowhere else.
+
+    Each parameter is named by its option key; only the flags typed on the command line
+    are passed on (:func:`_given`), so that :func:`intercept.spec.merge` applies the
+    ``INTERCEPT_*`` variables and the defaults below them, as for ``intercept.yaml``.
+    """
+    from intercept.spec import OPTIONS
+
+    table = {o.key: o for o in OPTIONS}
+
+    def decorate(command: Any) -> Any:
+        for key in reversed(keys):
+            option = table[key]
+            if option.flag == "SERVICE":
+                command = click.argument(key, required=False, metavar="[SERVICE]")(command)
+                continue
+            default = option.default_doc or ("" if option.is_bool or option.multiple else str(option.default))
+            text = option.help.replace("`", "") + f" [env: {option.env}" + (f"; default: {default.replace('`', '')}]" if default else "]")
+            decls = [option.flag, *([option.short] if option.short else []), key]
+            extra: dict[str, Any] = {"is_flag": True} if option.is_bool else {"metavar": option.type.removeprefix("list of ").upper()}
+            command = click.option(*decls, multiple=option.multiple, default=None, help=text, **extra)(command)
+        return command
+
+    return decorate
+
+
+def _given(ctx: click.Context, *keys: str) -> dict[str, Any]:
+    """The options ``keys`` that were typed on the command line, by key."""
+    from click.core import ParameterSource
+
+    return {key: ctx.params[key] for key in keys if ctx.get_parameter_source(key) is ParameterSource.COMMANDLINE}
+
+
+def _spec(ctx: click.Context, *keys: str, **extra: Any) -> Any:
+    """The intercept this command line describes, over the ``INTERCEPT_*`` variables, validated."""
+    import os
+
+    from intercept.spec import merge
+
+    return merge(None, os.environ, {**_given(ctx, *keys), **extra})
+
+
+def _options(ctx: click.Context, *keys: str) -> dict[str, Any]:
+    """Options of a command that is not an intercept, over the ``INTERCEPT_*`` variables, validated."""
+    import os
+
+    from intercept.spec import options
+
+    return options(os.environ, _given(ctx, *keys), keys)
+
+
+CLUSTER = ("namespace", "context", "kubeconfig")
+_START = (
+    "service", "agent", "credentials", "port", "headers", "header_regexes", "baggage", "path_prefix", "all", "name",
+    "watch", "no_watch", "debug", "debug_port", "debug_wait", "env_file", "forward", "propagate_header",
+    "no_outbound", "no_policy_changes", "timeout", "service_port", "agent_image", *CLUSTER,
+)
 
 
 def _fail(error: InterceptError) -> None:
@@ -105,202 +158,54 @@ def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_t
         _fail(InterceptError(f"agent cannot listen: {e.strerror or e}; choose free ports with --listen/--ssh-listen"))
 
 
-def _cluster_options(command: Any) -> Any:
-    """``-n``, ``--context``, ``--kubeconfig``: cluster access as kubectl's (see intercept.kube.config)."""
-    command = click.option("--kubeconfig", type=click.Path(dir_okay=False), help="Kubeconfig file [default: $KUBECONFIG, else ~/.kube/config, else in-cluster].")(command)
-    command = click.option("--context", help="Kubeconfig context [default: the current context].")(command)
-    command = click.option("-n", "--namespace", help="Namespace [default: the context's, else default].")(command)
-    return command
-
-
-def _agent_image_option(command: Any) -> Any:
-    from intercept.kube.image import AGENT_IMAGE_ENV, DEFAULT_AGENT_IMAGE
-
-    return click.option("--agent-image", envvar=AGENT_IMAGE_ENV, default=DEFAULT_AGENT_IMAGE, show_default=True,
-                        help=f"The agent image (also ${AGENT_IMAGE_ENV}).")(command)
-
-
 @main.command(cls=_DashDashCommand)
-@click.argument("service", required=False)
-@click.option("--agent", "agent_address", metavar="HOST:PORT", help="The agent's SSH address (direct mode).")
-@click.option("--credentials", type=click.Path(path_type=Path), help="The agent's credentials file.")
-@click.option("--port", "local_port", type=int, default=8080, show_default=True, help="Local port the routed requests go to.")
-@click.option("--header", "headers", multiple=True, metavar="NAME=VALUE", help="Route requests whose header NAME equals VALUE.")
-@click.option("--header-regex", "header_regexes", multiple=True, metavar="NAME=REGEX", help="Route requests whose header NAME fully matches REGEX.")
-@click.option("--baggage", "baggage", metavar="KEY=VALUE", help="Route requests whose W3C baggage has KEY=VALUE.")
-@click.option("--path-prefix", metavar="PREFIX", help="Route requests whose path starts with PREFIX.")
-@click.option("--all", "all_traffic", is_flag=True, help="Route ALL requests (only while nobody else intercepts).")
-@click.option("--name", help="Your display name and personal header value [default: git user.email local part, else $USER].")
-@click.option("--watch", "watch", multiple=True, metavar="PATH", help="Restart COMMAND when files under PATH change [default: . with a COMMAND].")
-@click.option("--no-watch", is_flag=True, help="Do not restart COMMAND on changes; its exit ends the intercept.")
-@click.option("--debug", is_flag=True, help="Run the Python COMMAND under debugpy.")
-@click.option("--debug-port", type=int, default=5678, show_default=True, help="Port debugpy listens on (127.0.0.1).")
-@click.option("--debug-wait", is_flag=True, help="With --debug: the program waits for the debugger before it starts.")
-@click.option("--env-file", type=click.Path(dir_okay=False), help="Also write COMMAND's pod environment to FILE (dotenv).")
-@click.option("--forward", "forwards", multiple=True, metavar="SERVICE:PORT[:LOCAL_PORT]", help="Plain TCP from localhost to a cluster service, through the agent's pod.")
-@click.option("--propagate-header", is_flag=True, help="Add your route's headers to COMMAND's outbound plain HTTP (chains of intercepted services).")
-@click.option("--no-outbound", is_flag=True, help="When injecting the agent: no connections from the pod on your behalf.")
-@click.option("--no-policy-changes", is_flag=True, help="When injecting the agent: refuse rather than extend NetworkPolicies that would cut it off.")
-@click.option("--timeout", "timeout", type=float, default=300.0, show_default=True, help="Seconds the agent's rollout may take when it is injected.")
-@click.option("--service-port", metavar="NAME|NUMBER", help="The Service port to intercept, when it has several.")
-@_agent_image_option
-@_cluster_options
+@_spec_options(*_START)
+@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="text: intercept: KIND: MESSAGE lines; json: one event object per line (for scripts and intercept up).")
 @click.pass_context
-def start(
-    ctx: click.Context,
-    service: str | None,
-    agent_address: str | None,
-    credentials: Path | None,
-    local_port: int,
-    headers: tuple[str, ...],
-    header_regexes: tuple[str, ...],
-    baggage: str | None,
-    path_prefix: str | None,
-    all_traffic: bool,
-    name: str | None,
-    watch: tuple[str, ...],
-    no_watch: bool,
-    debug: bool,
-    debug_port: int,
-    debug_wait: bool,
-    env_file: str | None,
-    forwards: tuple[str, ...],
-    propagate_header: bool,
-    no_outbound: bool,
-    no_policy_changes: bool,
-    timeout: float,
-    service_port: str | None,
-    agent_image: str,
-    namespace: str | None,
-    context: str | None,
-    kubeconfig: str | None,
-) -> None:
+def start(ctx: click.Context, output: str, **_: Any) -> None:
     """Intercept: requests that match your route reach localhost:PORT.
 
     \b
+    intercept start orders --header x-dev=alice --port 8080 -- python app.py
     intercept start --agent HOST:PORT --credentials FILE --port 8080 [--header x-dev=alice] [-- COMMAND ARGS...]
     """
+    import json
     import os
 
-    from click.core import ParameterSource
+    from intercept import api
 
-    from intercept.client import DirectTransport, InterceptOptions, default_name
-    from intercept.client import start as start_api
-    from intercept.client.runner import LocalCommand
-    from intercept.credentials import load
-    from intercept.routing.match import HeaderEquals, Route
-    from intercept.spec import merge
-    from intercept.workspace import register
+    def render(event: Any) -> None:
+        click.echo(json.dumps(event.to_json()) if output == "json" else event.line())
+        sys.stdout.flush()
 
-    # flags > INTERCEPT_* variables > defaults: one object (intercept.spec), as intercept.yaml is
-    given = {key: ctx.params[param] for param, key in _START_OPTIONS.items()
-             if ctx.get_parameter_source(param) is ParameterSource.COMMANDLINE}
-    if ctx.meta["command"]:
-        given["command"] = ctx.meta["command"]
-    replicas = None
     try:
-        spec = merge(None, os.environ, given)
-        command = list(spec.command)
-        if spec.agent_address is None and spec.service is None:
-            raise UsageError("name the SERVICE to intercept (intercept start orders), or --agent HOST:PORT for an agent you can reach")
-        if spec.agent_address is not None:
-            if spec.credentials is None:
-                raise UsageError("--credentials FILE is required with --agent (the file the agent wrote)")
-            transport: Any = DirectTransport(*spec.agent_address)
-            creds = load(spec.credentials)
-            namespace = spec.namespace
-        else:
-            from intercept.client.fleet import pod_replicas
-            from intercept.client.transport import ServiceTransport
-            from intercept.kube.apply import ensure_agent
-            from intercept.kube.config import connect
-            from intercept.kube.inject import InjectOptions
-            from intercept.kube.pods import watch_agent_pods
-
-            cluster = connect(spec.kubeconfig, spec.context, spec.namespace)
-            info = ensure_agent(cluster.api, cluster.namespace, spec.service,
-                                InjectOptions(image=agent_image, service_port=spec.service_port, outbound=not spec.no_outbound,
-                                              no_policy_changes=spec.no_policy_changes),
-                                _progress, timeout=spec.timeout)
-            transport, creds, namespace = ServiceTransport(cluster.namespace, spec.service), info.credentials, cluster.namespace
-            replicas = pod_replicas(watch_agent_pods(cluster.api, cluster.namespace, info.selector), cluster.api, in_cluster=cluster.in_cluster)
-        name = spec.name or default_name()
-        rules = spec.rules()
-        if not rules and not spec.all:
-            rules = [HeaderEquals("x-intercept-id", name)]
-            click.echo(f"intercept: header: your requests carry x-intercept-id: {name}")
-        options = InterceptOptions(transport=transport, credentials=creds, route=Route(frozenset(rules)), name=name,
-                                   local_port=spec.port, all_traffic=spec.all)
-
-        def report(event: Any) -> None:
-            click.echo(f"intercept: {event.kind}: {event.message}")
-            sys.stdout.flush()
-
-        local = LocalCommand(
-            tuple(command),
-            watch=tuple(str(p) for p in spec.watch) if command and not spec.no_watch else (),
-            debug_port=spec.debug_port if spec.debug or spec.debug_wait else None,
-            debug_wait=spec.debug_wait,
-            env_file=str(spec.env_file) if spec.env_file else None,
-        )
-        entry = {"service": spec.service, "agent": given.get("agent") or os.environ.get("INTERCEPT_AGENT"), "namespace": namespace,
-                 "context": spec.context, "route": options.describe(), "name": name, "local_port": spec.port, "command": command}
-        click.echo(f"intercept: starting: {options.describe()} to localhost:{spec.port} through {transport.describe()}")
-        with register(entry):  # for intercept status / leave; removed when this intercept ends
-            code = _run(start_api(options, local, report, replicas, spec.forward, spec.propagate_header))
+        spec = _spec(ctx, *_START, command=ctx.meta["command"] or None)
+        entry = {"service": spec.service, "agent": spec.agent, "namespace": spec.namespace, "context": spec.context,
+                 "name": spec.name, "local_port": spec.port, "command": list(spec.command)}
+        code = api.run(spec, render, registry_entry=entry)
     except InterceptError as e:
+        if output == "json":
+            click.echo(json.dumps({"kind": "error", "message": str(e), "status": e.exit_code}))
         _fail(e)
     sys.exit(code)
 
 
-# start's parameters, by the name of the option they spell in intercept.spec
-_START_OPTIONS = {
-    "service": "service", "agent_address": "agent", "credentials": "credentials", "local_port": "port",
-    "headers": "headers", "header_regexes": "header_regexes", "baggage": "baggage", "path_prefix": "path_prefix",
-    "all_traffic": "all", "name": "name", "watch": "watch", "no_watch": "no_watch", "debug": "debug",
-    "debug_port": "debug_port", "debug_wait": "debug_wait", "env_file": "env_file", "forwards": "forward",
-    "propagate_header": "propagate_header", "no_outbound": "no_outbound",
-    "no_policy_changes": "no_policy_changes", "timeout": "timeout", "service_port": "service_port", "namespace": "namespace",
-    "context": "context", "kubeconfig": "kubeconfig",
-}
-
-
 @main.command("env")
-@click.argument("service", required=False)
-@click.option("--agent", "agent_address", metavar="HOST:PORT", help="The agent's SSH address (direct mode).")
-@click.option("--credentials", type=click.Path(path_type=Path), help="The agent's credentials file (direct mode).")
+@_spec_options("service", "agent", "credentials", "agent_image", *CLUSTER)
 @click.option("-o", "--output", type=click.Choice(["dotenv", "json", "sh"]), default="dotenv", show_default=True)
-@_agent_image_option
-@_cluster_options
-def env_command(service: str | None, agent_address: str | None, credentials: Path | None, output: str,
-                agent_image: str, namespace: str | None, context: str | None, kubeconfig: str | None) -> None:
+@click.pass_context
+def env_command(ctx: click.Context, output: str, **_: Any) -> None:
     """Print the pod's environment (the app container's variables), without intercepting."""
+    import asyncio
     import json
     import shlex
 
-    from intercept.client import DirectTransport, InterceptOptions
+    from intercept import api
     from intercept.client.runner import dotenv
-    from intercept.client.start import ask_agent, default_name
-    from intercept.credentials import load
-    from intercept.routing.match import Route
 
     try:
-        if agent_address is not None:
-            if credentials is None:
-                raise UsageError("--credentials FILE is required with --agent (the file the agent wrote)")
-            transport: Any = DirectTransport(*_address(agent_address, "--agent"))
-            creds = load(credentials)
-            options = InterceptOptions(transport=transport, credentials=creds, route=Route(frozenset()), name=default_name(), local_port=0)
-        elif service is not None:
-            from intercept.kube.apply import ensure_agent
-            from intercept.kube.config import connect
-            from intercept.kube.inject import InjectOptions
-
-            cluster = connect(kubeconfig, context, namespace)
-            options = _one_agent(cluster, ensure_agent(cluster.api, cluster.namespace, service, InjectOptions(image=agent_image), _progress))
-        else:
-            raise UsageError("name the SERVICE (intercept env orders), or --agent HOST:PORT --credentials FILE")
-        env = _run(ask_agent(options, protocol.Env())).get("env", {})
+        env = asyncio.run(api.pod_env(_spec(ctx, "service", "agent", "credentials", "agent_image", *CLUSTER)))
     except InterceptError as e:
         _fail(e)
     if output == "json":
@@ -327,35 +232,29 @@ def demo(keep: bool) -> None:
 # --------------------------------------------------------------------------- Kubernetes: inject, restore, uninstall, list
 
 
-def _progress(line: str) -> None:
-    click.echo(f"intercept: progress: {line}")
+def _progress(event: Any) -> None:
+    click.echo(event.line())
     sys.stdout.flush()
+
+
+_INJECT = ("agent_image", "service_port", "no_policy_changes", "no_outbound")
 
 
 @main.command("inject")
 @click.argument("service")
 @click.option("-f", "--filename", "manifests", required=True, type=click.File("r"), help="Manifests (YAML, several documents); - reads stdin.")
-@_agent_image_option
-@click.option("--service-port", metavar="NAME|NUMBER", help="The Service port to take over, when it has several.")
-@click.option("--no-policy-changes", is_flag=True, help="Refuse rather than extend NetworkPolicies that would cut the agent off.")
-@click.option("--no-outbound", is_flag=True, help="Do not let clients open connections from the pod through the agent.")
-def inject_command(service: str, manifests: Any, agent_image: str, service_port: str | None, no_policy_changes: bool, no_outbound: bool) -> None:
+@_spec_options(*_INJECT)
+@click.pass_context
+def inject_command(ctx: click.Context, service: str, manifests: Any, **_: Any) -> None:
     """Print the manifests with the agent injected behind SERVICE (offline; comments are not kept).
 
     \b
     intercept inject orders -f manifests.yaml > injected.yaml
     """
-    from intercept.kube.inject import InjectOptions
-    from intercept.kube.manifests import inject_text
+    from intercept import api
 
     try:
-        options = InjectOptions(
-            image=agent_image,
-            service_port=int(service_port) if service_port and service_port.isdigit() else service_port,
-            no_policy_changes=no_policy_changes,
-            outbound=not no_outbound,
-        )
-        text, changes = inject_text(manifests.read(), service, options, source=manifests.name)
+        text, changes = api.inject_text(manifests.read(), service, **_options(ctx, *_INJECT), source=manifests.name)
     except InterceptError as e:
         _fail(e)
     for line in changes:
@@ -367,10 +266,10 @@ def inject_command(service: str, manifests: Any, agent_image: str, service_port:
 @click.option("-f", "--filename", "manifests", required=True, type=click.File("r"), help="Injected manifests (YAML); - reads stdin.")
 def restore_command(manifests: Any) -> None:
     """Print injected manifests as they were before `intercept inject` (offline)."""
-    from intercept.kube.manifests import restore_text
+    from intercept import api
 
     try:
-        text, changes = restore_text(manifests.read(), source=manifests.name)
+        text, changes = api.restore_text(manifests.read(), source=manifests.name)
     except InterceptError as e:
         _fail(e)
     for line in changes:
@@ -381,18 +280,14 @@ def restore_command(manifests: Any) -> None:
 @main.command("uninstall")
 @click.argument("service", required=False)
 @click.option("--all", "all_agents", is_flag=True, help="Every agent in the namespace.")
-@_cluster_options
-@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for each rollout.")
-def uninstall_command(service: str | None, all_agents: bool, namespace: str | None, context: str | None, kubeconfig: str | None, timeout: float) -> None:
+@_spec_options("timeout", *CLUSTER)
+@click.pass_context
+def uninstall_command(ctx: click.Context, service: str | None, all_agents: bool, **_: Any) -> None:
     """Remove the agent behind SERVICE (or every agent with --all) and restore what it changed, exactly."""
-    from intercept.kube.apply import uninstall
-    from intercept.kube.config import connect
+    from intercept import api
 
     try:
-        if bool(service) == all_agents:
-            raise UsageError("pass a SERVICE, or --all for every agent in the namespace (not both)")
-        cluster = connect(kubeconfig, context, namespace)
-        result = uninstall(cluster.api, cluster.namespace, service, all=all_agents, progress=_progress, timeout=timeout)
+        result = api.uninstall(service, all=all_agents, **_options(ctx, "timeout", *CLUSTER), on_event=_progress)
     except InterceptError as e:
         _fail(e)
     what = f"Service {service}" if service else "no workload"
@@ -405,28 +300,25 @@ def uninstall_command(service: str | None, all_agents: bool, namespace: str | No
 
 
 @main.command("list")
-@_cluster_options
+@_spec_options(*CLUSTER)
 @click.option("-A", "--all-namespaces", is_flag=True, help="Services of every namespace.")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def list_command(namespace: str | None, context: str | None, kubeconfig: str | None, all_namespaces: bool, output: str) -> None:
+@click.pass_context
+def list_command(ctx: click.Context, all_namespaces: bool, output: str, **_: Any) -> None:
     """The Services that can be intercepted, and which have an agent."""
     import json
 
-    from intercept.kube.apply import list_services
-    from intercept.kube.config import connect
+    from intercept import api
 
     try:
-        if all_namespaces and namespace:
-            raise UsageError("pass -n NAMESPACE or -A, not both")
-        cluster = connect(kubeconfig, context, namespace)
-        rows = list_services(cluster.api, None if all_namespaces else cluster.namespace, routes=lambda info: _agent_routes(cluster, info))
+        listed, rows = api.list_services(all_namespaces=all_namespaces, **_options(ctx, *CLUSTER))
     except InterceptError as e:
         _fail(e)
     if output == "json":
         click.echo(json.dumps(rows, indent=2))
         return
     if not rows:
-        click.echo(f"intercept: list: no Services in {'any namespace' if all_namespaces else 'namespace ' + cluster.namespace}")
+        click.echo(f"intercept: list: no Services in {'any namespace' if listed is None else 'namespace ' + listed}")
         return
     header = (["NAMESPACE"] if all_namespaces else []) + ["SERVICE", "WORKLOAD", "PORTS", "AGENT", "ROUTES", "NOTE"]
     table = [header]
@@ -440,31 +332,6 @@ def list_command(namespace: str | None, context: str | None, kubeconfig: str | N
     widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
     for row in table:
         click.echo(("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]).rstrip())
-
-
-def _one_agent(cluster: Any, info: Any) -> Any:
-    """Options to ask one ready agent pod of ``info`` (no route); UsageError when none is ready."""
-    from intercept.client import InterceptOptions
-    from intercept.client.fleet import pod_transport
-    from intercept.client.start import default_name
-    from intercept.kube.apply import agent_pods
-    from intercept.routing.match import Route
-
-    pods = [p for p in agent_pods(cluster.api, info.namespace, info.selector) if p.ready and p.ip]
-    if not pods:
-        raise UsageError(f"no ready agent pod behind {info.namespace}/{info.service}; check `kubectl get pods -n {info.namespace}`")
-    return InterceptOptions(transport=pod_transport(pods[0], cluster.api, in_cluster=cluster.in_cluster),
-                            credentials=info.credentials, route=Route(frozenset()), name=default_name(), local_port=0)
-
-
-def _agent_routes(cluster: Any, info: Any) -> list[dict[str, Any]]:
-    """Everyone's routes, as one ready agent pod of ``info`` lists them (an ``error`` entry if none answers)."""
-    from intercept.client.start import ask_agent
-
-    try:
-        return _run(ask_agent(_one_agent(cluster, info), protocol.ListRoutes())).get("routes", [])
-    except InterceptError as e:
-        return [{"error": str(e)}]
 
 
 # --------------------------------------------------------------------------- this machine: up, down, status, leave, vscode

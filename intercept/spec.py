@@ -41,6 +41,7 @@ from typing import Literal
 import yaml
 
 from intercept.errors import SpecError, UsageError
+from intercept.kube.image import DEFAULT_AGENT_IMAGE
 from intercept.routing.match import Rule, parse_rule
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "WorkspaceSpec",
     "load_workspace",
     "merge",
+    "options",
     "parse_workspace",
     "render_reference",
     "resolve_workspace",
@@ -389,6 +391,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("timeout", "--timeout", "seconds", 300.0,
            "How long the agent's rollout may take when it is injected (then the originals are put back).",
            120, _seconds, verbatim=False),
+    Option("agent_image", "--agent-image", "image", DEFAULT_AGENT_IMAGE,
+           "The agent image to inject (build it with `agent_image/Dockerfile`; the cluster must be able to pull it).",
+           "registry.example.com/intercept-agent:0.1.0", _text, top_level=True),
 )
 
 _BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS}
@@ -460,7 +465,7 @@ class InterceptSpec:
 
     Build it with :func:`merge` or :func:`load_workspace`, which validate and apply the
     defaults (including ``watch``'s: ``directory`` when a command is given, unless
-    ``no_watch``); the constructor does not. The fields up to ``timeout`` are
+    ``no_watch``); the constructor does not. The fields up to ``agent_image`` are
     the options of :data:`OPTIONS`, in order. ``directory`` is where the command runs
     and where relative paths of the file were resolved from (the directory of
     intercept.yaml, else ``.``). ``origins`` says which option was set where (options
@@ -493,6 +498,7 @@ class InterceptSpec:
     no_outbound: bool = False
     no_policy_changes: bool = False
     timeout: float = 300.0
+    agent_image: str = DEFAULT_AGENT_IMAGE
     directory: Path = Path(".")
     origins: Mapping[str, Origin] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
     location: Origin | None = field(default=None, compare=False, repr=False)
@@ -681,6 +687,17 @@ def merge(base: InterceptSpec | None, env: Mapping[str, str], flags: Mapping[str
     return _build(values, origins,
                   directory=base.directory if base is not None else Path("."),
                   location=base.location if base is not None else None)
+
+
+def options(env: Mapping[str, str], flags: Mapping[str, object], keys: Iterable[str]) -> dict[str, object]:
+    """Some options alone, for the commands that are not an intercept (inject, list, uninstall):
+    each of ``keys`` from ``flags`` > ``env`` > its default, every value validated as
+    :func:`merge` validates it, without the checks that need a whole intercept."""
+    keys = tuple(keys)
+    names = {_BY_KEY[key].env for key in keys}
+    from_env, _ = _from_env({name: value for name, value in env.items() if name in names})
+    from_flags, _ = _from_flags({key: value for key, value in flags.items() if key in keys})
+    return {key: from_flags.get(key, from_env.get(key, _BY_KEY[key].default)) for key in keys}
 
 
 def to_args(spec: InterceptSpec, *, skip: Iterable[str] = ()) -> list[str]:

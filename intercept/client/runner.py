@@ -9,7 +9,7 @@ import re
 import signal
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import watchfiles
@@ -20,19 +20,32 @@ log = logging.getLogger(__name__)
 
 
 class LocalProcess:
-    """COMMAND as a child process group; :meth:`stop` ends the whole group (TERM, then KILL)."""
+    """COMMAND as a child process group; :meth:`stop` ends the whole group (TERM, then KILL).
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | None = None) -> None:
+    With ``output``, its stdout and stderr are read line by line and handed to it (an
+    API caller that shows them, such as the MCP server, whose own stdout is its protocol);
+    without, the process writes to ours.
+    """
+
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | None = None,
+                 output: Callable[[str], None] | None = None) -> None:
         self.argv = list(argv)
         self.env = dict(os.environ if env is None else env)
         self.cwd = cwd
+        self.output = output
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
+        piped = {"stdout": asyncio.subprocess.PIPE, "stderr": asyncio.subprocess.STDOUT} if self.output else {}
         try:
-            self.proc = await asyncio.create_subprocess_exec(*self.argv, env=self.env, cwd=self.cwd, start_new_session=True)
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, env=self.env, cwd=self.cwd, start_new_session=True, stdin=asyncio.subprocess.DEVNULL if self.output else None, **piped
+            )
         except OSError as e:
             raise CommandFailed(f"cannot run {self.argv[0]!r}: {e.strerror or e}; check the command after --") from None
+        if self.output is not None:
+            _reading.add(task := asyncio.ensure_future(_read_lines(self.proc.stdout, self.output)))
+            task.add_done_callback(_reading.discard)
         log.info("started %s (pid %s)", self.argv, self.proc.pid)
 
     async def wait(self) -> int:
@@ -56,6 +69,14 @@ class LocalProcess:
         except ProcessLookupError:
             pass
         return await self.proc.wait()
+
+
+_reading: set[asyncio.Task[None]] = set()  # output readers, held so they are not collected
+
+
+async def _read_lines(stream: asyncio.StreamReader, output: Callable[[str], None]) -> None:
+    while line := await stream.readline():
+        output(line.decode(errors="replace").rstrip("\n"))
 
 
 _PYTHON = re.compile(r"^python(\d+(\.\d+)?)?(\.exe)?$")
@@ -125,6 +146,7 @@ class LocalCommand:
     debug_port: int | None = None  # run under debugpy listening on 127.0.0.1:PORT
     debug_wait: bool = False
     env_file: str | None = None  # also write the process's pod environment here (dotenv)
+    output: Callable[[str], None] | None = field(default=None, compare=False)  # its lines; None: our stdout
 
 
 def dotenv(env: Mapping[str, str]) -> str:
@@ -150,7 +172,7 @@ class Supervisor:
         if cmd.debug_port is not None:
             argv = debug_argv(argv, cmd.debug_port, cmd.debug_wait)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (debugpy_path(), env.get("PYTHONPATH")) if p)
-        process = self.process = LocalProcess(argv, env, cmd.cwd)
+        process = self.process = LocalProcess(argv, env, cmd.cwd, cmd.output)
         await process.start()
         asyncio.ensure_future(process.wait()).add_done_callback(lambda task: self._ended(process, task))
 

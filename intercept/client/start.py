@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import signal
 import subprocess
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any
@@ -54,8 +53,9 @@ async def start(
     replicas: AsyncIterator[Collection[Replica]] | None = None,
     forwards: Sequence[Forward] = (),
     propagate_header: bool = False,
+    stop: asyncio.Event | None = None,
 ) -> int:
-    """Intercept until SIGINT/SIGTERM (exit 0), or until an unwatched COMMAND exits (its status).
+    """Intercept until ``stop`` is set (exit 0), or until an unwatched COMMAND exits (its status).
 
     Raises the typed errors of the first connection (unreachable, authentication, host
     key, conflict). With ``replicas`` (each item: the current set of agent replicas),
@@ -72,9 +72,7 @@ async def start(
     if not isinstance(command, LocalCommand):
         command = LocalCommand(tuple(command))
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop or asyncio.Event()
     door = LocalDoor(options.name, options.local_port, options.local_host)
     held: list[Event] = []  # with a COMMAND, "ready" waits until the process accepts
 
@@ -155,8 +153,6 @@ async def start(
             await supervisor.stop()
         for listener in listeners:
             await listener.close()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
 
 
 async def ask_agent(options: InterceptOptions, request: protocol.Request) -> dict[str, Any]:

@@ -36,6 +36,7 @@ import copy
 import dataclasses
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,6 +89,10 @@ class RolloutFailed(InjectError):
     def __init__(self, message: str, events: list[str] | None = None) -> None:
         super().__init__(message)
         self.events = events or []
+
+
+class Interrupted(BaseException):
+    """A rollout wait was interrupted from another thread (as KeyboardInterrupt in this one)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,7 @@ def ensure_agent(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     poll_interval: float = POLL_INTERVAL,
+    interrupt: threading.Event | None = None,
 ) -> AgentInfo:
     """Make sure the workload behind ``service`` runs the agent ``options`` describe; wait for it.
 
@@ -156,6 +162,9 @@ def ensure_agent(
     injected as asked (nothing is written then), :class:`RolloutFailed` when a write was
     refused or the rollout failed (what was written is put back first), and
     :class:`~intercept.kube.rest.ClusterError` when the cluster cannot be used.
+
+    ``interrupt``, set from another thread, ends a rollout wait as Ctrl-C would: what was
+    written is put back and :class:`Interrupted` raised.
     """
     cluster = Cluster(api)
     objects = _read_namespace(cluster, namespace, service)
@@ -170,7 +179,7 @@ def ensure_agent(
         progress(f"{target.workload}: agent {options.agent_version} already in place")
         credentials, _ = _ensure_secret(cluster, workload)
         try:
-            _wait_rollout(cluster, workload, progress, timeout, poll_interval)
+            _wait_rollout(cluster, workload, progress, timeout, poll_interval, interrupt)
         except _RolloutProblem as problem:
             events = _events_for(cluster, namespace, workload, problem)
             shown = f"; events: {' | '.join(events)}" if events else ""
@@ -199,7 +208,7 @@ def ensure_agent(
         if wi in changed:
             write(wi)
         # Also when only the Service changes (an earlier run stopped short): its pods must answer first.
-        _wait_rollout(cluster, workload, progress, timeout, poll_interval)
+        _wait_rollout(cluster, workload, progress, timeout, poll_interval, interrupt)
         for i in changed:
             if objects[i]["kind"] == "Service":
                 write(i)
@@ -420,8 +429,10 @@ _MISSING = object()
 # --------------------------------------------------------------------------- rollout
 
 
-def _wait_rollout(cluster: Cluster, workload: Obj, progress: Progress, timeout: float, poll_interval: float) -> None:
-    """Wait until ``workload`` is rolled out; raises :class:`_RolloutProblem` when it cannot be."""
+def _wait_rollout(cluster: Cluster, workload: Obj, progress: Progress, timeout: float, poll_interval: float,
+                  interrupt: threading.Event | None = None) -> None:
+    """Wait until ``workload`` is rolled out; raises :class:`_RolloutProblem` when it cannot be,
+    :class:`Interrupted` when ``interrupt`` is set."""
     kind, namespace, name = workload["kind"], workload["metadata"]["namespace"], workload["metadata"]["name"]
     start = time.monotonic()
     shown = None
@@ -444,7 +455,10 @@ def _wait_rollout(cluster: Cluster, workload: Obj, progress: Progress, timeout: 
                 pass
         if time.monotonic() - start >= timeout:
             raise _RolloutProblem(f"the rollout did not finish within {timeout:g}s ({status.message})", status.new_pods)
-        time.sleep(pause)
+        if interrupt is None:
+            time.sleep(pause)
+        elif interrupt.wait(pause):
+            raise Interrupted()
         pause = min(pause * 2, poll_interval)
 
 

@@ -1,0 +1,560 @@
+"""The Python API: every user path, one call each.
+
+The CLI, ``intercept up`` (CDE hooks), the VS Code tasks, the MCP server for coding agents
+and the tests all come through here; a face parses its input, calls one function and
+renders the :class:`~intercept.events.Event` objects and results it gets back. Errors are
+the typed errors of :mod:`intercept.errors`, each with its exit code and its fix.
+
+A script::
+
+    import intercept
+
+    with intercept.intercepting("orders", headers=["x-dev=alice"], port=8080) as it:
+        reply = intercept.send_request_sync("orders", "/health", headers={"x-dev": "alice"})
+        print(it.route, reply.status)   # requests with x-dev: alice 200
+
+Asynchronous callers use :func:`start` (a running :class:`Intercept`), :func:`send_request`,
+:func:`pod_env` and :func:`agent_routes`; :func:`run` is the whole ``intercept start``
+command (signals, the registry of this machine's intercepts). Options are those of
+``intercept.yaml``/``intercept start`` (:data:`intercept.spec.OPTIONS`), by their file
+keys: ``service``, ``namespace``, ``agent``, ``credentials``, ``port``, ``headers``,
+``command``, ...; :func:`make_spec` validates them exactly as the flags are validated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h11
+
+from intercept import protocol
+from intercept.errors import InterceptError, UsageError
+from intercept.events import Event
+from intercept.spec import InterceptSpec, merge
+
+log = logging.getLogger(__name__)
+
+OnEvent = Callable[[Event], None]
+OUTPUT_LINES = 1000  # lines of the local process kept by an Intercept that captures its output
+BODY_LIMIT = 64 * 1024  # body bytes send_request returns by default
+
+
+def make_spec(service: str | None = None, *, env: Mapping[str, str] | None = None, **options: Any) -> InterceptSpec:
+    """An intercept's options, validated as ``intercept start``'s flags are.
+
+    ``options`` are keyed as in ``intercept.yaml`` (``port=8080``, ``headers=["x-dev=alice"]``,
+    ``command=["python", "app.py"]``); ``env`` (for example ``os.environ``) adds the
+    ``INTERCEPT_*`` variables below them. Raises :class:`~intercept.errors.SpecError`.
+    """
+    if service is not None:
+        options["service"] = service
+    return merge(None, env or {}, options)
+
+
+# --------------------------------------------------------------------------- reaching the agents
+
+
+@dataclass
+class _Target:
+    """What an intercept reaches: the options of its sessions, and the replica sets to follow."""
+
+    options: Any  # intercept.client.session.InterceptOptions
+    replicas: AsyncIterator[Collection[Any]] | None  # None: the one agent options.transport reaches
+    namespace: str | None
+
+
+async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow: bool = True) -> _Target:
+    """Resolve ``s`` to its agents: direct, or the Service's (injecting the agent once).
+
+    ``route``: build the route (the personal header when no rule is given, said in a
+    ``header`` event); ``follow``: watch the agent pods (else the first ready one).
+    """
+    from intercept.client.session import InterceptOptions
+    from intercept.client.start import default_name
+    from intercept.routing.match import HeaderEquals, Route
+
+    replicas = None
+    if s.agent_address is not None:
+        from intercept.client.transport import DirectTransport
+        from intercept.credentials import load
+
+        if s.credentials is None:
+            raise UsageError("--credentials FILE is required with --agent (the file the agent wrote)")
+        transport, credentials, namespace = DirectTransport(*s.agent_address), load(s.credentials), s.namespace
+    elif s.service is None:
+        raise UsageError("name the SERVICE (intercept start orders), or --agent HOST:PORT for an agent you can reach")
+    else:
+        transport, credentials, replicas, namespace = await _service_agents(s, emit, follow)
+    name = s.name or default_name()
+    rules = s.rules() if route else []
+    if route and not rules and not s.all:
+        rules = [HeaderEquals("x-intercept-id", name)]
+        emit(Event("header", f"your requests carry x-intercept-id: {name}"))
+    options = InterceptOptions(transport=transport, credentials=credentials, route=Route(frozenset(rules)), name=name,
+                               local_port=s.port, all_traffic=s.all and route)
+    return _Target(options, replicas, namespace)
+
+
+async def _service_agents(s: InterceptSpec, emit: OnEvent, follow: bool) -> tuple[Any, Any, Any, str]:
+    """The agents of Service ``s.service``, the agent injected first if it has none: the
+    transport, the credentials, the replica sets to follow (``follow``) and the namespace."""
+    from intercept.client.fleet import pod_replicas
+    from intercept.client.transport import ServiceTransport
+    from intercept.kube.apply import ensure_agent
+    from intercept.kube.config import connect
+    from intercept.kube.inject import InjectOptions
+    from intercept.kube.pods import watch_agent_pods
+
+    loop = asyncio.get_running_loop()
+    cluster = await asyncio.to_thread(connect, s.kubeconfig, s.context, s.namespace)
+    inject = InjectOptions(image=s.agent_image, service_port=s.service_port, outbound=not s.no_outbound,
+                           no_policy_changes=s.no_policy_changes)
+    progress = lambda line: loop.call_soon_threadsafe(emit, Event("progress", line))  # noqa: E731 (from the worker thread)
+    interrupt = threading.Event()
+    ensuring = asyncio.ensure_future(asyncio.to_thread(
+        ensure_agent, cluster.api, cluster.namespace, s.service, inject, progress, timeout=s.timeout, interrupt=interrupt))
+    try:
+        info = await asyncio.shield(ensuring)
+    except asyncio.CancelledError:  # stopped while the rollout is awaited: put the originals back first
+        interrupt.set()
+        await asyncio.gather(ensuring, return_exceptions=True)
+        raise
+    if follow:
+        replicas = pod_replicas(watch_agent_pods(cluster.api, cluster.namespace, info.selector), cluster.api,
+                                in_cluster=cluster.in_cluster)
+        return ServiceTransport(cluster.namespace, s.service), info.credentials, replicas, cluster.namespace
+    return await asyncio.to_thread(_one_pod, cluster, info), info.credentials, None, cluster.namespace
+
+
+def _one_pod(cluster: Any, info: Any) -> Any:
+    """The transport to one ready agent pod of ``info`` (an AgentInfo); UsageError when none is ready."""
+    from intercept.client.fleet import pod_transport
+    from intercept.kube.pods import agent_pods
+
+    pods = [p for p in agent_pods(cluster.api, info.namespace, info.selector) if p.ready and p.ip]
+    if not pods:
+        raise UsageError(f"no ready agent pod behind {info.namespace}/{info.service}; check `kubectl get pods -n {info.namespace}`")
+    return pod_transport(pods[0], cluster.api, in_cluster=cluster.in_cluster)
+
+
+@contextlib.asynccontextmanager
+async def _session(s: InterceptSpec) -> AsyncIterator[Any]:
+    """A control session (no route) to one agent of ``s``."""
+    from intercept.client.session import AgentSession
+
+    target = await _target(s, lambda event: None, route=False, follow=False)
+    session = AgentSession(target.options)
+    await session.connect()
+    try:
+        yield session
+    finally:
+        await session.leave()
+
+
+async def pod_env(s: InterceptSpec) -> dict[str, str]:
+    """The pod's environment (the app container's variables), as the agent hands it over."""
+    async with _session(s) as session:
+        return dict((await session.request(protocol.Env())).get("env", {}))
+
+
+async def agent_routes(s: InterceptSpec) -> list[dict[str, Any]]:
+    """Everyone's routes, as one agent of ``s`` lists them."""
+    async with _session(s) as session:
+        return list((await session.request(protocol.ListRoutes())).get("routes", []))
+
+
+@dataclass(frozen=True)
+class Response:
+    """What :func:`send_request` got back; ``body`` holds at most the limit it was given."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    truncated: bool
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+
+async def send_request(
+    s: InterceptSpec,
+    path: str = "/",
+    *,
+    method: str = "GET",
+    headers: Mapping[str, str] | None = None,
+    body: bytes = b"",
+    limit: int = BODY_LIMIT,
+    timeout: float = 30.0,
+) -> Response:
+    """Send one HTTP request into the agent of ``s`` as cluster traffic arrives, and read the reply.
+
+    It enters through the agent's own listener (the SSH front door), so it is routed
+    exactly like a request from inside the cluster: with a developer's header it reaches
+    that developer's process, without it the app. ``body`` of the reply stops at ``limit``.
+    """
+    if not path.startswith("/"):
+        raise UsageError(f"path {path!r}: it must start with /, e.g. /health")
+    async with _session(s) as session:
+        try:
+            reader, writer = await asyncio.wait_for(
+                session.conn.open_connection(protocol.FRONT_DOOR_HOST, protocol.FRONT_DOOR_PORT), timeout)
+        except (OSError, asyncio.TimeoutError) as e:
+            raise InterceptError(f"agent {session.options.transport.describe()} did not open its HTTP listener: {e}") from None
+        h = h11.Connection(h11.CLIENT)
+        fields = [("Host", s.service or "intercept"), *(headers or {}).items(), ("Content-Length", str(len(body))),
+                  ("Connection", "close")]
+        writer.write(h.send(h11.Request(method=method, target=path, headers=fields)) + h.send(h11.Data(data=body))
+                     + h.send(h11.EndOfMessage()))
+        try:
+            return await asyncio.wait_for(_read_response(h, reader, limit), timeout)
+        except asyncio.TimeoutError:
+            raise InterceptError(f"no response to {method} {path} within {timeout:g}s") from None
+        except h11.RemoteProtocolError as e:
+            raise InterceptError(f"malformed response to {method} {path}: {e}") from None
+        finally:
+            writer.close()
+
+
+async def _read_response(h: h11.Connection, reader: Any, limit: int) -> Response:
+    response, data, truncated = None, bytearray(), False
+    while True:
+        event = h.next_event()
+        if event is h11.NEED_DATA:
+            chunk = await reader.read(65536)
+            h.receive_data(chunk)
+            continue
+        if isinstance(event, h11.Response):
+            response = event
+        elif isinstance(event, h11.Data):
+            room = limit - len(data)
+            data += event.data[:room]
+            if len(event.data) > room:
+                truncated = True
+                break
+        elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+            break
+    if response is None:
+        raise InterceptError("the connection closed before a response")
+    return Response(response.status_code, response.reason.decode("latin-1"),
+                    [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers.raw_items()],
+                    bytes(data), truncated)
+
+
+# --------------------------------------------------------------------------- intercepting
+
+
+class Intercept:
+    """A running intercept, from :func:`start`: its route held on every agent replica.
+
+    ``events`` is everything it reported so far; ``output`` the last lines of the local
+    process when :func:`start` was asked to capture them. :meth:`stop` leaves (the route
+    goes from every agent, the process stops); :meth:`wait` returns the exit status when it
+    ends by itself (an unwatched command exited) and raises the error that ended it.
+    """
+
+    def __init__(self, s: InterceptSpec, target: _Target, emit: OnEvent) -> None:
+        self.spec = s
+        self.name: str = target.options.name
+        self.route: str = target.options.describe()
+        self.local_port: int = s.port
+        self.namespace = target.namespace
+        self.events: list[Event] = []
+        self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
+        self._emit = emit
+        self._target = target
+        self._stop = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._task: asyncio.Task[int] | None = None
+
+    def _event(self, event: Event) -> None:
+        self.events.append(event)
+        if event.kind == "ready":
+            self._ready.set()
+        self._emit(event)
+
+    def _run(self, capture: bool) -> None:
+        from intercept.client.runner import LocalCommand
+        from intercept.client.start import start as start_client
+
+        s = self.spec
+        command = LocalCommand(
+            tuple(s.command),
+            watch=tuple(str(p) for p in s.watch) if s.command and not s.no_watch else (),
+            cwd=str(s.directory) if s.command and s.directory != Path(".") else None,
+            debug_port=s.debug_port if s.debug or s.debug_wait else None,
+            debug_wait=s.debug_wait,
+            env_file=str(s.env_file) if s.env_file else None,
+            output=self.output.append if capture else None,
+        )
+        self._task = asyncio.ensure_future(start_client(
+            self._target.options, command, self._event, self._target.replicas, s.forward, s.propagate_header, self._stop))
+
+    @property
+    def done(self) -> bool:
+        return self._task is not None and self._task.done()
+
+    async def ready(self, timeout: float | None = None) -> None:
+        """Until requests that match reach the local port; raises the error if it ends first."""
+        waiting = asyncio.ensure_future(self._ready.wait())
+        try:
+            await asyncio.wait({waiting, self._task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+        if self._ready.is_set():
+            return
+        if self._task.done():
+            self._task.result()  # its error
+            raise InterceptError(f"intercept of {self.spec.service or self.spec.agent} ended before it was ready")
+        raise InterceptError(f"intercept of {self.spec.service or self.spec.agent} not ready within {timeout:g}s")
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._task)
+
+    async def stop(self) -> int:
+        self._stop.set()
+        return await self.wait()
+
+
+async def start(s: InterceptSpec, *, on_event: OnEvent | None = None, capture_output: bool = False) -> Intercept:
+    """Start intercepting: resolve (and inject once), then hold the route in the background.
+
+    Returns once the intercept runs (``starting`` was reported); ``await it.ready()`` for
+    the route to be held. Raises the typed errors of resolving and injecting; the errors
+    of connecting (unreachable, token, host key, conflict) come from ``ready()``/``wait()``.
+    With ``capture_output``, the local command's lines go to ``it.output``, not to stdout.
+    """
+    emit = on_event or (lambda event: None)
+    early: list[Event] = []  # said while resolving and injecting, before the Intercept exists
+
+    def say(event: Event) -> None:
+        early.append(event)
+        emit(event)
+
+    target = await _target(s, say)
+    it = Intercept(s, target, emit)
+    it.events.extend(early)
+    transport = target.options.transport.describe()
+    it._event(Event("starting", f"{it.route} to localhost:{s.port} through {transport}"))
+    it._run(capture_output)
+    return it
+
+
+def run(s: InterceptSpec, on_event: OnEvent, *, registry_entry: Mapping[str, Any] | None = None) -> int:
+    """``intercept start``: intercept until SIGINT or SIGTERM (0), or until an unwatched
+    command exits (its status). With ``registry_entry``, this process is listed in this
+    machine's registry while the intercept runs (``intercept status`` / ``leave`` find it),
+    completed with the route, the name and the namespace."""
+    from intercept.workspace import register
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        try:
+            preparing = asyncio.ensure_future(start(s, on_event=on_event))
+            interrupted = asyncio.ensure_future(stopping.wait())
+            await asyncio.wait({preparing, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+            interrupted.cancel()
+            if not preparing.done():  # interrupted while injecting: the originals are put back, then we leave
+                preparing.cancel()
+                await asyncio.gather(preparing, return_exceptions=True)
+                return 0
+            it = preparing.result()
+            entry = {**registry_entry, "route": it.route, "name": it.name, "namespace": it.namespace} if registry_entry else None
+            with register(entry) if entry is not None else contextlib.nullcontext():
+                stopped = asyncio.ensure_future(stopping.wait())
+                ended = asyncio.ensure_future(it.wait())
+                await asyncio.wait({stopped, ended}, return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                return await (ended if ended.done() else it.stop())
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    return _run_loop(main())
+
+
+def _run_loop(main: Any) -> Any:
+    """Run a coroutine on uvloop when it is installed (the data path is asyncio throughout)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+class _LoopThread:
+    """An event loop in a daemon thread, for the synchronous API."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="intercept", daemon=True)
+        self.thread.start()
+
+    def call(self, coro: Any, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@contextlib.contextmanager
+def intercepting(service: str | None = None, *, on_event: OnEvent | None = None, timeout: float = 120.0,
+                 capture_output: bool = False, **options: Any) -> Iterator[Intercept]:
+    """Intercept for the duration of a ``with`` block (from synchronous code: scripts, pytest).
+
+    Blocks until the route is held (or raises its error), yields the :class:`Intercept`,
+    and leaves when the block ends. ``options`` as for :func:`spec`.
+    """
+    s = make_spec(service, **options)
+    runner = _LoopThread()
+    try:
+        it = runner.call(start(s, on_event=on_event, capture_output=capture_output))
+        try:
+            runner.call(it.ready(timeout))
+            yield it
+        finally:
+            runner.call(it.stop())
+    finally:
+        runner.close()
+
+
+def send_request_sync(service: str | None = None, path: str = "/", **kwargs: Any) -> Response:
+    """:func:`send_request` from synchronous code; ``kwargs`` mixes its arguments and :func:`make_spec`'s options."""
+    request_keys = {"method", "headers", "body", "limit", "timeout"}
+    request = {k: kwargs.pop(k) for k in list(kwargs) if k in request_keys}
+    return asyncio.run(send_request(make_spec(service, **kwargs), path, **request))
+
+
+# --------------------------------------------------------------------------- the cluster and this machine
+
+# These are synchronous: each is one short exchange with the API server or the state directory.
+
+
+def list_services(namespace: str | None = None, *, all_namespaces: bool = False, kubeconfig: str | Path | None = None,
+                  context: str | None = None, with_routes: bool = True) -> tuple[str | None, list[dict[str, Any]]]:
+    """The namespace listed (None: all of them) and its Services: which can be intercepted,
+    which have an agent, and (``with_routes``) everyone's routes as one agent pod of each
+    lists them (an ``error`` entry where none answers). Nothing is injected."""
+    from intercept.client.session import InterceptOptions
+    from intercept.client.start import ask_agent, default_name
+    from intercept.kube.apply import list_services as rows_of
+    from intercept.kube.config import connect
+    from intercept.routing.match import Route
+
+    if all_namespaces and namespace:
+        raise UsageError("pass -n NAMESPACE or -A, not both")
+    cluster = connect(kubeconfig, context, namespace)
+
+    def routes(info: Any) -> list[dict[str, Any]]:
+        try:
+            options = InterceptOptions(transport=_one_pod(cluster, info), credentials=info.credentials,
+                                       route=Route(frozenset()), name=default_name(), local_port=0)
+            return list(asyncio.run(ask_agent(options, protocol.ListRoutes())).get("routes", []))
+        except InterceptError as e:
+            return [{"error": str(e)}]
+
+    listed = None if all_namespaces else cluster.namespace
+    return listed, rows_of(cluster.api, listed, routes=routes if with_routes else None)
+
+
+def uninstall(service: str | None = None, *, all: bool = False, namespace: str | None = None,
+              kubeconfig: str | None = None, context: str | None = None, timeout: float = 300.0,
+              on_event: OnEvent | None = None) -> Any:
+    """Remove the agent behind ``service`` (or every agent of the namespace with ``all``) and
+    restore what it changed, exactly; idempotent. Returns :class:`~intercept.kube.apply.Uninstalled`."""
+    from intercept.kube.apply import uninstall as remove
+    from intercept.kube.config import connect
+
+    if bool(service) == all:
+        raise UsageError("pass a SERVICE, or --all for every agent in the namespace (not both)")
+    emit = on_event or (lambda event: None)
+    cluster = connect(kubeconfig, context, namespace)
+    return remove(cluster.api, cluster.namespace, service, all=all, progress=lambda line: emit(Event("progress", line)),
+                  timeout=timeout)
+
+
+def inject_text(text: str, service: str, *, agent_image: str | None = None, service_port: str | int | None = None,
+                no_policy_changes: bool = False, no_outbound: bool = False, source: str = "the manifests") -> tuple[str, list[str]]:
+    """Manifests (YAML text) with the agent injected behind ``service``, and what changed (offline)."""
+    from intercept.kube.image import DEFAULT_AGENT_IMAGE
+    from intercept.kube.inject import InjectOptions
+    from intercept.kube.manifests import inject_text as render
+
+    options = InjectOptions(image=agent_image or DEFAULT_AGENT_IMAGE, service_port=service_port,
+                            no_policy_changes=no_policy_changes, outbound=not no_outbound)
+    return render(text, service, options, source=source)
+
+
+def restore_text(text: str, *, source: str = "the manifests") -> tuple[str, list[str]]:
+    """Injected manifests as they were before :func:`inject_text`, and what changed (offline)."""
+    from intercept.kube.manifests import restore_text as render
+
+    return render(text, source=source)
+
+
+def status() -> list[dict[str, Any]]:
+    """This machine's intercepts: started by hand (``intercept start``) or by ``intercept up``."""
+    from intercept.workspace import status as rows
+
+    return rows()
+
+
+def leave(service: str, namespace: str | None = None) -> list[Any]:
+    """Stop this machine's intercepts of ``service``; the agent stays. Returns the entries stopped."""
+    from intercept.workspace import leave as stop
+
+    return stop(service, namespace)
+
+
+def up(path: Path, *, detach: bool = False, log_file: Path | None = None, report: Callable[[str], None] = lambda line: None,
+       env: Mapping[str, str] | None = None) -> int:
+    """``intercept up``: the intercepts of ``path`` (``intercept.yaml``); idempotent, never prompts."""
+    from intercept.workspace import up as bring_up
+
+    return bring_up(path, os.environ if env is None else env, detach=detach, log_file=log_file, report=report)
+
+
+def down(path: Path | None, *, report: Callable[[str], None] = lambda line: None) -> int:
+    """``intercept down``: stop what ``up`` started for ``path`` (every workspace with None)."""
+    from intercept.workspace import down as bring_down
+
+    return bring_down(path, report=report)
+
+
+__all__ = [
+    "Event",
+    "Intercept",
+    "InterceptSpec",
+    "Response",
+    "agent_routes",
+    "down",
+    "inject_text",
+    "intercepting",
+    "leave",
+    "list_services",
+    "pod_env",
+    "restore_text",
+    "run",
+    "send_request",
+    "send_request_sync",
+    "make_spec",
+    "start",
+    "status",
+    "uninstall",
+    "up",
+]

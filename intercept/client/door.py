@@ -25,10 +25,20 @@ class _Bridge(asyncssh.SSHTCPSession[bytes]):
         self.door = door
         self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
         self.local: asyncio.Transport | None = None
+        # what the local process said before the channel was open: a server that speaks
+        # first (gRPC sends its SETTINGS at once) is not always held off by pause_reading
+        self.early: list[bytes] = []
 
     # the SSH channel side
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self.chan = chan
+        for data in self.early:
+            chan.write(data)
+        self.early.clear()
+        if self.local.is_closing():  # the process closed before the channel was open
+            chan.write_eof()
+            chan.close()
+            return
         self.local.resume_reading()
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
@@ -59,9 +69,15 @@ class _LocalSide(asyncio.Protocol):
         transport.pause_reading()  # until the channel is open
 
     def data_received(self, data: bytes) -> None:
-        self.bridge.chan.write(data)
+        chan = self.bridge.chan
+        if chan is None:
+            self.bridge.early.append(data)
+        else:
+            chan.write(data)
 
     def eof_received(self) -> bool:
+        if self.bridge.chan is None:
+            return False  # closes; the channel, once open, is closed with it
         self.bridge.chan.write_eof()
         return True
 

@@ -1,0 +1,275 @@
+"""The HTTP/2 codec behind the agent's HTTP/2 path, as one small sans-IO interface.
+
+The proxy (:mod:`intercept.agent.h2proxy`) speaks to a :class:`Codec` only: bytes in
+(:meth:`Codec.receive`), a short list of the events below out, commands in, bytes out
+(:meth:`Codec.pending`). One implementation is here, over python-hyper ``h2`` (the
+reference: strict and well kept, pure Python, slow); another codec can replace it by
+offering the same methods and events.
+
+Events (plain slotted classes, built once per frame that matters):
+
+- :class:`Headers` a request, a response, an informational response or trailers;
+- :class:`Data` payload and its flow-controlled length (padding included);
+- :class:`Reset` RST_STREAM from the peer;
+- :class:`WindowOpened` the peer gave send window back (``stream_id`` 0: the connection);
+- :class:`Settings` the peer's SETTINGS arrived (its first one ends its preface);
+- :class:`GoAway` the peer will accept no stream above ``last_stream_id``;
+- :class:`Control` a frame that asks work of us and carries nothing to forward (PING,
+  SETTINGS, PRIORITY, an empty DATA frame): what flood limits count.
+
+Errors: :class:`CodecError` when the peer broke the protocol; the connection is then
+over, and :meth:`Codec.pending` holds the GOAWAY with the code the specification names.
+
+Flow control contract: the codec never gives receive window back by itself. The proxy
+calls :meth:`Codec.ack` for bytes once the next hop has taken them, so a slow receiver
+slows its sender, and what the agent holds per stream is bounded by the window it
+advertised.
+"""
+
+from __future__ import annotations
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+# What the agent advertises as a receiver: windows large enough for 8 MB messages to
+# move at speed (the 64 KiB default would cost a round trip per 64 KiB), bounded so
+# that what one connection can make the agent hold is bounded too.
+STREAM_WINDOW = 1 << 20
+CONNECTION_WINDOW = 4 << 20
+MAX_FRAME = 1 << 16
+MAX_HEADER_LIST = 64 << 10
+MAX_CONCURRENT_STREAMS = 256
+
+
+class CodecError(Exception):
+    """The peer broke HTTP/2; ``code`` is the GOAWAY error code sent back."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class StreamError(Exception):
+    """A command about a stream that the codec cannot carry out (closed, or no room)."""
+
+
+class Headers:
+    __slots__ = ("stream_id", "headers", "end_stream", "kind")
+    REQUEST, RESPONSE, INFORMATIONAL, TRAILERS = range(4)
+
+    def __init__(self, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool, kind: int) -> None:
+        self.stream_id, self.headers, self.end_stream, self.kind = stream_id, headers, end_stream, kind
+
+
+class Data:
+    __slots__ = ("stream_id", "data", "flow_length", "end_stream")
+
+    def __init__(self, stream_id: int, data: bytes, flow_length: int, end_stream: bool) -> None:
+        self.stream_id, self.data, self.flow_length, self.end_stream = stream_id, data, flow_length, end_stream
+
+
+class Reset:
+    __slots__ = ("stream_id", "code")
+
+    def __init__(self, stream_id: int, code: int) -> None:
+        self.stream_id, self.code = stream_id, code
+
+
+class WindowOpened:
+    __slots__ = ("stream_id",)
+
+    def __init__(self, stream_id: int) -> None:
+        self.stream_id = stream_id
+
+
+class Settings:
+    __slots__ = ("max_concurrent_streams",)
+
+    def __init__(self, max_concurrent_streams: int) -> None:
+        self.max_concurrent_streams = max_concurrent_streams
+
+
+class GoAway:
+    __slots__ = ("last_stream_id", "code")
+
+    def __init__(self, last_stream_id: int, code: int) -> None:
+        self.last_stream_id, self.code = last_stream_id, code
+
+
+class Control:
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+
+Event = Headers | Data | Reset | WindowOpened | Settings | GoAway | Control
+
+
+class _Connection(h2.connection.H2Connection):
+    """h2's connection, with GOAWAY received as the specification means it.
+
+    h2 closes the whole connection when a GOAWAY arrives (its state machine goes to
+    CLOSED, refuses every later frame and drops unsent output), so streams in flight
+    could never finish. RFC 9113 section 6.8: streams up to the last stream id go on.
+    Here a GOAWAY only reports :class:`h2.events.ConnectionTerminated`; the proxy stops
+    opening streams on the connection and closes it once they have ended.
+    """
+
+    def _receive_goaway_frame(self, frame):  # type: ignore[no-untyped-def]
+        event = h2.events.ConnectionTerminated()
+        event.error_code = h2.errors._error_code_from_int(frame.error_code)
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
+class Codec:
+    """One end of one HTTP/2 connection (``client=True``: the agent opens the streams).
+
+    Headers are lists of ``(bytes, bytes)``; names lowercase, as HTTP/2 sends them.
+    Inbound headers are validated (h2's rules); outbound ones are passed on as received
+    from another validated connection, so they are not validated twice.
+    """
+
+    def __init__(self, client: bool) -> None:
+        config = h2.config.H2Configuration(
+            client_side=client,
+            header_encoding=None,
+            validate_inbound_headers=True,
+            normalize_inbound_headers=False,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+        self.client = client
+        self.conn = _Connection(config)
+        self.conn.local_settings = h2.settings.Settings(
+            client=client,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME,
+                **({h2.settings.SettingCodes.ENABLE_PUSH: 0} if client else {}),
+            },
+        )
+        self.conn.decoder.max_header_list_size = MAX_HEADER_LIST
+        self.conn.max_inbound_frame_size = MAX_FRAME
+        self.remote_max_streams = 100  # until the peer's SETTINGS say otherwise (RFC 9113 recommends >= 100)
+        self.settings_seen = False
+
+    def start(self, upgrade_settings: bytes | None = None) -> None:
+        """Queue our preface (SETTINGS and a larger connection window). A server switching
+        from HTTP/1.1 passes the client's ``HTTP2-Settings``: stream 1 is then the
+        upgraded request, already complete."""
+        if upgrade_settings is not None:
+            try:
+                self.conn.initiate_upgrade_connection(upgrade_settings)
+            except (h2.exceptions.ProtocolError, ValueError) as e:
+                raise CodecError(h2.errors.ErrorCodes.PROTOCOL_ERROR, f"bad HTTP2-Settings: {e}") from None
+        else:
+            self.conn.initiate_connection()
+        self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+
+    def receive(self, data: bytes) -> list[Event]:
+        try:
+            raw = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as e:
+            code = getattr(e, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            if code is None:
+                code = h2.errors.ErrorCodes.PROTOCOL_ERROR
+            raise CodecError(int(code), str(e) or type(e).__name__) from None
+        out: list[Event] = []
+        append = out.append
+        for ev in raw:
+            t = type(ev)
+            if t is h2.events.DataReceived:
+                if not ev.data and ev.stream_ended is None:
+                    append(Control("empty DATA"))
+                append(Data(ev.stream_id, ev.data, ev.flow_controlled_length, ev.stream_ended is not None))
+            elif t is h2.events.RequestReceived:
+                append(Headers(ev.stream_id, ev.headers, ev.stream_ended is not None, Headers.REQUEST))
+            elif t is h2.events.ResponseReceived:
+                append(Headers(ev.stream_id, ev.headers, ev.stream_ended is not None, Headers.RESPONSE))
+            elif t is h2.events.TrailersReceived:
+                append(Headers(ev.stream_id, ev.headers, True, Headers.TRAILERS))
+            elif t is h2.events.WindowUpdated:
+                append(WindowOpened(ev.stream_id))
+            elif t is h2.events.StreamReset:
+                if ev.remote_reset:
+                    append(Reset(ev.stream_id, int(ev.error_code)))
+            elif t is h2.events.InformationalResponseReceived:
+                append(Headers(ev.stream_id, ev.headers, False, Headers.INFORMATIONAL))
+            elif t is h2.events.RemoteSettingsChanged:
+                self.settings_seen = True
+                changed = ev.changed_settings.get(h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS)
+                if changed is not None:
+                    self.remote_max_streams = changed.new_value
+                append(Settings(self.remote_max_streams))
+                append(Control("SETTINGS"))
+                if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
+                    append(WindowOpened(0))
+            elif t is h2.events.PingReceived:
+                append(Control("PING"))
+            elif t is h2.events.PriorityUpdated:
+                append(Control("PRIORITY"))
+            elif t is h2.events.ConnectionTerminated:
+                append(GoAway(ev.last_stream_id or 0, int(ev.error_code or 0)))
+        return out
+
+    def pending(self) -> bytes:
+        return self.conn.data_to_send()
+
+    # -- commands ----------------------------------------------------------------------
+
+    def next_stream_id(self) -> int:
+        return self.conn.get_next_available_stream_id()
+
+    def send_headers(self, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool = False) -> None:
+        try:
+            self.conn.send_headers(stream_id, headers, end_stream=end_stream)
+        except h2.exceptions.ProtocolError as e:
+            raise StreamError(str(e) or type(e).__name__) from None
+
+    def send_data(self, stream_id: int, data: bytes, end_stream: bool = False) -> None:
+        """Send ``data`` (at most :meth:`window` and :attr:`max_frame` bytes)."""
+        try:
+            self.conn.send_data(stream_id, data, end_stream=end_stream)
+        except h2.exceptions.ProtocolError as e:
+            raise StreamError(str(e) or type(e).__name__) from None
+
+    def end_stream(self, stream_id: int) -> None:
+        try:
+            self.conn.end_stream(stream_id)
+        except h2.exceptions.ProtocolError as e:
+            raise StreamError(str(e) or type(e).__name__) from None
+
+    def reset(self, stream_id: int, code: int) -> None:
+        try:
+            self.conn.reset_stream(stream_id, code)
+        except h2.exceptions.ProtocolError:
+            pass  # already closed: nothing to say
+
+    def ack(self, stream_id: int, n: int) -> None:
+        """The next hop took ``n`` flow-controlled bytes of ``stream_id``: give them back."""
+        if n:
+            self.conn.acknowledge_received_data(n, stream_id)
+
+    def window(self, stream_id: int) -> int:
+        """How many bytes :meth:`send_data` may send on ``stream_id`` now."""
+        try:
+            return self.conn.local_flow_control_window(stream_id)
+        except h2.exceptions.ProtocolError:
+            return 0
+
+    @property
+    def max_frame(self) -> int:
+        return self.conn.max_outbound_frame_size
+
+    def goaway(self, code: int = 0, last_stream_id: int | None = None) -> None:
+        self.conn.close_connection(code, last_stream_id=last_stream_id)

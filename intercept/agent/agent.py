@@ -14,6 +14,7 @@ import asyncssh
 
 from intercept import __version__, credentials
 from intercept.agent import sshd
+from intercept.agent.h2proxy import Hub
 from intercept.agent.proxy import ClientConnection, Link, RouteGone, TCPLink, Unavailable, UpstreamPool
 from intercept.errors import UsageError
 from intercept.routing.match import RegisteredRoute, Route, RouteTable
@@ -41,6 +42,7 @@ class Agent:
         self.credentials = credentials.load_or_create(config.credentials)
         self.routes = RouteTable()
         self.pool = UpstreamPool()
+        self.h2 = Hub(self)
         self.connections: weakref.WeakSet[ClientConnection] = weakref.WeakSet()
         self._sweeper: asyncio.Task[None] | None = None
         self.sessions: dict[str, sshd.DeveloperSession] = {}
@@ -112,6 +114,7 @@ class Agent:
         self.sessions.pop(session.id, None)
         for route in self.routes.remove_session(session.id):
             log.info("dropped route %s of %s (%s)", route.route.describe(), session.name, exc or "connection closed")
+        self.h2.session_closed(session.id, session.name)
 
     def register(self, session: sshd.DeveloperSession, rules: list[dict[str, Any]], all_traffic: bool) -> RegisteredRoute:
         if not session.forwarding:
@@ -121,6 +124,7 @@ class Agent:
             raise UsageError("a route without rules takes all traffic; register it with all=true (--all)")
         registered = self.routes.add(session.id, session.name, route)
         log.info("route %s registered by %s", route.describe(), session.name)
+        self.h2.routes_changed()
         return registered
 
     def unregister(self, session: sshd.DeveloperSession, route_id: int) -> None:

@@ -40,7 +40,10 @@ from intercept.routing.http1 import (
     skip_empty_lines,
 )
 
+from intercept.routing.h2 import begins_h2, h2c_upgrade_settings
+
 if TYPE_CHECKING:
+    from intercept.agent.h2proxy import Hub
     from intercept.routing.match import RegisteredRoute, RouteTable
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,7 @@ class Destinations(Protocol):
 
     routes: RouteTable
     pool: UpstreamPool | None
+    h2: Hub | None  # the HTTP/2 path (intercept.agent.h2proxy); None relays HTTP/2 untouched
     connections: weakref.WeakSet[ClientConnection]
 
     async def open_upstream(self, owner: ClientConnection) -> Link: ...
@@ -310,6 +314,8 @@ class ClientConnection(asyncio.Protocol):
                     return
                 self.scanned = 0
                 self.req = head
+                if head.upgrade and self._h2c_upgrade(data, pos, head):
+                    return
                 route = self.dest.routes.match(head.method, head.target, head.headers) if len(self.dest.routes) else None
                 link = self.upstream if route is None else self.developers.get(route.session_id)
                 if link is not None and not link.reusable:
@@ -335,6 +341,9 @@ class ClientConnection(asyncio.Protocol):
                 kind = classify(data)
                 if kind is Kind.NEED_MORE:
                     self.pending = data
+                    return
+                if self.dest.h2 is not None and begins_h2(data):
+                    self._hand_over_h2(data)
                     return
                 if kind is Kind.HTTP:
                     self.mode = Mode.HEAD
@@ -604,6 +613,25 @@ class ClientConnection(asyncio.Protocol):
 
     def link_resume(self, link: Link) -> None:
         self._resume("link")
+
+    # -- HTTP/2: handed over to intercept.agent.h2proxy --------------------------------
+
+    def _h2c_upgrade(self, data: bytes, pos: int, head: RequestHead) -> bool:
+        """An HTTP/1.1 request asking for ``Upgrade: h2c`` on a fresh connection: the
+        HTTP/2 path answers 101 and routes it as stream 1, and every later stream."""
+        if self.dest.h2 is None or self.link is not None or not self.dest.h2.takes_upgrade():
+            return False
+        settings = h2c_upgrade_settings(head)
+        if settings is None:
+            return False
+        self._hand_over_h2(data[pos + head.size :], head, settings)
+        return True
+
+    def _hand_over_h2(self, data: bytes, head: RequestHead | None = None, settings: bytes | None = None) -> None:
+        """From now on the transport belongs to the HTTP/2 path; this object is done."""
+        self.mode = Mode.CLOSED
+        self.dest.connections.discard(self)
+        self.dest.h2.accept(self.transport, bytes(data), head, settings)
 
     # -- helpers -----------------------------------------------------------------------
 

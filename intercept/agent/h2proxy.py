@@ -1,0 +1,928 @@
+"""The agent's HTTP/2 path: h2c connections terminated, every stream routed on its own headers.
+
+:mod:`intercept.agent.proxy` hands over a downstream connection that begins with the
+HTTP/2 preface, or an HTTP/1.1 request that asks for ``Upgrade: h2c``, to the
+:class:`Hub`. Then:
+
+- While the route table is empty, a prior-knowledge connection is a :class:`Relay`:
+  bytes both ways to the app, with frame boundaries followed so that, when the first
+  route appears, a graceful GOAWAY can be given to the client at a boundary
+  (:class:`~intercept.routing.h2.RelayConversion`): calls in flight finish on the relay,
+  new calls come on a new connection, which is routed.
+- Otherwise it is a :class:`Downstream`: the agent is the HTTP/2 server. Each stream is
+  matched with the same :meth:`RouteTable.match` as HTTP/1.1 and started as a new
+  stream on an :class:`UpConnection` from a :class:`Pool`: the app's pool (TCP, shared
+  by every downstream connection) or one developer's pool (HTTP/2 over the channels of
+  their SSH session to their local process).
+
+Invariants:
+
+- A stream is forwarded as received: headers, metadata (``-bin`` keys too), data,
+  trailers, trailers-only responses, RST_STREAM codes; PING and SETTINGS are answered
+  per hop.
+- Flow control is end to end per stream: bytes received on one side are given back
+  (WINDOW_UPDATE) only when the other side's window took them, so a stream holds at most
+  the window the agent advertised (:mod:`intercept.routing.h2codec`), and a slow reader
+  slows its writer instead of filling the agent.
+- A pool respects its peer's SETTINGS_MAX_CONCURRENT_STREAMS: a stream waits for room
+  or for another connection; it is never failed for lack of room.
+- A stream whose developer cannot be reached is held up to the hold timeout, then
+  answered gRPC UNAVAILABLE (or 502) with the HTTP/1.1 path's text. A developer who
+  leaves ends their streams in flight with UNAVAILABLE; new streams go to the app.
+- A peer that breaks HTTP/2 or floods control frames gets GOAWAY with the code the
+  specification names, on its connection only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from intercept.agent.proxy import RouteGone, TCPLink, Unavailable
+from intercept.routing import h2codec
+from intercept.routing.h2 import (
+    CANCEL,
+    ENHANCE_YOUR_CALM,
+    INTERNAL_ERROR,
+    REFUSED_STREAM,
+    RateLimit,
+    RelayConversion,
+    error_response,
+    grpc_trailers,
+    is_grpc,
+    request_view,
+    upgraded_request,
+)
+from intercept.routing.h2codec import Codec, CodecError, Control, Data, GoAway, Headers, Reset, Settings, StreamError, WindowOpened
+
+if TYPE_CHECKING:
+    from intercept.routing.http1 import RequestHead
+    from intercept.routing.match import RegisteredRoute
+
+log = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 8  # per pool; beyond, streams wait for room
+READY_TIMEOUT = 10.0  # for a new upstream connection's SETTINGS
+# What a client may make the agent do for nothing: PING, SETTINGS, PRIORITY, empty DATA
+# frames (CVE-2019-9512/9515/9518), and streams it resets itself (CVE-2023-44487, "rapid
+# reset"); nghttp2's figures, a little more generous for control frames.
+CONTROL_BURST, CONTROL_RATE = 1000, 100.0
+RESET_BURST, RESET_RATE = 1000, 33.0
+
+_SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+
+
+class Hub:
+    """Everything HTTP/2 in one agent: the pools, the relays, the frames waiting to be written.
+
+    Writes are batched: handlers mark the connections whose codec has output
+    (:attr:`dirty`) and each entry point (bytes received, a connection ready, a route
+    change) ends with :meth:`flush`, so one read costs one write per connection touched.
+    """
+
+    def __init__(self, agent: Any) -> None:
+        self.agent = agent  # routes, config, open_developer
+        self.app = Pool(self, None)
+        self.developers: dict[str, Pool] = {}
+        self.relays: weakref.WeakSet[Relay] = weakref.WeakSet()
+        self.dirty: set[Downstream | UpConnection] = set()
+        self.upstream_h2: bool | None = None  # does the app speak h2c? (learnt from its first connection)
+
+    # -- from the HTTP/1 listener ------------------------------------------------------
+
+    def accept(self, transport: asyncio.Transport, data: bytes, upgrade: RequestHead | None = None, settings: bytes | None = None) -> None:
+        """Take over ``transport`` (the listener's protocol stops being called), whose
+        first unprocessed bytes are ``data``: the preface, or what followed an upgrade
+        request ``upgrade`` with its ``HTTP2-Settings`` value."""
+        proto: asyncio.Protocol
+        if upgrade is None and not len(self.agent.routes):
+            proto = Relay(self)
+        else:
+            proto = Downstream(self, upgrade, settings)
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+        transport.resume_reading()
+        if data:
+            proto.data_received(data)
+
+    def takes_upgrade(self) -> bool:
+        """Whether to answer ``Upgrade: h2c`` ourselves: not once the app has shown that it
+        does not speak HTTP/2 (it then declines such upgrades itself, as before)."""
+        return self.upstream_h2 is not False
+
+    # -- from the agent ----------------------------------------------------------------
+
+    def routes_changed(self) -> None:
+        """A route was registered: relayed connections must start being routed."""
+        if len(self.agent.routes):
+            for relay in list(self.relays):
+                relay.convert()
+
+    def session_closed(self, session_id: str, holder: str) -> None:
+        pool = self.developers.pop(session_id, None)
+        if pool is not None:
+            pool.close(f"intercept of {holder} ended: {holder} left")
+            self.flush()
+
+    # -- routing -----------------------------------------------------------------------
+
+    def route(self, stream: Stream) -> None:
+        """Send ``stream`` where the route table says (again, after its route went away)."""
+        routes = self.agent.routes
+        route = routes.match(*request_view(stream.headers)) if len(routes) else None
+        stream.route = route
+        if route is None:
+            self.app.attach(stream)
+            return
+        pool = self.developers.get(route.session_id)
+        if pool is None:
+            pool = self.developers[route.session_id] = Pool(self, route.session_id)
+        pool.attach(stream)
+
+    def flush(self) -> None:
+        while self.dirty:
+            self.dirty.pop().flush()
+
+
+class Stream:
+    """One request: the client's stream on a :class:`Downstream`, and the stream the agent
+    opened for it on an :class:`UpConnection` (``up``), once it has one.
+
+    Each direction keeps what the next hop's window has not taken yet: ``to_up`` (request
+    data) and ``to_down`` (response data), bounded by the window the agent advertised to
+    the sender, because the sender gets window back only for bytes passed on.
+    """
+
+    __slots__ = (
+        "down", "sid", "headers", "grpc", "route", "up", "up_id", "pool",
+        "to_up", "req_ended", "req_trailers", "sent_end_up", "got_end_up",
+        "to_down", "resp_started", "resp_ended", "resp_trailers", "sent_end_down", "dead",
+    )
+
+    def __init__(self, down: Downstream, sid: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+        self.down = down
+        self.sid = sid
+        self.headers = headers
+        self.grpc = is_grpc(headers)
+        self.route: RegisteredRoute | None = None
+        self.up: UpConnection | None = None
+        self.up_id = 0
+        self.pool: Pool | None = None  # while waiting for room
+        self.to_up: deque[bytes] = deque()
+        self.req_ended = ended
+        self.req_trailers: list[tuple[bytes, bytes]] | None = None
+        self.sent_end_up = False
+        self.got_end_up = False
+        self.to_down: deque[bytes] = deque()
+        self.resp_started = False
+        self.resp_ended = False
+        self.resp_trailers: list[tuple[bytes, bytes]] | None = None
+        self.sent_end_down = False
+        self.dead = False  # answered or reset: request bytes still arriving are dropped
+
+    # -- request direction -------------------------------------------------------------
+
+    def pump_up(self) -> None:
+        """Pass queued request bytes to the up stream as far as its window allows."""
+        up = self.up
+        if up is None or self.sent_end_up or not up.writable:
+            return
+        codec, down_codec, sid, up_id = up.codec, self.down.codec, self.sid, self.up_id
+        queue = self.to_up
+        hub = up.hub
+        hub.dirty.add(up)
+        hub.dirty.add(self.down)
+        try:
+            while queue:
+                room = min(codec.window(up_id), codec.max_frame)
+                if room <= 0:
+                    return
+                chunk = queue[0]
+                if len(chunk) > room:
+                    piece, queue[0] = chunk[:room], chunk[room:]
+                else:
+                    piece = queue.popleft()
+                last = not queue and self.req_ended and self.req_trailers is None
+                codec.send_data(up_id, piece, end_stream=last)
+                down_codec.ack(sid, len(piece))
+                if last:
+                    self.sent_end_up = True
+            if self.req_ended and not self.sent_end_up:
+                if self.req_trailers is not None:
+                    codec.send_headers(up_id, self.req_trailers, end_stream=True)
+                else:
+                    codec.end_stream(up_id)
+                self.sent_end_up = True
+        except StreamError as e:
+            log.debug("stream %d to %s: %s", up_id, up.where, e)
+            self._drop_up_queue()
+            self.sent_end_up = True
+        if self.sent_end_up:
+            up.maybe_done(self)
+
+    def _drop_up_queue(self) -> None:
+        """Request bytes that will never be passed on: give their window back to the client."""
+        n = sum(map(len, self.to_up))
+        self.to_up.clear()
+        if n and not self.down.closed:
+            self.down.codec.ack(self.sid, n)
+            self.down.hub.dirty.add(self.down)
+
+    def _drop_down_queue(self) -> None:
+        n = sum(map(len, self.to_down))
+        self.to_down.clear()
+        if n and self.up is not None and not self.up.closed:
+            self.up.codec.ack(self.up_id, n)
+            self.up.hub.dirty.add(self.up)
+
+    # -- response direction ------------------------------------------------------------
+
+    def pump_down(self) -> None:
+        """Pass queued response bytes (then trailers or the end) to the client."""
+        down = self.down
+        if self.sent_end_down or down.closed or not down.writable:
+            return
+        codec, sid = down.codec, self.sid
+        up = self.up
+        queue = self.to_down
+        down.hub.dirty.add(down)
+        if up is not None:
+            down.hub.dirty.add(up)
+        try:
+            while queue:
+                room = min(codec.window(sid), codec.max_frame)
+                if room <= 0:
+                    return
+                chunk = queue[0]
+                if len(chunk) > room:
+                    piece, queue[0] = chunk[:room], chunk[room:]
+                else:
+                    piece = queue.popleft()
+                last = not queue and self.resp_ended and self.resp_trailers is None
+                codec.send_data(sid, piece, end_stream=last)
+                if up is not None and not up.closed:
+                    up.codec.ack(self.up_id, len(piece))
+                if last:
+                    self.sent_end_down = True
+            if self.resp_ended and not self.sent_end_down:
+                if self.resp_trailers is not None:
+                    codec.send_headers(sid, self.resp_trailers, end_stream=True)
+                else:
+                    codec.end_stream(sid)
+                self.sent_end_down = True
+        except StreamError as e:
+            log.debug("stream %d from client: %s", sid, e)
+            self.sent_end_down = True
+        if self.sent_end_down:
+            down.maybe_done(self)
+
+    def respond(self, headers: list[tuple[bytes, bytes]], end: bool) -> None:
+        self.resp_started = True
+        try:
+            self.down.codec.send_headers(self.sid, headers, end_stream=end)
+        except StreamError as e:
+            log.debug("stream %d from client: %s", self.sid, e)
+            end = True
+        self.down.hub.dirty.add(self.down)
+        if end:
+            self.resp_ended = self.sent_end_down = True
+            self.down.maybe_done(self)
+
+    def fail(self, reason: str) -> None:
+        """End the client's stream with the agent's own answer: UNAVAILABLE (gRPC) or 502
+        before a response began; after, gRPC trailers saying so, or RST_STREAM."""
+        if self.sent_end_down or self.down.closed:
+            return
+        self.dead = True
+        self._drop_up_queue()
+        if not self.resp_started:
+            log.info("stream %d unavailable: %s", self.sid, reason)
+            headers, body = error_response(self.grpc, reason)
+            if body:
+                self.respond(headers, False)
+                self.to_down.append(body)
+                self.resp_ended = True
+                self.pump_down()
+            else:
+                self.respond(headers, True)
+        elif self.grpc and not self.resp_ended:
+            self.resp_trailers = grpc_trailers(reason)
+            self.resp_ended = True
+            self.pump_down()
+        elif not self.resp_ended:
+            self.down.reset(self, INTERNAL_ERROR)
+
+
+class Downstream(asyncio.Protocol):
+    """A client's HTTP/2 connection, terminated: the agent is its server."""
+
+    def __init__(self, hub: Hub, upgrade: RequestHead | None = None, settings: bytes | None = None) -> None:
+        self.hub = hub
+        self.upgrade = upgrade
+        self.settings = settings
+        self.codec = Codec(client=False)
+        self.transport: asyncio.Transport | None = None
+        self.streams: dict[int, Stream] = {}
+        self.writable = True
+        self.closed = False
+        self.control = RateLimit(CONTROL_BURST, CONTROL_RATE)
+        self.resets = RateLimit(RESET_BURST, RESET_RATE)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.loop = asyncio.get_running_loop()
+        if self.upgrade is None:
+            self.codec.start()
+            self.hub.dirty.add(self)
+            self.hub.flush()
+            return
+        transport.write(_SWITCHING)  # type: ignore[attr-defined]
+        try:
+            self.codec.start(self.settings)
+        except CodecError as e:
+            self._abort(e)
+            return
+        stream = self.streams[1] = Stream(self, 1, upgraded_request(self.upgrade), True)
+        self.hub.dirty.add(self)
+        self.hub.route(stream)
+        self.hub.flush()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            events = self.codec.receive(data)
+        except CodecError as e:
+            self._abort(e)
+            return
+        self.hub.dirty.add(self)
+        streams = self.streams
+        for ev in events:
+            t = type(ev)
+            if t is Data:
+                stream = streams.get(ev.stream_id)
+                if stream is None or stream.dead:
+                    self.codec.ack(ev.stream_id, ev.flow_length)
+                    continue
+                if ev.flow_length > len(ev.data):
+                    self.codec.ack(ev.stream_id, ev.flow_length - len(ev.data))  # padding
+                if ev.data:
+                    stream.to_up.append(ev.data)
+                if ev.end_stream:
+                    stream.req_ended = True
+                stream.pump_up()
+                if ev.end_stream:
+                    self.maybe_done(stream)
+            elif t is Headers:
+                if ev.kind == Headers.REQUEST:
+                    stream = streams[ev.stream_id] = Stream(self, ev.stream_id, ev.headers, ev.end_stream)
+                    self.hub.route(stream)
+                else:  # trailers
+                    stream = streams.get(ev.stream_id)
+                    if stream is not None and not stream.dead:
+                        stream.req_trailers = ev.headers
+                        stream.req_ended = True
+                        stream.pump_up()
+                        self.maybe_done(stream)
+            elif t is WindowOpened:
+                if ev.stream_id:
+                    stream = streams.get(ev.stream_id)
+                    if stream is not None:
+                        stream.pump_down()
+                else:
+                    for stream in list(streams.values()):
+                        stream.pump_down()
+            elif t is Reset:
+                stream = streams.pop(ev.stream_id, None)
+                if stream is not None:
+                    if not stream.resp_started and not self.resets.spend(self.loop.time()):
+                        self._calm("too many streams reset by the client (rapid reset)")
+                        return
+                    self._abandon(stream, ev.code)
+            elif t is Control:
+                if not self.control.spend(self.loop.time()):
+                    self._calm(f"too many {ev.kind} frames")
+                    return
+            elif t is GoAway:
+                log.debug("client sent GOAWAY (last stream %d, code %d)", ev.last_stream_id, ev.code)
+        self.hub.flush()
+
+    def _abandon(self, stream: Stream, code: int) -> None:
+        """The client reset ``stream``: carry the reset to the other side."""
+        stream.dead = True
+        stream.sent_end_down = True
+        if stream.pool is not None:
+            stream.pool.unwait(stream)
+        up = stream.up
+        if up is not None and not up.closed:
+            stream._drop_down_queue()
+            up.codec.reset(stream.up_id, code)
+            self.hub.dirty.add(up)
+            up.forget(stream)
+        stream.to_up.clear()
+
+    def reset(self, stream: Stream, code: int) -> None:
+        """The agent resets the client's ``stream`` (its other side failed or reset it)."""
+        stream.dead = True
+        stream._drop_up_queue()
+        stream.to_down.clear()
+        stream.sent_end_down = True
+        if not self.closed:
+            self.codec.reset(stream.sid, code)
+            self.hub.dirty.add(self)
+        self.streams.pop(stream.sid, None)
+
+    def maybe_done(self, stream: Stream) -> None:
+        """Forget ``stream`` once both directions have ended on this connection."""
+        if stream.sent_end_down and (stream.req_ended or stream.dead):
+            self.streams.pop(stream.sid, None)
+
+    def _calm(self, reason: str) -> None:
+        self._abort(CodecError(ENHANCE_YOUR_CALM, reason))
+
+    def _abort(self, error: CodecError) -> None:
+        peer = self.transport.get_extra_info("peername")
+        log.info("HTTP/2 connection from %s closed with GOAWAY code %d: %s", peer, error.code, error.reason)
+        if error.code == ENHANCE_YOUR_CALM:
+            try:
+                self.codec.goaway(error.code)
+            except Exception:  # noqa: BLE001 - the codec may already have sent its own GOAWAY
+                pass
+        self.flush()
+        self.transport.close()
+        self._closed()
+
+    def flush(self) -> None:
+        data = self.codec.pending()
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed()
+
+    def _closed(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.hub.dirty.discard(self)
+        for stream in list(self.streams.values()):
+            self._abandon(stream, CANCEL)
+        self.streams.clear()
+        self.hub.flush()
+
+    def pause_writing(self) -> None:
+        self.writable = False
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        for stream in list(self.streams.values()):
+            stream.pump_down()
+        self.hub.flush()
+
+
+class UpConnection:
+    """An HTTP/2 connection the agent opened as a client: to the app over TCP, or to a
+    developer's process over an SSH channel. It is the ``owner`` its link reports to."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.hub = pool.hub
+        self.codec = Codec(client=True)
+        self.codec.start()
+        self.link: Any = None  # TCPLink or sshd.ChannelLink
+        self.streams: dict[int, Stream] = {}
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.accepting = True
+        self.writable = True
+        self.closed = False
+        self.link_closed = False
+        self.where = pool.where
+
+    def has_room(self) -> bool:
+        return self.accepting and len(self.streams) < self.codec.remote_max_streams
+
+    def start(self, stream: Stream) -> None:
+        """Open ``stream``'s counterpart here and pass on what it has so far."""
+        up_id = self.codec.next_stream_id()
+        stream.up, stream.up_id, stream.pool = self, up_id, None
+        self.streams[up_id] = stream
+        end = stream.req_ended and not stream.to_up and stream.req_trailers is None
+        try:
+            self.codec.send_headers(up_id, stream.headers, end_stream=end)
+        except StreamError as e:
+            del self.streams[up_id]
+            stream.up = None
+            stream.fail(f"{self.where} refused the request headers: {e}")
+            return
+        self.hub.dirty.add(self)
+        if end:
+            stream.sent_end_up = True
+        else:
+            stream.pump_up()
+
+    def forget(self, stream: Stream) -> None:
+        if self.streams.pop(stream.up_id, None) is not None:
+            if not self.accepting and not self.streams:
+                self.close()
+            else:
+                self.pool.room(self)
+
+    def maybe_done(self, stream: Stream) -> None:
+        if stream.sent_end_up and stream.got_end_up:
+            self.forget(stream)
+
+    # -- link events -------------------------------------------------------------------
+
+    def link_data(self, link: Any, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            events = self.codec.receive(data)
+        except CodecError as e:
+            self.hub.dirty.add(self)
+            if not self.ready.done() and self.pool.session_id is None:
+                self.hub.upstream_h2 = False
+            reason = f"{self.where} broke HTTP/2: {e.reason}" if self.ready.done() else f"{self.where} does not speak HTTP/2 (h2c): {e.reason}"
+            self._lost(reason)
+            return
+        self.hub.dirty.add(self)
+        streams = self.streams
+        for ev in events:
+            t = type(ev)
+            if t is Data:
+                stream = streams.get(ev.stream_id)
+                if stream is None or stream.sent_end_down:
+                    self.codec.ack(ev.stream_id, ev.flow_length)
+                    continue
+                if ev.flow_length > len(ev.data):
+                    self.codec.ack(ev.stream_id, ev.flow_length - len(ev.data))
+                if ev.data:
+                    stream.to_down.append(ev.data)
+                if ev.end_stream:
+                    stream.resp_ended = stream.got_end_up = True
+                stream.pump_down()
+                if ev.end_stream:
+                    self.maybe_done(stream)
+            elif t is Headers:
+                stream = streams.get(ev.stream_id)
+                if stream is None or stream.sent_end_down:
+                    continue
+                if ev.kind == Headers.TRAILERS:
+                    stream.resp_trailers = ev.headers
+                    stream.resp_ended = stream.got_end_up = True
+                    stream.pump_down()
+                    self.maybe_done(stream)
+                elif ev.kind == Headers.INFORMATIONAL:
+                    stream.down.codec.send_headers(stream.sid, ev.headers)
+                    self.hub.dirty.add(stream.down)
+                else:
+                    if ev.end_stream:
+                        stream.got_end_up = True
+                    stream.respond(ev.headers, ev.end_stream)
+                    if ev.end_stream:
+                        self.maybe_done(stream)
+            elif t is WindowOpened:
+                if ev.stream_id:
+                    stream = streams.get(ev.stream_id)
+                    if stream is not None:
+                        stream.pump_up()
+                else:
+                    for stream in list(streams.values()):
+                        stream.pump_up()
+            elif t is Reset:
+                stream = streams.get(ev.stream_id)
+                if stream is not None:
+                    self.forget(stream)
+                    stream.up = None
+                    if stream.resp_ended:  # answered; the request's rest is not wanted
+                        stream._drop_up_queue()
+                        stream.dead = True
+                        stream.down.maybe_done(stream)
+                    else:
+                        stream.down.reset(stream, ev.code)
+            elif t is Settings:
+                if not self.ready.done():
+                    self.ready.set_result(None)
+                    if self.pool.session_id is None:
+                        self.hub.upstream_h2 = True
+                self.pool.room(self)
+            elif t is GoAway:
+                self._going_away(ev.last_stream_id)
+        self.hub.flush()
+
+    def _going_away(self, last_stream_id: int) -> None:
+        """The peer takes no new stream: streams it never saw are refused (the client may
+        retry them, as gRPC does), the others finish; new streams go to another connection."""
+        log.info("%s sent GOAWAY (last stream %d)", self.where, last_stream_id)
+        self.accepting = False
+        self.pool.drop(self)
+        for up_id, stream in list(self.streams.items()):
+            if up_id > last_stream_id:
+                self.streams.pop(up_id)
+                stream.up = None
+                stream.down.reset(stream, REFUSED_STREAM)
+        if not self.streams:
+            self.close()
+
+    def link_eof(self, link: Any) -> bool:
+        return False  # the link closes; link_lost follows
+
+    def link_lost(self, link: Any) -> None:
+        self._lost(f"{self.where} closed the connection")
+
+    def link_pause(self, link: Any) -> None:
+        self.writable = False
+
+    def link_resume(self, link: Any) -> None:
+        self.writable = True
+        for stream in list(self.streams.values()):
+            stream.pump_up()
+        self.hub.flush()
+
+    def release(self, link: Any) -> None:
+        """The developer's process restarts (drain): take no new stream here; close once idle."""
+        self.accepting = False
+        self.pool.drop(self)
+        if not self.streams:
+            self.close()
+        self.hub.flush()
+
+    def _lost(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.accepting = False
+        self.pool.drop(self)
+        if not self.ready.done():
+            self.ready.set_exception(Unavailable(reason))
+            self.ready.exception()  # retrieved: the pool may have stopped waiting
+        if self.pool.holder is not None:
+            reason = f"intercept of {self.pool.holder} failed: {reason}"
+        for stream in list(self.streams.values()):
+            stream.up = None
+            stream.fail(reason)
+        self.streams.clear()
+        self._close_link()
+        self.hub.flush()
+
+    def _close_link(self) -> None:
+        if self.link is not None and not self.link_closed:
+            self.link_closed = True
+            self.hub.dirty.discard(self)
+            self.link.close()
+
+    def close(self, reason: str = "") -> None:
+        if reason:
+            self._lost(reason)
+            return
+        if not self.closed:
+            self.closed = True
+            self.pool.drop(self)
+            if self.link is not None and not self.link_closed:
+                self.codec.goaway()
+                self.flush()
+                self._close_link()
+
+    def flush(self) -> None:
+        if self.link is not None and not self.link_closed:
+            data = self.codec.pending()
+            if data:
+                self.link.write(data)
+
+
+class Pool:
+    """HTTP/2 connections to one destination: the app (``session_id`` None) or one developer.
+
+    Streams take a connection that has room; otherwise they wait, and one more
+    connection is opened while there are fewer than :data:`MAX_CONNECTIONS`. A developer
+    connection is an SSH channel opened with the agent's ``open_developer``: held up to
+    the hold timeout while their process does not accept.
+    """
+
+    def __init__(self, hub: Hub, session_id: str | None) -> None:
+        self.hub = hub
+        self.session_id = session_id
+        self.conns: list[UpConnection] = []
+        self.waiting: deque[Stream] = deque()
+        self.opening = 0
+        self.closed = False
+        self.holder: str | None = None  # the developer, once known
+        if session_id is None:
+            host, port = hub.agent.config.upstream
+            self.where = f"upstream {host}:{port}"
+        else:
+            self.where = "the developer's process"
+
+    def attach(self, stream: Stream) -> None:
+        for conn in self.conns:
+            if conn.has_room():
+                conn.start(stream)
+                return
+        stream.pool = self
+        self.waiting.append(stream)
+        self._grow()
+
+    def unwait(self, stream: Stream) -> None:
+        try:
+            self.waiting.remove(stream)
+        except ValueError:
+            pass
+        stream.pool = None
+
+    def room(self, conn: UpConnection) -> None:
+        waiting = self.waiting
+        while waiting and conn.has_room():
+            conn.start(waiting.popleft())
+        if waiting:
+            self._grow()
+
+    def drop(self, conn: UpConnection) -> None:
+        if conn in self.conns:
+            self.conns.remove(conn)
+        if self.waiting:
+            self._grow()
+
+    def _grow(self) -> None:
+        if self.waiting and not self.opening and not self.closed and len(self.conns) < MAX_CONNECTIONS:
+            self.opening += 1
+            asyncio.get_running_loop().create_task(self._open())
+
+    async def _open(self) -> None:
+        conn = UpConnection(self)
+        try:
+            if self.session_id is None:
+                host, port = self.hub.agent.config.upstream
+                try:
+                    _, conn.link = await asyncio.get_running_loop().create_connection(lambda: TCPLink(conn), host, port)
+                except OSError as e:
+                    raise Unavailable(f"upstream {host}:{port} is unreachable: {e.strerror or e}") from None
+            else:
+                route = self.waiting[0].route if self.waiting else None
+                if route is None:
+                    return
+                self.holder = route.holder
+                conn.where = f"{route.holder}'s process"
+                conn.link = await self.hub.agent.open_developer(route, conn)
+            conn.flush()
+            try:
+                await asyncio.wait_for(asyncio.shield(conn.ready), READY_TIMEOUT)
+            except asyncio.TimeoutError:
+                conn.close()
+                raise Unavailable(f"{conn.where} sent no HTTP/2 SETTINGS within {READY_TIMEOUT:g}s (does it speak h2c?)") from None
+        except RouteGone:
+            waiting, self.waiting = self.waiting, deque()
+            for stream in waiting:
+                stream.pool = None
+                self.hub.route(stream)
+            self.hub.flush()
+            return
+        except Unavailable as e:
+            waiting, self.waiting = self.waiting, deque()
+            for stream in waiting:
+                stream.pool = None
+                stream.fail(e.reason)
+            self.hub.flush()
+            return
+        finally:
+            self.opening -= 1
+        if self.closed or conn.closed:
+            if not conn.closed:
+                conn.close()
+            self._grow()
+            self.hub.flush()
+            return
+        self.conns.append(conn)
+        self.room(conn)
+        self.hub.flush()
+
+    def close(self, reason: str) -> None:
+        """The developer left: their streams in flight end with ``reason``."""
+        self.closed = True
+        for conn in list(self.conns):
+            conn.close(reason)
+        waiting, self.waiting = self.waiting, deque()
+        for stream in waiting:  # they never reached the developer: route them again
+            stream.pool = None
+            self.hub.route(stream)
+
+
+class Relay(asyncio.Protocol):
+    """A prior-knowledge connection relayed as bytes while no route could apply.
+
+    Costs about what a TCP relay costs, plus following frame headers both ways
+    (:class:`~intercept.routing.h2.RelayConversion`) so that it can be converted,
+    gracefully, when the first route appears.
+    """
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.conv = RelayConversion()
+        self.transport: asyncio.Transport | None = None
+        self.link: TCPLink | None = None
+        self.early: list[bytes] = []  # client bytes before the app connection is up
+        self.closed = False
+        self.raw = bytearray()  # everything the client sent before the link was up, for a fallback
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.hub.relays.add(self)
+        asyncio.get_running_loop().create_task(self._connect())
+
+    async def _connect(self) -> None:
+        host, port = self.hub.agent.config.upstream
+        self.transport.pause_reading()
+        try:
+            _, link = await asyncio.get_running_loop().create_connection(lambda: TCPLink(self), host, port)
+        except OSError:
+            # no app: let a terminated connection answer each stream with the reason
+            if self.closed:
+                return
+            self.hub.relays.discard(self)
+            down = Downstream(self.hub)
+            self.transport.set_protocol(down)
+            down.connection_made(self.transport)
+            self.transport.resume_reading()
+            if self.raw:
+                down.data_received(bytes(self.raw))
+            return
+        if self.closed:
+            link.close()
+            return
+        self.link = link
+        self.raw = bytearray()
+        for data in self.early:
+            link.write(data)
+        self.early = []
+        self.transport.resume_reading()
+        if self.conv.wanted:
+            self.convert()
+
+    def data_received(self, data: bytes) -> None:
+        out, _ = self.conv.client.feed(data)
+        if self.link is None:
+            self.raw += data
+            self.early.append(out)
+        elif out:
+            self.link.write(out)
+        if self.conv.done:
+            self._finish()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.hub.relays.discard(self)
+        if self.link is not None:
+            self.link.close()
+
+    def pause_writing(self) -> None:
+        if self.link is not None:
+            self.link.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.link is not None:
+            self.link.resume_reading()
+
+    def convert(self) -> None:
+        """A route appeared: ask the client, at a frame boundary, to move on (see
+        :class:`~intercept.routing.h2.RelayConversion`)."""
+        conv = self.conv
+        if conv.sent or self.closed:
+            return
+        conv.wanted = True
+        if self.link is not None and conv.server.at_boundary and not conv.server.goaway_seen:
+            self.transport.write(conv.notice())
+
+    def _finish(self) -> None:
+        if self.conv.server.at_boundary and not self.closed:
+            self.transport.write(self.conv.farewell())
+            self.transport.close()
+
+    # -- the app side --------------------------------------------------------------------
+
+    def link_data(self, link: TCPLink, data: bytes) -> None:
+        conv = self.conv
+        out, boundary = conv.server.feed(data)
+        if conv.wanted and not conv.sent and boundary >= 0 and not conv.server.goaway_seen:
+            self.transport.write(out[:boundary] + conv.notice() + out[boundary:])
+        else:
+            self.transport.write(out)
+        if conv.done:
+            self._finish()
+
+    def link_eof(self, link: TCPLink) -> bool:
+        return False
+
+    def link_lost(self, link: TCPLink) -> None:
+        if not self.closed:
+            self.transport.close()
+
+    def link_pause(self, link: TCPLink) -> None:
+        self.transport.pause_reading()
+
+    def link_resume(self, link: TCPLink) -> None:
+        self.transport.resume_reading()

@@ -49,7 +49,7 @@ from intercept.errors import CredentialsError, InjectError, InterceptError, Reso
 from intercept.kube import inject
 from intercept.kube.inject import ANNOTATION, AGENT_CONTAINER, CREDENTIALS_KEY, InjectOptions
 from intercept.kube.pods import PodEndpoint, agent_pods, agent_ports, watch_agent_pods
-from intercept.kube.rest import Cluster, ClusterError, Conflict, NotFound, format_selector
+from intercept.kube.rest import AccessDenied, Cluster, ClusterError, Conflict, NotFound, format_selector
 from intercept.kube.rollout import rollout_status
 
 __all__ = [
@@ -227,8 +227,10 @@ def ensure_agent(
             ) from None
         if not isinstance(error, (_RolloutProblem, InterceptError)):
             raise  # interrupted (Ctrl-C) or a bug: put back, then let it through
-        raise _failure(f"injecting the agent into {_ref(workload)}", what, events, put_back,
-                       _fix(error, options)) from None
+        failure = _failure(f"injecting the agent into {_ref(workload)}", what, events, put_back, _fix(error, options))
+        if isinstance(error, AccessDenied):  # the user may not do this: exit 11, not "cannot be injected"
+            raise AccessDenied(str(failure), error.status, error.reason) from None
+        raise failure from None
 
     progress(f"{target.workload}: agent {options.agent_version} ready")
     return _agent_info(namespace, service, injected[wi], credentials, options)

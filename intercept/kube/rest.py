@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,15 @@ class Conflict(ClusterError):
 
 class Gone(ClusterError):
     """410: a watch's resourceVersion is too old; list again."""
+
+
+class AccessDenied(ClusterError):
+    """401, or a 403 from the authorizer (RBAC): these credentials may not do this.
+
+    Not every 403 is one: admission (a webhook, Pod Security) also answers 403, and
+    that is a refusal of the object, not of the user. The authorizer's message is
+    ``User "NAME" cannot VERB resource "PLURAL" ...``.
+    """
 
 
 @dataclass(frozen=True)
@@ -276,14 +286,21 @@ def _error(response: urllib3.BaseHTTPResponse, what: str, verb: str, resource: R
         return Gone(f"{what}: {message}", code, reason)
     if code == 401:
         fix = "log in to the cluster again (the context's credentials were refused)"
-    elif code == 403:
+        return AccessDenied(f"cannot {what}: {code} {reason}: {message}; {fix}", code, reason)
+    if code == 403 and _AUTHORIZER_DENIAL.search(message):
         fix = (f"ask for permission to {verb} {resource.plural} "
                f"(check with: kubectl auth can-i {verb} {resource.plural}{where})")
+        return AccessDenied(f"cannot {what}: {code} {reason}: {message}; {fix}", code, reason)
+    if code == 403:
+        fix = "the API server refused the request; see its message"
     elif code in (400, 422):
         fix = "the API server rejected the object; see its message"
     else:
         fix = "retry; if it persists, check the API server"
     return ClusterError(f"cannot {what}: {code} {reason}: {message}; {fix}", code, reason)
+
+
+_AUTHORIZER_DENIAL = re.compile(r'\bcannot [\w-]+ resource "')
 
 
 def _namespace(obj: Obj) -> str:

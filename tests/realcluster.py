@@ -206,11 +206,71 @@ def intercept(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[s
 
 
 def start(cluster: RealCluster, namespace: str, service: str, port: int, *args: str, name: str = "alice",
-          header: str = "x-dev=alice", kubeconfig: Path | None = None) -> Proc:
+          header: str = "x-dev=alice", kubeconfig: Path | None = None, image: str = AGENT_IMAGE) -> Proc:
     """``intercept start SERVICE -- python sample.py serve --port PORT --name local`` (not waited for)."""
     return Proc([*INTERCEPT, "start", service, "-n", namespace, "--kubeconfig", str(kubeconfig or cluster.kubeconfig),
-                 "--agent-image", AGENT_IMAGE, "--header", header, "--name", name, "--port", str(port), "--no-watch",
+                 "--agent-image", image, "--header", header, "--name", name, "--port", str(port), "--no-watch",
                  *args, "--", sys.executable, str(SAMPLE), "serve", "--port", str(port), "--name", "local"])
+
+
+ENFORCE_RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted",
+                      "pod-security.kubernetes.io/enforce-version": "latest"}
+
+
+def app(name: str, replicas: int, *, kind: str = "Deployment", port_name: str | None = "http") -> list[dict]:
+    """A workload of the sample app (cluster/POD answers), its Service and a NetworkPolicy admitting only 8080.
+
+    ``port_name`` None: the Service's targetPort is the number 8080 (else the port's name).
+    """
+    port = {"containerPort": 8080, **({"name": port_name} if port_name else {})}
+    workload = {
+        "apiVersion": "apps/v1", "kind": kind,
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{
+                    "name": "app", "image": APP_IMAGE,
+                    "env": [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                            {"name": "GREETING", "value": "hello"}],
+                    "ports": [port],
+                    "readinessProbe": {"httpGet": {"path": "/", "port": port_name or 8080}, "periodSeconds": 1},
+                    "securityContext": RESTRICTED,
+                }]},
+            },
+        },
+    }
+    if kind == "StatefulSet":
+        workload["spec"]["serviceName"] = name
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
+               "spec": {"selector": {"app": name},
+                        "ports": [{"name": "http", "port": 80, "targetPort": port_name or 8080}]}}
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"name": name},
+              "spec": {"podSelector": {"matchLabels": {"app": name}}, "policyTypes": ["Ingress"],
+                       "ingress": [{"ports": [{"port": 8080, "protocol": "TCP"}]}]}}
+    return [workload, service, policy]
+
+
+def deploy(cluster: RealCluster, namespace: str, objects: list[dict]) -> None:
+    for obj in objects:
+        cluster.create(obj, namespace)
+
+
+def snapshot(cluster: RealCluster, namespace: str) -> dict[tuple[str, str], dict]:
+    """Every workload, Service, NetworkPolicy and Secret of the namespace, as the server returns them."""
+    return {(kind, o["metadata"]["name"]): user_view(o)
+            for kind in ("Deployment", "StatefulSet", "Service", "NetworkPolicy", "Secret")
+            for o in cluster.items(kind, namespace)}
+
+
+def no_trace_of_intercept(objects: dict[tuple[str, str], dict]) -> None:
+    for (kind, name), obj in objects.items():
+        metadata = obj["metadata"]
+        assert not any(k.startswith("intercept.dev/") for k in metadata.get("annotations") or {}), (kind, name)
+        assert (metadata.get("labels") or {}).get("app.kubernetes.io/managed-by") != "intercept", (kind, name)
+        assert not (kind == "Secret" and name.startswith("intercept-")), (kind, name)
 
 
 def _server(kubeconfig: Path) -> str:

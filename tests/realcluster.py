@@ -199,18 +199,21 @@ def user_view(obj: Obj) -> Obj:
     return obj
 
 
-def intercept(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    """``intercept ARGS``, to completion."""
+def intercept(*args: str, timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``intercept ARGS``, to completion (``env``: variables added to ours)."""
+    environ = {k: v for k, v in os.environ.items() if k != "INTERCEPT_AGENT_IMAGE"}
     return subprocess.run([*INTERCEPT, *args], capture_output=True, text=True, timeout=timeout,
-                          env={k: v for k, v in os.environ.items() if k != "INTERCEPT_AGENT_IMAGE"})
+                          env={**environ, **(env or {})})
 
 
 def start(cluster: RealCluster, namespace: str, service: str, port: int, *args: str, name: str = "alice",
-          header: str = "x-dev=alice", kubeconfig: Path | None = None, image: str = AGENT_IMAGE) -> Proc:
+          header: str = "x-dev=alice", kubeconfig: Path | None = None, image: str = AGENT_IMAGE,
+          env: dict[str, str] | None = None) -> Proc:
     """``intercept start SERVICE -- python sample.py serve --port PORT --name local`` (not waited for)."""
     return Proc([*INTERCEPT, "start", service, "-n", namespace, "--kubeconfig", str(kubeconfig or cluster.kubeconfig),
                  "--agent-image", image, "--header", header, "--name", name, "--port", str(port), "--no-watch",
-                 *args, "--", sys.executable, str(SAMPLE), "serve", "--port", str(port), "--name", "local"])
+                 *args, "--", sys.executable, str(SAMPLE), "serve", "--port", str(port), "--name", "local"],
+                env=env or {})
 
 
 ENFORCE_RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted",

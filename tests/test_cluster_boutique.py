@@ -1,0 +1,56 @@
+"""Third-party manifests applied as they are: Online Boutique (``../shared/fixtures/online-boutique/``).
+
+``kubectl apply`` (built with the control plane) sends the 12 Deployments, Services,
+ServiceAccounts and the NetworkPolicies to the real API server; the simulated node runs
+each container as an HTTP responder on its declared ports (``e2e/cluster/images.py``).
+Then ``frontend`` (HTTP, numeric targetPort, behind a deny-all policy and its own) is
+intercepted by header, and uninstalled back to exactly what was applied.
+
+Skipped when the fixture is not beside the checkout (a clone without ``../shared``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.conftest import free_port
+from tests.realcluster import ROOT, WAIT, RealCluster, intercept, no_trace_of_intercept, served_by, snapshot, start
+
+FIXTURE = ROOT.parent / "shared" / "fixtures" / "online-boutique"
+
+
+@pytest.mark.skipif(not (FIXTURE / "kubernetes-manifests.yaml").is_file(),
+                    reason=f"the online-boutique fixture is not beside this checkout ({FIXTURE})")
+def test_online_boutique_applied_as_is_and_frontend_intercepted_by_header(real_cluster: RealCluster, namespace_of) -> None:
+    ns = namespace_of("boutique")
+    applied = subprocess.run(
+        [str(real_cluster.kubectl), "--kubeconfig", str(real_cluster.kubeconfig), "apply", "-n", ns,
+         "-f", str(FIXTURE / "kubernetes-manifests.yaml"), "-f", str(FIXTURE / "network-policies.yaml")],
+        capture_output=True, text=True, timeout=120)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    assert len(real_cluster.items("Deployment", ns)) == 12
+    (frontend,) = real_cluster.wait_ready(ns, "frontend", 1)
+    assert served_by(frontend) == f"{frontend.pod}/server"  # the responder that stands for the image
+    before = snapshot(real_cluster, ns)
+
+    port = free_port()
+    client = start(real_cluster, ns, "frontend", port)
+    try:
+        ready = client.wait_for(r"^intercept: ready: (.*)$", timeout=WAIT)
+        assert ready[1] == f"requests with x-dev: alice now reach localhost:{port} (1 replica)"
+        # frontend's own policy admits every port, and deny-all is overridden by it: nothing to extend
+        assert snapshot(real_cluster, ns)[("NetworkPolicy", "frontend")] == before[("NetworkPolicy", "frontend")]
+        (endpoint,) = real_cluster.wait_ready(ns, "frontend", 1)
+        assert endpoint.port == 9900
+        assert served_by(endpoint, {"x-dev": "alice"}) == "local"
+        assert served_by(endpoint) == f"{endpoint.pod}/server"
+    finally:
+        client.stop()
+
+    result = intercept("uninstall", "frontend", "-n", ns, "--kubeconfig", str(real_cluster.kubeconfig))
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = snapshot(real_cluster, ns)
+    assert after == before
+    no_trace_of_intercept(after)

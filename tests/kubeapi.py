@@ -6,6 +6,13 @@ urllib3) talks to it exactly as to a cluster, through a kubeconfig that
 scheduler, no defaulting, no validation beyond what is listed here; what it simulates is
 what intercept's correctness depends on.
 
+Kept only where a real server cannot produce the fault or the observation on demand (a
+watch that answers 410, conflicts on every write, a port-forward dropped or gone silent,
+the exact order of the client's requests); each test that uses it says which, beside it.
+Everything a real server decides (defaulting, validation, admission, RBAC, real 409s,
+rollouts, port-forward through a kubelet) is tested against the real control plane
+(``e2e/cluster``, ``tests/test_cluster_*.py``).
+
 What it speaks (namespaced, and across namespaces for LIST):
 
 - ``/api/v1``: services, secrets, pods, events (serviceaccounts, configmaps: stored

@@ -180,6 +180,7 @@ def _wait_policy_enforced(cluster: RealCluster, ns: str, name: str) -> None:
 @pytest.mark.parametrize(("image", "expected"), [
     ("intercept.test/sleep:1", "did not finish within 10s"),  # runs, never ready
     ("registry.invalid/agent:1", "ErrImagePull"),  # never pulled: fails at once, with the kubelet's events
+    ("intercept.test/crash:1", "CrashLoopBackOff"),  # exits at once, restarted with a back-off
 ])
 def test_an_agent_that_never_becomes_ready_is_rolled_back(real_cluster: RealCluster, namespace_of,
                                                           image: str, expected: str) -> None:

@@ -121,6 +121,7 @@ def snapshot(server: KubeAPI) -> dict:
             for k in ("Service", "Deployment", "NetworkPolicy", "Secret") for o in server.objects(k, "default")}
 
 
+# stand-in: the CLI's lines and exit codes, without waiting for rollouts.
 def test_uninstall_restores_and_a_second_one_has_nothing_to_do(cluster) -> None:
     server, config = cluster
     before = snapshot(server)
@@ -139,6 +140,7 @@ def test_uninstall_restores_and_a_second_one_has_nothing_to_do(cluster) -> None:
     assert again.stdout == "intercept: uninstall: Service cartservice has no agent in namespace default; nothing to do\n"
 
 
+# stand-in: the CLI's lines and exit codes, without waiting for rollouts.
 def test_uninstall_all_restores_every_agent(cluster) -> None:
     server, config = cluster
     before = snapshot(server)
@@ -151,6 +153,7 @@ def test_uninstall_all_restores_every_agent(cluster) -> None:
     assert snapshot(server) == before
 
 
+# stand-in: no server behaviour involved; kept fast.
 def test_uninstall_needs_a_service_or_all_and_a_cluster(cluster, tmp_path: Path) -> None:
     _, config = cluster
     both = intercept("uninstall", "cartservice", "--all", "--kubeconfig", str(config))
@@ -160,6 +163,7 @@ def test_uninstall_needs_a_service_or_all_and_a_cluster(cluster, tmp_path: Path)
     assert nowhere.stderr == f"intercept: error: kubeconfig {tmp_path / 'missing'} does not exist; pass the file kubectl uses (--kubeconfig)\n"
 
 
+# stand-in: the table's layout over the whole Online Boutique, without 12 rollouts.
 def test_list_shows_a_table_and_json(cluster) -> None:
     server, config = cluster
     ensure_agent(connect(config).api, "default", "frontend", InjectOptions(image="example/agent:1"), poll_interval=0)

@@ -107,6 +107,7 @@ def test_in_a_pod_the_service_account_is_used(home: Path) -> None:
         connect(environ=environ, service_account_dir=home / "nothing")
 
 
+# stand-in: a 401 for a token, on demand.
 def test_a_refused_token_says_to_log_in_again(home: Path, server: KubeAPI) -> None:
     path = kubeconfig(home / "config", {"dev": None}, "dev", server=server.url, token="expired")
     with pytest.raises(ClusterError) as raised:
@@ -114,6 +115,7 @@ def test_a_refused_token_says_to_log_in_again(home: Path, server: KubeAPI) -> No
     assert "401" in str(raised.value) and "log in to the cluster again" in str(raised.value)
 
 
+# stand-in: a server that stops answering.
 def test_an_unreachable_server_is_named(home: Path, server: KubeAPI) -> None:
     address = server.url
     server.stop()

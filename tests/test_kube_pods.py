@@ -35,6 +35,7 @@ def names(endpoints: list[PodEndpoint]) -> list[str]:
     return [e.name for e in endpoints]
 
 
+# stand-in: pods with chosen ports and readiness, set directly.
 def test_agent_pods_lists_the_pods_with_an_agent_with_their_readiness_and_ports(server) -> None:
     api, client = server
     api.add_pod("orders-b", LABELS, ip="10.0.0.2", ready=False, ssh_port=10022)
@@ -47,6 +48,7 @@ def test_agent_pods_lists_the_pods_with_an_agent_with_their_readiness_and_ports(
     ]
 
 
+# stand-in: a pod Ready without an IP, which a real kubelet never reports.
 def test_a_pod_without_an_address_is_not_ready(server) -> None:
     api, client = server
     api.add_pod("orders-a", LABELS, ip=None)
@@ -67,6 +69,7 @@ def run_watch(client, script) -> None:
     asyncio.run(main())
 
 
+# stand-in: pod changes one at a time, each observed.
 def test_watch_yields_the_ready_agent_pods_as_they_come_and_go(server) -> None:
     api, client = server
     api.add_pod("orders-a", LABELS)
@@ -90,6 +93,7 @@ def test_watch_yields_the_ready_agent_pods_as_they_come_and_go(server) -> None:
     run_watch(client, script)
 
 
+# stand-in: a watch that answers 410 Gone on demand.
 @pytest.mark.parametrize("http", [False, True], ids=["410-event", "http-410"])
 def test_watch_lists_again_when_its_version_is_too_old(server, http: bool, caplog: pytest.LogCaptureFixture) -> None:
     api, client = server
@@ -121,6 +125,7 @@ def test_watch_lists_again_when_its_version_is_too_old(server, http: bool, caplo
     assert watches == (3 if http else 2)
 
 
+# stand-in: sees the server side of the watch close.
 def test_cancelling_the_watching_task_ends_the_open_watch(server) -> None:
     api, client = server
     api.add_pod("orders-a", LABELS)

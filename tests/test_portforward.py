@@ -38,7 +38,8 @@ class PortForwardAPI(PortForwarder):
 
     The protocol and the relay are :class:`tests.kubeapi.PortForwarder`'s (``pods``,
     ``forbidden``, ``forwards``, ``drop``, ``release_stale``); the full stand-in serves
-    the same path among the others (``tests/test_kube_start.py``).
+    the same path among the others; the real path (API server -> kwok -> pod) is
+    ``tests/test_cluster_*.py``.
     """
 
     def __init__(self) -> None:
@@ -97,6 +98,7 @@ def open_session(opts: InterceptOptions) -> None:
     asyncio.run(main())
 
 
+# stand-in: counts the forwards opened per pod.
 def test_ssh_through_the_port_forward_routes_every_replica(api, pods, local_app):
     client = api.api_client()
     for i, agent in enumerate(pods):
@@ -118,6 +120,7 @@ def test_ssh_through_the_port_forward_routes_every_replica(api, pods, local_app)
         assert not relay.is_alive()
 
 
+# stand-in: the API server dropping an open forward, on demand.
 def test_a_dropped_port_forward_is_reported_and_the_session_reconnects(api, pods, local_app):
     client = api.api_client()
     api.pods["shop/web-0"] = pods[0].ssh_port
@@ -139,6 +142,7 @@ def test_a_dropped_port_forward_is_reported_and_the_session_reconnects(api, pods
         fleet.stop()
 
 
+# stand-in: a forward that goes silent without closing, on demand.
 def test_after_a_silent_drop_the_reconnect_waits_for_the_agent_to_let_go_of_our_old_session(api, pods, local_app):
     api.pods["shop/web-1"] = pods[1].ssh_port
     transport = PortForwardTransport(api.api_client(), "shop", "web-1", 9922)
@@ -158,6 +162,7 @@ def test_after_a_silent_drop_the_reconnect_waits_for_the_agent_to_let_go_of_our_
         fleet.stop()
 
 
+# stand-in: a 404 at the port-forward handshake.
 def test_a_pod_that_does_not_exist_is_unreachable_naming_it(api, pods, local_app):
     transport = PortForwardTransport(api.api_client(), "shop", "web-9", 9922)
     with pytest.raises(AgentUnreachable) as e:
@@ -169,6 +174,7 @@ def test_a_pod_that_does_not_exist_is_unreachable_naming_it(api, pods, local_app
     assert e.value.exit_code == 3
 
 
+# stand-in: a 403 at the port-forward handshake without setting up RBAC.
 def test_a_forbidden_port_forward_names_the_permission_it_needs(api, pods, local_app):
     api.forbidden = True
     transport = PortForwardTransport(api.api_client(), "shop", "web-0", 9922)
@@ -178,6 +184,7 @@ def test_a_forbidden_port_forward_names_the_permission_it_needs(api, pods, local
     assert "kubectl auth can-i create pods/portforward -n shop" in str(e.value)
 
 
+# stand-in: the kubelet's error on the forward's error channel, on demand.
 def test_an_agent_that_does_not_listen_gets_the_kubelets_reason(api, pods, local_app):
     api.pods["shop/web-0"] = free_port()
     transport = PortForwardTransport(api.api_client(), "shop", "web-0", 9922)
@@ -189,6 +196,7 @@ def test_an_agent_that_does_not_listen_gets_the_kubelets_reason(api, pods, local
     assert "check that the web-0 agent container is running and listens on port 9922" in message
 
 
+# stand-in: no server at all.
 def test_an_unreachable_api_server_says_so(pods, local_app):
     config = Configuration()
     config.host = f"http://127.0.0.1:{free_port()}"
@@ -232,6 +240,7 @@ def test_pod_replicas_forward_to_each_ready_pod_or_dial_its_ip_inside_the_cluste
     assert closed == [True, True]
 
 
+# stand-in: inspects which requests arrived as WebSocket upgrades.
 def test_the_shared_api_client_is_never_switched_to_websocket_calls(api, pods, local_app):
     """kubernetes.stream swaps a client's call_api during a port-forward; ours must not be the shared one."""
     swaps = []

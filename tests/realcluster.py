@@ -160,6 +160,16 @@ class RealCluster:
                     found += [Endpoint(pod, endpoint["addresses"][0], int(ports[0]["port"]))]
         return sorted(found, key=lambda e: e.pod)
 
+    def wait_ready_pods(self, namespace: str, selector: str, count: int, timeout: float = WAIT) -> list[str]:
+        """The names of the pods of ``selector`` once exactly ``count`` of them are Ready."""
+        def ready() -> list[str] | None:
+            names = sorted(p["metadata"]["name"] for p in self.pods(namespace, selector)
+                           if any(c.get("type") == "Ready" and c.get("status") == "True"
+                                  for c in (p.get("status") or {}).get("conditions") or []))
+            return names if len(names) == count else None
+
+        return wait_until(ready, f"{count} ready pods of {selector} in {namespace}", timeout)
+
     def pods(self, namespace: str, selector: str) -> list[Obj]:
         return self.items("Pod", namespace, labelSelector=selector)
 

@@ -176,6 +176,7 @@ class Container:
         self.terminated: Obj | None = None  # the current state, when not running
         self.ready = False
         self.pulled = prog.pull_error is None
+        self.pull_reported = False
         self.backoff_until = 0.0
         self.backoff = BACKOFF_START
 
@@ -411,8 +412,9 @@ class PodWorker:
         image = c.spec.get("image", "")
         state: Obj
         if not c.pulled:
-            reason = "ErrImagePull" if "pulled-once" not in self.events_sent else "ImagePullBackOff"
-            self.events_sent.add("pulled-once")
+            # the first look reports the failed pull, later ones the back-off, as a kubelet's do
+            reason = "ImagePullBackOff" if c.pull_reported else "ErrImagePull"
+            c.pull_reported = True
             state = {"waiting": {"reason": reason, "message": c.program.pull_error}}
         elif self.waiting_for is not None:
             state = {"waiting": {"reason": "ContainerCreating", "message": self.waiting_for}}

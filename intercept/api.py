@@ -30,8 +30,8 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -345,7 +345,7 @@ async def start(s: InterceptSpec, *, on_event: OnEvent | None = None, capture_ou
     it = Intercept(s, target, emit)
     it.events.extend(early)
     transport = target.options.transport.describe()
-    it._event(Event("starting", f"{it.route} to localhost:{s.port} through {transport}"))
+    it._event(Event("starting", f"{it.route} to localhost:{s.port} through {transport}", route=it.route))
     it._run(capture_output)
     return it
 
@@ -395,8 +395,8 @@ def _run_loop(main: Any) -> Any:
     return uvloop.run(main)
 
 
-class _LoopThread:
-    """An event loop in a daemon thread, for the synchronous API."""
+class LoopThread:
+    """An event loop in a daemon thread, for the synchronous API (and the demo's agent)."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
@@ -421,7 +421,7 @@ def intercepting(service: str | None = None, *, on_event: OnEvent | None = None,
     and leaves when the block ends. ``options`` as for :func:`spec`.
     """
     s = make_spec(service, **options)
-    runner = _LoopThread()
+    runner = LoopThread()
     try:
         it = runner.call(start(s, on_event=on_event, capture_output=capture_output))
         try:
@@ -536,6 +536,14 @@ def down(path: Path | None, *, report: Callable[[str], None] = lambda line: None
     return bring_down(path, report=report)
 
 
+def vscode(services: Sequence[str], *, directory: Path, spec_file: Path | None = None) -> list[Path]:
+    """Write ``.vscode/launch.json`` and ``tasks.json`` (merged into what is there) to debug
+    ``services`` (default: those of ``spec_file``); the files written."""
+    from intercept.workspace import vscode as write
+
+    return write(services, directory=directory, spec_file=spec_file)
+
+
 __all__ = [
     "Event",
     "Intercept",
@@ -557,4 +565,5 @@ __all__ = [
     "status",
     "uninstall",
     "up",
+    "vscode",
 ]

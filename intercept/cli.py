@@ -6,7 +6,6 @@ Every error is one line ``intercept: error: ...`` on stderr and the error's exit
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from collections.abc import Callable
@@ -171,7 +170,6 @@ def start(ctx: click.Context, output: str, **_: Any) -> None:
     intercept start --agent HOST:PORT --credentials FILE --port 8080 [--header x-dev=alice] [-- COMMAND ARGS...]
     """
     import json
-    import os
 
     from intercept import api
 
@@ -352,12 +350,10 @@ def up_command(spec_file: Path, detach: bool, log_file: Path | None) -> None:
     \b
     intercept up -f intercept.yaml --detach --log-file /tmp/intercept.log
     """
-    import os
-
-    from intercept.workspace import up
+    from intercept import api
 
     try:
-        code = up(spec_file, os.environ, detach=detach, log_file=log_file, report=_echo_line)
+        code = api.up(spec_file, detach=detach, log_file=log_file, report=_echo_line)
     except InterceptError as e:
         _fail(e)
     sys.exit(code)
@@ -368,10 +364,10 @@ def up_command(spec_file: Path, detach: bool, log_file: Path | None) -> None:
 @click.option("--all", "everything", is_flag=True, help="Stop every workspace that intercept up brought up on this machine.")
 def down_command(spec_file: Path, everything: bool) -> None:
     """Stop what `intercept up` started (nothing up: exit 0)."""
-    from intercept.workspace import down
+    from intercept import api
 
     try:
-        code = down(None if everything else spec_file, report=_echo_line)
+        code = api.down(None if everything else spec_file, report=_echo_line)
     except InterceptError as e:
         _fail(e)
     sys.exit(code)
@@ -383,10 +379,10 @@ def status_command(output: str) -> None:
     """This machine's intercepts: service, route, local port, process, log."""
     import json
 
-    from intercept.workspace import status
+    from intercept import api
 
     try:
-        rows = status()
+        rows = api.status()
     except InterceptError as e:
         _fail(e)
     if output == "json":
@@ -412,10 +408,10 @@ def status_command(output: str) -> None:
 @click.option("-n", "--namespace", help="Only the intercepts of SERVICE in this namespace.")
 def leave_command(service: str, namespace: str | None) -> None:
     """Remove my route from SERVICE (stops its `intercept start` on this machine); the agent stays."""
-    from intercept.workspace import leave
+    from intercept import api
 
     try:
-        left = leave(service, namespace)
+        left = api.leave(service, namespace)
     except InterceptError as e:
         _fail(e)
     for entry in left:
@@ -427,10 +423,10 @@ def leave_command(service: str, namespace: str | None) -> None:
 @click.argument("services", nargs=-1)
 def vscode_command(services: tuple[str, ...]) -> None:
     """Write .vscode/launch.json and tasks.json to debug SERVICE (default: the services of ./intercept.yaml)."""
-    from intercept.workspace import vscode
+    from intercept import api
 
     try:
-        written = vscode(services, directory=Path.cwd(), spec_file=Path("intercept.yaml"))
+        written = api.vscode(services, directory=Path.cwd(), spec_file=Path("intercept.yaml"))
     except InterceptError as e:
         _fail(e)
     if not written:

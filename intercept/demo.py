@@ -1,26 +1,23 @@
 """``intercept demo``: header routing shown without a cluster.
 
-Starts, as real processes on loopback: a "cluster version" app, an agent in front of
-it, a "local version" app, and ``intercept start`` with a personal header. Then sends
-requests with and without the header, on fresh and keep-alive connections, and
-prints which version answered each. Succeeds only when every request landed where it
-should.
-
-``python -m intercept.demo app NAME`` is the small app it runs for both versions.
+Runs, in this process and on loopback: a "cluster version" app, an agent in front of it,
+a "local version" app, and an intercept with a personal header, through the same API
+the CLI uses (:mod:`intercept.api`). Then sends requests with and without the header,
+on fresh and keep-alive connections, and prints which version answered each. Succeeds
+only when every request landed where it should.
 """
 
 from __future__ import annotations
 
 import http.client
-import subprocess
-import sys
 import tempfile
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from intercept.errors import InterceptError
+from intercept import api
+from intercept.agent import Agent, AgentConfig
 
 DEV = "demo-dev"
 HEADER = "x-intercept-id"
@@ -42,72 +39,42 @@ class _VersionHandler(BaseHTTPRequestHandler):
         pass
 
 
-def serve_app(name: str) -> None:
-    """The demo app: answers every GET with "<name> version"; prints its port."""
+def _serve_app(name: str) -> ThreadingHTTPServer:
+    """A demo app in a thread: answers every GET with "<name> version"."""
     handler = type("Handler", (_VersionHandler,), {"version_name": name})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    print(f"demo app {name} on {server.server_address[1]}", flush=True)
-    server.serve_forever()
-
-
-class _Processes:
-    """Children started by the demo; a line read from one fails if it does not come in time."""
-
-    def __init__(self) -> None:
-        self.procs: list[subprocess.Popen[str]] = []
-
-    def start(self, argv: list[str], until: str, timeout: float = 30.0) -> str:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
-        self.procs.append(proc)
-        timer = threading.Timer(timeout, proc.kill)
-        timer.start()
-        try:
-            output = []
-            for line in proc.stdout:
-                output.append(line.rstrip())
-                if line.startswith(until):
-                    return line.strip()
-        finally:
-            timer.cancel()
-        raise InterceptError(f"demo: {' '.join(argv[2:4])} stopped before printing {until!r}:\n" + "\n".join(output))
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    threading.Thread(target=server.serve_forever, name=f"demo app {name}", daemon=True).start()
+    return server
 
 
 def run_demo(echo: Callable[[str], None], keep: bool = False) -> bool:
-    me = [sys.executable, "-m", "intercept"]
-    procs = _Processes()
+    cluster, local = _serve_app("cluster"), _serve_app("local")
+    loop = api.LoopThread()
     try:
         with tempfile.TemporaryDirectory(prefix="intercept-demo-") as tmp:
-            cluster_port = procs.start([sys.executable, "-m", "intercept.demo", "app", "cluster"], "demo app").split()[-1]
-            local_port = procs.start([sys.executable, "-m", "intercept.demo", "app", "local"], "demo app").split()[-1]
-            creds = str(Path(tmp) / "credentials.json")
-            line = procs.start(
-                me + ["agent", "--listen", "127.0.0.1:0", "--ssh-listen", "127.0.0.1:0",
-                      "--upstream", f"127.0.0.1:{cluster_port}", "--credentials", creds],
-                "intercept: agent:",
-            )
-            http_addr, ssh_addr = line.split()[3], line.split()[5]
-            echo(f"cluster version on :{cluster_port}, agent in front of it on {http_addr} (ssh {ssh_addr})")
-            echo(f"local version on :{local_port}")
-            echo(procs.start(me + ["start", "--agent", ssh_addr, "--credentials", creds,
-                                   "--port", local_port, "--name", DEV], "intercept: ready:"))
-            ok = _send_requests(echo, http_addr)
-            if keep:
-                echo(f"\ntry: curl -H '{HEADER}: {DEV}' http://{http_addr}/   (Ctrl-C to stop)")
-                threading.Event().wait()
+            creds = Path(tmp) / "credentials.json"
+            agent = Agent(AgentConfig(listen=("127.0.0.1", 0), upstream=("127.0.0.1", cluster.server_port),
+                                      ssh_listen=("127.0.0.1", 0), credentials=creds))
+            loop.call(agent.start())
+            (host, port), (_, ssh_port) = agent.http_address, agent.ssh_address
+            http_addr = f"{host}:{port}"
+            echo(f"cluster version on :{cluster.server_port}, agent in front of it on {http_addr} (ssh {host}:{ssh_port})")
+            echo(f"local version on :{local.server_port}")
+            shown = lambda event: echo(event.line()) if event.kind in ("ready", "header") else None  # noqa: E731
+            with api.intercepting(agent=f"{host}:{ssh_port}", credentials=str(creds), port=local.server_port, name=DEV,
+                                  on_event=shown):
+                ok = _send_requests(echo, http_addr)
+                if keep:
+                    echo(f"\ntry: curl -H '{HEADER}: {DEV}' http://{http_addr}/   (Ctrl-C to stop)")
+                    threading.Event().wait()
+            loop.call(agent.close())
             return ok
     except KeyboardInterrupt:
         return True
     finally:
-        procs.stop()
+        loop.close()
+        cluster.shutdown()
+        local.shutdown()
 
 
 def _send_requests(echo: Callable[[str], None], http_addr: str) -> bool:
@@ -145,8 +112,12 @@ def _send_requests(echo: Callable[[str], None], http_addr: str) -> bool:
     return good
 
 
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["app"] and len(sys.argv) == 3:
-        serve_app(sys.argv[2])
-    else:
+
+if __name__ == "__main__":  # python -m intercept.demo app NAME: one demo app alone (bench/reload.py uses it)
+    import sys
+
+    if sys.argv[1:2] != ["app"] or len(sys.argv) != 3:
         sys.exit("usage: python -m intercept.demo app NAME")
+    app = _serve_app(sys.argv[2])
+    print(f"demo app {sys.argv[2]} on {app.server_port}", flush=True)
+    threading.Event().wait()

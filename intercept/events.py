@@ -39,15 +39,17 @@ KINDS: tuple[str, ...] = EventKind.__args__  # type: ignore[attr-defined]
 class Event:
     """One thing that happened to an intercept.
 
-    ``replica`` names the agent replica for ``joined``, ``gone``, ``reconnecting`` and
-    ``reconnected`` on a Service; ``status`` is the exit status for ``exited``, and the
-    exit code of the error for ``error``.
+    ``route`` describes the route for ``starting``, ``ready`` and ``left``
+    (``requests with x-dev: alice``); ``replica`` names the agent replica for ``joined``,
+    ``gone``, ``reconnecting`` and ``reconnected`` on a Service; ``status`` is the exit
+    status for ``exited``, and the exit code of the error for ``error``.
     """
 
     kind: EventKind
     message: str
     replica: str | None = None
     status: int | None = None
+    route: str | None = None
 
     def line(self) -> str:
         return f"intercept: {self.kind}: {self.message}"
@@ -58,6 +60,8 @@ class Event:
             out["replica"] = self.replica
         if self.status is not None:
             out["status"] = self.status
+        if self.route is not None:
+            out["route"] = self.route
         return out
 
     @classmethod
@@ -65,4 +69,4 @@ class Event:
         kind = data.get("kind")
         if kind not in KINDS or not isinstance(data.get("message"), str):
             raise ValueError(f"not an intercept event: {data!r}")
-        return cls(kind, data["message"], data.get("replica"), data.get("status"))
+        return cls(kind, data["message"], data.get("replica"), data.get("status"), data.get("route"))

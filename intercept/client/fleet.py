@@ -193,7 +193,7 @@ class Fleet:
             await self._close_all()
         if self._error is not None:
             raise self._error
-        self._report(Event("left", f"{self.options.describe()} go to the cluster again"))
+        self._report(Event("left", f"{self.options.describe()} go to the cluster again", route=self.options.describe()))
 
     def connection(self) -> Any:
         """A live SSH connection to any agent of the set (for outbound dials), or None."""
@@ -374,7 +374,7 @@ class Fleet:
         self._ready = True
         self.became_ready.set()
         line = f"{self.options.describe()} now reach localhost:{self.options.local_port}"
-        self._report(Event("ready", f"{line} ({self._count()})" if self._count_replicas else line))
+        self._report(Event("ready", f"{line} ({self._count()})" if self._count_replicas else line, route=self.options.describe()))
 
     def _nothing_reachable(self) -> bool:
         holders = self._holders.values()

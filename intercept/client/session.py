@@ -19,7 +19,6 @@ from intercept.protocol import CONTROL_SUBSYSTEM, ENCRYPTION_ALGS, FORWARD_HOST,
 from intercept.client.door import LocalDoor
 from intercept.client.transport import Transport
 from intercept.credentials import Credentials
-from intercept.events import Event
 from intercept.errors import (
     AgentUnreachable,
     AuthenticationFailed,

@@ -332,6 +332,20 @@ def list_command(ctx: click.Context, all_namespaces: bool, output: str, **_: Any
         click.echo(("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]).rstrip())
 
 
+@main.command("mcp")
+def mcp_command() -> None:
+    """Serve intercept to coding agents: a Model Context Protocol server on stdio.
+
+    \b
+    Tools: list_services, start_intercept, stop_intercept, status, pod_env, send_request, process_output.
+    """
+    try:
+        from intercept.mcp_server import serve
+    except ImportError as e:
+        _fail(UsageError(f"intercept mcp needs the MCP SDK ({e.name} is missing): pip install 'intercept[mcp]'"))
+    serve()
+
+
 # --------------------------------------------------------------------------- this machine: up, down, status, leave, vscode
 
 

@@ -1,0 +1,87 @@
+"""intercept mcp, driven by the MCP SDK's own client over stdio, as a coding agent drives it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+mcp = pytest.importorskip("mcp")
+from mcp import Client  # noqa: E402
+from mcp.client.stdio import StdioServerParameters  # noqa: E402
+
+from tests.conftest import free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TOOLS = {"list_services", "start_intercept", "stop_intercept", "status", "pod_env", "send_request", "process_output"}
+# the developer's process: a test app named "mcp-dev" on the intercept's port, saying so on stdout
+COMMAND = [
+    sys.executable, "-c",
+    "import os, sys, threading\n"
+    "sys.path.insert(0, os.environ['REPO'])\n"
+    "from tests.apps import App\n"
+    "App('mcp-dev', port=int(os.environ['INTERCEPT_SESSION_PORT']))\n"
+    "print('mcp-dev listening', flush=True)\n"
+    "threading.Event().wait()\n",
+]
+
+
+def server(tmp_path: Path) -> StdioServerParameters:
+    env = {**os.environ, "REPO": str(ROOT), "INTERCEPT_STATE_DIR": str(tmp_path / "state"), "PYTHONUNBUFFERED": "1"}
+    return StdioServerParameters(command=sys.executable, args=["-m", "intercept", "mcp"], env=env, cwd=str(ROOT))
+
+
+def result(reply) -> object:
+    assert not reply.is_error, reply.content
+    if reply.structured_content is not None:
+        content = reply.structured_content
+        return content.get("result", content) if isinstance(content, dict) and set(content) == {"result"} else content
+    return json.loads(reply.content[0].text)
+
+
+def test_an_agent_starts_an_intercept_sees_who_answers_and_stops_it(agent, tmp_path):
+    direct = {"agent": agent.ssh, "credentials": str(agent.credentials)}
+
+    async def session() -> None:
+        async with Client(server(tmp_path)) as client:
+            tools = {tool.name for tool in (await client.list_tools()).tools}
+            assert TOOLS <= tools
+
+            started = result(await client.call_tool("start_intercept", {
+                **direct, "port": free_port(), "headers": ["x-dev=mcp"], "command": COMMAND}))
+            assert started["route"] == "requests with x-dev: mcp" and started["state"] == "running"
+
+            routed = result(await client.call_tool("send_request", {**direct, "path": "/x", "headers": {"x-dev": "mcp"}}))
+            plain = result(await client.call_tool("send_request", {**direct, "path": "/x"}))
+            assert routed["status"] == 200 and ["X-App", "mcp-dev"] in routed["headers"]
+            assert ["X-App", "cluster"] in plain["headers"] and json.loads(plain["body"])["target"] == "/x"
+
+            output = result(await client.call_tool("process_output", {"id": started["id"]}))
+            assert "mcp-dev listening" in output
+
+            status = result(await client.call_tool("status", {}))
+            assert [i["id"] for i in status["started_here"]] == [started["id"]]
+
+            stopped = result(await client.call_tool("stop_intercept", {"id": started["id"]}))
+            assert stopped["exit_status"] == 0
+            after = result(await client.call_tool("send_request", {**direct, "path": "/x", "headers": {"x-dev": "mcp"}}))
+            assert ["X-App", "cluster"] in after["headers"]
+
+    asyncio.run(session())
+
+
+def test_errors_come_back_as_tool_errors_with_the_clis_reason(agent, tmp_path):
+    async def session() -> None:
+        async with Client(server(tmp_path)) as client:
+            missing = await client.call_tool("start_intercept", {"agent": agent.ssh, "credentials": str(tmp_path / "nope.json")})
+            assert missing.is_error and "nope.json" in missing.content[0].text
+            unknown = await client.call_tool("stop_intercept", {"id": "i9"})
+            assert unknown.is_error and "no intercept 'i9'" in unknown.content[0].text
+            bad = await client.call_tool("send_request", {"agent": agent.ssh, "credentials": str(agent.credentials), "path": "x"})
+            assert bad.is_error and "must start with /" in bad.content[0].text
+
+    asyncio.run(session())

@@ -192,3 +192,12 @@ def echo(body: bytes) -> dict:
 
 # The real control plane (e2e/cluster): one per session, for every test module that asks.
 from tests.realcluster import namespace_of, real_cluster  # noqa: E402,F401
+
+
+def tool_result(reply) -> object:
+    """What an MCP tool call returned (its structured content), asserting it did not fail."""
+    assert not reply.is_error, reply.content
+    content = reply.structured_content
+    if content is None:
+        return json.loads(reply.content[0].text)
+    return content["result"] if isinstance(content, dict) and set(content) == {"result"} else content

@@ -14,7 +14,7 @@ mcp = pytest.importorskip("mcp")
 from mcp import Client  # noqa: E402
 from mcp.client.stdio import StdioServerParameters  # noqa: E402
 
-from tests.conftest import free_port  # noqa: E402
+from tests.conftest import free_port, tool_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = {"list_services", "start_intercept", "stop_intercept", "status", "pod_env", "send_request", "process_output"}
@@ -35,14 +35,6 @@ def server(tmp_path: Path) -> StdioServerParameters:
     return StdioServerParameters(command=sys.executable, args=["-m", "intercept", "mcp"], env=env, cwd=str(ROOT))
 
 
-def result(reply) -> object:
-    assert not reply.is_error, reply.content
-    if reply.structured_content is not None:
-        content = reply.structured_content
-        return content.get("result", content) if isinstance(content, dict) and set(content) == {"result"} else content
-    return json.loads(reply.content[0].text)
-
-
 def test_an_agent_starts_an_intercept_sees_who_answers_and_stops_it(agent, tmp_path):
     direct = {"agent": agent.ssh, "credentials": str(agent.credentials)}
 
@@ -51,24 +43,24 @@ def test_an_agent_starts_an_intercept_sees_who_answers_and_stops_it(agent, tmp_p
             tools = {tool.name for tool in (await client.list_tools()).tools}
             assert TOOLS <= tools
 
-            started = result(await client.call_tool("start_intercept", {
+            started = tool_result(await client.call_tool("start_intercept", {
                 **direct, "port": free_port(), "headers": ["x-dev=mcp"], "command": COMMAND}))
             assert started["route"] == "requests with x-dev: mcp" and started["state"] == "running"
 
-            routed = result(await client.call_tool("send_request", {**direct, "path": "/x", "headers": {"x-dev": "mcp"}}))
-            plain = result(await client.call_tool("send_request", {**direct, "path": "/x"}))
+            routed = tool_result(await client.call_tool("send_request", {**direct, "path": "/x", "headers": {"x-dev": "mcp"}}))
+            plain = tool_result(await client.call_tool("send_request", {**direct, "path": "/x"}))
             assert routed["status"] == 200 and ["X-App", "mcp-dev"] in routed["headers"]
             assert ["X-App", "cluster"] in plain["headers"] and json.loads(plain["body"])["target"] == "/x"
 
-            output = result(await client.call_tool("process_output", {"id": started["id"]}))
+            output = tool_result(await client.call_tool("process_output", {"id": started["id"]}))
             assert "mcp-dev listening" in output
 
-            status = result(await client.call_tool("status", {}))
+            status = tool_result(await client.call_tool("status", {}))
             assert [i["id"] for i in status["started_here"]] == [started["id"]]
 
-            stopped = result(await client.call_tool("stop_intercept", {"id": started["id"]}))
+            stopped = tool_result(await client.call_tool("stop_intercept", {"id": started["id"]}))
             assert stopped["exit_status"] == 0
-            after = result(await client.call_tool("send_request", {**direct, "path": "/x", "headers": {"x-dev": "mcp"}}))
+            after = tool_result(await client.call_tool("send_request", {**direct, "path": "/x", "headers": {"x-dev": "mcp"}}))
             assert ["X-App", "cluster"] in after["headers"]
 
     asyncio.run(session())

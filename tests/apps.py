@@ -242,3 +242,28 @@ class Recorder:
                 up.shutdown(socket.SHUT_WR)
             except OSError:
                 pass
+
+
+def read_responses(source: socket.socket | bytes, count: int, methods: list[bytes] | None = None) -> list[tuple[h11.Response, bytes]]:
+    """``count`` responses, read with h11 (an independent parser) from a keep-alive
+    connection, or from the bytes it already gave (``methods``: of the requests, for HEAD)."""
+    h = h11.Connection(h11.CLIENT)
+    if isinstance(source, bytes):
+        h.receive_data(source)
+    out: list[tuple[h11.Response, bytes]] = []
+    for method in methods or [b"GET"] * count:
+        if out:
+            h.start_next_cycle()
+        h.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
+        h.send(h11.EndOfMessage())
+        resp, body = None, b""
+        while not isinstance(event := h.next_event(), h11.EndOfMessage):
+            if event is h11.NEED_DATA:
+                assert not isinstance(source, bytes), f"only {len(out)} of {count} responses in {source!r}"
+                h.receive_data(source.recv(65536))
+            elif isinstance(event, h11.Response):
+                resp = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+        out.append((resp, body))
+    return out

@@ -9,9 +9,9 @@ import shutil
 import socket
 import subprocess
 
-import h11
 import pytest
 
+from tests.apps import read_responses
 from tests.conftest import echo, free_port, start_agent
 
 
@@ -23,30 +23,6 @@ def raw_exchange(port: int, data: bytes, *, read_until_close: bool = True) -> by
         while chunk := s.recv(65536):
             out += chunk
         return out
-
-
-def read_responses(sock: socket.socket, count: int, methods: list[bytes] | None = None) -> list[tuple[h11.Response, bytes]]:
-    """Read ``count`` responses from a keep-alive connection with h11 (an independent parser)."""
-    h = h11.Connection(h11.CLIENT)
-    out = []
-    for i in range(count):
-        method = (methods or [b"GET"] * count)[i]
-        h.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
-        h.send(h11.EndOfMessage())
-        resp, body = None, b""
-        while True:
-            event = h.next_event()
-            if event is h11.NEED_DATA:
-                h.receive_data(sock.recv(65536))
-            elif isinstance(event, h11.Response):
-                resp = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                break
-        out.append((resp, body))
-        h.start_next_cycle()
-    return out
 
 
 def test_request_without_header_reaches_cluster_version(agent):

@@ -19,7 +19,7 @@ from pathlib import Path
 import h11
 import pytest
 
-from tests.apps import App, Recorder
+from tests.apps import App, Recorder, read_responses
 from tests.conftest import Agent, Proc, free_port, start_agent, start_client
 
 pytest.importorskip("uvicorn")
@@ -67,40 +67,7 @@ def stack(request, tmp_path_factory):
 
 
 def read_response(sock: socket.socket, method: bytes = b"GET") -> tuple[h11.Response, bytes]:
-    """One response, read with h11 (an independent parser)."""
-    h = h11.Connection(h11.CLIENT)
-    h.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
-    h.send(h11.EndOfMessage())
-    resp, body = None, b""
-    while True:
-        event = h.next_event()
-        if event is h11.NEED_DATA:
-            h.receive_data(sock.recv(65536))
-        elif isinstance(event, h11.Response):
-            resp = event
-        elif isinstance(event, h11.Data):
-            body += event.data
-        elif isinstance(event, h11.EndOfMessage):
-            return resp, body
-
-
-def read_responses(data: bytes, count: int) -> list[tuple[h11.Response, bytes]]:
-    out = []
-    h = h11.Connection(h11.CLIENT)
-    h.receive_data(data)
-    for _ in range(count):
-        h.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
-        h.send(h11.EndOfMessage())
-        resp, body = None, b""
-        while not isinstance(event := h.next_event(), h11.EndOfMessage):
-            assert event is not h11.NEED_DATA, f"only {len(out)} of {count} responses in {data!r}"
-            if isinstance(event, h11.Response):
-                resp = event
-            elif isinstance(event, h11.Data):
-                body += event.data
-        out.append((resp, body))
-        h.start_next_cycle()
-    return out
+    return read_responses(sock, 1, [method])[0]
 
 
 def send_ignoring_close(sock: socket.socket, data: bytes) -> None:

@@ -101,7 +101,7 @@ async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow
         rules = [HeaderEquals("x-intercept-id", name)]
         emit(Event("header", f"your requests carry x-intercept-id: {name}"))
     options = InterceptOptions(transport=transport, credentials=credentials, route=Route(frozenset(rules)), name=name,
-                               local_port=s.port, all_traffic=s.all and route)
+                               local_port=s.port, all_traffic=s.all and route, ttl=s.ttl if route else None)
     return _Target(options, replicas, namespace)
 
 

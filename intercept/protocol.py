@@ -65,11 +65,13 @@ class ListRoutes:
 
 @dataclass(frozen=True)
 class Register:
-    """Hold a route (all ``rules`` must match; ``all``: every request) for this session."""
+    """Hold a route (all ``rules`` must match; ``all``: every request) for this session;
+    with ``ttl`` (seconds) the agent ends it by itself then, connected or not."""
 
     op: ClassVar[str] = "register"
     rules: list[dict[str, Any]] = field(default_factory=list)
     all: bool = False
+    ttl: float | None = None
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,19 @@ class Resume:
     op: ClassVar[str] = "resume"
 
 
-Request = Hello | Env | ListRoutes | Register | Unregister | Drain | Resume
-_REQUESTS: dict[str, type] = {cls.op: cls for cls in (Hello, Env, ListRoutes, Register, Unregister, Drain, Resume)}
+@dataclass(frozen=True)
+class SetClusterRoutes:
+    """The sandboxes' routes of this workload (an :class:`intercept.routing.cluster.RoutesDocument`
+    as JSON), pushed so they take effect before the mounted file catches up."""
+
+    op: ClassVar[str] = "cluster-routes"
+    document: dict[str, Any] = field(default_factory=dict)
+
+
+Request = Hello | Env | ListRoutes | Register | Unregister | Drain | Resume | SetClusterRoutes
+_REQUESTS: dict[str, type] = {
+    cls.op: cls for cls in (Hello, Env, ListRoutes, Register, Unregister, Drain, Resume, SetClusterRoutes)
+}
 
 
 def encode(request: Request) -> bytes:
@@ -114,6 +127,11 @@ def decode(line: bytes) -> Request:
         raise BadRequest(f"malformed {op} request: {e}") from None
     if isinstance(request, Register) and not (isinstance(request.rules, list) and isinstance(request.all, bool)):
         raise BadRequest("malformed register request: rules must be a list and all a boolean")
+    if isinstance(request, Register) and request.ttl is not None and (
+            not isinstance(request.ttl, int | float) or isinstance(request.ttl, bool)):
+        raise BadRequest("malformed register request: ttl must be a number of seconds")
+    if isinstance(request, SetClusterRoutes) and not isinstance(request.document, dict):
+        raise BadRequest("malformed cluster-routes request: document must be an object")
     if isinstance(request, Unregister) and (not isinstance(request.id, int) or isinstance(request.id, bool)):
         raise BadRequest("malformed unregister request: id must be a number")
     return request

@@ -188,6 +188,34 @@ def _seconds(value: object) -> float:
     raise _Invalid(f"not a number of seconds; write a positive number, e.g. {_EG}")
 
 
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``30m``, ``2h``, ``1d12h``, or a number of seconds; raises ValueError."""
+    text = text.strip()
+    if text.replace(".", "", 1).isdigit():
+        seconds = float(text)
+    else:
+        m = _DURATION.fullmatch(text)
+        if not text or m is None:
+            raise ValueError(text)
+        d, h, mi, se = (int(g or 0) for g in m.groups())
+        seconds = float(((d * 24 + h) * 60 + mi) * 60 + se)
+    if seconds <= 0:
+        raise ValueError(text)
+    return seconds
+
+
+def _duration(value: object) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    try:
+        return parse_duration(_string(value))
+    except ValueError:
+        raise _Invalid(f"not a duration; write e.g. {_EG} (90s, 30m, 2h, 1d12h, or seconds)") from None
+
+
 def _address(value: object) -> str:
     text = _text(value)
     host, sep, port = text.rpartition(":")
@@ -391,6 +419,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("timeout", "--timeout", "seconds", 300.0,
            "How long the agent's rollout may take when it is injected (then the originals are put back).",
            120, _seconds, verbatim=False),
+    Option("ttl", "--ttl", "duration", None,
+           "End the route by itself after this long, even if this machine is gone (the agent enforces it).",
+           "2h", _duration, default_doc="none: the route lasts until you leave"),
     Option("agent_image", "--agent-image", "image", DEFAULT_AGENT_IMAGE,
            "The agent image to inject (build it with `agent_image/Dockerfile`; the cluster must be able to pull it).",
            "registry.example.com/intercept-agent:0.1.0", _text, top_level=True),
@@ -498,6 +529,7 @@ class InterceptSpec:
     no_outbound: bool = False
     no_policy_changes: bool = False
     timeout: float = 300.0
+    ttl: float | None = None
     agent_image: str = DEFAULT_AGENT_IMAGE
     directory: Path = Path(".")
     origins: Mapping[str, Origin] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,13 @@ from intercept import __version__, credentials
 from intercept.agent import sshd
 from intercept.agent.h2proxy import Hub
 from intercept.agent.proxy import ClientConnection, Link, RouteGone, TCPLink, Unavailable, UpstreamPool
-from intercept.errors import UsageError
+from intercept.errors import InterceptError, RouteConflict, UsageError
+from intercept.routing.cluster import SESSION_PREFIX, RoutesDocument
 from intercept.routing.match import RegisteredRoute, Route, RouteTable
 
 log = logging.getLogger(__name__)
+
+ROUTES_POLL = 1.0  # seconds between looks at the routes file and at expiries
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class AgentConfig:
     allow_outbound: bool = False
     shutdown_grace: float = 0.0  # seconds to keep serving after SIGTERM
     header_timeout: float = 60.0  # a connection waiting longer for a request head is closed
+    routes_file: Path | None = None  # the sandboxes' routes (the mounted ConfigMap's routes.json)
 
 
 class Agent:
@@ -48,6 +53,9 @@ class Agent:
         self.sessions: dict[str, sshd.DeveloperSession] = {}
         self._http: asyncio.Server | None = None
         self._ssh: asyncssh.SSHAcceptor | None = None
+        self.cluster_routes = RoutesDocument(0.0)
+        self._routes_follower: asyncio.Task[None] | None = None
+        self._last_busy = time.monotonic()  # when a session or a route last went away
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -57,6 +65,7 @@ class Agent:
         host, port = self.config.listen
         self._http = await loop.create_server(lambda: ClientConnection(self), host, port, backlog=1024, reuse_address=True)
         self._sweeper = loop.create_task(self._expire_waiting())
+        self._routes_follower = loop.create_task(self._follow_routes_file())
         log.info("agent %s: http %s, ssh %s, upstream %s", __version__, self.http_address, self.ssh_address, self.config.upstream)
 
     @property
@@ -78,8 +87,9 @@ class Agent:
                 connection.expire(now, timeout)
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in (self._sweeper, self._routes_follower):
+            if task is not None:
+                task.cancel()
         if self._ssh is not None:
             self._ssh.close()
         for session in list(self.sessions.values()):
@@ -102,6 +112,8 @@ class Agent:
             "upstream": f"{host}:{port}",
             "hold_timeout": self.config.hold_timeout,
             "outbound": self.config.allow_outbound,
+            # for intercept gc: how long nobody has used this agent (0 while a session or a route exists)
+            "idle_seconds": 0.0 if self.sessions or len(self.routes) else round(time.monotonic() - self._last_busy, 1),
         }
 
     # -- sessions and routes -------------------------------------------------------------
@@ -112,17 +124,23 @@ class Agent:
 
     def session_closed(self, session: sshd.DeveloperSession, exc: Exception | None) -> None:
         self.sessions.pop(session.id, None)
+        self._last_busy = time.monotonic()
         for route in self.routes.remove_session(session.id):
             log.info("dropped route %s of %s (%s)", route.route.describe(), session.name, exc or "connection closed")
         self.h2.session_closed(session.id, session.name)
 
-    def register(self, session: sshd.DeveloperSession, rules: list[dict[str, Any]], all_traffic: bool) -> RegisteredRoute:
+    def register(self, session: sshd.DeveloperSession, rules: list[dict[str, Any]], all_traffic: bool,
+                 ttl: float | None = None) -> RegisteredRoute:
+        """Hold a developer's route for ``session``; with ``ttl`` (seconds) it ends by itself then."""
         if not session.forwarding:
             raise UsageError(f"request tcpip-forward on {sshd.FORWARD_HOST}:{sshd.FORWARD_PORT} before registering a route")
         route = Route.from_json(rules)
         if not route.rules and not all_traffic:
             raise UsageError("a route without rules takes all traffic; register it with all=true (--all)")
-        registered = self.routes.add(session.id, session.name, route)
+        if ttl is not None and not ttl > 0:
+            raise UsageError(f"ttl {ttl!r}: it must be a positive number of seconds")
+        expires = time.time() + ttl if ttl is not None else None
+        registered = self.routes.add(session.id, session.name, route, expires=expires)
         log.info("route %s registered by %s", route.describe(), session.name)
         self.h2.routes_changed()
         return registered
@@ -147,7 +165,11 @@ class Agent:
         return link
 
     async def open_developer(self, route: RegisteredRoute, owner: ClientConnection) -> Link:
-        """A channel to the developer of ``route``; held up to the hold timeout while their process does not accept."""
+        """A channel to the developer of ``route``; held up to the hold timeout while their process does not accept.
+
+        A sandbox's route goes to its cluster destination instead (:meth:`_open_fork`)."""
+        if route.destination is not None:
+            return await self._open_fork(route, owner)
         loop = asyncio.get_running_loop()
         hold = self.config.hold_timeout
         deadline = loop.time() + hold
@@ -169,6 +191,80 @@ class Agent:
                 raise Unavailable(f"intercept of {route.holder} failed: {reason} (held {hold:g}s)")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
+
+
+    async def _open_fork(self, route: RegisteredRoute, owner: ClientConnection) -> Link:
+        """A TCP connection to a sandbox's fork; held up to the hold timeout while it does not accept."""
+        loop = asyncio.get_running_loop()
+        hold = self.config.hold_timeout
+        deadline = loop.time() + hold
+        host, port = route.destination
+        delay = 0.02
+        while True:
+            if not self.routes.holds(route):
+                raise RouteGone()
+            try:
+                _, link = await loop.create_connection(lambda: TCPLink(owner), host, port)
+                return link
+            except OSError as e:
+                reason = e.strerror or str(e)
+            if loop.time() + delay > deadline:
+                raise Unavailable(f"{route.holder} failed: its fork {host}:{port} is unreachable: {reason} (held {hold:g}s)")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+
+    # -- routes to the cluster (sandboxes) ---------------------------------------------------
+
+    def apply_routes(self, document: RoutesDocument) -> dict[str, list[str]]:
+        """Hold the cluster routes of ``document`` (unless a newer one was applied): sandboxes
+        no longer listed lose their routes; a route that conflicts with another holder's is
+        refused, saying why. Returns the sandboxes ``applied`` and the ``refused`` reasons."""
+        if document.updated < self.cluster_routes.updated:
+            return {"applied": [], "refused": [], "stale": [f"a newer routes document ({self.cluster_routes.updated}) is in place"]}
+        self.cluster_routes = document
+        wanted = {(r.session_id, r.route) for r in document.routes}
+        for session_id in [s for s in self.routes.sessions() if s.startswith(SESSION_PREFIX)]:
+            for registered in self.routes.routes_of(session_id):
+                if (session_id, registered.route) not in wanted:
+                    self.routes.remove(registered.id)
+                    log.info("route %s of %s removed", registered.route.describe(), registered.holder)
+        applied, refused = set(), []
+        now = time.time()
+        for route in document.routes:
+            if route.expires <= now:
+                continue
+            try:
+                self.routes.add(route.session_id, route.holder, route.route, destination=route.destination, expires=route.expires)
+                applied.add(route.sandbox)
+            except RouteConflict as e:
+                refused.append(f"{route.holder}: {e}")
+                log.warning("%s", refused[-1])
+        self.h2.routes_changed()
+        return {"applied": sorted(applied), "refused": refused}
+
+    async def _follow_routes_file(self) -> None:
+        """Read the mounted routes file again whenever it changes (a ConfigMap volume swaps a
+        symlink, so its resolved path's stat is compared), and drop routes whose time is up."""
+        path = self.config.routes_file
+        seen: tuple[str, float, int] | None = None
+        while True:
+            for expired in self.routes.remove_expired(time.time()):
+                log.info("route %s of %s expired", expired.route.describe(), expired.holder)
+                self._last_busy = time.monotonic()
+            if path is not None:
+                try:
+                    real = os.path.realpath(path)
+                    stat = os.stat(real)
+                    current = (real, stat.st_mtime, stat.st_size)
+                except OSError:
+                    current = None
+                if current is not None and current != seen:
+                    seen = current
+                    try:
+                        self.apply_routes(RoutesDocument.from_text(Path(real).read_text()))
+                    except (OSError, InterceptError) as e:
+                        log.warning("routes file %s: %s; keeping the routes held", path, e)
+            await asyncio.sleep(ROUTES_POLL)
 
 
 def run(config: AgentConfig, ready: Any = None) -> None:

@@ -27,6 +27,7 @@ import asyncssh
 
 from intercept import protocol
 from intercept.errors import InterceptError, RouteConflict
+from intercept.routing.cluster import RoutesDocument
 from intercept.protocol import (
     CONTROL_SUBSYSTEM,
     ENCRYPTION_ALGS,
@@ -227,9 +228,11 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
                     return {"ok": True, "env": agent.pod_environment()}
                 case protocol.ListRoutes():
                     return {"ok": True, "routes": agent.routes.snapshot()}
-                case protocol.Register(rules=rules, all=everything):
-                    route = agent.register(session, rules, everything)
+                case protocol.Register(rules=rules, all=everything, ttl=ttl):
+                    route = agent.register(session, rules, everything, ttl)
                     return {"ok": True, "id": route.id, "description": route.route.describe()}
+                case protocol.SetClusterRoutes(document=document):
+                    return {"ok": True, **agent.apply_routes(RoutesDocument.from_json(document))}
                 case protocol.Drain() | protocol.Resume():
                     return {"ok": True, "busy": session.drain(isinstance(request, protocol.Drain))}
                 case protocol.Unregister(id=route_id):

@@ -40,6 +40,7 @@ class InterceptOptions:
     local_port: int
     local_host: str = "127.0.0.1"
     all_traffic: bool = False
+    ttl: float | None = None  # seconds after which the agents end the route by themselves
 
     def describe(self) -> str:
         return f"requests with {self.route.describe()}" if self.route.rules else "all requests"
@@ -103,7 +104,7 @@ class AgentSession:
         where = opts.transport.describe()
         try:
             await self.conn.create_server(self.door.accept, FORWARD_HOST, FORWARD_PORT)
-            reply = await self.request(protocol.Register(opts.route.to_json(), opts.all_traffic))
+            reply = await self.request(protocol.Register(opts.route.to_json(), opts.all_traffic, opts.ttl))
         except (asyncssh.Error, OSError) as e:
             self.conn.close()
             raise AgentUnreachable(f"agent {where}: connection lost while registering: {e}") from None

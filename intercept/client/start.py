@@ -92,6 +92,14 @@ async def start(
     reloading: asyncio.Future[None] | None = None
     intercepting: asyncio.Future[None] | None = None
     listeners: list[OutboundProxy | TCPForward] = []
+    expiry: asyncio.TimerHandle | None = None
+    if options.ttl is not None:  # the agents end the route then, connected or not; so do we
+
+        def time_is_up() -> None:
+            report(Event("warning", f"the route's time to live ({options.ttl:g}s) is up; leaving"))
+            stop.set()
+
+        expiry = loop.call_later(options.ttl, time_is_up)
     try:
         intercepting = asyncio.ensure_future(fleet.run(replicas, stop))
         if command.argv:
@@ -146,6 +154,8 @@ async def start(
         return 0
     finally:
         stop.set()
+        if expiry is not None:
+            expiry.cancel()
         if reloading is not None:
             reloading.cancel()
         await asyncio.gather(*(t for t in (reloading, intercepting) if t is not None), return_exceptions=True)

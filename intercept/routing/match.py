@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import quote, unquote
@@ -487,12 +488,19 @@ def _baggage_value(values: list[bytes], key: bytes) -> str | None:
 
 @dataclass
 class RegisteredRoute:
-    """A route as held by one session of one developer (``holder``)."""
+    """A route as held by one session of one developer (``holder``), or by a sandbox.
+
+    ``destination`` is ``None`` for a developer's route (the session's channel), else the
+    cluster address that matching requests go to. ``expires`` (Unix time) ends the route
+    by itself: an expired route no longer matches.
+    """
 
     id: int
     session_id: str
     holder: str
     route: Route
+    destination: tuple[str, int] | None = None
+    expires: float | None = None
 
 
 def _alternative(route: Route) -> str:
@@ -533,7 +541,8 @@ class RouteTable:
         self._routes: tuple[RegisteredRoute, ...] = ()
         self._next_id = 1
 
-    def add(self, session_id: str, holder: str, route: Route) -> RegisteredRoute:
+    def add(self, session_id: str, holder: str, route: Route, *, destination: tuple[str, int] | None = None,
+            expires: float | None = None) -> RegisteredRoute:
         """Register ``route`` for ``session_id``; idempotent for the same session.
 
         A session may hold several routes. Raises :class:`RouteConflict` (with
@@ -543,6 +552,7 @@ class RouteTable:
         """
         for other in self._routes:
             if other.session_id == session_id and other.route == route:
+                other.destination, other.expires = destination, expires
                 return other
         for other in self._routes:
             if other.session_id == session_id:
@@ -567,7 +577,7 @@ class RouteTable:
                     f"{_alternative(route)}, or ask {other.holder} to leave",
                     holder=other.holder,
                 )
-        registered = RegisteredRoute(self._next_id, session_id, holder, route)
+        registered = RegisteredRoute(self._next_id, session_id, holder, route, destination, expires)
         self._next_id += 1
         self._routes = (*self._routes, registered)
         return registered
@@ -584,11 +594,31 @@ class RouteTable:
         return removed
 
     def match(self, method: bytes, target: bytes, headers: Headers) -> RegisteredRoute | None:
-        """The first registered route matching the request, or None (to the app)."""
+        """The first registered route matching the request, or None (to the app); an
+        expired route does not match (the clock is read only when one with an expiry does)."""
         for registered in self._routes:
             if registered.route.matches(method, target, headers):
+                if registered.expires is not None and registered.expires <= time.time():
+                    continue
                 return registered
         return None
+
+    def remove_expired(self, now: float) -> list[RegisteredRoute]:
+        """Drop the routes whose time is up; returns them."""
+        expired = [r for r in self._routes if r.expires is not None and r.expires <= now]
+        if expired:
+            self._routes = tuple(r for r in self._routes if r not in expired)
+        return expired
+
+    def holds(self, registered: RegisteredRoute) -> bool:
+        """Whether ``registered`` (that very registration) is still in the table."""
+        return any(r is registered for r in self._routes)
+
+    def routes_of(self, session_id: str) -> list[RegisteredRoute]:
+        return [r for r in self._routes if r.session_id == session_id]
+
+    def sessions(self) -> set[str]:
+        return {r.session_id for r in self._routes}
 
     def __len__(self) -> int:
         return len(self._routes)
@@ -602,6 +632,8 @@ class RouteTable:
                 "session": r.session_id,
                 "rules": r.route.to_json(),
                 "description": r.route.describe(),
+                **({"destination": f"{r.destination[0]}:{r.destination[1]}"} if r.destination else {}),
+                **({"expires": r.expires} if r.expires is not None else {}),
             }
             for r in self._routes
         ]

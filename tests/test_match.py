@@ -15,6 +15,8 @@ from intercept.routing.match import (
     RegisteredRoute,
     Route,
     RouteTable,
+    field_members,
+    normalize_path,
     parse_baggage,
     parse_rule,
 )
@@ -68,9 +70,32 @@ def test_header_equals_matches_comma_joined_lines():
     assert not hit(parse_rule("header", "x-dev=a, b"), [(b"x-dev", b"a"), (b"x-other", b"b")])
 
 
-def test_header_equals_single_line_with_comma_compares_exactly():
+def test_header_equals_one_line_list_and_repeated_lines_are_the_same_field():
+    rule = parse_rule("header", "x-dev=alice")
+    one_line, two_lines = [(b"x-dev", b"alice, bob")], [(b"x-dev", b"alice"), (b"x-dev", b"bob")]
+    assert hit(rule, one_line) and hit(rule, two_lines)
+    assert hit(rule, [(b"x-dev", b"bob,alice")]) and hit(rule, [(b"x-dev", b"bob"), (b"x-dev", b"alice")])
     assert hit(parse_rule("header", "x-dev=a, b"), [(b"x-dev", b"a, b")])
-    assert not hit(parse_rule("header", "x-dev=a"), [(b"x-dev", b"a, b")])
+    assert hit(parse_rule("header", "x-dev=a,b"), [(b"x-dev", b"a ,b")])
+    assert not hit(parse_rule("header", "x-dev=a, b"), [(b"x-dev", b"a, b, c")])
+    assert not hit(rule, [(b"x-dev", b"alice2, bob")])
+    assert not hit(rule, [(b"x-dev", b"malice, bob")])
+
+
+def test_header_list_members_ignore_empty_ones_and_commas_in_quotes():
+    assert field_members([b"a,,b ,\t c"]) == [b"a", b"b", b"c"]
+    assert field_members([b'"x,y", z']) == [b'"x,y"', b"z"]
+    assert field_members([rb'"x\\",y']) == [rb'"x\\"', b"y"]  # an escaped backslash, then the closing quote
+    assert field_members([rb'"x\",y']) == [rb'"x\",y']  # an escaped quote: the string goes on
+    assert field_members([b'"open, never closed']) == [b'"open, never closed']
+    assert field_members([b"", b" , "]) == []
+    assert hit(parse_rule("header", 'x-dev="a,b"'), [(b"x-dev", b'"a,b", c')])
+    assert not hit(parse_rule("header", "x-dev=a"), [(b"x-dev", b'"a,b"')])
+
+
+def test_header_value_of_only_commas_is_refused():
+    with pytest.raises(UsageError, match="no list member"):
+        parse_rule("header", "x-dev=,")
 
 
 def test_header_value_with_equals_sign_keeps_everything_after_the_first():
@@ -106,6 +131,28 @@ def test_header_regex_tries_the_comma_joined_value():
     rule = parse_rule("header-regex", "x-dev=a, b")
     assert hit(rule, [(b"x-dev", b"a"), (b"x-dev", b"b")])
     assert not hit(rule, [(b"x-dev", b"a")])
+
+
+def test_header_regex_matches_a_member_whether_on_one_line_or_several():
+    rule = parse_rule("header-regex", "x-dev=al.*")
+    assert hit(rule, [(b"x-dev", b"bob, alex")])
+    assert hit(rule, [(b"x-dev", b"bob"), (b"x-dev", b"alex")])
+    assert not hit(rule, [(b"x-dev", b"bob, carl")])
+    whole = parse_rule("header-regex", "x-dev=a, b")
+    assert hit(whole, [(b"x-dev", b"a,b")]) and hit(whole, [(b"x-dev", b"a"), (b"x-dev", b"b")])
+
+
+def test_header_regex_needing_backtracking_is_refused_saying_why():
+    for pattern in (r"(a)\1", "a(?=b)", "(?<!x)a", "((a{100}){100}){100}"):
+        with pytest.raises(UsageError, match="cannot run in linear time"):
+            parse_rule("header-regex", f"x-dev={pattern}")
+
+
+def test_header_regex_that_backtracks_in_python_runs_in_linear_time():
+    # (a+)+b against a long run of a's: Python's re takes exponential time; RE2 answers at once
+    rule = parse_rule("header-regex", "x-dev=(a+)+b")
+    assert not hit(rule, [(b"x-dev", b"a" * 50_000 + b"c")])
+    assert hit(rule, [(b"x-dev", b"aaab")])
 
 
 def test_header_regex_names_are_case_insensitive():
@@ -175,10 +222,48 @@ def test_path_prefix_never_matches_asterisk_or_authority_form():
     assert not hit(rule, target=b"")
 
 
-def test_path_prefix_compares_the_raw_percent_encoded_path():
+def test_path_prefix_compares_the_percent_encoded_path():
     rule = parse_rule("path-prefix", "/caf%C3%A9")
     assert hit(rule, target=b"/caf%C3%A9/menu")
+    assert hit(rule, target=b"/caf%c3%a9/menu")  # hex case does not matter
     assert not hit(rule, target="/café".encode())
+
+
+@pytest.mark.parametrize("raw, normalized", [
+    (b"/api/../secret", b"/secret"),
+    (b"/api/./x", b"/api/x"),
+    (b"/a/b/..", b"/a/"),
+    (b"/a/b/.", b"/a/b/"),
+    (b"/../../etc", b"/etc"),
+    (b"/..", b"/"),
+    (b"/%61pi/x", b"/api/x"),
+    (b"/api/%2e%2E/secret", b"/secret"),
+    (b"/a%2fb", b"/a%2Fb"),
+    (b"/a%7E%5F%2D%2E", b"/a~_-."),
+    (b"/100%", b"/100%"),
+    (b"/%zz", b"/%zz"),
+    (b"//a/./b", b"//a/b"),
+    (b"/a.b/.c/..d", b"/a.b/.c/..d"),
+])
+def test_paths_are_normalized_as_rfc_3986_says(raw, normalized):
+    assert normalize_path(raw) == normalized
+
+
+def test_path_prefix_matches_the_normalized_path():
+    rule = parse_rule("path-prefix", "/api")
+    assert not hit(rule, target=b"/api/../secret")
+    assert not hit(rule, target=b"/api/%2e%2e/secret?x=/api")
+    assert hit(rule, target=b"/%61pi/x")
+    assert hit(rule, target=b"/x/../api/y?z=1")
+    assert hit(rule, target=b"http://h/%61pi/x?q=/..")
+    assert not hit(rule, target=b"http://h/api/../x")
+    assert hit(parse_rule("path-prefix", "/%61pi"), target=b"/api")  # the prefix is normalized too
+
+
+def test_path_prefix_with_a_dot_segment_is_refused_with_the_fix():
+    with pytest.raises(UsageError) as caught:
+        parse_rule("path-prefix", "/api/../v2")
+    assert "dot segment" in str(caught.value) and "--path-prefix /v2" in str(caught.value)
 
 
 # --- baggage -----------------------------------------------------------------------

@@ -285,3 +285,34 @@ def test_developer_process_closing_connections_never_hangs_a_request(agent, loca
         assert resp.status == 200 and resp.getheader("X-App") == "local", path
         resp.read()
     conn.close()
+
+
+def _raw_exchange(port: int, request: bytes) -> tuple[str, dict]:
+    """One request written byte for byte on a fresh socket: (who answered, the echo)."""
+    from tests.apps import read_responses
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(request)
+        ((resp, body),) = read_responses(s, 1)
+    headers = {k.decode().lower(): v.decode() for k, v in resp.headers}
+    return headers["x-app"], echo(body)
+
+
+def test_a_list_on_one_line_and_repeated_lines_route_alike(agent, local_app, clients):
+    clients.append(start_client(agent, local_app.port, "--header", "x-dev=abby", "--name", "abby"))
+    port = agent.http_port
+    one_line = b"GET /one HTTP/1.1\r\nHost: a\r\nx-dev: bob, abby\r\n\r\n"
+    two_lines = b"GET /two HTTP/1.1\r\nHost: a\r\nx-dev: bob\r\nx-dev: abby\r\n\r\n"
+    neither = b"GET /neither HTTP/1.1\r\nHost: a\r\nx-dev: bob,carl\r\n\r\n"
+    assert _raw_exchange(port, one_line)[0] == "local"
+    assert _raw_exchange(port, two_lines)[0] == "local"
+    assert _raw_exchange(port, neither)[0] == "cluster"
+
+
+def test_path_prefix_routes_on_the_normalized_path_and_forwards_the_raw_one(agent, local_app, clients):
+    clients.append(start_client(agent, local_app.port, "--path-prefix", "/api", "--header", "x-dev=beth", "--name", "beth"))
+    port = agent.http_port
+    app, seen = _raw_exchange(port, b"GET /api/../secret HTTP/1.1\r\nHost: a\r\nx-dev: beth\r\n\r\n")
+    assert (app, seen["target"]) == ("cluster", "/api/../secret")
+    app, seen = _raw_exchange(port, b"GET /%61pi/x HTTP/1.1\r\nHost: a\r\nx-dev: beth\r\n\r\n")
+    assert (app, seen["target"]) == ("local", "/%61pi/x")

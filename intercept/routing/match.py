@@ -14,21 +14,29 @@ The request view, as the agent's HTTP layer produces it:
 
 Rules (all rules of a route must match; a route without rules takes all traffic):
 
-- :class:`HeaderEquals` (``--header NAME=VALUE``): a field line named NAME has exactly
-  VALUE (case-sensitive), or the values of all NAME lines, comma-joined, equal VALUE.
-- :class:`HeaderRegex` (``--header-regex NAME=REGEX``): REGEX *fully* matches a NAME
-  value (or the comma-joined values), so ``x-dev=alice`` does not match ``alice2``
-  unless written ``alice.*``.
+- :class:`HeaderEquals` (``--header NAME=VALUE``): a member of the NAME field is exactly
+  VALUE (case-sensitive), or, for a VALUE with commas, the whole field is.
+- :class:`HeaderRegex` (``--header-regex NAME=REGEX``): REGEX *fully* matches a member of
+  the NAME field, or the whole field, so ``x-dev=alice`` does not match ``alice2``
+  unless written ``alice.*``. REGEX runs on RE2 (linear time, whatever the input).
 - :class:`Baggage` (``--baggage KEY=VALUE``): the W3C baggage (all ``baggage`` lines
   together) has a member KEY whose percent-decoded value is VALUE; the first member
   with that key counts.
-- :class:`PathPrefix` (``--path-prefix /PREFIX``): the raw path of the target (query
-  excluded; no decoding, no dot-segment removal) starts with PREFIX, as a plain string:
+- :class:`PathPrefix` (``--path-prefix /PREFIX``): the normalized path of the target
+  (query excluded; see :func:`normalize_path`) starts with PREFIX, as a plain string:
   ``/api`` also matches ``/apiv2``, like Telepresence's ``--http-path-prefix``.
+
+A field is a list (RFC 9110 section 5.3): ``x-dev: alice, bob`` on one line and two
+lines ``x-dev: alice`` and ``x-dev: bob`` are the same field, and every rule treats them
+alike, so a proxy that merges repeated lines (or splits them) never changes who gets a
+request. Its *members* are the comma-separated elements of all its lines in wire order
+(commas inside a quoted string do not separate; whitespace around a member is dropped,
+empty members are ignored); its *whole value* is the members joined with ``", "``.
 
 Hot path: every rule precomputes its bytes (and compiled regex) at construction, and
 matching compares bytes without decoding or copying the request, except where a rule
-needs a joined or decoded value (several lines of one header; baggage).
+needs a list split, a joined or decoded value (a line with a comma; baggage) or a
+path that holds ``%`` or a dot segment.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from urllib.parse import quote, unquote
+
+import re2
 
 from intercept.errors import RouteConflict, UsageError
 
@@ -51,6 +61,8 @@ __all__ = [
     "Route",
     "RouteTable",
     "Rule",
+    "field_members",
+    "normalize_path",
     "parse_baggage",
     "parse_rule",
 ]
@@ -82,13 +94,48 @@ def _check_token(flag: str, text: str, what: str, name: str, example: str) -> No
         )
 
 
+def field_members(values: list[bytes]) -> list[bytes]:
+    """The members of a list field whose lines are ``values`` (wire order).
+
+    Commas separate members except inside a quoted string (``"a,b"``, with ``\\``
+    escapes); spaces and tabs around a member are dropped and empty members ignored
+    (RFC 9110 section 5.6.1), so ``[b"a, b"]``, ``[b"a", b"b"]`` and ``[b"a,,b "]``
+    all give ``[b"a", b"b"]``. Never raises: an unterminated quote runs to the line's end.
+    """
+    members: list[bytes] = []
+    for value in values:
+        if b'"' not in value:
+            parts = value.split(b",")
+        else:
+            parts, start, quoted, i, n = [], 0, False, 0, len(value)
+            while i < n:
+                c = value[i]
+                if quoted and c == 0x5C:  # backslash: the next byte is escaped
+                    i += 1
+                elif c == 0x22:
+                    quoted = not quoted
+                elif c == 0x2C and not quoted:
+                    parts.append(value[start:i])
+                    start = i + 1
+                i += 1
+            parts.append(value[start:])
+        for part in parts:
+            part = part.strip(_OWS)
+            if part:
+                members.append(part)
+    return members
+
+
 @dataclass(frozen=True, slots=True)
 class HeaderEquals:
-    """``--header NAME=VALUE``: the header NAME has exactly VALUE.
+    """``--header NAME=VALUE``: a member of the field NAME is exactly VALUE.
 
     The name is case-insensitive (stored lowercased); the value is compared exactly,
-    case-sensitive, as UTF-8 bytes. Matches if ANY field line named NAME has VALUE, or
-    if the values of all NAME lines, joined with ``", "`` or ``","``, equal VALUE.
+    case-sensitive, as UTF-8 bytes. The field's members (see :func:`field_members`)
+    are those of all NAME lines together, so ``x-dev: alice, bob`` on one line matches
+    ``x-dev=alice`` exactly as two lines ``x-dev: alice`` and ``x-dev: bob`` do. A VALUE
+    with a comma is itself a list: it matches when the whole field has exactly its
+    members, in order (``x-dev=a,b`` matches ``a, b`` on one line or on two).
     """
 
     name: str
@@ -96,33 +143,41 @@ class HeaderEquals:
     kind: ClassVar[str] = "header"
     _name: bytes = field(init=False, repr=False, compare=False)
     _value: bytes = field(init=False, repr=False, compare=False)
-    _joinable: bool = field(init=False, repr=False, compare=False)
+    _members: list[bytes] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         flag, text = "--header", f"{self.name}={self.value}"
         _check_token(flag, text, "header name", self.name, "x-dev=alice")
         _check_header_value(flag, text, self.name, self.value)
         name = self.name.lower()
+        value = self.value.encode("utf-8")
+        members = field_members([value])
+        if not members:
+            raise UsageError(
+                f"{_arg(flag, text)}: the value {self.value!r} has no list member (only commas); "
+                f"write NAME=VALUE, e.g. {flag} {name}=alice"
+            )
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "_name", name.encode("ascii"))
-        object.__setattr__(self, "_value", self.value.encode("utf-8"))
-        object.__setattr__(self, "_joinable", "," in self.value)
+        object.__setattr__(self, "_value", value)
+        # a one-member VALUE (the usual case) compares with a member; else with the whole field
+        object.__setattr__(self, "_members", None if len(members) == 1 else members)
+        if len(members) == 1:
+            object.__setattr__(self, "_value", members[0])
 
     def matches(self, method: bytes, target: bytes, headers: Headers) -> bool:
-        name, value, joinable = self._name, self._value, self._joinable
-        seen: list[bytes] | None = None
-        for n, v in headers:
-            if n == name:
-                if v == value:
-                    return True
-                if joinable:  # only a value with a comma can equal a joined one
-                    if seen is None:
-                        seen = [v]
-                    else:
-                        seen.append(v)
-        if seen is not None and len(seen) > 1:
-            return b", ".join(seen) == value or b",".join(seen) == value
-        return False
+        name, value, whole = self._name, self._value, self._members
+        if whole is None:
+            for n, v in headers:
+                if n == name:
+                    if v == value:
+                        return True
+                    # only a line holding the value and a comma can have it as one member
+                    if b"," in v and value in v and value in field_members([v]):
+                        return True
+            return False
+        lines = [v for n, v in headers if n == name]
+        return bool(lines) and field_members(lines) == whole
 
     def describe(self) -> str:
         return f"{self.name}: {self.value}"
@@ -134,24 +189,36 @@ class HeaderEquals:
         return (0, self.name, self.value)
 
 
+def _re2_options(utf8: bool) -> Any:
+    options = re2.Options()
+    options.log_errors = False  # the error is raised, with the fix; not printed by the library too
+    options.encoding = re2.Options.Encoding.UTF8 if utf8 else re2.Options.Encoding.LATIN1
+    return options
+
+
 @dataclass(frozen=True, slots=True)
 class HeaderRegex:
-    """``--header-regex NAME=REGEX``: REGEX fully matches a value of header NAME.
+    """``--header-regex NAME=REGEX``: REGEX fully matches a member of the field NAME, or its whole value.
 
-    Full match (``re.fullmatch``): ``alice`` does not match ``alice2``; write
-    ``alice.*`` for that. Tried against each NAME field line, then against the values of
-    all NAME lines joined with ``", "``. An ASCII pattern is matched against the raw
-    bytes; a non-ASCII pattern against the value decoded as UTF-8. The pattern runs on
-    every request that carries the header: keep it simple (Python's ``re`` has no
-    time limit).
+    Full match: ``alice`` does not match ``alice2``; write ``alice.*`` for that. Tried
+    against each member of the field (all NAME lines together, see :func:`field_members`),
+    then against the whole value (the members joined with ``", "``), so one line
+    ``alice, bob`` and two lines ``alice`` and ``bob`` match alike.
+
+    The pattern runs on every request that carries the header, so it runs on RE2, whose
+    matching takes time linear in the value whatever the pattern: a pattern cannot be
+    made to backtrack without bound (``(a+)+b`` against a long line of ``a``). RE2's
+    syntax is Python's without what needs backtracking: a backreference or a lookaround
+    is refused with a :class:`UsageError` saying so. An ASCII pattern matches bytes
+    (``.`` is one byte); a non-ASCII one matches UTF-8 characters (invalid UTF-8 in a
+    value never matches a character class).
     """
 
     name: str
     pattern: str
     kind: ClassVar[str] = "header-regex"
     _name: bytes = field(init=False, repr=False, compare=False)
-    _regex: re.Pattern[Any] = field(init=False, repr=False, compare=False)
-    _text: bool = field(init=False, repr=False, compare=False)
+    _regex: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         flag, text = "--header-regex", f"{self.name}={self.pattern}"
@@ -161,38 +228,50 @@ class HeaderRegex:
                 f"{_arg(flag, text)}: the pattern is empty; "
                 f"write NAME=REGEX, e.g. {flag} x-dev='alice.*'"
             )
-        is_text = not self.pattern.isascii()
         try:
-            regex = re.compile(self.pattern if is_text else self.pattern.encode("ascii"))
+            re.compile(self.pattern)
         except re.error as error:
             raise UsageError(
                 f"{_arg(flag, text)}: pattern {self.pattern!r} is not a valid regular "
                 f"expression ({error}); fix it, e.g. {flag} x-dev='alice.*'"
             ) from None
+        try:
+            regex = re2.compile(self.pattern.encode("utf-8"), _re2_options(not self.pattern.isascii()))
+        except re2.error as error:
+            reason = error.args[0].decode("utf-8", "replace") if error.args and isinstance(error.args[0], bytes) else str(error)
+            raise UsageError(
+                f"{_arg(flag, text)}: pattern {self.pattern!r} cannot run in linear time ({reason}): "
+                "routes use RE2, which has no backreferences, lookarounds or huge repetitions, "
+                "so that no request can make a pattern backtrack without bound; "
+                f"rewrite it without them, e.g. {flag} x-dev='alice.*'"
+            ) from None
         name = self.name.lower()
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "_name", name.encode("ascii"))
         object.__setattr__(self, "_regex", regex)
-        object.__setattr__(self, "_text", is_text)
 
     def matches(self, method: bytes, target: bytes, headers: Headers) -> bool:
-        name, fullmatch, text = self._name, self._regex.fullmatch, self._text
-        first: bytes | None = None
-        seen: list[bytes] | None = None
+        name, fullmatch = self._name, self._regex.fullmatch
+        lines: list[bytes] | None = None
+        listed = False  # a line holds a comma: its members are not simply the line
         for n, v in headers:
             if n == name:
-                if fullmatch(v.decode("utf-8", "surrogateescape") if text else v):
-                    return True
-                if first is None:
-                    first = v
-                elif seen is None:
-                    seen = [first, v]
+                if lines is None:
+                    lines = [v]
                 else:
-                    seen.append(v)
-        if seen is None:
+                    lines.append(v)
+                if b"," in v:
+                    listed = True
+                elif v and fullmatch(v) is not None:  # a line without a comma is one member
+                    return True
+        if lines is None:
             return False
-        joined = b", ".join(seen)
-        return fullmatch(joined.decode("utf-8", "surrogateescape") if text else joined) is not None
+        if not listed and len(lines) == 1:
+            return not lines[0] and fullmatch(b"") is not None  # an empty field: its whole value is ""
+        if listed and any(fullmatch(m) is not None for m in field_members([v for v in lines if b"," in v])):
+            return True
+        members = field_members(lines)
+        return len(members) != 1 and fullmatch(b", ".join(members)) is not None
 
     def describe(self) -> str:
         return f"{self.name} matching {self.pattern}"
@@ -250,14 +329,59 @@ class Baggage:
         return (2, self.key, self.value)
 
 
+_PERCENT = re.compile(rb"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _percent_normalized(m: re.Match[bytes]) -> bytes:
+    byte = int(m[1], 16)
+    return bytes((byte,)) if byte in _UNRESERVED else b"%" + m[1].upper()
+
+
+def _remove_dot_segments(path: bytes) -> bytes:
+    """RFC 3986 section 5.2.4 for a path that starts with ``/`` (or is empty)."""
+    segments = path.split(b"/")
+    out: list[bytes] = []
+    for segment in segments:
+        if segment == b".":
+            continue
+        if segment == b"..":
+            if len(out) > 1:  # never above the root: out[0] is the empty segment before the first "/"
+                out.pop()
+            continue
+        out.append(segment)
+    if segments[-1] in (b".", b".."):
+        out.append(b"")  # "/a/b/.." is the directory "/a/"
+    return b"/".join(out)
+
+
+def normalize_path(path: bytes) -> bytes:
+    """The path as a server that follows RFC 3986 section 6.2.2 reads it.
+
+    Percent-escapes of unreserved characters are decoded (``/%61pi`` is ``/api``), the
+    others get upper-case hex (``%2f`` is ``%2F``; an encoded ``/`` stays encoded), then
+    dot segments are removed (``/api/../secret`` is ``/secret``, ``/api/%2e%2e/x`` is
+    ``/x``; never above ``/``). Empty segments (``//``) are kept. Never raises.
+    """
+    if b"%" in path:
+        path = _PERCENT.sub(_percent_normalized, path)
+    if b"/." in path:
+        path = _remove_dot_segments(path)
+    return path
+
+
 @dataclass(frozen=True, slots=True)
 class PathPrefix:
-    """``--path-prefix /PREFIX``: the path of the request-target starts with PREFIX.
+    """``--path-prefix /PREFIX``: the normalized path of the request-target starts with PREFIX.
 
-    A plain string prefix of the raw path as sent (``/api`` also matches ``/apiv2``
-    and ``/api/v1``); the query never takes part. For an absolute-form target
-    (``http://host/a``) the path after the authority is used, ``/`` when there is none.
-    PREFIX must start with ``/`` and be written as on the wire (percent-encoded).
+    A plain string prefix (``/api`` also matches ``/apiv2`` and ``/api/v1``) of the path
+    as :func:`normalize_path` reads it, so that a request reaches the developer exactly
+    when the app would see a path under PREFIX: ``/api/../secret`` is ``/secret`` (not
+    matched by ``/api``) and ``/%61pi/x`` is ``/api/x`` (matched). The query never takes
+    part. For an absolute-form target (``http://host/a``) the path after the authority
+    is used, ``/`` when there is none. PREFIX must start with ``/`` and be written as on
+    the wire (percent-encoded); it is normalized the same way, and one with a dot
+    segment is refused (it could never match a normalized path as written).
     """
 
     prefix: str
@@ -279,14 +403,30 @@ class PathPrefix:
                 f"visible ASCII, percent-encoded, without a query ('?') or fragment ('#'); "
                 f"write {flag} {shlex.quote(fixed)}"
             )
-        object.__setattr__(self, "_prefix", self.prefix.encode("ascii"))
+        raw = self.prefix.encode("ascii")
+        decoded = _PERCENT.sub(_percent_normalized, raw)
+        normalized = normalize_path(raw)
+        if normalized != decoded:
+            fixed = normalized.decode("ascii")
+            raise UsageError(
+                f"{_arg(flag, self.prefix)}: the prefix has a dot segment ('.' or '..'), which is "
+                f"removed from request paths before they are matched; write {flag} {shlex.quote(fixed)}"
+            )
+        object.__setattr__(self, "_prefix", normalized)
 
     def matches(self, method: bytes, target: bytes, headers: Headers) -> bool:
         prefix = self._prefix
         if target[:1] == b"/":
             # Origin-form. The prefix holds no '?' or '#', so a prefix match never
-            # reaches into the query: no need to cut it off.
-            return target.startswith(prefix)
+            # reaches into the query: no need to cut it off unless the path is normalized.
+            if b"%" not in target and b"/." not in target:
+                return target.startswith(prefix)
+            end = len(target)
+            for delimiter in (b"?", b"#"):
+                at = target.find(delimiter, 0, end)
+                if at >= 0:
+                    end = at
+            return normalize_path(target[:end]).startswith(prefix)
         scheme_end = target.find(b"://")
         if scheme_end < 0:
             return False  # asterisk-form ("*") or authority-form (CONNECT): no path
@@ -297,7 +437,12 @@ class PathPrefix:
             if at >= 0:
                 end = at
         if end < len(target) and target[end] == 0x2F:  # "/"
-            return target.startswith(prefix, end)
+            path_end = len(target)
+            for delimiter in (b"?", b"#"):
+                at = target.find(delimiter, end, path_end)
+                if at >= 0:
+                    path_end = at
+            return normalize_path(target[end:path_end]).startswith(prefix)
         return prefix == b"/"  # "http://h" or "http://h?q": the path is "/"
 
     def describe(self) -> str:

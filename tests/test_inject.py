@@ -288,9 +288,12 @@ def test_agent_receives_the_app_environment_and_read_only_mounts(service):
     app, agent = container(workload, target.container), agent_of(workload)
     assert agent["env"][: len(app.get("env", []))] == app.get("env", [])
     assert agent.get("envFrom") == app.get("envFrom")
-    copied = [m for m in agent["volumeMounts"] if m["mountPath"] != "/var/run/intercept"]
+    copied = [m for m in agent["volumeMounts"] if m["mountPath"] not in ("/var/run/intercept", "/var/run/intercept-routes")]
     assert copied == [dict(m, readOnly=True) for m in app.get("volumeMounts", [])]
     assert {"name": "INTERCEPT_CREDENTIALS", "value": "/var/run/intercept/credentials.json"} in agent["env"]
+    assert env_of(agent)["INTERCEPT_ROUTES_FILE"] == "/var/run/intercept-routes/routes.json"
+    routes = next(v for v in workload["spec"]["template"]["spec"]["volumes"] if v.get("configMap", {}).get("name") == f"intercept-{target.workload_name}")
+    assert routes["configMap"]["optional"] is True  # no sandbox yet: the pod starts anyway
     assert env_of(agent)["INTERCEPT_ALLOW_OUTBOUND"] == "true"
     assert env_of(agent)["INTERCEPT_HOLD_TIMEOUT"] == "10"
     assert env_of(agent)["INTERCEPT_SSH_LISTEN"].startswith("0.0.0.0:")
@@ -517,10 +520,11 @@ def test_agent_ports_avoid_every_port_in_the_pod():
 
 
 def test_agent_volume_name_avoids_the_pod_volumes_and_restores_an_empty_list():
-    objects = [deployment(volumes=[{"name": "intercept-credentials", "emptyDir": {}}]), service()]
+    objects = [deployment(volumes=[{"name": "intercept-credentials", "emptyDir": {}},
+                                   {"name": "intercept-routes", "emptyDir": {}}]), service()]
     injected = roundtrip(objects)
     assert [v["name"] for v in pod_of(injected[0])["volumes"]] == [
-        "intercept-credentials", "intercept-credentials2"]
+        "intercept-credentials", "intercept-routes", "intercept-credentials2", "intercept-routes2"]
     objects = [deployment(volumes=[]), service()]
     assert pod_of(restore(roundtrip(objects))[0])["volumes"] == []
 

@@ -66,6 +66,11 @@ AGENT_SSH_PORT_NAME = "intercept-ssh"
 CREDENTIALS_VOLUME = "intercept-credentials"
 CREDENTIALS_DIR = "/var/run/intercept"
 CREDENTIALS_KEY = "credentials.json"
+# The sandboxes' routes to this workload: a ConfigMap named like the Secret (routes_name),
+# optional (absent until a sandbox is created), mounted beside the credentials.
+ROUTES_VOLUME = "intercept-routes"
+ROUTES_DIR = "/var/run/intercept-routes"
+ROUTES_KEY = "routes.json"
 # The user the agent runs as when the pod does not name a non-root one (distroless "nonroot").
 AGENT_USER = 65532
 AGENT_RESOURCES = {
@@ -134,6 +139,11 @@ def secret_name(workload_name: str) -> str:
         return name
     digest = hashlib.sha256(workload_name.encode()).hexdigest()[:10]
     return f"{name[: _DNS_SUBDOMAIN_MAX - 11].rstrip('-.')}-{digest}"
+
+
+def routes_name(workload_name: str) -> str:
+    """The ConfigMap of the sandboxes' routes to a workload: named like its Secret."""
+    return secret_name(workload_name)
 
 
 def is_injected(obj: Obj) -> bool:
@@ -442,12 +452,13 @@ def _inject_workload(
     ssh_name = _fresh_name(AGENT_SSH_PORT_NAME, used_names | {http_name}, _PORT_NAME_MAX)
     agent = _Agent(http_port, http_name, ssh_port, app_port_name)
 
-    volume = _fresh_name(
-        CREDENTIALS_VOLUME, {v.get("name") for v in pod.get("volumes") or []}, _DNS_LABEL_MAX
-    )
+    volume_names = {v.get("name") for v in pod.get("volumes") or []}
+    volume = _fresh_name(CREDENTIALS_VOLUME, volume_names, _DNS_LABEL_MAX)
+    routes_volume = _fresh_name(ROUTES_VOLUME, volume_names | {volume}, _DNS_LABEL_MAX)
     added = [{"path": [*_POD_SPEC, "containers"], "name": AGENT_CONTAINER, "listWasAbsent": False}]
-    added.append({"path": [*_POD_SPEC, "volumes"], "name": volume, "listWasAbsent": "volumes" not in pod})
-    pod.setdefault("volumes", []).append(
+    for name in (volume, routes_volume):
+        added.append({"path": [*_POD_SPEC, "volumes"], "name": name, "listWasAbsent": "volumes" not in pod})
+    pod.setdefault("volumes", []).extend([
         {
             "name": volume,
             "secret": {
@@ -456,9 +467,14 @@ def _inject_workload(
                 # Readable by whichever non-root user the agent runs as; only the agent mounts it.
                 "defaultMode": 0o444,
             },
-        }
-    )
-    containers.append(_agent_container(original, pod, app, target, agent, ssh_name, volume, options))
+        },
+        {
+            "name": routes_volume,
+            # optional: until a sandbox routes to this workload there is no ConfigMap
+            "configMap": {"name": routes_name(_name(original)), "optional": True, "defaultMode": 0o444},
+        },
+    ])
+    containers.append(_agent_container(original, pod, app, target, agent, ssh_name, volume, routes_volume, options))
 
     record = {
         "role": "workload",
@@ -480,20 +496,23 @@ def _agent_container(
     agent: _Agent,
     ssh_name: str,
     volume: str,
+    routes_volume: str,
     options: InjectOptions,
 ) -> Obj:
     mounts = []
     for mount in app.get("volumeMounts") or []:
         path = mount.get("mountPath", "").rstrip("/")
-        if path == CREDENTIALS_DIR or path.startswith(CREDENTIALS_DIR + "/"):
-            raise InjectError(
-                f"{_ref(workload)}: container {app['name']!r} mounts {path}, where the agent "
-                "mounts its credentials; move that mount elsewhere"
-            )
+        for own in (CREDENTIALS_DIR, ROUTES_DIR):
+            if path == own or path.startswith(own + "/"):
+                raise InjectError(
+                    f"{_ref(workload)}: container {app['name']!r} mounts {path}, where the agent "
+                    f"mounts {own}; move that mount elsewhere"
+                )
         copied = dict(mount, readOnly=True)
         copied.pop("mountPropagation", None)  # Bidirectional needs a privileged container
         mounts.append(copied)
     mounts.append({"name": volume, "mountPath": CREDENTIALS_DIR, "readOnly": True})
+    mounts.append({"name": routes_volume, "mountPath": ROUTES_DIR, "readOnly": True})
 
     env = [_copy_env_var(e, app["name"]) for e in app.get("env") or []
            if not e.get("name", "").startswith("INTERCEPT_")]
@@ -503,6 +522,7 @@ def _agent_container(
         {"name": "INTERCEPT_UPSTREAM", "value": f"127.0.0.1:{target.container_port}"},
         {"name": "INTERCEPT_SSH_LISTEN", "value": f"0.0.0.0:{agent.ssh_port}"},
         {"name": "INTERCEPT_CREDENTIALS", "value": f"{CREDENTIALS_DIR}/{CREDENTIALS_KEY}"},
+        {"name": "INTERCEPT_ROUTES_FILE", "value": f"{ROUTES_DIR}/{ROUTES_KEY}"},
         {"name": "INTERCEPT_HOLD_TIMEOUT", "value": str(int(hold)) if hold == int(hold) else str(hold)},
         {"name": "INTERCEPT_ALLOW_OUTBOUND", "value": "true" if options.outbound else "false"},
         {"name": "INTERCEPT_APP_CONTAINER", "value": app["name"]},

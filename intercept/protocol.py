@@ -33,7 +33,10 @@ FORWARD_PORT = 1
 FRONT_DOOR_HOST = "intercept-http"
 FRONT_DOOR_PORT = 1
 KEEPALIVE_INTERVAL = 5
-KEEPALIVE_COUNT_MAX = 3  # a silent peer is dropped after 3 unanswered keepalives: 15 s
+# asyncssh drops a peer when the timer fires with count_max keepalives unanswered: after
+# (count_max + 1) silent intervals. 2 makes a silent peer's loss known within 15 s.
+KEEPALIVE_COUNT_MAX = 2
+SILENT_LOSS_BOUND = KEEPALIVE_INTERVAL * (KEEPALIVE_COUNT_MAX + 1)  # seconds: what the README promises
 ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com", "aes128-ctr"]
 MAX_CONTROL_LINE = 1 << 20
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import random
+import re
 import socket
 import signal
 import threading
@@ -169,6 +170,8 @@ def test_matched_request_whose_process_never_accepts_gets_502_naming_the_develop
         status, _, body = agent.request(headers={"x-dev": "pete"})
         assert status == 502
         assert b"intercept of pete failed" in body and f"localhost:{port}".encode() in body
+        held = float(re.search(rb"\(held (\d+\.\d)s\)", body)[1])
+        assert held >= 0.3  # the time it was really held, not the setting
         assert agent.app_of() == "cluster"
     finally:
         agent.proc.stop()
@@ -316,3 +319,26 @@ def test_path_prefix_routes_on_the_normalized_path_and_forwards_the_raw_one(agen
     assert (app, seen["target"]) == ("cluster", "/api/../secret")
     app, seen = _raw_exchange(port, b"GET /%61pi/x HTTP/1.1\r\nHost: a\r\nx-dev: beth\r\n\r\n")
     assert (app, seen["target"]) == ("local", "/%61pi/x")
+
+
+def test_requests_waiting_for_a_silently_lost_developer_go_to_the_app(cluster_app, local_app, tmp_path, clients):
+    # The laptop lid closes: the client stops answering anything, SSH keepalives included.
+    # A request for it waits for the channel that will never open; when the agent's
+    # keepalive gives up on the connection (15 s), its route goes and the request is
+    # routed again, to the app, not answered 502 (the hold timeout is long past by then).
+    agent = start_agent(tmp_path, cluster_app.port, "--hold-timeout", "1")
+    try:
+        client = start_client(agent, local_app.port, "--header", "x-dev=sid", "--name", "sid")
+        clients.append(client)
+        assert agent.app_of({"x-dev": "sid"}) == "local"
+        seen = len(agent.proc.lines)
+        client.signal(signal.SIGSTOP)
+        try:
+            status, headers, body = agent.request(path="/while-stopped", headers={"x-dev": "sid"})
+            assert (status, headers.get("X-App")) == (200, "cluster"), body
+            assert echo(body)["target"] == "/while-stopped"
+            agent.proc.wait_for(r"dropped route x-dev: sid of sid", start=seen)
+        finally:
+            client.signal(signal.SIGCONT)
+    finally:
+        agent.proc.stop()

@@ -56,6 +56,7 @@ class Agent:
         self.cluster_routes = RoutesDocument(0.0)
         self._routes_follower: asyncio.Task[None] | None = None
         self._last_busy = time.monotonic()  # when a session or a route last went away
+        self._removal: asyncio.Future[None] | None = None  # resolved when a route leaves the table
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -127,6 +128,7 @@ class Agent:
         self._last_busy = time.monotonic()
         for route in self.routes.remove_session(session.id):
             log.info("dropped route %s of %s (%s)", route.route.describe(), session.name, exc or "connection closed")
+        self._routes_removed()
         self.h2.session_closed(session.id, session.name)
 
     def register(self, session: sshd.DeveloperSession, rules: list[dict[str, Any]], all_traffic: bool,
@@ -150,6 +152,7 @@ class Agent:
             if route["id"] == route_id and route["session"] == session.id:
                 self.routes.remove(route_id)
                 log.info("route %s unregistered by %s", route["description"], session.name)
+                self._routes_removed()
 
     # -- destinations for the proxy --------------------------------------------------------
 
@@ -164,34 +167,65 @@ class Agent:
             raise Unavailable(f"upstream {host}:{port} is unreachable: {e.strerror or e}") from None
         return link
 
+    def _routes_removed(self) -> None:
+        """Wake every request waiting for a route: if its route went, it is routed again now."""
+        removal, self._removal = self._removal, None
+        if removal is not None and not removal.done():
+            removal.set_result(None)
+
+    def _next_removal(self) -> asyncio.Future[None]:
+        """A future resolved the next time a route leaves the table."""
+        if self._removal is None:
+            self._removal = asyncio.get_running_loop().create_future()
+        return self._removal
+
+    def _still_held(self, route: RegisteredRoute) -> bool:
+        return route.session_id in self.sessions and self.routes.holds(route)
+
     async def open_developer(self, route: RegisteredRoute, owner: ClientConnection) -> Link:
         """A channel to the developer of ``route``; held up to the hold timeout while their process does not accept.
+
+        Raises :class:`RouteGone` as soon as ``route`` leaves the table while the request
+        waits (the developer left, or their connection was found dead), whatever it waits
+        for: their process, or the answer to the channel's opening from a machine that went
+        silent (then the keepalive bounds the wait: 15 s). The caller routes it again: to the
+        app, or to whoever matches now. Raises :class:`Unavailable` (the 502's text, with the
+        time really held) when the hold timeout passes with the route still there.
 
         A sandbox's route goes to its cluster destination instead (:meth:`_open_fork`)."""
         if route.destination is not None:
             return await self._open_fork(route, owner)
         loop = asyncio.get_running_loop()
         hold = self.config.hold_timeout
-        deadline = loop.time() + hold
+        started = loop.time()
+        deadline = started + hold
         delay = 0.02
         reason = "no answer"
         while True:
-            session = self.sessions.get(route.session_id)
-            if session is None or not any(r["id"] == route.id for r in self.routes.snapshot()):
+            if not self._still_held(route):
                 raise RouteGone()
+            if loop.time() > deadline:
+                raise Unavailable(f"intercept of {route.holder} failed: {reason} (held {loop.time() - started:.1f}s)")
+            session = self.sessions[route.session_id]
+            opening = asyncio.ensure_future(session.open_channel(owner))
+            while not opening.done():
+                await asyncio.wait({opening, self._next_removal()}, return_when=asyncio.FIRST_COMPLETED)
+                if not opening.done() and not self._still_held(route):
+                    opening.add_done_callback(_close_unused_channel)  # an answer that comes late is closed
+                    raise RouteGone()
             try:
-                return await session.open_channel(owner)
+                return opening.result()
             except asyncssh.ChannelOpenError as e:
                 reason = e.reason
             except (asyncssh.Error, OSError) as e:
                 reason = f"the connection to their machine failed ({e})"
             if delay == 0.02:
                 log.info("holding a request for %s: %s", route.holder, reason)
-            if loop.time() + delay > deadline:
-                raise Unavailable(f"intercept of {route.holder} failed: {reason} (held {hold:g}s)")
-            await asyncio.sleep(delay)
+            # wait before trying again, but not past a removal: a connection that failed is
+            # followed at once by its session's end, which takes its routes
+            removal = self._next_removal()
+            await asyncio.wait({removal}, timeout=delay)
             delay = min(delay * 2, 0.25)
-
 
     async def _open_fork(self, route: RegisteredRoute, owner: ClientConnection) -> Link:
         """A TCP connection to a sandbox's fork; held up to the hold timeout while it does not accept."""
@@ -228,6 +262,7 @@ class Agent:
                 if (session_id, registered.route) not in wanted:
                     self.routes.remove(registered.id)
                     log.info("route %s of %s removed", registered.route.describe(), registered.holder)
+                    self._routes_removed()
         applied, refused = set(), []
         now = time.time()
         for route in document.routes:
@@ -251,6 +286,7 @@ class Agent:
             for expired in self.routes.remove_expired(time.time()):
                 log.info("route %s of %s expired", expired.route.describe(), expired.holder)
                 self._last_busy = time.monotonic()
+                self._routes_removed()
             if path is not None:
                 try:
                     real = os.path.realpath(path)
@@ -265,6 +301,11 @@ class Agent:
                     except (OSError, InterceptError) as e:
                         log.warning("routes file %s: %s; keeping the routes held", path, e)
             await asyncio.sleep(ROUTES_POLL)
+
+
+def _close_unused_channel(opening: asyncio.Future[Link]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().close()
 
 
 def run(config: AgentConfig, ready: Any = None) -> None:

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from intercept import protocol
-from intercept.protocol import KEEPALIVE_COUNT_MAX, KEEPALIVE_INTERVAL
+from intercept.protocol import SILENT_LOSS_BOUND
 from intercept.client.door import LocalDoor
 from intercept.client.session import AgentSession, InterceptOptions
 from intercept.client.transport import DirectTransport, Transport
@@ -66,7 +66,7 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 10.0
 # After a silent loss, the agent may still hold our previous session (and its route) until
 # its keepalive gives up on it; a reconnect that meets our own route is retried this long.
-STALE_SESSION_GRACE = 2.0 * KEEPALIVE_INTERVAL * KEEPALIVE_COUNT_MAX
+STALE_SESSION_GRACE = 2.0 * SILENT_LOSS_BOUND
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _API = frozenset({
     "Event", "Intercept", "InterceptSpec", "Response", "agent_routes", "down", "inject_text", "intercepting", "leave",
     "list_services", "pod_env", "restore_text", "make_spec", "run", "send_request", "send_request_sync", "start", "status",
-    "uninstall", "up", "vscode",
+    "uninstall", "up", "vscode", "sandbox_create", "sandbox_list", "sandbox_delete", "sandbox_extend", "gc",
 })
 
 

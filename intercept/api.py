@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -507,6 +508,217 @@ def restore_text(text: str, *, source: str = "the manifests") -> tuple[str, list
     return render(text, source=source)
 
 
+# --------------------------------------------------------------------------- sandboxes
+
+
+async def _push_routes(change: Any, in_cluster: bool, api_client: Any) -> list[str]:
+    """Push a workload's routes document to every ready agent pod of it; the problems, if any."""
+    from intercept.client.fleet import pod_transport
+    from intercept.client.session import AgentSession, InterceptOptions
+    from intercept.client.start import default_name
+    from intercept.kube.pods import agent_pods
+    from intercept.routing.match import Route
+
+    info = change.agent
+    pods = [p for p in await asyncio.to_thread(agent_pods, api_client, info.namespace, info.selector) if p.ready and p.ip]
+
+    async def one(pod: Any) -> str | None:
+        options = InterceptOptions(transport=pod_transport(pod, api_client, in_cluster=in_cluster), credentials=info.credentials,
+                                   route=Route(frozenset()), name=default_name(), local_port=0)
+        session = AgentSession(options)
+        try:
+            await session.connect()
+            reply = await session.request(protocol.SetClusterRoutes(json.loads(change.document.to_text())))
+        except InterceptError as e:
+            return f"pod {pod.name}: {e} (it reads the routes from its ConfigMap when the kubelet refreshes it)"
+        finally:
+            await session.leave()
+        refused = reply.get("refused") or []
+        return f"pod {pod.name}: {'; '.join(refused)}" if refused else None
+
+    return [p for p in await asyncio.gather(*(one(pod) for pod in pods)) if p]
+
+
+def _sandbox_cluster(namespace: str | None, kubeconfig: str | Path | None, context: str | None) -> Any:
+    from intercept.kube.config import connect
+
+    return connect(kubeconfig, context, namespace)
+
+
+def _push_all(cluster: Any, changes: Any, emit: OnEvent) -> None:
+    async def push() -> list[str]:
+        results = await asyncio.gather(*(_push_routes(c, cluster.in_cluster, cluster.api) for c in changes))
+        return [p for problems in results for p in problems]
+
+    for problem in asyncio.run(push()) if changes else []:
+        emit(Event("warning", problem))
+
+
+def sandbox_create(name: str, services: Sequence[str], *, namespace: str | None = None, kubeconfig: str | Path | None = None,
+                   context: str | None = None, images: Sequence[str] = (), env: Sequence[str] = (), ttl: float = 86400.0,
+                   headers: Sequence[str] = (), baggage: str | None = None, wait: bool = True,
+                   agent_image: str | None = None, timeout: float = 300.0, on_event: OnEvent | None = None) -> dict[str, Any]:
+    """Fork ``services`` as sandbox ``name``: requests with its key (default: header
+    ``x-intercept-id: NAME`` or baggage ``intercept-id=NAME``; else ``headers``/``baggage``,
+    all of which must match) reach the forks until ``ttl`` seconds from now. Fails cleanly
+    (nothing left behind) when a fork does not become ready. Returns the sandbox's summary."""
+    from intercept.kube import sandboxes
+    from intercept.kube.image import DEFAULT_AGENT_IMAGE
+    from intercept.kube.inject import InjectOptions
+    from intercept.kube.sandbox import Overrides, expiry_text
+    from intercept.routing.cluster import sandbox_name
+    from intercept.routing.match import Route, parse_rule
+
+    emit = on_event or (lambda event: None)
+    sandbox_name(name)
+    overrides = Overrides.parse(list(images), list(env))
+    rules = [parse_rule("header", h) for h in headers] + ([parse_rule("baggage", baggage)] if baggage else [])
+    keys = [Route(frozenset(rules))] if rules else None
+    cluster = _sandbox_cluster(namespace, kubeconfig, context)
+    created = sandboxes.create(cluster.api, cluster.namespace, name, list(services), overrides, ttl=ttl, keys=keys,
+                               inject_options=InjectOptions(image=agent_image or DEFAULT_AGENT_IMAGE), wait=wait,
+                               timeout=timeout, progress=lambda line: emit(Event("progress", line)))
+    _push_all(cluster, created.changes, emit)
+    key = " and ".join(r.describe() for r in rules) if rules else f"x-intercept-id: {name} (or baggage intercept-id={name})"
+    forks = ", ".join(f"{f.service} -> {f.fork_service['metadata']['name']}" for f in created.forks)
+    emit(Event("ready", f"sandbox {name}: requests with {key} reach {forks} until {expiry_text(created.expires)}"))
+    return {"sandbox": name, "namespace": created.namespace, "key": key, "expiresAt": expiry_text(created.expires),
+            "forks": [{"service": f.service, "fork": f.fork_service["metadata"]["name"], "workload": f.workload["metadata"]["name"]}
+                      for f in created.forks]}
+
+
+def sandbox_list(namespace: str | None = None, *, all_namespaces: bool = False, kubeconfig: str | Path | None = None,
+                 context: str | None = None) -> list[dict[str, Any]]:
+    """Every sandbox of the namespace (or of all): forks, key, expiry, readiness."""
+    from intercept.kube import sandboxes
+
+    if all_namespaces and namespace:
+        raise UsageError("pass -n NAMESPACE or -A, not both")
+    cluster = _sandbox_cluster(namespace, kubeconfig, context)
+    return sandboxes.list_sandboxes(cluster.api, None if all_namespaces else cluster.namespace)
+
+
+def sandbox_delete(name: str, *, namespace: str | None = None, kubeconfig: str | Path | None = None, context: str | None = None,
+                   on_event: OnEvent | None = None) -> list[str]:
+    """Remove sandbox ``name``: its forks, their Services and its routes (idempotent)."""
+    from intercept.kube import sandboxes
+
+    emit = on_event or (lambda event: None)
+    cluster = _sandbox_cluster(namespace, kubeconfig, context)
+    removed, changes = sandboxes.delete(cluster.api, cluster.namespace, name, lambda line: emit(Event("progress", line)))
+    _push_all(cluster, changes, emit)
+    return removed
+
+
+def sandbox_extend(name: str, ttl: float, *, namespace: str | None = None, kubeconfig: str | Path | None = None,
+                   context: str | None = None, on_event: OnEvent | None = None) -> float:
+    """Move sandbox ``name``'s expiry to ``ttl`` seconds from now; the new expiry (Unix time)."""
+    from intercept.kube import sandboxes
+
+    cluster = _sandbox_cluster(namespace, kubeconfig, context)
+    expires, changes = sandboxes.extend(cluster.api, cluster.namespace, name, ttl)
+    _push_all(cluster, changes, on_event or (lambda event: None))
+    return expires
+
+
+def gc(namespace: str | None = None, *, all_namespaces: bool = False, idle: float = 86400.0, dry_run: bool = False,
+       kubeconfig: str | Path | None = None, context: str | None = None, timeout: float = 300.0,
+       on_event: OnEvent | None = None) -> Any:
+    """Delete expired sandboxes; uninstall agents (restoring their workloads exactly) that have
+    had no session and no sandbox route for ``idle`` seconds. ``dry_run`` changes nothing."""
+    from intercept.client.session import InterceptOptions
+    from intercept.client.start import ask_agent, default_name
+    from intercept.kube import sandboxes
+    from intercept.routing.match import Route
+
+    emit = on_event or (lambda event: None)
+    if all_namespaces and namespace:
+        raise UsageError("pass -n NAMESPACE or -A, not both")
+    cluster = _sandbox_cluster(namespace, kubeconfig, context)
+
+    def idle_of(info: Any) -> float | None:
+        try:
+            options = InterceptOptions(transport=_one_pod(cluster, info), credentials=info.credentials,
+                                       route=Route(frozenset()), name=default_name(), local_port=0)
+            hello = asyncio.run(ask_agent(options, protocol.Hello()))
+        except InterceptError as e:
+            emit(Event("warning", f"{info.workload} in namespace {info.namespace}: kept: its agent did not answer ({e})"))
+            return None
+        seconds = hello.get("idle_seconds")
+        return float(seconds) if isinstance(seconds, int | float) else None
+
+    collected = sandboxes.gc(cluster.api, None if all_namespaces else cluster.namespace, idle=idle, idle_of=idle_of,
+                             dry_run=dry_run, timeout=timeout, progress=lambda line: emit(Event("progress", line)))
+    _push_all(cluster, collected.changes, emit)
+    return collected
+
+
+def sandbox_manifests(name: str, services: Sequence[str], *, images: Sequence[str] = (), env: Sequence[str] = (),
+                      ttl: float = 86400.0, headers: Sequence[str] = (), baggage: str | None = None,
+                      manifests: str | None = None, namespace: str | None = None, kubeconfig: str | Path | None = None,
+                      context: str | None = None, **_: Any) -> list[dict[str, Any]]:
+    """The objects :func:`sandbox_create` would create (the forks, their Services, the routes
+    ConfigMaps), from the cluster's objects or from ``manifests`` (YAML text); nothing is written."""
+    import time
+
+    from intercept.kube import sandbox
+    from intercept.kube.inject import ROUTES_KEY, routes_name
+    from intercept.kube.manifests import load
+    from intercept.routing.cluster import RoutesDocument
+    from intercept.routing.match import Route, parse_rule
+
+    if manifests is not None:
+        objects = load(manifests)
+        ns = namespace or next((o["metadata"].get("namespace") for o in objects if o["metadata"].get("namespace")), "default")
+        objects = [{**o, "metadata": {**o["metadata"], "namespace": o["metadata"].get("namespace", ns)}} for o in objects]
+    else:
+        from intercept.kube.apply import _read_namespace
+        from intercept.kube.rest import Cluster
+
+        cluster = _sandbox_cluster(namespace, kubeconfig, context)
+        ns, objects = cluster.namespace, _read_namespace(Cluster(cluster.api), cluster.namespace, None)
+    overrides = sandbox.Overrides.parse(list(images), list(env))
+    rules = [parse_rule("header", h) for h in headers] + ([parse_rule("baggage", baggage)] if baggage else [])
+    keys = [Route(frozenset(rules))] if rules else sandbox.default_routes(name)
+    expires = time.time() + ttl
+    out: list[dict[str, Any]] = []
+    for service in services:
+        fork = sandbox.plan(objects, service, name, overrides, expires)
+        document = RoutesDocument(time.time(), tuple(sandbox.routes(name, fork, keys, expires)))
+        out += [fork.workload, fork.fork_service, {
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": routes_name(fork.original_name), "namespace": ns,
+                         "labels": {"app.kubernetes.io/managed-by": "intercept", "intercept.dev/workload": fork.original_name}},
+            "data": {ROUTES_KEY: document.to_text()}}]
+    return out
+
+
+def gc_install(*, idle: float = 86400.0, dry_run: bool = False, namespace: str | None = None,
+               kubeconfig: str | Path | None = None, context: str | None = None, agent_image: str | None = None,
+               timeout: float = 300.0) -> list[str]:
+    """Create (or update) an hourly CronJob running ``intercept gc`` in the namespace, with a
+    ServiceAccount and a Role that has only the verbs gc uses. Returns what it wrote."""
+    from intercept.kube.gc import install_objects
+    from intercept.kube.image import DEFAULT_AGENT_IMAGE
+    from intercept.kube.rest import Cluster, NotFound
+
+    cluster = _sandbox_cluster(namespace, kubeconfig, context)
+    objects = install_objects(cluster.namespace, agent_image or DEFAULT_AGENT_IMAGE, idle)
+    if dry_run:
+        return [f"would write {o['kind']}/{o['metadata']['name']}" for o in objects]
+    api, written = Cluster(cluster.api), []
+    for obj in objects:
+        try:
+            current = api.get(obj["kind"], cluster.namespace, obj["metadata"]["name"])
+        except NotFound:
+            api.create(obj)
+            written.append(f"created {obj['kind']}/{obj['metadata']['name']} in namespace {cluster.namespace}")
+            continue
+        api.replace({**obj, "metadata": {**obj["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}})
+        written.append(f"updated {obj['kind']}/{obj['metadata']['name']} in namespace {cluster.namespace}")
+    return written
+
+
 def status() -> list[dict[str, Any]]:
     """This machine's intercepts: started by hand (``intercept start``) or by ``intercept up``."""
     from intercept.workspace import status as rows
@@ -545,22 +757,29 @@ def vscode(services: Sequence[str], *, directory: Path, spec_file: Path | None =
 
 
 __all__ = [
+    "gc_install",
+    "sandbox_manifests",
     "Event",
     "Intercept",
     "InterceptSpec",
     "Response",
     "agent_routes",
     "down",
+    "gc",
     "inject_text",
     "intercepting",
     "leave",
     "list_services",
+    "make_spec",
     "pod_env",
     "restore_text",
     "run",
+    "sandbox_create",
+    "sandbox_delete",
+    "sandbox_extend",
+    "sandbox_list",
     "send_request",
     "send_request_sync",
-    "make_spec",
     "start",
     "status",
     "uninstall",

@@ -334,6 +334,161 @@ def list_command(ctx: click.Context, all_namespaces: bool, output: str, **_: Any
         click.echo(("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]).rstrip())
 
 
+# --------------------------------------------------------------------------- sandboxes and gc
+
+
+def _duration(value: str, flag: str) -> float:
+    from intercept.spec import parse_duration
+
+    try:
+        return parse_duration(value)
+    except ValueError:
+        raise UsageError(f"{flag} {value!r}: expected a duration such as 90s, 30m, 2h or 1d12h") from None
+
+
+@main.group("sandbox")
+def sandbox_group() -> None:
+    """In-cluster forks of Services, reached by a routing key, with a lifetime."""
+
+
+@sandbox_group.command("create")
+@click.argument("name")
+@click.option("--fork", "forks", multiple=True, required=True, metavar="SERVICE", help="A Service to fork (repeatable).")
+@click.option("--image", "images", multiple=True, metavar="[CONTAINER=]IMAGE", help="The forks' image (of the Service's container unless named).")
+@click.option("--env", "env", multiple=True, metavar="[CONTAINER:]KEY=VALUE", help="A variable set in the forks (repeatable).")
+@click.option("--ttl", default="24h", show_default=True, metavar="DURATION", help="How long the sandbox lives; gc removes it after.")
+@click.option("--header", "headers", multiple=True, metavar="NAME=VALUE", help="The routing key instead of x-intercept-id: NAME.")
+@click.option("--baggage", metavar="KEY=VALUE", help="The routing key as a W3C baggage member instead of intercept-id=NAME.")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until every fork is ready (removing everything if one is not).")
+@click.option("--dry-run", is_flag=True, help="Print the objects it would create (-o yaml) and change nothing.")
+@click.option("-o", "--output", type=click.Choice(["text", "yaml", "json"]), default="text", show_default=True)
+@click.option("-f", "--filename", "manifests", type=click.File("r"), help="With --dry-run: read the namespace's objects from MANIFESTS, not the cluster.")
+@_spec_options("agent_image", "timeout", *CLUSTER)
+@click.pass_context
+def sandbox_create(ctx: click.Context, name: str, forks: tuple[str, ...], images: tuple[str, ...], env: tuple[str, ...],
+                   ttl: str, headers: tuple[str, ...], baggage: str | None, wait: bool, dry_run: bool, output: str,
+                   manifests: Any, **_: Any) -> None:
+    """Fork SERVICEs as sandbox NAME; requests carrying its key reach the forks.
+
+    \b
+    intercept sandbox create pr-42 --fork orders --fork payments --image orders=registry/orders:pr-42 --ttl 2d
+    curl -H 'x-intercept-id: pr-42' http://orders/...     # or baggage: intercept-id=pr-42
+    """
+    import json
+
+    from intercept import api
+
+    try:
+        options = _options(ctx, "agent_image", "timeout", *CLUSTER)
+        seconds = _duration(ttl, "--ttl")
+        if dry_run:
+            objects = api.sandbox_manifests(name, forks, images=images, env=env, ttl=seconds, headers=headers, baggage=baggage,
+                                            manifests=manifests.read() if manifests else None, **options)
+            click.echo(json.dumps(objects, indent=2) if output == "json" else _yaml(objects), nl=output == "json")
+            return
+        summary = api.sandbox_create(name, forks, images=images, env=env, ttl=seconds, headers=headers, baggage=baggage,
+                                     wait=wait, on_event=_progress, **options)
+    except InterceptError as e:
+        _fail(e)
+    if output == "json":
+        click.echo(json.dumps(summary, indent=2))
+
+
+def _yaml(objects: list[dict[str, Any]]) -> str:
+    from intercept.kube.manifests import dump
+
+    return dump(objects)
+
+
+@sandbox_group.command("list")
+@_spec_options(*CLUSTER)
+@click.option("-A", "--all-namespaces", is_flag=True, help="Sandboxes of every namespace.")
+@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.pass_context
+def sandbox_list(ctx: click.Context, all_namespaces: bool, output: str, **_: Any) -> None:
+    """The sandboxes: forks, routing key, expiry, readiness."""
+    import json
+
+    from intercept import api
+
+    try:
+        rows = api.sandbox_list(all_namespaces=all_namespaces, **_options(ctx, *CLUSTER))
+    except InterceptError as e:
+        _fail(e)
+    if output == "json":
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("intercept: sandbox: no sandboxes")
+        return
+    table = [["NAMESPACE", "SANDBOX", "FORKS", "KEY", "EXPIRES", "STATE"]]
+    for r in rows:
+        forks = ", ".join(f"{f['service']}->{f['workload']}" for f in r["forks"])
+        state = "expired" if r["expired"] else "ready" if r["ready"] else "starting"
+        table.append([r["namespace"], r["sandbox"], forks, r["key"], r["expiresAt"] or "-", state])
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        click.echo(("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]).rstrip())
+
+
+@sandbox_group.command("delete")
+@click.argument("name")
+@_spec_options(*CLUSTER)
+@click.pass_context
+def sandbox_delete(ctx: click.Context, name: str, **_: Any) -> None:
+    """Remove sandbox NAME: its forks, their Services and its routes (idempotent)."""
+    from intercept import api
+
+    try:
+        removed = api.sandbox_delete(name, on_event=_progress, **_options(ctx, *CLUSTER))
+    except InterceptError as e:
+        _fail(e)
+    click.echo(f"intercept: deleted: sandbox {name}" + (f" ({len(removed)} objects and routes)" if removed else ": nothing was left"))
+
+
+@sandbox_group.command("extend")
+@click.argument("name")
+@click.option("--ttl", required=True, metavar="DURATION", help="The new lifetime, from now.")
+@_spec_options(*CLUSTER)
+@click.pass_context
+def sandbox_extend(ctx: click.Context, name: str, ttl: str, **_: Any) -> None:
+    """Give sandbox NAME a new lifetime, counted from now."""
+    from intercept import api
+    from intercept.kube.sandbox import expiry_text
+
+    try:
+        expires = api.sandbox_extend(name, _duration(ttl, "--ttl"), on_event=_progress, **_options(ctx, *CLUSTER))
+    except InterceptError as e:
+        _fail(e)
+    click.echo(f"intercept: extended: sandbox {name} lives until {expiry_text(expires)}")
+
+
+@main.command("gc")
+@_spec_options("timeout", *CLUSTER)
+@click.option("-A", "--all-namespaces", is_flag=True, help="Every namespace.")
+@click.option("--idle", default="24h", show_default=True, metavar="DURATION", help="Uninstall agents nobody has used for this long.")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; change nothing.")
+@click.option("--install", is_flag=True, help="Instead: create a CronJob that runs intercept gc in the namespace, hourly.")
+@click.pass_context
+def gc_command(ctx: click.Context, all_namespaces: bool, idle: str, dry_run: bool, install: bool, **_: Any) -> None:
+    """Delete expired sandboxes and uninstall idle agents (restoring their workloads exactly)."""
+    from intercept import api
+
+    try:
+        options = _options(ctx, "timeout", *CLUSTER)
+        if install:
+            for line in api.gc_install(idle=_duration(idle, "--idle"), dry_run=dry_run, **options):
+                click.echo(f"intercept: gc: {line}")
+            return
+        collected = api.gc(all_namespaces=all_namespaces, idle=_duration(idle, "--idle"), dry_run=dry_run,
+                           on_event=_progress, **options)
+    except InterceptError as e:
+        _fail(e)
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"intercept: gc: {verb} {len(collected.sandboxes)} sandboxes and {len(collected.agents)} idle agents"
+               + (f" ({', '.join([*collected.sandboxes, *collected.agents])})" if collected.sandboxes or collected.agents else ""))
+
+
 @main.command("mcp")
 def mcp_command() -> None:
     """Serve intercept to coding agents: a Model Context Protocol server on stdio.

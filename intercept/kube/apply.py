@@ -572,6 +572,7 @@ def uninstall(
 
     deleted = []
     for name in secrets:
+        _delete_routes(cluster, namespace, name, progress)
         try:
             secret = cluster.get("Secret", namespace, name)
         except NotFound:
@@ -586,6 +587,24 @@ def uninstall(
         deleted.append(name)
         progress(f"Secret/{name}: deleted")
     return Uninstalled(namespace, tuple(_key(o) for o in written), tuple(deleted))
+
+
+def _delete_routes(cluster: Cluster, namespace: str, name: str, progress: Progress) -> None:
+    """The sandboxes' routes ConfigMap of an uninstalled agent (named like its Secret) goes too."""
+    try:
+        routes = cluster.get("ConfigMap", namespace, name)
+    except NotFound:
+        return
+    if (routes["metadata"].get("labels") or {}).get(MANAGED_BY[0]) != MANAGED_BY[1]:
+        return
+    sandboxes = json.loads((routes.get("data") or {}).get(inject.ROUTES_KEY) or "{}").get("routes") or []
+    if sandboxes:
+        log.warning("the routes of sandboxes %s to %s go with its agent", sorted({r.get("sandbox") for r in sandboxes}), name)
+    try:
+        cluster.delete("ConfigMap", namespace, name)
+    except NotFound:
+        return
+    progress(f"ConfigMap/{name}: deleted")
 
 
 def _substituted_restore(objects: list[Obj], i: int, current: Obj, workload: str | None) -> Obj:

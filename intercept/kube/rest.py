@@ -91,6 +91,11 @@ RESOURCES = {
         Resource("StatefulSet", "apps/v1", "statefulsets"),
         Resource("ReplicaSet", "apps/v1", "replicasets"),
         Resource("NetworkPolicy", "networking.k8s.io/v1", "networkpolicies"),
+        Resource("ConfigMap", "v1", "configmaps"),
+        Resource("ServiceAccount", "v1", "serviceaccounts"),
+        Resource("CronJob", "batch/v1", "cronjobs"),
+        Resource("Role", "rbac.authorization.k8s.io/v1", "roles"),
+        Resource("RoleBinding", "rbac.authorization.k8s.io/v1", "rolebindings"),
     )
 }
 

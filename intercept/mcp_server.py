@@ -194,6 +194,39 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
                 "body": reply.body.decode("utf-8", "replace"), "truncated": reply.truncated}
 
     @server.tool()
+    def create_sandbox(name: str, fork: list[str], images: list[str] | None = None, env: list[str] | None = None,
+                       ttl: str = "2h", namespace: str | None = None) -> dict[str, Any]:
+        """Fork Services into sandbox NAME in the cluster: requests carrying x-intercept-id: NAME (or baggage
+        intercept-id=NAME) reach the forks, everyone else the originals, until the ttl (e.g. 90m, 2h) is up.
+        images are [CONTAINER=]IMAGE, env [CONTAINER:]KEY=VALUE overrides for the forks. No local process needed."""
+        from intercept.spec import parse_duration
+
+        try:
+            seconds = parse_duration(ttl)
+        except ValueError:
+            raise ToolError(f"ttl {ttl!r}: expected a duration such as 90s, 30m, 2h or 1d12h") from None
+        try:
+            return api.sandbox_create(name, fork, images=images or (), env=env or (), ttl=seconds, namespace=namespace)
+        except InterceptError as e:
+            raise ToolError(str(e)) from None
+
+    @server.tool()
+    def list_sandboxes(namespace: str | None = None) -> list[dict[str, Any]]:
+        """The sandboxes of a namespace: forks, routing key, expiry, readiness."""
+        try:
+            return api.sandbox_list(namespace)
+        except InterceptError as e:
+            raise ToolError(str(e)) from None
+
+    @server.tool()
+    def delete_sandbox(name: str, namespace: str | None = None) -> list[str]:
+        """Remove a sandbox: its forks, their Services and its routes."""
+        try:
+            return api.sandbox_delete(name, namespace=namespace)
+        except InterceptError as e:
+            raise ToolError(str(e)) from None
+
+    @server.tool()
     def process_output(id: str, lines: int = 50) -> list[str]:  # noqa: A002 (the tool's parameter name)
         """The last lines the local command of an intercept printed (stdout and stderr)."""
         it = intercepts.get(id)

@@ -215,9 +215,10 @@ def pin_kubernetes(version: str, say: Say = lambda line: None) -> None:
     """Rewrite ``kube/go.mod`` (and go.sum) for Kubernetes ``version``, e.g. ``v1.37.2``."""
     info = json.loads(_run(["go", "mod", "download", "-json", f"k8s.io/kubernetes@{version}"], HERE,
                            env=dict(_env(), GOFLAGS="-mod=mod")))
-    replaces = staging_replaces(Path(info["GoMod"]).read_text(), version)
+    kubernetes_go_mod = Path(info["GoMod"]).read_text()
+    replaces = staging_replaces(kubernetes_go_mod, version)
     say(f"pin: k8s.io/kubernetes {version}, {len(replaces)} staging modules replaced")
-    go_version = _go("env", "GOVERSION").strip().removeprefix("go")
+    go_version = re.search(r"^go (\S+)$", kubernetes_go_mod, re.M)[1]  # the language version it needs
     lines = ["module intercept.dev/e2e/cluster/kube", "", f"go {go_version}", "", "replace ("]
     lines += [f"\t{module} => {module} {tag}" for module, tag in replaces]
     lines += [")", ""]

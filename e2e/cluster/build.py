@@ -60,6 +60,7 @@ KWOK_ASSETS = (
     ("kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml", "kwok-node-heartbeat.yaml"),
 )
 COMPLETE = ".complete"
+HEARTBEAT = 60.0  # seconds between two "still building" lines
 
 Say = Callable[[str], None]
 
@@ -129,11 +130,12 @@ def ensure_binaries(say: Say = lambda line: None, *, cache: Path | None = None) 
         for module in MODULES:
             programs = [name for name, (m, _) in PROGRAMS.items() if m == module]
             version = _module_version(module)
-            say(f"binaries: building {', '.join(programs)} from {version} ...")
-            step = time.monotonic()
+            say(f"binaries: {', '.join(programs)} from {version}")
             for name in programs:
-                _build(module, PROGRAMS[name][1], work / name, _version_flags(module, version))
-            say(f"binaries: built {', '.join(programs)} in {time.monotonic() - step:.0f}s")
+                step = time.monotonic()
+                say(f"binaries: building {name} ...")
+                _build(module, PROGRAMS[name][1], work / name, _version_flags(module, version), say)
+                say(f"binaries: built {name} in {time.monotonic() - step:.0f}s")
         kwok_dir = Path(_go_in("kwok", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/kwok").strip())
         for source, name in KWOK_ASSETS:
             shutil.copyfile(kwok_dir / source, work / name)
@@ -170,8 +172,22 @@ def _version_flags(module: str, version: str) -> str:
     return " " + " ".join(flags)
 
 
-def _build(module: str, package: str, output: Path, ldflags: str = "") -> None:
-    _go_in(module, "build", "-trimpath", f"-ldflags=-s -w{ldflags}", "-o", str(output), package)
+def _build(module: str, package: str, output: Path, ldflags: str, say: Say) -> None:
+    """``go build`` one program, saying every :data:`HEARTBEAT` seconds that it still runs."""
+    argv = ["go", "build", "-trimpath", f"-ldflags=-s -w{ldflags}", "-o", str(output), package]
+    started = time.monotonic()
+    with subprocess.Popen(argv, cwd=HERE / module, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as process:
+        while True:
+            try:
+                out, _ = process.communicate(timeout=HEARTBEAT)
+                break
+            except subprocess.TimeoutExpired:
+                say(f"binaries: still building {output.name} ({time.monotonic() - started:.0f}s; "
+                    "a cold build of the Kubernetes binaries takes minutes)")
+    if process.returncode != 0:
+        tail = "\n".join(out.strip().splitlines()[-30:])
+        raise BuildFailed(f"`{' '.join(argv)}` in {HERE / module} failed with exit code {process.returncode}:\n{tail}")
 
 
 def _env() -> dict[str, str]:

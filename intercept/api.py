@@ -275,6 +275,7 @@ class Intercept:
         self._emit = emit
         self._target = target
         self._stop = asyncio.Event()
+        self._hurry = asyncio.Event()  # leave without waiting for responses in flight
         self._ready = asyncio.Event()
         self._task: asyncio.Task[int] | None = None
 
@@ -299,7 +300,8 @@ class Intercept:
             output=self.output.append if capture else None,
         )
         self._task = asyncio.ensure_future(start_client(
-            self._target.options, command, self._event, self._target.replicas, s.forward, s.propagate_header, self._stop))
+            self._target.options, command, self._event, self._target.replicas, s.forward, s.propagate_header, self._stop,
+            self._hurry))
 
     @property
     def done(self) -> bool:
@@ -322,9 +324,18 @@ class Intercept:
     async def wait(self) -> int:
         return await asyncio.shield(self._task)
 
-    async def stop(self) -> int:
+    async def stop(self, *, now: bool = False) -> int:
+        """Leave: the route goes from every agent first, then responses in flight to the local
+        process are let finish (up to 10 s; ``now``: not waited for), then the process stops."""
         self._stop.set()
+        if now:
+            self._hurry.set()
         return await self.wait()
+
+    def hurry(self) -> None:
+        """While leaving: stop waiting for responses in flight (a second Ctrl-C)."""
+        self._hurry.set()
+        self._stop.set()
 
 
 async def start(s: InterceptSpec, *, on_event: OnEvent | None = None, capture_output: bool = False) -> Intercept:
@@ -361,8 +372,16 @@ def run(s: InterceptSpec, on_event: OnEvent, *, registry_entry: Mapping[str, Any
     async def main() -> int:
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
+        running: list[Intercept] = []
+
+        def on_signal() -> None:
+            if stopping.is_set():  # the second Ctrl-C: leave now, cutting what is in flight
+                for it in running:
+                    it.hurry()
+            stopping.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stopping.set)
+            loop.add_signal_handler(sig, on_signal)
         try:
             preparing = asyncio.ensure_future(start(s, on_event=on_event))
             interrupted = asyncio.ensure_future(stopping.wait())
@@ -373,6 +392,7 @@ def run(s: InterceptSpec, on_event: OnEvent, *, registry_entry: Mapping[str, Any
                 await asyncio.gather(preparing, return_exceptions=True)
                 return 0
             it = preparing.result()
+            running.append(it)
             entry = {**registry_entry, "route": it.route, "name": it.name, "namespace": it.namespace} if registry_entry else None
             with register(entry) if entry is not None else contextlib.nullcontext():
                 stopped = asyncio.ensure_future(stopping.wait())

@@ -28,6 +28,7 @@ EventKind = Literal[
     "reloading",  # a change was saved; the local process restarts
     "reloaded",
     "exited",  # the local process exited
+    "leaving",  # the route is off every agent; responses in flight are let finish
     "left",  # the route is gone from every agent
     "error",  # the intercept ended with an error
 ]

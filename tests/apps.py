@@ -267,3 +267,94 @@ def read_responses(source: socket.socket | bytes, count: int, methods: list[byte
                 body += event.data
         out.append((resp, body))
     return out
+
+
+class EventStream:
+    """A server of endless ``text/event-stream`` responses whose events the test sends.
+
+    Each connection gets one chunked response (``X-App: NAME``); :meth:`send` writes an
+    event to every stream open, :meth:`end` finishes them (the last chunk). The test
+    reads them with :func:`read_events`, so it synchronizes on what arrived, never on time.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self._streams: list[socket.socket] = []
+        self._opened = threading.Condition()
+        accept_each(self.sock, self._serve)
+
+    def _serve(self, conn: socket.socket) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = conn.recv(65536)
+            if not chunk:
+                conn.close()
+                return
+            head += chunk
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+                     b"X-App: %s\r\n\r\n" % self.name.encode())
+        with self._opened:
+            self._streams.append(conn)
+            self._opened.notify_all()
+
+    def wait_open(self, count: int = 1) -> None:
+        with self._opened:
+            assert self._opened.wait_for(lambda: len(self._streams) >= count, 30), "no stream opened"
+
+    def send(self, text: str) -> None:
+        data = f"data: {text}\n\n".encode()
+        for conn in self._streams:
+            conn.sendall(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def end(self) -> None:
+        for conn in self._streams:
+            conn.sendall(b"0\r\n\r\n")
+            conn.close()
+        self._streams.clear()
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self._streams:
+            conn.close()
+
+
+class EventReader:
+    """The client side of one event stream on a raw socket, parsed with h11."""
+
+    def __init__(self, port: int, headers: list[tuple[str, str]], path: str = "/events") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.h = h11.Connection(h11.CLIENT)
+        self.sock.sendall(self.h.send(h11.Request(method="GET", target=path, headers=[("Host", "a"), *headers]))
+                          + self.h.send(h11.EndOfMessage()))
+        self.response = self._next(h11.Response)
+
+    def _next(self, *kinds: type) -> object:
+        while True:
+            event = self.h.next_event()
+            if event is h11.NEED_DATA:
+                self.h.receive_data(self.sock.recv(65536))
+                continue
+            assert isinstance(event, kinds), event
+            return event
+
+    def header(self, name: str) -> str | None:
+        return next((v.decode() for k, v in self.response.headers if k.decode().lower() == name.lower()), None)
+
+    def event(self) -> bytes | None:
+        """The next event's bytes; None when the response ended (its last chunk came)."""
+        event = self._next(h11.Data, h11.EndOfMessage)
+        return event.data if isinstance(event, h11.Data) else None
+
+    def cut(self) -> bool:
+        """Read to the end: True if the connection closed before the response ended."""
+        try:
+            while self.event() is not None:
+                pass
+        except h11.RemoteProtocolError:  # EOF inside the chunked body
+            return True
+        return False
+
+    def close(self) -> None:
+        self.sock.close()

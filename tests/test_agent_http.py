@@ -6,6 +6,7 @@ import hashlib
 import http.client
 import os
 import shutil
+import signal
 import socket
 import subprocess
 
@@ -309,6 +310,38 @@ def test_after_sigterm_the_agent_keeps_serving_for_its_grace(cluster_app, tmp_pa
     finally:
         agent.proc.p.kill()
         agent.proc.stop()
+
+
+def test_after_sigterm_a_long_stream_flows_through_the_grace_and_is_cut_at_its_end(tmp_path):
+    from tests.apps import EventReader, EventStream
+
+    stream = EventStream("cluster-sse")
+    try:
+        agent = start_agent(tmp_path, stream.port, "--shutdown-grace", "60")
+        try:
+            reader = EventReader(agent.http_port, [])
+            stream.wait_open()
+            agent.proc.signal(signal.SIGTERM)
+            agent.proc.wait_for(r"stopping: still serving for 60s")
+            stream.send("during the grace")
+            assert reader.event() == b"data: during the grace\n\n"
+            reader.close()
+        finally:
+            agent.proc.p.kill()
+            agent.proc.stop()
+        # with a short grace the agent ends by itself, and a stream still open is cut then
+        agent = start_agent(tmp_path, stream.port, "--shutdown-grace", "0.5")
+        try:
+            reader = EventReader(agent.http_port, [])
+            stream.wait_open(2)
+            agent.proc.signal(signal.SIGTERM)
+            assert reader.cut()
+            assert agent.proc.finish() == 0
+            reader.close()
+        finally:
+            agent.proc.stop()
+    finally:
+        stream.close()
 
 
 def _one_request_then_hang_up(port: int, path: str) -> bytes:

@@ -342,3 +342,29 @@ def test_requests_waiting_for_a_silently_lost_developer_go_to_the_app(cluster_ap
             client.signal(signal.SIGCONT)
     finally:
         agent.proc.stop()
+
+
+def test_leaving_unregisters_first_and_lets_a_stream_in_flight_finish(agent, clients):
+    from tests.apps import EventReader, EventStream
+
+    stream = EventStream("local-sse")
+    try:
+        client = start_client(agent, stream.port, "--header", "x-dev=sse", "--name", "sse")
+        clients.append(client)
+        reader = EventReader(agent.http_port, [("x-dev", "sse")])
+        assert reader.header("X-App") == "local-sse"
+        stream.wait_open()
+        stream.send("one")
+        assert reader.event() == b"data: one\n\n"
+        client.signal(signal.SIGTERM)
+        client.wait_for(r"^intercept: leaving: requests with x-dev: sse go to the cluster again; letting 1 response in flight finish")
+        assert agent.app_of({"x-dev": "sse"}) == "cluster"  # the route went first
+        stream.send("two")  # the stream in flight goes on
+        assert reader.event() == b"data: two\n\n"
+        stream.end()
+        assert reader.event() is None  # and ends whole
+        assert client.finish() == 0
+        assert "intercept: left: requests with x-dev: sse go to the cluster again" in client.output
+        reader.close()
+    finally:
+        stream.close()

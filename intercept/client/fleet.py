@@ -20,8 +20,18 @@ joined        a replica that appeared after ready has the route
 gone          a replica left the set; its session is closed
 reconnecting  a replica's connection was lost; retrying after the delay
 reconnected   that replica has the route again
+leaving       the fleet is stopping: the route is already off every replica, and responses
+              still in flight to the local process are let finish (up to ``leave_grace``)
 left          the fleet was stopped; the route is removed from every replica
 ============  ===============================================================================
+
+Leaving (``stop``) is in three steps, so that nobody's request is cut: the route is
+unregistered from every replica (new requests go to the app at once), the agents are
+asked to close each channel at the end of its response (as for a restart), and the
+connections close when the last routed connection did, or after ``leave_grace``
+seconds (an endless stream), or at once when ``hurry`` is set (a second Ctrl-C).
+A crash (``kill -9``) skips all that: the agents see the connections close, drop the
+route and cut what was in flight to this machine.
 
 Invariants:
 
@@ -149,8 +159,12 @@ class Fleet:
         count_replicas: bool = True,
         first_attempts: int = 3,
         door: LocalDoor | None = None,
+        leave_grace: float = 10.0,
+        hurry: asyncio.Event | None = None,
     ) -> None:
         self.options = options
+        self.leave_grace = leave_grace
+        self.hurry = hurry or asyncio.Event()
         self.door = door or LocalDoor(options.name, options.local_port, options.local_host)
         self._report = report
         self._count_replicas = count_replicas
@@ -190,7 +204,7 @@ class Fleet:
             for task in (follow, stopped, failed):
                 task.cancel()
             await asyncio.gather(follow, return_exceptions=True)
-            await self._close_all()
+            await self._close_all(self.leave_grace if self._error is None else 0.0)
         if self._error is not None:
             raise self._error
         self._report(Event("left", f"{self.options.describe()} go to the cluster again", route=self.options.describe()))
@@ -276,7 +290,7 @@ class Fleet:
         """Close the session of a replica that left the set (or moved to another address)."""
         name = holder.replica.name
         del self._holders[name]
-        closing = asyncio.ensure_future(self._close(holder, unregister=False))
+        closing = asyncio.ensure_future(self._close(holder))
         self._closing.add(closing)
         self._closing_named[name] = closing
 
@@ -404,25 +418,41 @@ class Fleet:
 
     # -- closing ----------------------------------------------------------------------------
 
-    async def _close(self, holder: _Holder, unregister: bool) -> None:
-        """End ``holder``'s task, then close its session (unregistering first if asked)."""
+    async def _close(self, holder: _Holder) -> None:
+        """End ``holder``'s task, then close its session (its agent drops the route)."""
         if holder.task is not None:
             holder.task.cancel()
             await asyncio.gather(holder.task, return_exceptions=True)
         session, holder.session, holder.registered = holder.session, None, False
-        if session is None or session.conn is None:
-            return
-        if unregister:
-            await session.leave()
-        else:  # the replica is gone or moved: closing is enough, its agent drops the route
-            session.conn.close()
-            await session.conn.wait_closed()
+        if session is not None:
+            await session.close()
 
-    async def _close_all(self) -> None:
+    async def _close_all(self, grace: float) -> None:
+        """Leave every replica: unregister and drain, let responses in flight finish (up to
+        ``grace`` seconds, or until :attr:`hurry`), then close (see the module's docstring)."""
         holders = list(self._holders.values())
         self._holders.clear()
-        closing = [self._close(holder, unregister=True) for holder in holders] + list(self._closing)
-        results = await asyncio.gather(*closing, return_exceptions=True)
+        for holder in holders:
+            if holder.task is not None:
+                holder.task.cancel()
+        await asyncio.gather(*(h.task for h in holders if h.task is not None), return_exceptions=True)
+        sessions = [h.session for h in holders if h.session is not None and h.session.conn is not None]
+        for holder in holders:
+            holder.session, holder.registered = None, False
+        await asyncio.gather(*(session.withdraw() for session in sessions), return_exceptions=True)
+        busy = self.door.busy
+        if sessions and busy and grace > 0 and not self.hurry.is_set():
+            what = f"{busy} response{'s' if busy != 1 else ''} in flight"
+            self._report(Event("leaving", f"{self.options.describe()} go to the cluster again; letting {what} finish "
+                                          f"(up to {grace:g}s; Ctrl-C again to leave now)", route=self.options.describe()))
+            drained = asyncio.ensure_future(self.door.drained(grace))
+            hurried = asyncio.ensure_future(self.hurry.wait())
+            await asyncio.wait({drained, hurried}, return_when=asyncio.FIRST_COMPLETED)
+            hurried.cancel()
+            drained.cancel()
+            if self.door.busy:
+                log.warning("leaving with %d routed connections still open", self.door.busy)
+        results = await asyncio.gather(*(session.close() for session in sessions), *self._closing, return_exceptions=True)
         for result in results:
             if isinstance(result, Exception):
                 log.warning("closing a session failed: %s", result)

@@ -130,6 +130,25 @@ class AgentSession:
     async def wait_closed(self) -> None:
         await self.conn.wait_closed()
 
+    async def withdraw(self) -> None:
+        """Unregister the route (new requests go elsewhere at once) and ask the agent to close
+        each channel at the end of its response, idle ones now; the connection stays open so
+        that responses in flight can finish. Failures are logged: closing drops the route anyway."""
+        if self.conn is None:
+            return
+        for request in ([protocol.Unregister(self.route_id)] if self.route_id is not None else []) + [protocol.Drain()]:
+            try:
+                await asyncio.wait_for(self.request(request), 5)
+            except (asyncssh.Error, OSError, asyncio.TimeoutError, ValueError) as e:
+                log.debug("%s failed: %s", request.op, e)
+                return
+        self.route_id = None
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            await self.conn.wait_closed()
+
     async def leave(self) -> None:
         """Unregister the route and close; the agent would drop it on close anyway."""
         if self.conn is None:
@@ -139,8 +158,7 @@ class AgentSession:
                 await asyncio.wait_for(self.request(protocol.Unregister(self.route_id)), 5)
         except (asyncssh.Error, OSError, asyncio.TimeoutError, ValueError) as e:
             log.debug("unregister failed: %s", e)
-        self.conn.close()
-        await self.conn.wait_closed()
+        await self.close()
 
 
 __all__ = ["AgentSession", "InterceptOptions"]

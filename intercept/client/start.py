@@ -32,6 +32,7 @@ from intercept.spec import Forward
 log = logging.getLogger(__name__)
 
 DRAIN_GRACE = 10.0  # how long a restart waits for responses in flight to the old process
+LEAVE_GRACE = 10.0  # how long leaving waits for responses in flight (a second Ctrl-C: not at all)
 
 
 def default_name() -> str:
@@ -54,6 +55,7 @@ async def start(
     forwards: Sequence[Forward] = (),
     propagate_header: bool = False,
     stop: asyncio.Event | None = None,
+    hurry: asyncio.Event | None = None,
 ) -> int:
     """Intercept until ``stop`` is set (exit 0), or until an unwatched COMMAND exits (its status).
 
@@ -62,6 +64,10 @@ async def start(
     the route is held on every replica (:class:`~intercept.client.fleet.Fleet`) and
     ``options.transport`` is not dialled; without, on the one agent ``options.transport``.
     A watched COMMAND that exits is restarted by the next change instead.
+
+    Leaving (``stop``) unregisters the route first, then lets responses in flight to the
+    local process finish, up to :data:`LEAVE_GRACE` seconds or until ``hurry`` is set,
+    and only then stops COMMAND (see :class:`~intercept.client.fleet.Fleet`).
 
     When the agents allow outbound connections, COMMAND gets HTTP_PROXY/HTTPS_PROXY
     pointing at a local proxy that dials from the agent's pod (with the route's headers
@@ -83,10 +89,11 @@ async def start(
             report(event)
 
     if replicas is None:
-        fleet = Fleet(options, fleet_report, count_replicas=False, first_attempts=1, door=door)
+        fleet = Fleet(options, fleet_report, count_replicas=False, first_attempts=1, door=door,
+                      leave_grace=LEAVE_GRACE, hurry=hurry)
         replicas = fixed([Replica(options.transport.describe(), options.transport)])
     else:
-        fleet = Fleet(options, fleet_report, door=door)
+        fleet = Fleet(options, fleet_report, door=door, leave_grace=LEAVE_GRACE, hurry=hurry)
     exited: asyncio.Future[int] = loop.create_future()
     supervisor: Supervisor | None = None
     reloading: asyncio.Future[None] | None = None

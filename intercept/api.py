@@ -119,7 +119,7 @@ async def _service_agents(s: InterceptSpec, emit: OnEvent, follow: bool) -> tupl
     loop = asyncio.get_running_loop()
     cluster = await asyncio.to_thread(connect, s.kubeconfig, s.context, s.namespace)
     inject = InjectOptions(image=s.agent_image, service_port=s.service_port, outbound=not s.no_outbound,
-                           no_policy_changes=s.no_policy_changes)
+                           no_policy_changes=s.no_policy_changes, forwarded_headers=not s.no_forwarded_headers)
     progress = lambda line: loop.call_soon_threadsafe(emit, Event("progress", line))  # noqa: E731 (from the worker thread)
     interrupt = threading.Event()
     ensuring = asyncio.ensure_future(asyncio.to_thread(
@@ -510,14 +510,16 @@ def uninstall(service: str | None = None, *, all: bool = False, namespace: str |
 
 
 def inject_text(text: str, service: str, *, agent_image: str | None = None, service_port: str | int | None = None,
-                no_policy_changes: bool = False, no_outbound: bool = False, source: str = "the manifests") -> tuple[str, list[str]]:
+                no_policy_changes: bool = False, no_outbound: bool = False, no_forwarded_headers: bool = False,
+                source: str = "the manifests") -> tuple[str, list[str]]:
     """Manifests (YAML text) with the agent injected behind ``service``, and what changed (offline)."""
     from intercept.kube.image import DEFAULT_AGENT_IMAGE
     from intercept.kube.inject import InjectOptions
     from intercept.kube.manifests import inject_text as render
 
     options = InjectOptions(image=agent_image or DEFAULT_AGENT_IMAGE, service_port=service_port,
-                            no_policy_changes=no_policy_changes, outbound=not no_outbound)
+                            no_policy_changes=no_policy_changes, outbound=not no_outbound,
+                            forwarded_headers=not no_forwarded_headers)
     return render(text, service, options, source=source)
 
 

@@ -95,7 +95,7 @@ CLUSTER = ("namespace", "context", "kubeconfig")
 _START = (
     "service", "agent", "credentials", "port", "headers", "header_regexes", "baggage", "path_prefix", "all", "name",
     "watch", "no_watch", "debug", "debug_port", "debug_wait", "env_file", "forward", "propagate_header",
-    "no_outbound", "no_policy_changes", "timeout", "ttl", "service_port", "agent_image", *CLUSTER,
+    "no_outbound", "no_policy_changes", "no_forwarded_headers", "timeout", "ttl", "service_port", "agent_image", *CLUSTER,
 )
 
 
@@ -128,9 +128,10 @@ def main(verbose: int) -> None:
 @click.option("--allow-outbound/--no-allow-outbound", envvar="INTERCEPT_ALLOW_OUTBOUND", default=False, help="Let clients open TCP connections from this pod.")
 @click.option("--shutdown-grace", envvar="INTERCEPT_SHUTDOWN_GRACE", default=0.0, show_default=True, type=float, help="Seconds to keep serving after SIGTERM.")
 @click.option("--header-timeout", envvar="INTERCEPT_HEADER_TIMEOUT", default=60.0, show_default=True, type=float, help="Close connections that wait longer for a request head.")
+@click.option("--forwarded-headers/--no-forwarded-headers", envvar="INTERCEPT_FORWARDED_HEADERS", default=True, show_default=True, help="Add the client's address to each request (X-Forwarded-For, Forwarded).")
 @click.option("--routes-file", envvar="INTERCEPT_ROUTES_FILE", type=click.Path(path_type=Path), help="The sandboxes' routes (JSON), read again when it changes; the injection mounts it from a ConfigMap.")
 def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_timeout: float, allow_outbound: bool,
-          shutdown_grace: float, header_timeout: float, routes_file: Path | None) -> None:
+          shutdown_grace: float, header_timeout: float, routes_file: Path | None, forwarded_headers: bool) -> None:
     """Run the agent in front of an app (in a pod: configured by INTERCEPT_* variables)."""
     from intercept.agent import AgentConfig, run
 
@@ -145,6 +146,7 @@ def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_t
             shutdown_grace=shutdown_grace,
             header_timeout=header_timeout,
             routes_file=routes_file,
+            forwarded_headers=forwarded_headers,
         )
 
         def ready(a: Any) -> None:
@@ -237,7 +239,7 @@ def _progress(event: Any) -> None:
     sys.stdout.flush()
 
 
-_INJECT = ("agent_image", "service_port", "no_policy_changes", "no_outbound")
+_INJECT = ("agent_image", "service_port", "no_policy_changes", "no_outbound", "no_forwarded_headers")
 
 
 @main.command("inject")

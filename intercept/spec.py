@@ -416,6 +416,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("no_policy_changes", "--no-policy-changes", "boolean", False,
            "When the agent is injected: refuse, rather than extend, NetworkPolicies that would cut the agent off.",
            True, _bool, verbatim=False),
+    Option("no_forwarded_headers", "--no-forwarded-headers", "boolean", False,
+           "When the agent is injected: do not add the client's address to X-Forwarded-For and Forwarded (the app then sees every client as 127.0.0.1).",
+           True, _bool, verbatim=False),
     Option("timeout", "--timeout", "seconds", 300.0,
            "How long the agent's rollout may take when it is injected (then the originals are put back).",
            120, _seconds, verbatim=False),
@@ -528,6 +531,7 @@ class InterceptSpec:
     propagate_header: bool = False
     no_outbound: bool = False
     no_policy_changes: bool = False
+    no_forwarded_headers: bool = False
     timeout: float = 300.0
     ttl: float | None = None
     agent_image: str = DEFAULT_AGENT_IMAGE

@@ -42,6 +42,8 @@ def test_headers_arrive_as_sent_case_order_and_repeats(agent):
     body = reply.split(b"\r\n\r\n", 1)[1]
     assert echo(body)["headers"] == [
         ["Host", "a"], ["X-Mixed-Case", "one"], ["x-mixed-case", "two"], ["Z-Last", "1"], ["A-First", "2"], ["Connection", "close"],
+        # what the agent adds, after everything the client sent
+        ["X-Forwarded-For", "127.0.0.1"], ["Forwarded", "for=127.0.0.1"],
     ]
 
 

@@ -225,3 +225,11 @@ def test_error_response_is_short_plain_text_and_closes():
     assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"Connection: close" in head
     assert body == b"malformed request line\n"
     assert error_response(502, "x", head_only=True).endswith(b"\r\n\r\n")
+
+
+def test_forwarding_fields_name_the_peer_in_both_spellings():
+    from intercept.routing.http1 import forwarding_fields
+
+    assert forwarding_fields("10.1.2.3") == b"X-Forwarded-For: 10.1.2.3\r\nForwarded: for=10.1.2.3\r\n"
+    assert forwarding_fields("::ffff:10.1.2.3") == b"X-Forwarded-For: 10.1.2.3\r\nForwarded: for=10.1.2.3\r\n"
+    assert forwarding_fields("2001:db8::1") == b'X-Forwarded-For: 2001:db8::1\r\nForwarded: for="[2001:db8::1]"\r\n'

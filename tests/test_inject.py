@@ -388,6 +388,9 @@ def test_outbound_and_hold_timeout_reach_the_agent_environment():
     options = InjectOptions(image=OPTIONS.image, outbound=False, hold_timeout=2.5)
     env = env_of(agent_of(find(inject(boutique(), "adservice", options), "Deployment", "adservice")))
     assert env["INTERCEPT_ALLOW_OUTBOUND"] == "false"
+    assert env["INTERCEPT_FORWARDED_HEADERS"] == "true"
+    quiet = InjectOptions(image=OPTIONS.image, forwarded_headers=False)
+    assert env_of(agent_of(find(inject(boutique(), "adservice", quiet), "Deployment", "adservice")))["INTERCEPT_FORWARDED_HEADERS"] == "false"
     assert env["INTERCEPT_HOLD_TIMEOUT"] == "2.5"
 
 

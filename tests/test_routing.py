@@ -290,11 +290,12 @@ def test_developer_process_closing_connections_never_hangs_a_request(agent, loca
     conn.close()
 
 
-def _raw_exchange(port: int, request: bytes) -> tuple[str, dict]:
-    """One request written byte for byte on a fresh socket: (who answered, the echo)."""
+def _raw_exchange(port: int, request: bytes, source: str = "127.0.0.1") -> tuple[str, dict]:
+    """One request written byte for byte on a fresh socket from address ``source``:
+    (who answered, the echo)."""
     from tests.apps import read_responses
 
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0)) as s:
         s.sendall(request)
         ((resp, body),) = read_responses(s, 1)
     headers = {k.decode().lower(): v.decode() for k, v in resp.headers}
@@ -368,3 +369,20 @@ def test_leaving_unregisters_first_and_lets_a_stream_in_flight_finish(agent, cli
         reader.close()
     finally:
         stream.close()
+
+
+def test_the_app_and_the_developer_see_the_client_address_in_forwarding_headers(agent, cluster_app, local_app, tmp_path, clients):
+    # the client connects from 127.0.0.2; the agent reaches the apps from 127.0.0.1
+    clients.append(start_client(agent, local_app.port, "--header", "x-dev=fern", "--name", "fern"))
+    head = b"GET /who HTTP/1.1\r\nHost: a\r\n%sX-Forwarded-For: 203.0.113.7\r\n\r\n"
+    for routing, expected_app in ((b"", "cluster"), (b"x-dev: fern\r\n", "local")):
+        app, seen = _raw_exchange(agent.http_port, head % routing, source="127.0.0.2")
+        assert app == expected_app
+        assert seen["headers"][-3:] == [["X-Forwarded-For", "203.0.113.7"], ["X-Forwarded-For", "127.0.0.2"],
+                                        ["Forwarded", "for=127.0.0.2"]]
+    quiet = start_agent(tmp_path, cluster_app.port, "--no-forwarded-headers")
+    try:
+        app, seen = _raw_exchange(quiet.http_port, head % b"", source="127.0.0.2")
+        assert seen["headers"] == [["Host", "a"], ["X-Forwarded-For", "203.0.113.7"]]
+    finally:
+        quiet.proc.stop()

@@ -37,6 +37,7 @@ class AgentConfig:
     shutdown_grace: float = 0.0  # seconds to keep serving after SIGTERM
     header_timeout: float = 60.0  # a connection waiting longer for a request head is closed
     routes_file: Path | None = None  # the sandboxes' routes (the mounted ConfigMap's routes.json)
+    forwarded_headers: bool = True  # add the client's address to requests (X-Forwarded-For, Forwarded)
 
 
 class Agent:
@@ -49,6 +50,7 @@ class Agent:
         self.pool = UpstreamPool()
         self.h2 = Hub(self)
         self.connections: weakref.WeakSet[ClientConnection] = weakref.WeakSet()
+        self.forwarded_headers = config.forwarded_headers
         self._sweeper: asyncio.Task[None] | None = None
         self.sessions: dict[str, sshd.DeveloperSession] = {}
         self._http: asyncio.Server | None = None

@@ -35,6 +35,7 @@ from intercept.routing.http1 import (
     ResponseHead,
     classify,
     error_response,
+    forwarding_fields,
     parse_request_head,
     parse_response_head,
     skip_empty_lines,
@@ -80,6 +81,7 @@ class Destinations(Protocol):
     pool: UpstreamPool | None
     h2: Hub | None  # the HTTP/2 path (intercept.agent.h2proxy); None relays HTTP/2 untouched
     connections: weakref.WeakSet[ClientConnection]
+    forwarded_headers: bool  # add the client's address to each request (X-Forwarded-For, Forwarded)
 
     async def open_upstream(self, owner: ClientConnection) -> Link: ...
     async def open_developer(self, route: RegisteredRoute, owner: ClientConnection) -> Link: ...
@@ -230,6 +232,7 @@ class ClientConnection(asyncio.Protocol):
         self.resp_chunks: ChunkedScanner | None = None
         self.resp_started = False
         self.resp_done = False
+        self.forwarded = b""  # the lines added to every request head: the same for the whole connection
 
     # -- downstream events -------------------------------------------------------------
 
@@ -238,6 +241,10 @@ class ClientConnection(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()  # once: get_running_loop() costs a getpid() syscall
         self.waiting_since = self.loop.time()
         self.dest.connections.add(self)
+        if self.dest.forwarded_headers:
+            peer = transport.get_extra_info("peername")
+            if isinstance(peer, tuple) and peer:
+                self.forwarded = forwarding_fields(str(peer[0]))
 
     def expire(self, now: float, timeout: float) -> None:
         """Close a connection that has waited for a request head longer than ``timeout``
@@ -398,7 +405,11 @@ class ClientConnection(asyncio.Protocol):
         self.replay = (data, start, pos) if head.framing is Framing.NONE and head.method in _REPLAYABLE else None
         end = self._request_body_end(data, pos)
         if self.mode is not Mode.CLOSED:
-            link.write(data[start:end])
+            if self.forwarded:
+                # one splice: the client's address as new lines before the head's final CRLF
+                link.write(b"".join((data[start : pos - 2], self.forwarded, data[pos - 2 : end])))
+            else:
+                link.write(data[start:end])
         return end
 
     def _request_body_end(self, data: bytes, pos: int) -> int:

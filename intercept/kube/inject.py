@@ -96,6 +96,7 @@ class InjectOptions:
     no_policy_changes: bool = False
     outbound: bool = True
     hold_timeout: float = 10.0
+    forwarded_headers: bool = True  # the agent adds the client's address (X-Forwarded-For, Forwarded)
 
     def __post_init__(self) -> None:
         if not self.image or any(c.isspace() for c in self.image):
@@ -525,6 +526,7 @@ def _agent_container(
         {"name": "INTERCEPT_ROUTES_FILE", "value": f"{ROUTES_DIR}/{ROUTES_KEY}"},
         {"name": "INTERCEPT_HOLD_TIMEOUT", "value": str(int(hold)) if hold == int(hold) else str(hold)},
         {"name": "INTERCEPT_ALLOW_OUTBOUND", "value": "true" if options.outbound else "false"},
+        {"name": "INTERCEPT_FORWARDED_HEADERS", "value": "true" if options.forwarded_headers else "false"},
         {"name": "INTERCEPT_APP_CONTAINER", "value": app["name"]},
         # keep serving a few seconds after SIGTERM, while the endpoints controller removes the pod
         {"name": "INTERCEPT_SHUTDOWN_GRACE", "value": "5"},

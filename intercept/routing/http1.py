@@ -16,7 +16,9 @@ Invariants kept here (the proxy relies on them for request-smuggling safety):
   with Transfer-Encoding, conflicting Content-Lengths, a Transfer-Encoding whose last
   coding is not ``chunked``, bare CR or LF in the head, obsolete line folding, and
   whitespace before a colon are all refused with 400.
-- Header bytes are never altered: case, order and repeats arrive as sent.
+- Header bytes are never altered: case, order and repeats arrive as sent. What the
+  proxy adds (:func:`forwarding_fields`: the client's address) comes as new lines after
+  all of them, which HTTP reads as appended to those lists.
 """
 
 from __future__ import annotations
@@ -361,6 +363,22 @@ class ChunkedScanner:
             else:
                 self._remaining = size + 2
         return pos
+
+
+def forwarding_fields(host: str) -> bytes:
+    """The field lines that tell the app who the client is: ``X-Forwarded-For`` and
+    ``Forwarded`` (RFC 7239) naming ``host``, the peer address of the connection.
+
+    They are spliced in before the head's final CRLF, after every line the client sent:
+    for these list fields a new line is the same as appending to the list (RFC 9110
+    section 5.3), so ``X-Forwarded-For: a`` from an ingress becomes ``a, <peer>`` for an
+    app that joins repeated lines, the usual reading. An IPv4-mapped IPv6 address is
+    written as IPv4; an IPv6 address is bracketed and quoted in ``Forwarded``.
+    """
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    node = f'"[{host}]"' if ":" in host else host
+    return f"X-Forwarded-For: {host}\r\nForwarded: for={node}\r\n".encode("ascii", "replace")
 
 
 def error_response(status: int, reason: str, *, head_only: bool = False) -> bytes:

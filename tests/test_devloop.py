@@ -253,3 +253,45 @@ def test_env_prints_the_pod_environment_without_intercepting(cluster_app, tmp_pa
         assert agent.app_of() == "cluster"
     finally:
         agent.proc.stop()
+
+
+SERVE = ("import http.server, os, sys; print('command pid', os.getpid(), flush=True); "
+         "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), http.server.SimpleHTTPRequestHandler).serve_forever()")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the parent-death signal is Linux's")
+def test_a_killed_intercept_takes_its_command_with_it(agent, tmp_path, clients):
+    import os
+    import select
+
+    port = free_port()
+    proc = Proc(INTERCEPT + ["start", "--agent", agent.ssh, "--credentials", str(agent.credentials), "--port", str(port),
+                             "--header", "x-dev=orphan", "--no-watch", "--", sys.executable, "-c", SERVE, str(port)],
+                cwd=str(tmp_path))
+    clients.append(proc)
+    pid = int(proc.wait_for(r"command pid (\d+)")[1])
+    proc.wait_for(r"^intercept: ready: ")
+    command = os.pidfd_open(pid)
+    try:
+        proc.p.kill()  # kill -9 of intercept start alone: no chance to stop COMMAND itself
+        proc.finish()
+        readable, _, _ = select.select([command], [], [], 30)
+        assert readable, f"COMMAND (pid {pid}) outlived the intercept"
+    finally:
+        os.close(command)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # and its port is free again
+
+
+def test_a_start_whose_port_is_taken_names_the_process_holding_it(agent, tmp_path, clients):
+    import os
+
+    with socket.create_server(("127.0.0.1", 0)) as holder:
+        port = holder.getsockname()[1]
+        proc = Proc(INTERCEPT + ["start", "--agent", agent.ssh, "--credentials", str(agent.credentials), "--port", str(port),
+                                 "--header", "x-dev=taken", "--no-watch", "--", sys.executable, "-c", SERVE, str(port)],
+                    cwd=str(tmp_path))
+        clients.append(proc)
+        assert proc.finish() == 8
+    assert f"localhost:{port} is already in use by pid {os.getpid()} (" in proc.output
+    assert f"kill {os.getpid()}" in proc.output

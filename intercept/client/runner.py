@@ -1,12 +1,20 @@
-"""The local process: COMMAND started in its own process group, stopped with it on leaving."""
+"""The local process: COMMAND started in its own process group, stopped with it on leaving.
+
+COMMAND never outlives the intercept: leaving stops its whole group, and on Linux the
+kernel sends it SIGTERM when the intercept dies without leaving (``kill -9``, a crash),
+through a parent-death signal, so that it cannot be left holding its port.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import re
+import shlex
 import signal
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +45,8 @@ class LocalProcess:
 
     async def start(self) -> None:
         piped = {"stdout": asyncio.subprocess.PIPE, "stderr": asyncio.subprocess.STDOUT} if self.output else {}
+        if sys.platform == "linux":
+            piped["preexec_fn"] = _terminate_with(os.getpid())
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, env=self.env, cwd=self.cwd, start_new_session=True, stdin=asyncio.subprocess.DEVNULL if self.output else None, **piped
@@ -69,6 +79,69 @@ class LocalProcess:
         except ProcessLookupError:
             pass
         return await self.proc.wait()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _terminate_with(parent: int) -> Callable[[], None]:
+    """What the child runs between fork and exec: ask the kernel for SIGTERM when ``parent``
+    (this process) dies, and send it now if it already has. SIGTERM, not SIGKILL, so that
+    a COMMAND with children of its own (a reloader and its worker) can stop them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the request was in place
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def port_holder(port: int) -> str | None:
+    """Who listens on TCP ``port`` of this machine: ``pid N (COMMAND LINE)``, or None when it
+    cannot be told (not Linux, or a process this user may not look into)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for pid in sorted((p for p in os.listdir("/proc") if p.isdigit()), key=int):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+            if not any(os.readlink(f"/proc/{pid}/fd/{fd}") in inodes for fd in fds):
+                continue
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().rstrip(b"\0").split(b"\0")
+        except OSError:  # gone meanwhile, or not ours to see
+            continue
+        line = shlex.join(arg.decode(errors="replace") for arg in argv)
+        return f"pid {pid} ({line[:120]}{'...' if len(line) > 120 else ''})"
+    return None
+
+
+async def refuse_taken_port(host: str, port: int) -> None:
+    """Raise :class:`CommandFailed` naming the holder when something already accepts on
+    ``host:port``: COMMAND could not listen there, and requests would reach the other."""
+    try:
+        _, writer = await asyncio.open_connection(host, port)
+    except OSError:
+        return
+    writer.close()
+    holder = await asyncio.to_thread(port_holder, port)
+    if holder is None:
+        raise CommandFailed(f"localhost:{port} is already in use by another process; stop it, or choose another --port")
+    pid = holder.split()[1]
+    raise CommandFailed(
+        f"localhost:{port} is already in use by {holder}, perhaps a command left running by an earlier "
+        f"intercept; stop it (kill {pid}) or choose another --port"
+    )
 
 
 _reading: set[asyncio.Task[None]] = set()  # output readers, held so they are not collected

@@ -23,7 +23,7 @@ from intercept import protocol
 from intercept.client.door import LocalDoor
 from intercept.client.fleet import Fleet, Replica, fixed
 from intercept.client.outbound import OutboundProxy, SSHDialer, TCPForward, propagation, proxy_env
-from intercept.client.runner import LocalCommand, Supervisor, accepting, dotenv, watch
+from intercept.client.runner import LocalCommand, Supervisor, accepting, dotenv, refuse_taken_port, watch
 from intercept.client.session import AgentSession, InterceptOptions
 from intercept.events import Event
 from intercept.errors import InterceptError
@@ -77,6 +77,8 @@ async def start(
     propagate = propagation(options.route) if propagate_header else []
     if not isinstance(command, LocalCommand):
         command = LocalCommand(tuple(command))
+    if command.argv:  # before the route is held: COMMAND is to listen on the port
+        await refuse_taken_port(options.local_host, options.local_port)
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     door = LocalDoor(options.name, options.local_port, options.local_host)

@@ -57,7 +57,7 @@ class Agent:
         self._ssh: asyncssh.SSHAcceptor | None = None
         self.cluster_routes = RoutesDocument(0.0)
         self._routes_follower: asyncio.Task[None] | None = None
-        self._last_busy = time.monotonic()  # when a session or a route last went away
+        self._last_busy = time.monotonic()  # when a route last went away
         self._removal: asyncio.Future[None] | None = None  # resolved when a route leaves the table
 
     async def start(self) -> None:
@@ -115,8 +115,8 @@ class Agent:
             "upstream": f"{host}:{port}",
             "hold_timeout": self.config.hold_timeout,
             "outbound": self.config.allow_outbound,
-            # for intercept gc: how long nobody has used this agent (0 while a session or a route exists)
-            "idle_seconds": 0.0 if self.sessions or len(self.routes) else round(time.monotonic() - self._last_busy, 1),
+            # for intercept gc: how long no route has been held (a session that only asks, as gc does, is no use)
+            "idle_seconds": 0.0 if len(self.routes) else round(time.monotonic() - self._last_busy, 1),
         }
 
     # -- sessions and routes -------------------------------------------------------------
@@ -127,9 +127,9 @@ class Agent:
 
     def session_closed(self, session: sshd.DeveloperSession, exc: Exception | None) -> None:
         self.sessions.pop(session.id, None)
-        self._last_busy = time.monotonic()
         for route in self.routes.remove_session(session.id):
             log.info("dropped route %s of %s (%s)", route.route.describe(), session.name, exc or "connection closed")
+            self._last_busy = time.monotonic()  # gc's idle time counts from the last route
         self._routes_removed()
         self.h2.session_closed(session.id, session.name)
 
@@ -154,6 +154,7 @@ class Agent:
             if route["id"] == route_id and route["session"] == session.id:
                 self.routes.remove(route_id)
                 log.info("route %s unregistered by %s", route["description"], session.name)
+                self._last_busy = time.monotonic()
                 self._routes_removed()
 
     # -- destinations for the proxy --------------------------------------------------------
@@ -263,6 +264,7 @@ class Agent:
             for registered in self.routes.routes_of(session_id):
                 if (session_id, registered.route) not in wanted:
                     self.routes.remove(registered.id)
+                    self._last_busy = time.monotonic()
                     log.info("route %s of %s removed", registered.route.describe(), registered.holder)
                     self._routes_removed()
         applied, refused = set(), []

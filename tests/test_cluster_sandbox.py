@@ -1,0 +1,108 @@
+"""Sandboxes against the real control plane: forks created and waited for by the real
+Deployment controller, their routes in a ConfigMap the agents mount, cleanup on failure,
+delete, expiry and gc restoring an idle agent's workload exactly."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from e2e.cluster.api import wait_until
+from tests.realcluster import (
+    AGENT_IMAGE,
+    ENFORCE_RESTRICTED,
+    WAIT,
+    RealCluster,
+    app,
+    deploy,
+    intercept,
+    snapshot,
+)
+
+SANDBOX = "intercept.dev/sandbox"
+
+
+def where(cluster: RealCluster, ns: str) -> list[str]:
+    return ["-n", ns, "--kubeconfig", str(cluster.kubeconfig)]
+
+
+def sandbox_objects(cluster: RealCluster, ns: str, name: str) -> list[str]:
+    return sorted(f"{kind}/{o['metadata']['name']}" for kind in ("Deployment", "Service")
+                  for o in cluster.items(kind, ns, labelSelector=f"{SANDBOX}={name}"))
+
+
+def routed_sandboxes(cluster: RealCluster, ns: str, workload: str) -> list[str]:
+    if not cluster.exists("ConfigMap", ns, f"intercept-{workload}"):
+        return []
+    document = json.loads(cluster.get("ConfigMap", ns, f"intercept-{workload}")["data"]["routes.json"])
+    return sorted({r["sandbox"] for r in document["routes"]})
+
+
+def test_create_forks_waits_and_routes_then_delete_removes_everything(real_cluster: RealCluster, namespace_of) -> None:
+    ns = namespace_of("sbx", ENFORCE_RESTRICTED)
+    deploy(real_cluster, ns, app("web", 2))
+    real_cluster.wait_ready(ns, "web", 2)
+    created = intercept("sandbox", "create", "pr-1", "--fork", "web", "--ttl", "1h", "--agent-image", AGENT_IMAGE,
+                        *where(real_cluster, ns), timeout=WAIT * 2)
+    assert created.returncode == 0, created.stdout + created.stderr
+    ready = [line for line in created.stdout.splitlines() if line.startswith("intercept: ready: ")]
+    assert ready and "sandbox pr-1: requests with x-intercept-id: pr-1 (or baggage intercept-id=pr-1) reach web -> web-sbx-pr-1" in ready[0]
+    assert sandbox_objects(real_cluster, ns, "pr-1") == ["Deployment/web-sbx-pr-1", "Service/web-sbx-pr-1"]
+    fork = real_cluster.get("Deployment", ns, "web-sbx-pr-1")
+    assert (fork.get("status") or {}).get("readyReplicas") == 1
+    assert real_cluster.get("Service", ns, "web-sbx-pr-1")["spec"]["clusterIP"] == "None"
+    # the original Service never selects the fork
+    assert {e.pod for e in real_cluster.endpoints(ns, "web")} == set(real_cluster.wait_ready_pods(ns, "app=web", 2))
+    assert routed_sandboxes(real_cluster, ns, "web") == ["pr-1"]
+    listed = json.loads(intercept("sandbox", "list", "-o", "json", *where(real_cluster, ns)).stdout)
+    assert [(r["sandbox"], r["ready"], r["expired"]) for r in listed] == [("pr-1", True, False)]
+
+    deleted = intercept("sandbox", "delete", "pr-1", *where(real_cluster, ns))
+    assert deleted.returncode == 0 and "intercept: deleted: sandbox pr-1" in deleted.stdout, deleted.stdout + deleted.stderr
+    assert sandbox_objects(real_cluster, ns, "pr-1") == [] and routed_sandboxes(real_cluster, ns, "web") == []
+    again = intercept("sandbox", "delete", "pr-1", *where(real_cluster, ns))
+    assert again.returncode == 0 and "nothing was left" in again.stdout
+
+
+def test_a_fork_that_never_becomes_ready_leaves_nothing_behind(real_cluster: RealCluster, namespace_of) -> None:
+    ns = namespace_of("sbxfail")
+    deploy(real_cluster, ns, app("web", 1))
+    real_cluster.wait_ready(ns, "web", 1)
+    failed = intercept("sandbox", "create", "bad", "--fork", "web", "--image", "registry.invalid/web:pr-1", "--timeout", "60",
+                       "--agent-image", AGENT_IMAGE, *where(real_cluster, ns), timeout=WAIT * 2)
+    assert failed.returncode == 10, failed.stdout + failed.stderr
+    error = failed.stderr.strip().splitlines()[-1]
+    assert error.startswith("intercept: error: sandbox bad: a fork did not become ready") and "registry.invalid/web:pr-1" in error
+    assert sandbox_objects(real_cluster, ns, "bad") == [] and routed_sandboxes(real_cluster, ns, "web") == []
+
+
+def test_gc_removes_an_expired_sandbox_then_the_idle_agent_and_dry_run_changes_nothing(
+        real_cluster: RealCluster, namespace_of) -> None:
+    ns = namespace_of("gc")
+    deploy(real_cluster, ns, app("web", 1))
+    real_cluster.wait_ready(ns, "web", 1)
+    before = snapshot(real_cluster, ns)
+    created = intercept("sandbox", "create", "short", "--fork", "web", "--ttl", "3s", "--agent-image", AGENT_IMAGE,
+                        *where(real_cluster, ns), timeout=WAIT * 2)
+    assert created.returncode == 0, created.stdout + created.stderr
+    wait_until(lambda: json.loads(intercept("sandbox", "list", "-o", "json", *where(real_cluster, ns)).stdout)[0]["expired"],
+               "the sandbox's expiry", WAIT)
+
+    state = {kind: snapshot(real_cluster, ns) for kind in ("before",)}
+    dry = intercept("gc", "--dry-run", "--idle", "1", *where(real_cluster, ns))
+    assert dry.returncode == 0 and "would remove 1 sandboxes" in dry.stdout, dry.stdout + dry.stderr
+    assert snapshot(real_cluster, ns) == state["before"] and sandbox_objects(real_cluster, ns, "short")
+
+    collected = intercept("gc", "--idle", "1", *where(real_cluster, ns), timeout=WAIT * 2)
+    assert collected.returncode == 0 and f"{ns}/short" in collected.stdout, collected.stdout + collected.stderr
+    assert sandbox_objects(real_cluster, ns, "short") == []
+
+    def uninstalled() -> bool:
+        out = intercept("gc", "--idle", "1", *where(real_cluster, ns), timeout=WAIT * 2)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return f"{ns}/web" in out.stdout or not real_cluster.exists("Secret", ns, "intercept-web")
+
+    wait_until(uninstalled, "gc uninstalling the idle agent", WAIT)
+    real_cluster.wait_ready(ns, "web", 1)
+    assert snapshot(real_cluster, ns) == before
+    assert not real_cluster.exists("ConfigMap", ns, "intercept-web")

@@ -8,6 +8,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from e2e.cluster.api import wait_until
 from tests.conftest import Proc
 from tests.realcluster import ROOT, WAIT, RealCluster
 
@@ -58,3 +59,38 @@ def test_up_runs_until_sigterm_then_leaves_no_process_namespace_or_bridge(tmp_pa
     assert bridge not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
     tag = bridge.removeprefix("icb")
     assert f"icp-{tag}-" not in subprocess.run(["ip", "netns"], capture_output=True, text=True).stdout
+
+
+def test_a_harness_killed_outright_leaves_no_process_and_the_next_one_removes_its_network(
+    tmp_path: Path, real_cluster: RealCluster
+) -> None:
+    state = tmp_path / "killed"
+    up = Proc([sys.executable, "-m", "e2e.cluster", "up", "--state", str(state)], cwd=ROOT)
+    try:
+        up.wait_for(r"^cluster: ready: ", timeout=WAIT)
+        bridge = up.wait_for(r"^cluster: pods: network \S+ on bridge (\S+)$")[1]
+        kubectl = [str(state / "bin" / "kubectl"), "--kubeconfig", str(state / "kubeconfig")]
+        subprocess.run([*kubectl, "create", "deployment", "one", "--image=intercept.test/sample:1", "--port=8080"],
+                       capture_output=True, text=True, timeout=60, check=True)
+        subprocess.run([*kubectl, "rollout", "status", "deployment/one", "--timeout=120s"],
+                       capture_output=True, text=True, timeout=150, check=True)
+        up.p.kill()  # SIGKILL: no teardown runs
+        up.finish(30)
+    finally:
+        up.stop()
+
+    def control_plane_gone() -> bool:
+        return str(state) not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+
+    wait_until(control_plane_gone, "the killed harness's processes to end (their parent-death signal)", WAIT)
+    assert bridge in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout  # left behind, for now
+
+    again = Proc([sys.executable, "-m", "e2e.cluster", "up", "--state", str(tmp_path / "next")], cwd=ROOT)
+    try:
+        again.wait_for(r"^cluster: ready: ", timeout=WAIT)
+        assert any(f"removed the pod network {bridge.removeprefix('icb')}" in line for line in again.lines), again.output
+        assert bridge not in subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
+        again.signal(signal.SIGTERM)
+        assert again.finish(120) == 0, again.output
+    finally:
+        again.stop()

@@ -36,6 +36,7 @@ import yaml
 
 from e2e.cluster.api import API, APIError, wait_until
 from e2e.cluster.build import Binaries
+from e2e.cluster.network import orphan_guard
 from e2e.cluster.pki import Authority, KeyPair, signing_key
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ class ControlPlane:
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         out = open(self.logs / f"{name}.log", "ab")
-        self.processes[name] = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        self.processes[name] = subprocess.Popen(orphan_guard("TERM") + argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                                 start_new_session=True, cwd=self.state)
         out.close()
         log.info("started %s (pid %d)", name, self.processes[name].pid)

@@ -47,7 +47,7 @@ from typing import Any
 
 from e2e.cluster.api import API, APIError
 from e2e.cluster.images import ROOT, Program, program
-from e2e.cluster.network import PodNetwork
+from e2e.cluster.network import PodNetwork, orphan_guard
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +207,7 @@ class PodWorker:
         self.waiting_for: str | None = None  # why containers cannot be created yet
         self.events_sent: set[str] = set()
         self._stop = threading.Event()
+        self._reaped = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"pod {self.namespace}/{self.name}", daemon=True)
 
@@ -231,6 +232,9 @@ class PodWorker:
                 self._stop.wait(TICK)
         except Exception:  # noqa: BLE001 - a broken pod must not take the node down; say why
             log.exception("pod %s/%s", self.namespace, self.name)
+        finally:
+            # The processes die with this thread (orphan_guard): it lives until stop() has let them go.
+            self._reaped.wait()
 
     def stop(self, grace: float) -> None:
         """SIGTERM every process, SIGKILL after ``grace`` seconds (at most :data:`MAX_GRACE`), remove the namespace."""
@@ -247,7 +251,9 @@ class PodWorker:
                 pass
             _signal(p, signal.SIGKILL)
             p.wait()
-        self._thread.join(5)
+        self._reaped.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
         if self.netns:
             self.kubelet.network.remove(self.netns)
             self.netns = None
@@ -312,7 +318,7 @@ class PodWorker:
     def _launch(self, c: Container) -> None:
         assert c.program.argv is not None
         env, mapping = self._environment(c)
-        argv = [_map_path(a, mapping) for a in c.program.argv]
+        argv = orphan_guard("KILL") + [_map_path(a, mapping) for a in c.program.argv]
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         log_file = open(self.dir / f"{c.name}.log", "ab")

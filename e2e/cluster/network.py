@@ -8,7 +8,8 @@ that no address or route of the machine uses; only addresses of the namespaces m
 here are ever sent traffic.
 
 :meth:`PodNetwork.close` removes every namespace, veth and the bridge it made, also
-after a failure part-way.
+after a failure part-way; a network whose owner was killed before it could close it is
+removed by the next :meth:`PodNetwork.open` (:func:`sweep_orphans`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,47 @@ import subprocess
 import sys
 import threading
 import uuid
+from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+RUN_DIR = Path("/run/intercept-cluster")  # one file per live PodNetwork: its tag, holding the owner's pid
+
+
+def orphan_guard(signal_name: str) -> list[str]:
+    """An argv prefix that sends the child ``signal_name`` when the thread that started it dies.
+
+    So a harness killed with SIGKILL (a CI timeout) leaves no control plane or pod process
+    running. ``setpriv`` is util-linux's; where it is missing, no prefix.
+    """
+    return ["setpriv", f"--pdeathsig={signal_name}", "--"] if shutil.which("setpriv") else []
+
+
+def sweep_orphans() -> list[str]:
+    """Remove the namespaces and bridges of pod networks whose owner died without closing them; their tags."""
+    swept = []
+    for record in RUN_DIR.glob("*") if RUN_DIR.is_dir() else []:
+        try:
+            owner = int(record.read_text())
+            os.kill(owner, 0)
+            continue  # alive
+        except (ValueError, OSError):
+            pass
+        tag = record.name
+        for line in _ip("netns", "list", check=False).stdout.splitlines():
+            netns = line.split()[0] if line.strip() else ""
+            if netns.startswith(f"icp-{tag}-"):
+                for pid in _ip("netns", "pids", netns, check=False).stdout.split():
+                    try:
+                        os.kill(int(pid), 9)
+                    except (ValueError, OSError):
+                        pass
+                _ip("netns", "del", netns, check=False)
+        _ip("link", "del", f"icb{tag}", check=False)
+        record.unlink(missing_ok=True)
+        swept.append(tag)
+    return swept
 
 
 def unavailable() -> str | None:
@@ -62,6 +102,10 @@ class PodNetwork:
         raise OSError("no free /24 in 10.200.0.0-10.250.255.0 for the pods")
 
     def open(self) -> None:
+        for tag in sweep_orphans():
+            log.warning("removed the pod network %s left by a harness that was killed", tag)
+        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        (RUN_DIR / self.tag).write_text(f"{os.getpid()}\n")
         _ip("link", "add", self.bridge, "type", "bridge")
         self._up = True
         _ip("addr", "add", f"{self.gateway}/24", "dev", self.bridge)
@@ -104,3 +148,4 @@ class PodNetwork:
         if self._up:
             _ip("link", "del", self.bridge, check=False)
             self._up = False
+        (RUN_DIR / self.tag).unlink(missing_ok=True)

@@ -128,10 +128,12 @@ def main(verbose: int) -> None:
 @click.option("--allow-outbound/--no-allow-outbound", envvar="INTERCEPT_ALLOW_OUTBOUND", default=False, help="Let clients open TCP connections from this pod.")
 @click.option("--shutdown-grace", envvar="INTERCEPT_SHUTDOWN_GRACE", default=0.0, show_default=True, type=float, help="Seconds to keep serving after SIGTERM.")
 @click.option("--header-timeout", envvar="INTERCEPT_HEADER_TIMEOUT", default=60.0, show_default=True, type=float, help="Close connections that wait longer for a request head.")
+@click.option("--max-connections", envvar="INTERCEPT_MAX_CONNECTIONS", default=10000, show_default=True, type=click.IntRange(min=0), help="New connections (no request completed yet) served at once; more get 503. 0: no cap.")
 @click.option("--forwarded-headers/--no-forwarded-headers", envvar="INTERCEPT_FORWARDED_HEADERS", default=True, show_default=True, help="Add the client's address to each request (X-Forwarded-For, Forwarded).")
 @click.option("--routes-file", envvar="INTERCEPT_ROUTES_FILE", type=click.Path(path_type=Path), help="The sandboxes' routes (JSON), read again when it changes; the injection mounts it from a ConfigMap.")
 def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_timeout: float, allow_outbound: bool,
-          shutdown_grace: float, header_timeout: float, routes_file: Path | None, forwarded_headers: bool) -> None:
+          shutdown_grace: float, header_timeout: float, routes_file: Path | None, forwarded_headers: bool,
+          max_connections: int) -> None:
     """Run the agent in front of an app (in a pod: configured by INTERCEPT_* variables)."""
     from intercept.agent import AgentConfig, run
 
@@ -147,6 +149,7 @@ def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_t
             header_timeout=header_timeout,
             routes_file=routes_file,
             forwarded_headers=forwarded_headers,
+            max_connections=max_connections,
         )
 
         def ready(a: Any) -> None:

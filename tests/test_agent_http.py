@@ -382,3 +382,30 @@ def test_connections_that_never_finish_a_head_are_closed(cluster_app, tmp_path):
         assert agent.app_of() == "cluster"  # others are served as before
     finally:
         agent.proc.stop()
+
+
+def test_fresh_connections_beyond_max_connections_get_503_and_established_ones_are_not_counted(cluster_app, tmp_path):
+    agent = start_agent(tmp_path, cluster_app.port, "--max-connections", "2")
+    try:
+        keep = http.client.HTTPConnection("127.0.0.1", agent.http_port, timeout=30)
+        keep.request("GET", "/first")  # an established keep-alive user: not counted
+        assert keep.getresponse().read()
+        fresh = [socket.create_connection(("127.0.0.1", agent.http_port), timeout=30) for _ in range(2)]
+        try:
+            with socket.create_connection(("127.0.0.1", agent.http_port), timeout=30) as over:
+                reply = b""
+                while chunk := over.recv(65536):
+                    reply += chunk
+            assert reply.startswith(b"HTTP/1.1 503 ") and b"--max-connections 2" in reply
+            keep.request("GET", "/second")  # the established user is served throughout
+            assert echo(keep.getresponse().read())["target"] == "/second"
+            # a fresh connection that completes an exchange frees its place at once
+            fresh[0].sendall(b"GET /done HTTP/1.1\r\nHost: a\r\n\r\n")
+            assert read_responses(fresh[0], 1)[0][0].status_code == 200
+            assert agent.app_of(path="/after") == "cluster"
+        finally:
+            for s in fresh:
+                s.close()
+        keep.close()
+    finally:
+        agent.proc.stop()

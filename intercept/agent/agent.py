@@ -38,6 +38,7 @@ class AgentConfig:
     header_timeout: float = 60.0  # a connection waiting longer for a request head is closed
     routes_file: Path | None = None  # the sandboxes' routes (the mounted ConfigMap's routes.json)
     forwarded_headers: bool = True  # add the client's address to requests (X-Forwarded-For, Forwarded)
+    max_connections: int = 10000  # connections that have not completed a request yet, at once (0: no cap)
 
 
 class Agent:
@@ -51,6 +52,8 @@ class Agent:
         self.h2 = Hub(self)
         self.connections: weakref.WeakSet[ClientConnection] = weakref.WeakSet()
         self.forwarded_headers = config.forwarded_headers
+        self.max_connections = config.max_connections
+        self.fresh_connections = 0
         self._sweeper: asyncio.Task[None] | None = None
         self.sessions: dict[str, sshd.DeveloperSession] = {}
         self._http: asyncio.Server | None = None

@@ -14,6 +14,11 @@ Invariants:
 - A malformed request gets an error response on its own connection only.
 - Nothing is buffered without bound: a full outgoing buffer pauses reading on the
   other side, in both directions.
+- At most ``max_connections`` connections are *fresh* at once (accepted, no exchange
+  completed yet: what a flood of new connections consists of); one more is answered
+  503 as soon as it connects and closed. A connection stops being fresh once it has
+  completed a request and its response (or switched protocols, or gone to the HTTP/2
+  path), so established keep-alive users are counted apart and never refused.
 """
 
 from __future__ import annotations
@@ -82,6 +87,8 @@ class Destinations(Protocol):
     h2: Hub | None  # the HTTP/2 path (intercept.agent.h2proxy); None relays HTTP/2 untouched
     connections: weakref.WeakSet[ClientConnection]
     forwarded_headers: bool  # add the client's address to each request (X-Forwarded-For, Forwarded)
+    max_connections: int  # fresh connections allowed at once (0: no cap)
+    fresh_connections: int  # connections that have not completed an exchange yet
 
     async def open_upstream(self, owner: ClientConnection) -> Link: ...
     async def open_developer(self, route: RegisteredRoute, owner: ClientConnection) -> Link: ...
@@ -233,6 +240,7 @@ class ClientConnection(asyncio.Protocol):
         self.resp_started = False
         self.resp_done = False
         self.forwarded = b""  # the lines added to every request head: the same for the whole connection
+        self.fresh = False  # counted in dest.fresh_connections: no exchange completed yet
 
     # -- downstream events -------------------------------------------------------------
 
@@ -240,7 +248,19 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.loop = asyncio.get_running_loop()  # once: get_running_loop() costs a getpid() syscall
         self.waiting_since = self.loop.time()
-        self.dest.connections.add(self)
+        dest = self.dest
+        if dest.max_connections and dest.fresh_connections >= dest.max_connections:
+            self.mode = Mode.CLOSED
+            log.warning("503 to %s: %d connections have not completed a request yet (--max-connections %d)",
+                        transport.get_extra_info("peername"), dest.fresh_connections, dest.max_connections)
+            transport.write(error_response(503, f"the agent has {dest.fresh_connections} new connections that have "
+                                                f"not completed a request (--max-connections {dest.max_connections}); "
+                                                "try again shortly"))
+            transport.close()
+            return
+        dest.fresh_connections += 1
+        self.fresh = True
+        dest.connections.add(self)
         if self.dest.forwarded_headers:
             peer = transport.get_extra_info("peername")
             if isinstance(peer, tuple) and peer:
@@ -469,8 +489,16 @@ class ClientConnection(asyncio.Protocol):
         if pos < len(data) and self.mode is not Mode.CLOSED:
             self._consume(data[pos:])
 
+    def _established(self) -> None:
+        """No longer fresh: this connection no longer counts against ``max_connections``."""
+        if self.fresh:
+            self.fresh = False
+            self.dest.fresh_connections -= 1
+
     def _request_finished(self) -> None:
         """Request and response are both complete: the next request may start."""
+        if self.fresh:
+            self._established()
         self.mode = Mode.HEAD
         self.empty_lines = 0
         self.waiting_since = self.loop.time()
@@ -482,6 +510,8 @@ class ClientConnection(asyncio.Protocol):
             self._close()
 
     def _tunnel(self, data: bytes) -> None:
+        if self.req is not None:  # switched protocols; a stream that is not HTTP stays counted
+            self._established()
         self.mode = Mode.TUNNEL
         self._resume("pipeline")
         if data:
@@ -641,6 +671,7 @@ class ClientConnection(asyncio.Protocol):
     def _hand_over_h2(self, data: bytes, head: RequestHead | None = None, settings: bytes | None = None) -> None:
         """From now on the transport belongs to the HTTP/2 path; this object is done."""
         self.mode = Mode.CLOSED
+        self._established()
         self.dest.connections.discard(self)
         self.dest.h2.accept(self.transport, bytes(data), head, settings)
 
@@ -681,6 +712,7 @@ class ClientConnection(asyncio.Protocol):
         self._close()
 
     def _close(self) -> None:
+        self._established()
         clean = self.mode is Mode.HEAD  # both directions ended a message: nothing in flight
         if self.mode is not Mode.CLOSED:
             self.mode = Mode.CLOSED

@@ -770,12 +770,14 @@ def down(path: Path | None, *, report: Callable[[str], None] = lambda line: None
     return bring_down(path, report=report)
 
 
-def vscode(services: Sequence[str], *, directory: Path, spec_file: Path | None = None) -> list[Path]:
-    """Write ``.vscode/launch.json`` and ``tasks.json`` (merged into what is there) to debug
-    ``services`` (default: those of ``spec_file``); the files written."""
+def vscode(services: Sequence[str], *, directory: Path, spec_file: Path | None = None,
+           command: Sequence[str] = ()) -> list[Path]:
+    """Write ``.vscode/launch.json`` and ``tasks.json`` (edited in place, comments kept) to
+    debug ``services`` (default: those of ``spec_file``) running ``command`` (default: each
+    one's ``command`` in ``spec_file``; none at all is refused); the files written."""
     from intercept.workspace import vscode as write
 
-    return write(services, directory=directory, spec_file=spec_file)
+    return write(services, directory=directory, spec_file=spec_file, command=command)
 
 
 __all__ = [

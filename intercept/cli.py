@@ -595,14 +595,20 @@ def leave_command(service: str, namespace: str | None) -> None:
         click.echo(f"intercept: left: {entry.label} (pid {entry.pid}){route}")
 
 
-@main.command("vscode")
+@main.command("vscode", cls=_DashDashCommand)
 @click.argument("services", nargs=-1)
-def vscode_command(services: tuple[str, ...]) -> None:
-    """Write .vscode/launch.json and tasks.json to debug SERVICE (default: the services of ./intercept.yaml)."""
+@click.pass_context
+def vscode_command(ctx: click.Context, services: tuple[str, ...]) -> None:
+    """Write .vscode/launch.json and tasks.json to debug SERVICE running COMMAND.
+
+    \b
+    intercept vscode orders -- python app.py
+    intercept vscode            (the services and commands of ./intercept.yaml)
+    """
     from intercept import api
 
     try:
-        written = api.vscode(services, directory=Path.cwd(), spec_file=Path("intercept.yaml"))
+        written = api.vscode(services, directory=Path.cwd(), spec_file=Path("intercept.yaml"), command=ctx.meta["command"])
     except InterceptError as e:
         _fail(e)
     if not written:

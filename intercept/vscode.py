@@ -9,17 +9,19 @@ Per service, two entries, both found again by their name:
 - a debugpy ``attach`` configuration ``intercept: attach SERVICE`` on 127.0.0.1:N whose
   ``preLaunchTask`` is that task, so VS Code attaches once requests flow.
 
-The files are merged, not overwritten: other configurations and tasks, their order and
-other top-level keys are kept; only our own entries (matched by name) are replaced.
-VS Code reads these files as JSONC (comments, trailing commas); we read them the same
-way but write plain JSON, so comments are lost: when a file had comments, its original
-is kept beside it as ``launch.json.bak`` / ``tasks.json.bak``. Writing twice gives the
-same files (nothing is rewritten when nothing changes).
+The files are edited in place, not rewritten: VS Code reads them as JSONC (comments,
+trailing commas), and so do we; the text of an existing file changes only where our
+own entries (matched by name) are replaced, appended, or (duplicates) removed, so the
+user's comments, formatting, other configurations and tasks, their order and other
+top-level keys are kept byte for byte. A missing list or ``version`` is added to the
+top-level object; a new file is plain JSON. Writing twice gives the same files (nothing
+is rewritten when nothing changes).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -27,6 +29,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from intercept.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BACKGROUND_BEGINS",
@@ -200,9 +204,152 @@ def _merge_named(entries: list[object], ours: list[dict[str, object]], key: str)
     return merged
 
 
+def _skip_blank(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def _value_end(text: str, i: int) -> int:
+    """Index just past the JSON value that starts at ``text[i]`` (comments already blanked)."""
+    c = text[i]
+    if c == '"':
+        j = i + 1
+        while text[j] != '"':
+            j += 2 if text[j] == "\\" else 1
+        return j + 1
+    if c in "{[":
+        depth, j = 0, i
+        while True:
+            c = text[j]
+            if c == '"':
+                j = _value_end(text, j)
+                continue
+            if c in "{[":
+                depth += 1
+            elif c in "}]":
+                depth -= 1
+                if depth == 0:
+                    return j + 1
+            j += 1
+    j = i
+    while j < len(text) and text[j] not in ",]} \t\r\n":
+        j += 1
+    return j
+
+
+def _members(text: str, opening: int) -> tuple[list[tuple[str | None, int, int, int]], int]:
+    """The members of the object or array whose bracket is ``text[opening]``: ``(key or None,
+    start, value start, end)`` each (start: the key's quote in an object), and the index of
+    the closing bracket. ``text`` is valid JSON once comments and trailing commas are blanked."""
+    is_object = text[opening] == "{"
+    closing = "}" if is_object else "]"
+    found: list[tuple[str | None, int, int, int]] = []
+    i = opening + 1
+    while True:
+        i = _skip_blank(text, i)
+        if text[i] == closing:
+            return found, i
+        if text[i] == ",":
+            i += 1
+            continue
+        start, key = i, None
+        if is_object:
+            key_end = _value_end(text, i)
+            key = json.loads(text[i:key_end])
+            i = _skip_blank(text, _skip_blank(text, key_end) + 1)  # past the colon
+        end = _value_end(text, i)
+        found.append((key, start, i, end))
+        i = end
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int]]:
+    """Consecutive runs of sorted ``indices``, as (first, last) pairs."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
+
+
+def _indent_at(text: str, i: int) -> str:
+    """The leading whitespace of the line ``text[i]`` is on."""
+    line = text.rfind("\n", 0, i) + 1
+    j = line
+    while j < i and text[j] in " \t":
+        j += 1
+    return text[line:j]
+
+
+def _dumps(value: object, indent: str) -> str:
+    """``value`` as indented JSON whose continuation lines start with ``indent``."""
+    return json.dumps(value, indent=4, ensure_ascii=False).replace("\n", "\n" + indent)
+
+
+def _edited(original: str, stripped: str, list_key: str, name_key: str, version: str,
+            entries: list[object], ours: list[dict[str, object]]) -> str:
+    """``original`` with our entries put in place: each replaces the first entry of its name
+    (later ones are removed), the others are appended to the list; a missing list or
+    version is added. Everything else keeps its bytes, comments included."""
+    edits: list[tuple[int, int, str]] = []  # (start, end, replacement), applied from the end
+    top = _skip_blank(stripped, 0)
+    members, top_close = _members(stripped, top)
+    by_key = {key: (start, value_start, end) for key, start, value_start, end in members}
+    by_name = {entry[name_key]: entry for entry in ours}
+    new_members: list[str] = []
+    member_indent = _indent_at(stripped, members[0][1]) if members else "    "
+    if list_key in by_key:
+        _, value_start, _ = by_key[list_key]
+        elements, list_close = _members(stripped, value_start)
+        placed: set[object] = set()
+        removed: list[int] = []  # duplicates of ours (never the first element)
+        for index, ((_, start, _, end), entry) in enumerate(zip(elements, entries)):
+            name = entry.get(name_key) if isinstance(entry, dict) else None
+            if isinstance(name, str) and name in by_name:
+                if name in placed:
+                    removed.append(index)
+                else:
+                    edits.append((start, end, _dumps(by_name[name], _indent_at(stripped, start))))
+                    placed.add(name)
+        for first, last in _runs(removed):
+            if last + 1 < len(elements):  # up to the next element kept
+                edits.append((elements[first][1], elements[last + 1][1], ""))
+            else:  # the run, and the comma after the last element kept (comments around stay)
+                comma = stripped.index(",", elements[first - 1][3], elements[first][1])
+                edits.append((elements[first][1], elements[last][3], ""))
+                edits.append((comma, comma + 1, ""))
+        missing = [entry for entry in ours if entry[name_key] not in placed]
+        if missing:
+            if elements:
+                indent = _indent_at(stripped, elements[0][1])
+                edits.append((elements[-1][3], elements[-1][3],
+                              "".join(f",\n{indent}{_dumps(entry, indent)}" for entry in missing)))
+            else:
+                base = _indent_at(stripped, value_start)
+                indent = base + "    "
+                edits.append((value_start + 1, list_close,
+                              "\n" + ",\n".join(indent + _dumps(entry, indent) for entry in missing) + "\n" + base))
+    else:
+        new_members.append(f'{json.dumps(list_key)}: {_dumps(ours, member_indent)}')
+    if "version" not in by_key:
+        new_members.insert(0, f'"version": {json.dumps(version)}')
+    if new_members:
+        if members:
+            edits.append((members[-1][3], members[-1][3], "".join(f",\n{member_indent}{m}" for m in new_members)))
+        else:
+            edits.append((top + 1, top_close, "\n" + ",\n".join(member_indent + m for m in new_members) + "\n"))
+    text = original
+    for start, end, replacement in sorted(edits, key=lambda edit: edit[0], reverse=True):
+        text = text[:start] + replacement + text[end:]
+    return text
+
+
 def _merged_document(path: Path, list_key: str, name_key: str, version: str,
                      ours: list[dict[str, object]]) -> tuple[str, str | None, bool]:
-    """``(new text, old text or None, old had comments)`` for one of the two files."""
+    """``(new text, old text or None, whether the old text's comments are lost)`` for one
+    of the two files; the last is True only if editing in place failed its own check."""
     shown = str(path)
     try:
         old = path.read_text(encoding="utf-8")
@@ -216,9 +363,22 @@ def _merged_document(path: Path, list_key: str, name_key: str, version: str,
     entries = data.get(list_key, [])
     if not isinstance(entries, list):
         raise UsageError(f"{shown}: {list_key!r} must be a list; fix the file or move it away")
-    data.setdefault("version", version)
-    data[list_key] = _merge_named(entries, ours, name_key)
-    return json.dumps(data, indent=4, ensure_ascii=False) + "\n", old, had_comments
+    merged = dict(data)
+    merged.setdefault("version", version)
+    merged[list_key] = _merge_named(entries, ours, name_key)
+    plain = json.dumps(merged, indent=4, ensure_ascii=False) + "\n"
+    body = (old or "").removeprefix("\ufeff")
+    stripped, _ = _strip_jsonc(body)
+    if not stripped.strip():
+        return plain, old, False
+    bom = "\ufeff" if old.startswith("\ufeff") else ""
+    try:
+        text = bom + _edited(body, stripped, list_key, name_key, version, entries, ours)
+        if parse_jsonc(text, name=shown)[0] == merged:
+            return text, old, False
+    except (UsageError, ValueError, IndexError, KeyError) as error:
+        log.warning("%s: cannot edit it in place (%s); writing it anew", shown, error)
+    return plain, old, had_comments  # not expected: the check above is a safety net
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -244,8 +404,9 @@ def write_vscode(directory: Path, services: Sequence[str], *, debug_port: int = 
     (e.g. ``{"orders": ["-n", "shop", "--", "python", "app.py"]}``).
 
     Returns the files written, in order; nothing is rewritten when its content would not
-    change. A ``.bak`` path among them is the original of a file whose comments could not
-    be kept (the CLI should say so). Raises :class:`UsageError` for no service, an
+    change. Existing files are edited in place, comments kept (see the module); only if
+    that ever failed its own check would a file be written anew, its original kept as a
+    ``.bak`` path among those returned (the CLI says so). Raises :class:`UsageError` for no service, an
     unreadable or invalid existing file, or a port out of range.
     """
     names = list(dict.fromkeys(services))

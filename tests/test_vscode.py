@@ -21,7 +21,7 @@ READY = "intercept: ready: requests with x-dev: alice now reach localhost:8080"
 
 
 def read(path: Path) -> dict:
-    return json.loads(path.read_text())
+    return parse_jsonc(path.read_text())[0]
 
 
 def names(entries: list[dict], key: str = "name") -> list[str]:
@@ -170,7 +170,7 @@ def test_merging_keeps_other_entries_their_order_and_other_keys(tmp_path):
     assert tasks["tasks"][0] == {"label": "build", "type": "shell", "command": "make", "group": "build"}
 
 
-def test_a_file_with_comments_is_kept_as_a_backup(tmp_path):
+def test_a_file_with_comments_is_edited_in_place_keeping_them(tmp_path):
     vscode = tmp_path / ".vscode"
     vscode.mkdir()
     (vscode / "launch.json").write_text(EXISTING_LAUNCH)
@@ -178,12 +178,44 @@ def test_a_file_with_comments_is_kept_as_a_backup(tmp_path):
 
     written = write_vscode(tmp_path, ["orders"])
 
-    assert written == [vscode / "launch.json.bak", vscode / "launch.json", vscode / "tasks.json"]
-    assert (vscode / "launch.json.bak").read_text() == EXISTING_LAUNCH
-    assert not (vscode / "tasks.json.bak").exists()
-    # Merged once, the files are plain JSON: a second run writes nothing, not even a backup.
+    assert written == [vscode / "launch.json", vscode / "tasks.json"]
+    assert not list(vscode.glob("*.bak"))
+    text = (vscode / "launch.json").read_text()
+    # everything but our own entry keeps its bytes: comments, the user's formatting, other entries
+    before, ours = EXISTING_LAUNCH.split("        /* an old one of ours, to be replaced in place */\n")
+    assert text.startswith(before + "        /* an old one of ours, to be replaced in place */\n")
+    assert text.endswith('        {"name": "Node: attach", "type": "node", "request": "attach", "port": 9229},\n'
+                         '    ],\n    "compounds": [],\n}\n')
+    assert read(vscode / "launch.json")["configurations"][1]["connect"]["port"] == 5678
+    # a second run writes nothing
     assert write_vscode(tmp_path, ["orders"]) == []
-    assert (vscode / "launch.json.bak").read_text() == EXISTING_LAUNCH
+
+
+def test_a_list_or_version_that_is_missing_is_added_keeping_comments(tmp_path):
+    vscode = tmp_path / ".vscode"
+    vscode.mkdir()
+    (vscode / "tasks.json").write_text('{\n    // no tasks yet\n    "options": {"cwd": "${workspaceFolder}"}\n}\n')
+    (vscode / "launch.json").write_text("// nothing here yet\n{\n}\n")
+    write_vscode(tmp_path, ["orders"])
+    tasks_text = (vscode / "tasks.json").read_text()
+    assert "// no tasks yet" in tasks_text and "// nothing here yet" in (vscode / "launch.json").read_text()
+    tasks = read(vscode / "tasks.json")
+    assert tasks["version"] == "2.0.0" and tasks["options"] == {"cwd": "${workspaceFolder}"}
+    assert names(tasks["tasks"], "label") == ["intercept: orders"]
+    assert names(read(vscode / "launch.json")["configurations"]) == ["intercept: attach orders"]
+    assert write_vscode(tmp_path, ["orders"]) == []
+
+
+def test_duplicates_are_removed_in_place(tmp_path):
+    vscode = tmp_path / ".vscode"
+    vscode.mkdir()
+    (vscode / "launch.json").write_text(
+        '{"configurations": [\n  {"name": "intercept: attach orders"}, // ours\n  {"name": "x"}, /* keep */\n'
+        '  {"name": "intercept: attach orders"}\n]}\n')
+    write_vscode(tmp_path, ["orders"])
+    text = (vscode / "launch.json").read_text()
+    assert names(read(vscode / "launch.json")["configurations"]) == ["intercept: attach orders", "x"]
+    assert "/* keep */" in text and "// ours" in text
 
 
 def test_duplicates_of_our_entries_collapse_into_one(tmp_path):

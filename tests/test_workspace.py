@@ -392,15 +392,33 @@ def test_vscode_writes_launch_and_tasks_for_the_services_of_intercept_yaml(agent
     assert again.stdout == "intercept: vscode: .vscode/launch.json and .vscode/tasks.json are up to date\n"
 
 
-def test_vscode_takes_the_services_named(machine):
-    result = machine.run("vscode", "cart")
+def test_vscode_takes_the_services_named_and_the_command_after_the_dashes(machine):
+    result = machine.run("vscode", "cart", "--", "python", "cart.py")
     assert result.returncode == 0, result.stderr
     tasks = json.loads((machine.dir / ".vscode" / "tasks.json").read_text())
     assert [t["label"] for t in tasks["tasks"]] == ["intercept: cart"]
+    assert tasks["tasks"][0]["args"] == ["start", "cart", "--debug", "--debug-port", "5678", "--", "python", "cart.py"]
+
+
+def test_vscode_without_a_command_refuses_with_the_fix_and_writes_nothing(agent, machine):
+    result = machine.run("vscode", "orders")
+    assert result.returncode == 2
+    assert result.stderr == (
+        "intercept: error: no command to debug for orders: the task runs intercept start --debug, which needs the "
+        "command after --, and there is no intercept.yaml; write it: intercept vscode orders -- python app.py\n")
+    write_spec(machine.dir / "intercept.yaml", agent, {"service": "orders", "port": 8080},
+               {"service": "cart", "port": 8081, "command": ["python", "cart.py"]})
+    result = machine.run("vscode")
+    assert result.returncode == 2 and "no command to debug for orders" in result.stderr
+    assert not (machine.dir / ".vscode").exists()
+    result = machine.run("vscode", "cart")  # intercept.yaml gives cart its command (and options)
+    assert result.returncode == 0, result.stderr
+    args = json.loads((machine.dir / ".vscode" / "tasks.json").read_text())["tasks"][0]["args"]
+    assert args[-3:] == ["--", "python", "cart.py"] and "--agent" in args
 
 
 def test_vscode_without_a_service_or_intercept_yaml_says_how_to_name_one(machine):
     result = machine.run("vscode")
     assert result.returncode == 2
-    assert result.stderr == ("intercept: error: name the services to debug, e.g. intercept vscode orders, "
+    assert result.stderr == ("intercept: error: name the services to debug, e.g. intercept vscode orders -- python app.py, "
                              "or run it where an intercept.yaml lists them\n")

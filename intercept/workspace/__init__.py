@@ -79,24 +79,45 @@ __all__ = [
 
 
 def vscode(services: Sequence[str], *, directory: Path, spec_file: Path | None = None,
-           env: Mapping[str, str] | None = None) -> list[Path]:
+           env: Mapping[str, str] | None = None, command: Sequence[str] = ()) -> list[Path]:
     """``.vscode/launch.json`` and ``tasks.json`` in ``directory`` for ``services``.
 
-    With no service: the services of ``spec_file`` (default ``directory/intercept.yaml``),
-    each task starting its intercept with the file's options. Returns the files written
-    (see :func:`~intercept.vscode.write_vscode`).
+    Each task runs ``intercept start SERVICE --debug ...``, which needs a COMMAND to run
+    under the debugger: ``command`` (what followed ``--``) for every service, else the
+    ``command`` of the service's intercept in ``spec_file`` (default
+    ``directory/intercept.yaml``), whose other options the task then passes too. With no
+    service: the services of ``spec_file``. A service left without a command is refused
+    with the fix, before anything is written (such a task could only fail at once).
+    Returns the files written (see :func:`~intercept.vscode.write_vscode`).
     """
-    if services:
-        return write_vscode(directory, services)
     spec_file = directory / DEFAULT_FILE if spec_file is None else spec_file
-    if not spec_file.exists():
-        raise UsageError(f"name the services to debug, e.g. intercept vscode orders, "
-                         f"or run it where an {DEFAULT_FILE} lists them")
     env = dict(os.environ if env is None else env)
-    workspace = resolve_workspace(load_workspace(spec_file, env), env, {})
-    specs = [spec for spec in workspace.intercepts if spec.service]
-    if not specs:
-        raise UsageError(f"{spec_file}: no intercept names a service; name the services: intercept vscode SERVICE ...")
-    start_args = {spec.service: to_args(spec, skip=("service", "debug", "debug_port", "debug_wait")) for spec in specs}
-    return write_vscode(directory, [spec.service for spec in specs], start_args=start_args)  # type: ignore[misc]
-
+    specs = []
+    if spec_file.exists():
+        specs = [spec for spec in resolve_workspace(load_workspace(spec_file, env), env, {}).intercepts if spec.service]
+    elif not services:
+        raise UsageError(f"name the services to debug, e.g. intercept vscode orders -- python app.py, "
+                         f"or run it where an {DEFAULT_FILE} lists them")
+    if not services:
+        if not specs:
+            raise UsageError(f"{spec_file}: no intercept names a service; name the services: intercept vscode SERVICE ...")
+        services = [spec.service for spec in specs]  # type: ignore[misc]
+    by_service = {spec.service: spec for spec in specs}
+    skip = ("service", "debug", "debug_port", "debug_wait")
+    start_args: dict[str, list[str]] = {}
+    missing: list[str] = []
+    for service in services:
+        spec = by_service.get(service)
+        if command:
+            start_args[service] = [*(to_args(spec, skip=(*skip, "command")) if spec else []), "--", *command]
+        elif spec is not None and spec.command:
+            start_args[service] = to_args(spec, skip=skip)
+        else:
+            missing.append(service)
+    if missing:
+        where = f"and {spec_file} gives none" if spec_file.exists() else f"and there is no {DEFAULT_FILE}"
+        raise UsageError(
+            f"no command to debug for {', '.join(missing)}: the task runs intercept start --debug, which needs "
+            f"the command after --, {where}; write it: intercept vscode {' '.join(services)} -- python app.py"
+        )
+    return write_vscode(directory, services, start_args=start_args)

@@ -58,7 +58,7 @@ and a test is deterministic: no timers):
 Use::
 
     with KubeAPI() as server:
-        server.load(boutique())                        # the Online Boutique, rolled out
+        server.load(boutique())                        # the shop (Online Boutique's shape), rolled out
         connection = connect(server.kubeconfig(tmp_path / "kubeconfig"))
         ...                                            # intercept.kube.* with connection.api
         assert as_user_sees_it(server.get("Deployment", "default", "frontend")) == ...
@@ -152,14 +152,15 @@ class ApiStatus(Exception):
         self.status = status_object(code, reason, message, **details)
 
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "online-boutique"
 REVISION = "deployment.kubernetes.io/revision"
 
 
-def boutique(fixtures: Path = FIXTURES) -> list[Obj]:
-    """Google's Online Boutique: its manifests and its network policies, as a fresh list of dicts."""
-    return [o for name in ("kubernetes-manifests.yaml", "network-policies.yaml")
-            for o in yaml.safe_load_all((fixtures / name).read_text()) if o]
+def boutique() -> list[Obj]:
+    """The shop of ``tests/shop.py`` (Online Boutique's shape): its manifests and its network
+    policies, as a fresh list of dicts."""
+    from tests import shop
+
+    return shop.manifests() + shop.policies()
 
 
 def as_user_sees_it(obj: Obj | None) -> Obj | None:

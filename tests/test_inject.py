@@ -1,7 +1,8 @@
 """The manifest transform, tested alone: inject the agent, restore the originals, exactly.
 
-Run over every Service of Google's Online Boutique (with its network policies), and over
-small hand-made manifests for the shapes the demo lacks (named targetPorts, several
+Run over every Service of a microservice shop built by ``tests/shop.py`` in the shape of
+Google's Online Boutique (with its network policies), and of the real Online Boutique
+when its manifests are beside the checkout, and over small hand-made manifests for the shapes the demo lacks (named targetPorts, several
 ports, headless, ExternalName, StatefulSets, shared policies). Where a test checks what
 the cluster will do (which port a Service reaches, which rule admits a packet) it
 re-derives it with its own small model of Kubernetes, not with the code under test.
@@ -11,9 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
-from pathlib import Path
 
 import kubernetes_validate
 import pytest
@@ -31,27 +30,16 @@ from intercept.kube.inject import (
     restore,
     secret_name,
 )
+from tests import shop
 
 KUBERNETES_VERSION = "1.31"  # pinned: the schemas kubernetes-validate checks against
-FIXTURES = Path(
-    os.environ.get(
-        "INTERCEPT_FIXTURES",
-        Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "online-boutique",
-    )
-)
-if not (FIXTURES / "kubernetes-manifests.yaml").exists():
-    pytest.skip(f"Online Boutique fixtures not found in {FIXTURES} (set INTERCEPT_FIXTURES)",
-                allow_module_level=True)
-
-
-def load(name: str) -> list[dict]:
-    return [o for o in yaml.safe_load_all((FIXTURES / name).read_text()) if o]
-
-
-MANIFESTS = load("kubernetes-manifests.yaml")
-POLICIES = load("network-policies.yaml")
-BOUTIQUE = MANIFESTS + POLICIES
+# The corpora: the shop built by tests/shop.py, always; the real Online Boutique too when
+# it is beside the checkout. The tests that name services use the shop.
+CORPORA = {name: (manifests, policies, manifests + policies) for name, (manifests, policies) in shop.corpora().items()}
+MANIFESTS, POLICIES, BOUTIQUE = CORPORA["shop"]
 SERVICES = [o["metadata"]["name"] for o in MANIFESTS if o["kind"] == "Service"]
+CASES = [pytest.param(corpus, o["metadata"]["name"], id=f"{corpus}-{o['metadata']['name']}")
+         for corpus, (manifests, _, _) in CORPORA.items() for o in manifests if o["kind"] == "Service"]
 OPTIONS = InjectOptions(image="registry.example/intercept-agent:0.1.0")
 IANA_SVC_NAME = re.compile(r"^(?=.*[a-z])(?!.*--)[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
 
@@ -59,9 +47,9 @@ IANA_SVC_NAME = re.compile(r"^(?=.*[a-z])(?!.*--)[a-z0-9]([a-z0-9-]{0,13}[a-z0-9
 # --------------------------------------------------------------------------- a small model of Kubernetes
 
 
-def boutique() -> list[dict]:
+def boutique(corpus: str = "shop") -> list[dict]:
     """A fresh copy, so that a test that mutated its input cannot hide behind another's."""
-    return copy.deepcopy(BOUTIQUE)
+    return copy.deepcopy(CORPORA[corpus][2])
 
 
 def find(objects, kind, name):
@@ -192,45 +180,45 @@ def assert_sane_pod_ports(pod) -> None:
 # --------------------------------------------------------------------------- every Online Boutique Service
 
 
-@pytest.mark.parametrize("service", SERVICES)
-def test_every_fixture_service_resolves_to_its_deployment(service):
-    target = resolve(BOUTIQUE, service)
-    svc = find(BOUTIQUE, "Service", service)
-    assert target.workload == f"Deployment/{selected_workload(BOUTIQUE, svc)['metadata']['name']}"
+@pytest.mark.parametrize("corpus, service", CASES)
+def test_every_fixture_service_resolves_to_its_deployment(corpus, service):
+    target = resolve(CORPORA[corpus][2], service)
+    svc = find(CORPORA[corpus][2], "Service", service)
+    assert target.workload == f"Deployment/{selected_workload(CORPORA[corpus][2], svc)['metadata']['name']}"
     assert target.container_port == svc["spec"]["ports"][0]["targetPort"]
 
 
-@pytest.mark.parametrize("service", SERVICES)
-def test_injected_manifests_validate_against_the_kubernetes_schemas(service):
-    injected = inject(boutique(), service, OPTIONS)
+@pytest.mark.parametrize("corpus, service", CASES)
+def test_injected_manifests_validate_against_the_kubernetes_schemas(corpus, service):
+    injected = inject(boutique(corpus), service, OPTIONS)
     validate(injected)
-    workload = find(injected, "Deployment", resolve(BOUTIQUE, service).workload_name)
+    workload = find(injected, "Deployment", resolve(CORPORA[corpus][2], service).workload_name)
     assert_sane_pod_ports(pod_of(workload))
 
 
-@pytest.mark.parametrize("service", SERVICES)
-def test_restore_gives_back_exactly_the_original_manifests(service):
-    objects = boutique()
+@pytest.mark.parametrize("corpus, service", CASES)
+def test_restore_gives_back_exactly_the_original_manifests(corpus, service):
+    objects = boutique(corpus)
     injected = inject(objects, service, OPTIONS)
-    assert injected != BOUTIQUE
-    assert objects == BOUTIQUE, "inject mutated its input"
-    assert restore(injected) == BOUTIQUE
+    assert injected != CORPORA[corpus][2]
+    assert objects == CORPORA[corpus][2], "inject mutated its input"
+    assert restore(injected) == CORPORA[corpus][2]
     # The offline path prints YAML and reads it back: the record must survive that too.
     reread = list(yaml.safe_load_all(yaml.safe_dump_all(injected)))
-    assert restore(reread) == BOUTIQUE
+    assert restore(reread) == CORPORA[corpus][2]
 
 
-@pytest.mark.parametrize("service", SERVICES)
-def test_injecting_twice_changes_nothing(service):
-    once = inject(boutique(), service, OPTIONS)
+@pytest.mark.parametrize("corpus, service", CASES)
+def test_injecting_twice_changes_nothing(corpus, service):
+    once = inject(boutique(corpus), service, OPTIONS)
     twice = inject(once, service, OPTIONS)
     assert twice == once
     assert all(a is b for a, b in zip(once, twice)), "an unchanged object was replaced"
 
 
-@pytest.mark.parametrize("service", SERVICES)
-def test_only_the_workload_the_service_and_its_policies_change(service):
-    objects = boutique()
+@pytest.mark.parametrize("corpus, service", CASES)
+def test_only_the_workload_the_service_and_its_policies_change(corpus, service):
+    objects = boutique(corpus)
     injected = inject(objects, service, OPTIONS)
     target = resolve(objects, service)
     changed = {(a["kind"], a["metadata"]["name"]) for a, b in zip(objects, injected) if a is not b}
@@ -242,10 +230,10 @@ def test_only_the_workload_the_service_and_its_policies_change(service):
     assert all(is_injected(b) for a, b in zip(objects, injected) if a is not b)
 
 
-@pytest.mark.parametrize("service", SERVICES)
-def test_agent_container_passes_the_restricted_pod_security_profile(service):
-    injected = inject(boutique(), service, OPTIONS)
-    workload = find(injected, "Deployment", resolve(BOUTIQUE, service).workload_name)
+@pytest.mark.parametrize("corpus, service", CASES)
+def test_agent_container_passes_the_restricted_pod_security_profile(corpus, service):
+    injected = inject(boutique(corpus), service, OPTIONS)
+    workload = find(injected, "Deployment", resolve(CORPORA[corpus][2], service).workload_name)
     agent = agent_of(workload)
     assert_restricted(pod_of(workload), agent)
     assert agent["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -255,10 +243,10 @@ def test_agent_container_passes_the_restricted_pod_security_profile(service):
     assert agent["resources"]["requests"] and agent["resources"]["limits"]
 
 
-@pytest.mark.parametrize("service", SERVICES)
-def test_service_traffic_reaches_the_agent_which_forwards_to_the_app(service):
-    before_port, before_container = service_reaches(BOUTIQUE, service)
-    injected = inject(boutique(), service, OPTIONS)
+@pytest.mark.parametrize("corpus, service", CASES)
+def test_service_traffic_reaches_the_agent_which_forwards_to_the_app(corpus, service):
+    before_port, before_container = service_reaches(CORPORA[corpus][2], service)
+    injected = inject(boutique(corpus), service, OPTIONS)
     after_port, after_container = service_reaches(injected, service)
     agent = agent_of(selected_workload(injected, find(injected, "Service", service)))
     env = env_of(agent)
@@ -269,21 +257,21 @@ def test_service_traffic_reaches_the_agent_which_forwards_to_the_app(service):
     assert before_container != AGENT_CONTAINER
 
 
-@pytest.mark.parametrize("service", SERVICES)
-def test_app_container_probes_still_reach_the_app(service):
-    target = resolve(BOUTIQUE, service)
-    injected = inject(boutique(), service, OPTIONS)
-    before = container(find(BOUTIQUE, "Deployment", target.workload_name), target.container)
+@pytest.mark.parametrize("corpus, service", CASES)
+def test_app_container_probes_still_reach_the_app(corpus, service):
+    target = resolve(CORPORA[corpus][2], service)
+    injected = inject(boutique(corpus), service, OPTIONS)
+    before = container(find(CORPORA[corpus][2], "Deployment", target.workload_name), target.container)
     after = container(find(injected, "Deployment", target.workload_name), target.container)
     for key in ("livenessProbe", "readinessProbe", "startupProbe"):
         if key in before:
             assert probe_port(after, after[key]) == probe_port(before, before[key])
 
 
-@pytest.mark.parametrize("service", SERVICES)
-def test_agent_receives_the_app_environment_and_read_only_mounts(service):
-    target = resolve(BOUTIQUE, service)
-    injected = inject(boutique(), service, OPTIONS)
+@pytest.mark.parametrize("corpus, service", CASES)
+def test_agent_receives_the_app_environment_and_read_only_mounts(corpus, service):
+    target = resolve(CORPORA[corpus][2], service)
+    injected = inject(boutique(corpus), service, OPTIONS)
     workload = find(injected, "Deployment", target.workload_name)
     app, agent = container(workload, target.container), agent_of(workload)
     assert agent["env"][: len(app.get("env", []))] == app.get("env", [])
@@ -299,23 +287,23 @@ def test_agent_receives_the_app_environment_and_read_only_mounts(service):
     assert env_of(agent)["INTERCEPT_SSH_LISTEN"].startswith("0.0.0.0:")
 
 
-@pytest.mark.parametrize("service", SERVICES)
-def test_policies_admit_the_agent_wherever_they_admitted_the_app(service):
-    target = resolve(BOUTIQUE, service)
-    injected = inject(boutique(), service, OPTIONS)
+@pytest.mark.parametrize("corpus, service", CASES)
+def test_policies_admit_the_agent_wherever_they_admitted_the_app(corpus, service):
+    target = resolve(CORPORA[corpus][2], service)
+    injected = inject(boutique(corpus), service, OPTIONS)
     agent_port, _ = service_reaches(injected, service)
-    original_workload = find(BOUTIQUE, "Deployment", target.workload_name)
-    before = admitting_rules(BOUTIQUE, original_workload, target.container_port)
+    original_workload = find(CORPORA[corpus][2], "Deployment", target.workload_name)
+    before = admitting_rules(CORPORA[corpus][2], original_workload, target.container_port)
     after_workload = find(injected, "Deployment", target.workload_name)
     assert admitting_rules(injected, after_workload, agent_port) >= before
     # Direct traffic to the app's port is admitted as before.
     assert admitting_rules(injected, after_workload, target.container_port) == before
 
 
-@pytest.mark.parametrize("service", SERVICES)
-def test_no_policy_changes_refuses_naming_the_policy_that_would_cut_traffic(service):
-    target = resolve(BOUTIQUE, service)
-    objects = boutique()
+@pytest.mark.parametrize("corpus, service", CASES)
+def test_no_policy_changes_refuses_naming_the_policy_that_would_cut_traffic(corpus, service):
+    target = resolve(CORPORA[corpus][2], service)
+    objects = boutique(corpus)
     workload = find(objects, "Deployment", target.workload_name)
     app_only = (admitting_rules(objects, workload, target.container_port)
                 - admitting_rules(objects, workload, 9900))
@@ -328,7 +316,7 @@ def test_no_policy_changes_refuses_naming_the_policy_that_would_cut_traffic(serv
         assert "--no-policy-changes" in message and "9900" in message
     else:  # frontend: its policy admits every port
         injected = inject(objects, service, options)
-        assert [o for o in injected if o["kind"] == "NetworkPolicy"] == POLICIES
+        assert [o for o in injected if o["kind"] == "NetworkPolicy"] == CORPORA[corpus][1]
 
 
 def test_the_fixture_policies_are_extended_for_most_services():

@@ -38,10 +38,7 @@ from intercept.kube.apply import (
 from intercept.kube.config import connect
 from intercept.kube.inject import AGENT_CONTAINER, ANNOTATION, InjectOptions
 from intercept.kube.pods import agent_pods
-from tests.kubeapi import FIXTURES, KubeAPI, as_user_sees_it, boutique
-
-if not (FIXTURES / "kubernetes-manifests.yaml").exists():
-    pytest.skip(f"Online Boutique fixtures not found in {FIXTURES}", allow_module_level=True)
+from tests.kubeapi import KubeAPI, as_user_sees_it, boutique
 
 IMAGE = "registry.example/intercept-agent:0.1.0"
 OPTIONS = InjectOptions(image=IMAGE)

@@ -20,11 +20,10 @@ from intercept.kube.apply import ensure_agent
 from intercept.kube.config import connect
 from intercept.kube.image import DEFAULT_AGENT_IMAGE
 from intercept.kube.inject import AGENT_CONTAINER, InjectOptions
-from tests.kubeapi import FIXTURES, KubeAPI, as_user_sees_it, boutique
+from tests import shop
+from tests.kubeapi import KubeAPI, as_user_sees_it, boutique
 
-if not (FIXTURES / "kubernetes-manifests.yaml").exists():
-    pytest.skip(f"Online Boutique fixtures not found in {FIXTURES}", allow_module_level=True)
-
+FIXTURES = shop.files()  # the shop's manifests as files, for -f
 MANIFESTS = FIXTURES / "kubernetes-manifests.yaml"
 POLICIES = FIXTURES / "network-policies.yaml"
 ALL = MANIFESTS.read_text() + "\n---\n" + POLICIES.read_text()

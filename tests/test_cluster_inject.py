@@ -201,6 +201,26 @@ def test_an_agent_that_never_becomes_ready_is_rolled_back(real_cluster: RealClus
     assert {served_by(e) for e in endpoints} == {f"cluster/{e.pod}" for e in endpoints}
 
 
+def test_an_agent_image_that_does_not_exist_is_named_with_the_build_and_push_command_and_the_flag(
+    real_cluster: RealCluster, namespace_of
+) -> None:
+    ns = namespace_of("unpublished", ENFORCE_RESTRICTED)
+    deploy(real_cluster, ns, app("unpublished", 1))
+    real_cluster.wait_ready(ns, "unpublished", 1)
+    before = snapshot(real_cluster, ns)
+    image = "ghcr.intercept.invalid/agent:0.0.0"  # as a registry nobody published it to: the pull fails
+
+    client = start(real_cluster, ns, "unpublished", free_port(), image=image)
+    code = client.finish(WAIT)
+    assert code == 10, client.output
+    line = error_line(client.output)
+    assert f"the agent image {image} could not be pulled" in line, line
+    assert f"docker build -f agent_image/Dockerfile -t {image} . && docker push {image}" in line, line
+    assert "--agent-image IMAGE" in line and "INTERCEPT_AGENT_IMAGE" in line, line
+    assert "nothing was left half-injected" in line, line  # the rollback stays as it was
+    assert snapshot(real_cluster, ns) == before
+
+
 def test_a_user_who_may_not_update_deployments_gets_exit_11_naming_the_verb_and_resource(
     real_cluster: RealCluster, namespace_of, tmp_path: Path
 ) -> None:

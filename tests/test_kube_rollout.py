@@ -55,6 +55,21 @@ def test_a_new_pod_that_cannot_start_fails_the_rollout_at_once_naming_it(reason:
     assert status.new_pods == ("web-new",)
 
 
+@pytest.mark.parametrize("reason", ["ImagePullBackOff", "ErrImagePull", "InvalidImageName"])
+def test_an_agent_image_that_cannot_be_pulled_is_named_as_the_cause(reason: str) -> None:
+    agent_stuck = pod("web-new", APP, AGENT, ready=False)
+    agent_stuck["status"]["containerStatuses"][1]["state"] = {"waiting": {"reason": reason, "message": "no such host"}}
+    status = rollout_status(deployment(updated=1, total=3, available=2), [agent_stuck, pod("web-old", APP)])
+    assert status.failure == f"pod web-new: container intercept-agent is in {reason}: no such host"
+    assert status.unpulled == ("intercept-agent", "example/agent:1")
+
+
+def test_a_crash_loop_is_not_taken_for_an_image_that_cannot_be_pulled() -> None:
+    status = rollout_status(deployment(updated=1, total=3, available=2),
+                            [pod("web-new", APP, AGENT, ready=False, waiting="CrashLoopBackOff")])
+    assert status.failure and status.unpulled is None
+
+
 def test_an_old_pod_that_cannot_start_is_not_the_rollouts_failure() -> None:
     status = rollout_status(deployment(updated=1, total=3), [pod("web-old", APP, ready=False, waiting="CrashLoopBackOff")])
     assert status.failure is None

@@ -47,6 +47,7 @@ from kubernetes.client import ApiClient
 from intercept.credentials import Credentials
 from intercept.errors import CredentialsError, InjectError, InterceptError, ResolveError
 from intercept.kube import inject
+from intercept.kube.image import how_to_provide
 from intercept.kube.inject import ANNOTATION, AGENT_CONTAINER, CREDENTIALS_KEY, InjectOptions
 from intercept.kube.pods import PodEndpoint, agent_pods, agent_ports, watch_agent_pods
 from intercept.kube.rest import AccessDenied, Cluster, ClusterError, Conflict, NotFound, format_selector
@@ -131,10 +132,20 @@ class Uninstalled:
 class _RolloutProblem(Exception):
     """Internal: the rollout cannot succeed (or timed out); carries the pods whose events explain it."""
 
-    def __init__(self, reason: str, pods: tuple[str, ...]) -> None:
+    def __init__(self, reason: str, pods: tuple[str, ...], unpulled: tuple[str, str] | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.pods = pods
+        self.unpulled = unpulled  # (container, image) that cannot be pulled, when that is the cause
+
+    @property
+    def what(self) -> str:
+        """The reason, led by the image that cannot be pulled when that is the cause."""
+        if self.unpulled is None:
+            return self.reason
+        container, image = self.unpulled
+        whose = "the agent image" if container == AGENT_CONTAINER else f"the image of container {container},"
+        return f"{whose} {image} could not be pulled ({self.reason})"
 
 
 def _quiet(_: str) -> None:
@@ -184,8 +195,8 @@ def ensure_agent(
             events = _events_for(cluster, namespace, workload, problem)
             shown = f"; events: {' | '.join(events)}" if events else ""
             raise RolloutFailed(
-                f"the agent of {_ref(workload)} is in place but its rollout fails: {problem.reason}"
-                f"{shown}; {_fix(problem, options)}, or remove the agent with intercept uninstall "
+                f"the agent of {_ref(workload)} is in place but its rollout fails: {problem.what}"
+                f"{shown}; {_fix(problem)}, or remove the agent with intercept uninstall "
                 f"{service} -n {namespace}",
                 events,
             ) from None
@@ -215,7 +226,7 @@ def ensure_agent(
     except BaseException as error:
         if not written and not created_secret and not isinstance(error, _RolloutProblem):
             raise
-        what = error.reason if isinstance(error, _RolloutProblem) else str(error) or error.__class__.__name__
+        what = error.what if isinstance(error, _RolloutProblem) else str(error) or error.__class__.__name__
         events = _events_for(cluster, namespace, workload, error) if isinstance(error, _RolloutProblem) else []
         try:
             put_back = _roll_back(cluster, written, created_secret, namespace)
@@ -227,7 +238,7 @@ def ensure_agent(
             ) from None
         if not isinstance(error, (_RolloutProblem, InterceptError)):
             raise  # interrupted (Ctrl-C) or a bug: put back, then let it through
-        failure = _failure(f"injecting the agent into {_ref(workload)}", what, events, put_back, _fix(error, options))
+        failure = _failure(f"injecting the agent into {_ref(workload)}", what, events, put_back, _fix(error))
         if isinstance(error, AccessDenied):  # the user may not do this: exit 11, not "cannot be injected"
             raise AccessDenied(str(failure), error.status, error.reason) from None
         raise failure from None
@@ -449,7 +460,7 @@ def _wait_rollout(cluster: Cluster, workload: Obj, progress: Progress, timeout: 
         if status.done:
             return
         if status.failure:
-            raise _RolloutProblem(status.failure, status.new_pods)
+            raise _RolloutProblem(status.failure, status.new_pods, status.unpulled)
         if status.replace_pod:
             try:
                 cluster.delete("Pod", namespace, status.replace_pod)
@@ -500,11 +511,14 @@ def _event_time(event: Obj) -> str:
     return event.get("lastTimestamp") or event.get("eventTime") or event.get("firstTimestamp") or ""
 
 
-def _fix(error: BaseException, options: InjectOptions | None) -> str:
+def _fix(error: BaseException) -> str:
+    """What to do about a failed write or rollout."""
     reason = str(error)
-    if "Image" in reason and options is not None:
-        return (f"check the agent image {options.image} (pass another with --agent-image or "
-                "INTERCEPT_AGENT_IMAGE; on kind, kind load docker-image it)")
+    unpulled = error.unpulled if isinstance(error, _RolloutProblem) else None
+    if unpulled is not None and unpulled[0] == AGENT_CONTAINER:
+        return how_to_provide(unpulled[1])
+    if unpulled is not None:
+        return f"check that the cluster can pull {unpulled[1]} (the workload's own image, which intercept does not change)"
     if "CrashLoopBackOff" in reason:
         return "check the agent's logs (kubectl logs POD -c intercept-agent --previous) and report it"
     if "did not finish within" in reason:

@@ -33,6 +33,8 @@ FATAL_REASONS = frozenset({
     "CreateContainerError",
     "RunContainerError",
 })
+# Of those, the reasons that say the image cannot be had (not pulled, or not a valid name).
+PULL_REASONS = frozenset({"ImagePullBackOff", "ErrImagePull", "ErrImageNeverPull", "InvalidImageName"})
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class RolloutStatus:
     failure: str | None = None
     replace_pod: str | None = None  # delete this pod so that its controller recreates it from the template
     new_pods: tuple[str, ...] = ()  # the pods that run the new template (their events explain a failure)
+    unpulled: tuple[str, str] | None = None  # (container, image) whose image cannot be pulled: the failure's cause
 
 
 def rollout_status(workload: Obj, pods: list[Obj]) -> RolloutStatus:
@@ -52,7 +55,7 @@ def rollout_status(workload: Obj, pods: list[Obj]) -> RolloutStatus:
     template = workload["spec"]["template"]
     new = [p for p in pods if runs_template(p, template) and not _terminating(p)]
     new_names = tuple(sorted(_name(p) for p in new))
-    failure = _pod_failure(new) or _condition_failure(workload)
+    failure, unpulled = _pod_failure(new) or (_condition_failure(workload), None)
     if kind == "Deployment":
         status = _deployment(workload)
     elif kind == "StatefulSet":
@@ -63,7 +66,7 @@ def rollout_status(workload: Obj, pods: list[Obj]) -> RolloutStatus:
         raise ValueError(f"no rollout for kind {kind!r}")
     failure = failure or status.failure
     if failure and not status.done:
-        return RolloutStatus(False, status.message, failure, None, new_names)
+        return RolloutStatus(False, status.message, failure, None, new_names, unpulled)
     return RolloutStatus(status.done, status.message, None, status.replace_pod, new_names)
 
 
@@ -165,7 +168,8 @@ def _replace_one_by_one(w: Obj, pods: list[Obj], template: Obj, why: str) -> Rol
 # --------------------------------------------------------------------------- failures
 
 
-def _pod_failure(pods: list[Obj]) -> str | None:
+def _pod_failure(pods: list[Obj]) -> tuple[str, tuple[str, str] | None] | None:
+    """Why the first stuck container cannot run, and (container, image) when its image cannot be pulled."""
     for pod in sorted(pods, key=_name):
         status = pod.get("status") or {}
         for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
@@ -173,8 +177,17 @@ def _pod_failure(pods: list[Obj]) -> str | None:
             reason = waiting.get("reason")
             if reason in FATAL_REASONS:
                 detail = f": {waiting['message']}" if waiting.get("message") else ""
-                return f"pod {_name(pod)}: container {cs.get('name')} is in {reason}{detail}"
+                name = cs.get("name", "")
+                unpulled = (name, _image(pod, name) or cs.get("image", "")) if reason in PULL_REASONS else None
+                return f"pod {_name(pod)}: container {name} is in {reason}{detail}", unpulled
     return None
+
+
+def _image(pod: Obj, container: str) -> str:
+    """The image ``container`` of ``pod`` names in its spec (a status may report it resolved)."""
+    spec = pod.get("spec") or {}
+    return next((c.get("image", "") for c in [*(spec.get("initContainers") or []), *(spec.get("containers") or [])]
+                 if c.get("name") == container), "")
 
 
 def _condition_failure(w: Obj) -> str | None:

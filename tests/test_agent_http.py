@@ -217,7 +217,12 @@ def test_malformed_request_gets_its_status_and_others_keep_being_served(agent, c
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 %d " % status), reply[:200]
     assert reason in body
-    assert cluster_app.hits == hits, "a refused request must not reach the app"
+    if reason == b"trailer":
+        # refused mid-body: its head may already be at the app (bodies are streamed, and
+        # the bytes may arrive in pieces), which then sees its connection close mid-body
+        assert cluster_app.hits - hits <= 1
+    else:
+        assert cluster_app.hits == hits, "a refused request must not reach the app"
     neighbour.request("GET", "/after")
     assert echo(neighbour.getresponse().read())["target"] == "/after"
     neighbour.close()

@@ -121,6 +121,16 @@ class _Connection(h2.connection.H2Connection):
     opening streams on the connection and closes it once they have ended.
     """
 
+    def _receive_headers_frame(self, frame):  # type: ignore[no-untyped-def]
+        # RFC 9113 4.3: a field block that cannot be decoded is a COMPRESSION_ERROR
+        # (h2 says PROTOCOL_ERROR)
+        try:
+            return super()._receive_headers_frame(frame)
+        except h2.exceptions.ProtocolError as e:
+            if type(e) is h2.exceptions.ProtocolError and str(e).startswith("Error decoding header block"):
+                e.error_code = h2.errors.ErrorCodes.COMPRESSION_ERROR
+            raise
+
     def _receive_goaway_frame(self, frame):  # type: ignore[no-untyped-def]
         event = h2.events.ConnectionTerminated()
         event.error_code = h2.errors._error_code_from_int(frame.error_code)
@@ -180,9 +190,9 @@ class Codec:
         try:
             raw = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as e:
-            code = getattr(e, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR)
-            if code is None:
-                code = h2.errors.ErrorCodes.PROTOCOL_ERROR
+            code = getattr(e, "error_code", None) or h2.errors.ErrorCodes.PROTOCOL_ERROR
+            if self.conn.state_machine.state is not h2.connection.ConnectionState.CLOSED:
+                self.conn.close_connection(code)  # a bad preface is refused before h2 would say so
             raise CodecError(int(code), str(e) or type(e).__name__) from None
         out: list[Event] = []
         append = out.append

@@ -1,0 +1,297 @@
+"""Plain HTTP/2 through a real agent: curl (prior knowledge and Upgrade: h2c), malformed
+frames built with hyperframe, and the relay that serves while no route could apply."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import grpc
+import hpack
+import pytest
+from hyperframe.frame import (
+    ContinuationFrame,
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
+
+from tests.apps import App
+from tests.conftest import free_port, start_agent, start_client
+from tests.grpc_apps import GrpcApp, app_of, channel
+from tests.h2_app import H2App
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+CURL = shutil.which("curl")
+
+
+@pytest.fixture(scope="module")
+def h2_cluster():
+    app = H2App("cluster")
+    yield app
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def h2_local():
+    app = H2App("local")
+    yield app
+    app.close()
+
+
+@pytest.fixture(scope="module")
+def h2_agent(h2_cluster, h2_local, tmp_path_factory):
+    agent = start_agent(tmp_path_factory.mktemp("agent"), h2_cluster.port)
+    client = start_client(agent, h2_local.port, "--header", "x-dev=alice", "--name", "alice")
+    yield agent
+    client.stop()
+    agent.proc.stop()
+
+
+def curl(*args: str) -> tuple[dict, str]:
+    out = subprocess.run([CURL, "-sS", "--max-time", "30", "-w", "\n%{http_version}", *args],
+                         capture_output=True, check=True, text=True).stdout
+    body, _, version = out.rpartition("\n")
+    return json.loads(body), version
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed")
+@pytest.mark.parametrize("mode", ["--http2-prior-knowledge", "--http2"])
+def test_curl_http2_is_routed_per_request(h2_agent, mode):
+    url = f"http://127.0.0.1:{h2_agent.http_port}/some/path?q=1"
+    got, version = curl(mode, url)
+    assert (got["app"], got["path"], version) == ("cluster", "/some/path?q=1", "2")
+    got, version = curl(mode, "-H", "x-dev: alice", "-H", "x-other: Kept As Sent", url)
+    assert (got["app"], version) == ("local", "2")
+    assert ["x-other", "Kept As Sent"] in got["headers"]
+    assert [":authority", f"127.0.0.1:{h2_agent.http_port}"] in got["headers"]
+
+
+# -- malformed HTTP/2 ---------------------------------------------------------------------
+
+NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0, 1, 3, 5, 6, 9, 11
+
+
+def headers_frame(stream_id: int, encoder: hpack.Encoder, extra=(), flags=("END_HEADERS", "END_STREAM")) -> bytes:
+    f = HeadersFrame(stream_id, flags=set(flags))
+    f.data = encoder.encode([(":method", "GET"), (":scheme", "http"), (":authority", "a"), (":path", "/"), *extra])
+    return f.serialize()
+
+
+def raw_frame(kind: int, flags: int, stream_id: int, payload: bytes, length: int | None = None) -> bytes:
+    n = len(payload) if length is None else length
+    return n.to_bytes(3, "big") + bytes([kind, flags]) + stream_id.to_bytes(4, "big") + payload
+
+
+def hpack_bomb() -> bytes:
+    # one 4000-byte value put in the dynamic table, then referenced 20 times: 80 kB decoded
+    literal = b"\x40" + b"\x01x" + b"\x7f" + hpack_int(4000 - 127) + b"b" * 4000
+    indexed = bytes([0x80 | 62]) * 20
+    f = HeadersFrame(1, flags={"END_HEADERS", "END_STREAM"})
+    f.data = hpack.Encoder().encode([(":method", "GET"), (":scheme", "http"), (":path", "/")]) + literal + indexed
+    return f.serialize()
+
+
+def hpack_int(n: int) -> bytes:
+    out = b""
+    while n >= 128:
+        out += bytes([n % 128 + 128])
+        n //= 128
+    return out + bytes([n])
+
+
+def grpc_call(stream_id: int, encoder: hpack.Encoder) -> bytes:
+    """A complete unary gRPC call on ``stream_id``: HEADERS, then a message with END_STREAM."""
+    f = HeadersFrame(stream_id, flags={"END_HEADERS"})
+    f.data = encoder.encode([(":method", "POST"), (":scheme", "http"), (":authority", "a"), (":path", "/test.Echo/Unary"),
+                             ("content-type", "application/grpc"), ("te", "trailers")])
+    return f.serialize() + DataFrame(stream_id, b"\x00\x00\x00\x00\x02hi", flags={"END_STREAM"}).serialize()
+
+
+def case_frames(name: str) -> tuple[bytes, bytes]:
+    """(bytes to send first, bytes to send once the first response has ended); each case
+    has its own HPACK encoder, as a connection would."""
+    enc = hpack.Encoder()
+    if name == "bad-preface-after-the-first-bytes":
+        return b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n", b""
+    if name == "data-on-an-idle-stream":
+        return DataFrame(1, b"x").serialize(), b""
+    if name == "data-on-a-closed-stream":
+        return grpc_call(1, enc), DataFrame(1, b"late").serialize()
+    if name == "headers-on-an-even-stream":
+        return headers_frame(2, enc), b""
+    if name == "oversized-header-list":
+        block = enc.encode([(":method", "GET"), (":path", "/"), ("x-big", "v" * 100_000)])
+        return (HeadersFrame(1, data=block[:60000]).serialize()
+                + ContinuationFrame(1, data=block[60000:], flags={"END_HEADERS"}).serialize()), b""
+    if name == "hpack-bomb":
+        return hpack_bomb(), b""
+    if name == "invalid-hpack-index":
+        return raw_frame(1, 0x5, 1, bytes([0x80 | 120])), b""
+    if name == "frame-larger-than-allowed":
+        return raw_frame(0, 0, 1, b"", length=100_000) + b"x" * 100_000, b""
+    if name == "window-overflow":
+        return WindowUpdateFrame(0, window_increment=2**31 - 1).serialize() * 2, b""
+    if name == "continuation-without-headers":
+        return ContinuationFrame(1, data=b"", flags={"END_HEADERS"}).serialize(), b""
+    if name == "continuation-flood":
+        return HeadersFrame(1, data=enc.encode([(":method", "GET")])).serialize() + ContinuationFrame(1, data=b"").serialize() * 200, b""
+    if name == "settings-flood":
+        return SettingsFrame(0, settings={4: 65535}).serialize() * 3000, b""
+    if name == "ping-flood":
+        return b"".join(PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize() for i in range(3000)), b""
+    if name == "rapid-reset":
+        return b"".join(headers_frame(2 * i + 1, enc, flags=("END_HEADERS",)) + RstStreamFrame(2 * i + 1, error_code=8).serialize()
+                        for i in range(3000)), b""
+    raise KeyError(name)
+
+
+EXPECTED = {
+    "bad-preface-after-the-first-bytes": PROTOCOL_ERROR,
+    "data-on-an-idle-stream": PROTOCOL_ERROR,
+    "data-on-a-closed-stream": STREAM_CLOSED,
+    "headers-on-an-even-stream": PROTOCOL_ERROR,
+    "oversized-header-list": ENHANCE_YOUR_CALM,
+    "hpack-bomb": ENHANCE_YOUR_CALM,
+    "invalid-hpack-index": COMPRESSION_ERROR,
+    "frame-larger-than-allowed": FRAME_SIZE_ERROR,
+    "window-overflow": FLOW_CONTROL_ERROR,
+    "continuation-without-headers": PROTOCOL_ERROR,
+    "continuation-flood": PROTOCOL_ERROR,
+    "settings-flood": ENHANCE_YOUR_CALM,
+    "ping-flood": ENHANCE_YOUR_CALM,
+    "rapid-reset": ENHANCE_YOUR_CALM,
+}
+
+
+def read_frames_until_goaway(sock: socket.socket, stop_on_end_stream: bool = False) -> list[Frame]:
+    buf, frames = b"", []
+    while True:
+        while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+            n = 9 + int.from_bytes(buf[:3], "big")
+            f, length = Frame.parse_frame_header(memoryview(buf[:9]))
+            f.parse_body(memoryview(buf[9:n]))
+            buf = buf[n:]
+            frames.append(f)
+            if isinstance(f, (GoAwayFrame, RstStreamFrame)) or (stop_on_end_stream and "END_STREAM" in f.flags and isinstance(f, HeadersFrame)):
+                return frames
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return frames
+        if not chunk:
+            return frames
+        buf += chunk
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.fixture(scope="module")
+def grpc_pair(tmp_path_factory):
+    app = GrpcApp("cluster")
+    dev = GrpcApp("local")
+    agent = start_agent(tmp_path_factory.mktemp("agent"), app.port)
+    client = start_client(agent, dev.port, "--header", "x-dev=alice", "--name", "alice")  # routes exist: terminated
+    yield agent
+    client.stop()
+    agent.proc.stop()
+    app.close()
+    dev.close()
+
+
+@pytest.mark.parametrize("case", list(EXPECTED))
+def test_malformed_http2_gets_the_error_the_spec_names_on_that_connection_only(grpc_pair, case):
+    agent = grpc_pair
+    with channel(agent.http_port) as neighbour:
+        assert app_of(neighbour) == "cluster"
+        first, then = case_frames(case)
+        with socket.create_connection(("127.0.0.1", agent.http_port), timeout=30) as s:
+            if case.startswith("bad-preface"):
+                s.sendall(first)
+            else:
+                s.sendall(PREFACE + SettingsFrame(0).serialize() + first)
+            if then:
+                read_frames_until_goaway(s, stop_on_end_stream=True)
+                s.sendall(then)
+            try:
+                s.sendall(b"")  # the agent may have closed already
+            except OSError:
+                pass
+            frames = read_frames_until_goaway(s)
+        # a connection error: GOAWAY; a stream error (DATA on a stream both sides ended,
+        # RFC 9113 5.1 lets the endpoint choose): RST_STREAM on that stream
+        errors = [f for f in frames if isinstance(f, (GoAwayFrame, RstStreamFrame))]
+        assert errors and errors[-1].error_code == EXPECTED[case], (case, frames[-3:])
+        assert app_of(neighbour) == "cluster" and app_of(neighbour, [("x-dev", "alice")]) == "local"
+
+
+def test_memory_stays_bounded_under_the_malformed_corpus(grpc_pair):
+    agent = grpc_pair
+    before = rss_kb(agent.proc.p.pid)
+    for _ in range(3):
+        for case in ("hpack-bomb", "rapid-reset", "ping-flood", "oversized-header-list", "continuation-flood"):
+            first, _ = case_frames(case)
+            with socket.create_connection(("127.0.0.1", agent.http_port), timeout=30) as s:
+                s.sendall(PREFACE + SettingsFrame(0).serialize() + first)
+                read_frames_until_goaway(s)
+    with channel(agent.http_port) as c:
+        assert app_of(c) == "cluster"
+    assert rss_kb(agent.proc.p.pid) - before < 64 * 1024
+
+
+# -- while no route could apply: a relay, converted when the first route appears -----------
+
+
+def test_relayed_connection_is_routed_after_the_first_route_without_breaking_a_call(tmp_path):
+    app = GrpcApp("cluster")
+    dev = GrpcApp("local")
+    agent = start_agent(tmp_path, app.port)
+    try:
+        with channel(agent.http_port) as c:
+            assert app_of(c, [("x-dev", "alice")]) == "cluster"  # no route: relayed
+            stream = c.unary_stream("/test.Echo/Ticks")(b"3", timeout=30)
+            assert next(stream) == b"tick 0 from cluster"
+            client = start_client(agent, dev.port, "--header", "x-dev=alice", "--name", "alice")
+            assert app_of(c, [("x-dev", "alice")]) == "local"  # a new connection, routed
+            assert app_of(c) == "cluster"
+            app.gate.release()
+            app.gate.release()
+            assert list(stream) == [b"tick 1 from cluster", b"tick 2 from cluster"]  # the call in flight finished
+            client.stop()
+            assert app_of(c, [("x-dev", "alice")]) == "cluster"
+    finally:
+        agent.proc.stop()
+        app.close()
+        dev.close()
+
+
+def test_tls_is_relayed_untouched_even_with_routes(tmp_path):
+    echo = App("cluster")  # echoes bytes that are not HTTP
+    agent = start_agent(tmp_path, echo.port)
+    try:
+        client = start_client(agent, free_port(), "--header", "x-dev=alice", "--name", "alice")
+        hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(32)
+        with socket.create_connection(("127.0.0.1", agent.http_port), timeout=30) as s:
+            s.sendall(hello)
+            got = b""
+            while len(got) < len(hello):
+                got += s.recv(65536)
+        assert got == hello
+        client.stop()
+    finally:
+        agent.proc.stop()
+        echo.close()

@@ -125,14 +125,16 @@ def case_frames(name: str) -> tuple[bytes, bytes]:
         return b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n", b""
     if name == "data-on-an-idle-stream":
         return DataFrame(1, b"x").serialize(), b""
-    if name == "data-on-a-closed-stream":
-        return grpc_call(1, enc), DataFrame(1, b"late").serialize()
+    if name == "data-on-a-closed-stream":  # then a PING: an endpoint may also ignore the frame (RFC 9113 5.1)
+        return grpc_call(1, enc), DataFrame(1, b"late").serialize() + PingFrame(0, opaque_data=b"closed?!").serialize()
     if name == "headers-on-an-even-stream":
         return headers_frame(2, enc), b""
-    if name == "oversized-header-list":
+    if name == "oversized-header-list":  # frames within the default 16 KiB, our SETTINGS may not be acked yet
         block = enc.encode([(":method", "GET"), (":path", "/"), ("x-big", "v" * 100_000)])
-        return (HeadersFrame(1, data=block[:60000]).serialize()
-                + ContinuationFrame(1, data=block[60000:], flags={"END_HEADERS"}).serialize()), b""
+        pieces = [block[i : i + 16000] for i in range(0, len(block), 16000)]
+        return (HeadersFrame(1, data=pieces[0]).serialize()
+                + b"".join(ContinuationFrame(1, data=p).serialize() for p in pieces[1:-1])
+                + ContinuationFrame(1, data=pieces[-1], flags={"END_HEADERS"}).serialize()), b""
     if name == "hpack-bomb":
         return hpack_bomb(), b""
     if name == "invalid-hpack-index":
@@ -160,13 +162,13 @@ EXPECTED = {
     "data-on-an-idle-stream": PROTOCOL_ERROR,
     "data-on-a-closed-stream": STREAM_CLOSED,
     "headers-on-an-even-stream": PROTOCOL_ERROR,
-    "oversized-header-list": ENHANCE_YOUR_CALM,
+    "oversized-header-list": (ENHANCE_YOUR_CALM, COMPRESSION_ERROR),  # h2; libnghttp2
     "hpack-bomb": ENHANCE_YOUR_CALM,
     "invalid-hpack-index": COMPRESSION_ERROR,
     "frame-larger-than-allowed": FRAME_SIZE_ERROR,
     "window-overflow": FLOW_CONTROL_ERROR,
     "continuation-without-headers": PROTOCOL_ERROR,
-    "continuation-flood": PROTOCOL_ERROR,
+    "continuation-flood": (PROTOCOL_ERROR, ENHANCE_YOUR_CALM),  # h2 says PROTOCOL_ERROR, libnghttp2 ENHANCE_YOUR_CALM
     "settings-flood": ENHANCE_YOUR_CALM,
     "ping-flood": ENHANCE_YOUR_CALM,
     "rapid-reset": ENHANCE_YOUR_CALM,
@@ -182,7 +184,7 @@ def read_frames_until_goaway(sock: socket.socket, stop_on_end_stream: bool = Fal
             f.parse_body(memoryview(buf[9:n]))
             buf = buf[n:]
             frames.append(f)
-            if isinstance(f, (GoAwayFrame, RstStreamFrame)) or (stop_on_end_stream and "END_STREAM" in f.flags and isinstance(f, HeadersFrame)):
+            if isinstance(f, (GoAwayFrame, RstStreamFrame)) or (isinstance(f, PingFrame) and f.opaque_data == b"closed?!") or (stop_on_end_stream and "END_STREAM" in f.flags and isinstance(f, HeadersFrame)):
                 return frames
         try:
             chunk = sock.recv(65536)
@@ -235,7 +237,11 @@ def test_malformed_http2_gets_the_error_the_spec_names_on_that_connection_only(g
         # a connection error: GOAWAY; a stream error (DATA on a stream both sides ended,
         # RFC 9113 5.1 lets the endpoint choose): RST_STREAM on that stream
         errors = [f for f in frames if isinstance(f, (GoAwayFrame, RstStreamFrame))]
-        assert errors and errors[-1].error_code == EXPECTED[case], (case, frames[-3:])
+        if case == "data-on-a-closed-stream" and not errors:  # ignored, as libnghttp2 does: the PING was answered
+            assert isinstance(frames[-1], PingFrame) and "ACK" in frames[-1].flags
+            errors = [RstStreamFrame(1, error_code=STREAM_CLOSED)]
+        expected = EXPECTED[case] if isinstance(EXPECTED[case], tuple) else (EXPECTED[case],)
+        assert errors and errors[-1].error_code in expected, (case, frames[-3:])
         assert app_of(neighbour) == "cluster" and app_of(neighbour, [("x-dev", "alice")]) == "local"
 
 
@@ -265,7 +271,10 @@ def test_relayed_connection_is_routed_after_the_first_route_without_breaking_a_c
             assert app_of(c, [("x-dev", "alice")]) == "cluster"  # no route: relayed
             stream = c.unary_stream("/test.Echo/Ticks")(b"3", timeout=30)
             assert next(stream) == b"tick 0 from cluster"
+            seen = len(agent.proc.lines)
             client = start_client(agent, dev.port, "--header", "x-dev=alice", "--name", "alice")
+            # calls that began before the client read the GOAWAY may still take the relay
+            agent.proc.wait_for(r"relayed HTTP/2 connection from .* read the GOAWAY", start=seen)
             assert app_of(c, [("x-dev", "alice")]) == "local"  # a new connection, routed
             assert app_of(c) == "cluster"
             app.gate.release()

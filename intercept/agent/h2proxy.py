@@ -56,7 +56,8 @@ from intercept.routing.h2 import (
     request_view,
     upgraded_request,
 )
-from intercept.routing.h2codec import Codec, CodecError, Control, Data, GoAway, Headers, Reset, Settings, StreamError, WindowOpened
+from intercept.routing.h2codec import new_codec
+from intercept.routing.h2codec import CodecError, Control, Data, GoAway, Headers, Reset, Settings, StreamError, WindowOpened
 
 if TYPE_CHECKING:
     from intercept.routing.http1 import RequestHead
@@ -323,7 +324,7 @@ class Downstream(asyncio.Protocol):
         self.hub = hub
         self.upgrade = upgrade
         self.settings = settings
-        self.codec = Codec(client=False)
+        self.codec = new_codec(client=False)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
         self.writable = True
@@ -490,7 +491,7 @@ class UpConnection:
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.hub = pool.hub
-        self.codec = Codec(client=True)
+        self.codec = new_codec(client=True)
         self.codec.start()
         self.link: Any = None  # TCPLink or sshd.ChannelLink
         self.streams: dict[int, Stream] = {}
@@ -506,17 +507,15 @@ class UpConnection:
 
     def start(self, stream: Stream) -> None:
         """Open ``stream``'s counterpart here and pass on what it has so far."""
-        up_id = self.codec.next_stream_id()
-        stream.up, stream.up_id, stream.pool = self, up_id, None
-        self.streams[up_id] = stream
         end = stream.req_ended and not stream.to_up and stream.req_trailers is None
         try:
-            self.codec.send_headers(up_id, stream.headers, end_stream=end)
+            up_id = self.codec.open_stream(stream.headers, end)
         except StreamError as e:
-            del self.streams[up_id]
-            stream.up = None
+            stream.pool = None
             stream.fail(f"{self.where} refused the request headers: {e}")
             return
+        stream.up, stream.up_id, stream.pool = self, up_id, None
+        self.streams[up_id] = stream
         self.hub.dirty.add(self)
         if end:
             stream.sent_end_up = True
@@ -861,7 +860,11 @@ class Relay(asyncio.Protocol):
             self.convert()
 
     def data_received(self, data: bytes) -> None:
+        acked = self.conv.client.ping_acked
         out, _ = self.conv.client.feed(data)
+        if self.conv.client.ping_acked and not acked:
+            log.info("relayed HTTP/2 connection from %s read the GOAWAY: its new streams will be routed",
+                     self.transport.get_extra_info("peername"))
         if self.link is None:
             self.raw += data
             self.early.append(out)

@@ -20,6 +20,10 @@ Events (plain slotted classes, built once per frame that matters):
 Errors: :class:`CodecError` when the peer broke the protocol; the connection is then
 over, and :meth:`Codec.pending` holds the GOAWAY with the code the specification names.
 
+Which codec: :func:`new_codec` gives this module's :class:`Codec` (python-hyper h2),
+or, with ``INTERCEPT_H2_CODEC=ngh2`` and the optional ``ngh2`` package installed,
+:class:`intercept.routing.ngh2codec.NgCodec` (libnghttp2), which offers the same methods.
+
 Flow control contract: the codec never gives receive window back by itself. The proxy
 calls :meth:`Codec.ack` for bytes once the next hop has taken them, so a slow receiver
 slows its sender, and what the agent holds per stream is bounded by the window it
@@ -27,6 +31,8 @@ advertised.
 """
 
 from __future__ import annotations
+
+import os
 
 import h2.config
 import h2.connection
@@ -237,8 +243,11 @@ class Codec:
 
     # -- commands ----------------------------------------------------------------------
 
-    def next_stream_id(self) -> int:
-        return self.conn.get_next_available_stream_id()
+    def open_stream(self, headers: list[tuple[bytes, bytes]], end_stream: bool) -> int:
+        """Client: start a stream with ``headers``; returns its id."""
+        stream_id = self.conn.get_next_available_stream_id()
+        self.send_headers(stream_id, headers, end_stream)
+        return stream_id
 
     def send_headers(self, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool = False) -> None:
         try:
@@ -283,3 +292,15 @@ class Codec:
 
     def goaway(self, code: int = 0, last_stream_id: int | None = None) -> None:
         self.conn.close_connection(code, last_stream_id=last_stream_id)
+
+
+def new_codec(client: bool) -> Codec:
+    """A codec of the kind ``INTERCEPT_H2_CODEC`` names: ``h2`` (default) or ``ngh2``."""
+    if CODEC == "ngh2":
+        from intercept.routing.ngh2codec import NgCodec
+
+        return NgCodec(client)  # type: ignore[return-value]
+    return Codec(client)
+
+
+CODEC = os.environ.get("INTERCEPT_H2_CODEC", "h2")

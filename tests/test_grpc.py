@@ -358,3 +358,70 @@ def test_ten_developers_ten_thousand_mixed_rpcs_none_misrouted(cluster_grpc, tmp
         for app in apps:
             app.close()
         agent.proc.stop()
+
+
+GRPC_DEV_APP = '''
+import sys
+from tests.grpc_apps import GrpcApp
+VERSION = "{version}"
+app = GrpcApp(VERSION, port=int(sys.argv[1]))
+app.server.wait_for_termination()
+'''
+
+
+def test_reload_under_steady_grpc_load_fails_no_call(grpc_agent, alice, tmp_path, clients):
+    import sys
+    import time
+
+    from tests.conftest import INTERCEPT, Proc
+
+    port = free_port()
+    (tmp_path / "app.py").write_text(GRPC_DEV_APP.format(version="v1"))
+    dev = Proc(INTERCEPT + ["start", "--agent", grpc_agent.ssh, "--credentials", str(grpc_agent.credentials),
+                            "--port", str(port), "--header", "x-dev=reload", "--name", "reload", "--",
+                            sys.executable, "app.py", str(port)],
+               cwd=str(tmp_path), env={"PYTHONPATH": os.getcwd()})
+    clients.append(dev)
+    dev.wait_for(r"^intercept: ready: ")
+    answers: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+    progress = threading.Condition()
+
+    def load() -> None:
+        with channel(grpc_agent.http_port) as c:
+            call = c.unary_unary("/test.Echo/Unary")
+            while not stop.is_set():
+                try:
+                    got = call(b"x", metadata=[("x-dev", "reload")], timeout=30).split(b":")[0].decode()
+                except grpc.RpcError as e:
+                    got, failures[len(failures):] = None, [f"{e.code()}: {e.details()}"]
+                with progress:
+                    if got:
+                        answers.append(got)
+                    progress.notify_all()
+
+    def wait_for_answer(version: str) -> None:
+        start = len(answers)
+        deadline = time.monotonic() + 60
+        with progress:
+            while version not in answers[start:]:
+                assert not failures and time.monotonic() < deadline, failures[:5]
+                progress.wait(5)
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for_answer("v1")
+        for version in ("v2", "v3"):
+            seen = len(dev.lines)
+            (tmp_path / "app.py").write_text(GRPC_DEV_APP.format(version=version))
+            dev.wait_for(r"^intercept: reloaded: ", start=seen)
+            wait_for_answer(version)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert failures == []
+    assert {"v1", "v2", "v3"} <= set(answers)

@@ -139,3 +139,12 @@ def test_start_ttl_ends_the_route_on_the_agent_even_when_the_client_is_frozen(ag
         assert any("time to live (3s) is up; leaving" in line for line in client.lines), client.output
     finally:
         client.stop()
+
+
+def test_a_document_whose_route_has_expired_ends_the_route_held_before(routed_agent, fork):
+    agent, routes = routed_agent
+    assert push(agent, RoutesDocument(time.time(), (route("late", fork.port, time.time() + 3600),)))["applied"] == ["late"]
+    assert agent.app_of({"x-intercept-id": "late"}) == "fork"
+    # extended to a deadline that passed before the document arrived
+    assert push(agent, RoutesDocument(time.time(), (route("late", fork.port, time.time() - 1),)))["applied"] == []
+    assert agent.app_of({"x-intercept-id": "late"}) == "cluster"

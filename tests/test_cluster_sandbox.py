@@ -4,8 +4,8 @@ delete, expiry and gc restoring an idle agent's workload exactly."""
 
 from __future__ import annotations
 
+import http.client
 import json
-import time
 
 from e2e.cluster.api import wait_until
 from tests.realcluster import (
@@ -106,3 +106,54 @@ def test_gc_removes_an_expired_sandbox_then_the_idle_agent_and_dry_run_changes_n
     real_cluster.wait_ready(ns, "web", 1)
     assert snapshot(real_cluster, ns) == before
     assert not real_cluster.exists("ConfigMap", ns, "intercept-web")
+
+
+def call(cluster: RealCluster, ns: str, service: str, headers: dict[str, str] | None = None) -> tuple[str, str | None]:
+    """One request to the Service's ClusterIP, as a client in the cluster sends it: (served by, downstream)."""
+    ip = cluster.get("Service", ns, service)["spec"]["clusterIP"]
+    conn = http.client.HTTPConnection(ip, 80, timeout=30)
+    try:
+        conn.request("GET", "/", headers=headers or {})
+        response = conn.getresponse()
+        response.read()
+        assert response.status == 200
+        return response.headers["X-Served-By"], response.headers.get("X-Downstream")
+    finally:
+        conn.close()
+
+
+def _answers(cluster: RealCluster, ns: str, service: str) -> bool:
+    """Whether the Service answers yet (its ClusterIP follows the endpoints within a second)."""
+    try:
+        call(cluster, ns, service)
+        return True
+    except (OSError, AssertionError, http.client.HTTPException):
+        return False
+
+
+def test_a_sandbox_of_two_services_serves_its_key_along_the_call_chain_until_it_expires(
+        real_cluster: RealCluster, namespace_of) -> None:
+    ns = namespace_of("chain")
+    front = app("front", 1)
+    front[0]["spec"]["template"]["spec"]["containers"][0]["env"].append({"name": "DOWNSTREAM", "value": "http://back/"})
+    deploy(real_cluster, ns, front + app("back", 1))
+    real_cluster.wait_ready(ns, "front", 1)
+    real_cluster.wait_ready(ns, "back", 1)
+    wait_until(lambda: _answers(real_cluster, ns, "front"), "front calling back through its Service", WAIT)
+    assert [s.split("/")[0] for s in call(real_cluster, ns, "front")] == ["cluster", "cluster"]
+
+    created = intercept("sandbox", "create", "pr-7", "--fork", "front", "--fork", "back", "--image",
+                        "intercept.test/sample-v2:1", "--agent-image", AGENT_IMAGE, *where(real_cluster, ns), timeout=WAIT * 3)
+    assert created.returncode == 0, created.stdout + created.stderr
+    for key in ({"x-intercept-id": "pr-7"}, {"baggage": "team=shop,intercept-id=pr-7"}):
+        served, downstream = call(real_cluster, ns, "front", key)
+        assert served.startswith("v2/front-sbx-pr-7-") and downstream.startswith("v2/back-sbx-pr-7-"), (key, served, downstream)
+    served, downstream = call(real_cluster, ns, "front", {"x-intercept-id": "someone-else"})
+    assert served.startswith("cluster/front-") and downstream.startswith("cluster/back-")
+
+    # a short lifetime: the agents stop routing at the deadline by themselves
+    extended = intercept("sandbox", "extend", "pr-7", "--ttl", "3s", *where(real_cluster, ns))
+    assert extended.returncode == 0 and "intercept: extended: sandbox pr-7 lives until" in extended.stdout, extended.stderr
+    wait_until(lambda: call(real_cluster, ns, "front", {"x-intercept-id": "pr-7"})[0].startswith("cluster/front-"),
+               "the sandbox's routes ending at its expiry", WAIT)
+    assert call(real_cluster, ns, "front", {"x-intercept-id": "pr-7"})[1].startswith("cluster/back-")

@@ -4,6 +4,9 @@
         Answers every request 200 with the body "NAME\\n" and the header X-Served-By: NAME.
         NAME defaults to "cluster/$POD_NAME": the cluster's version, naming its pod.
         The developer's "local version" runs the same file with --name local.
+        With $DOWNSTREAM (a URL), each request first calls it, passing on the routing key
+        (x-intercept-id and baggage) as a service that propagates it would, and answers
+        with X-Downstream: what served that call.
 
     python sample.py probe URL [-H "NAME: VALUE"] [-n COUNT]
         COUNT requests (fresh connections) to URL; prints each X-Served-By, one a line.
@@ -18,15 +21,26 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
+PROPAGATED = ("x-intercept-id", "baggage")
+
+
 def serve(port: int, name: str) -> None:
     body = f"{name}\n".encode()
+    downstream = os.environ.get("DOWNSTREAM")
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def do_GET(self) -> None:
+            called = None
+            if downstream:
+                key = {h: self.headers[h] for h in PROPAGATED if self.headers.get(h)}
+                with urllib.request.urlopen(urllib.request.Request(downstream, headers=key), timeout=30) as response:
+                    called = response.headers.get("X-Served-By", "?")
             self.send_response(200)
             self.send_header("X-Served-By", name)
+            if called is not None:
+                self.send_header("X-Downstream", called)
             self.send_header("Content-Type", "text/plain")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

@@ -1,4 +1,4 @@
-"""The whole local cluster, started and stopped as one: binaries, control plane, pod network, kubelet.
+"""The whole local cluster, started and stopped as one: binaries, control plane, pod network, Services, kubelet.
 
 :class:`Harness` is a context manager; on leaving it (or on a failed start) every
 process, namespace and veth it made is gone. ``say`` receives one line per step.
@@ -13,6 +13,7 @@ from e2e.cluster.build import Binaries, Say, ensure_binaries
 from e2e.cluster.controlplane import NODE, NODE_IP, ControlPlane
 from e2e.cluster.kubelet import Kubelet
 from e2e.cluster.network import PodNetwork
+from e2e.cluster.services import ServiceNetwork
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ class Harness:
         self.binaries = binaries
         self.control_plane: ControlPlane | None = None
         self.network: PodNetwork | None = None
+        self.services: ServiceNetwork | None = None
         self.kubelet: Kubelet | None = None
 
     @property
@@ -51,7 +53,9 @@ class Harness:
         self.network.open()
         self.say(f"pods: network {self.network.prefix}.0/24 on bridge {self.network.bridge}")
         assert self.control_plane.api is not None
-        self.kubelet = Kubelet(self.control_plane.api, NODE, NODE_IP, self.state / "pods", self.network)
+        self.services = ServiceNetwork(self.control_plane.api, self.network.bridge)
+        self.services.start()
+        self.kubelet = Kubelet(self.control_plane.api, NODE, NODE_IP, self.state / "pods", self.network, self.services)
         self.kubelet.start()
 
     def stop(self) -> None:
@@ -59,6 +63,9 @@ class Harness:
         if self.kubelet is not None:
             self.kubelet.stop()
             self.kubelet = None
+        if self.services is not None:
+            self.services.stop()
+            self.services = None
         if self.control_plane is not None:
             self.control_plane.stop()
             self.control_plane = None

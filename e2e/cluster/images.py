@@ -9,6 +9,7 @@ image                                           runs
 ``*/agent:*`` under ``intercept.test/`` or      the intercept agent of this checkout:
 ``ghcr.io/intercept-dev/``                      ``python -m intercept agent`` + the container's args
 ``intercept.test/sample:*``                     ``e2e/app/sample.py serve --port P`` (the e2e app)
+``intercept.test/sample-v2:*``                  the same app answering as ``v2/POD`` (a changed build)
 ``intercept.test/sleep:*``                      a process that never listens (never ready)
 ``intercept.test/crash:*``                      a process that exits 1 at once (a crash loop)
 a registry ending in ``.invalid``               nothing: the pull fails (``ErrImagePull``, then
@@ -68,9 +69,10 @@ def program(image: str, container: Obj, pod: Obj, *, init: bool = False) -> Prog
         command = [str(c) for c in container.get("command") or []]
         subcommand = command[1:] if command[:1] == ["intercept"] else ["agent"]
         return Program([python, "-m", "intercept", *subcommand, *args])
-    if repo == TEST_REGISTRY + "sample":
+    if repo in (TEST_REGISTRY + "sample", TEST_REGISTRY + "sample-v2"):
         port = _ports(container)[:1] or [8080]
-        return Program([python, str(ROOT / "e2e" / "app" / "sample.py"), "serve", "--port", str(port[0]), *args])
+        named = ["--name", f"v2/{(pod.get('metadata') or {}).get('name', '')}"] if repo.endswith("-v2") else []
+        return Program([python, str(ROOT / "e2e" / "app" / "sample.py"), "serve", "--port", str(port[0]), *named, *args])
     if repo == TEST_REGISTRY + "sleep":
         return Program([python, "-c", "import signal; signal.pause()"])
     if repo == TEST_REGISTRY + "crash":

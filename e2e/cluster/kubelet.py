@@ -48,6 +48,7 @@ from typing import Any
 from e2e.cluster.api import API, APIError
 from e2e.cluster.images import ROOT, Program, program
 from e2e.cluster.network import PodNetwork, orphan_guard
+from e2e.cluster.services import ServiceNetwork
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,14 @@ def _now() -> str:
 class Kubelet:
     """Runs every pod bound to ``node``; :meth:`stop` ends them all and removes their namespaces."""
 
-    def __init__(self, api: API, node: str, node_ip: str, state: Path, network: PodNetwork) -> None:
+    def __init__(self, api: API, node: str, node_ip: str, state: Path, network: PodNetwork,
+                 services: ServiceNetwork | None = None) -> None:
         self.api = api
         self.node = node
         self.node_ip = node_ip
         self.state = state
         self.network = network
+        self.services = services  # cluster DNS names and ClusterIPs for the pods (e2e.cluster.services)
         self._pods: dict[str, PodWorker] = {}  # uid -> worker
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -226,6 +229,8 @@ class PodWorker:
                     if self._stop.is_set():
                         return
                     self.netns, self.ip = self.kubelet.network.add()
+                    if self.kubelet.services is not None:
+                        self.kubelet.services.pod_added(self.netns, self.namespace)
             self._ensure_portforward()
             while not self._stop.is_set():
                 self._tick()
@@ -255,6 +260,8 @@ class PodWorker:
         if self._thread.is_alive():
             self._thread.join(5)
         if self.netns:
+            if self.kubelet.services is not None:
+                self.kubelet.services.pod_removed(self.netns)
             self.kubelet.network.remove(self.netns)
             self.netns = None
 

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 
 RUN_DIR = Path("/run/intercept-cluster")  # one file per live PodNetwork: its tag, holding the owner's pid
+NETNS_ETC = Path("/etc/netns")  # files that `ip netns exec NETNS` mounts over /etc (e2e.cluster.services writes them)
 
 
 def orphan_guard(signal_name: str) -> list[str]:
@@ -59,6 +60,7 @@ def sweep_orphans() -> list[str]:
                     except (ValueError, OSError):
                         pass
                 _ip("netns", "del", netns, check=False)
+                shutil.rmtree(NETNS_ETC / netns, ignore_errors=True)
         _ip("link", "del", f"icb{tag}", check=False)
         record.unlink(missing_ok=True)
         swept.append(tag)

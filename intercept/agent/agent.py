@@ -262,7 +262,9 @@ class Agent:
         if document.updated < self.cluster_routes.updated:
             return {"applied": [], "refused": [], "stale": [f"a newer routes document ({self.cluster_routes.updated}) is in place"]}
         self.cluster_routes = document
-        wanted = {(r.session_id, r.route) for r in document.routes}
+        now = time.time()
+        live = [r for r in document.routes if r.expires > now]  # an expired route is gone, whatever it was before
+        wanted = {(r.session_id, r.route) for r in live}
         for session_id in [s for s in self.routes.sessions() if s.startswith(SESSION_PREFIX)]:
             for registered in self.routes.routes_of(session_id):
                 if (session_id, registered.route) not in wanted:
@@ -271,10 +273,7 @@ class Agent:
                     log.info("route %s of %s removed", registered.route.describe(), registered.holder)
                     self._routes_removed()
         applied, refused = set(), []
-        now = time.time()
-        for route in document.routes:
-            if route.expires <= now:
-                continue
+        for route in live:
             try:
                 self.routes.add(route.session_id, route.holder, route.route, destination=route.destination, expires=route.expires)
                 applied.add(route.sandbox)

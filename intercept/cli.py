@@ -469,7 +469,7 @@ def sandbox_extend(ctx: click.Context, name: str, ttl: str, **_: Any) -> None:
 
 
 @main.command("gc")
-@_spec_options("timeout", *CLUSTER)
+@_spec_options("timeout", "agent_image", *CLUSTER)
 @click.option("-A", "--all-namespaces", is_flag=True, help="Every namespace.")
 @click.option("--idle", default="24h", show_default=True, metavar="DURATION", help="Uninstall agents nobody has used for this long.")
 @click.option("--dry-run", is_flag=True, help="Say what would be removed; change nothing.")
@@ -480,9 +480,10 @@ def gc_command(ctx: click.Context, all_namespaces: bool, idle: str, dry_run: boo
     from intercept import api
 
     try:
-        options = _options(ctx, "timeout", *CLUSTER)
+        options = _options(ctx, "timeout", "agent_image", *CLUSTER)
+        image = options.pop("agent_image")
         if install:
-            for line in api.gc_install(idle=_duration(idle, "--idle"), dry_run=dry_run, **options):
+            for line in api.gc_install(idle=_duration(idle, "--idle"), dry_run=dry_run, agent_image=image, **options):
                 click.echo(f"intercept: gc: {line}")
             return
         collected = api.gc(all_namespaces=all_namespaces, idle=_duration(idle, "--idle"), dry_run=dry_run,

@@ -157,3 +157,34 @@ def test_a_sandbox_of_two_services_serves_its_key_along_the_call_chain_until_it_
     wait_until(lambda: call(real_cluster, ns, "front", {"x-intercept-id": "pr-7"})[0].startswith("cluster/front-"),
                "the sandbox's routes ending at its expiry", WAIT)
     assert call(real_cluster, ns, "front", {"x-intercept-id": "pr-7"})[1].startswith("cluster/back-")
+
+
+def test_gc_install_writes_a_cronjob_whose_role_is_enough_to_collect_expired_sandboxes(
+        real_cluster: RealCluster, namespace_of, tmp_path) -> None:
+    ns = namespace_of("gcinstall", ENFORCE_RESTRICTED)
+    installed = intercept("gc", "--install", "--agent-image", AGENT_IMAGE, *where(real_cluster, ns))
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    assert [line.split()[3] for line in installed.stdout.splitlines()] == [
+        "ServiceAccount/intercept-gc", "Role/intercept-gc", "RoleBinding/intercept-gc", "CronJob/intercept-gc"]
+    cronjob = real_cluster.api.get(f"/apis/batch/v1/namespaces/{ns}/cronjobs/intercept-gc")
+    container = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == AGENT_IMAGE and container["command"][:4] == ["intercept", "gc", "-n", ns]
+    again = intercept("gc", "--install", "--agent-image", AGENT_IMAGE, *where(real_cluster, ns))
+    assert again.returncode == 0 and again.stdout.count("updated ") == 4  # idempotent
+
+    # A user with only the CronJob's Role collects an expired sandbox.
+    deploy(real_cluster, ns, app("web", 1))
+    real_cluster.wait_ready(ns, "web", 1)
+    created = intercept("sandbox", "create", "old", "--fork", "web", "--ttl", "2s", "--agent-image", AGENT_IMAGE,
+                        *where(real_cluster, ns), timeout=WAIT * 2)
+    assert created.returncode == 0, created.stdout + created.stderr
+    real_cluster.create({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                         "metadata": {"name": "gc-tester"},
+                         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "intercept-gc"},
+                         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "gc-tester"}]}, ns)
+    kubeconfig = real_cluster.kubeconfig_for("gc-tester", tmp_path, ns)
+    wait_until(lambda: json.loads(intercept("sandbox", "list", "-o", "json", *where(real_cluster, ns)).stdout)[0]["expired"],
+               "the sandbox's expiry", WAIT)
+    collected = intercept("gc", "--idle", "24h", "-n", ns, "--kubeconfig", str(kubeconfig), timeout=WAIT * 2)
+    assert collected.returncode == 0 and f"{ns}/old" in collected.stdout, collected.stdout + collected.stderr
+    assert sandbox_objects(real_cluster, ns, "old") == []

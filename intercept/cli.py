@@ -99,6 +99,13 @@ _START = (
 )
 
 
+def _print_table(table: list[list[str]]) -> None:
+    """Rows of cells in aligned columns (the last one left ragged), the header first."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
+    for row in table:
+        click.echo(("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]).rstrip())
+
+
 def _fail(error: InterceptError) -> None:
     click.echo(f"intercept: error: {error}", err=True)
     sys.exit(error.exit_code)
@@ -334,9 +341,7 @@ def list_command(ctx: click.Context, all_namespaces: bool, output: str, **_: Any
         note = "" if r["interceptable"] else "not interceptable: " + (r["reason"] or "").split(";")[0]
         cells = [r["service"], r["workload"] or "-", ports, r["agentVersion"] or ("yes" if r["agent"] else "-"), routes, note]
         table.append(([r["namespace"]] if all_namespaces else []) + cells)
-    widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
-    for row in table:
-        click.echo(("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]).rstrip())
+    _print_table(table)
 
 
 # --------------------------------------------------------------------------- sandboxes and gc
@@ -431,9 +436,7 @@ def sandbox_list(ctx: click.Context, all_namespaces: bool, output: str, **_: Any
         forks = ", ".join(f"{f['service']}->{f['workload']}" for f in r["forks"])
         state = "expired" if r["expired"] else "ready" if r["ready"] else "starting"
         table.append([r["namespace"], r["sandbox"], forks, r["key"], r["expiresAt"] or "-", state])
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
-    for row in table:
-        click.echo(("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]).rstrip())
+    _print_table(table)
 
 
 @sandbox_group.command("delete")
@@ -575,9 +578,7 @@ def status_command(output: str) -> None:
         what += f" -n {r['namespace']}" if r["namespace"] else ""
         table.append([what, r["route"] or "-", str(r["local_port"] or "-"), str(r["pid"]), state,
                       r["started_at"] or "-", r["log_file"] or "-"])
-    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
-    for row in table:
-        click.echo(("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]).rstrip())
+    _print_table(table)
 
 
 @main.command("leave")

@@ -756,11 +756,13 @@ def leave(service: str, namespace: str | None = None) -> list[Any]:
 
 
 def up(path: Path, *, detach: bool = False, log_file: Path | None = None, report: Callable[[str], None] = lambda line: None,
-       env: Mapping[str, str] | None = None) -> int:
-    """``intercept up``: the intercepts of ``path`` (``intercept.yaml``); idempotent, never prompts."""
+       env: Mapping[str, str] | None = None, timeout: float = 600.0) -> int:
+    """``intercept up``: the intercepts of ``path`` (``intercept.yaml``); idempotent, never prompts.
+    With ``detach``, failing (and stopping them) when they are not all ready within ``timeout`` seconds."""
     from intercept.workspace import up as bring_up
 
-    return bring_up(path, os.environ if env is None else env, detach=detach, log_file=log_file, report=report)
+    return bring_up(path, os.environ if env is None else env, detach=detach, log_file=log_file, report=report,
+                    timeout=timeout)
 
 
 def down(path: Path | None, *, report: Callable[[str], None] = lambda line: None) -> int:

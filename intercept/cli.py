@@ -524,7 +524,8 @@ def _echo_line(line: str) -> None:
 @click.option("-f", "--filename", "spec_file", default="intercept.yaml", show_default=True, type=click.Path(dir_okay=False, path_type=Path), help="The intercepts to bring up.")
 @click.option("--detach", is_flag=True, help="Return once every intercept is ready; they keep running in the background.")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="Where the intercepts' output goes [default with --detach: the state directory].")
-def up_command(spec_file: Path, detach: bool, log_file: Path | None) -> None:
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=600.0, show_default=True, help="With --detach: give up (and stop them) if the intercepts are not all ready by then, in seconds.")
+def up_command(spec_file: Path, detach: bool, log_file: Path | None, timeout: float) -> None:
     """Bring up the intercepts of intercept.yaml (never prompts; already up: exit 0).
 
     \b
@@ -533,7 +534,7 @@ def up_command(spec_file: Path, detach: bool, log_file: Path | None) -> None:
     from intercept import api
 
     try:
-        code = api.up(spec_file, detach=detach, log_file=log_file, report=_echo_line)
+        code = api.up(spec_file, detach=detach, log_file=log_file, report=_echo_line, timeout=timeout)
     except InterceptError as e:
         _fail(e)
     sys.exit(code)

@@ -48,8 +48,14 @@ def _serve_app(name: str) -> ThreadingHTTPServer:
 
 
 def run_demo(echo: Callable[[str], None], keep: bool = False) -> bool:
+    """Run the demo; True only when every request of the table landed where it should.
+
+    Ctrl-C (KeyboardInterrupt) before the table is complete proves nothing: False. With
+    ``keep``, Ctrl-C is how the demo is stopped after its table: the table's verdict.
+    """
     cluster, local = _serve_app("cluster"), _serve_app("local")
     loop = api.LoopThread()
+    ok: bool | None = None
     try:
         with tempfile.TemporaryDirectory(prefix="intercept-demo-") as tmp:
             creds = Path(tmp) / "credentials.json"
@@ -70,7 +76,10 @@ def run_demo(echo: Callable[[str], None], keep: bool = False) -> bool:
             loop.call(agent.close())
             return ok
     except KeyboardInterrupt:
-        return True
+        if ok is None:
+            echo("intercept: demo: interrupted before every request was sent; nothing was shown")
+            return False
+        return ok
     finally:
         loop.close()
         cluster.shutdown()

@@ -311,3 +311,39 @@ def test_no_replica_yet_is_said_and_the_first_one_makes_it_ready(replicas, local
     fleet.set(replicas[1])
     assert fleet.wait_for("ready").message.endswith("(1 replica)")
     assert replicas[1].app_of({"x-dev": "kay"}) == "local"
+
+
+def test_a_pod_ip_that_cannot_be_reached_falls_back_to_the_port_forward_and_says_how_otherwise(tmp_path):
+    """In-cluster workspaces dial the agent pod's IP; a NetworkPolicy that admits only the
+    app's port drops those packets, and the port-forward (here: the agent's own address)
+    takes over. When both fail, the error says both and how to admit the workspace."""
+    from intercept import protocol
+    from intercept.client.session import AgentSession
+    from intercept.client.transport import FallbackTransport
+
+    cluster = App("cluster")
+    agent = start_agent(tmp_path, cluster.port)
+    try:
+        blocked = DirectTransport("127.0.0.1", free_port(), timeout=5)  # nothing listens: refused, as dropped would be
+        forward = DirectTransport("127.0.0.1", agent.ssh_port)
+        transport = FallbackTransport(blocked, forward)
+        options = InterceptOptions(transport=transport, credentials=load(agent.credentials),
+                                   route=Route(frozenset({HeaderEquals("x-dev", "ws")})), name="ws", local_port=1)
+
+        async def hello(options: InterceptOptions) -> dict:
+            session = AgentSession(options)
+            await session.connect()
+            try:
+                return await session.request(protocol.Hello())
+            finally:
+                await session.leave()
+
+        assert asyncio.run(hello(options))["ok"] is True
+        assert transport.fell_back and transport.describe() == forward.describe()
+        both = FallbackTransport(blocked, DirectTransport("127.0.0.1", free_port(), timeout=5))
+        with pytest.raises(AgentUnreachable, match="admit this workspace to the agent's SSH port"):
+            asyncio.run(hello(InterceptOptions(transport=both, credentials=options.credentials, route=options.route,
+                                               name="ws", local_port=1)))
+    finally:
+        agent.proc.stop()
+        cluster.close()

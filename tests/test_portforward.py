@@ -236,7 +236,13 @@ def test_pod_replicas_forward_to_each_ready_pod_or_dial_its_ip_inside_the_cluste
     ]
     assert outside[0][0] == outside[1][0]  # the same pod is the same replica: its session is kept
     inside = asyncio.run(collect(True))
-    assert [r.transport for r in inside[1]] == [DirectTransport("10.0.0.5", 9922), DirectTransport("10.0.0.6", 9923)]
+    # inside: the pod's IP first, the port-forward if a NetworkPolicy drops the packets
+    from intercept.client.transport import FallbackTransport
+
+    assert [r.transport for r in inside[1]] == [
+        FallbackTransport(DirectTransport("10.0.0.5", 9922, timeout=5.0), PortForwardTransport(client, "shop", "web-0", 9922)),
+        FallbackTransport(DirectTransport("10.0.0.6", 9923, timeout=5.0), PortForwardTransport(client, "shop", "web-1", 9923))]
+    assert inside[0][0] == inside[1][0]
     assert closed == [True, True]
 
 

@@ -196,6 +196,22 @@ def test_an_edited_file_is_brought_up_again_with_its_new_route(agent, local_app,
     assert agent.app_of({name: old}) == "cluster"
 
 
+def test_up_detach_gives_up_after_its_timeout_and_leaves_nothing_running(agent, machine):
+    # an "agent" that accepts connections and never says a word: the intercept waits on it
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        spec = machine.dir / "intercept.yaml"
+        data = {"version": 1, "intercepts": [{"service": "orders", "agent": f"127.0.0.1:{silent.getsockname()[1]}",
+                                              "credentials": str(agent.credentials), "port": 1}]}
+        spec.write_text(yaml.safe_dump(data, sort_keys=False))
+        log_file = machine.dir / "up.log"
+        result = machine.run("up", "--detach", "--timeout", "1", "--log-file", str(log_file))
+    assert result.returncode == 1
+    assert result.stderr == (f"intercept: error: the intercepts of intercept.yaml were not ready within 1s (--timeout); "
+                             f"they were stopped; their output is in {log_file}\n")
+    assert machine.running() == []
+    assert machine.status() == []
+
+
 def test_a_bad_spec_file_exits_2_with_the_file_and_line_and_starts_nothing(agent, machine):
     (machine.dir / "intercept.yaml").write_text(
         f"version: 1\nintercepts:\n  - service: orders\n    agent: {agent.ssh}\n    heders: [x-dev=a]\n")

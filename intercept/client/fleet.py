@@ -63,7 +63,7 @@ from intercept import protocol
 from intercept.protocol import SILENT_LOSS_BOUND
 from intercept.client.door import LocalDoor
 from intercept.client.session import AgentSession, InterceptOptions
-from intercept.client.transport import DirectTransport, Transport
+from intercept.client.transport import DirectTransport, FallbackTransport, Transport
 from intercept.events import Event
 from intercept.errors import AgentUnreachable, RouteConflict
 
@@ -119,11 +119,12 @@ async def pod_replicas(
 
 def pod_transport(pod: PodEndpoint, api: Any, *, in_cluster: bool = False) -> Transport:
     """How to reach one agent pod's SSH server: see :func:`pod_replicas`."""
-    if in_cluster and pod.ip:
-        return DirectTransport(pod.ip, pod.ssh_port)
     from intercept.kube.portforward import PortForwardTransport  # loads the kubernetes client: only here
 
-    return PortForwardTransport(api, pod.namespace, pod.name, pod.ssh_port)
+    forward = PortForwardTransport(api, pod.namespace, pod.name, pod.ssh_port)
+    if in_cluster and pod.ip:
+        return FallbackTransport(DirectTransport(pod.ip, pod.ssh_port, timeout=5.0), forward)
+    return forward
 
 
 class _Holder:

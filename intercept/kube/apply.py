@@ -549,18 +549,29 @@ def uninstall(
     """Remove the agent behind ``service`` (or every agent in ``namespace`` with ``all``) and restore exactly.
 
     Idempotent: where there is no agent it changes nothing (``result.changed`` is False).
+    When the Service is already gone, its agent is found by its own record: the injected
+    workload of that name (``service`` may also name the workload itself); with no agent
+    left in the namespace there is nothing to do, and with agents on other workloads only,
+    a :class:`ResolveError` names them.
     """
     if (service is None) == (not all):
         raise InjectError("uninstall takes a SERVICE or --all, not both" if service else
                           "uninstall needs a SERVICE, or --all for every agent in the namespace")
     cluster = Cluster(api)
-    objects = _read_namespace(cluster, namespace, service)
+    objects = _read_namespace(cluster, namespace, None)
     workload_key = None
     secrets: list[str] = []
-    if service is not None:
+    if service is not None and any(o["kind"] == "Service" and o["metadata"]["name"] == service for o in objects):
         target = _resolve_any_port(objects, service)
         workload_key = target.workload
         secrets = [inject.secret_name(target.workload_name)]
+    elif service is not None:
+        orphan = _agent_without_service(objects, namespace, service)
+        if orphan is None:
+            return Uninstalled(namespace, (), ())
+        progress(f"Service/{service} is gone; removing the agent of {_key(orphan)}")
+        workload_key = _key(orphan)
+        secrets = [inject.secret_name(orphan["metadata"]["name"])]
     else:
         listed, _ = cluster.list("Secret", namespace, label_selector=f"{MANAGED_BY[0]}={MANAGED_BY[1]}")
         secrets = sorted(s["metadata"]["name"] for s in listed)
@@ -640,6 +651,25 @@ def _wait_restored(cluster: Cluster, namespace: str, workload: Obj, progress: Pr
             "run uninstall again to finish restoring the network policies and the Secret",
             events,
         ) from None
+
+
+def _agent_without_service(objects: list[Obj], namespace: str, service: str) -> Obj | None:
+    """The injected workload named ``service`` (whose Service was deleted), or None when the
+    namespace has no agent at all (nothing to uninstall); otherwise a ResolveError that names
+    the workloads that do have one."""
+    injected = [o for o in objects if o["kind"] in inject.WORKLOAD_KINDS and inject.is_injected(o)]
+    for workload in injected:
+        if workload["metadata"]["name"] == service:
+            return workload
+    if not injected:
+        return None
+    known = ", ".join(sorted(_key(o) for o in injected))
+    services = ", ".join(sorted(o["metadata"]["name"] for o in objects if o["kind"] == "Service")) or "none"
+    raise ResolveError(
+        f"no Service named {service!r} in namespace {namespace} (Services there: {services}), and no agent on "
+        f"a workload of that name; the agents there are on {known}: name the workload, e.g. "
+        f"intercept uninstall {sorted(o['metadata']['name'] for o in injected)[0]}, or use --all"
+    )
 
 
 def _resolve_any_port(objects: list[Obj], service: str) -> inject.Target:

@@ -16,9 +16,11 @@ import json
 import logging
 import os
 import signal
+import select
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -95,15 +97,20 @@ def _not_up_because(state: WorkspaceState, wanted: str) -> str | None:
     return None
 
 
+DETACH_TIMEOUT = 600.0  # up --detach: how long every intercept may take to be ready
+
+
 def up(path: Path, env: Mapping[str, str] | None = None, *, detach: bool, log_file: Path | None = None,
-       report: Report = lambda line: None) -> int:
+       report: Report = lambda line: None, timeout: float = DETACH_TIMEOUT) -> int:
     """Bring up the intercepts of ``intercept.yaml`` at ``path``; never prompts.
 
     Already up (same file, same resolved intercepts, all alive): reports so and returns
     0. A previous run of the same file that changed or lost an intercept is stopped
     first. With ``detach``: returns 0 once every intercept is ready, the intercepts
     running on in the background (output to ``log_file``, default
-    ``STATE/workspaces/ID.log``). Without: relays the intercepts' lines until
+    ``STATE/workspaces/ID.log``), or raises :class:`UpFailed` when they are not all ready
+    within ``timeout`` seconds (a CDE hook must not hang: an agent that never answers, a
+    rollout that never ends), after stopping them. Without: relays the intercepts' lines until
     SIGINT/SIGTERM (then 0) or until every intercept ended (the first non-zero status).
 
     Raises :class:`~intercept.errors.SpecError` for a bad file (nothing started) and
@@ -132,7 +139,7 @@ def up(path: Path, env: Mapping[str, str] | None = None, *, detach: bool, log_fi
                 _stop(state.processes)
             state_file.unlink(missing_ok=True)
         if detach:
-            return _detach(path, absolute, env, log_file or directory / f"{wid}.log", report)
+            return _detach(path, absolute, env, log_file or directory / f"{wid}.log", report, timeout)
         supervisor = _Supervisor(workspace, shown=str(path), absolute=absolute, digest=wanted,
                                  state_file=state_file, log_file=log_file, env=env, emit=report, tee=True)
         return asyncio.run(supervisor.run(on_ready=lock.release))
@@ -162,8 +169,9 @@ def _interruptible() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _detach(shown: Path, absolute: Path, env: Mapping[str, str], log_file: Path, report: Report) -> int:
-    """Start the supervisor in the background and relay its lines until it says ready or failed."""
+def _detach(shown: Path, absolute: Path, env: Mapping[str, str], log_file: Path, report: Report, timeout: float) -> int:
+    """Start the supervisor in the background and relay its lines until it says ready or
+    failed, or until ``timeout`` seconds passed (then it is stopped, and so is what it started)."""
     _directory(log_file.parent)
     notices_fd, notify_fd = os.pipe()
     # -c rather than -m: this module may already be imported by the package, and must not run twice.
@@ -181,10 +189,16 @@ def _detach(shown: Path, absolute: Path, env: Mapping[str, str], log_file: Path,
                                       start_new_session=True, pass_fds=(notify_fd,))
     finally:
         os.close(notify_fd)
-    with os.fdopen(notices_fd, "rb") as notices:
+    deadline = time.monotonic() + timeout
+    with os.fdopen(notices_fd, "rb", buffering=0) as notices:
         try:
             with _interruptible():
-                for raw in notices:
+                for raw in _lines_until(notices, deadline):
+                    if raw is None:
+                        daemon.terminate()  # the supervisor stops what it started
+                        daemon.wait()
+                        raise UpFailed(f"the intercepts of {shown} were not ready within {timeout:g}s (--timeout); "
+                                       f"they were stopped; their output is in {log_file}", 1)
                     kind, _, rest = raw.decode(errors="replace").rstrip("\n").partition(" ")
                     if kind == "line":
                         report(rest)
@@ -202,6 +216,23 @@ def _detach(shown: Path, absolute: Path, env: Mapping[str, str], log_file: Path,
     code = daemon.wait()
     raise InterceptError(f"the background process of intercept up exited with status {code} before the "
                          f"intercepts of {shown} were ready; its output is in {log_file}")
+
+
+def _lines_until(stream: Any, deadline: float) -> Iterator[bytes | None]:
+    """The lines of an unbuffered pipe until it ends; None once, when ``deadline`` passes first."""
+    pending = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([stream], [], [], left)[0]:
+            yield None
+            return
+        chunk = stream.read(65536)
+        if not chunk:
+            return
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            yield line + b"\n"
 
 
 @dataclass

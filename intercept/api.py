@@ -82,6 +82,7 @@ async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow
     """
     from intercept.client.session import InterceptOptions
     from intercept.client.start import default_name
+    from intercept.routing.fence import Fence
     from intercept.routing.match import HeaderEquals, Route
 
     replicas = None
@@ -102,7 +103,8 @@ async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow
         rules = [HeaderEquals("x-intercept-id", name)]
         emit(Event("header", f"your requests carry x-intercept-id: {name}"))
     options = InterceptOptions(transport=transport, credentials=credentials, route=Route(frozenset(rules)), name=name,
-                               local_port=s.port, all_traffic=s.all and route, ttl=s.ttl if route else None)
+                               local_port=s.port, all_traffic=s.all and route, ttl=s.ttl if route else None,
+                               fence=Fence.parse(s.outbound_allow, s.outbound_deny, owner="this session"))
     return _Target(options, replicas, namespace)
 
 
@@ -119,7 +121,8 @@ async def _service_agents(s: InterceptSpec, emit: OnEvent, follow: bool) -> tupl
     loop = asyncio.get_running_loop()
     cluster = await asyncio.to_thread(connect, s.kubeconfig, s.context, s.namespace)
     inject = InjectOptions(image=s.agent_image, service_port=s.service_port, outbound=not s.no_outbound,
-                           no_policy_changes=s.no_policy_changes, forwarded_headers=not s.no_forwarded_headers)
+                           no_policy_changes=s.no_policy_changes, forwarded_headers=not s.no_forwarded_headers,
+                           outbound_allow=s.outbound_allow, outbound_deny=s.outbound_deny)
     progress = lambda line: loop.call_soon_threadsafe(emit, Event("progress", line))  # noqa: E731 (from the worker thread)
     interrupt = threading.Event()
     ensuring = asyncio.ensure_future(asyncio.to_thread(
@@ -382,8 +385,20 @@ def run(s: InterceptSpec, on_event: OnEvent, *, registry_entry: Mapping[str, Any
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
+        registration: Any = None
+
+        def record(event: Event) -> None:  # what status shows, once it is known
+            if registration is not None and event.kind == "ready":
+                registration.update(fence=event.fence)
+            elif registration is not None and event.kind == "mount":
+                registration.update(files=event.path)
+
+        def observe(event: Event) -> None:
+            on_event(event)
+            record(event)
+
         try:
-            preparing = asyncio.ensure_future(start(s, on_event=on_event))
+            preparing = asyncio.ensure_future(start(s, on_event=observe))
             interrupted = asyncio.ensure_future(stopping.wait())
             await asyncio.wait({preparing, interrupted}, return_when=asyncio.FIRST_COMPLETED)
             interrupted.cancel()
@@ -394,7 +409,9 @@ def run(s: InterceptSpec, on_event: OnEvent, *, registry_entry: Mapping[str, Any
             it = preparing.result()
             running.append(it)
             entry = {**registry_entry, "route": it.route, "name": it.name, "namespace": it.namespace} if registry_entry else None
-            with register(entry) if entry is not None else contextlib.nullcontext():
+            with register(entry) if entry is not None else contextlib.nullcontext() as registration:
+                for event in it.events:  # said before the registration existed
+                    record(event)
                 stopped = asyncio.ensure_future(stopping.wait())
                 ended = asyncio.ensure_future(it.wait())
                 await asyncio.wait({stopped, ended}, return_when=asyncio.FIRST_COMPLETED)
@@ -511,15 +528,18 @@ def uninstall(service: str | None = None, *, all: bool = False, namespace: str |
 
 def inject_text(text: str, service: str, *, agent_image: str | None = None, service_port: str | int | None = None,
                 no_policy_changes: bool = False, no_outbound: bool = False, no_forwarded_headers: bool = False,
+                outbound_allow: Sequence[str] = (), outbound_deny: Sequence[str] = (),
                 source: str = "the manifests") -> tuple[str, list[str]]:
-    """Manifests (YAML text) with the agent injected behind ``service``, and what changed (offline)."""
+    """Manifests (YAML text) with the agent injected behind ``service``, and what changed (offline).
+    ``outbound_allow``/``outbound_deny``: the agent's outbound fence (``HOST[:PORT]`` rules)."""
     from intercept.kube.image import DEFAULT_AGENT_IMAGE
     from intercept.kube.inject import InjectOptions
     from intercept.kube.manifests import inject_text as render
 
     options = InjectOptions(image=agent_image or DEFAULT_AGENT_IMAGE, service_port=service_port,
                             no_policy_changes=no_policy_changes, outbound=not no_outbound,
-                            forwarded_headers=not no_forwarded_headers)
+                            forwarded_headers=not no_forwarded_headers, outbound_allow=tuple(outbound_allow),
+                            outbound_deny=tuple(outbound_deny))
     return render(text, service, options, source=source)
 
 

@@ -95,7 +95,8 @@ CLUSTER = ("namespace", "context", "kubeconfig")
 _START = (
     "service", "agent", "credentials", "port", "headers", "header_regexes", "baggage", "path_prefix", "all", "name",
     "watch", "no_watch", "debug", "debug_port", "debug_wait", "env_file", "forward", "propagate_header",
-    "no_outbound", "no_policy_changes", "no_forwarded_headers", "timeout", "ttl", "service_port", "agent_image", *CLUSTER,
+    "no_outbound", "outbound_allow", "outbound_deny", "no_policy_changes", "no_forwarded_headers", "timeout", "ttl",
+    "service_port", "agent_image", *CLUSTER,
 )
 
 
@@ -138,11 +139,14 @@ def main(verbose: int) -> None:
 @click.option("--max-connections", envvar="INTERCEPT_MAX_CONNECTIONS", default=10000, show_default=True, type=click.IntRange(min=0), help="New connections (no request completed yet) served at once; more get 503. 0: no cap.")
 @click.option("--forwarded-headers/--no-forwarded-headers", envvar="INTERCEPT_FORWARDED_HEADERS", default=True, show_default=True, help="Add the client's address to each request (X-Forwarded-For, Forwarded).")
 @click.option("--routes-file", envvar="INTERCEPT_ROUTES_FILE", type=click.Path(path_type=Path), help="The sandboxes' routes (JSON), read again when it changes; the injection mounts it from a ConfigMap.")
+@click.option("--outbound-allow", envvar="INTERCEPT_OUTBOUND_ALLOW", multiple=True, metavar="HOST[:PORT]", help="Outbound connections may go only where one such rule matches (repeatable; * in names, CIDR for addresses).")
+@click.option("--outbound-deny", envvar="INTERCEPT_OUTBOUND_DENY", multiple=True, metavar="HOST[:PORT]", help="Outbound connections never go where such a rule matches (repeatable; deny wins over allow).")
 def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_timeout: float, allow_outbound: bool,
           shutdown_grace: float, header_timeout: float, routes_file: Path | None, forwarded_headers: bool,
-          max_connections: int) -> None:
+          max_connections: int, outbound_allow: tuple[str, ...], outbound_deny: tuple[str, ...]) -> None:
     """Run the agent in front of an app (in a pod: configured by INTERCEPT_* variables)."""
     from intercept.agent import AgentConfig, run
+    from intercept.routing.fence import Fence
 
     try:
         config = AgentConfig(
@@ -157,11 +161,14 @@ def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_t
             routes_file=routes_file,
             forwarded_headers=forwarded_headers,
             max_connections=max_connections,
+            fence=Fence.parse(outbound_allow, outbound_deny),
         )
 
         def ready(a: Any) -> None:
             (h, p), (sh, sp) = a.http_address, a.ssh_address
             click.echo(f"intercept: agent: http {h}:{p} ssh {sh}:{sp} upstream {config.upstream[0]}:{config.upstream[1]}", nl=True)
+            if allow_outbound and not config.fence.open:
+                click.echo(f"intercept: agent: outbound fence: {config.fence.describe()}")
             sys.stdout.flush()
 
         run(config, ready)
@@ -249,7 +256,8 @@ def _progress(event: Any) -> None:
     sys.stdout.flush()
 
 
-_INJECT = ("agent_image", "service_port", "no_policy_changes", "no_outbound", "no_forwarded_headers")
+_INJECT = ("agent_image", "service_port", "no_policy_changes", "no_outbound", "no_forwarded_headers", "outbound_allow",
+           "outbound_deny")
 
 
 @main.command("inject")
@@ -557,7 +565,7 @@ def down_command(spec_file: Path, everything: bool) -> None:
 @main.command("status")
 @click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def status_command(output: str) -> None:
-    """This machine's intercepts: service, route, local port, process, log."""
+    """This machine's intercepts: service, route, local port, outbound fence, files, process, log."""
     import json
 
     from intercept import api
@@ -572,13 +580,13 @@ def status_command(output: str) -> None:
     if not rows:
         click.echo("intercept: status: no intercept is running on this machine")
         return
-    table = [["SERVICE", "ROUTE", "PORT", "PID", "STATE", "STARTED", "LOG"]]
+    table = [["SERVICE", "ROUTE", "PORT", "OUTBOUND", "FILES", "PID", "STATE", "STARTED", "LOG"]]
     for r in rows:
         state = "running" if r["alive"] else f"exited {r['exit_code']}" if r["exit_code"] is not None else "gone"
         what = r["service"] or f"agent {r['agent']}"
         what += f" -n {r['namespace']}" if r["namespace"] else ""
-        table.append([what, r["route"] or "-", str(r["local_port"] or "-"), str(r["pid"]), state,
-                      r["started_at"] or "-", r["log_file"] or "-"])
+        table.append([what, r["route"] or "-", str(r["local_port"] or "-"), r["fence"] or "-", r["files"] or "-",
+                      str(r["pid"]), state, r["started_at"] or "-", r["log_file"] or "-"])
     _print_table(table)
 
 

@@ -20,6 +20,10 @@ class UsageError(InterceptError):
     exit_code = 2
 
 
+class FenceRefused(UsageError):
+    """A destination named at start (``--forward``) that the agent's outbound fence refuses."""
+
+
 class AgentUnreachable(InterceptError):
     """The agent's SSH port could not be reached."""
 

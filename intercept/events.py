@@ -24,6 +24,7 @@ EventKind = Literal[
     "debug",  # debugpy listens
     "outbound",  # the local process reaches the cluster through the proxy
     "forward",  # a --forward listens
+    "mount",  # the pod's files are under a local directory (--mount)
     "warning",  # something works, but probably not as the developer expects
     "reloading",  # a change was saved; the local process restarts
     "reloaded",
@@ -43,7 +44,9 @@ class Event:
     ``route`` describes the route for ``starting``, ``ready`` and ``left``
     (``requests with x-dev: alice``); ``replica`` names the agent replica for ``joined``,
     ``gone``, ``reconnecting`` and ``reconnected`` on a Service; ``status`` is the exit
-    status for ``exited``, and the exit code of the error for ``error``.
+    status for ``exited``, and the exit code of the error for ``error``; ``fence``
+    describes the outbound fence in effect for ``ready`` (``allow redis:6379; deny
+    10.0.0.0/8``, or ``everything``); ``path`` is the local directory for ``mount``.
     """
 
     kind: EventKind
@@ -51,6 +54,8 @@ class Event:
     replica: str | None = None
     status: int | None = None
     route: str | None = None
+    fence: str | None = None
+    path: str | None = None
 
     def line(self) -> str:
         return f"intercept: {self.kind}: {self.message}"
@@ -63,6 +68,10 @@ class Event:
             out["status"] = self.status
         if self.route is not None:
             out["route"] = self.route
+        if self.fence is not None:
+            out["fence"] = self.fence
+        if self.path is not None:
+            out["path"] = self.path
         return out
 
     @classmethod
@@ -70,4 +79,5 @@ class Event:
         kind = data.get("kind")
         if kind not in KINDS or not isinstance(data.get("message"), str):
             raise ValueError(f"not an intercept event: {data!r}")
-        return cls(kind, data["message"], data.get("replica"), data.get("status"), data.get("route"))
+        return cls(kind, data["message"], data.get("replica"), data.get("status"), data.get("route"), data.get("fence"),
+                   data.get("path"))

@@ -13,12 +13,15 @@ Channels:
 - ``direct-tcpip`` to (:data:`FRONT_DOOR_HOST`, :data:`FRONT_DOOR_PORT`) reaches the agent's
   own HTTP listener, so a client can send a request exactly as cluster traffic arrives
   (routed like it). Any other ``direct-tcpip`` is outbound from the pod and needs the agent's
-  ``--allow-outbound``.
+  ``--allow-outbound``; it must pass the agent's outbound fence and the session's
+  (:class:`Fence`, :mod:`intercept.routing.fence`). A refusal by a fence is the channel-open
+  failure ``administratively prohibited`` whose reason starts with :data:`FENCE_REFUSED`
+  and names the rule.
 
 Requests are small frozen classes (:data:`Request`); :func:`encode` writes one and
 :func:`decode` reads one, raising :class:`BadRequest` for anything else. Replies are
 JSON objects with ``"ok"``; a refusal (:class:`Refusal`) carries ``error`` (``conflict``,
-``invalid``, ``bad-request``), ``message`` and, for a conflict, the ``holder``.
+``invalid``, ``fenced``, ``bad-request``), ``message`` and, for a conflict, the ``holder``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ KEEPALIVE_COUNT_MAX = 2
 SILENT_LOSS_BOUND = KEEPALIVE_INTERVAL * (KEEPALIVE_COUNT_MAX + 1)  # seconds: what the README promises
 ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com", "aes128-ctr"]
 MAX_CONTROL_LINE = 1 << 20
+FENCE_REFUSED = "refused by the outbound fence: "
 
 
 class BadRequest(ValueError):
@@ -104,9 +108,33 @@ class SetClusterRoutes:
     document: dict[str, Any] = field(default_factory=dict)
 
 
-Request = Hello | Env | ListRoutes | Register | Unregister | Drain | Resume | SetClusterRoutes
+@dataclass(frozen=True)
+class Fence:
+    """Narrow this session's outbound connections to ``allow``/``deny`` (``HOST[:PORT]`` rules,
+    see :mod:`intercept.routing.fence`); the agent's own fence still applies first, so a
+    session can narrow it, never widen it. Sent again, it replaces the session's rules.
+    The reply carries the ``fence`` in effect: ``{"agent": {...}, "session": {...}}`` and
+    its ``description``."""
+
+    op: ClassVar[str] = "fence"
+    allow: list[str] = field(default_factory=list)
+    deny: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CheckOutbound:
+    """Would a connection to ``host:port`` from the pod pass the fences (the agent resolves
+    the name when an address rule needs it)? A refusal is ``fenced``, naming the rule."""
+
+    op: ClassVar[str] = "check-outbound"
+    host: str
+    port: int
+
+
+Request = Hello | Env | ListRoutes | Register | Unregister | Drain | Resume | SetClusterRoutes | Fence | CheckOutbound
 _REQUESTS: dict[str, type] = {
-    cls.op: cls for cls in (Hello, Env, ListRoutes, Register, Unregister, Drain, Resume, SetClusterRoutes)
+    cls.op: cls for cls in (Hello, Env, ListRoutes, Register, Unregister, Drain, Resume, SetClusterRoutes, Fence,
+                            CheckOutbound)
 }
 
 
@@ -137,12 +165,20 @@ def decode(line: bytes) -> Request:
         raise BadRequest("malformed cluster-routes request: document must be an object")
     if isinstance(request, Unregister) and (not isinstance(request.id, int) or isinstance(request.id, bool)):
         raise BadRequest("malformed unregister request: id must be a number")
+    if isinstance(request, Fence) and not all(
+            isinstance(rules, list) and all(isinstance(r, str) for r in rules) for rules in (request.allow, request.deny)):
+        raise BadRequest("malformed fence request: allow and deny must be lists of HOST[:PORT] strings")
+    if isinstance(request, CheckOutbound) and not (
+            isinstance(request.host, str) and isinstance(request.port, int) and not isinstance(request.port, bool)
+            and 0 < request.port < 65536):
+        raise BadRequest("malformed check-outbound request: host must be text and port a number from 1 to 65535")
     return request
 
 
 @dataclass(frozen=True)
 class Refusal:
-    """A request the agent refused: ``error`` is ``conflict``, ``invalid`` or ``bad-request``."""
+    """A request the agent refused: ``error`` is ``conflict``, ``invalid``, ``fenced`` (an
+    outbound destination the fences refuse) or ``bad-request``."""
 
     error: str
     message: str

@@ -42,6 +42,7 @@ import yaml
 
 from intercept.errors import SpecError, UsageError
 from intercept.kube.image import DEFAULT_AGENT_IMAGE
+from intercept.routing.fence import FenceRule
 from intercept.routing.match import Rule, parse_rule
 
 __all__ = [
@@ -267,6 +268,23 @@ def _rule(kind: str) -> Callable[[object], str]:
     return parse
 
 
+def _fence_rule(flag: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = _string(value)
+        try:
+            FenceRule.parse(text, flag)
+        except UsageError as error:
+            message = str(error)
+            lead = f"{flag} {text!r}: "
+            if message.startswith(lead):
+                message = message[len(lead):]
+            message = message.split("; e.g. ")[0]
+            raise _Invalid(f"{message}; e.g. {_EG}") from None
+        return text
+
+    return parse
+
+
 def _forward(value: object) -> Forward:
     text = _text(value)
     parts = text.split(":")
@@ -413,6 +431,15 @@ OPTIONS: tuple[Option, ...] = (
     Option("no_outbound", "--no-outbound", "boolean", False,
            "When the agent is injected: refuse connections from the pod on a developer's behalf (no proxy, no --forward).",
            True, _bool, verbatim=False),
+    Option("outbound_allow", "--outbound-allow", "list of HOST[:PORT]", (),
+           "Outbound connections from the pod (the proxy, `forward`) may go only where one of these matches: "
+           "a host name (`*` for any characters), an address or a CIDR network, with or without a port. "
+           "Set on the agent when it is injected, and on this intercept's sessions (which can narrow an agent's fence, never widen it).",
+           ["redis:6379"], _fence_rule("--outbound-allow"), multiple=True,
+           default_doc="none: everything the pod's network policies allow"),
+    Option("outbound_deny", "--outbound-deny", "list of HOST[:PORT]", (),
+           "Outbound connections never go where one of these matches (deny wins over allow); spelled as `outbound_allow`.",
+           ["10.0.0.0/8"], _fence_rule("--outbound-deny"), multiple=True, default_doc="none"),
     Option("no_policy_changes", "--no-policy-changes", "boolean", False,
            "When the agent is injected: refuse, rather than extend, NetworkPolicies that would cut the agent off.",
            True, _bool, verbatim=False),
@@ -530,6 +557,8 @@ class InterceptSpec:
     forward: tuple[Forward, ...] = ()
     propagate_header: bool = False
     no_outbound: bool = False
+    outbound_allow: tuple[str, ...] = ()
+    outbound_deny: tuple[str, ...] = ()
     no_policy_changes: bool = False
     no_forwarded_headers: bool = False
     timeout: float = 300.0
@@ -689,6 +718,10 @@ def _build(values: Mapping[str, object], origins: Mapping[str, Origin], *, direc
     if v["debug"] and v["debug_port"] == v["port"]:
         raise fail(f"{said('debug_port')} {v['debug_port']} is also the local port ({said('port')}); "
                    f"give the debugger another port, e.g. {_example(_BY_KEY['debug_port'], medium_of('debug_port'))}", "debug_port")
+    fence_key = next((k for k in ("outbound_allow", "outbound_deny") if v[k]), None)
+    if v["no_outbound"] and fence_key is not None:
+        raise fail(f"{said(fence_key)} fences outbound connections, but {said('no_outbound')} turns them off; drop one of them",
+                   fence_key)
     if "watch" in values and not v["command"] and not v["no_watch"]:
         raise fail(f"{said('watch')} restarts the local command on changes, but no command is given; "
                    f"add one, e.g. {_example(_BY_KEY['command'], medium_of('watch'))}, or drop {said('watch')}", "watch")

@@ -150,7 +150,7 @@ def test_status_json_lists_the_intercepts_of_up_alive(agent, local_app, machine)
     assert row["log_file"] == str(log_file) and row["workspace"] == str(spec.resolve())
     assert row["started_at"]
     table = machine.run("status")
-    assert table.stdout.splitlines()[0].split() == ["SERVICE", "ROUTE", "PORT", "PID", "STATE", "STARTED", "LOG"]
+    assert table.stdout.splitlines()[0].split() == ["SERVICE", "ROUTE", "PORT", "OUTBOUND", "FILES", "PID", "STATE", "STARTED", "LOG"]
     assert f"orders   requests with {name}: {value}" in table.stdout and "running" in table.stdout
 
 

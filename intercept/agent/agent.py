@@ -19,6 +19,7 @@ from intercept.agent.h2proxy import Hub
 from intercept.agent.proxy import ClientConnection, Link, RouteGone, TCPLink, Unavailable, UpstreamPool
 from intercept.errors import InterceptError, RouteConflict, UsageError
 from intercept.routing.cluster import SESSION_PREFIX, RoutesDocument
+from intercept.routing.fence import Fence
 from intercept.routing.match import RegisteredRoute, Route, RouteTable
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class AgentConfig:
     routes_file: Path | None = None  # the sandboxes' routes (the mounted ConfigMap's routes.json)
     forwarded_headers: bool = True  # add the client's address to requests (X-Forwarded-For, Forwarded)
     max_connections: int = 10000  # connections that have not completed a request yet, at once (0: no cap)
+    fence: Fence = Fence()  # where outbound connections may go (--outbound-allow/--outbound-deny)
 
 
 class Agent:
@@ -54,6 +56,7 @@ class Agent:
         self.forwarded_headers = config.forwarded_headers
         self.max_connections = config.max_connections
         self.fresh_connections = 0
+        self.fence = config.fence
         self._sweeper: asyncio.Task[None] | None = None
         self.sessions: dict[str, sshd.DeveloperSession] = {}
         self._http: asyncio.Server | None = None
@@ -118,9 +121,17 @@ class Agent:
             "upstream": f"{host}:{port}",
             "hold_timeout": self.config.hold_timeout,
             "outbound": self.config.allow_outbound,
+            "fence": self.fence.to_json(),
             # for intercept gc: how long no route has been held (a session that only asks, as gc does, is no use)
             "idle_seconds": 0.0 if len(self.routes) else round(time.monotonic() - self._last_busy, 1),
         }
+
+    def fence_of(self, session: sshd.DeveloperSession) -> dict[str, Any]:
+        """The outbound fence in effect for ``session``: the agent's, then the session's own."""
+        own = session.fence
+        description = self.fence.describe() if own.open else own.describe() if self.fence.open else \
+            f"{self.fence.describe()}, then {own.describe()}"
+        return {"fence": {"agent": self.fence.to_json(), "session": own.to_json()}, "description": description}
 
     # -- sessions and routes -------------------------------------------------------------
 

@@ -11,16 +11,24 @@ environment), drain and resume (around a restart of the developer's process).
 
 Invariants: no shell, no exec, no port bound in answer to a client; ``direct-tcpip``
 reaches the agent's own HTTP listener (the front door: a request sent there is routed
-like cluster traffic), anything else only with ``allow_outbound``; a closed connection's
-routes are dropped at once, and keepalive closes a silent one within 15 s.
+like cluster traffic, and no fence applies to it), anything else only with
+``allow_outbound`` and only where the agent's outbound fence and then the session's let
+it (:mod:`intercept.routing.fence`: the session's rules can narrow the agent's, never
+widen them; a name is resolved here and only the addresses that pass are dialled); a
+closed connection's routes are dropped at once, and keepalive closes a silent one within
+15 s.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import hmac
 import itertools
 import json
 import logging
+import socket
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import asyncssh
@@ -28,6 +36,7 @@ import asyncssh
 from intercept import protocol
 from intercept.errors import InterceptError, RouteConflict
 from intercept.routing.cluster import RoutesDocument
+from intercept.routing.fence import Fence, Verdict, check_all
 from intercept.protocol import (
     CONTROL_SUBSYSTEM,
     ENCRYPTION_ALGS,
@@ -35,6 +44,7 @@ from intercept.protocol import (
     FORWARD_PORT,
     FRONT_DOOR_HOST,
     FRONT_DOOR_PORT,
+    FENCE_REFUSED,
     KEEPALIVE_COUNT_MAX,
     KEEPALIVE_INTERVAL,
     BadRequest,
@@ -123,6 +133,7 @@ class DeveloperSession(asyncssh.SSHServer):
         self.forwarding = False
         self.links: set[ChannelLink] = set()
         self.draining = False  # the developer's process restarts: keep no channel past its response
+        self.fence = Fence(owner="this session")  # the client's narrowing of the agent's fence
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
@@ -165,7 +176,40 @@ class DeveloperSession(asyncssh.SSHServer):
         if not self.agent.config.allow_outbound:
             log.info("refused outbound connection to %s:%s from %s (agent started without --allow-outbound)", dest_host, dest_port, self.name)
             return False
-        return True
+        if self.agent.fence.open and self.fence.open:
+            return True
+        return self._fenced_connection(dest_host, dest_port)
+
+    def fences(self) -> tuple[Fence, Fence]:
+        """The fences a connection of this session passes, in order: the agent's, then its own."""
+        return self.agent.fence, self.fence
+
+    async def check_outbound(self, host: str, port: int) -> Verdict:
+        """Whether ``host:port`` passes this session's fences; a name is resolved here (as the
+        connection would be) when an address rule must judge it."""
+        fences = self.fences()
+        addresses: list[str] | None = None
+        if any(f.has_address_rules for f in fences):
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+            except (OSError, UnicodeError) as e:
+                log.info("outbound %s:%s for %s: %s", host, port, self.name, e)
+                addresses = []
+        return check_all(fences, host, port, addresses)
+
+    async def _fenced_connection(self, host: str, port: int) -> Any:
+        verdict = await self.check_outbound(host, port)
+        if not verdict.allowed:
+            log.info("refused outbound connection from %s: %s", self.name, verdict.reason)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, FENCE_REFUSED + verdict.reason)
+        error: asyncssh.ChannelOpenError | None = None
+        for address in verdict.addresses or (host,):  # only what passed, never the name again
+            try:
+                return await self.conn.forward_connection(address, port)
+            except asyncssh.ChannelOpenError as e:
+                error = e
+        raise error
 
     async def open_channel(self, owner: ClientConnection) -> ChannelLink:
         _, link = await self.conn.create_connection(
@@ -184,12 +228,18 @@ class DeveloperSession(asyncssh.SSHServer):
 
 
 class ControlChannel(asyncssh.SSHServerSession[bytes]):
-    """The ``intercept`` subsystem: JSON lines in, one JSON line out per request."""
+    """The ``intercept`` subsystem: JSON lines in, one JSON line out per request, in order.
+
+    Most requests are answered at once; one that must wait (a name to resolve) holds the
+    requests behind it until its reply is written.
+    """
 
     def __init__(self, session: DeveloperSession) -> None:
         self.session = session
         self.chan: asyncssh.SSHServerChannel[bytes] | None = None
         self.buf = b""
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._busy: asyncio.Future[dict[str, Any]] | None = None
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self.chan = chan
@@ -209,12 +259,49 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
             self.chan.close()
             return
         *lines, self.buf = self.buf.split(b"\n")
-        for line in lines:
-            if line.strip():
-                reply = self._handle(line)
-                self.chan.write(json.dumps(reply).encode() + b"\n")
+        self._queue.extend(line for line in lines if line.strip())
+        self._serve()
 
-    def _handle(self, line: bytes) -> dict[str, Any]:
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._busy is not None:
+            self._busy.cancel()
+
+    def _serve(self) -> None:
+        while self._queue and self._busy is None:
+            reply = self._handle(self._queue.popleft())
+            if isinstance(reply, dict):
+                self._write(reply)
+                continue
+            self._busy = asyncio.ensure_future(reply)
+            self._busy.add_done_callback(self._answered)
+
+    def _answered(self, task: asyncio.Future[dict[str, Any]]) -> None:
+        self._busy = None
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.error("a control request failed", exc_info=error)
+            self._write(Refusal("invalid", f"the agent failed to answer: {error}").to_json())
+        else:
+            self._write(task.result())
+        self._serve()
+
+    def _write(self, reply: dict[str, Any]) -> None:
+        try:
+            self.chan.write(json.dumps(reply).encode() + b"\n")
+        except (BrokenPipeError, asyncssh.Error) as e:  # the client went: nothing to answer
+            log.debug("control reply not sent: %s", e)
+
+    async def _check_outbound(self, request: protocol.CheckOutbound) -> dict[str, Any]:
+        if not self.session.agent.config.allow_outbound:
+            return Refusal("invalid", "the agent does not allow outbound connections (it runs without --allow-outbound)").to_json()
+        verdict = await self.session.check_outbound(request.host, request.port)
+        if not verdict.allowed:
+            return Refusal("fenced", verdict.reason).to_json()
+        return {"ok": True, "addresses": list(verdict.addresses) if verdict.addresses is not None else None}
+
+    def _handle(self, line: bytes) -> dict[str, Any] | Coroutine[Any, Any, dict[str, Any]]:
         try:
             request = protocol.decode(line)
         except BadRequest as e:
@@ -238,6 +325,12 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
                 case protocol.Unregister(id=route_id):
                     agent.unregister(session, route_id)
                     return {"ok": True}
+                case protocol.Fence(allow=allow, deny=deny):
+                    session.fence = Fence.parse(allow, deny, owner="this session")
+                    log.info("%s narrows its outbound connections: %s", session.name, session.fence.describe())
+                    return {"ok": True, **agent.fence_of(session)}
+                case protocol.CheckOutbound():
+                    return self._check_outbound(request)  # a coroutine: _serve awaits it
         except RouteConflict as e:
             return Refusal("conflict", str(e), e.holder).to_json()
         except InterceptError as e:

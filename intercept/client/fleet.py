@@ -222,6 +222,29 @@ class Fleet:
         """Whether the agents let us open connections from their pods (``--allow-outbound``)."""
         return any(h.registered and h.session is not None and h.session.agent.get("outbound") for h in self._holders.values())
 
+    def fence(self) -> str | None:
+        """The outbound fence in effect, described (``allow redis:6379; deny ...``), as a
+        replica reports it; None before any replica has the route."""
+        for holder in self._holders.values():
+            if holder.registered and holder.session is not None:
+                return holder.session.fence
+        return None
+
+    async def check_outbound(self, host: str, port: int) -> str | None:
+        """Why the agents' outbound fence (with this intercept's) refuses ``host:port``, or
+        None when it passes, as a replica judges it (every replica has the same fence)."""
+        for holder in list(self._holders.values()):
+            if holder.registered and holder.session is not None:
+                try:
+                    reply = await holder.session.request(protocol.CheckOutbound(host, port))
+                except Exception as e:  # noqa: BLE001 - any failure: try the next replica
+                    log.info("replica %s: no outbound check: %s", holder.replica.name, e)
+                    continue
+                if not reply.get("ok") and reply.get("error") == "fenced":
+                    return str(reply.get("message"))
+                return None
+        return None
+
     async def pod_environment(self) -> dict[str, str]:
         """The app container's environment, as an agent of the set reports it ({} if none can)."""
         for holder in list(self._holders.values()):
@@ -389,7 +412,8 @@ class Fleet:
         self._ready = True
         self.became_ready.set()
         line = f"{self.options.describe()} now reach localhost:{self.options.local_port}"
-        self._report(Event("ready", f"{line} ({self._count()})" if self._count_replicas else line, route=self.options.describe()))
+        self._report(Event("ready", f"{line} ({self._count()})" if self._count_replicas else line, route=self.options.describe(),
+                           fence=self.fence()))
 
     def _nothing_reachable(self) -> bool:
         holders = self._holders.values()

@@ -25,9 +25,10 @@ injection's default; ``--no-outbound`` turns it off).
   inside a CONNECT tunnel: HTTPS (and anything else tunnelled) passes without them.
 
 Errors are answered in HTTP, once, before the connection closes: 400 for a malformed
-request (or one that is not a proxy request), 502 naming the ``host:port`` and the
-reason when the pod cannot reach it or the agent refuses outbound connections, 503
-while no agent connection is up.
+request (or one that is not a proxy request), 403 naming the rule when the agent's
+outbound fence (or this session's) refuses the destination (:mod:`intercept.routing.fence`),
+502 naming the ``host:port`` and the reason when the pod cannot reach it or the agent
+refuses outbound connections, 503 while no agent connection is up.
 
 Invariants: framing decisions come from :mod:`intercept.routing.http1` (a request is
 forwarded only when its length is unambiguous); bodies and tunnels are streamed in
@@ -47,6 +48,7 @@ from urllib.parse import quote
 import asyncssh
 
 from intercept.errors import InterceptError, UsageError
+from intercept.protocol import FENCE_REFUSED
 from intercept.routing.http1 import (
     ChunkedScanner,
     Framing,
@@ -152,6 +154,8 @@ async def dial(dialer: Dial | Dialer, host: str, port: int) -> tuple[Reader, Wri
 def explain_open_error(target: str, error: asyncssh.ChannelOpenError) -> OutboundError:
     """The agent's refusal of a ``direct-tcpip`` channel, in the user's words."""
     reason = error.reason or "no reason given"
+    if reason.startswith(FENCE_REFUSED):
+        return OutboundError(403, target, f"cannot reach {target}: {reason}")
     # An SSH server whose connection_requested() says no answers asyncssh's bare
     # "Connection refused"; the pod's own failure to connect carries the OS error text
     # ("[Errno 111] Connect call failed ...", "[Errno -2] Name or service not known").

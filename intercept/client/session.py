@@ -26,6 +26,7 @@ from intercept.errors import (
     RouteConflict,
     UsageError,
 )
+from intercept.routing.fence import Fence
 from intercept.routing.match import Route
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class InterceptOptions:
     local_host: str = "127.0.0.1"
     all_traffic: bool = False
     ttl: float | None = None  # seconds after which the agents end the route by themselves
+    fence: Fence = Fence(owner="this session")  # narrows the agents' outbound fence for this intercept
 
     def describe(self) -> str:
         return f"requests with {self.route.describe()}" if self.route.rules else "all requests"
@@ -57,11 +59,34 @@ class AgentSession:
         self._control_lock = asyncio.Lock()  # one request at a time: replies come in order
         self.route_id: int | None = None
         self.agent: dict[str, Any] = {}  # what the agent says of itself (hello)
+        self.fence = ""  # the outbound fence in effect for this session, described
 
     async def open(self) -> None:
-        """Connect, pin the host key, authenticate and register the route; typed errors on failure."""
+        """Connect, pin the host key, authenticate, narrow the outbound fence (``options.fence``)
+        and register the route; typed errors on failure."""
         await self.connect()
+        await self._narrow()
         await self._register()
+
+    async def _narrow(self) -> None:
+        fence = self.options.fence
+        agent_fence = self.agent.get("fence") or {}
+        self.fence = Fence.parse(agent_fence.get("allow", ()), agent_fence.get("deny", ())).describe()
+        if not self.agent.get("outbound"):
+            self.fence = "off"  # the agent allows no outbound connection at all
+        if fence.open:
+            return
+        try:
+            reply = await self.request(protocol.Fence(**fence.to_json()))
+        except (asyncssh.Error, OSError) as e:
+            self.conn.close()
+            raise AgentUnreachable(f"agent {self.options.transport.describe()}: connection lost while setting the outbound fence: {e}") from None
+        if not reply.get("ok"):
+            self.conn.close()
+            raise UsageError(f"agent {self.options.transport.describe()} refused the outbound fence "
+                             f"({fence.describe()}): {Refusal.from_json(reply).message}")
+        if self.agent.get("outbound"):
+            self.fence = str(reply.get("description", fence.describe()))
 
     async def connect(self) -> None:
         """Connect, pin the host key, authenticate and open the control channel (no route yet)."""

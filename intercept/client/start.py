@@ -26,7 +26,7 @@ from intercept.client.outbound import OutboundProxy, SSHDialer, TCPForward, prop
 from intercept.client.runner import LocalCommand, Supervisor, accepting, dotenv, refuse_taken_port, watch
 from intercept.client.session import AgentSession, InterceptOptions
 from intercept.events import Event
-from intercept.errors import InterceptError
+from intercept.errors import FenceRefused, InterceptError
 from intercept.spec import Forward
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,11 @@ async def start(
 
             pod = {**await fleet.pod_environment(), **session_variables(options)}
             dialer = SSHDialer(fleet.connection)
+            for forward in forwards:  # all judged before any listens: a refused one fails the start
+                refusal = await fleet.check_outbound(forward.service, forward.port)
+                if refusal is not None:
+                    raise FenceRefused(f"--forward {forward}: {refusal}; forward a destination the fence allows, "
+                                       "or inject the agent with a fence that allows it (--outbound-allow)")
             for forward in forwards:
                 listeners.append(TCPForward(dialer, forward.service, forward.port, forward.local_port))
                 await listeners[-1].start()
@@ -136,7 +141,9 @@ async def start(
                 listeners.append(OutboundProxy(dialer, propagate))
                 host, port = await listeners[-1].start()
                 pod.update(proxy_env(host, port))
-                report(Event("outbound", f"{command.argv[0]} reaches cluster services through the proxy on {host}:{port}"))
+                fence = fleet.fence()
+                fenced = f" (fence: {fence})" if fence and fence != "everything" else ""
+                report(Event("outbound", f"{command.argv[0]} reaches cluster services through the proxy on {host}:{port}{fenced}"))
             if command.env_file:
                 Path(command.env_file).write_text(dotenv(pod))
             env = {**(os.environ if command.env is None else command.env), **pod}

@@ -50,6 +50,7 @@ from typing import Any
 
 from intercept import __version__
 from intercept.errors import InjectError, ResolveError, UsageError
+from intercept.routing.fence import Fence
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,13 @@ class InjectOptions:
     outbound: bool = True
     hold_timeout: float = 10.0
     forwarded_headers: bool = True  # the agent adds the client's address (X-Forwarded-For, Forwarded)
+    outbound_allow: tuple[str, ...] = ()  # the agent's outbound fence: HOST[:PORT] rules (intercept.routing.fence)
+    outbound_deny: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.image or any(c.isspace() for c in self.image):
             raise UsageError(f"invalid agent image {self.image!r}: pass --agent-image REPOSITORY:TAG")
+        Fence.parse(self.outbound_allow, self.outbound_deny)  # a bad rule fails here, not in the pod
         if self.hold_timeout <= 0:
             raise UsageError(f"invalid hold timeout {self.hold_timeout!r}: it must be positive")
 
@@ -527,6 +531,8 @@ def _agent_container(
         {"name": "INTERCEPT_HOLD_TIMEOUT", "value": str(int(hold)) if hold == int(hold) else str(hold)},
         {"name": "INTERCEPT_ALLOW_OUTBOUND", "value": "true" if options.outbound else "false"},
         {"name": "INTERCEPT_FORWARDED_HEADERS", "value": "true" if options.forwarded_headers else "false"},
+        *({"name": name, "value": " ".join(rules)} for name, rules in (
+            ("INTERCEPT_OUTBOUND_ALLOW", options.outbound_allow), ("INTERCEPT_OUTBOUND_DENY", options.outbound_deny)) if rules),
         {"name": "INTERCEPT_APP_CONTAINER", "value": app["name"]},
         # keep serving a few seconds after SIGTERM, while the endpoints controller removes the pod
         {"name": "INTERCEPT_SHUTDOWN_GRACE", "value": "5"},

@@ -396,6 +396,7 @@ def error_response(status: int, reason: str, *, head_only: bool = False) -> byte
 
 _REASONS = {
     400: "Bad Request",
+    403: "Forbidden",
     408: "Request Timeout",
     431: "Request Header Fields Too Large",
     501: "Not Implemented",

@@ -141,6 +141,8 @@ class Entry:
     log_file: str | None = None
     workspace: str | None = None
     exit_code: int | None = None
+    fence: str | None = None  # the outbound fence in effect, once the route is held
+    files: str | None = None  # where the pod's files are (--mount)
     file: Path | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -160,6 +162,7 @@ class Entry:
             "service": self.service, "agent": self.agent, "namespace": self.namespace, "context": self.context,
             "route": self.route, "name": self.name, "local_port": self.local_port, "command": list(self.command),
             "log_file": self.log_file, "workspace": self.workspace, "exit_code": self.exit_code,
+            "fence": self.fence, "files": self.files,
         }
 
     @classmethod
@@ -172,7 +175,7 @@ class Entry:
 
 # What register() accepts; pid defaults to this process, started_at to now.
 REGISTER_FIELDS: tuple[str, ...] = ("pid", "started_at", "service", "agent", "namespace", "context", "route",
-                                    "name", "local_port", "command", "log_file", "workspace")
+                                    "name", "local_port", "command", "log_file", "workspace", "fence", "files")
 
 
 def _registry(env: Mapping[str, str] | None) -> Path:
@@ -185,6 +188,18 @@ class Registration:
 
     entry: Entry
     file: Path | None
+
+    def update(self, **fields: Any) -> None:
+        """Record what became known since (``fence``, ``files``); the file is rewritten atomically."""
+        unknown = set(fields) - {"route", "fence", "files"}
+        if unknown:
+            raise ValueError(f"Registration.update(): unknown keys {sorted(unknown)}")
+        self.entry = replace(self.entry, **fields)
+        if self.file is not None:
+            try:
+                _write_json(self.file, self.entry.to_json())
+            except OSError as error:
+                log.warning("cannot update %s: %s", self.file, error.strerror or error)
 
     def remove(self) -> None:
         if self.file is not None:
@@ -319,7 +334,8 @@ def workspaces(env: Mapping[str, str] | None = None) -> list[WorkspaceState]:
 
 # The keys of each status() row, in order: stable for scripts (`intercept status -o json`).
 STATUS_FIELDS: tuple[str, ...] = ("service", "agent", "namespace", "context", "route", "name", "local_port",
-                                  "command", "pid", "alive", "started_at", "exit_code", "log_file", "workspace")
+                                  "command", "pid", "alive", "started_at", "exit_code", "log_file", "workspace",
+                                  "fence", "files")
 
 
 def _known(env: Mapping[str, str] | None) -> list[Entry]:

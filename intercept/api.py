@@ -177,6 +177,33 @@ async def agent_routes(s: InterceptSpec) -> list[dict[str, Any]]:
         return list((await session.request(protocol.ListRoutes())).get("routes", []))
 
 
+async def files(s: InterceptSpec, path: str = "/", *, to: Path | None = None) -> dict[str, Any]:
+    """Copy the pod's files (the app container's mounts, as one agent of ``s`` serves them)
+    under ``to``, each at its path (``/etc/config/app.yaml`` is ``to/etc/config/app.yaml``);
+    ``path`` copies only that part. ``to`` must be new or empty (default: a fresh temporary
+    directory). Files are written 0600, directories 0700; what the agent refuses (a link
+    that leads out of its mount) is listed, not copied. Returns ``path`` (the directory),
+    ``files``, ``bytes`` and ``refused``. Nothing is intercepted."""
+    import tempfile
+
+    from intercept.client.files import copy_tree
+
+    if to is None:
+        dest = Path(tempfile.mkdtemp(prefix="intercept-files-"))
+    else:
+        dest = to.expanduser().absolute()
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise UsageError(f"--to {to}: it exists and is not an empty directory; name a new or empty one")
+        dest.mkdir(mode=0o700, parents=True, exist_ok=True)
+    async with _session(s) as session:
+        if not session.agent.get("files"):
+            raise InterceptError(f"agent {session.options.transport.describe()} serves no files: the app container has no "
+                                 "volume mounts (in direct mode: run the agent with --serve-files DIR)")
+        async with session.conn.start_sftp_client() as sftp:
+            copied = await copy_tree(sftp, dest, path)
+    return {"path": str(dest), "files": copied.files, "bytes": copied.bytes, "refused": copied.refused}
+
+
 @dataclass(frozen=True)
 class Response:
     """What :func:`send_request` got back; ``body`` holds at most the limit it was given."""
@@ -302,9 +329,14 @@ class Intercept:
             env_file=str(s.env_file) if s.env_file else None,
             output=self.output.append if capture else None,
         )
+        mount = None
+        if s.mount is not None:
+            from intercept.client.files import MountRequest
+
+            mount = MountRequest(None if s.mount is True else Path(s.mount), s.mount_mode)
         self._task = asyncio.ensure_future(start_client(
             self._target.options, command, self._event, self._target.replicas, s.forward, s.propagate_header, self._stop,
-            self._hurry))
+            self._hurry, mount))
 
     @property
     def done(self) -> bool:
@@ -811,6 +843,7 @@ __all__ = [
     "Response",
     "agent_routes",
     "down",
+    "files",
     "gc",
     "inject_text",
     "intercepting",

@@ -60,6 +60,8 @@ def _spec_options(*keys: str) -> Callable[[Any], Any]:
             text = option.help.replace("`", "") + f" [env: {option.env}" + (f"; default: {default.replace('`', '')}]" if default else "]")
             decls = [option.flag, *([option.short] if option.short else []), key]
             extra: dict[str, Any] = {"is_flag": True} if option.is_bool else {"metavar": option.type.removeprefix("list of ").upper()}
+            if option.flag_value is not None:  # --mount [DIR]
+                extra = {"is_flag": False, "flag_value": option.flag_value, "metavar": "[DIR]"}
             command = click.option(*decls, multiple=option.multiple, default=None, help=text, **extra)(command)
         return command
 
@@ -94,7 +96,7 @@ def _options(ctx: click.Context, *keys: str) -> dict[str, Any]:
 CLUSTER = ("namespace", "context", "kubeconfig")
 _START = (
     "service", "agent", "credentials", "port", "headers", "header_regexes", "baggage", "path_prefix", "all", "name",
-    "watch", "no_watch", "debug", "debug_port", "debug_wait", "env_file", "forward", "propagate_header",
+    "watch", "no_watch", "debug", "debug_port", "debug_wait", "env_file", "mount", "mount_mode", "forward", "propagate_header",
     "no_outbound", "outbound_allow", "outbound_deny", "no_policy_changes", "no_forwarded_headers", "timeout", "ttl",
     "service_port", "agent_image", *CLUSTER,
 )
@@ -141,14 +143,24 @@ def main(verbose: int) -> None:
 @click.option("--routes-file", envvar="INTERCEPT_ROUTES_FILE", type=click.Path(path_type=Path), help="The sandboxes' routes (JSON), read again when it changes; the injection mounts it from a ConfigMap.")
 @click.option("--outbound-allow", envvar="INTERCEPT_OUTBOUND_ALLOW", multiple=True, metavar="HOST[:PORT]", help="Outbound connections may go only where one such rule matches (repeatable; * in names, CIDR for addresses).")
 @click.option("--outbound-deny", envvar="INTERCEPT_OUTBOUND_DENY", multiple=True, metavar="HOST[:PORT]", help="Outbound connections never go where such a rule matches (repeatable; deny wins over allow).")
+@click.option("--serve-files", envvar="INTERCEPT_SERVE_FILES", multiple=True, metavar="DIR", help="Serve DIR (or a file), read-only, to developers at its own path (repeatable; in a pod the injection names the app's mounts).")
 def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_timeout: float, allow_outbound: bool,
           shutdown_grace: float, header_timeout: float, routes_file: Path | None, forwarded_headers: bool,
-          max_connections: int, outbound_allow: tuple[str, ...], outbound_deny: tuple[str, ...]) -> None:
+          max_connections: int, outbound_allow: tuple[str, ...], outbound_deny: tuple[str, ...],
+          serve_files: tuple[str, ...]) -> None:
     """Run the agent in front of an app (in a pod: configured by INTERCEPT_* variables)."""
+    import os
+
     from intercept.agent import AgentConfig, run
+    from intercept.agent.files import MOUNTS_ENV, ServedFiles, mounts_from_env, parse_serve_files
     from intercept.routing.fence import Fence
 
     try:
+        try:
+            served = [*mounts_from_env(os.environ), *parse_serve_files(serve_files)]
+            ServedFiles(served)
+        except ValueError as e:
+            raise UsageError(f"--serve-files / {MOUNTS_ENV}: {e}") from None
         config = AgentConfig(
             listen=_address(listen, "--listen"),
             upstream=_address(upstream, "--upstream"),
@@ -162,6 +174,7 @@ def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_t
             forwarded_headers=forwarded_headers,
             max_connections=max_connections,
             fence=Fence.parse(outbound_allow, outbound_deny),
+            serve_files=tuple(served),
         )
 
         def ready(a: Any) -> None:
@@ -169,6 +182,8 @@ def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_t
             click.echo(f"intercept: agent: http {h}:{p} ssh {sh}:{sp} upstream {config.upstream[0]}:{config.upstream[1]}", nl=True)
             if allow_outbound and not config.fence.open:
                 click.echo(f"intercept: agent: outbound fence: {config.fence.describe()}")
+            if a.files:
+                click.echo(f"intercept: agent: files: {' '.join(r.path for r in a.files.roots)}")
             sys.stdout.flush()
 
         run(config, ready)
@@ -233,6 +248,35 @@ def env_command(ctx: click.Context, output: str, **_: Any) -> None:
         click.echo("".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items())), nl=False)
     else:
         click.echo(dotenv(env), nl=False)
+
+
+@main.command("files")
+@_spec_options("service", "agent", "credentials", "agent_image", *CLUSTER)
+@click.argument("path", required=False, default="/")
+@click.option("--to", "to", type=click.Path(file_okay=False, path_type=Path), help="A new or empty directory [default: a fresh temporary one].")
+@click.pass_context
+def files_command(ctx: click.Context, path: str, to: Path | None, **_: Any) -> None:
+    """Copy the pod's files (the app container's mounts) here, without intercepting.
+
+    \b
+    intercept files orders --to ./orders-root            # /etc/config/app.yaml -> ./orders-root/etc/config/app.yaml
+    intercept files orders /etc/config --to ./orders-root
+    """
+    import asyncio
+
+    from intercept import api
+
+    service = ctx.params.get("service")
+    if service and service.startswith("/") and path == "/":  # intercept files --agent H:P --credentials F /etc/config
+        ctx.params["service"], path = None, service
+    try:
+        copied = asyncio.run(api.files(_spec(ctx, "service", "agent", "credentials", "agent_image", *CLUSTER), path, to=to))
+    except InterceptError as e:
+        _fail(e)
+    for refused in copied["refused"]:
+        click.echo(f"intercept: warning: not copied: {refused}", err=True)
+    size = copied["bytes"]
+    click.echo(f"intercept: files: copied {copied['files']} files ({size} bytes) to {copied['path']}")
 
 
 @main.command()

@@ -7,6 +7,8 @@ Channels:
 
 - The control channel is the SSH subsystem :data:`CONTROL_SUBSYSTEM`: JSON lines, one
   reply line per request line, in order.
+- The pod's files are the SFTP subsystem :data:`FILES_SUBSYSTEM`: read-only, each served
+  root at its path (the app's ``mountPath``); ``hello`` lists the roots (``files``).
 - The client asks for ``tcpip-forward`` on the pseudo address
   (:data:`FORWARD_HOST`, :data:`FORWARD_PORT`); nothing is bound in the pod. The agent then
   opens one ``forwarded-tcpip`` channel per routed downstream connection.
@@ -31,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 CONTROL_SUBSYSTEM = "intercept"
+FILES_SUBSYSTEM = "sftp"  # the pod's files, read-only (the agent's --serve-files; in a pod, the app's mounts)
 FORWARD_HOST = "intercept"
 FORWARD_PORT = 1
 FRONT_DOOR_HOST = "intercept-http"

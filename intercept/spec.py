@@ -170,6 +170,28 @@ def _path(value: object) -> Path:
     return Path(_text(value)).expanduser()
 
 
+def _mount(value: object) -> Path | bool | None:
+    """``--mount`` alone (or ``true``): a fresh temporary directory; ``false``: none; else the directory."""
+    if isinstance(value, bool):
+        return True if value else None
+    if isinstance(value, str) and value.strip().lower() in _TRUE:
+        return True
+    if isinstance(value, str) and value.strip().lower() in _FALSE:
+        return None
+    return _path(value)
+
+
+_MOUNT_MODES = ("auto", "live", "copy")
+
+
+def _mount_mode(value: object) -> str:
+    text = _text(value).lower()
+    if text not in _MOUNT_MODES:
+        raise _Invalid(f"expected one of {', '.join(_MOUNT_MODES)} (auto: live where sshfs and FUSE are available, "
+                       f"else a copy); e.g. {_EG}")
+    return text
+
+
 def _port(value: object) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value.strip())
@@ -337,6 +359,8 @@ class Option:
     # In the file, one string (instead of a list) is split like shell words; other list
     # options take one string as one item.
     words: bool = False
+    # The flag may be given without a value, which then stands for this one (``--mount``).
+    flag_value: str | None = None
 
     @property
     def env(self) -> str:
@@ -414,6 +438,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("env_file", "--env-file", "path", None,
            "Also write the command's environment (the pod's) to this file, as dotenv.",
            "/tmp/orders.env", _path, path=True, default_doc="none"),
+    Option("mount", "--mount", "path, or true", None,
+           "Bring the pod's files (the app container's mounts: ConfigMaps, Secrets, the service account token) here, "
+           "read-only, each at its mountPath below this directory; the command gets `INTERCEPT_ROOT` set to it. "
+           "`--mount` alone (`mount: true`): a fresh temporary directory. Removed when you leave, even after a crash.",
+           "/tmp/orders-root", _mount, path=True, flag_value="true",
+           default_doc="none: the files stay in the pod"),
+    Option("mount_mode", "--mount-mode", "auto, live or copy", "auto",
+           "live: sshfs over the intercept's SSH connection (a ConfigMap update shows at once); copy: once, at start; "
+           "auto: live where sshfs and FUSE are available, else a copy (said in the `mount` line).",
+           "copy", _mount_mode, verbatim=False),
     Option("debug", "--debug", "boolean", False,
            "Run the (Python) command under debugpy, listening on 127.0.0.1:`debug_port`, again after each reload.",
            True, _bool, verbatim=False),
@@ -551,6 +585,8 @@ class InterceptSpec:
     watch: tuple[Path, ...] = ()
     no_watch: bool = False
     env_file: Path | None = None
+    mount: Path | bool | None = None
+    mount_mode: str = "auto"
     debug: bool = False
     debug_port: int = 5678
     debug_wait: bool = False
@@ -722,6 +758,9 @@ def _build(values: Mapping[str, object], origins: Mapping[str, Origin], *, direc
     if v["no_outbound"] and fence_key is not None:
         raise fail(f"{said(fence_key)} fences outbound connections, but {said('no_outbound')} turns them off; drop one of them",
                    fence_key)
+    if "mount_mode" in values and v["mount"] is None:
+        raise fail(f"{said('mount_mode')} says how to bring the pod's files, but they are not asked for; "
+                   f"add {_example(_BY_KEY['mount'], medium_of('mount_mode'))}, or drop {said('mount_mode')}", "mount_mode")
     if "watch" in values and not v["command"] and not v["no_watch"]:
         raise fail(f"{said('watch')} restarts the local command on changes, but no command is given; "
                    f"add one, e.g. {_example(_BY_KEY['command'], medium_of('watch'))}, or drop {said('watch')}", "watch")
@@ -786,7 +825,7 @@ def to_args(spec: InterceptSpec, *, skip: Iterable[str] = ()) -> list[str]:
             args.insert(0, str(value))
         elif option.flag == "--":
             tail = ["--", *value]
-        elif option.is_bool:
+        elif option.is_bool or value is True and option.flag_value is not None:
             args.append(option.flag)
         elif option.multiple:
             for item in value:
@@ -916,7 +955,9 @@ class _Document:
                 return f"write NAME=VALUE, not NAME: VALUE, e.g. {option.key}: [{k.value}={v.value}]"
         return f"e.g. {_example(option, 'file')}"
 
-    def resolve(self, path: Path) -> Path:
+    def resolve(self, path: object) -> object:
+        if not isinstance(path, Path):  # mount: true
+            return path
         return path if path.is_absolute() else self.directory / path
 
     def options(self, node: yaml.Node, where: str, allowed: Iterable[str]) -> tuple[dict[str, object], dict[str, Origin]]:

@@ -83,7 +83,7 @@ def test_nothing_given_but_a_service_gives_the_defaults():
 
 # Enough around each option for the checks across options to pass.
 BASE = {"service": "orders", "command": ["python", "app.py"], "debug": True,
-        "credentials": "/etc/intercept/credentials.json"}
+        "credentials": "/etc/intercept/credentials.json", "mount": True}
 
 
 def env_spelling(value: object) -> str:
@@ -157,6 +157,8 @@ def parse_args(args: list[str]) -> dict[str, object]:
             given["service"] = args[i]
         elif option.is_bool:
             given[option.key] = True
+        elif option.flag_value is not None and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            given[option.key] = option.flag_value  # --mount alone, as click reads it
         elif option.multiple:
             given[option.key] = (*given.get(option.key, ()), args[i + 1])  # type: ignore[misc]
             i += 1

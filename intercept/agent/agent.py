@@ -15,6 +15,8 @@ import asyncssh
 
 from intercept import __version__, credentials
 from intercept.agent import sshd
+from intercept.agent.files import ServedFiles, ServedRoot
+from intercept.agent.files import describe as describe_files
 from intercept.agent.h2proxy import Hub
 from intercept.agent.proxy import ClientConnection, Link, RouteGone, TCPLink, Unavailable, UpstreamPool
 from intercept.errors import InterceptError, RouteConflict, UsageError
@@ -41,6 +43,7 @@ class AgentConfig:
     forwarded_headers: bool = True  # add the client's address to requests (X-Forwarded-For, Forwarded)
     max_connections: int = 10000  # connections that have not completed a request yet, at once (0: no cap)
     fence: Fence = Fence()  # where outbound connections may go (--outbound-allow/--outbound-deny)
+    serve_files: tuple[ServedRoot, ...] = ()  # the pod's files, served read-only (--serve-files; the app's mounts)
 
 
 class Agent:
@@ -57,6 +60,7 @@ class Agent:
         self.max_connections = config.max_connections
         self.fresh_connections = 0
         self.fence = config.fence
+        self.files = ServedFiles(config.serve_files)
         self._sweeper: asyncio.Task[None] | None = None
         self.sessions: dict[str, sshd.DeveloperSession] = {}
         self._http: asyncio.Server | None = None
@@ -122,6 +126,7 @@ class Agent:
             "hold_timeout": self.config.hold_timeout,
             "outbound": self.config.allow_outbound,
             "fence": self.fence.to_json(),
+            "files": describe_files(self.files),
             # for intercept gc: how long no route has been held (a session that only asks, as gc does, is no use)
             "idle_seconds": 0.0 if len(self.routes) else round(time.monotonic() - self._last_busy, 1),
         }

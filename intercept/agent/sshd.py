@@ -5,6 +5,9 @@ Each client connection is one :class:`DeveloperSession`. The client asks for a
 the agent then opens one ``forwarded-tcpip`` channel per downstream connection that
 matched the developer's route, and the client connects it to the local process.
 
+A session channel is either the control subsystem or ``sftp``: the pod's files, served
+read-only (:mod:`intercept.agent.files`) when the agent serves any.
+
 Routes are registered over the control subsystem (the messages are
 :mod:`intercept.protocol`'s): register, unregister, list, hello, env (the pod's
 environment), drain and resume (around a restart of the developer's process).
@@ -34,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from intercept import protocol
+from intercept.agent.files import sftp_session
 from intercept.errors import InterceptError, RouteConflict
 from intercept.routing.cluster import RoutesDocument
 from intercept.routing.fence import Fence, Verdict, check_all
@@ -45,6 +49,7 @@ from intercept.protocol import (
     FRONT_DOOR_HOST,
     FRONT_DOOR_PORT,
     FENCE_REFUSED,
+    FILES_SUBSYSTEM,
     KEEPALIVE_COUNT_MAX,
     KEEPALIVE_INTERVAL,
     BadRequest,
@@ -159,7 +164,7 @@ class DeveloperSession(asyncssh.SSHServer):
         return ok
 
     def session_requested(self) -> Any:
-        return self.conn.create_server_channel(encoding=None), ControlChannel(self)
+        return self.conn.create_server_channel(encoding=None), SubsystemChannel(self)
 
     def server_requested(self, listen_host: str, listen_port: int) -> Any:
         if (listen_host, listen_port) != (FORWARD_HOST, FORWARD_PORT):
@@ -225,6 +230,67 @@ class DeveloperSession(asyncssh.SSHServer):
             for link in list(self.links):
                 link.owner.release(link)
         return len(self.links)
+
+
+class SubsystemChannel(asyncssh.SSHServerSession[bytes]):
+    """A session channel: no shell, no exec, no pty; one of two subsystems, chosen when it is
+    asked for: ``intercept`` (:class:`ControlChannel`) or ``sftp`` (the pod's files, read-only,
+    when the agent serves any: :mod:`intercept.agent.files`). Everything after is the chosen
+    one's."""
+
+    def __init__(self, session: DeveloperSession) -> None:
+        self.session = session
+        self.chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self.chosen: Any = None
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
+        self.chan = chan
+
+    def shell_requested(self) -> bool:
+        return False
+
+    def exec_requested(self, command: str) -> bool:
+        return False
+
+    def pty_requested(self, term_type: str, term_size: Any, term_modes: Any) -> bool:
+        return False
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        if self.chosen is not None:
+            return False
+        if subsystem == CONTROL_SUBSYSTEM:
+            self.chosen = ControlChannel(self.session)
+        elif subsystem == FILES_SUBSYSTEM and self.session.agent.files:
+            self.chosen = sftp_session(self.session.agent.files, self.session.name)
+            log.info("%s opened the pod's files", self.session.name)
+        else:
+            log.info("refused subsystem %r from %s", subsystem, self.session.name)
+            return False
+        self.chosen.connection_made(self.chan)
+        return bool(self.chosen.subsystem_requested(subsystem))
+
+    def session_started(self) -> None:
+        if self.chosen is not None:
+            self.chosen.session_started()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self.chosen is not None:
+            self.chosen.data_received(data, datatype)
+
+    def eof_received(self) -> bool:
+        return bool(self.chosen.eof_received()) if self.chosen is not None else False
+
+    def pause_writing(self) -> None:
+        if self.chosen is not None:
+            self.chosen.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.chosen is not None:
+            self.chosen.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.chosen is not None:
+            self.chosen.connection_lost(exc)
 
 
 class ControlChannel(asyncssh.SSHServerSession[bytes]):

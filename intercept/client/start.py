@@ -21,6 +21,7 @@ from pathlib import Path
 
 from intercept import protocol
 from intercept.client.door import LocalDoor
+from intercept.client.files import MountRequest, PodFiles, bring
 from intercept.client.fleet import Fleet, Replica, fixed
 from intercept.client.outbound import OutboundProxy, SSHDialer, TCPForward, propagation, proxy_env
 from intercept.client.runner import LocalCommand, Supervisor, accepting, dotenv, refuse_taken_port, watch
@@ -56,6 +57,7 @@ async def start(
     propagate_header: bool = False,
     stop: asyncio.Event | None = None,
     hurry: asyncio.Event | None = None,
+    mount: MountRequest | None = None,
 ) -> int:
     """Intercept until ``stop`` is set (exit 0), or until an unwatched COMMAND exits (its status).
 
@@ -73,6 +75,10 @@ async def start(
     pointing at a local proxy that dials from the agent's pod (with the route's headers
     added to plain HTTP when ``propagate_header``); each of ``forwards`` listens on
     localhost for plain TCP to a cluster service.
+
+    With ``mount``, the pod's files are brought to a local root once the route is held
+    (live or copied, :func:`intercept.client.files.bring`), before COMMAND starts with
+    ``INTERCEPT_ROOT`` pointing at it; the root is removed when the intercept ends.
     """
     propagate = propagation(options.route) if propagate_header else []
     if not isinstance(command, LocalCommand):
@@ -101,6 +107,7 @@ async def start(
     reloading: asyncio.Future[None] | None = None
     intercepting: asyncio.Future[None] | None = None
     listeners: list[OutboundProxy | TCPForward] = []
+    pod_files: PodFiles | None = None
     expiry: asyncio.TimerHandle | None = None
     if options.ttl is not None:  # the agents end the route then, connected or not; so do we
 
@@ -113,12 +120,16 @@ async def start(
         intercepting = asyncio.ensure_future(fleet.run(replicas, stop))
         if command.argv:
             door.close()  # routed requests wait until the process accepts them
+        if command.argv or mount is not None:
             ready = asyncio.ensure_future(fleet.became_ready.wait())
             await asyncio.wait([ready, intercepting], return_when=asyncio.FIRST_COMPLETED)
             ready.cancel()
             if intercepting.done():
                 intercepting.result()  # raise the intercept's error
                 return 0
+        if mount is not None:
+            pod_files = await bring(mount, fleet.connection(), report, label=options.transport.describe())
+        if command.argv:
 
             def on_exit(code: int) -> None:
                 if command.watch:
@@ -127,6 +138,8 @@ async def start(
                     exited.set_result(code)
 
             pod = {**await fleet.pod_environment(), **session_variables(options)}
+            if pod_files is not None:
+                pod["INTERCEPT_ROOT"] = str(pod_files.path)
             dialer = SSHDialer(fleet.connection)
             for forward in forwards:  # all judged before any listens: a refused one fails the start
                 refusal = await fleet.check_outbound(forward.service, forward.port)
@@ -179,6 +192,8 @@ async def start(
             await supervisor.stop()
         for listener in listeners:
             await listener.close()
+        if pod_files is not None:
+            await pod_files.close()
 
 
 async def ask_agent(options: InterceptOptions, request: protocol.Request) -> dict[str, Any]:

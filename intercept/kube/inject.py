@@ -72,6 +72,8 @@ CREDENTIALS_KEY = "credentials.json"
 ROUTES_VOLUME = "intercept-routes"
 ROUTES_DIR = "/var/run/intercept-routes"
 ROUTES_KEY = "routes.json"
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+MOUNTS_ENV = "INTERCEPT_MOUNTS"  # read by intercept.agent.files.mounts_from_env
 # The user the agent runs as when the pod does not name a non-root one (distroless "nonroot").
 AGENT_USER = 65532
 AGENT_RESOURCES = {
@@ -516,6 +518,7 @@ def _agent_container(
         copied = dict(mount, readOnly=True)
         copied.pop("mountPropagation", None)  # Bidirectional needs a privileged container
         mounts.append(copied)
+    served = _served_paths(pod, app)
     mounts.append({"name": volume, "mountPath": CREDENTIALS_DIR, "readOnly": True})
     mounts.append({"name": routes_volume, "mountPath": ROUTES_DIR, "readOnly": True})
 
@@ -534,6 +537,10 @@ def _agent_container(
         *({"name": name, "value": " ".join(rules)} for name, rules in (
             ("INTERCEPT_OUTBOUND_ALLOW", options.outbound_allow), ("INTERCEPT_OUTBOUND_DENY", options.outbound_deny)) if rules),
         {"name": "INTERCEPT_APP_CONTAINER", "value": app["name"]},
+        # the app's mounts, served read-only to developers (intercept start --mount, intercept files):
+        # where each is seen, and where the agent reads it (the same path here; see agent/files.py)
+        *([{"name": MOUNTS_ENV, "value": json.dumps(served)}] if served else []),
+        *({"name": f"{MOUNTS_ENV[:-1]}_{i}", "value": path} for i, path in enumerate(served)),
         # keep serving a few seconds after SIGTERM, while the endpoints controller removes the pod
         {"name": "INTERCEPT_SHUTDOWN_GRACE", "value": "5"},
     ]
@@ -560,6 +567,21 @@ def _agent_container(
         }
     )
     return container
+
+
+def _served_paths(pod: Obj, app: Obj) -> list[str]:
+    """The app container's mount paths, and the service account token's directory, which
+    the ServiceAccount admission adds to every container (the agent's too) unless the pod
+    opts out."""
+    served: list[str] = []
+    for mount in app.get("volumeMounts") or []:
+        path = (mount.get("mountPath") or "").rstrip("/")
+        if path.startswith("/") and path not in served:
+            served.append(path)
+    covered = any(SERVICE_ACCOUNT_DIR == p or SERVICE_ACCOUNT_DIR.startswith(p + "/") for p in served)
+    if pod.get("automountServiceAccountToken") is not False and not covered:
+        served.append(SERVICE_ACCOUNT_DIR)
+    return served
 
 
 def _copy_env_var(var: Obj, app_name: str) -> Obj:

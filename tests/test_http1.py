@@ -233,3 +233,81 @@ def test_forwarding_fields_name_the_peer_in_both_spellings():
     assert forwarding_fields("10.1.2.3") == b"X-Forwarded-For: 10.1.2.3\r\nForwarded: for=10.1.2.3\r\n"
     assert forwarding_fields("::ffff:10.1.2.3") == b"X-Forwarded-For: 10.1.2.3\r\nForwarded: for=10.1.2.3\r\n"
     assert forwarding_fields("2001:db8::1") == b'X-Forwarded-For: 2001:db8::1\r\nForwarded: for="[2001:db8::1]"\r\n'
+
+
+# -- the one-pattern fast path gives what the line-by-line parser gives ------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from intercept.routing import http1  # noqa: E402
+from tests.http1_diff import generate  # noqa: E402
+
+_FIELD_BYTES = st.sampled_from(
+    [b"Host: x", b"host:x", b"Content-Length: 5", b"content-length:0", b"Content-Length: 5, 5", b"Content-Length: 5 ",
+     b"Transfer-Encoding: chunked", b"transfer-encoding: gzip, chunked", b"Transfer-Encoding: x", b"Connection: close",
+     b"connection: Upgrade, keep-alive", b"Upgrade: h2c", b"X-Dev: alice", b"x-dev:\talice \t", b"X-Empty:",
+     b"Baggage: a=b, c=d", b"X-Host: y", b"X-Bin: \x80\xff", b" folded", b"Bad Name: v", b"X-Ctl: a\x01b",
+     b"X-CR: a\rb", b"X-LF: a\nb", b"Host : x", b":x", b"Content-Length: -1", b"Expect: 100-continue"]
+)
+_REQUEST_LINES = st.sampled_from(
+    [b"GET / HTTP/1.1", b"POST /a?b HTTP/1.1", b"GET / HTTP/1.0", b"PRI / HTTP/1.1", b"CONNECT h:443 HTTP/1.1",
+     b"GET http://h/x HTTP/1.1", b"GET / HTTP/2.0", b"GET  / HTTP/1.1", b"G\x80T / HTTP/1.1", b"GET / HTTP/1.9"]
+)
+
+
+def _outcome(parse, *args):
+    try:
+        head = parse(*args)
+    except ProtocolError as e:
+        return ("refused", e.status, e.reason)
+    if head is None:
+        return None
+    if isinstance(head, http1.RequestHead):
+        return (head.method, head.target, head.minor, head.headers, head.size, head.framing, head.length,
+                head.keep_alive, head.upgrade)
+    return (head.status, head.size, head.framing, head.length, head.keep_alive)
+
+
+def _line_by_line_response(data, method):
+    return parse_response_head(data, method, 0, 1)  # scanned > 0: the pattern is not tried
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_REQUEST_LINES, st.lists(_FIELD_BYTES, max_size=6), st.sampled_from([b"", b"\r\n", b"body", b"\r\n\r\nGET"]))
+def test_request_fast_path_agrees_with_the_line_parser(line, fields, tail):
+    data = b"\r\n".join([line, *fields]) + b"\r\n\r\n" + tail
+    assert _outcome(parse_request_head, data) == _outcome(http1._parse_request_lines, data, 0, 0)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_request_fast_path_agrees_on_the_differential_grammar(data):
+    raw = generate(lambda options: data.draw(st.sampled_from(options)))
+    assert _outcome(parse_request_head, raw) == _outcome(http1._parse_request_lines, raw, 0, 0)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from([b"HTTP/1.1 200 OK", b"HTTP/1.0 200 OK", b"HTTP/1.1 204", b"HTTP/1.1 101 Switching",
+                     b"HTTP/1.1 2000 OK", b"HTTP/2 200", b"HTTP/1.1 200 \x80ok", b"HTTP/1.1 100 Continue"]),
+    st.lists(_FIELD_BYTES, max_size=6),
+    st.sampled_from([b"GET", b"HEAD", b"CONNECT"]),
+)
+def test_response_fast_path_agrees_with_the_line_parser(line, fields, method):
+    data = b"\r\n".join([line, *fields]) + b"\r\n\r\nbody"
+    assert _outcome(parse_response_head, data, method) == _outcome(_line_by_line_response, data, method)
+
+
+def test_fields_are_parsed_only_when_asked_for():
+    head = parse_request_head(b"GET / HTTP/1.1\r\nHost: x\r\nX-Dev: alice \r\n\r\n")
+    assert head._headers is None
+    assert head.headers == [(b"host", b"x"), (b"x-dev", b"alice")]
+
+
+def test_a_head_that_arrives_in_pieces_is_parsed_line_by_line():
+    data = b"GET / HTTP/1.1\r\nHost: x\r\nX-Dev: alice\r\n\r\n"
+    assert parse_request_head(data[:20]) is None
+    head = parse_request_head(data, 0, 20)
+    assert head.headers == [(b"host", b"x"), (b"x-dev", b"alice")] and head.size == len(data)
+    assert parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"GET", 0, 10).length == 2

@@ -44,6 +44,22 @@ _BARE_LF = re.compile(rb"(?<!\r)\n")
 _KNOWN_CODINGS = frozenset({b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"})
 _FRAMING_HEADERS = frozenset({b"content-length", b"transfer-encoding", b"connection", b"host", b"upgrade", b"expect"})
 
+# One pass at C speed over a whole head (the common case): the start line, then every field
+# line, each validated as the line-by-line parser below validates it (a field value with
+# its surrounding whitespace is any run of HTAB, SP, visible and obs-text bytes; no CR, no
+# LF), up to the first empty line. A head this does not match exactly (incomplete, leading
+# empty lines, a request-target or method this leaves out, anything malformed) goes to the
+# line-by-line parser, which decides and names the error: the fast path only ever accepts
+# a subset of what that parser accepts, with the same result.
+_LINES = rb"((?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*)\r\n"
+_FAST_REQUEST = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e\x80-\xff]+) HTTP/1\.([0-9])\r\n" + _LINES)
+_FAST_RESPONSE = re.compile(rb"HTTP/1\.([0-9]) ([0-9]{3})(?:[ \t][\t\x20-\x7e\x80-\xff]*)?\r\n" + _LINES)
+# In a validated block: the fields framing reads (line starts only: the block is searched
+# from the LF that ends the start line), and every field, for :attr:`RequestHead.headers`.
+_REQUEST_FRAMING_FIELDS = re.compile(rb"\n(content-length|transfer-encoding|connection|host|upgrade):[ \t]*([^\r]*?)[ \t]*\r", re.I)
+_RESPONSE_FRAMING_FIELDS = re.compile(rb"\n(content-length|transfer-encoding|connection):[ \t]*([^\r]*?)[ \t]*\r", re.I)
+_FIELD = re.compile(rb"([^:\r\n]+):[ \t]*([^\r]*?)[ \t]*\r\n")
+
 
 class ProtocolError(Exception):
     """A message that must not be forwarded; ``status`` is what the client is told."""
@@ -68,17 +84,42 @@ class Framing(Enum):
     TUNNEL = 4  # after 101 Switching Protocols or a 2xx to CONNECT: raw bytes both ways
 
 
-@dataclass(slots=True)  # not frozen: a frozen __init__ costs a setattr call per field, per request
 class RequestHead:
-    method: bytes
-    target: bytes
-    minor: int  # HTTP/1.<minor>
-    headers: list[tuple[bytes, bytes]]  # lowercased names, stripped values, wire order
-    size: int  # bytes of the head, leading empty lines and the final CRLF included
-    framing: Framing
-    length: int  # body length when framing is LENGTH
-    keep_alive: bool
-    upgrade: bool  # asks to switch protocols (Upgrade) or to tunnel (CONNECT)
+    """A request head, validated; its header fields are parsed only when asked for.
+
+    Framing needs only Content-Length, Transfer-Encoding, Connection, Upgrade and Host, so
+    the parser finds those and keeps the header lines as one block of bytes: routing (and
+    the HTTP/2 upgrade) read :attr:`headers`, built from the block on first use, and an
+    agent with an empty route table never builds it. Not frozen: a frozen ``__init__``
+    costs a setattr call per field, per request.
+    """
+
+    __slots__ = ("method", "target", "minor", "size", "framing", "length", "keep_alive", "upgrade", "_block", "_headers")
+
+    def __init__(self, method: bytes, target: bytes, minor: int, headers: list[tuple[bytes, bytes]] | None, size: int,
+                 framing: Framing, length: int, keep_alive: bool, upgrade: bool, block: bytes = b"") -> None:
+        self.method = method
+        self.target = target
+        self.minor = minor  # HTTP/1.<minor>
+        self.size = size  # bytes of the head, leading empty lines and the final CRLF included
+        self.framing = framing
+        self.length = length  # body length when framing is LENGTH
+        self.keep_alive = keep_alive
+        self.upgrade = upgrade  # asks to switch protocols (Upgrade) or to tunnel (CONNECT)
+        self._headers = headers
+        self._block = block  # the header lines, each with its CRLF, when ``headers`` is still to be built
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Lowercased names, stripped values, wire order, repeats kept."""
+        headers = self._headers
+        if headers is None:
+            headers = self._headers = [(name.lower(), value) for name, value in _FIELD.findall(self._block)]
+        return headers
+
+    def __repr__(self) -> str:
+        return (f"RequestHead({self.method!r}, {self.target!r}, minor={self.minor}, size={self.size}, "
+                f"{self.framing}, length={self.length}, keep_alive={self.keep_alive}, upgrade={self.upgrade})")
 
 
 @dataclass(slots=True)
@@ -192,7 +233,34 @@ def parse_request_head(buf: bytes | bytearray, start: int = 0, scanned: int = 0)
     ``scanned``: how many bytes of ``buf`` an earlier call already searched (so a head
     that arrives in many pieces is searched once, not once per piece). Raises
     :class:`ProtocolError` with 400, 431, 501 or 505 for a request that must be refused.
+
+    A head seen whole on the first call (``scanned`` 0: the usual case) is matched by one
+    compiled pattern (:data:`_FAST_REQUEST`); any other goes line by line. Both give the
+    same result for every head the pattern accepts (tests/test_http1.py compares them).
     """
+    if not scanned:
+        m = _FAST_REQUEST.match(buf, start)
+        if m is not None and m.end() - start <= MAX_HEAD_SIZE and m[1] != b"PRI":
+            method, minor = m[1], int(m[3])
+            found = _REQUEST_FRAMING_FIELDS.findall(buf, m.start(4) - 1, m.end(4))
+            if len(found) == 1 and minor == 1 and found[0][0].lower() == b"host" and method != b"CONNECT":
+                # the usual request: its one framing field is Host; no body, keep-alive, no upgrade
+                return RequestHead(method, m[2], 1, None, m.end() - start, Framing.NONE, 0, True, False, m[4])
+            fields: dict[bytes, list[bytes]] = {}
+            for name, value in found:
+                name = name.lower()
+                values = fields.get(name)
+                if values is None:
+                    fields[name] = [value]
+                else:
+                    values.append(value)
+            framing, length, keep_alive, upgrade = _request_framing(method, minor, fields)
+            return RequestHead(method, m[2], minor, None, m.end() - start, framing, length, keep_alive, upgrade, m[4])
+    return _parse_request_lines(buf, start, scanned)
+
+
+def _parse_request_lines(buf: bytes | bytearray, start: int, scanned: int) -> RequestHead | None:
+    """:func:`parse_request_head` line by line: incomplete heads, and every refusal with its reason."""
     body = start
     n = len(buf)
     while body + 1 < n and buf[body] == 13 and buf[body + 1] == 10:
@@ -209,12 +277,18 @@ def parse_request_head(buf: bytes | bytearray, start: int = 0, scanned: int = 0)
     lines = bytes(buf[body : end - 4]).split(b"\r\n")
     method, target, minor = _request_line(lines[0])
     headers = _parse_fields(lines[1:], 400)
-
-    framing_values: dict[bytes, list[bytes]] = {}
+    fields: dict[bytes, list[bytes]] = {}
     for name, value in headers:
         if name in _FRAMING_HEADERS:
-            framing_values.setdefault(name, []).append(value)
-    get = framing_values.get
+            fields.setdefault(name, []).append(value)
+    framing, length, keep_alive, upgrade = _request_framing(method, minor, fields)
+    return RequestHead(method, target, minor, headers, end - start, framing, length, keep_alive, upgrade)
+
+
+def _request_framing(method: bytes, minor: int, fields: dict[bytes, list[bytes]]) -> tuple[Framing, int, bool, bool]:
+    """Body framing, keep-alive and upgrade of a request from its framing fields (lowercased
+    names, values in wire order); raises :class:`ProtocolError` for an ambiguous length."""
+    get = fields.get
     hosts = get(b"host")
     if minor >= 1 and hosts is None:
         raise ProtocolError(400, "HTTP/1.1 request without a Host header")
@@ -239,29 +313,46 @@ def parse_request_head(buf: bytes | bytearray, start: int = 0, scanned: int = 0)
         length = _content_length(cl, 400)
         if length:
             framing = Framing.LENGTH
-    connection = _tokens(get(b"connection") or ())
-    keep_alive = b"close" not in connection and (minor >= 1 or b"keep-alive" in connection)
+    conn = get(b"connection")
+    if conn is None:
+        keep_alive, connection_upgrade = minor >= 1, False
+    else:
+        connection = _tokens(conn)
+        keep_alive = b"close" not in connection and (minor >= 1 or b"keep-alive" in connection)
+        connection_upgrade = b"upgrade" in connection
     # Parsers disagree on what makes an upgrade (h11: an Upgrade field; llhttp: Upgrade and
     # Connection: upgrade) and on where its body ends (llhttp ends the message at the head),
     # so every reading counts, and a body on any of them is refused: what one side frames
     # as a body the app could read as the next request.
-    upgrade = method == b"CONNECT" or b"upgrade" in connection or get(b"upgrade") is not None
+    upgrade = method == b"CONNECT" or connection_upgrade or get(b"upgrade") is not None
     if upgrade and framing is not Framing.NONE:
         raise ProtocolError(
             400,
             f"{'CONNECT' if method == b'CONNECT' else 'an Upgrade request'} with a body is refused "
             "(request smuggling shape); send the body without Upgrade or after the switch",
         )
-    return RequestHead(method, target, minor, headers, end - start, framing, length, keep_alive, upgrade)
+    return framing, length, keep_alive, upgrade
 
 
-def parse_response_head(buf: bytes | bytearray, method: bytes, start: int = 0) -> ResponseHead | None:
+def parse_response_head(buf: bytes | bytearray, method: bytes, start: int = 0, scanned: int = 0) -> ResponseHead | None:
     """Parse the response head at ``buf[start]`` to a request with ``method``.
 
     Body framing follows RFC 9112 section 6.3. Raises :class:`ProtocolError` (502) for a
-    response that cannot be framed.
+    response that cannot be framed. ``scanned``: as for :func:`parse_request_head`. A
+    head seen whole on the first call is matched by one compiled pattern
+    (:data:`_FAST_RESPONSE`), any other line by line, with the same result.
     """
-    end = _find_head(buf, start, start, 502, "upstream response")
+    if not scanned:
+        m = _FAST_RESPONSE.match(buf, start)
+        if m is not None and m.end() - start <= MAX_HEAD_SIZE:
+            te: list[bytes] = []
+            cl: list[bytes] = []
+            conn: list[bytes] = []
+            for name, value in _RESPONSE_FRAMING_FIELDS.findall(buf, m.start(3) - 1, m.end(3)):
+                name = name.lower()
+                (te if name == b"transfer-encoding" else cl if name == b"content-length" else conn).append(value)
+            return _response_framing(method, int(m[1]), int(m[2]), te, cl, conn, m.end() - start)
+    end = _find_head(buf, start, max(start, scanned - 3), 502, "upstream response")
     if end < 0:
         return None
     end -= 4
@@ -269,11 +360,8 @@ def parse_response_head(buf: bytes | bytearray, method: bytes, start: int = 0) -
     m = _STATUS_LINE.fullmatch(lines[0])
     if m is None:
         raise ProtocolError(502, f"malformed status line {lines[0][:60]!r} from upstream")
-    minor, status = int(m[1]), int(m[2])
     headers = _parse_fields(lines[1:], 502)
-    te: list[bytes] = []
-    cl: list[bytes] = []
-    conn: list[bytes] = []
+    te, cl, conn = [], [], []
     for name, value in headers:
         if name == b"transfer-encoding":
             te.append(value)
@@ -281,8 +369,16 @@ def parse_response_head(buf: bytes | bytearray, method: bytes, start: int = 0) -
             cl.append(value)
         elif name == b"connection":
             conn.append(value)
-    connection = _tokens(conn)
-    keep_alive = b"close" not in connection and (minor >= 1 or b"keep-alive" in connection)
+    return _response_framing(method, int(m[1]), int(m[2]), te, cl, conn, end + 4 - start)
+
+
+def _response_framing(method: bytes, minor: int, status: int, te: list[bytes], cl: list[bytes], conn: list[bytes],
+                      size: int) -> ResponseHead:
+    if conn:
+        connection = _tokens(conn)
+        keep_alive = b"close" not in connection and (minor >= 1 or b"keep-alive" in connection)
+    else:
+        keep_alive = minor >= 1
     length = 0
     if status == 101 or (method == b"CONNECT" and 200 <= status < 300):
         framing = Framing.TUNNEL
@@ -297,7 +393,7 @@ def parse_response_head(buf: bytes | bytearray, method: bytes, start: int = 0) -
         framing = Framing.UNTIL_CLOSE
     if framing is Framing.UNTIL_CLOSE:
         keep_alive = False
-    return ResponseHead(status, end + 4 - start, framing, length, keep_alive)
+    return ResponseHead(status, size, framing, length, keep_alive)
 
 
 class ChunkedScanner:

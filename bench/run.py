@@ -8,11 +8,15 @@
 Rows (see bench/README.md):
   (a) wrk -> upstream app                                   (the floor: no proxy at all)
   (b) wrk -> nginx routing on x-dev with a map -> upstream  (the yardstick)
+  (h) wrk -> HAProxy routing on x-dev with an ACL -> upstream (the second yardstick)
   (c) wrk -> agent -> upstream                              (requests without the header)
+  (c100) as (c), with 100 other developers' routes held     (bench/routes.py)
+  (cstd) as (c), the agent on the standard asyncio loop     (no uvloop: `pip install intercept`)
   (d) wrk -> agent -> SSH -> intercept client -> local app  (requests with x-dev: alice)
 
 The apps and the router are nginx (worker_processes 1, keep-alive, access_log off), so
-they are not the bottleneck. Needs wrk, nginx (nginx-light) and curl on PATH; stdlib only.
+they are not the bottleneck. Needs wrk, nginx (nginx-light), haproxy and curl on PATH;
+stdlib only.
 Reported: req/s, p50, p99 (wrk --latency), the agent's RSS after each row, the agent's
 RSS with 200 open keep-alive connections, and MB/s for a 100 MB body each way.
 """
@@ -49,9 +53,38 @@ MB = 1_000_000  # MB/s as curl and wrk count them (10^6 bytes)
 ROWS = {
     "a": "(a) direct to upstream",
     "b": "(b) nginx map routing",
+    "h": "(h) HAProxy ACL routing",
     "c": "(c) agent, no header",
+    "c100": "(c100) agent, no header, 100 other routes",
+    "cstd": "(cstd) agent on asyncio (no uvloop), no header",
     "d": "(d) agent, x-dev: alice -> SSH",
 }
+BULK_ROWS = ("a", "b", "h", "c", "d")
+# which watched processes make up each row's proxy (their CPU is the row's "proxy CPU")
+PROXY = {"a": [], "b": ["router"], "h": ["haproxy"], "c": ["agent"], "c100": ["agent"], "cstd": ["agent_std"],
+         "d": ["agent", "client"]}
+HAPROXY_CONFIG = """
+# Row (h): the agent's job done by HAProxy, one thread on the pod's CPU: x-dev: alice to the
+# local app, everything else to the upstream, over reused keep-alive server connections.
+global
+    nbthread 1
+    maxconn 4000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+    http-reuse always
+    option http-keep-alive
+frontend bench
+    bind 127.0.0.1:${PORT}
+    use_backend local_app if { req.hdr(x-dev) -m str alice }
+    default_backend upstream_app
+backend upstream_app
+    server upstream 127.0.0.1:${UPSTREAM_PORT} maxconn 1000
+backend local_app
+    server local 127.0.0.1:${LOCAL_PORT} maxconn 1000
+"""
 
 
 # -- small helpers ------------------------------------------------------------------------
@@ -214,6 +247,16 @@ class Procs:
         server = string.Template((HERE / "app.server.template").read_text()).safe_substitute(NAME=name, PORT=port, BIG=big)
         return self.nginx(name, server, port)
 
+    def haproxy(self, port: int, upstream_port: int, local_port: int) -> subprocess.Popen:
+        conf = self.tmp / "haproxy.cfg"
+        conf.write_text(string.Template(HAPROXY_CONFIG).safe_substitute(PORT=port, UPSTREAM_PORT=upstream_port, LOCAL_PORT=local_port))
+        p = self.spawn(["haproxy", "-db", "-f", str(conf)], "pod", stdout=subprocess.DEVNULL, stderr=self.logfile("haproxy.stderr"))
+        try:
+            wait_port(port)
+        except RuntimeError:
+            raise RuntimeError(f"haproxy did not start: {(self.tmp / 'haproxy.stderr').read_text()}") from None
+        return p
+
     def router(self, port: int, upstream_port: int, local_port: int) -> subprocess.Popen:
         server = string.Template((HERE / "router.server.template").read_text()).safe_substitute(
             PORT=port, UPSTREAM_PORT=upstream_port, LOCAL_PORT=local_port
@@ -225,17 +268,35 @@ class Procs:
             return [sys.executable, str(HERE / "whatif.py"), self.what_if]
         return [sys.executable, "-m", "intercept"]
 
-    def agent(self, upstream_port: int) -> tuple[subprocess.Popen, int, int]:
+    def agent(self, upstream_port: int, *, stdlib_loop: bool = False) -> tuple[subprocess.Popen, int, int, float]:
+        """An agent; returns it, its HTTP and SSH ports, and the seconds from spawn to listening.
+
+        ``stdlib_loop``: as installed without the ``fast`` extra (uvloop cannot be imported)."""
+        command = self.intercept()
+        if stdlib_loop:
+            command = [sys.executable, "-c", "import sys; sys.modules['uvloop'] = None; from intercept.cli import main; "
+                       "sys.argv[0] = 'intercept'; main()"]
         argv = [
-            *self.intercept(), "-v", "agent",
+            *command, "-v", "agent",
             "--listen", "127.0.0.1:0", "--ssh-listen", "127.0.0.1:0",
             "--upstream", f"127.0.0.1:{upstream_port}",
             "--credentials", str(self.tmp / "agent-credentials.json"),
         ]  # fmt: skip
-        p = self.spawn(argv, "pod", stdout=subprocess.PIPE, stderr=self.logfile("agent.log"), text=True, cwd=ROOT)
-        line = read_line(p, "intercept: agent:", 30, self.tmp / "agent.log")
+        name = "agent-asyncio.log" if stdlib_loop else "agent.log"
+        t0 = time.monotonic()
+        p = self.spawn(argv, "pod", stdout=subprocess.PIPE, stderr=self.logfile(name), text=True, cwd=ROOT)
+        line = read_line(p, "intercept: agent:", 30, self.tmp / name)
+        started = time.monotonic() - t0
         m = re.search(r"http [^ ]+:(\d+) ssh [^ ]+:(\d+)", line)
-        return p, int(m[1]), int(m[2])
+        return p, int(m[1]), int(m[2]), started
+
+    def other_routes(self, ssh_port: int, count: int) -> subprocess.Popen:
+        """bench/routes.py holding ``count`` other developers' routes on the agent."""
+        argv = [sys.executable, str(HERE / "routes.py"), "--agent", f"127.0.0.1:{ssh_port}",
+                "--credentials", str(self.tmp / "agent-credentials.json"), "--count", str(count)]
+        p = self.spawn(argv, "dev", stdout=subprocess.PIPE, stderr=self.logfile("routes.log"), text=True, cwd=ROOT)
+        read_line(p, "routes:", 30, self.tmp / "routes.log")
+        return p
 
     def client(self, ssh_port: int, local_port: int) -> subprocess.Popen:
         argv = [
@@ -281,9 +342,12 @@ class WrkResult:
     cpu: dict[str, float] = field(default_factory=dict)  # CPU of the agent, the client, the nginx router, % of one CPU
 
     def proxy_us(self, row: str) -> float:
-        """CPU time the proxy spent per request, µs: nginx router (b), agent (c), agent + client (d)."""
-        names = {"a": [], "b": ["router"], "c": ["agent"], "d": ["agent", "client"]}[row]
+        """CPU time the proxy spent per request, µs: nginx router (b), HAProxy (h), agent (c), agent + client (d)."""
+        names = PROXY[row]
         return sum(self.cpu[n] for n in names) / 100 / self.rps * 1e6 if names else 0.0
+
+    def proxy_cpu(self, row: str) -> float:
+        return sum(self.cpu[n] for n in PROXY[row] if n != "client")
 
     @staticmethod
     def parse(out: str) -> WrkResult:
@@ -469,6 +533,7 @@ def main() -> int:
         help="wrk sends Connection: close: a new connection per request (not what the targets are about)",
     )
     ap.add_argument("--open-connections", type=int, default=200, help="keep-alive connections held for the RSS figure")
+    ap.add_argument("--other-routes", type=int, default=100, help="other developers' routes held during row (c100) (default 100)")
     ap.add_argument("--body-mb", type=int, default=100, help="size of the bulk body, MiB (default 100)")
     ap.add_argument("--bulk-runs", type=int, default=3, help="transfers per row and direction; the median is reported (default 3)")
     ap.add_argument("--no-bulk", action="store_true", help="skip the 100 MB transfers")
@@ -493,9 +558,9 @@ def main() -> int:
         args.duration = 3.0
     warmup = 1.0 if args.quick else 2.0
 
-    for tool in ("wrk", "nginx", "curl") + (("taskset",) if args.pin != "none" else ()):
+    for tool in ("wrk", "nginx", "haproxy", "curl") + (("taskset",) if args.pin != "none" else ()):
         if shutil.which(tool) is None:
-            sys.exit(f"bench: {tool} is not on PATH (apt-get install -y wrk nginx-light curl util-linux)")
+            sys.exit(f"bench: {tool} is not on PATH (apt-get install -y wrk nginx-light haproxy curl util-linux)")
     ncpu = os.cpu_count() or 1
     if args.pin == "none" or (args.pin == "auto" and ncpu < 2):
         pin = Pinning()
@@ -525,26 +590,33 @@ def run(procs: Procs, args: argparse.Namespace, warmup: float) -> int:
         for _ in range(args.body_mb):
             f.write(block)
 
-    up_port, local_port, router_port = free_port(), free_port(), free_port()
+    up_port, local_port, router_port, haproxy_port = free_port(), free_port(), free_port(), free_port()
     procs.app("upstream", up_port, big)
     procs.app("local", local_port, big)
     router = procs.router(router_port, up_port, local_port)
-    agent, agent_port, ssh_port = procs.agent(up_port)
+    haproxy = procs.haproxy(haproxy_port, up_port, local_port)
+    agent, agent_port, ssh_port, started = procs.agent(up_port)
+    time.sleep(1.0)  # settle: the idle figure, not one taken in the middle of start-up
     rss_idle = rss_mb(agent.pid)
+    agent_std, agent_std_port, _, started_std = procs.agent(up_port, stdlib_loop=True)
     client = procs.client(ssh_port, local_port)
-    procs.watch = {"agent": agent.pid, "client": client.pid, "router": router.pid}
-    log(f"agent pid {agent.pid} http :{agent_port} ssh :{ssh_port}; client pid {client.pid}; {procs.pin.describe()}")
+    procs.watch = {"agent": agent.pid, "client": client.pid, "router": router.pid, "haproxy": haproxy.pid,
+                   "agent_std": agent_std.pid}
+    log(f"agent pid {agent.pid} http :{agent_port} ssh :{ssh_port}, listening {started * 1e3:.0f} ms after spawn; "
+        f"client pid {client.pid}; {procs.pin.describe()}")
 
-    ports = {"a": up_port, "b": router_port, "c": agent_port, "d": agent_port}
+    ports = {"a": up_port, "b": router_port, "h": haproxy_port, "c": agent_port, "c100": agent_port,
+             "cstd": agent_std_port, "d": agent_port}
     # each row reaches the app it should, or the figures mean nothing
-    expect = {"a": (False, "upstream"), "b": (False, "upstream"), "c": (False, "upstream"), "d": (True, "local")}
+    expect = {row: (row == "d", "local" if row == "d" else "upstream") for row in ROWS}
     for row, (header, app) in expect.items():
         status, got, body = http_get(ports[row], "/", {HEADER[0]: HEADER[1]} if header else {})
         if status != 200 or got != app or body.strip() != app:
             raise RuntimeError(f"row {row}: expected {app}, got {status} {got!r} {body!r}")
-    status, got, _ = http_get(router_port, "/", {HEADER[0]: HEADER[1]})
-    if got != "local":
-        raise RuntimeError(f"nginx router sent x-dev: alice to {got!r}")
+    for name, port in (("nginx router", router_port), ("haproxy", haproxy_port)):
+        status, got, _ = http_get(port, "/", {HEADER[0]: HEADER[1]})
+        if got != "local":
+            raise RuntimeError(f"{name} sent x-dev: alice to {got!r}")
     rss_client_idle = rss_mb(client.pid)
 
     results: dict[str, list[WrkResult]] = {r: [] for r in ROWS}
@@ -552,6 +624,12 @@ def run(procs: Procs, args: argparse.Namespace, warmup: float) -> int:
     for rnd in range(args.repeat):
         for row in ROWS:
             header = row == "d"
+            others = None
+            if row == "c100":
+                others = procs.other_routes(ssh_port, args.other_routes)
+                status, got, _ = http_get(agent_port, "/", {HEADER[0]: HEADER[1]})
+                if got != "local":
+                    raise RuntimeError(f"with {args.other_routes} other routes, x-dev: alice reached {got!r}")
             for attempt in range(1 + args.retries):
                 wait_quiet(procs, args.max_other_cpu / 2, args.quiet_wait)
                 wrk(procs, ports[row], args, warmup, header)
@@ -560,12 +638,14 @@ def run(procs: Procs, args: argparse.Namespace, warmup: float) -> int:
                 rss_after[row] = rss_mb(agent.pid)
                 log(
                     f"round {rnd + 1} {ROWS[row]}: {res.rps:.0f} req/s p50 {res.p50:.2f} ms p99 {res.p99:.2f} ms, "
-                    f"CPU agent {res.cpu['agent']:.0f}% client {res.cpu['client']:.0f}% router {res.cpu['router']:.0f}% "
+                    f"CPU proxy {res.proxy_cpu(row):.0f}% client {res.cpu['client']:.0f}% "
                     f"others {res.other_cpu:.0f}% {res.errors}"
                 )
                 if res.other_cpu <= args.max_other_cpu:
                     break
                 log(f"other processes used {res.other_cpu:.0f}% CPU during the row; measuring it again")
+            if others is not None:
+                procs.stop(others)
 
     # the agent with N open keep-alive connections: to the upstream, then over SSH
     held: dict[str, float] = {}
@@ -582,7 +662,7 @@ def run(procs: Procs, args: argparse.Namespace, warmup: float) -> int:
 
     bulk: dict[tuple[str, str], float] = {}
     if not args.no_bulk:
-        for row in ROWS:
+        for row in BULK_ROWS:
             header, app = expect[row]
             for direction in ("get", "post"):
                 runs = [curl_bulk(procs, ports[row], direction, header, big, app) for _ in range(args.bulk_runs)]
@@ -592,7 +672,8 @@ def run(procs: Procs, args: argparse.Namespace, warmup: float) -> int:
     client_rss_end, client_hwm = rss_mb(client.pid), hwm_mb(client.pid)
 
     loops = {"agent": event_loop(agent.pid), "client": event_loop(client.pid)}
-    report(args, procs, results, rss_after, held, bulk, rss_idle, rss_end, hwm_end, rss_client_idle, client_rss_end, client_hwm, loops)
+    report(args, procs, results, rss_after, held, bulk, rss_idle, rss_end, hwm_end, rss_client_idle, client_rss_end, client_hwm, loops,
+           (started, started_std))
 
     if args.profile:
         if shutil.which("py-spy") is None:
@@ -615,7 +696,8 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def report(args, procs, results, rss_after, held, bulk, rss_idle, rss_end, hwm_end, rss_client_idle, client_rss_end, client_hwm, loops) -> None:
+def report(args, procs, results, rss_after, held, bulk, rss_idle, rss_end, hwm_end, rss_client_idle, client_rss_end, client_hwm, loops,
+           started) -> None:
     # noise from other processes only ever slows a row down: each row reports its best measurement
     best = {r: max(v, key=lambda x: x.rps) for r, v in results.items()}
     nginx = best["b"]
@@ -633,13 +715,13 @@ def report(args, procs, results, rss_after, held, bulk, rss_idle, rss_end, hwm_e
     )
     print()
     print(
-        "| row | req/s | vs nginx | p50 ms | p99 ms | p99 vs nginx | proxy CPU µs/req | CPU % agent / client / router / others "
+        "| row | req/s | vs nginx | p50 ms | p99 ms | p99 vs nginx | proxy CPU µs/req | CPU % proxy / client / others "
         "| agent RSS MB after |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row, label in ROWS.items():
         b = best[row]
-        cpu = f"{b.cpu['agent']:.0f} / {b.cpu['client']:.0f} / {b.cpu['router']:.0f} / {b.other_cpu:.0f}"
+        cpu = f"{b.proxy_cpu(row):.0f} / {b.cpu['client']:.0f} / {b.other_cpu:.0f}"
         us = f"{b.proxy_us(row):.0f}" if row != "a" else "-"
         if row == "d":
             us += f" ({b.cpu['agent'] / b.rps * 1e4:.0f} agent + {b.cpu['client'] / b.rps * 1e4:.0f} client)"
@@ -669,11 +751,12 @@ def report(args, procs, results, rss_after, held, bulk, rss_idle, rss_end, hwm_e
         print()
         print(f"| {args.body_mb} MiB body, median of {args.bulk_runs} | GET (download) MB/s | POST (upload) MB/s |")
         print("|---|---:|---:|")
-        for row, label in ROWS.items():
-            print(f"| {label} | {bulk[row, 'get']:,.0f} | {bulk[row, 'post']:,.0f} |")
+        for row in BULK_ROWS:
+            print(f"| {ROWS[row]} | {bulk[row, 'get']:,.0f} | {bulk[row, 'post']:,.0f} |")
     print()
     print(
-        f"Agent RSS: {rss_idle:.1f} MB at start; {held['c']:.1f} MB holding {n} keep-alive connections to the upstream "
+        f"Agent: listening {started[0] * 1e3:.0f} ms after spawn ({started[1] * 1e3:.0f} ms on asyncio). "
+        f"RSS: {rss_idle:.1f} MB idle; {held['c']:.1f} MB holding {n} keep-alive connections to the upstream "
         f"({held['c'] - held['c_before']:+.1f} MB), {held['d']:.1f} MB holding {n} routed over SSH "
         f"({held['d'] - held['d_before']:+.1f} MB); {rss_end:.1f} MB at the end (peak {hwm_end:.1f} MB). "
         f"Client RSS: {rss_client_idle:.1f} MB at start, {client_rss_end:.1f} MB at the end (peak {client_hwm:.1f} MB)."
@@ -683,17 +766,23 @@ def report(args, procs, results, rss_after, held, bulk, rss_idle, rss_end, hwm_e
         print("(wrk sent Connection: close: one connection per request; the targets are about keep-alive connections.)")
         print()
         return
-    c, d = best["c"], best["d"]
+    c, d, c100, cstd = best["c"], best["d"], best["c100"], best["cstd"]
+    # issue 11's targets
     checks = [
-        ("(c) req/s >= 0.5x nginx", c.rps / nginx.rps >= 0.5, f"{c.rps / nginx.rps:.2f}x"),
-        ("(c) p99 <= 2x nginx", c.p99 <= 2 * nginx.p99, f"{c.p99 / nginx.p99:.2f}x ({c.p99:.2f} vs {nginx.p99:.2f} ms)"),
-        ("(d) req/s >= 0.25x nginx", d.rps / nginx.rps >= 0.25, f"{d.rps / nginx.rps:.2f}x"),
-        (f"agent RSS <= 60 MB with {n} connections", max(held["c"], held["d"]) <= 60, f"{max(held['c'], held['d']):.1f} MB"),
+        ("(c) req/s >= 0.9x nginx", c.rps / nginx.rps >= 0.9, f"{c.rps / nginx.rps:.2f}x (HAProxy {best['h'].rps / nginx.rps:.2f}x)"),
+        ("(c) p99 <= 1.5x nginx", c.p99 <= 1.5 * nginx.p99, f"{c.p99 / nginx.p99:.2f}x ({c.p99:.2f} vs {nginx.p99:.2f} ms)"),
+        ("(cstd) req/s >= 0.6x nginx", cstd.rps / nginx.rps >= 0.6, f"{cstd.rps / nginx.rps:.2f}x"),
+        ("(d) req/s >= 0.5x nginx", d.rps / nginx.rps >= 0.5, f"{d.rps / nginx.rps:.2f}x"),
+        (f"(c100) within 5% of (c)", c100.rps >= 0.95 * c.rps,
+         f"{c100.rps / c.rps - 1:+.1%} req/s, {c100.proxy_us('c100') - c.proxy_us('c'):+.1f} µs/req"),
+        ("agent RSS <= 35 MB idle", rss_idle <= 35, f"{rss_idle:.1f} MB"),
+        (f"agent RSS <= 45 MB with {n} connections", max(held["c"], held["d"]) <= 45, f"{max(held['c'], held['d']):.1f} MB"),
+        ("agent listening < 300 ms after spawn", started[0] < 0.3, f"{started[0] * 1e3:.0f} ms"),
     ]
     if bulk:
         worst = min(bulk["d", "get"], bulk["d", "post"])
         checks.append(
-            (f"(d) {args.body_mb} MiB body >= 100 MB/s", worst >= 100, f"GET {bulk['d', 'get']:.0f}, POST {bulk['d', 'post']:.0f} MB/s")
+            (f"(d) {args.body_mb} MiB body >= 600 MB/s", worst >= 600, f"GET {bulk['d', 'get']:.0f}, POST {bulk['d', 'post']:.0f} MB/s")
         )
     print("| target | measured | met |")
     print("|---|---:|---|")

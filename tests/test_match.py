@@ -706,3 +706,73 @@ def test_registered_route_carries_session_and_holder():
     assert isinstance(registered, RegisteredRoute)
     assert (registered.session_id, registered.holder) == ("s1", "alice")
     assert registered.route == route("header:x-dev=alice")
+
+
+# -- the route index gives the linear scan's answer ---------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_NAMES = ["x-dev", "X-Dev", "x-tenant", "baggage"]
+_VALUES = ["alice", "bob", "alice,bob", "bob, alice", '"a,b"', "al"]
+_RULES = st.one_of(
+    st.builds(lambda n, v: HeaderEquals(n, v), st.sampled_from(_NAMES[:3]), st.sampled_from(_VALUES)),
+    st.builds(lambda n, p: HeaderRegex(n, p), st.sampled_from(_NAMES[:3]), st.sampled_from(["al.*", "bob", "a.*, b.*", ".*"])),
+    st.builds(lambda k, v: Baggage(k, v), st.sampled_from(["dev", "tenant"]), st.sampled_from(["alice", "bob", "a b"])),
+    st.builds(PathPrefix, st.sampled_from(["/", "/api", "/api/v1", "/a", "/%61pi", "/shop"])),
+)
+_LINES = st.tuples(
+    st.sampled_from([b"x-dev", b"x-tenant", b"baggage", b"host"]),
+    st.sampled_from([b"alice", b"bob", b"alice, bob", b"bob,alice", b'"a,b"', b"al", b"", b"dev=alice",
+                     b"dev=bob, tenant=alice", b"dev=a%20b", b"tenant=bob;p=1, dev=alice", b"dev=alice,dev=bob",
+                     b"x,alice"]),
+)
+_TARGETS = st.sampled_from([b"/", b"/api", b"/api/v1/x?q=1", b"/apiv2", b"/%61pi/x", b"/api/../shop", b"/a/./b",
+                            b"http://h", b"http://h/api?x", b"*", b"h:443", b"/shop?api", b"/a%2fb"])
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(st.tuples(st.sampled_from(["s1", "s2", "s3", "s4"]), st.frozensets(_RULES, max_size=3),
+                       st.sampled_from([None, 0.0, 4e9])), max_size=12),
+    st.lists(st.tuples(_TARGETS, st.lists(_LINES, max_size=5)), min_size=1, max_size=8),
+    st.lists(st.integers(0, 11), max_size=3),
+)
+def test_route_index_gives_the_linear_scans_answer(registrations, requests, removals):
+    table = RouteTable()
+    for session, rules, expires in registrations:
+        if not rules and session != "s1":
+            continue  # all traffic: at most one session, tested elsewhere
+        try:
+            table.add(session, session, Route(rules), expires=expires)
+        except RouteConflict:
+            pass
+    for position in removals:  # the index follows removals too
+        if position < len(table):
+            table.remove(table.snapshot()[position]["id"])
+    for target, lines in requests:
+        headers = list(lines)
+        assert table.match(b"GET", target, headers) is table.match_linear(b"GET", target, headers)
+
+
+def test_the_first_registered_of_several_matching_routes_wins_through_the_index():
+    table = RouteTable()
+    first = table.add("s1", "ann", route("path-prefix:/api"))
+    table.add("s2", "bob", route("header:x-dev=bob"))
+    table.add("s3", "cat", route("header-regex:x-dev=b.*"))
+    request = (b"GET", b"/api/x", [(b"x-dev", b"bob")])
+    assert table.match(*request) is first
+    table.remove(first.id)
+    assert table.match(*request).holder == "bob"
+
+
+def test_a_table_of_a_hundred_developers_finds_each_one():
+    table = RouteTable()
+    for i in range(100):
+        kind = ("header:x-dev=dev{}", "baggage:dev=dev{}", "path-prefix:/dev{}/")[i % 3]
+        table.add(f"s{i}", f"dev{i}", route(kind.format(i)))
+    for i in range(100):
+        lines = [(b"x-dev", f"dev{i}".encode())] if i % 3 == 0 else [(b"baggage", f"k=v, dev=dev{i}".encode())] if i % 3 == 1 else []
+        got = table.match(b"GET", f"/dev{i}/x".encode(), lines)
+        assert got is not None and got.holder == f"dev{i}"
+    assert table.match(b"GET", b"/", [(b"host", b"x")]) is None

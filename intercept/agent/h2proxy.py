@@ -133,7 +133,7 @@ class Hub:
     def route(self, stream: Stream) -> None:
         """Send ``stream`` where the route table says (again, after its route went away)."""
         routes = self.agent.routes
-        route = routes.match(*request_view(stream.headers)) if len(routes) else None
+        route = routes.match(*request_view(stream.headers)) if routes.held else None
         stream.route = route
         if route is None:
             self.app.attach(stream)

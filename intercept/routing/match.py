@@ -65,6 +65,7 @@ __all__ = [
     "normalize_path",
     "parse_baggage",
     "parse_rule",
+    "request_path",
 ]
 
 Headers = list[tuple[bytes, bytes]]
@@ -370,6 +371,40 @@ def normalize_path(path: bytes) -> bytes:
     return path
 
 
+def request_path(target: bytes) -> bytes | None:
+    """What a :class:`PathPrefix` compares with: the normalized path of a request-target
+    (:func:`normalize_path`), or None for a target without a path (``*``, CONNECT's
+    authority-form). For an origin-form target with nothing to normalize, the target
+    itself, query included: a prefix holds no ``?`` or ``#``, so comparing a prefix with
+    it never reaches into the query, and no copy is made."""
+    if target[:1] == b"/":
+        if b"%" not in target and b"/." not in target:
+            return target
+        end = len(target)
+        for delimiter in (b"?", b"#"):
+            at = target.find(delimiter, 0, end)
+            if at >= 0:
+                end = at
+        return normalize_path(target[:end])
+    scheme_end = target.find(b"://")
+    if scheme_end < 0:
+        return None  # asterisk-form ("*") or authority-form (CONNECT): no path
+    start = scheme_end + 3
+    end = len(target)
+    for delimiter in (b"/", b"?", b"#"):
+        at = target.find(delimiter, start, end)
+        if at >= 0:
+            end = at
+    if end < len(target) and target[end] == 0x2F:  # "/"
+        path_end = len(target)
+        for delimiter in (b"?", b"#"):
+            at = target.find(delimiter, end, path_end)
+            if at >= 0:
+                path_end = at
+        return normalize_path(target[end:path_end])
+    return b"/"  # "http://h" or "http://h?q": the path is "/"
+
+
 @dataclass(frozen=True, slots=True)
 class PathPrefix:
     """``--path-prefix /PREFIX``: the normalized path of the request-target starts with PREFIX.
@@ -415,35 +450,8 @@ class PathPrefix:
         object.__setattr__(self, "_prefix", normalized)
 
     def matches(self, method: bytes, target: bytes, headers: Headers) -> bool:
-        prefix = self._prefix
-        if target[:1] == b"/":
-            # Origin-form. The prefix holds no '?' or '#', so a prefix match never
-            # reaches into the query: no need to cut it off unless the path is normalized.
-            if b"%" not in target and b"/." not in target:
-                return target.startswith(prefix)
-            end = len(target)
-            for delimiter in (b"?", b"#"):
-                at = target.find(delimiter, 0, end)
-                if at >= 0:
-                    end = at
-            return normalize_path(target[:end]).startswith(prefix)
-        scheme_end = target.find(b"://")
-        if scheme_end < 0:
-            return False  # asterisk-form ("*") or authority-form (CONNECT): no path
-        start = scheme_end + 3
-        end = len(target)
-        for delimiter in (b"/", b"?", b"#"):
-            at = target.find(delimiter, start, end)
-            if at >= 0:
-                end = at
-        if end < len(target) and target[end] == 0x2F:  # "/"
-            path_end = len(target)
-            for delimiter in (b"?", b"#"):
-                at = target.find(delimiter, end, path_end)
-                if at >= 0:
-                    path_end = at
-            return normalize_path(target[end:path_end]).startswith(prefix)
-        return prefix == b"/"  # "http://h" or "http://h?q": the path is "/"
+        path = request_path(target)
+        return path is not None and path.startswith(self._prefix)
 
     def describe(self) -> str:
         return f"path {self.prefix}*"
@@ -679,12 +687,23 @@ class RouteTable:
       :class:`RouteConflict` naming the holder.
     - Route ids are never reused within a table.
 
-    Mutation rebuilds an immutable tuple, so :meth:`match` is one loop over it.
+    Mutation rebuilds an immutable tuple and a :class:`_RouteIndex` of it, so that
+    :meth:`match` looks up the request's header values, baggage members and path in
+    dicts rather than trying every route: its cost does not grow with the table. The
+    index only proposes candidates (every route that matches is among them); each is
+    checked with :meth:`Route.matches` in registration order, so the answer is always
+    the linear scan's (tests/test_match.py compares them on random tables).
     """
 
     def __init__(self) -> None:
-        self._routes: tuple[RegisteredRoute, ...] = ()
+        self._set(())
         self._next_id = 1
+
+    def _set(self, routes: tuple[RegisteredRoute, ...]) -> None:
+        self._routes = routes
+        self.held = routes  # public and truthy when any route is held: the proxy's test, without a call
+        self._by_id = {r.id: r for r in routes}
+        self._index = _RouteIndex(routes)
 
     def add(self, session_id: str, holder: str, route: Route, *, destination: tuple[str, int] | None = None,
             expires: float | None = None) -> RegisteredRoute:
@@ -724,23 +743,37 @@ class RouteTable:
                 )
         registered = RegisteredRoute(self._next_id, session_id, holder, route, destination, expires)
         self._next_id += 1
-        self._routes = (*self._routes, registered)
+        self._set((*self._routes, registered))
         return registered
 
     def remove(self, route_id: int) -> None:
         """Drop one route; an unknown id is ignored (the route is already gone)."""
-        self._routes = tuple(r for r in self._routes if r.id != route_id)
+        if route_id in self._by_id:
+            self._set(tuple(r for r in self._routes if r.id != route_id))
 
     def remove_session(self, session_id: str) -> list[RegisteredRoute]:
         """Drop every route of a session (it left); returns them in registration order."""
         removed = [r for r in self._routes if r.session_id == session_id]
         if removed:
-            self._routes = tuple(r for r in self._routes if r.session_id != session_id)
+            self._set(tuple(r for r in self._routes if r.session_id != session_id))
         return removed
 
     def match(self, method: bytes, target: bytes, headers: Headers) -> RegisteredRoute | None:
         """The first registered route matching the request, or None (to the app); an
         expired route does not match (the clock is read only when one with an expiry does)."""
+        routes = self._routes
+        if not routes:
+            return None
+        for position in self._index.candidates(target, headers):
+            registered = routes[position]
+            if registered.route.matches(method, target, headers):
+                if registered.expires is not None and registered.expires <= time.time():
+                    continue
+                return registered
+        return None
+
+    def match_linear(self, method: bytes, target: bytes, headers: Headers) -> RegisteredRoute | None:
+        """:meth:`match` without the index: every route tried in registration order (the reference)."""
         for registered in self._routes:
             if registered.route.matches(method, target, headers):
                 if registered.expires is not None and registered.expires <= time.time():
@@ -752,12 +785,16 @@ class RouteTable:
         """Drop the routes whose time is up; returns them."""
         expired = [r for r in self._routes if r.expires is not None and r.expires <= now]
         if expired:
-            self._routes = tuple(r for r in self._routes if r not in expired)
+            self._set(tuple(r for r in self._routes if r not in expired))
         return expired
 
     def holds(self, registered: RegisteredRoute) -> bool:
         """Whether ``registered`` (that very registration) is still in the table."""
-        return any(r is registered for r in self._routes)
+        return self._by_id.get(registered.id) is registered
+
+    def get(self, route_id: int) -> RegisteredRoute | None:
+        """The route registered with ``route_id``, if it is still held."""
+        return self._by_id.get(route_id)
 
     def routes_of(self, session_id: str) -> list[RegisteredRoute]:
         return [r for r in self._routes if r.session_id == session_id]
@@ -782,3 +819,85 @@ class RouteTable:
             }
             for r in self._routes
         ]
+
+
+class _RouteIndex:
+    """Which routes a request could match, found by lookups instead of a scan.
+
+    Each route is filed under one of its rules, its *key*: a one-member
+    :class:`HeaderEquals` (by field name, then value), else a :class:`Baggage` (by key,
+    then value), else a :class:`PathPrefix` (by prefix); a route with none of these
+    (only regexes or list values, or all traffic) is a candidate for every request.
+    Invariant: a route that matches a request is among :meth:`candidates`, because its
+    key rule matches, and a matching key rule is found by these lookups: a member of a
+    field line is the line itself or, for a line with a comma, one of its
+    :func:`field_members`; a baggage rule reads the first valid member of its key, as
+    :func:`parse_baggage` does; a path prefix is the normalized path cut to its length.
+    """
+
+    __slots__ = ("headers", "baggage", "paths", "path_lengths", "always")
+
+    def __init__(self, routes: tuple[RegisteredRoute, ...]) -> None:
+        self.headers: dict[bytes, dict[bytes, list[int]]] = {}
+        self.baggage: dict[str, dict[str, list[int]]] = {}
+        self.paths: dict[bytes, list[int]] = {}
+        self.always: list[int] = []
+        for position, registered in enumerate(routes):
+            rules = registered.route.rules
+            key = next((r for r in rules if isinstance(r, HeaderEquals) and r._members is None), None)
+            if key is not None:
+                self.headers.setdefault(key._name, {}).setdefault(key._value, []).append(position)
+                continue
+            key = next((r for r in rules if isinstance(r, Baggage)), None)
+            if key is not None:
+                self.baggage.setdefault(key.key, {}).setdefault(key.value, []).append(position)
+                continue
+            key = next((r for r in rules if isinstance(r, PathPrefix)), None)
+            if key is not None:
+                self.paths.setdefault(key._prefix, []).append(position)
+                continue
+            self.always.append(position)
+        self.path_lengths = sorted({len(prefix) for prefix in self.paths})
+
+    def candidates(self, target: bytes, headers: Headers) -> list[int]:
+        """Positions (registration order) of the routes that may match; ascending."""
+        found = self.always
+        by_name, by_key = self.headers, self.baggage
+        baggage: list[bytes] | None = None
+        if by_name or by_key:
+            for name, value in headers:  # one pass over the fields, whatever the size of the table
+                values = by_name.get(name)
+                if values is not None:
+                    hit = values.get(value)
+                    if hit is not None:
+                        found = found + hit
+                    if b"," in value:
+                        for member in field_members([value]):
+                            hit = values.get(member)
+                            if hit is not None:
+                                found = found + hit
+                if name == b"baggage" and by_key:
+                    if baggage is None:
+                        baggage = [value]
+                    else:
+                        baggage.append(value)
+        if baggage is not None:
+            for key, value in parse_baggage(baggage).items():
+                values = by_key.get(key)
+                if values is not None:
+                    hit = values.get(value)
+                    if hit is not None:
+                        found = found + hit
+        if self.paths:
+            path = request_path(target)
+            if path is not None:
+                size = len(path)
+                for length in self.path_lengths:
+                    if length > size:
+                        break  # the lengths ascend; no longer prefix fits in the path
+                    hit = self.paths.get(path[:length])
+                    if hit is not None:
+                        found = found + hit
+        if len(found) > 1:
+            found = sorted(set(found))
+        return found

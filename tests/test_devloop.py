@@ -279,8 +279,10 @@ def test_a_killed_intercept_takes_its_command_with_it(agent, tmp_path, clients):
         assert readable, f"COMMAND (pid {pid}) outlived the intercept"
     finally:
         os.close(command)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))  # and its port is free again
+    with socket.socket() as s:  # and its port is free again, for a server as the next start would run
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: its old connections may linger
+        s.bind(("127.0.0.1", port))
+        s.listen()
 
 
 def test_a_start_whose_port_is_taken_names_the_process_holding_it(agent, tmp_path, clients):

@@ -1,4 +1,5 @@
-"""Third-party manifests applied as they are: Online Boutique (``../shared/fixtures/online-boutique/``).
+"""Third-party manifests applied as they are: the shop of ``tests/shop.py`` (Online Boutique's
+shape, always), and the real Online Boutique (``../shared/fixtures/online-boutique/``) when present.
 
 ``kubectl apply`` (built with the control plane) sends the 12 Deployments, Services,
 ServiceAccounts and the NetworkPolicies to the real API server; the simulated node runs
@@ -6,7 +7,6 @@ each container as an HTTP responder on its declared ports (``e2e/cluster/images.
 Then ``frontend`` (HTTP, numeric targetPort, behind a deny-all policy and its own) is
 intercepted by header, and uninstalled back to exactly what was applied.
 
-Skipped when the fixture is not beside the checkout (a clone without ``../shared``).
 """
 
 from __future__ import annotations
@@ -15,19 +15,21 @@ import subprocess
 
 import pytest
 
+from tests import shop
 from tests.conftest import free_port
-from tests.realcluster import ROOT, WAIT, RealCluster, intercept, no_trace_of_intercept, served_by, snapshot, start
+from tests.realcluster import WAIT, RealCluster, intercept, no_trace_of_intercept, served_by, snapshot, start
 
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "online-boutique"
+CORPORA = ["shop"] + (["online-boutique"] if (shop.ONLINE_BOUTIQUE / "kubernetes-manifests.yaml").is_file() else [])
 
 
-@pytest.mark.skipif(not (FIXTURE / "kubernetes-manifests.yaml").is_file(),
-                    reason=f"the online-boutique fixture is not beside this checkout ({FIXTURE})")
-def test_online_boutique_applied_as_is_and_frontend_intercepted_by_header(real_cluster: RealCluster, namespace_of) -> None:
+@pytest.mark.parametrize("corpus", CORPORA)
+def test_online_boutique_applied_as_is_and_frontend_intercepted_by_header(real_cluster: RealCluster, namespace_of,
+                                                                          corpus: str) -> None:
     ns = namespace_of("boutique")
+    directory = shop.files() if corpus == "shop" else shop.ONLINE_BOUTIQUE
     applied = subprocess.run(
         [str(real_cluster.kubectl), "--kubeconfig", str(real_cluster.kubeconfig), "apply", "-n", ns,
-         "-f", str(FIXTURE / "kubernetes-manifests.yaml"), "-f", str(FIXTURE / "network-policies.yaml")],
+         "-f", str(directory / "kubernetes-manifests.yaml"), "-f", str(directory / "network-policies.yaml")],
         capture_output=True, text=True, timeout=120)
     assert applied.returncode == 0, applied.stdout + applied.stderr
     assert len(real_cluster.items("Deployment", ns)) == 12

@@ -311,3 +311,17 @@ def test_a_head_that_arrives_in_pieces_is_parsed_line_by_line():
     head = parse_request_head(data, 0, 20)
     assert head.headers == [(b"host", b"x"), (b"x-dev", b"alice")] and head.size == len(data)
     assert parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"GET", 0, 10).length == 2
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from([b"X-Dev: alice", b"x-dev:\tbob \t", b"X-Dev-2: c", b"baggage: a=b",
+                                 b"BAGGAGE:", b"x-devx: d", b"Xx-dev: e"]), max_size=6),
+       st.frozensets(st.sampled_from([b"x-dev", b"baggage", b"host", b"x-dev-2"]), max_size=3),
+       st.booleans())
+def test_fields_by_name_are_the_headers_with_those_names(lines, names, built):
+    data = b"\r\n".join([b"GET / HTTP/1.1", b"Host: h", *lines]) + b"\r\n\r\n"
+    head = parse_request_head(data)
+    expected = [f for f in http1._parse_request_lines(data, 0, 0).headers if f[0] in names]
+    if built:
+        head.headers  # noqa: B018  (the list is built first: fields filters it)
+    assert head.fields(names) == expected

@@ -347,7 +347,7 @@ class ClientConnection(asyncio.Protocol):
                 if head.upgrade and self._h2c_upgrade(data, pos, head):
                     return
                 routes = self.dest.routes
-                route = routes.match(head.method, head.target, head.headers) if routes.held else None
+                route = routes.match(head.method, head.target, head.fields(routes.names)) if routes.held else None
                 link = self.upstream if route is None else self.developers.get(route.session_id)
                 if link is not None and not link.reusable:
                     self._forget(link)

@@ -59,6 +59,7 @@ _FAST_RESPONSE = re.compile(rb"HTTP/1\.([0-9]) ([0-9]{3})(?:[ \t][\t\x20-\x7e\x8
 _REQUEST_FRAMING_FIELDS = re.compile(rb"\n(content-length|transfer-encoding|connection|host|upgrade):[ \t]*([^\r]*?)[ \t]*\r", re.I)
 _RESPONSE_FRAMING_FIELDS = re.compile(rb"\n(content-length|transfer-encoding|connection):[ \t]*([^\r]*?)[ \t]*\r", re.I)
 _FIELD = re.compile(rb"([^:\r\n]+):[ \t]*([^\r]*?)[ \t]*\r\n")
+_NAMED_FIELDS: dict[frozenset[bytes], re.Pattern[bytes]] = {}  # for RequestHead.fields, by the names asked for
 
 
 class ProtocolError(Exception):
@@ -116,6 +117,20 @@ class RequestHead:
         if headers is None:
             headers = self._headers = [(name.lower(), value) for name, value in _FIELD.findall(self._block)]
         return headers
+
+    def fields(self, names: frozenset[bytes]) -> list[tuple[bytes, bytes]]:
+        """The :attr:`headers` whose (lowercased) name is in ``names``, in wire order: what a
+        route table that reads only these fields needs, found without building the rest."""
+        if self._headers is not None:
+            return [field for field in self._headers if field[0] in names]
+        pattern = _NAMED_FIELDS.get(names)
+        if pattern is None:
+            if len(_NAMED_FIELDS) > 64:  # route tables come and go; keep the cache small
+                _NAMED_FIELDS.clear()
+            alternatives = b"|".join(re.escape(name) for name in sorted(names))
+            pattern = _NAMED_FIELDS[names] = re.compile(rb"(?im)^(" + alternatives + rb"):[ \t]*([^\r]*?)[ \t]*\r$")
+        found = pattern.findall(self._block)
+        return [(name.lower(), value) for name, value in found] if found else found
 
     def __repr__(self) -> str:
         return (f"RequestHead({self.method!r}, {self.target!r}, minor={self.minor}, size={self.size}, "
@@ -374,11 +389,16 @@ def parse_response_head(buf: bytes | bytearray, method: bytes, start: int = 0, s
 
 def _response_framing(method: bytes, minor: int, status: int, te: list[bytes], cl: list[bytes], conn: list[bytes],
                       size: int) -> ResponseHead:
-    if conn:
+    # one Connection value and one plain Content-Length (the usual response) are read directly:
+    # a stripped value without a comma is its own single token, as _tokens would make it
+    if not conn:
+        keep_alive = minor >= 1
+    elif len(conn) == 1 and b"," not in conn[0]:
+        token = conn[0].lower()
+        keep_alive = token != b"close" and (minor >= 1 or token == b"keep-alive")
+    else:
         connection = _tokens(conn)
         keep_alive = b"close" not in connection and (minor >= 1 or b"keep-alive" in connection)
-    else:
-        keep_alive = minor >= 1
     length = 0
     if status == 101 or (method == b"CONNECT" and 200 <= status < 300):
         framing = Framing.TUNNEL
@@ -387,7 +407,8 @@ def _response_framing(method: bytes, minor: int, status: int, te: list[bytes], c
     elif te:
         framing = Framing.CHUNKED if _tokens(te)[-1:] == [b"chunked"] else Framing.UNTIL_CLOSE
     elif cl:
-        length = _content_length(cl, 502)
+        value = cl[0]
+        length = int(value) if len(cl) == 1 and value.isdigit() and len(value) <= 18 else _content_length(cl, 502)
         framing = Framing.LENGTH if length else Framing.NONE
     else:
         framing = Framing.UNTIL_CLOSE

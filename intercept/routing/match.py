@@ -702,6 +702,13 @@ class RouteTable:
     def _set(self, routes: tuple[RegisteredRoute, ...]) -> None:
         self._routes = routes
         self.held = routes  # public and truthy when any route is held: the proxy's test, without a call
+        # Every rule reads only the lines of its own field (a header rule its NAME, a baggage
+        # rule ``baggage``, a path rule none), so match() gives the same answer when handed
+        # only the lines named here: the proxy passes just those (RequestHead.fields).
+        self.names = frozenset(
+            rule._name if isinstance(rule, (HeaderEquals, HeaderRegex)) else b"baggage"
+            for r in routes for rule in r.route.rules if not isinstance(rule, PathPrefix)
+        )
         self._by_id = {r.id: r for r in routes}
         self._index = _RouteIndex(routes)
 

@@ -414,3 +414,15 @@ def test_fresh_connections_beyond_max_connections_get_503_and_established_ones_a
         keep.close()
     finally:
         agent.proc.stop()
+
+
+def test_an_agent_loads_neither_the_http2_stack_nor_re2_until_it_needs_them():
+    """Idle RSS: h2 (with hpack) and RE2 come with the first HTTP/2 connection and the first
+    regex rule; the HTTP/2 tests above show that they still come when needed."""
+    import subprocess
+    import sys
+
+    code = ("import sys, intercept.cli, intercept.agent.agent; "
+            "print(sorted(m for m in ('h2', 'hpack', 're2', 'intercept.agent.h2proxy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"

@@ -419,7 +419,6 @@ def test_fresh_connections_beyond_max_connections_get_503_and_established_ones_a
 def test_an_agent_loads_neither_the_http2_stack_nor_re2_until_it_needs_them():
     """Idle RSS: h2 (with hpack) and RE2 come with the first HTTP/2 connection and the first
     regex rule; the HTTP/2 tests above show that they still come when needed."""
-    import subprocess
     import sys
 
     code = ("import sys, intercept.cli, intercept.agent.agent; "

@@ -288,7 +288,7 @@ def test_relayed_connection_is_routed_after_the_first_route_without_breaking_a_c
         dev.close()
 
 
-def test_tls_is_relayed_untouched_even_with_routes(tmp_path):
+def test_tls_is_relayed_untouched_even_with_routes_and_start_warns(tmp_path):
     echo = App("cluster")  # echoes bytes that are not HTTP
     agent = start_agent(tmp_path, echo.port)
     try:
@@ -301,6 +301,10 @@ def test_tls_is_relayed_untouched_even_with_routes(tmp_path):
                 got += s.recv(65536)
         assert got == hello
         client.stop()
+        # intercept start says so: this service's traffic looks like TLS, which is never routed
+        second = start_client(agent, free_port(), "--header", "x-dev=bob", "--name", "bob")
+        second.wait_for(r"^intercept: warning: the agent has seen 1 TLS connection\(s\) to this service")
+        second.stop()
     finally:
         agent.proc.stop()
         echo.close()

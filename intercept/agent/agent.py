@@ -126,6 +126,8 @@ class Agent:
             "outbound": self.config.allow_outbound,
             "fence": self.fence.to_json(),
             "files": describe_files(self.files),
+            # connections that began with a TLS record: relayed untouched, so never routed by header
+            "tls_connections": self.h2.tls_seen,
             # for intercept gc: how long no route has been held (a session that only asks, as gc does, is no use)
             "idle_seconds": 0.0 if self.routes.held else round(time.monotonic() - self._last_busy, 1),
         }
@@ -333,6 +335,7 @@ class LazyHub:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.hub: Any = None
+        self.tls_seen = 0  # connections that began with a TLS record (counted by the listener)
 
     def _built(self) -> Any:
         if self.hub is None:

@@ -373,9 +373,12 @@ class ClientConnection(asyncio.Protocol):
                 if kind is Kind.NEED_MORE:
                     self.pending = data
                     return
-                if self.dest.h2 is not None and begins_h2(data):
-                    self._hand_over_h2(data)
-                    return
+                if self.dest.h2 is not None:
+                    if begins_h2(data):
+                        self._hand_over_h2(data)
+                        return
+                    if kind is Kind.OTHER and data[0] == 0x16:  # a TLS record: counted for intercept start's warning
+                        self.dest.h2.tls_seen += 1
                 if kind is Kind.HTTP:
                     self.mode = Mode.HEAD
                     continue

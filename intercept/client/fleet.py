@@ -414,6 +414,11 @@ class Fleet:
         line = f"{self.options.describe()} now reach localhost:{self.options.local_port}"
         self._report(Event("ready", f"{line} ({self._count()})" if self._count_replicas else line, route=self.options.describe(),
                            fence=self.fence()))
+        tls = sum(h.session.agent.get("tls_connections", 0) for h in self._holders.values() if h.session is not None)
+        if tls:
+            self._report(Event("warning", f"the agent has seen {tls} TLS connection(s) to this service: requests inside TLS "
+                               "are relayed untouched to the cluster's version and never routed by header; header "
+                               "routing needs plaintext HTTP/1.1 or h2c (gRPC without TLS) inside the pod"))
 
     def _nothing_reachable(self) -> bool:
         holders = self._holders.values()

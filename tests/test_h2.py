@@ -262,7 +262,7 @@ def test_memory_stays_bounded_under_the_malformed_corpus(grpc_pair):
 # -- while no route could apply: a relay, converted when the first route appears -----------
 
 
-def test_relayed_connection_is_routed_after_the_first_route_without_breaking_a_call(tmp_path):
+def test_relayed_connection_is_routed_after_the_first_route_without_breaking_a_call(tmp_path, clients):
     app = GrpcApp("cluster")
     dev = GrpcApp("local")
     agent = start_agent(tmp_path, app.port)
@@ -273,6 +273,7 @@ def test_relayed_connection_is_routed_after_the_first_route_without_breaking_a_c
             assert next(stream) == b"tick 0 from cluster"
             seen = len(agent.proc.lines)
             client = start_client(agent, dev.port, "--header", "x-dev=alice", "--name", "alice")
+            clients.append(client)
             # calls that began before the client read the GOAWAY may still take the relay
             agent.proc.wait_for(r"relayed HTTP/2 connection from .* read the GOAWAY", start=seen)
             assert app_of(c, [("x-dev", "alice")]) == "local"  # a new connection, routed
@@ -288,11 +289,12 @@ def test_relayed_connection_is_routed_after_the_first_route_without_breaking_a_c
         dev.close()
 
 
-def test_tls_is_relayed_untouched_even_with_routes_and_start_warns(tmp_path):
+def test_tls_is_relayed_untouched_even_with_routes_and_start_warns(tmp_path, clients):
     echo = App("cluster")  # echoes bytes that are not HTTP
     agent = start_agent(tmp_path, echo.port)
     try:
         client = start_client(agent, free_port(), "--header", "x-dev=alice", "--name", "alice")
+        clients.append(client)
         hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(32)
         with socket.create_connection(("127.0.0.1", agent.http_port), timeout=30) as s:
             s.sendall(hello)
@@ -303,8 +305,25 @@ def test_tls_is_relayed_untouched_even_with_routes_and_start_warns(tmp_path):
         client.stop()
         # intercept start says so: this service's traffic looks like TLS, which is never routed
         second = start_client(agent, free_port(), "--header", "x-dev=bob", "--name", "bob")
+        clients.append(second)
         second.wait_for(r"^intercept: warning: the agent has seen 1 TLS connection\(s\) to this service")
         second.stop()
     finally:
         agent.proc.stop()
         echo.close()
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed")
+def test_upgrade_to_h2c_is_left_to_an_app_that_speaks_only_http1(tmp_path):
+    # Java's HttpClient and curl --http2 ask for h2c on plain http://; an app that speaks
+    # only HTTP/1.1 declines, as it did before the agent was there, from the first request on
+    app = App("cluster")
+    agent = start_agent(tmp_path, app.port)
+    try:
+        for _ in range(2):
+            got, version = curl("--http2", f"http://127.0.0.1:{agent.http_port}/plain")
+            assert (got["app"], got["target"], version) == ("cluster", "/plain", "1.1")
+        agent.proc.wait_for(r"upstream 127.0.0.1:\d+ does not speak HTTP/2")
+    finally:
+        agent.proc.stop()
+        app.close()

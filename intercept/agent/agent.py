@@ -344,8 +344,9 @@ class LazyHub:
             self.hub = Hub(self.agent)
         return self.hub
 
-    def accept(self, transport: asyncio.Transport, data: bytes, upgrade: Any = None, settings: bytes | None = None) -> None:
-        self._built().accept(transport, data, upgrade, settings)
+    def accept(self, transport: asyncio.Transport, data: bytes, upgrade: Any = None, settings: bytes | None = None,
+               original: bytes = b"") -> None:
+        self._built().accept(transport, data, upgrade, settings, original)
 
     def takes_upgrade(self) -> bool:
         return self.hub is None or self.hub.takes_upgrade()

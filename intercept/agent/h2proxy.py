@@ -41,7 +41,7 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from intercept.agent.proxy import RouteGone, TCPLink, Unavailable
+from intercept.agent.proxy import ClientConnection, RouteGone, TCPLink, Unavailable
 from intercept.routing import h2codec
 from intercept.routing.h2 import (
     CANCEL,
@@ -91,15 +91,20 @@ class Hub:
         self.relays: weakref.WeakSet[Relay] = weakref.WeakSet()
         self.dirty: set[Downstream | UpConnection] = set()
         self.upstream_h2: bool | None = None  # does the app speak h2c? (learnt from its first connection)
+        self._probe: asyncio.Task[bool | None] | None = None
 
     # -- from the HTTP/1 listener ------------------------------------------------------
 
-    def accept(self, transport: asyncio.Transport, data: bytes, upgrade: RequestHead | None = None, settings: bytes | None = None) -> None:
+    def accept(self, transport: asyncio.Transport, data: bytes, upgrade: RequestHead | None = None,
+               settings: bytes | None = None, original: bytes = b"") -> None:
         """Take over ``transport`` (the listener's protocol stops being called), whose
         first unprocessed bytes are ``data``: the preface, or what followed an upgrade
-        request ``upgrade`` with its ``HTTP2-Settings`` value."""
+        request ``upgrade`` with its ``HTTP2-Settings`` value (``original``: that request's
+        bytes and what followed, to give the connection back to HTTP/1.1 if need be)."""
         proto: asyncio.Protocol
-        if upgrade is None and not len(self.agent.routes):
+        if upgrade is not None and self.upstream_h2 is None:
+            proto = UpgradeProbe(self, upgrade, settings, data, original)
+        elif upgrade is None and not len(self.agent.routes):
             proto = Relay(self)
         else:
             proto = Downstream(self, upgrade, settings)
@@ -110,9 +115,42 @@ class Hub:
             proto.data_received(data)
 
     def takes_upgrade(self) -> bool:
-        """Whether to answer ``Upgrade: h2c`` ourselves: not once the app has shown that it
-        does not speak HTTP/2 (it then declines such upgrades itself, as before)."""
+        """Whether to answer ``Upgrade: h2c`` ourselves: not when the app does not speak
+        HTTP/2 (it then declines such upgrades itself, as before the agent was there)."""
         return self.upstream_h2 is not False
+
+    async def probe_upstream(self) -> bool | None:
+        """Does the app speak h2c? Its answer to a client preface says (a SETTINGS frame,
+        or HTTP/1.1 / a close); None when it cannot be reached now (asked again later)."""
+        if self.upstream_h2 is not None:
+            return self.upstream_h2
+        if self._probe is None:
+            self._probe = asyncio.get_running_loop().create_task(self._probe_once())
+        try:
+            return await asyncio.shield(self._probe)
+        finally:
+            if self._probe is not None and self._probe.done():
+                self._probe = None
+
+    async def _probe_once(self) -> bool | None:
+        host, port = self.agent.config.upstream
+        codec = new_codec(client=True)
+        codec.start()
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), READY_TIMEOUT)
+        except (OSError, asyncio.TimeoutError):
+            return None
+        try:
+            writer.write(codec.pending())
+            head = await asyncio.wait_for(reader.read(9), READY_TIMEOUT)
+        except (OSError, asyncio.TimeoutError):
+            head = b""
+        finally:
+            writer.close()
+        if self.upstream_h2 is None:  # (a pool connection may have learnt it meanwhile)
+            self.upstream_h2 = len(head) == 9 and head[3] == 0x4 and head[5:9] == b"\0\0\0\0"
+            log.info("upstream %s:%s %s HTTP/2 (h2c)", host, port, "speaks" if self.upstream_h2 else "does not speak")
+        return self.upstream_h2
 
     # -- from the agent ----------------------------------------------------------------
 
@@ -806,6 +844,52 @@ class Pool:
         for stream in waiting:  # they never reached the developer: route them again
             stream.pool = None
             self.hub.route(stream)
+
+
+class UpgradeProbe(asyncio.Protocol):
+    """An ``Upgrade: h2c`` request while it is not known whether the app speaks HTTP/2.
+
+    Reading waits while :meth:`Hub.probe_upstream` asks the app. If it speaks h2c, the
+    connection becomes a :class:`Downstream` (the agent answers 101 and routes every
+    stream); if not, or if it cannot be reached, the connection goes back to the HTTP/1.1
+    listener with the request's own bytes, as if the agent had never looked: an app that
+    speaks only HTTP/1.1 declines the upgrade itself and the request is not disturbed.
+    """
+
+    def __init__(self, hub: Hub, upgrade: RequestHead, settings: bytes | None, data: bytes, original: bytes) -> None:
+        self.hub, self.upgrade, self.settings = hub, upgrade, settings
+        self.data = bytearray(data)  # after the upgrade request
+        self.original = bytearray(original)  # the upgrade request and what followed
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        asyncio.get_running_loop().create_task(self._decide())
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        self.original += data
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+
+    async def _decide(self) -> None:
+        self.transport.pause_reading()
+        h2c = await self.hub.probe_upstream()
+        if self.closed:
+            return
+        proto: asyncio.Protocol
+        if h2c:
+            proto, data = Downstream(self.hub, self.upgrade, self.settings), bytes(self.data)
+        else:
+            proto, data = ClientConnection(self.hub.agent), bytes(self.original)
+        self.transport.set_protocol(proto)
+        proto.connection_made(self.transport)
+        self.transport.resume_reading()
+        if data:
+            proto.data_received(data)
+        self.hub.flush()
 
 
 class Relay(asyncio.Protocol):

@@ -685,15 +685,16 @@ class ClientConnection(asyncio.Protocol):
         settings = h2c_upgrade_settings(head)
         if settings is None:
             return False
-        self._hand_over_h2(data[pos + head.size :], head, settings)
+        self._hand_over_h2(data[pos + head.size :], head, settings, bytes(data[pos:]))
         return True
 
-    def _hand_over_h2(self, data: bytes, head: RequestHead | None = None, settings: bytes | None = None) -> None:
+    def _hand_over_h2(self, data: bytes, head: RequestHead | None = None, settings: bytes | None = None,
+                      original: bytes = b"") -> None:
         """From now on the transport belongs to the HTTP/2 path; this object is done."""
         self.mode = Mode.CLOSED
         self._established()
         self.dest.connections.discard(self)
-        self.dest.h2.accept(self.transport, bytes(data), head, settings)
+        self.dest.h2.accept(self.transport, bytes(data), head, settings, original)
 
     # -- helpers -----------------------------------------------------------------------
 

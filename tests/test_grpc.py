@@ -228,28 +228,27 @@ def test_client_keepalive_pings_are_answered_by_the_agent(grpc_agent, alice, clu
         assert [app_of(c, ALICE if i % 2 else []) for i in range(6)] == ["cluster", "local"] * 3
 
 
-def test_upstream_limited_to_4_concurrent_streams_never_fails_a_call(tmp_path):
+def test_upstream_limited_to_4_concurrent_streams_never_fails_a_call(tmp_path, clients):
     app = GrpcApp("narrow", max_concurrent_streams=4)
     agent = start_agent(tmp_path, app.port)
     try:
-        dev = start_client(agent, free_port(), "--header", "x-dev=zed", "--name", "zed")  # routes: terminate h2
+        clients.append(start_client(agent, free_port(), "--header", "x-dev=zed", "--name", "zed"))  # routes: terminate h2
         with channel(agent.http_port) as c:
             hold = c.unary_unary("/test.Echo/Hold")
             calls = [hold.future(b"", timeout=60) for _ in range(12)]
             app.wait_until(lambda: app.active >= 4)
             app.release.set()
             assert [f.result() for f in calls] == [b"held by narrow"] * 12
-        dev.stop()
     finally:
         agent.proc.stop()
         app.close()
 
 
-def test_server_stop_with_grace_mid_stream_finishes_the_call(tmp_path, local_grpc):
+def test_server_stop_with_grace_mid_stream_finishes_the_call(tmp_path, local_grpc, clients):
     app = GrpcApp("leaving")
     agent = start_agent(tmp_path, app.port)
     try:
-        dev = start_client(agent, local_grpc.port, "--header", "x-dev=yan", "--name", "yan")
+        clients.append(start_client(agent, local_grpc.port, "--header", "x-dev=yan", "--name", "yan"))
         with channel(agent.http_port) as c:
             stream = c.unary_stream("/test.Echo/Ticks")(b"3", timeout=30)
             assert next(stream) == b"tick 0 from leaving"
@@ -262,7 +261,6 @@ def test_server_stop_with_grace_mid_stream_finishes_the_call(tmp_path, local_grp
                 unary(c)
             assert e.value.code() is grpc.StatusCode.UNAVAILABLE
             assert app_of(c, [("x-dev", "yan")]) == "local"  # other destinations are unaffected
-        dev.stop()
     finally:
         agent.proc.stop()
 

@@ -8,8 +8,9 @@ instead, for every pod the scheduler binds to the Node:
   container runs as the process its image stands for (:mod:`e2e.cluster.images`) in that
   namespace, with the environment the pod spec gives it (``env``, ``envFrom``, Secret,
   ConfigMap and field references, ``$(VAR)``) and its volumes as directories: Secret and
-  ConfigMap volumes are read from the API and written out, and every path in the env
-  or args under a ``mountPath`` is mapped to the directory that stands for the mount;
+  ConfigMap volumes, and those sources of projected volumes, are read from the API and
+  written out, and every path in the env or args under a ``mountPath`` is mapped to the
+  directory that stands for the mount;
 - a kwok ``PortForward`` object named after the pod points each declared container
   port at ``podIP:port``, so a port-forward travels client -> API server -> kwok -> pod;
 - the pod status follows the processes: ``Running`` with the pod IP once started; a
@@ -473,36 +474,52 @@ class PodWorker:
     # ------------------------------------------------------------------ volumes, env, port-forward
 
     def _prepare_volumes(self) -> None:
-        """Write each volume out as a directory; a missing Secret or ConfigMap keeps the containers waiting."""
+        """Write each volume out as a directory; a missing Secret or ConfigMap keeps the containers waiting.
+
+        Secret and ConfigMap volumes, and the Secret and ConfigMap sources of a projected
+        volume, are written; other projected sources (tokens, the downward API) are not.
+        """
         waiting = None
         for volume in self.pod["spec"].get("volumes") or []:
             name = volume["name"]
             where = self.dir / "volumes" / name
             where.mkdir(parents=True, exist_ok=True)
             self.mounts[name] = where
-            for kind, ref, key in (("secret", "secretName", "secrets"), ("configMap", "name", "configmaps")):
-                source = volume.get(kind)
-                if source is None:
-                    continue
-                try:
-                    obj = self.api.get(f"/api/v1/namespaces/{self.namespace}/{key}/{source[ref]}")
-                except APIError as error:
-                    if error.status == 404 and not source.get("optional"):
-                        waiting = f'{kind} "{source[ref]}" not found'
+            projected = volume.get("projected") or {}
+            sources = [volume] + list(projected.get("sources") or [])
+            for source_of in sources:
+                for kind, ref, key in (("secret", "secretName", "secrets"), ("configMap", "name", "configmaps")):
+                    source = source_of.get(kind)
+                    if source is None:
+                        continue
+                    if source_of is not volume:  # a projected source names its object by "name"
+                        ref = "name"
+                    missing = self._write_source(where, kind, key, source[ref], source, projected.get("defaultMode"))
+                    if missing:
+                        waiting = missing
                         self._event(f"mount-{name}", "Warning", "FailedMount",
                                     f'MountVolume.SetUp failed for volume "{name}" : {waiting}')
-                    continue
-                data = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()} if kind == "secret" \
-                    else {k: v.encode() for k, v in (obj.get("data") or {}).items()}
-                items = source.get("items") or [{"key": k, "path": k} for k in data]
-                mode = source.get("defaultMode", 0o644)
-                for item in items:
-                    if item["key"] in data:
-                        target = where / item["path"]
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        target.write_bytes(data[item["key"]])
-                        os.chmod(target, item.get("mode", mode))
         self.waiting_for = waiting
+
+    def _write_source(self, where: Path, kind: str, key: str, name: str, source: Obj, default_mode: int | None) -> str | None:
+        """Write one Secret or ConfigMap into ``where``; the reason to wait when it is missing and not optional."""
+        try:
+            obj = self.api.get(f"/api/v1/namespaces/{self.namespace}/{key}/{name}")
+        except APIError as error:
+            if error.status == 404 and not source.get("optional"):
+                return f'{kind} "{name}" not found'
+            return None
+        data = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()} if kind == "secret" \
+            else {k: v.encode() for k, v in (obj.get("data") or {}).items()}
+        items = source.get("items") or [{"key": k, "path": k} for k in data]
+        mode = source.get("defaultMode", default_mode if default_mode is not None else 0o644)
+        for item in items:
+            if item["key"] in data:
+                target = where / item["path"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data[item["key"]])
+                os.chmod(target, item.get("mode", mode))
+        return None
 
     def _environment(self, c: Container) -> tuple[dict[str, str], list[tuple[str, str]]]:
         mapping = sorted(((m["mountPath"].rstrip("/") or "/", str(self.mounts.get(m["name"], self.dir)))

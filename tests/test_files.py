@@ -281,7 +281,10 @@ _SHOW = ("import os, sys, time, pathlib, socket\n"
          "seen = None\n"
          "print('root', root, flush=True)\n"
          "while True:\n"
-         "    text = app.read_text().strip()\n"
+         "    try:\n"
+         "        text = app.read_text().strip()\n"
+         "    except OSError as e:  # a live mount between two connections\n"
+         "        text = type(e).__name__\n"
          "    if text != seen:\n"
          "        print('app.yaml:', text, flush=True)\n"
          "        seen = text\n"
@@ -296,8 +299,9 @@ def _start_mounted(agent: Agent, pod: dict[str, Path], *mount: str, env: dict | 
     return proc, port
 
 
-def test_mount_copy_gives_the_command_its_root_and_removes_it_on_leave(files_agent, pod):
-    client, _ = _start_mounted(files_agent, pod, "--mount", "--mount-mode", "copy")
+def test_mount_copy_gives_the_command_its_root_and_removes_it_on_leave(files_agent, pod, tmp_path):
+    state = {"INTERCEPT_STATE_DIR": str(tmp_path / "state")}
+    client, _ = _start_mounted(files_agent, pod, "--mount", "--mount-mode", "copy", env=state)
     try:
         m = client.wait_for(r"^intercept: mount: the pod's files are under (\S+), copied once \(--mount-mode copy\) "
                             r"\(3 files, \d+ bytes; refused: ")
@@ -306,6 +310,9 @@ def test_mount_copy_gives_the_command_its_root_and_removes_it_on_leave(files_age
         client.wait_for(r"^app.yaml: greeting: hello$")
         assert stat.S_IMODE(root.stat().st_mode) == 0o700
         client.wait_for(r"^intercept: ready: ")
+        status = Proc(INTERCEPT + ["status", "-o", "json"], env=state)
+        assert status.finish() == 0, status.output
+        assert json.loads(status.output)[0]["files"] == str(root)
     finally:
         client.signal(signal.SIGTERM)
         assert client.finish() == 0, client.output
@@ -371,3 +378,26 @@ def test_a_killed_client_leaves_no_mount_and_no_files(files_agent, pod, tmp_path
         until(lambda: not root.exists() and not is_mounted(root), f"{root} unmounted and removed after kill -9")
     finally:
         client.stop()
+
+
+@needs_fuse
+def test_a_live_mount_comes_back_when_the_agent_does(pod, tmp_path):
+    ports = (free_port(), free_port())
+    credentials = tmp_path / "agent.json"
+    serve = ("--serve-files", str(pod["config"]))
+    agent = start_agent(tmp_path, free_port(), *serve, credentials=credentials, ports=ports)
+    root = tmp_path / "again"
+    client, _ = _start_mounted(agent, pod, "--mount", str(root), "--mount-mode", "live")
+    try:
+        client.wait_for(r"^app.yaml: greeting: hello$")
+        agent.proc.stop()
+        client.wait_for(r"^intercept: warning: the live mount at \S+ ended: its connection to the agent was lost")
+        agent = start_agent(tmp_path, free_port(), *serve, credentials=credentials, ports=ports)
+        client.wait_for(rf"^intercept: mount: the pod's files are under {root} again \(live, sshfs\)$")
+        update_configmap(pod["config"], "app.yaml", "greeting: back\n")
+        client.wait_for(r"^app.yaml: greeting: back$")
+    finally:
+        update_configmap(pod["config"], "app.yaml", "greeting: hello\n")
+        client.stop()
+        agent.proc.stop()
+    until(lambda: not root.exists() and not is_mounted(root), f"{root} unmounted and removed")

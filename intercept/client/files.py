@@ -402,8 +402,9 @@ def _guard(path: Path, remove: bool) -> None:
             sshfs.append(int(words[1]))
     for pid in sshfs:
         try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == "sshfs":  # not a pid reused since
+                os.kill(pid, signal.SIGTERM)
+        except (OSError, ProcessLookupError):
             pass
     clean(path, remove)
 
@@ -454,8 +455,46 @@ async def bring(request: MountRequest, conn: asyncssh.SSHClientConnection | None
         raise
 
 
+async def keep_live(files: PodFiles, connection: Callable[[], asyncssh.SSHClientConnection | None], stop: asyncio.Event,
+                    report: Callable[[Event], None]) -> None:
+    """While ``stop`` is not set: when the live mount of ``files`` ends (the connection it
+    rode on was lost: the pod went, the network dropped), say so and mount again on the
+    next connection that ``connection()`` gives, with backoff (0.5 s doubling to 10 s)."""
+    while files.live is not None and not stop.is_set():
+        live = files.live
+        ended, stopped = asyncio.ensure_future(live.ended.wait()), asyncio.ensure_future(stop.wait())
+        await asyncio.wait({ended, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        ended.cancel()
+        stopped.cancel()
+        if stop.is_set():
+            return
+        report(Event("warning", f"the live mount at {files.path} ended: its connection to the agent was lost; "
+                                "mounting again once one is up"))
+        await live.close()
+        delay = 0.5
+        while not stop.is_set():
+            conn = connection()
+            if conn is not None and not conn.is_closed():
+                fresh = LiveMount(conn, files.path, live.label)
+                try:
+                    await fresh.start()
+                except (FilesError, asyncssh.Error, OSError) as e:
+                    log.info("mounting %s again failed: %s", files.path, e)
+                else:
+                    files.live = fresh
+                    if fresh.process is not None:
+                        files.guard_sshfs(fresh.process.pid)
+                    report(Event("mount", f"the pod's files are under {files.path} again (live, sshfs)", path=str(files.path)))
+                    break
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            delay = min(delay * 2, 10.0)
+
+
 __all__ = ["Copied", "FilesError", "LiveMount", "MountRequest", "PodFiles", "bring", "copy_tree", "is_mounted",
-           "live_unavailable"]
+           "keep_live", "live_unavailable"]
 
 
 if __name__ == "__main__":  # the guard: python -m intercept.client.files --guard DIR --remove|--empty

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from intercept import protocol
 from intercept.client.door import LocalDoor
-from intercept.client.files import MountRequest, PodFiles, bring
+from intercept.client.files import MountRequest, PodFiles, bring, keep_live
 from intercept.client.fleet import Fleet, Replica, fixed
 from intercept.client.outbound import OutboundProxy, SSHDialer, TCPForward, propagation, proxy_env
 from intercept.client.runner import LocalCommand, Supervisor, accepting, dotenv, refuse_taken_port, watch
@@ -108,6 +108,7 @@ async def start(
     intercepting: asyncio.Future[None] | None = None
     listeners: list[OutboundProxy | TCPForward] = []
     pod_files: PodFiles | None = None
+    remounting: asyncio.Future[None] | None = None
     expiry: asyncio.TimerHandle | None = None
     if options.ttl is not None:  # the agents end the route then, connected or not; so do we
 
@@ -129,6 +130,7 @@ async def start(
                 return 0
         if mount is not None:
             pod_files = await bring(mount, fleet.connection(), report, label=options.transport.describe())
+            remounting = asyncio.ensure_future(keep_live(pod_files, fleet.connection, stop, report))
         if command.argv:
 
             def on_exit(code: int) -> None:
@@ -192,6 +194,9 @@ async def start(
             await supervisor.stop()
         for listener in listeners:
             await listener.close()
+        if remounting is not None:
+            remounting.cancel()
+            await asyncio.gather(remounting, return_exceptions=True)
         if pod_files is not None:
             await pod_files.close()
 

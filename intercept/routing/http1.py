@@ -23,6 +23,7 @@ Invariants kept here (the proxy relies on them for request-smuggling safety):
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -360,13 +361,9 @@ def parse_response_head(buf: bytes | bytearray, method: bytes, start: int = 0, s
     if not scanned:
         m = _FAST_RESPONSE.match(buf, start)
         if m is not None and m.end() - start <= MAX_HEAD_SIZE:
-            te: list[bytes] = []
-            cl: list[bytes] = []
-            conn: list[bytes] = []
-            for name, value in _RESPONSE_FRAMING_FIELDS.findall(buf, m.start(3) - 1, m.end(3)):
-                name = name.lower()
-                (te if name == b"transfer-encoding" else cl if name == b"content-length" else conn).append(value)
-            return _response_framing(method, int(m[1]), int(m[2]), te, cl, conn, m.end() - start)
+            fields = tuple(_RESPONSE_FRAMING_FIELDS.findall(buf, m.start(3) - 1, m.end(3)))
+            status, framing, length, keep_alive = _framing_of(method, m[1], m[2], fields)
+            return ResponseHead(status, m.end() - start, framing, length, keep_alive)
     end = _find_head(buf, start, max(start, scanned - 3), 502, "upstream response")
     if end < 0:
         return None
@@ -385,6 +382,21 @@ def parse_response_head(buf: bytes | bytearray, method: bytes, start: int = 0, s
         elif name == b"connection":
             conn.append(value)
     return _response_framing(method, int(m[1]), int(m[2]), te, cl, conn, end + 4 - start)
+
+
+@functools.lru_cache(maxsize=256)
+def _framing_of(method: bytes, minor: bytes, status: bytes, fields: tuple[tuple[bytes, bytes], ...]) -> tuple[int, Framing, int, bool]:
+    """Status, framing, length and keep-alive of a response head whose status line and
+    framing fields (names as sent) are these. Pure, so cached: an app's responses repeat
+    the same few heads, and each is then framed by one lookup. Refusals are not cached."""
+    te: list[bytes] = []
+    cl: list[bytes] = []
+    conn: list[bytes] = []
+    for name, value in fields:
+        name = name.lower()
+        (te if name == b"transfer-encoding" else cl if name == b"content-length" else conn).append(value)
+    head = _response_framing(method, int(minor), int(status), te, cl, conn, 0)
+    return head.status, head.framing, head.length, head.keep_alive
 
 
 def _response_framing(method: bytes, minor: int, status: int, te: list[bytes], cl: list[bytes], conn: list[bytes],

@@ -281,12 +281,13 @@ def files_command(ctx: click.Context, path: str, to: Path | None, **_: Any) -> N
 
 @main.command()
 @click.option("--keep", is_flag=True, help="Leave the processes running after the table is printed (Ctrl-C stops them).")
-def demo(keep: bool) -> None:
+@click.option("--grpc", is_flag=True, help="gRPC on HTTP/2 (h2c) instead: the calls share one client connection.")
+def demo(keep: bool, grpc: bool) -> None:
     """Show routing by header without a cluster: real agent, client and two apps on loopback."""
     from intercept.demo import run_demo
 
     try:
-        ok = run_demo(click.echo, keep=keep)
+        ok = run_demo(click.echo, keep=keep, grpc=grpc)
     except InterceptError as e:
         _fail(e)
     sys.exit(0 if ok else 1)

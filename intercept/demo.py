@@ -5,6 +5,9 @@ a "local version" app, and an intercept with a personal header, through the same
 the CLI uses (:mod:`intercept.api`). Then sends requests with and without the header,
 on fresh and keep-alive connections, and prints which version answered each. Succeeds
 only when every request landed where it should.
+
+With ``grpc``, the same on HTTP/2: the two versions speak gRPC over h2c and the calls
+share one client connection (:mod:`intercept.demo_grpc`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from intercept import api
+from intercept import api, demo_grpc
 from intercept.agent import Agent, AgentConfig
 
 DEV = "demo-dev"
@@ -47,13 +50,15 @@ def _serve_app(name: str) -> ThreadingHTTPServer:
     return server
 
 
-def run_demo(echo: Callable[[str], None], keep: bool = False) -> bool:
+def run_demo(echo: Callable[[str], None], keep: bool = False, grpc: bool = False) -> bool:
     """Run the demo; True only when every request of the table landed where it should.
 
     Ctrl-C (KeyboardInterrupt) before the table is complete proves nothing: False. With
     ``keep``, Ctrl-C is how the demo is stopped after its table: the table's verdict.
+    With ``grpc``, the apps and the calls are gRPC on h2c instead of HTTP/1.1.
     """
-    cluster, local = _serve_app("cluster"), _serve_app("local")
+    serve = demo_grpc.serve_app if grpc else _serve_app
+    cluster, local = serve("cluster"), serve("local")
     loop = api.LoopThread()
     ok: bool | None = None
     try:
@@ -64,14 +69,19 @@ def run_demo(echo: Callable[[str], None], keep: bool = False) -> bool:
             loop.call(agent.start())
             (host, port), (_, ssh_port) = agent.http_address, agent.ssh_address
             http_addr = f"{host}:{port}"
-            echo(f"cluster version on :{cluster.server_port}, agent in front of it on {http_addr} (ssh {host}:{ssh_port})")
-            echo(f"local version on :{local.server_port}")
+            speaking = " (gRPC on h2c)" if grpc else ""
+            echo(f"cluster version{speaking} on :{cluster.server_port}, "
+                 f"agent in front of it on {http_addr} (ssh {host}:{ssh_port})")
+            echo(f"local version{speaking} on :{local.server_port}")
             shown = lambda event: echo(event.line()) if event.kind in ("ready", "header") else None  # noqa: E731
             with api.intercepting(agent=f"{host}:{ssh_port}", credentials=str(creds), port=local.server_port, name=DEV,
                                   on_event=shown):
-                ok = _send_requests(echo, http_addr)
+                ok = demo_grpc.send_calls(echo, http_addr, HEADER, DEV) if grpc else _send_requests(echo, http_addr)
                 if keep:
-                    echo(f"\ntry: curl -H '{HEADER}: {DEV}' http://{http_addr}/   (Ctrl-C to stop)")
+                    h2c = "--http2-prior-knowledge " if grpc else ""
+                    echo(f"\ntry: curl {h2c}-H '{HEADER}: {DEV}' http://{http_addr}/   (Ctrl-C to stop)")
+                    if grpc:
+                        echo(f"     or any gRPC client (h2c) at {http_addr}, any method, metadata {HEADER}: {DEV}")
                     threading.Event().wait()
             loop.call(agent.close())
             return ok

@@ -26,7 +26,7 @@ from hyperframe.frame import (
 )
 
 from tests.apps import App
-from tests.conftest import free_port, start_agent, start_client
+from tests.conftest import INTERCEPT, free_port, start_agent, start_client
 from tests.grpc_apps import GrpcApp, app_of, channel
 from tests.h2_app import H2App
 
@@ -327,3 +327,11 @@ def test_upgrade_to_h2c_is_left_to_an_app_that_speaks_only_http1(tmp_path):
     finally:
         agent.proc.stop()
         app.close()
+
+
+def test_an_unknown_h2_codec_stops_the_agent_at_start_naming_the_variable(tmp_path: Path) -> None:
+    done = subprocess.run(INTERCEPT + ["agent", "--listen", "127.0.0.1:0", "--ssh-listen", "127.0.0.1:0", "--upstream",
+                                       "127.0.0.1:9", "--credentials", str(tmp_path / "c.json")],
+                          env={**os.environ, "INTERCEPT_H2_CODEC": "nghttp3"}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done
+    assert "INTERCEPT_H2_CODEC=nghttp3: unknown HTTP/2 codec; use h2 (the default) or ngh2" in done.stderr, done.stderr

@@ -70,6 +70,7 @@ class Agent:
         self._removal: asyncio.Future[None] | None = None  # resolved when a route leaves the table
 
     async def start(self) -> None:
+        _check_h2_codec(os.environ.get("INTERCEPT_H2_CODEC", "h2"))
         loop = asyncio.get_running_loop()
         # SSH first: the pod's readiness probe checks the HTTP port, and a ready pod must take sessions
         key = asyncssh.import_private_key(self.credentials.host_private_key)
@@ -377,6 +378,18 @@ def _release_startup_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _check_h2_codec(name: str) -> None:
+    """Refuse at start an ``INTERCEPT_H2_CODEC`` (read by :mod:`intercept.routing.h2codec`, which
+    loads only with the first HTTP/2 connection) that no connection could use."""
+    import importlib.util
+
+    if name not in ("h2", "ngh2"):
+        raise UsageError(f"INTERCEPT_H2_CODEC={name}: unknown HTTP/2 codec; use h2 (the default) or ngh2")
+    if name == "ngh2" and importlib.util.find_spec("ngh2") is None:
+        raise UsageError("INTERCEPT_H2_CODEC=ngh2: the ngh2 package is not installed; "
+                         "pip install 'intercept[h2fast]', or unset INTERCEPT_H2_CODEC for the default codec")
 
 
 def run(config: AgentConfig, ready: Any = None) -> None:

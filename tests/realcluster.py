@@ -5,8 +5,9 @@ runs by hand), waits for its ``cluster: ready:`` line, and at the end sends SIGT
 waits for it to tear everything down. It builds the binaries first when the cache is
 cold (``.ci/run`` builds them before the tests, with its progress shown).
 
-Skipped, with one line saying what is missing, where Go is not installed or pods cannot
-get network namespaces (not root, no iproute2).
+Skipped, with one line saying what is missing, where Go is not installed, pods cannot
+get network namespaces (not root, no iproute2) or agent containers cannot be confined
+(no bubblewrap).
 
 The tests' own view of the cluster goes through :class:`e2e.cluster.api.API` as the
 administrator, never through the product's Kubernetes code (which is what they test).
@@ -31,6 +32,7 @@ import yaml
 
 from e2e.cluster.api import API, APIError, wait_until
 from e2e.cluster.build import go_missing
+from e2e.cluster.confine import unavailable as confinement_unavailable
 from e2e.cluster.network import unavailable
 from e2e.cluster.pki import Authority
 from tests.conftest import INTERCEPT, Proc
@@ -291,7 +293,7 @@ def _server(kubeconfig: Path) -> str:
 
 
 def _why_not() -> str | None:
-    return go_missing() or unavailable()
+    return go_missing() or unavailable() or confinement_unavailable()
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,11 @@ instead, for every pod the scheduler binds to the Node:
   ConfigMap volumes, and those sources of projected volumes, are read from the API and
   written out, and every path in the env or args under a ``mountPath`` is mapped to the
   directory that stands for the mount;
+- an agent container (``*/agent`` images) runs as its securityContext says, under
+  :mod:`e2e.cluster.confine`: its user (the image's ``USER`` when the pod names none), a
+  read-only root, its volumes bound at their mountPaths (Secrets read-only), the
+  image's ``ENV`` (``agent_image/Dockerfile``), so what the injection writes is what the
+  process gets;
 - a kwok ``PortForward`` object named after the pod points each declared container
   port at ``podIP:port``, so a port-forward travels client -> API server -> kwok -> pod;
 - the pod status follows the processes: ``Running`` with the pod IP once started; a
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import functools
 import http.client
 import logging
 import os
@@ -40,6 +46,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -47,7 +54,8 @@ from pathlib import Path
 from typing import Any
 
 from e2e.cluster.api import API, APIError
-from e2e.cluster.images import ROOT, Program, program
+from e2e.cluster.confine import Confinement, ImageConfig, for_container, image_config
+from e2e.cluster.images import AGENT_REPOSITORIES, ROOT, Program, program, repository
 from e2e.cluster.network import PodNetwork, orphan_guard
 from e2e.cluster.services import ServiceNetwork
 
@@ -325,8 +333,10 @@ class PodWorker:
 
     def _launch(self, c: Container) -> None:
         assert c.program.argv is not None
-        env, mapping = self._environment(c)
-        argv = orphan_guard("KILL") + [_map_path(a, mapping) for a in c.program.argv]
+        confined = self._confinement(c)
+        env, mapping = self._environment(c, None if confined is None else confined[1])
+        argv = [_map_path(a, mapping) for a in c.program.argv]
+        argv = orphan_guard("KILL") + (argv if confined is None else confined[0].argv(argv))
         if self.netns:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         log_file = open(self.dir / f"{c.name}.log", "ab")
@@ -521,11 +531,30 @@ class PodWorker:
                 os.chmod(target, item.get("mode", mode))
         return None
 
-    def _environment(self, c: Container) -> tuple[dict[str, str], list[tuple[str, str]]]:
-        mapping = sorted(((m["mountPath"].rstrip("/") or "/", str(self.mounts.get(m["name"], self.dir)))
-                          for m in c.spec.get("volumeMounts") or []), key=lambda m: -len(m[0]))
+    def _confinement(self, c: Container) -> tuple[Confinement, list[tuple[str, str]]] | None:
+        """How an agent container runs (:mod:`e2e.cluster.confine`): as its securityContext says; others: None."""
+        if repository(c.spec.get("image", "")) not in AGENT_REPOSITORIES:
+            return None
+        # On PATH only the interpreter's directory: the slim image has no C compiler (with one on PATH,
+        # ctypes' find_library, which asyncssh calls at import, would need a writable /tmp).
+        return for_container(self.pod, c.spec, _agent_image(), self.mounts, reach=(sys.prefix, sys.base_prefix, str(ROOT)),
+                             env={"PATH": str(Path(sys.executable).parent)})
+
+    def _environment(self, c: Container, confined: list[tuple[str, str]] | None = None
+                     ) -> tuple[dict[str, str], list[tuple[str, str]]]:
+        """The container's variables and the (mountPath, directory) pairs its paths map through.
+
+        ``confined``: the container runs confined with its mounts in place, but for these.
+        """
+        if confined is None:
+            mapping = sorted(((m["mountPath"].rstrip("/") or "/", str(self.mounts.get(m["name"], self.dir)))
+                              for m in c.spec.get("volumeMounts") or []), key=lambda m: -len(m[0]))
+        else:
+            mapping = sorted(confined, key=lambda m: -len(m[0]))
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.dir), "HOSTNAME": self.name,
                "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), "LANG": os.environ.get("LANG", "C.UTF-8")}
+        if confined is not None:  # the image's ENV; HOME as a runtime sets it for a user the image does not name
+            env.update({**_agent_image().env, "HOME": "/"})
         values: dict[str, str] = {}
         for source in c.spec.get("envFrom") or []:
             prefix = source.get("prefix", "")
@@ -602,6 +631,12 @@ class PodWorker:
                     raise
                 body["metadata"].pop("resourceVersion", None)
         raise OSError(f"cannot write the PortForward of pod {self.namespace}/{self.name}")
+
+
+@functools.cache
+def _agent_image() -> ImageConfig:
+    """The USER and ENV of the agent's image, as ``agent_image/Dockerfile`` gives them."""
+    return image_config(ROOT / "agent_image" / "Dockerfile")
 
 
 def _completed(c: Container) -> bool:

@@ -15,6 +15,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 import intercept
 from e2e.cluster.confine import Confinement, for_container, image_config
@@ -31,7 +32,11 @@ def test_the_default_agent_image_is_tagged_with_the_package_version() -> None:
     assert intercept.__version__ == version
     repository, _, tag = DEFAULT_AGENT_IMAGE.rpartition(":")
     assert tag == version, f"{DEFAULT_AGENT_IMAGE} is not tagged {version}: the release pushes the package version"
-    assert repository == "ghcr.io/intercept-dev/agent"
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "release.yml").read_text())
+    push = next(step["with"] for step in workflow["jobs"]["image"]["steps"]
+                if step.get("uses", "").startswith("docker/build-push-action"))
+    assert push["tags"] == repository + ":${{ needs.version.outputs.version }}"
+    assert push["platforms"] == "linux/amd64,linux/arm64" and push["file"] == "agent_image/Dockerfile"
 
 
 def test_the_dockerfile_runs_the_agent_as_65532_and_writes_no_bytecode() -> None:

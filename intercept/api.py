@@ -558,6 +558,28 @@ def uninstall(service: str | None = None, *, all: bool = False, namespace: str |
                   timeout=timeout)
 
 
+def doctor(service: str | None = None, *, namespace: str | None = None, kubeconfig: str | Path | None = None,
+           context: str | None = None, agent_image: str | None = None, image_origin: str | None = None,
+           service_port: str | int | None = None, no_policy_changes: bool = False) -> list[Any]:
+    """What a first ``intercept start [SERVICE]`` needs, checked: the cluster, RBAC, the agent
+    image, Pod Security, NetworkPolicies and (with a SERVICE) what its app's port speaks.
+
+    Returns :class:`~intercept.kube.doctor.Check` objects in order; none raises for a failed
+    check (only a cluster configuration that cannot be read raises). ``agent_image`` None is the
+    built-in default; ``image_origin`` says where a given image came from (``--agent-image``,
+    ``INTERCEPT_AGENT_IMAGE``, ``intercept.yaml``)."""
+    from intercept.kube import doctor as checks
+    from intercept.kube.config import connect
+    from intercept.kube.image import DEFAULT_AGENT_IMAGE
+    from intercept.kube.inject import InjectOptions
+
+    cluster = connect(kubeconfig, context, namespace)
+    options = InjectOptions(image=agent_image or DEFAULT_AGENT_IMAGE, service_port=service_port,
+                            no_policy_changes=no_policy_changes)
+    return checks.run(cluster.api, cluster.namespace, cluster.context, service, options,
+                      (image_origin or "the caller") if agent_image else None, in_cluster=cluster.in_cluster)
+
+
 def inject_text(text: str, service: str, *, agent_image: str | None = None, service_port: str | int | None = None,
                 no_policy_changes: bool = False, no_outbound: bool = False, no_forwarded_headers: bool = False,
                 outbound_allow: Sequence[str] = (), outbound_deny: Sequence[str] = (),
@@ -835,6 +857,7 @@ def vscode(services: Sequence[str], *, directory: Path, spec_file: Path | None =
 
 
 __all__ = [
+    "doctor",
     "gc_install",
     "sandbox_manifests",
     "Event",

@@ -551,12 +551,58 @@ def gc_command(ctx: click.Context, all_namespaces: bool, idle: str, dry_run: boo
                + (f" ({', '.join([*collected.sandboxes, *collected.agents])})" if collected.sandboxes or collected.agents else ""))
 
 
+@main.command("doctor")
+@click.argument("service", required=False)
+@_spec_options("agent_image", "service_port", "no_policy_changes", *CLUSTER)
+@click.option("-f", "--filename", "spec_file", default="intercept.yaml", show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="Read agent_image (and the rest) from here when it exists.")
+@click.pass_context
+def doctor_command(ctx: click.Context, service: str | None, spec_file: Path, **_: Any) -> None:
+    """Check what a first intercept of SERVICE needs; one line per check, with its fix.
+
+    \b
+    Cluster and context, RBAC (SelfSubjectAccessReview), the agent image, Pod Security,
+    NetworkPolicies, and what the Service's pods speak (HTTP/1.1, h2c, TLS). Exit 0 only
+    when every check passes (12 otherwise).
+    """
+    import os
+
+    from intercept import api
+    from intercept.errors import ChecksFailed
+    from intercept.spec import load_workspace
+
+    keys = ("agent_image", "service_port", "no_policy_changes", *CLUSTER)
+    try:
+        options = {k: v for k, v in _options(ctx, *keys).items()}
+        given = _given(ctx, *keys)
+        origin = "--agent-image" if "agent_image" in given else (
+            "INTERCEPT_AGENT_IMAGE" if os.environ.get("INTERCEPT_AGENT_IMAGE") else None)
+        if origin is None and spec_file.is_file():
+            workspace = load_workspace(spec_file, os.environ)
+            chosen = next((i for i in workspace.intercepts if service in (None, i.service) and "agent_image" in i.origins),
+                          None)
+            if chosen is not None:
+                options["agent_image"], origin = chosen.agent_image, f"{spec_file} ({chosen.origins['agent_image']})"
+        results = api.doctor(service, **{**options, "agent_image": options["agent_image"] if origin else None},
+                             image_origin=origin)
+    except InterceptError as e:
+        _fail(e)
+    for check in results:
+        click.echo(f"intercept: doctor: {check.line()}")
+    failed = [c.name for c in results if not c.passed]
+    if failed:
+        click.echo(f"intercept: doctor: {len(failed)} of {len(results)} checks failed ({', '.join(failed)})")
+        sys.exit(ChecksFailed.exit_code)
+    click.echo(f"intercept: doctor: all {len(results)} checks passed" if all(c.status == "ok" for c in results)
+               else f"intercept: doctor: no check failed ({sum(c.status == 'skipped' for c in results)} skipped)")
+
+
 @main.command("mcp")
 def mcp_command() -> None:
     """Serve intercept to coding agents: a Model Context Protocol server on stdio.
 
     \b
-    Tools: list_services, start_intercept, stop_intercept, status, pod_env, send_request, process_output.
+    Tools: list_services, start_intercept, stop_intercept, status, pod_env, send_request, process_output, doctor.
     """
     try:
         from intercept.mcp_server import serve

@@ -76,6 +76,12 @@ class InjectError(InterceptError):
     exit_code = 10
 
 
+class ChecksFailed(InterceptError):
+    """``intercept doctor``: at least one check failed (each failed line says its fix)."""
+
+    exit_code = 12
+
+
 class SpecError(UsageError):
     """``intercept.yaml``, a flag or an ``INTERCEPT_*`` variable holds an unknown key or a bad value.
 

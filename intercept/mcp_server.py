@@ -107,6 +107,22 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
         return rows
 
     @server.tool()
+    def doctor(service: str | None = None, namespace: str | None = None,
+               agent_image: str | None = None) -> dict[str, Any]:
+        """What a first intercept of SERVICE needs, checked (cluster, RBAC, agent image, Pod Security,
+        NetworkPolicies, the protocol its pods speak); each check with its status and its fix."""
+        import os
+
+        image = agent_image or os.environ.get("INTERCEPT_AGENT_IMAGE")
+        origin = "agent_image" if agent_image else "INTERCEPT_AGENT_IMAGE" if image else None
+        try:
+            checks = api.doctor(service, namespace=namespace, agent_image=image, image_origin=origin)
+        except InterceptError as e:
+            raise ToolError(str(e)) from None
+        return {"passed": all(c.passed for c in checks),
+                "checks": [{"name": c.name, "status": c.status, "message": c.message, "fix": c.fix} for c in checks]}
+
+    @server.tool()
     async def start_intercept(
         service: str | None = None,
         port: int = 8080,

@@ -2,15 +2,25 @@
 
 ``agent_image/Dockerfile`` says: the agent runs as uid 65532, with a read-only root
 filesystem, the credentials mounted read-only, and writes nothing; its tag is the
-package version. Here the pod runner of the real control plane starts agent containers
-as the securityContext the injection wrote (:mod:`e2e.cluster.confine`: bubblewrap and
-setpriv), and the process is looked at from outside.
+package version. Here:
+
+- the file tree the image holds is built as the Dockerfile builds it (the wheels of
+  ``.[fast]``, installed into a directory, bytecode compiled at install), and
+  ``intercept agent`` runs from it confined as the injected securityContext says
+  (:mod:`e2e.cluster.confine`: bubblewrap and setpriv; uid 65532, the tree and ``/``
+  read-only, the credentials bound read-only), configured only by the image's ``ENV``
+  and the ``INTERCEPT_*`` variables the injection sets, in a network namespace of its
+  own; a developer's request and everyone else's are routed through it;
+- the pod runner of the real control plane starts agent containers the same way, and
+  the process is looked at from outside (``/proc``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -18,10 +28,13 @@ import pytest
 import yaml
 
 import intercept
-from e2e.cluster.confine import Confinement, for_container, image_config
+from e2e.cluster.confine import Confinement, for_container, image_config, unavailable
 from intercept.kube.image import DEFAULT_AGENT_IMAGE
+from intercept.credentials import Credentials
 from intercept.kube.inject import AGENT_CONTAINER, InjectOptions, inject
-from tests.realcluster import RealCluster, app, deploy, intercept as run_intercept
+from tests.conftest import INTERCEPT, Proc, free_port
+from tests.netns import needs_netns, two_hosts
+from tests.realcluster import SAMPLE, RealCluster, app, deploy, intercept as run_intercept
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "agent_image" / "Dockerfile"
@@ -160,3 +173,96 @@ def test_the_pod_runner_gives_the_agent_the_security_context_the_injection_wrote
     assert environ["PYTHONDONTWRITEBYTECODE"] == "1" and environ["HOME"] == "/"
     assert environ["INTERCEPT_CREDENTIALS"] == "/var/run/intercept/credentials.json"  # as injected, not rewritten
     assert environ["INTERCEPT_UPSTREAM"] == "127.0.0.1:8080"
+
+
+# --------------------------------------------------------------------------- the image's file tree, run confined
+
+
+@pytest.fixture(scope="session")
+def image_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What the image holds besides Python: the wheels of ``.[fast]`` installed under a prefix,
+    as the Dockerfile's two stages do (pip wheel, then pip install --no-index from them)."""
+    missing = unavailable()
+    if missing:
+        pytest.skip(missing)
+    work = tmp_path_factory.mktemp("image")
+    wheels, tree = work / "wheels", work / "tree"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--wheel-dir", str(wheels), f"{ROOT}[fast]"],
+                   check=True, capture_output=True, timeout=900)
+    subprocess.run([sys._base_executable, "-m", "pip", "install", "-q", "--no-index", "--find-links", str(wheels),
+                    "--prefix", str(tree), "--ignore-installed", "--no-warn-script-location", "--no-warn-conflicts", "intercept[fast]"],
+                   check=True, capture_output=True, timeout=900)
+    return tree
+
+
+def _site(tree: Path) -> Path:
+    return next(tree.glob("lib/python3*/site-packages"))
+
+
+@needs_netns
+def test_the_agent_runs_from_the_image_tree_as_65532_read_only_and_routes_a_request(image_tree: Path,
+                                                                                     tmp_path: Path) -> None:
+    pod, container = injected_pod()  # an app running as root: the agent gets the image's user
+    credentials = tmp_path / "secret"
+    credentials.mkdir()
+    (credentials / "credentials.json").write_text(Credentials.generate().to_json())
+    (credentials / "credentials.json").chmod(0o444)  # the Secret volume's defaultMode, as injected
+    routes = tmp_path / "routes"
+    routes.mkdir()
+    image = image_config(DOCKERFILE)
+    base = Path(sys._base_executable)
+    confinement, moved = for_container(pod, container, image, {"intercept-credentials": credentials,
+                                                               "intercept-routes": routes},
+                                       reach=(str(image_tree), sys.base_prefix),
+                                       env={"PATH": f"{image_tree / 'bin'}:{base.parent}"})
+    assert moved == [] and confinement.uid == 65532 and confinement.read_only_root
+    configured = {e["name"]: e["value"] for e in container["env"] if e["name"].startswith("INTERCEPT_") and "value" in e}
+    env = {**image.env, **configured, "HOME": "/", "LANG": "C.UTF-8",
+           "PYTHONPATH": str(_site(image_tree))}  # where the image's interpreter finds its site-packages
+    before = sorted(str(p.relative_to(image_tree)) for p in image_tree.rglob("*"))
+
+    # -S: the interpreter's own site-packages stay out; only the tree's code runs.
+    entrypoint = [str(base), "-S", str(image_tree / "bin" / "intercept"), "agent"]  # the Dockerfile's ENTRYPOINT
+    with two_hosts("10.81.0") as hosts:
+        cluster_app = Proc([*hosts.run_in(hosts.cluster), sys.executable, str(SAMPLE), "serve", "--port", "8080",
+                            "--name", "cluster/app"])
+        agent = Proc([*hosts.run_in(hosts.cluster), *confinement.argv(entrypoint)], env=env, cwd="/")
+        port = free_port()
+        client = None
+        try:
+            cluster_app.wait_for(r"serving as cluster/app on port 8080")
+            agent.wait_for(r"^intercept: agent: http 0\.0\.0\.0:9900 ssh 0\.0\.0\.0:9922 upstream 127\.0\.0\.1:8080$")
+            python = _agent_process(agent.p.pid)
+            status = dict(line.split(":\t", 1) for line in Path(f"/proc/{python}/status").read_text().splitlines()
+                          if ":\t" in line)
+            assert status["Uid"].split() == ["65532"] * 4 and int(status["CapEff"], 16) == 0
+            imported = subprocess.run([*hosts.run_in(hosts.cluster), *confinement.argv(
+                [str(base), "-S", "-c", "import intercept, uvloop; print(intercept.__file__)"])],
+                env=env, capture_output=True, text=True, timeout=120, cwd="/")
+            assert imported.stdout.strip() == str(_site(image_tree) / "intercept" / "__init__.py"), imported
+
+            client = Proc([*hosts.run_in(hosts.laptop), *INTERCEPT, "start", "--agent", f"{hosts.cluster_ip}:9922",
+                           "--credentials", str(credentials / "credentials.json"), "--header", "x-dev=alice",
+                           "--port", str(port), "--no-watch", "--", sys.executable, str(SAMPLE), "serve",
+                           "--port", str(port), "--name", "local"])
+            client.wait_for(r"^intercept: ready: ", timeout=60)
+            url = f"http://{hosts.cluster_ip}:9900/"
+            probe = [*hosts.run_in(hosts.laptop), sys.executable, str(SAMPLE), "probe", url, "-n", "2"]
+            mine = subprocess.run([*probe, "-H", "x-dev: alice"], capture_output=True, text=True, timeout=60)
+            others = subprocess.run(probe, capture_output=True, text=True, timeout=60)
+            assert mine.stdout.split() == ["local", "local"], mine
+            assert others.stdout.split() == ["cluster/app", "cluster/app"], others
+        finally:
+            if client is not None:
+                client.stop()
+            agent.stop()
+            cluster_app.stop()
+    assert not any(line.startswith(("Traceback", "intercept: error")) for line in agent.lines), agent.output
+    assert sorted(str(p.relative_to(image_tree)) for p in image_tree.rglob("*")) == before  # wrote nothing there
+    assert sorted(p.name for p in credentials.iterdir()) == ["credentials.json"]
+
+
+def _agent_process(runner: int) -> int:
+    """The interpreter under ``ip netns exec`` + bwrap + setpriv (each execs the next, or forks it)."""
+    return next(pid for pid in _descendants(runner)
+                if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0] == sys._base_executable.encode())

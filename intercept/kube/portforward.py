@@ -161,6 +161,18 @@ class PortForwardTransport:
             _release_in_thread(kept)
 
 
+def open_socket(api: ApiClient, namespace: str, pod: str, port: int) -> socket.socket:
+    """A blocking socket to ``port`` of pod ``namespace/pod`` through the port-forward, for a short
+    exchange (the doctor's probes); close it with :func:`release`. Refusals raise
+    :class:`~intercept.errors.AgentUnreachable`, as for :class:`PortForwardTransport`."""
+    forward = PortForwardTransport(api, namespace, pod, port)._open()
+    wrapped = forward.socket(port)
+    sock = socket.socket(fileno=os.dup(wrapped.fileno()))
+    wrapped.close()
+    sock.setblocking(True)
+    return sock
+
+
 def _ends(forward: PortForward, port: int) -> tuple[socket.socket, socket.socket]:
     """Two handles on our end of the forward's socketpair: one for asyncio, one kept.
 
@@ -217,4 +229,6 @@ def _gist(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-__all__ = ["PortForwardTransport"]
+release = _release  # half-close, drain until the relay lets go, close (blocking)
+
+__all__ = ["PortForwardTransport", "open_socket", "release"]

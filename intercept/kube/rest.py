@@ -39,10 +39,11 @@ class ClusterError(InterceptError):
 
     exit_code = 11
 
-    def __init__(self, message: str, status: int = 0, reason: str = "") -> None:
+    def __init__(self, message: str, status: int = 0, reason: str = "", detail: str = "") -> None:
         super().__init__(message)
         self.status = status
         self.reason = reason
+        self.detail = detail  # the API server's own message, when it gave one
 
 
 class NotFound(ClusterError):
@@ -96,6 +97,8 @@ RESOURCES = {
         Resource("CronJob", "batch/v1", "cronjobs"),
         Resource("Role", "rbac.authorization.k8s.io/v1", "roles"),
         Resource("RoleBinding", "rbac.authorization.k8s.io/v1", "rolebindings"),
+        Resource("Namespace", "v1", "namespaces"),
+        Resource("SelfSubjectAccessReview", "authorization.k8s.io/v1", "selfsubjectaccessreviews"),
     )
 }
 
@@ -138,8 +141,22 @@ class Cluster:
         items = [{"apiVersion": resource.api_version, "kind": kind, **item} for item in body.get("items") or []]
         return items, (body.get("metadata") or {}).get("resourceVersion", "")
 
-    def create(self, obj: Obj) -> Obj:
-        return self._json("POST", obj["kind"], _namespace(obj), None, body=obj)
+    def create(self, obj: Obj, *, dry_run: bool = False) -> Obj:
+        """POST; with ``dry_run`` the server admits it (admission, validation) and stores nothing."""
+        query = [("dryRun", "All")] if dry_run else None
+        return self._json("POST", obj["kind"], _namespace(obj), None, query=query, body=obj)
+
+    def can_i(self, verb: str, plural: str, namespace: str, group: str = "", subresource: str = "") -> tuple[bool, str]:
+        """Whether these credentials may ``verb`` ``plural`` (``/subresource``) in ``namespace``, and the
+        authorizer's reason: a SelfSubjectAccessReview, which every authenticated user may create."""
+        attributes = {"namespace": namespace, "verb": verb, "group": group, "resource": plural}
+        if subresource:
+            attributes["subresource"] = subresource
+        review = self._json("POST", "SelfSubjectAccessReview", None, None, body={
+            "apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": attributes}})
+        status = review.get("status") or {}
+        return bool(status.get("allowed")), str(status.get("reason") or status.get("evaluationError") or "")
 
     def replace(self, obj: Obj) -> Obj:
         """PUT: fails with :class:`Conflict` when ``metadata.resourceVersion`` is no longer current."""
@@ -284,25 +301,25 @@ def _error(response: urllib3.BaseHTTPResponse, what: str, verb: str, resource: R
     code = response.status
     where = f" -n {namespace}" if namespace else " -A"
     if code == 404:
-        return NotFound(f"{what}: not found ({message})", code, reason)
+        return NotFound(f"{what}: not found ({message})", code, reason, message)
     if code == 409:
-        return Conflict(f"{what}: conflict ({message})", code, reason)
+        return Conflict(f"{what}: conflict ({message})", code, reason, message)
     if code == 410:
-        return Gone(f"{what}: {message}", code, reason)
+        return Gone(f"{what}: {message}", code, reason, message)
     if code == 401:
         fix = "log in to the cluster again (the context's credentials were refused)"
-        return AccessDenied(f"cannot {what}: {code} {reason}: {message}; {fix}", code, reason)
+        return AccessDenied(f"cannot {what}: {code} {reason}: {message}; {fix}", code, reason, message)
     if code == 403 and _AUTHORIZER_DENIAL.search(message):
         fix = (f"ask for permission to {verb} {resource.plural} "
                f"(check with: kubectl auth can-i {verb} {resource.plural}{where})")
-        return AccessDenied(f"cannot {what}: {code} {reason}: {message}; {fix}", code, reason)
+        return AccessDenied(f"cannot {what}: {code} {reason}: {message}; {fix}", code, reason, message)
     if code == 403:
         fix = "the API server refused the request; see its message"
     elif code in (400, 422):
         fix = "the API server rejected the object; see its message"
     else:
         fix = "retry; if it persists, check the API server"
-    return ClusterError(f"cannot {what}: {code} {reason}: {message}; {fix}", code, reason)
+    return ClusterError(f"cannot {what}: {code} {reason}: {message}; {fix}", code, reason, message)
 
 
 _AUTHORIZER_DENIAL = re.compile(r'\bcannot [\w-]+ resource "')

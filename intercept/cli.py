@@ -573,7 +573,7 @@ def doctor_command(ctx: click.Context, service: str | None, spec_file: Path, **_
 
     keys = ("agent_image", "service_port", "no_policy_changes", *CLUSTER)
     try:
-        options = {k: v for k, v in _options(ctx, *keys).items()}
+        options = dict(_options(ctx, *keys))
         given = _given(ctx, *keys)
         origin = "--agent-image" if "agent_image" in given else (
             "INTERCEPT_AGENT_IMAGE" if os.environ.get("INTERCEPT_AGENT_IMAGE") else None)

@@ -14,7 +14,6 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncssh
 
 from intercept.errors import CredentialsError
 
@@ -33,6 +32,8 @@ class Credentials:
 
     @classmethod
     def generate(cls) -> Credentials:
+        import asyncssh  # here, not at the top: an agent that reads its credentials never loads it before a developer comes
+
         key = asyncssh.generate_private_key("ssh-ed25519")
         return cls(
             token=secrets.token_urlsafe(32),

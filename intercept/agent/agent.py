@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
+import socket
 import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import asyncssh
+from typing import TYPE_CHECKING, Any
 
 from intercept import __version__, credentials
-from intercept.agent import sshd
 from intercept.agent.files import ServedFiles, ServedRoot
 from intercept.agent.files import describe as describe_files
 from intercept.agent.proxy import ClientConnection, Link, RouteGone, TCPLink, Unavailable, UpstreamPool
@@ -22,6 +21,11 @@ from intercept.errors import InterceptError, RouteConflict, UsageError
 from intercept.routing.cluster import SESSION_PREFIX, RoutesDocument
 from intercept.routing.fence import Fence
 from intercept.routing.match import RegisteredRoute, Route, RouteTable
+
+if TYPE_CHECKING:
+    import asyncssh
+
+    from intercept.agent import sshd
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,9 @@ class Agent:
         self._sweeper: asyncio.Task[None] | None = None
         self.sessions: dict[str, sshd.DeveloperSession] = {}
         self._http: asyncio.Server | None = None
+        self._ssh_socket: socket.socket | None = None  # bound at start; asyncssh takes it with the first developer
         self._ssh: asyncssh.SSHAcceptor | None = None
+        self._ssh_starting: asyncio.Task[None] | None = None
         self.cluster_routes = RoutesDocument(0.0)
         self._routes_follower: asyncio.Task[None] | None = None
         self._last_busy = time.monotonic()  # when a route last went away
@@ -72,14 +78,40 @@ class Agent:
     async def start(self) -> None:
         _check_h2_codec(os.environ.get("INTERCEPT_H2_CODEC", "h2"))
         loop = asyncio.get_running_loop()
-        # SSH first: the pod's readiness probe checks the HTTP port, and a ready pod must take sessions
-        key = asyncssh.import_private_key(self.credentials.host_private_key)
-        self._ssh = await sshd.start_server(self, *self.config.ssh_listen, key)
+        # SSH first: the pod's readiness probe checks the HTTP port, and a ready pod must take sessions.
+        # The port is bound now, but asyncssh (with its cryptography, 17 MB and 100 ms of imports) is
+        # loaded only when the first developer connects: most agents idle between intercepts.
+        host, port = self.config.ssh_listen
+        self._ssh_socket = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                                backlog=100)
+        self._ssh_socket.setblocking(False)
+        loop.add_reader(self._ssh_socket.fileno(), self._first_developer)
         host, port = self.config.listen
         self._http = await loop.create_server(lambda: ClientConnection(self), host, port, backlog=1024, reuse_address=True)
         self._sweeper = loop.create_task(self._expire_waiting())
         self._routes_follower = loop.create_task(self._follow_routes_file())
         log.info("agent %s: http %s, ssh %s, upstream %s", __version__, self.http_address, self.ssh_address, self.config.upstream)
+
+    def _first_developer(self) -> None:
+        """A connection waits on the SSH port: start asyncssh's server on it (the import in a thread,
+        so that the HTTP traffic keeps flowing meanwhile); it accepts what waits in the backlog."""
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(self._ssh_socket.fileno())
+        self._ssh_starting = loop.create_task(self._start_ssh())
+
+    async def _start_ssh(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.run_in_executor(None, importlib.import_module, "intercept.agent.sshd")
+            import asyncssh
+
+            key = asyncssh.import_private_key(self.credentials.host_private_key)
+            self._ssh = await server.start_server(self, self._ssh_socket, key)
+        except Exception:
+            log.exception("agent: the SSH server could not start; developers cannot connect")
+            self._ssh_socket.close()  # refused, rather than left waiting
+            return
+        log.info("agent: SSH server started for the first developer")
 
     @property
     def http_address(self) -> tuple[str, int]:
@@ -87,7 +119,7 @@ class Agent:
 
     @property
     def ssh_address(self) -> tuple[str, int]:
-        return self._ssh.sockets[0].getsockname()[:2]
+        return self._ssh_socket.getsockname()[:2]
 
     async def _expire_waiting(self) -> None:
         """Every few seconds, close connections that wait too long for a request head (slowloris)."""
@@ -103,8 +135,13 @@ class Agent:
         for task in (self._sweeper, self._routes_follower):
             if task is not None:
                 task.cancel()
+        if self._ssh_starting is not None:
+            await asyncio.wait({self._ssh_starting})
         if self._ssh is not None:
             self._ssh.close()
+        elif self._ssh_socket is not None:
+            asyncio.get_running_loop().remove_reader(self._ssh_socket.fileno())
+            self._ssh_socket.close()
         for session in list(self.sessions.values()):
             session.conn.close()
         if self._http is not None:
@@ -158,7 +195,9 @@ class Agent:
                  ttl: float | None = None) -> RegisteredRoute:
         """Hold a developer's route for ``session``; with ``ttl`` (seconds) it ends by itself then."""
         if not session.forwarding:
-            raise UsageError(f"request tcpip-forward on {sshd.FORWARD_HOST}:{sshd.FORWARD_PORT} before registering a route")
+            from intercept.agent.sshd import FORWARD_HOST, FORWARD_PORT  # loaded: a session calls this
+
+            raise UsageError(f"request tcpip-forward on {FORWARD_HOST}:{FORWARD_PORT} before registering a route")
         route = Route.from_json(rules)
         if not route.rules and not all_traffic:
             raise UsageError("a route without rules takes all traffic; register it with all=true (--all)")
@@ -237,6 +276,8 @@ class Agent:
                 if not opening.done() and not self._still_held(route):
                     opening.add_done_callback(_close_unused_channel)  # an answer that comes late is closed
                     raise RouteGone()
+            import asyncssh  # loaded already: a session exists
+
             try:
                 return opening.result()
             except asyncssh.ChannelOpenError as e:

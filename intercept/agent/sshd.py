@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from intercept import protocol
-from intercept.agent.files import sftp_session
+from intercept.agent.sftp import sftp_session
 from intercept.errors import InterceptError, RouteConflict
 from intercept.routing.cluster import RoutesDocument
 from intercept.routing.fence import Fence, Verdict, check_all
@@ -406,11 +406,11 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
         raise AssertionError(f"unhandled request {request!r}")  # every Request class has a case
 
 
-async def start_server(agent: Agent, host: str, port: int, host_key: asyncssh.SSHKey) -> asyncssh.SSHAcceptor:
+async def start_server(agent: Agent, sock: socket.socket, host_key: asyncssh.SSHKey) -> asyncssh.SSHAcceptor:
+    """Serve developers' SSH sessions on ``sock``, a bound and listening socket."""
     return await asyncssh.create_server(
         lambda: DeveloperSession(agent),
-        host,
-        port,
+        sock=sock,
         server_host_keys=[host_key],
         encryption_algs=ENCRYPTION_ALGS,
         keepalive_interval=KEEPALIVE_INTERVAL,
@@ -420,6 +420,5 @@ async def start_server(agent: Agent, host: str, port: int, host_key: asyncssh.SS
         x11_forwarding=False,
         allow_scp=False,
         line_editor=False,
-        reuse_address=True,
     )
 

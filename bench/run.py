@@ -601,9 +601,21 @@ def run(procs: Procs, args: argparse.Namespace, warmup: float) -> int:
     procs.app("local", local_port, big)
     router = procs.router(router_port, up_port, local_port)
     haproxy = procs.haproxy(haproxy_port, up_port, local_port)
+    # the credentials exist before the agent starts, as the injection's Secret holds them in a pod
+    from intercept.credentials import Credentials
+
+    credentials = tmp / "agent-credentials.json"
+    credentials.write_text(Credentials.generate().to_json())
+    credentials.chmod(0o600)
     agent, agent_port, ssh_port, started = procs.agent(up_port)
     time.sleep(1.0)  # settle: the idle figure, not one taken in the middle of start-up
     rss_idle = rss_mb(agent.pid)
+    # before any developer has connected (the agent loads its SSH server with the first one)
+    socks = hold_connections(agent_port, args.open_connections, False)
+    time.sleep(0.5)
+    rss_nodev = rss_mb(agent.pid)
+    for s in socks:
+        s.close()
     agent_std, agent_std_port, _, started_std = procs.agent(up_port, stdlib_loop=True)
     client = procs.client(ssh_port, local_port)
     procs.watch = {"agent": agent.pid, "client": client.pid, "router": router.pid, "haproxy": haproxy.pid,
@@ -678,7 +690,7 @@ def run(procs: Procs, args: argparse.Namespace, warmup: float) -> int:
     client_rss_end, client_hwm = rss_mb(client.pid), hwm_mb(client.pid)
 
     loops = {"agent": event_loop(agent.pid), "client": event_loop(client.pid)}
-    report(args, procs, results, rss_after, held, bulk, rss_idle, rss_end, hwm_end, rss_client_idle, client_rss_end, client_hwm, loops,
+    report(args, procs, results, rss_after, held, bulk, rss_idle, rss_nodev, rss_end, hwm_end, rss_client_idle, client_rss_end, client_hwm, loops,
            (started, started_std))
 
     if args.profile:
@@ -702,7 +714,7 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def report(args, procs, results, rss_after, held, bulk, rss_idle, rss_end, hwm_end, rss_client_idle, client_rss_end, client_hwm, loops,
+def report(args, procs, results, rss_after, held, bulk, rss_idle, rss_nodev, rss_end, hwm_end, rss_client_idle, client_rss_end, client_hwm, loops,
            started) -> None:
     # noise from other processes only ever slows a row down: each row reports its best measurement
     best = {r: max(v, key=lambda x: x.rps) for r, v in results.items()}
@@ -762,7 +774,8 @@ def report(args, procs, results, rss_after, held, bulk, rss_idle, rss_end, hwm_e
     print()
     print(
         f"Agent: listening {started[0] * 1e3:.0f} ms after spawn ({started[1] * 1e3:.0f} ms on asyncio). "
-        f"RSS: {rss_idle:.1f} MB idle; {held['c']:.1f} MB holding {n} keep-alive connections to the upstream "
+        f"RSS: {rss_idle:.1f} MB idle; {rss_nodev:.1f} MB holding {n} keep-alive connections to the upstream before "
+        f"any developer connected; with a developer connected, {held['c']:.1f} MB holding {n} to the upstream "
         f"({held['c'] - held['c_before']:+.1f} MB), {held['d']:.1f} MB holding {n} routed over SSH "
         f"({held['d'] - held['d_before']:+.1f} MB); {rss_end:.1f} MB at the end (peak {hwm_end:.1f} MB). "
         f"Client RSS: {rss_client_idle:.1f} MB at start, {client_rss_end:.1f} MB at the end (peak {client_hwm:.1f} MB)."
@@ -784,7 +797,9 @@ def report(args, procs, results, rss_after, held, bulk, rss_idle, rss_end, hwm_e
         (f"(c100) within 5% of (c)", c100.rps >= 0.95 * c.rps,
          f"{c100.rps / c.rps - 1:+.1%} req/s, {c100.proxy_us('c100') - c.proxy_us('c'):+.1f} µs/req"),
         ("agent RSS <= 35 MB idle", rss_idle <= 35, f"{rss_idle:.1f} MB"),
-        (f"agent RSS <= 45 MB with {n} connections", max(held["c"], held["d"]) <= 45, f"{max(held['c'], held['d']):.1f} MB"),
+        (f"agent RSS <= 45 MB with {n} connections, no developer yet", rss_nodev <= 45, f"{rss_nodev:.1f} MB"),
+        (f"agent RSS <= 45 MB with {n} connections, a developer connected", max(held["c"], held["d"]) <= 45,
+         f"{max(held['c'], held['d']):.1f} MB"),
         ("agent listening < 300 ms after spawn", started[0] < 0.3, f"{started[0] * 1e3:.0f} ms"),
     ]
     if bulk:

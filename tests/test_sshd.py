@@ -13,8 +13,10 @@ import sys
 import asyncssh
 import pytest
 
+from intercept.credentials import Credentials
+from intercept.errors import CredentialsError
 from intercept.protocol import CONTROL_SUBSYSTEM
-from tests.conftest import start_agent, start_client
+from tests.conftest import INTERCEPT, start_agent, start_client
 from tests.netns import needs_netns, two_hosts
 
 
@@ -176,3 +178,54 @@ try:
 finally:
     client.stop(); local.stop(); agent.proc.stop()
 """
+
+
+def _ssh_stack_loaded(pid: int) -> bool:
+    """Whether the process has mapped cryptography's bindings, which asyncssh brings."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return "cryptography/hazmat/bindings/_rust" in maps.read()
+
+
+def test_the_ssh_stack_loads_with_the_first_developer_and_serves_them(cluster_app, local_app, tmp_path):
+    path = tmp_path / "creds.json"
+    path.write_text(Credentials.generate().to_json())  # as the injection's Secret holds them in a pod
+    agent = start_agent(tmp_path, cluster_app.port, credentials=path)
+    try:
+        assert agent.app_of() == "cluster"
+        assert not _ssh_stack_loaded(agent.proc.p.pid), "an agent no developer has reached loaded asyncssh"
+        client = start_client(agent, local_app.port, "--header", "x-dev=alice")
+        try:
+            assert agent.app_of({"x-dev": "alice"}) == "local"
+            assert agent.app_of() == "cluster"
+            assert _ssh_stack_loaded(agent.proc.p.pid)
+        finally:
+            client.stop()
+    finally:
+        agent.proc.stop()
+
+
+def test_a_host_key_that_is_no_key_stops_the_agent_at_start_naming_the_file(cluster_app, tmp_path):
+    path = tmp_path / "creds.json"
+    path.write_text(json.dumps({**json.loads(Credentials.generate().to_json()), "host_private_key": "garbage"}))
+    done = subprocess.run(INTERCEPT + ["agent", "--listen", "127.0.0.1:0", "--ssh-listen", "127.0.0.1:0",
+                                       "--upstream", f"127.0.0.1:{cluster_app.port}", "--credentials", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == CredentialsError.exit_code, done
+    assert f"credentials file {path}: host_private_key is not a private key" in done.stderr, done.stderr
+
+
+def test_an_ssh_server_that_cannot_start_stops_the_agent_saying_why(cluster_app, local_app, tmp_path):
+    """A key that looks like one but is not: found when the first developer comes. The agent
+    exits (its pod restarts and shows why) rather than stay ready with a dead SSH port."""
+    path = tmp_path / "creds.json"
+    broken = "-----BEGIN OPENSSH PRIVATE KEY-----\nbm90IGEga2V5\n-----END OPENSSH PRIVATE KEY-----\n"
+    path.write_text(json.dumps({**json.loads(Credentials.generate().to_json()), "host_private_key": broken}))
+    agent = start_agent(tmp_path, cluster_app.port, credentials=path)
+    assert agent.app_of() == "cluster"
+    client = start_client(agent, local_app.port, "--header", "x-dev=alice", wait=False)
+    try:
+        assert agent.proc.finish() == 1, agent.proc.output
+        assert "intercept: error: the SSH server could not start (KeyImportError" in agent.proc.output, agent.proc.output
+        assert client.finish() != 0
+    finally:
+        client.stop()

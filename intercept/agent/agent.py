@@ -17,7 +17,7 @@ from intercept import __version__, credentials
 from intercept.agent.files import ServedFiles, ServedRoot
 from intercept.agent.files import describe as describe_files
 from intercept.agent.proxy import ClientConnection, Link, RouteGone, TCPLink, Unavailable, UpstreamPool
-from intercept.errors import InterceptError, RouteConflict, UsageError
+from intercept.errors import CredentialsError, InterceptError, RouteConflict, UsageError
 from intercept.routing.cluster import SESSION_PREFIX, RoutesDocument
 from intercept.routing.fence import Fence
 from intercept.routing.match import RegisteredRoute, Route, RouteTable
@@ -68,8 +68,12 @@ class Agent:
         self.sessions: dict[str, sshd.DeveloperSession] = {}
         self._http: asyncio.Server | None = None
         self._ssh_socket: socket.socket | None = None  # bound at start; asyncssh takes it with the first developer
+        self._ssh_address: tuple[str, int] = ("", 0)
         self._ssh: asyncssh.SSHAcceptor | None = None
         self._ssh_starting: asyncio.Task[None] | None = None
+        self._closing = False
+        self.failed = asyncio.Event()  # set, with ``failure``, when the agent cannot go on (its SSH server did not start)
+        self.failure = ""
         self.cluster_routes = RoutesDocument(0.0)
         self._routes_follower: asyncio.Task[None] | None = None
         self._last_busy = time.monotonic()  # when a route last went away
@@ -81,13 +85,19 @@ class Agent:
         # SSH first: the pod's readiness probe checks the HTTP port, and a ready pod must take sessions.
         # The port is bound now, but asyncssh (with its cryptography, 17 MB and 100 ms of imports) is
         # loaded only when the first developer connects: most agents idle between intercepts.
-        host, port = self.config.ssh_listen
-        self._ssh_socket = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
-                                                backlog=100)
-        self._ssh_socket.setblocking(False)
-        loop.add_reader(self._ssh_socket.fileno(), self._first_developer)
+        if "PRIVATE KEY-----" not in (self.credentials.host_private_key or ""):
+            raise CredentialsError(f"credentials file {self.config.credentials}: host_private_key is not a private key; "
+                                   "pass the JSON file the agent wrote, or delete it to let the agent create a new one")
+        self._ssh_socket = _listening_socket(*self.config.ssh_listen)
+        self._ssh_address = self._ssh_socket.getsockname()[:2]
         host, port = self.config.listen
-        self._http = await loop.create_server(lambda: ClientConnection(self), host, port, backlog=1024, reuse_address=True)
+        try:
+            self._http = await loop.create_server(lambda: ClientConnection(self), host, port, backlog=1024,
+                                                  reuse_address=True)
+        except BaseException:
+            self._close_ssh_socket()
+            raise
+        loop.add_reader(self._ssh_socket.fileno(), self._first_developer)
         self._sweeper = loop.create_task(self._expire_waiting())
         self._routes_follower = loop.create_task(self._follow_routes_file())
         log.info("agent %s: http %s, ssh %s, upstream %s", __version__, self.http_address, self.ssh_address, self.config.upstream)
@@ -100,18 +110,31 @@ class Agent:
         self._ssh_starting = loop.create_task(self._start_ssh())
 
     async def _start_ssh(self) -> None:
+        """Import and start the SSH server; when it cannot start, the agent fails (``failed``):
+        a pod whose developers could never connect must restart and say why, not look ready."""
         loop = asyncio.get_running_loop()
         try:
             server = await loop.run_in_executor(None, importlib.import_module, "intercept.agent.sshd")
             import asyncssh
 
             key = asyncssh.import_private_key(self.credentials.host_private_key)
+            if self._closing:
+                return
             self._ssh = await server.start_server(self, self._ssh_socket, key)
-        except Exception:
-            log.exception("agent: the SSH server could not start; developers cannot connect")
-            self._ssh_socket.close()  # refused, rather than left waiting
+        except Exception as e:
+            log.exception("agent: the SSH server could not start")
+            self._close_ssh_socket()  # refused, rather than left waiting
+            self.failure = f"the SSH server could not start ({e.__class__.__name__}: {e}); developers cannot connect"
+            self.failed.set()
             return
         log.info("agent: SSH server started for the first developer")
+
+    def _close_ssh_socket(self) -> None:
+        sock, self._ssh_socket = self._ssh_socket, None
+        if sock is not None:
+            if self._ssh_starting is None and sock.fileno() != -1:
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
 
     @property
     def http_address(self) -> tuple[str, int]:
@@ -119,7 +142,7 @@ class Agent:
 
     @property
     def ssh_address(self) -> tuple[str, int]:
-        return self._ssh_socket.getsockname()[:2]
+        return self._ssh_address
 
     async def _expire_waiting(self) -> None:
         """Every few seconds, close connections that wait too long for a request head (slowloris)."""
@@ -135,13 +158,13 @@ class Agent:
         for task in (self._sweeper, self._routes_follower):
             if task is not None:
                 task.cancel()
+        self._closing = True
         if self._ssh_starting is not None:
-            await asyncio.wait({self._ssh_starting})
+            await asyncio.wait({self._ssh_starting})  # an import in a thread cannot be cancelled
         if self._ssh is not None:
-            self._ssh.close()
-        elif self._ssh_socket is not None:
-            asyncio.get_running_loop().remove_reader(self._ssh_socket.fileno())
-            self._ssh_socket.close()
+            self._ssh.close()  # and the socket it took
+        else:
+            self._close_ssh_socket()
         for session in list(self.sessions.values()):
             session.conn.close()
         if self._http is not None:
@@ -421,6 +444,14 @@ def _release_startup_memory() -> None:
         pass
 
 
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on the first address ``host`` resolves to (``""``: the wildcard)."""
+    family, _, _, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    sock = socket.create_server(address, family=family, backlog=100)
+    sock.setblocking(False)
+    return sock
+
+
 def _check_h2_codec(name: str) -> None:
     """Refuse at start an ``INTERCEPT_H2_CODEC`` (read by :mod:`intercept.routing.h2codec`, which
     loads only with the first HTTP/2 connection) that no connection could use."""
@@ -447,7 +478,13 @@ def run(config: AgentConfig, ready: Any = None) -> None:
             loop.add_signal_handler(sig, stop.set)
         if ready is not None:
             ready(agent)
-        await stop.wait()
+        waiting = {loop.create_task(stop.wait()), loop.create_task(agent.failed.wait())}
+        _, pending = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        if agent.failed.is_set():
+            await agent.close()
+            raise InterceptError(agent.failure)
         if config.shutdown_grace > 0:
             # the pod is leaving; until every node has dropped it from the endpoints, traffic still arrives
             log.warning("stopping: still serving for %gs", config.shutdown_grace)

@@ -555,7 +555,7 @@ def gc_command(ctx: click.Context, all_namespaces: bool, idle: str, dry_run: boo
 @click.argument("service", required=False)
 @_spec_options("agent_image", "service_port", "no_policy_changes", *CLUSTER)
 @click.option("-f", "--filename", "spec_file", default="intercept.yaml", show_default=True,
-              type=click.Path(dir_okay=False, path_type=Path), help="Read agent_image (and the rest) from here when it exists.")
+              type=click.Path(dir_okay=False, path_type=Path), help="Read agent_image from here when it exists (the namespace and the rest come from the flags).")
 @click.pass_context
 def doctor_command(ctx: click.Context, service: str | None, spec_file: Path, **_: Any) -> None:
     """Check what a first intercept of SERVICE needs; one line per check, with its fix.

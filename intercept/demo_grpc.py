@@ -66,7 +66,7 @@ class _VersionHandler(socketserver.BaseRequestHandler):
                 self.request.sendall(conn.data_to_send())
         except h2.exceptions.ProtocolError:  # h2 has queued the GOAWAY that names the error
             self.request.sendall(conn.data_to_send())
-        except ConnectionResetError:  # the agent went away: so does this connection
+        except OSError:  # the agent or a --keep client went away: so does this connection
             pass
 
     def _answer(self, conn: h2.connection.H2Connection, stream_id: int, headers: Metadata, body: bytearray) -> None:

@@ -142,3 +142,14 @@ def test_without_an_agent_image_or_a_service_the_default_image_fails_and_the_ser
     assert status == "failed" and "none configured" in text, text
     assert "docker build -f agent_image/Dockerfile -t ghcr.io/intercept-dev/agent:" in text, text
     assert checks["network policies"][0] == checks["protocol"][0] == "skipped"
+
+
+def test_a_namespace_that_does_not_exist_fails_the_cluster_check_and_skips_the_rest(real_cluster: RealCluster) -> None:
+    missing = f"typo-{uuid.uuid4().hex[:6]}"
+    code, checks, output = doctor(real_cluster, missing, "--agent-image", AGENT_IMAGE)
+    assert code == 12, output
+    status, text = checks["cluster"]
+    assert status == "failed" and text.endswith(
+        f" answers, but namespace {missing} does not exist; "
+        "fix: pick the namespace with -n NAMESPACE (kubectl get namespaces lists them)"), output
+    assert {status for name, (status, _) in checks.items() if name != "cluster"} == {"skipped"}, output

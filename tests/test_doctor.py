@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from e2e.cluster.pki import Authority
-from intercept.kube.doctor import NEEDED, Access, image_check, policy_check, protocol_check, rbac_check
+from intercept.kube.doctor import (NEEDED, Access, image_check, pod_security_check, policy_check, protocol_check,
+                                   rbac_check)
 from intercept.kube.inject import InjectOptions
 from intercept.kube.probe import Answers, classify, probe
 from tests.apps import App
@@ -125,3 +126,15 @@ def test_a_policy_that_admits_only_the_app_port_passes_unless_it_may_not_be_exte
     forbidden = InjectOptions(image="intercept.test/agent:1", no_policy_changes=True)
     assert "--no-policy-changes" in policy_check(objects, "web", forbidden, may_update=True).message
     assert policy_check(objects[:2], "web", forbidden, may_update=False).status == "ok"  # no policy at all
+
+
+def test_a_refusal_that_is_not_pod_security_is_not_blamed_on_the_level() -> None:
+    quota = 'pods "orders-doctor-x" is forbidden: exceeded quota: compute, requested: cpu=1, limited: cpu=0'
+    check = pod_security_check("shop", {"pod-security.kubernetes.io/enforce": "baseline"}, "Deployment/orders",
+                                      quota)
+    assert check.status == "failed" and "refused by the API server: " + quota in check.message
+    assert "meet that level" not in check.fix and "fix what the API server names" in check.fix
+    restricted = 'pods "x" is forbidden: violates PodSecurity "restricted:latest": runAsNonRoot != true'
+    check = pod_security_check("shop", {"pod-security.kubernetes.io/enforce": "restricted"}, "Deployment/orders",
+                                      restricted)
+    assert check.status == "failed" and "meet that level" in check.fix

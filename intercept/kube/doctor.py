@@ -40,7 +40,7 @@ from intercept.kube import inject
 from intercept.kube.image import how_to_provide
 from intercept.kube.inject import AGENT_HTTP_PORT, InjectOptions
 from intercept.kube.probe import Protocol, probe
-from intercept.kube.rest import AccessDenied, Cluster, ClusterError, format_selector
+from intercept.kube.rest import AccessDenied, Cluster, ClusterError, NotFound, format_selector
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +99,17 @@ NEEDED = (
 # --------------------------------------------------------------------------- the decisions
 
 
-def cluster_check(host: str, context: str | None, namespace: str, error: ClusterError | None) -> Check:
+def cluster_check(host: str, context: str | None, namespace: str, error: ClusterError | None,
+                  namespace_exists: bool = True) -> Check:
     where = f"{host}" + (f" (context {context})" if context else " (in-cluster service account)")
+    if isinstance(error, AccessDenied):  # its message ends with its own fix (log in again)
+        return Check("cluster", "failed", f"{where}: {error}")
     if error is not None:
         return Check("cluster", "failed", f"{where}: {error}",
                      "start the cluster or pick the right one (--context, --kubeconfig, KUBECONFIG)")
+    if not namespace_exists:
+        return Check("cluster", "failed", f"{where} answers, but namespace {namespace} does not exist",
+                     "pick the namespace with -n NAMESPACE (kubectl get namespaces lists them)")
     return Check("cluster", "ok", f"{where} answers; namespace {namespace}")
 
 
@@ -142,6 +148,10 @@ def pod_security_check(namespace: str, labels: dict[str, str] | None, workload: 
     said = (f"namespace {namespace} enforces Pod Security {level!r}" if level else
             f"namespace {namespace} enforces no Pod Security level" if labels is not None else
             f"namespace {namespace}'s Pod Security level is unknown (may not read the namespace)")
+    if refusal is not None and "PodSecurity" not in refusal:  # a quota, a webhook, a policy: not the level
+        return Check("pod security", "failed",
+                     f"{said}, but the pods of {workload} as injected would be refused by the API server: {refusal}",
+                     "fix what the API server names above; the agent container itself meets 'restricted'")
     if refusal is not None:
         return Check("pod security", "failed",
                      f"{said}, and the pods of {workload} as injected would be refused: {refusal}",
@@ -215,14 +225,17 @@ def run(api: ApiClient, namespace: str, context: str | None, service: str | None
         skip = "the cluster does not answer"
         return checks + [Check(name, "skipped", skip) for name in
                          ("rbac", "agent image", "pod security", "network policies", "protocol")]
-    checks.append(cluster_check(cluster.host, context, namespace, None))
+    labels, exists = _namespace_labels(cluster, namespace)
+    checks.append(cluster_check(cluster.host, context, namespace, None, exists))
+    if not exists:
+        return checks + [Check(name, "skipped", f"namespace {namespace} does not exist") for name in
+                         ("rbac", "agent image", "pod security", "network policies", "protocol")]
     checks.append(rbac_check(namespace, [a for a, ok in allowed.items() if not ok]))
 
     pods = _pods(cluster, namespace)
     checks.append(image_check(options.image, image_origin, [
         p["metadata"]["name"] for p in pods if any(c.get("image") == options.image for c in p["spec"]["containers"])]))
 
-    labels = _namespace_labels(cluster, namespace)
     if service is None:
         checks.append(pod_security_check(namespace, labels, None, None))
         return checks + [Check(name, "skipped", "name a SERVICE (intercept doctor SERVICE)")
@@ -243,8 +256,7 @@ def run(api: ApiClient, namespace: str, context: str | None, service: str | None
     checks.append(policy_check(objects, service, options, may_update))
 
     selector = format_selector(workload["spec"]["selector"])
-    ready = sorted((p for p in pods if _selected(p, workload["spec"]["selector"]) and _ready(p)),
-                   key=lambda p: p["metadata"]["name"])
+    ready = sorted((p for p in _pods(cluster, namespace, selector) if _ready(p)), key=lambda p: p["metadata"]["name"])
     if not ready:
         checks.append(Check("protocol", "failed", f"no ready pod of {target.workload} ({selector}) to probe",
                             f"check the pods: kubectl get pods -n {namespace} -l {selector}"))
@@ -277,29 +289,39 @@ def _dialer(api: ApiClient, namespace: str, pod: Obj, port: int, in_cluster: boo
     return (lambda: open_socket(api, namespace, pod["metadata"]["name"], port)), release
 
 
-def _pods(cluster: Cluster, namespace: str) -> list[Obj]:
+def _pods(cluster: Cluster, namespace: str, selector: str | None = None) -> list[Obj]:
     try:
-        return cluster.list("Pod", namespace)[0]
+        return cluster.list("Pod", namespace, label_selector=selector)[0]
     except ClusterError as error:
         log.info("cannot list the pods of %s: %s", namespace, error)
         return []
 
 
-def _namespace_labels(cluster: Cluster, namespace: str) -> dict[str, str] | None:
+def _namespace_labels(cluster: Cluster, namespace: str) -> tuple[dict[str, str] | None, bool]:
+    """The namespace's labels (None: may not read them), and whether it exists."""
     try:
-        return dict(cluster.get("Namespace", "", namespace)["metadata"].get("labels") or {})
+        return dict(cluster.get("Namespace", "", namespace)["metadata"].get("labels") or {}), True
+    except NotFound:
+        return None, False
     except ClusterError as error:
         log.info("cannot read namespace %s: %s", namespace, error)
-        return None
+        return None, True
 
 
 def _dry_run_pod(cluster: Cluster, namespace: str, workload: Obj) -> tuple[str | None, str | None]:
     """One pod of ``workload``'s template, created with dryRun=All: (the refusal, or None; why it could not be tried)."""
     template = copy.deepcopy(workload["spec"]["template"])
+    name = workload["metadata"]["name"]
+    meta = template.get("metadata") or {}
     pod = {"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"generateName": f"{workload['metadata']['name']}-doctor-", "namespace": namespace,
-                        "labels": (template.get("metadata") or {}).get("labels") or {}},
+           "metadata": {"generateName": f"{name}-doctor-", "namespace": namespace, "labels": meta.get("labels") or {},
+                        "annotations": meta.get("annotations") or {}},
            "spec": template["spec"]}
+    # a StatefulSet's controller adds a volume for each claim template: so does this pod
+    for claim in workload["spec"].get("volumeClaimTemplates") or []:
+        claim_name = claim["metadata"]["name"]
+        pod["spec"].setdefault("volumes", []).append(
+            {"name": claim_name, "persistentVolumeClaim": {"claimName": f"{claim_name}-{name}-0"}})
     try:
         cluster.create(pod, dry_run=True)
     except AccessDenied as error:
@@ -309,11 +331,6 @@ def _dry_run_pod(cluster: Cluster, namespace: str, workload: Obj) -> tuple[str |
             return error.detail or str(error), None
         return None, f"could not dry-run a pod: {error}"
     return None, None
-
-
-def _selected(pod: Obj, selector: Obj) -> bool:
-    labels = pod["metadata"].get("labels") or {}
-    return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
 
 
 def _ready(pod: Obj) -> bool:

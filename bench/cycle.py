@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from intercept.agent.proxy import ClientConnection  # noqa: E402
 from intercept.routing.match import Route, RouteTable, parse_rule  # noqa: E402
+from routes import other_routes  # noqa: E402  (bench/routes.py, beside this script)
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:41809\r\n\r\n"  # what wrk sends
 RESPONSE = (
@@ -89,15 +90,8 @@ class _Agent:
 def route_table(others: int) -> RouteTable:
     table = RouteTable()
     table.add("s0", "alice", Route(frozenset([parse_rule("header", "x-dev=alice")])))
-    for i in range(others):  # bench/routes.py's mix
-        kind = i % 3
-        if kind == 0:
-            rules = [parse_rule("header", f"x-dev=dev-{i}")] + ([parse_rule("path-prefix", "/api")] if i % 2 else [])
-        elif kind == 1:
-            rules = [parse_rule("baggage", f"dev=dev-{i}")]
-        else:
-            rules = [parse_rule("path-prefix", f"/team-{i}/")]
-        table.add(f"s{i + 1}", f"dev-{i}", Route(frozenset(rules)))
+    for i, route in enumerate(other_routes(others)):  # the mix run.py's (c100) registers
+        table.add(f"s{i + 1}", f"dev-{i}", route)
     return table
 
 

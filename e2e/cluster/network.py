@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 
 RUN_DIR = Path("/run/intercept-cluster")  # one file per live PodNetwork: its tag, holding the owner's pid
-NETNS_ETC = Path("/etc/netns")  # files that `ip netns exec NETNS` mounts over /etc (e2e.cluster.services writes them)
+NETNS_ETC = Path("/etc/netns")  # files that `ip netns exec NETNS` mounts over /etc (e2e.cluster.services writes hosts)
+RESOLV_CONF = "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"
 
 
 def orphan_guard(signal_name: str) -> list[str]:
@@ -134,11 +135,18 @@ class PodNetwork:
         _ip("-n", netns, "link", "set", "eth0", "up")
         _ip("-n", netns, "link", "set", "lo", "up")
         _ip("-n", netns, "route", "add", "default", "via", self.gateway)
+        # The pod's resolver asks its own loopback, where nothing listens: a name that is not in its
+        # hosts file (e2e.cluster.services) fails at once, as cluster DNS would answer NXDOMAIN. Without
+        # this file it would ask the host's nameserver, unreachable from here, and wait 10 s
+        # (http.server's getfqdn at bind, asyncssh's reverse lookup of a peer, ...).
+        (NETNS_ETC / netns).mkdir(parents=True, exist_ok=True)
+        (NETNS_ETC / netns / "resolv.conf").write_text(RESOLV_CONF)
         return netns, ip
 
     def remove(self, netns: str) -> None:
-        """Delete a pod's namespace (its veth goes with it) and free its address."""
+        """Delete a pod's namespace (its veth goes with it) and its files, and free its address."""
         _ip("netns", "del", netns, check=False)
+        shutil.rmtree(NETNS_ETC / netns, ignore_errors=True)
         with self._lock:
             host = self._namespaces.pop(netns, None)
             if host is not None:

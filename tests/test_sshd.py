@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import asyncssh
 import pytest
@@ -16,7 +18,7 @@ import pytest
 from intercept.credentials import Credentials
 from intercept.errors import CredentialsError
 from intercept.protocol import CONTROL_SUBSYSTEM
-from tests.conftest import INTERCEPT, start_agent, start_client
+from tests.conftest import INTERCEPT, Agent, Proc, start_agent, start_client
 from tests.netns import needs_netns, two_hosts
 
 
@@ -229,3 +231,56 @@ def test_an_ssh_server_that_cannot_start_stops_the_agent_saying_why(cluster_app,
         assert client.finish() != 0
     finally:
         client.stop()
+
+
+_DNS_RECORDER = r"""
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", 53))
+print("listening", flush=True)
+while True:
+    query, _ = s.recvfrom(512)
+    labels, i = [], 12
+    while query[i]:
+        labels.append(query[i + 1:i + 1 + query[i]].decode(errors="replace"))
+        i += 1 + query[i]
+    print("query", ".".join(labels), flush=True)
+"""
+
+
+@needs_netns
+def test_a_developer_connects_without_the_agent_asking_dns(tmp_path):
+    """A pod's DNS may be slow or broken: the SSH server looks up no name (no GSS host, no reverse lookup)."""
+    netns = f"ipd-{os.urandom(3).hex()}"
+    etc = Path("/etc/netns") / netns
+    procs = []
+    try:
+        subprocess.run(["ip", "netns", "add", netns], check=True)
+        subprocess.run(["ip", "-n", netns, "link", "set", "lo", "up"], check=True)
+        etc.mkdir(parents=True)
+        (etc / "hosts").write_text("127.0.0.1 localhost\n")  # the pod's hostname is not in it, as in many pods
+        (etc / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+        inside = ["ip", "netns", "exec", netns]
+        recorder = Proc(inside + [sys.executable, "-c", _DNS_RECORDER])
+        procs.append(recorder)
+        recorder.wait_for("^listening")
+        path = tmp_path / "creds.json"
+        path.write_text(Credentials.generate().to_json())
+        agent = Proc(inside + INTERCEPT + ["agent", "--listen", "127.0.0.1:0", "--ssh-listen", "127.0.0.1:0",
+                                           "--upstream", "127.0.0.1:18080", "--credentials", str(path)])
+        procs.append(agent)
+        ssh_port = Agent(agent, path).ssh_port
+        client = Proc(inside + INTERCEPT + ["start", "--agent", f"127.0.0.1:{ssh_port}", "--credentials", str(path),
+                                            "--port", "18081", "--header", "x-dev=dns", "--name", "dns"])
+        procs.append(client)
+        client.wait_for("^intercept: ready: ")
+        # A lookup of our own marks the end: every query the connection made came before it.
+        subprocess.run(inside + ["getent", "hosts", "end-of-connect.invalid"], capture_output=True)
+        recorder.wait_for(r"^query end-of-connect\.invalid")
+        queries = [line for line in recorder.lines if line.startswith("query ")]
+        assert queries[0] == "query end-of-connect.invalid", queries
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+        shutil.rmtree(etc, ignore_errors=True)

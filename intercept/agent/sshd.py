@@ -420,5 +420,8 @@ async def start_server(agent: Agent, sock: socket.socket, host_key: asyncssh.SSH
         x11_forwarding=False,
         allow_scp=False,
         line_editor=False,
+        # No GSS (Kerberos): asyncssh would otherwise call getfqdn() for it on every authentication,
+        # a DNS lookup that a pod with slow DNS makes each developer wait on (5 s a try).
+        gss_host=None,
     )
 

@@ -275,7 +275,8 @@ def test_a_developer_connects_without_the_agent_asking_dns(tmp_path):
         procs.append(client)
         client.wait_for("^intercept: ready: ")
         # A lookup of our own marks the end: every query the connection made came before it.
-        subprocess.run(inside + ["getent", "hosts", "end-of-connect.invalid"], capture_output=True)
+        marker = Proc(inside + ["getent", "hosts", "end-of-connect.invalid"])  # waits on the silent server:
+        procs.append(marker)  # stopped once its query is seen
         recorder.wait_for(r"^query end-of-connect\.invalid")
         queries = [line for line in recorder.lines if line.startswith("query ")]
         assert queries[0] == "query end-of-connect.invalid", queries

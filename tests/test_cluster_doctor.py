@@ -153,3 +153,22 @@ def test_a_namespace_that_does_not_exist_fails_the_cluster_check_and_skips_the_r
         f" answers, but namespace {missing} does not exist; "
         "fix: pick the namespace with -n NAMESPACE (kubectl get namespaces lists them)"), output
     assert {status for name, (status, _) in checks.items() if name != "cluster"} == {"skipped"}, output
+
+
+def test_a_service_port_nothing_listens_on_fails_protocol_with_the_kubelets_connection_refused(
+    real_cluster: RealCluster, namespace_of
+) -> None:
+    ns = namespace_of("deaf")
+    workload, service, _ = app("deaf", 1)
+    workload["spec"]["template"]["spec"]["containers"][0]["ports"].append({"containerPort": 9999, "name": "admin"})
+    service["spec"]["ports"][0]["targetPort"] = "admin"  # declared, but the app listens on 8080 only
+    deploy(real_cluster, ns, [workload, service])
+    real_cluster.wait_ready(ns, "deaf", 1)  # ready: its readiness probe asks 8080
+
+    code, checks, output = doctor(real_cluster, ns, "deaf", "--agent-image", AGENT_IMAGE)
+    assert code == 12, output
+    status, text = checks["protocol"]
+    assert status == "failed", output
+    assert re.match(r"could not probe pod deaf-\S+ port 9999 \(container app, probed through a port-forward\): "
+                    r".*connection refused; fix: check that the pod runs and its app listens on that port$", text), text
+    assert [name for name, (s, _) in checks.items() if s != "ok"] == ["protocol"], output

@@ -210,9 +210,9 @@ def _allowing(options: InjectOptions) -> InjectOptions:
 
 
 def run(api: ApiClient, namespace: str, context: str | None, service: str | None, options: InjectOptions,
-        image_origin: str | None, *, in_cluster: bool = False, dial: Dial | None = None) -> list[Check]:
-    """Every check, in order. ``dial(pod, port)``: how to open and close a connection to a
-    pod's port (default: through the port-forward, or to the pod IP ``in_cluster``)."""
+        image_origin: str | None, *, in_cluster: bool = False) -> list[Check]:
+    """Every check, in order. A pod's port is probed through a port-forward, or at the pod's IP
+    ``in_cluster``."""
     from intercept.kube.apply import _read_namespace
 
     cluster = Cluster(api)
@@ -264,29 +264,30 @@ def run(api: ApiClient, namespace: str, context: str | None, service: str | None
     pod = ready[0]
     where = (f"pod {pod['metadata']['name']} port {target.container_port} (container {target.container}, "
              f"probed through {'its IP' if in_cluster else 'a port-forward'})")
-    connect, close = dial(pod, target.container_port) if dial else _dialer(api, namespace, pod, target.container_port,
-                                                                           in_cluster)
+    connect, close, refusals = _dialer(api, namespace, pod, target.container_port, in_cluster)
     try:
         verdict = probe(connect, service, close)
     except (OSError, InterceptError) as error:
         checks.append(protocol_check(where, None, str(error)))
         return checks
-    checks.append(protocol_check(where, verdict))
+    if not verdict.speaks and refusals:  # nothing answered: the kubelet says why (nothing listens, mostly)
+        checks.append(protocol_check(where, None, refusals[0]))
+    else:
+        checks.append(protocol_check(where, verdict))
     return checks
 
 
-Dial = Callable[[Obj, int], tuple[Callable[[], socket.socket], Callable[[socket.socket], None]]]
-
-
 def _dialer(api: ApiClient, namespace: str, pod: Obj, port: int, in_cluster: bool
-            ) -> tuple[Callable[[], socket.socket], Callable[[socket.socket], None]]:
-    """How to open (and close) a connection to the pod's port: its IP from inside the cluster, else a port-forward."""
-    if in_cluster:
+            ) -> tuple[Callable[[], socket.socket], Callable[[socket.socket], None], list[str]]:
+    """How to open and close a connection to the pod's port (its IP from inside the cluster, else a
+    port-forward), and where a port-forward's failures to reach the port are kept."""
+    if in_cluster:  # a refused connection raises at once
         ip = pod["status"]["podIP"]
-        return (lambda: socket.create_connection((ip, port), timeout=10)), socket.socket.close
-    from intercept.kube.portforward import open_socket, release
+        return (lambda: socket.create_connection((ip, port), timeout=10)), socket.socket.close, []
+    from intercept.kube.portforward import PodPort
 
-    return (lambda: open_socket(api, namespace, pod["metadata"]["name"], port)), release
+    forwards = PodPort(api, namespace, pod["metadata"]["name"], port)
+    return forwards.connect, forwards.close, forwards.errors
 
 
 def _pods(cluster: Cluster, namespace: str, selector: str | None = None) -> list[Obj]:

@@ -161,16 +161,33 @@ class PortForwardTransport:
             _release_in_thread(kept)
 
 
-def open_socket(api: ApiClient, namespace: str, pod: str, port: int) -> socket.socket:
-    """A blocking socket to ``port`` of pod ``namespace/pod`` through the port-forward, for a short
-    exchange (the doctor's probes); close it with :func:`release`. Refusals raise
+class PodPort:
+    """Blocking sockets to one port of a pod through port-forwards, for short exchanges (the
+    doctor's probes): one forward per :meth:`connect`, let go by :meth:`close`, which keeps
+    what the kubelet said of it in :attr:`errors` (``connect: connection refused`` when nothing
+    listens on the port). Refusals of the forward itself raise
     :class:`~intercept.errors.AgentUnreachable`, as for :class:`PortForwardTransport`."""
-    forward = PortForwardTransport(api, namespace, pod, port)._open()
-    wrapped = forward.socket(port)
-    sock = socket.socket(fileno=os.dup(wrapped.fileno()))
-    wrapped.close()
-    sock.setblocking(True)
-    return sock
+
+    def __init__(self, api: ApiClient, namespace: str, pod: str, port: int) -> None:
+        self.transport = PortForwardTransport(api, namespace, pod, port)
+        self.errors: list[str] = []
+        self._forwards: dict[int, PortForward] = {}  # by the socket's file descriptor
+
+    def connect(self) -> socket.socket:
+        forward = self.transport._open()
+        wrapped = forward.socket(self.transport.port)
+        sock = socket.socket(fileno=os.dup(wrapped.fileno()))
+        wrapped.close()
+        sock.setblocking(True)
+        self._forwards[sock.fileno()] = forward
+        return sock
+
+    def close(self, sock: socket.socket) -> None:
+        forward = self._forwards.pop(sock.fileno(), None)
+        _release(sock)  # half-close, drain until the relay lets go (its error is recorded by then), close
+        error = _forward_error(forward, self.transport.port) if forward is not None else None
+        if error:
+            self.errors.append(_gist(error))
 
 
 def _ends(forward: PortForward, port: int) -> tuple[socket.socket, socket.socket]:
@@ -229,6 +246,4 @@ def _gist(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-release = _release  # half-close, drain until the relay lets go, close (blocking)
-
-__all__ = ["PortForwardTransport", "open_socket", "release"]
+__all__ = ["PodPort", "PortForwardTransport"]

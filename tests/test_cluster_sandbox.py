@@ -145,6 +145,9 @@ def test_a_sandbox_of_two_services_serves_its_key_along_the_call_chain_until_it_
     created = intercept("sandbox", "create", "pr-7", "--fork", "front", "--fork", "back", "--image",
                         "intercept.test/sample-v2:1", "--agent-image", AGENT_IMAGE, *where(real_cluster, ns), timeout=WAIT * 3)
     assert created.returncode == 0, created.stdout + created.stderr
+    # The injections replaced front's and back's pods: calls through the Services work again once the
+    # ClusterIPs follow the new endpoints (kube-proxy's lag; the old pods exit at once on SIGTERM).
+    wait_until(lambda: _answers(real_cluster, ns, "front"), "front calling back through its Service again", WAIT)
     for key in ({"x-intercept-id": "pr-7"}, {"baggage": "team=shop,intercept-id=pr-7"}):
         served, downstream = call(real_cluster, ns, "front", key)
         assert served.startswith("v2/front-sbx-pr-7-") and downstream.startswith("v2/back-sbx-pr-7-"), (key, served, downstream)

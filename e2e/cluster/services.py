@@ -16,7 +16,8 @@ agent can reach a sandbox's fork at ``NAME.NS.svc.cluster.local``.
   it through their default route; the host (the tests) reaches it directly. The addresses
   go with the bridge.
 
-Services and EndpointSlices are read every :data:`POLL` seconds.
+Services and EndpointSlices are read every :data:`POLL` seconds: a connection made within that
+lag of a rollout can still be sent to a pod that is gone, as with a real kube-proxy.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from e2e.cluster.api import API
 
 log = logging.getLogger(__name__)
 
-POLL = 0.5
+POLL = 0.2  # kube-proxy's lag behind the endpoints: calls right after a rollout may still meet an old pod
 NETNS_ETC = Path("/etc/netns")
 DOMAIN = "cluster.local"
 LOCALHOST = "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"

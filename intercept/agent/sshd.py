@@ -55,6 +55,7 @@ from intercept.protocol import (
     BadRequest,
     Refusal,
 )
+from intercept.sshwrite import CoalescingTunnel
 
 if TYPE_CHECKING:
     from intercept.agent.agent import Agent
@@ -408,9 +409,12 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
 
 async def start_server(agent: Agent, sock: socket.socket, host_key: asyncssh.SSHKey) -> asyncssh.SSHAcceptor:
     """Serve developers' SSH sessions on ``sock``, a bound and listening socket."""
+    host, port = sock.getsockname()[:2]  # only named in asyncssh's log: the socket is listening already
     return await asyncssh.create_server(
         lambda: DeveloperSession(agent),
-        sock=sock,
+        host,
+        port,
+        tunnel=CoalescingTunnel(sock=sock),  # one write(2) per SSH packet (intercept.sshwrite)
         server_host_keys=[host_key],
         encryption_algs=ENCRYPTION_ALGS,
         keepalive_interval=KEEPALIVE_INTERVAL,

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import asyncssh
 
 from intercept.errors import AgentUnreachable
+from intercept.sshwrite import CoalescingTunnel
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,10 @@ class DirectTransport:
 
     async def connect(self, **ssh_options: Any) -> asyncssh.SSHClientConnection:
         try:
-            return await asyncssh.connect(self.host, self.port, connect_timeout=self.timeout, **ssh_options)
+            # asyncssh dials through the tunnel as it would itself, with one write(2) per SSH packet
+            return await asyncssh.connect(
+                self.host, self.port, connect_timeout=self.timeout, tunnel=CoalescingTunnel(), **ssh_options
+            )
         except (OSError, asyncio.TimeoutError) as e:
             reason = getattr(e, "strerror", None) or str(e) or "timed out"
             raise AgentUnreachable(

@@ -41,6 +41,7 @@ from kubernetes.stream import portforward
 from kubernetes.stream.ws_client import PortForward
 
 from intercept.errors import AgentUnreachable
+from intercept.sshwrite import CoalescingTunnel
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ class PortForwardTransport:
         ours, kept = _ends(forward, self.port)
         try:
             # The host only names the peer (a socketpair has no address); nothing resolves it.
-            conn = await asyncssh.connect(self.pod, self.port, sock=ours, connect_timeout=self.timeout, **ssh_options)
+            conn = await asyncssh.connect(self.pod, self.port, tunnel=CoalescingTunnel(sock=ours),
+                                          connect_timeout=self.timeout, **ssh_options)
         except (asyncssh.HostKeyNotVerifiable, asyncssh.PermissionDenied):
             ours.close()
             await asyncio.to_thread(_release, kept)

@@ -670,6 +670,11 @@ class ClientConnection(asyncio.Protocol):
 
     def release(self, link: Link) -> None:
         """Close ``link`` now if it is idle, else once the current response is complete."""
+        if self.connecting is not None and link not in self._links():
+            # just opened for the request this connection holds, not handed to it yet: it carries
+            # that request, and the response's end closes it (no longer reusable); closed now,
+            # the request would be lost on a channel nobody answers
+            return
         busy = link is self.link and (
             self.mode in (_BODY, _TUNNEL) or (self.mode is _AWAIT and not self.resp_done)
         )

@@ -139,15 +139,21 @@ class LocalDoor:
                     asyncssh.OPEN_CONNECT_FAILED, f"{self.name}'s process is still restarting"
                 ) from None
         bridge = _Bridge(self)
+        # Counted from now, not once connected: a restart that begins while this connects to the
+        # process waits for its request too, instead of stopping the process under it.
+        self._bridges.add(bridge)
+        self._empty.clear()
         try:
             await asyncio.get_running_loop().create_connection(lambda: _LocalSide(bridge), self.host, self.port)
         except OSError:
+            self._closed(bridge)
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_CONNECT_FAILED,
                 f"{self.name}'s process does not accept connections on localhost:{self.port}",
             ) from None
-        self._bridges.add(bridge)
-        self._empty.clear()
+        except BaseException:  # cancelled
+            self._closed(bridge)
+            raise
         return bridge
 
     def _closed(self, bridge: _Bridge) -> None:

@@ -138,7 +138,7 @@ class PodNetwork:
         # The pod's resolver asks its own loopback, where nothing listens: a name that is not in its
         # hosts file (e2e.cluster.services) fails at once, as cluster DNS would answer NXDOMAIN. Without
         # this file it would ask the host's nameserver, unreachable from here, and wait 10 s
-        # (http.server's getfqdn at bind, asyncssh's reverse lookup of a peer, ...).
+        # (http.server's getfqdn() at bind, asyncssh's getfqdn() for GSS at each login, ...).
         (NETNS_ETC / netns).mkdir(parents=True, exist_ok=True)
         (NETNS_ETC / netns / "resolv.conf").write_text(RESOLV_CONF)
         return netns, ip

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import shutil
 import socket
 import subprocess
 import threading
@@ -128,9 +127,7 @@ class ServiceNetwork:
             for relay in self._relays.values():
                 relay.close()
             self._relays.clear()
-            for netns in list(self._pods):
-                shutil.rmtree(NETNS_ETC / netns, ignore_errors=True)
-            self._pods.clear()
+            self._pods.clear()  # their /etc/netns directories go with their namespaces (e2e.cluster.network)
 
     def pod_added(self, netns: str, namespace: str) -> None:
         """Give a new pod namespace its hosts file (before its processes start)."""
@@ -139,9 +136,9 @@ class ServiceNetwork:
             self._write_hosts(netns, namespace)
 
     def pod_removed(self, netns: str) -> None:
+        """Stop writing the pod's hosts file; the network removes its directory with its namespace."""
         with self._lock:
             self._pods.pop(netns, None)
-        shutil.rmtree(NETNS_ETC / netns, ignore_errors=True)
 
     # ------------------------------------------------------------------ keeping up
 

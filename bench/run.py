@@ -588,13 +588,17 @@ def main() -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def big_file(tmp: Path, mb: int) -> Path:
+    """The apps' ``/big`` body, ``mb`` MiB, written so that every row reads it from the page cache."""
+    big = tmp / "big.bin"
+    with open(big, "wb") as f:
+        f.writelines(bytes(range(256)) * 4096 for _ in range(mb))
+    return big
+
+
 def run(procs: Procs, args: argparse.Namespace, warmup: float) -> int:
     tmp = procs.tmp
-    big = tmp / "big.bin"
-    with open(big, "wb") as f:  # written, so that every row reads it from the page cache
-        block = bytes(range(256)) * 4096
-        for _ in range(args.body_mb):
-            f.write(block)
+    big = big_file(tmp, args.body_mb)
 
     up_port, local_port, router_port, haproxy_port = free_port(), free_port(), free_port(), free_port()
     procs.app("upstream", up_port, big)

@@ -50,7 +50,8 @@ def accept_each(sock: socket.socket, handle, *, threaded: bool = True) -> None:
 class App:
     def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0) -> None:
         self.name = name
-        self.sock = socket.create_server((host, port), backlog=512, reuse_port=False)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # "::1": a process on IPv6 localhost
+        self.sock = socket.create_server((host, port), family=family, backlog=512, reuse_port=False)
         self.port = self.sock.getsockname()[1]
         self.hits = 0
         self.seen: list[str] = []  # "METHOD target" of every request, in order

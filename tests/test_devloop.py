@@ -297,3 +297,23 @@ def test_a_start_whose_port_is_taken_names_the_process_holding_it(agent, tmp_pat
         assert proc.finish() == 8
     assert f"localhost:{port} is already in use by pid {os.getpid()} (" in proc.output
     assert f"kill {os.getpid()}" in proc.output
+
+
+def test_a_start_whose_port_is_taken_on_ipv6_localhost_names_the_process_holding_it(agent, tmp_path, clients):
+    import os
+
+    try:
+        holder = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    # the command listens where Node's and Vite's "localhost" is on many systems
+    serve6 = SERVE.replace("http.server.HTTPServer(('127.0.0.1'", "http.server.HTTPServer.address_family = socket.AF_INET6; "
+                                                                 "http.server.HTTPServer(('::1'").replace("import ", "import socket, ", 1)
+    with holder:
+        port = holder.getsockname()[1]
+        proc = Proc(INTERCEPT + ["start", "--agent", agent.ssh, "--credentials", str(agent.credentials), "--port", str(port),
+                                 "--header", "x-dev=taken6", "--no-watch", "--", sys.executable, "-c", serve6, str(port)],
+                    cwd=str(tmp_path))
+        clients.append(proc)
+        assert proc.finish() == 8
+    assert f"localhost:{port} is already in use by pid {os.getpid()} (" in proc.output

@@ -161,6 +161,21 @@ def test_matched_request_is_held_until_the_process_accepts(agent, clients):
         late.close()
 
 
+def test_a_process_listening_on_localhost_over_ipv6_gets_its_requests(agent, clients):
+    # Node's and Vite's "localhost" is ::1 on many systems: such a process is on localhost:PORT too
+    try:
+        local = App("local6", host="::1")
+    except OSError as e:
+        pytest.skip(f"no IPv6 loopback here: {e}")
+    try:
+        clients.append(start_client(agent, local.port, "--header", "x-dev=vera", "--name", "vera"))
+        status, headers, _ = agent.request(headers={"x-dev": "vera"})
+        assert (status, headers.get("X-App")) == (200, "local6")
+        assert agent.app_of() == "cluster"
+    finally:
+        local.close()
+
+
 def test_matched_request_whose_process_never_accepts_gets_502_naming_the_developer(cluster_app, tmp_path, clients):
 
     agent = start_agent(tmp_path, cluster_app.port, "--hold-timeout", "0.3")

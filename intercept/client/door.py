@@ -12,10 +12,33 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import asyncssh
 
 log = logging.getLogger(__name__)
+
+LOOPBACKS = ("127.0.0.1", "::1")
+
+
+def local_addresses(host: str) -> tuple[str, ...]:
+    """Where ``host`` is dialled: localhost is both loopbacks, IPv4's first. A process that
+    listens on either is on localhost:PORT (Node's and Vite's ``localhost`` is ``::1`` on
+    many systems, as is ``curl localhost``'s first try)."""
+    return LOOPBACKS if host in ("127.0.0.1", "localhost") else (host,)
+
+
+async def connect_local(factory: Callable[[], asyncio.BaseProtocol], host: str, port: int) -> tuple[asyncio.BaseTransport, asyncio.BaseProtocol]:
+    """A TCP connection to ``host:port`` (each of :func:`local_addresses` in turn); raises
+    the last address's :class:`OSError` when none accepts."""
+    loop = asyncio.get_running_loop()
+    *first, last = local_addresses(host)
+    for address in first:
+        try:
+            return await loop.create_connection(factory, address, port)
+        except OSError:  # refused on this loopback: the process may listen on the other
+            pass
+    return await loop.create_connection(factory, last, port)
 
 
 class _Bridge(asyncssh.SSHTCPSession[bytes]):
@@ -144,7 +167,7 @@ class LocalDoor:
         self._bridges.add(bridge)
         self._empty.clear()
         try:
-            await asyncio.get_running_loop().create_connection(lambda: _LocalSide(bridge), self.host, self.port)
+            await connect_local(lambda: _LocalSide(bridge), self.host, self.port)
         except OSError:
             self._closed(bridge)
             raise asyncssh.ChannelOpenError(

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import watchfiles
 
+from intercept.client.door import connect_local
 from intercept.errors import CommandFailed, UsageError
 
 log = logging.getLogger(__name__)
@@ -130,10 +131,10 @@ async def refuse_taken_port(host: str, port: int) -> None:
     """Raise :class:`CommandFailed` naming the holder when something already accepts on
     ``host:port``: COMMAND could not listen there, and requests would reach the other."""
     try:
-        _, writer = await asyncio.open_connection(host, port)
+        transport, _ = await connect_local(asyncio.Protocol, host, port)
     except OSError:
         return
-    writer.close()
+    transport.close()
     holder = await asyncio.to_thread(port_holder, port)
     if holder is None:
         raise CommandFailed(f"localhost:{port} is already in use by another process; stop it, or choose another --port")
@@ -276,10 +277,10 @@ async def accepting(host: str, port: int, timeout: float, alive: Callable[[], bo
     deadline = loop.time() + timeout
     while alive() and loop.time() < deadline:
         try:
-            _, writer = await asyncio.open_connection(host, port)
+            transport, _ = await connect_local(asyncio.Protocol, host, port)
         except OSError:
             await asyncio.sleep(0.02)  # polling a port that is not open yet
             continue
-        writer.close()
+        transport.close()
         return True
     return False

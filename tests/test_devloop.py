@@ -159,6 +159,19 @@ def test_unwatched_command_exit_ends_the_intercept(agent, tmp_path, clients):
     assert proc.finish() == 3
 
 
+def test_a_command_killed_by_a_signal_ends_the_intercept_with_the_shells_status(agent, tmp_path, clients):
+    # as a shell reports it (128 + the signal), so that `intercept start -- COMMAND; echo $?` reads alike
+    (tmp_path / "app.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = Proc(
+        INTERCEPT + ["start", "--agent", agent.ssh, "--credentials", str(agent.credentials), "--port", "1",
+                     "--header", "x-dev=killed", "--no-watch", "--", sys.executable, "app.py"],
+        cwd=str(tmp_path),
+    )
+    clients.append(proc)
+    assert proc.finish() == 128 + signal.SIGKILL
+    assert f"exited with status {128 + signal.SIGKILL} (killed by SIGKILL)" in proc.output
+
+
 def dap_initialize(port: int) -> dict:
     """A Debug Adapter Protocol ``initialize`` request; the adapter's response."""
     body = json.dumps({"seq": 1, "type": "request", "command": "initialize",

@@ -231,6 +231,23 @@ def dotenv(env: Mapping[str, str]) -> str:
     return "".join(f"{key}={quote(value)}\n" for key, value in sorted(env.items()))
 
 
+def exit_status(returncode: int) -> int:
+    """A process's exit status as a shell reports it: ``128 + N`` when signal N ended it
+    (asyncio's ``returncode`` is ``-N`` then; ``sys.exit(-N)`` would exit ``256 - N``)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def describe_exit(returncode: int) -> str:
+    """``exited with status 137 (killed by SIGKILL)``, or ``exited with status 3``."""
+    text = f"exited with status {exit_status(returncode)}"
+    if returncode < 0:
+        try:
+            text += f" (killed by {signal.Signals(-returncode).name})"
+        except ValueError:
+            text += f" (killed by signal {-returncode})"
+    return text
+
+
 class Supervisor:
     """Runs a :class:`LocalCommand` and restarts it on demand; tells when it exits by itself."""
 

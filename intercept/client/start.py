@@ -24,7 +24,7 @@ from intercept.client.door import LocalDoor
 from intercept.client.files import MountRequest, PodFiles, bring, keep_live
 from intercept.client.fleet import Fleet, Replica, fixed
 from intercept.client.outbound import OutboundProxy, SSHDialer, TCPForward, propagation, proxy_env
-from intercept.client.runner import LocalCommand, Supervisor, accepting, dotenv, refuse_taken_port, watch
+from intercept.client.runner import LocalCommand, Supervisor, accepting, describe_exit, dotenv, exit_status, refuse_taken_port, watch
 from intercept.client.session import AgentSession, InterceptOptions
 from intercept.events import Event
 from intercept.errors import FenceRefused, InterceptError
@@ -102,7 +102,8 @@ async def start(
         replicas = fixed([Replica(options.transport.describe(), options.transport)])
     else:
         fleet = Fleet(options, fleet_report, door=door, leave_grace=LEAVE_GRACE, hurry=hurry)
-    exited: asyncio.Future[int] = loop.create_future()
+    exited: asyncio.Future[int] = loop.create_future()  # COMMAND's exit status, as a shell reports it
+    exited_as: list[str] = []  # and in words
     supervisor: Supervisor | None = None
     reloading: asyncio.Future[None] | None = None
     intercepting: asyncio.Future[None] | None = None
@@ -133,11 +134,12 @@ async def start(
             remounting = asyncio.ensure_future(keep_live(pod_files, fleet.connection, stop, report))
         if command.argv:
 
-            def on_exit(code: int) -> None:
+            def on_exit(returncode: int) -> None:
                 if command.watch:
-                    report(Event("exited", f"{command.argv[0]} exited with status {code}; save a change to restart it"))
+                    report(Event("exited", f"{command.argv[0]} {describe_exit(returncode)}; save a change to restart it"))
                 elif not exited.done():
-                    exited.set_result(code)
+                    exited_as.append(describe_exit(returncode))
+                    exited.set_result(exit_status(returncode))
 
             pod = {**await fleet.pod_environment(), **session_variables(options)}
             if pod_files is not None:
@@ -177,7 +179,7 @@ async def start(
                 report(event)
         await asyncio.wait([intercepting, exited], return_when=asyncio.FIRST_COMPLETED)
         if exited.done():
-            report(Event("exited", f"{command.argv[0]} exited with status {exited.result()}"))
+            report(Event("exited", f"{command.argv[0]} {exited_as[0]}"))
             stop.set()
             await intercepting
             return exited.result()

@@ -10,7 +10,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -121,7 +121,37 @@ def _setup_logging(verbose: int) -> None:
         logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The ``intercept`` group: what click itself refuses (an unknown option or command, a
+    missing or unparsable value, a file it cannot open) is one line ``intercept: error:
+    ...; see intercept COMMAND --help``, exit 2, like every other error."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.ClickException as e:
+            _refused_by_click(e)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as e:
+            _refused_by_click(e)
+
+
+def _refused_by_click(error: click.ClickException) -> NoReturn:
+    if isinstance(error, click.exceptions.NoArgsIsHelpError):  # a group alone: its help, as click shows it
+        raise error
+    message = " ".join(error.format_message().split()).rstrip(".")
+    if message[:1].isupper() and message[1:2].islower():
+        message = message[0].lower() + message[1:]
+    ctx = getattr(error, "ctx", None)
+    where = ctx.command_path if ctx is not None else "intercept"
+    click.echo(f"intercept: error: {message}; see {where} --help", err=True)
+    sys.exit(UsageError.exit_code)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="intercept")
 @click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
 def main(verbose: int) -> None:

@@ -441,6 +441,27 @@ def test_a_bad_flag_names_the_flag_and_the_fix():
     assert str(caught.value).endswith("; write orders")
 
 
+@pytest.mark.parametrize(("argv", "named"), [
+    (["start", "--bogus"], "'--bogus'"),
+    (["start", "-o", "xml"], "'xml'"),
+    (["agent", "--credentials", "c.json"], "'--upstream'"),
+    (["agent", "--upstream", "127.0.0.1:1", "--credentials", "c.json", "--hold-timeout", "soon"], "'soon'"),
+    (["bogus"], "'bogus'"),
+    (["inject", "orders", "-f", "/nonexistent/manifests.yaml"], "/nonexistent/manifests.yaml"),
+])
+def test_a_command_line_the_parser_refuses_is_one_error_line_with_the_fix(argv, named, tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "intercept", *argv], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert line.startswith("intercept: error: ") and named in line
+    command = "" if argv[0] == "bogus" else f" {argv[0]}"
+    assert line.endswith(f"intercept{command} --help")  # "python -m intercept ..." when run so
+
+
 def test_an_unknown_flag_key_is_a_bug_not_a_user_error():
     with pytest.raises(ValueError, match="unknown option key 'local_port'"):
         merge(None, {}, {"local_port": 8080})

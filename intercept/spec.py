@@ -417,7 +417,7 @@ OPTIONS: tuple[Option, ...] = (
            "Route requests whose W3C `baggage` has member KEY with value VALUE.",
            "dev=alice", _rule("baggage"), default_doc="none"),
     Option("path_prefix", "--path-prefix", "/PREFIX", None,
-           "Route requests whose path starts with PREFIX (a plain string prefix of the raw path).",
+           "Route requests whose path starts with PREFIX (a plain string prefix of the normalized path: /%61pi is /api, /api/../x is /x; the query is not part of it).",
            "/api", _rule("path-prefix"), default_doc="none"),
     Option("all", "--all", "boolean", False,
            "Route every request; only while nobody else holds a route, and not with other rules.",

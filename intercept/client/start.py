@@ -102,8 +102,7 @@ async def start(
         replicas = fixed([Replica(options.transport.describe(), options.transport)])
     else:
         fleet = Fleet(options, fleet_report, door=door, leave_grace=LEAVE_GRACE, hurry=hurry)
-    exited: asyncio.Future[int] = loop.create_future()  # COMMAND's exit status, as a shell reports it
-    exited_as: list[str] = []  # and in words
+    exited: asyncio.Future[int] = loop.create_future()  # COMMAND's returncode (-N: killed by signal N)
     supervisor: Supervisor | None = None
     reloading: asyncio.Future[None] | None = None
     intercepting: asyncio.Future[None] | None = None
@@ -138,8 +137,7 @@ async def start(
                 if command.watch:
                     report(Event("exited", f"{command.argv[0]} {describe_exit(returncode)}; save a change to restart it"))
                 elif not exited.done():
-                    exited_as.append(describe_exit(returncode))
-                    exited.set_result(exit_status(returncode))
+                    exited.set_result(returncode)
 
             pod = {**await fleet.pod_environment(), **session_variables(options)}
             if pod_files is not None:
@@ -179,10 +177,10 @@ async def start(
                 report(event)
         await asyncio.wait([intercepting, exited], return_when=asyncio.FIRST_COMPLETED)
         if exited.done():
-            report(Event("exited", f"{command.argv[0]} {exited_as[0]}"))
+            report(Event("exited", f"{command.argv[0]} {describe_exit(exited.result())}"))
             stop.set()
             await intercepting
-            return exited.result()
+            return exit_status(exited.result())
         intercepting.result()  # raise the intercept's error, if any
         return 0
     finally:

@@ -137,6 +137,15 @@ def test_an_upgrade_with_a_body_is_refused(upgrade, fields):
     assert parse_request_head(b"POST / HTTP/1.1\r\nHost: x\r\n" + upgrade + b"Content-Length: 0\r\n\r\n").upgrade
 
 
+def test_curls_h2c_upgrade_with_a_body_is_refused_with_the_flag_that_works():
+    # curl --http2 -d ... offers Upgrade: h2c on a POST: refused like any upgrade with a
+    # body, and the reason names what to send instead
+    with pytest.raises(ProtocolError) as e:
+        parse_request_head(b"POST / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+                           b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\nContent-Length: 3\r\n\r\n")
+    assert e.value.status == 400 and "smuggling" in e.value.reason and "--http2-prior-knowledge" in e.value.reason
+
+
 def test_a_head_with_a_bare_lf_is_refused_before_it_completes():
     with pytest.raises(ProtocolError) as e:
         parse_request_head(b"GET / HTTP/1.1\nHost: x\n")

@@ -345,6 +345,9 @@ def _request_framing(method: bytes, minor: int, fields: dict[bytes, list[bytes]]
     # as a body the app could read as the next request.
     upgrade = method == b"CONNECT" or connection_upgrade or get(b"upgrade") is not None
     if upgrade and framing is not Framing.NONE:
+        if method != b"CONNECT" and b"h2c" in _tokens(get(b"upgrade") or []):  # curl --http2 -d ...
+            raise ProtocolError(400, "an Upgrade: h2c request with a body is refused (request smuggling shape); "
+                                     "send it over HTTP/2 with prior knowledge (curl --http2-prior-knowledge) or as plain HTTP/1.1")
         raise ProtocolError(
             400,
             f"{'CONNECT' if method == b'CONNECT' else 'an Upgrade request'} with a body is refused "

@@ -161,6 +161,31 @@ def test_matched_request_is_held_until_the_process_accepts(agent, clients):
         late.close()
 
 
+def test_a_held_request_whose_developer_leaves_goes_to_the_app_on_its_connections_own_upstream(agent, cluster_app, clients):
+    # A keep-alive connection reached the app once; its next request waits for a developer
+    # whose process does not accept yet, and the developer leaves meanwhile: the request
+    # goes to the app over the connection it already had, not over a second one that
+    # would leave the first open and idle.
+    client = start_client(agent, free_port(), "--header", "x-dev=pia", "--name", "pia")
+    clients.append(client)
+    conn = http.client.HTTPConnection("127.0.0.1", agent.http_port, timeout=30)
+    try:
+        conn.request("GET", "/first")
+        first = conn.getresponse()
+        first.read()
+        assert first.getheader("X-App") == "cluster"
+        before = cluster_app.connections
+        seen = len(agent.proc.lines)
+        conn.request("GET", "/held", headers={"x-dev": "pia"})
+        agent.proc.wait_for(r"holding a request for pia", start=seen)
+        client.signal(signal.SIGTERM)
+        held = conn.getresponse()
+        assert held.getheader("X-App") == "cluster" and echo(held.read())["target"] == "/held"
+        assert cluster_app.connections == before
+    finally:
+        conn.close()
+
+
 def test_a_process_listening_on_localhost_over_ipv6_gets_its_requests(agent, clients):
     # Node's and Vite's "localhost" is ::1 on many systems: such a process is on localhost:PORT too
     try:

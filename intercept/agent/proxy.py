@@ -356,11 +356,7 @@ class ClientConnection(asyncio.Protocol):
                     return
                 routes = self.dest.routes
                 route = routes.match(head.method, head.target, head.fields(routes.names)) if routes.held else None
-                link = self.upstream if route is None else self.developers.get(route.session_id)
-                if link is not None and not link.reusable:
-                    self._forget(link)
-                    link.close()
-                    link = None
+                link = self._current_link(route)
                 if link is None:
                     self.mode = _CONNECTING
                     self._pause("connecting")
@@ -478,6 +474,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def _connect(self, route: RegisteredRoute | None, head: RequestHead | None) -> None:
         """Reach the destination of a request (or of a non-HTTP stream when ``head`` is None)."""
+        reused = False
         while True:
             try:
                 if route is None:
@@ -487,6 +484,10 @@ class ClientConnection(asyncio.Protocol):
                 break
             except RouteGone:
                 route = self.dest.routes.match(head.method, head.target, head.headers)
+                link = self._current_link(route)
+                if link is not None:  # the link this connection has to the app (or to the new holder)
+                    reused = True
+                    break
             except Unavailable as e:
                 self.connecting = None
                 if head is None:
@@ -499,7 +500,7 @@ class ClientConnection(asyncio.Protocol):
         if self.mode is _CLOSED:
             link.close()
             return
-        self.link_used = getattr(link, "pooled", False)
+        self.link_used = reused or getattr(link, "pooled", False)  # a channel is never pooled
         data, self.pending = self.pending, b""
         self._resume("connecting")
         if head is None:
@@ -509,6 +510,16 @@ class ClientConnection(asyncio.Protocol):
         pos = self._send_head(link, data, 0)
         if pos < len(data) and self.mode is not _CLOSED:
             self._consume(data[pos:])
+
+    def _current_link(self, route: RegisteredRoute | None) -> Link | None:
+        """The link this connection already has to the destination of ``route`` (None: the
+        app), when it can carry another request; one that cannot is closed."""
+        link = self.upstream if route is None else self.developers.get(route.session_id)
+        if link is not None and not link.reusable:
+            self._forget(link)
+            link.close()
+            link = None
+        return link
 
     def _established(self) -> None:
         """No longer fresh: this connection no longer counts against ``max_connections``."""

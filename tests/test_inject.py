@@ -520,6 +520,15 @@ def test_agent_volume_name_avoids_the_pod_volumes_and_restores_an_empty_list():
     assert pod_of(restore(roundtrip(objects))[0])["volumes"] == []
 
 
+def test_a_null_volumes_list_is_injected_and_restored_as_null():
+    # what a Helm chart renders for `volumes:` followed by an empty `{{- with }}` block
+    objects = [deployment(volumes=None), service()]
+    pod_of(objects[0])["volumes"] = None
+    injected = roundtrip(objects)
+    assert [v["name"] for v in pod_of(injected[0])["volumes"]] == ["intercept-credentials", "intercept-routes"]
+    assert pod_of(restore(injected)[0])["volumes"] is None
+
+
 def test_existing_annotations_are_kept_and_restored():
     objects = [deployment(), service()]
     objects[0]["metadata"]["annotations"] = {"team": "payments"}

@@ -465,6 +465,10 @@ def _inject_workload(
     added = [{"path": [*_POD_SPEC, "containers"], "name": AGENT_CONTAINER, "listWasAbsent": False}]
     for name in (volume, routes_volume):
         added.append({"path": [*_POD_SPEC, "volumes"], "name": name, "listWasAbsent": "volumes" not in pod})
+    if "volumes" in pod and pod["volumes"] is None:
+        # `volumes:` with nothing after it (a rendered Helm chart): restored as null, not as []
+        replaced.append({"path": [*_POD_SPEC, "volumes"], "value": None})
+        pod["volumes"] = []
     pod.setdefault("volumes", []).extend([
         {
             "name": volume,

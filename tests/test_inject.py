@@ -540,6 +540,18 @@ def test_existing_annotations_are_kept_and_restored():
     assert json.loads(injected[1]["metadata"]["annotations"][ANNOTATION])["workload"] == "Deployment/orders"
 
 
+def test_null_annotations_are_restored_as_null():
+    # `annotations:` with nothing after it, as a Helm chart renders an empty `{{- with }}`
+    objects = [deployment(), service(ports=[{"name": "http", "port": 80, "targetPort": 8080}]),
+               policy("orders-in", {"app": "orders"}, [{"port": 8080}])]
+    for obj in objects:
+        obj["metadata"]["annotations"] = None
+    injected = roundtrip(objects)
+    assert all(is_injected(o) for o in injected)
+    assert [o["metadata"]["annotations"] for o in restore(injected)] == [None, None, None]
+    assert restore(injected, "Deployment/orders") == objects
+
+
 def test_agent_runs_as_a_non_root_user_when_the_pod_runs_as_root():
     objects = [deployment(securityContext={"runAsUser": 0})]
     objects.append(service())

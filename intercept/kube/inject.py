@@ -797,6 +797,10 @@ def restore_object(obj: Obj) -> Obj:
     if record is None:
         return obj
     restored = copy.deepcopy(obj)
+    annotations = restored["metadata"]["annotations"]
+    del annotations[ANNOTATION]
+    if not annotations and record["annotationsWereAbsent"]:
+        del restored["metadata"]["annotations"]
     for item in record["added"]:
         parent, key = _parent(restored, item["path"], obj)
         kept = [x for x in parent.get(key) or [] if x.get("name") != item["name"]]
@@ -810,10 +814,6 @@ def restore_object(obj: Obj) -> Obj:
             parent.pop(key, None)
         else:
             parent[key] = copy.deepcopy(item["value"])
-    annotations = restored["metadata"]["annotations"]
-    del annotations[ANNOTATION]
-    if not annotations and record["annotationsWereAbsent"]:
-        del restored["metadata"]["annotations"]
     return restored
 
 
@@ -883,8 +883,13 @@ def _record(obj: Obj) -> Obj | None:
 
 
 def _write_record(obj: Obj, record: Obj, annotations_absent: bool) -> None:
-    record = {"version": _RECORD_VERSION, **record, "annotationsWereAbsent": annotations_absent}
     metadata = obj.setdefault("metadata", {})
+    null = ["metadata", "annotations"]
+    if "annotations" in metadata and metadata["annotations"] is None:
+        # `annotations:` with nothing after it: restored as null, not as {}
+        record = dict(record, replaced=[*[r for r in record["replaced"] if r["path"] != null],
+                                        {"path": null, "value": None}])
+    record = {"version": _RECORD_VERSION, **record, "annotationsWereAbsent": annotations_absent}
     metadata["annotations"] = {
         **(metadata.get("annotations") or {}),
         ANNOTATION: json.dumps(record, sort_keys=True, separators=(",", ":")),

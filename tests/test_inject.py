@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from intercept.errors import InjectError, ResolveError, UsageError
+from intercept.kube import manifests
 from intercept.kube.inject import (
     AGENT_CONTAINER,
     ANNOTATION,
@@ -325,6 +326,18 @@ def test_the_fixture_policies_are_extended_for_most_services():
                 if any(a != b and a["kind"] == "NetworkPolicy"
                        for a, b in zip(BOUTIQUE, inject(boutique(), s, OPTIONS)))]
     assert set(SERVICES) - set(extended) == {"frontend", "frontend-external"}
+
+
+@pytest.mark.parametrize(("corpus", "name"), CASES)
+def test_offline_restore_gives_back_the_manifests_text_keys_in_their_order(corpus, name):
+    # a reviewer diffs `intercept restore -f` against the original: only what changed may differ
+    text = manifests.dump(boutique(corpus))
+    named = manifests.dump([deployment(containers=[app_container(
+        ports=[{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+        readinessProbe={"httpGet": {"port": "http", "path": "/"}, "periodSeconds": 5})]), service()])
+    for source, target in ((text, name), (named, "orders")):
+        injected, _ = manifests.inject_text(source, target, OPTIONS)
+        assert manifests.restore_text(injected)[0] == source
 
 
 def test_every_service_injected_one_after_another_restores_exactly():

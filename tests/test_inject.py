@@ -598,6 +598,14 @@ def test_statefulset_and_replicaset_workloads_are_injected():
         assert resolve(injected, "orders").workload == f"{kind}/orders"
 
 
+def test_a_service_of_a_daemonset_says_the_kind_cannot_be_injected():
+    workload = deployment()
+    workload["kind"] = "DaemonSet"
+    with pytest.raises(ResolveError, match=r"DaemonSet/orders.*only into Deployments, StatefulSets and ReplicaSets") as error:
+        inject([workload, service()], "orders", OPTIONS)
+    assert "include the workload's manifest" not in str(error.value)
+
+
 def test_a_replicaset_owned_by_a_deployment_is_not_a_candidate():
     owned = deployment("orders-5d4f")
     owned["kind"] = "ReplicaSet"

@@ -278,6 +278,18 @@ def _find_workload(view: list[Obj], service: Obj) -> Obj:
     ]
     # A Deployment's ReplicaSets carry its pod template; the Deployment is the one to change.
     candidates = [o for o in selected if not _controlled_by_deployment(o)]
+    # A DaemonSet's (or a bare Pod's) pods: say that the kind is the dead end, not the manifests.
+    others = [
+        o for o in view
+        if o.get("kind") not in WORKLOAD_KINDS and _namespace(o) == ns
+        and all(_labels_of_pods(o).get(k) == v for k, v in selector.items())
+    ]
+    if not candidates and others:
+        raise ResolveError(
+            f"Service {_name(service)!r} selects {shown}, the pods of "
+            f"{', '.join(_ref(o) for o in others)}: intercept can inject its agent "
+            "only into Deployments, StatefulSets and ReplicaSets; intercept a Service of one of those"
+        )
     if not candidates:
         owned = [_ref(o) for o in selected]
         hint = f" ({', '.join(owned)} is owned by a Deployment not in the manifests)" if owned else ""
@@ -983,6 +995,13 @@ def _pod_spec(workload: Obj) -> Obj:
 def _pod_labels(workload: Obj) -> dict[str, str]:
     template = (workload.get("spec") or {}).get("template") or {}
     return (template.get("metadata") or {}).get("labels") or {}
+
+
+def _labels_of_pods(obj: Obj) -> dict[str, str]:
+    """The labels of the pods ``obj`` is or makes (a Pod, or a pod template under spec.template)."""
+    if obj.get("kind") == "Pod":
+        return (obj.get("metadata") or {}).get("labels") or {}
+    return _pod_labels(obj) if isinstance((obj.get("spec") or {}).get("template"), dict) else {}
 
 
 def _controlled_by_deployment(obj: Obj) -> bool:

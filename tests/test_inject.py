@@ -742,6 +742,17 @@ def test_service_port_picks_by_name_or_number(chosen, container_port):
     roundtrip(objects, options=InjectOptions(image=OPTIONS.image, service_port=chosen))
 
 
+def test_a_port_number_served_over_udp_and_tcp_picks_the_tcp_port():
+    # HTTP/3 beside HTTPS, DNS: one number, two protocols, the UDP one listed first
+    app = app_container(ports=[{"name": "h3", "containerPort": 8443, "protocol": "UDP"},
+                               {"name": "https", "containerPort": 8443}])
+    ports = [{"name": "h3", "port": 443, "protocol": "UDP", "targetPort": "h3"},
+             {"name": "https", "port": 443, "targetPort": "https"}]
+    objects = [deployment(containers=[app]), service(ports=ports)]
+    assert resolve(objects, "orders", 443).service_port_name == "https"
+    assert resolve(objects, "orders", "443").service_port_name == "https"
+
+
 def test_an_unknown_service_port_lists_the_ports():
     with pytest.raises(ResolveError, match=r"no port 'grpc'.*http \(80 -> http\).*--service-port"):
         resolve([deployment(), multi_port_service()], "orders", "grpc")

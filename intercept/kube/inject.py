@@ -255,7 +255,8 @@ def _choose_service_port(service: Obj, wanted: str | int | None) -> int:
                 f"Service {name!r} has no port {wanted!r}; its ports: {candidates}; "
                 "pass one of them to --service-port"
             )
-        index = matches[0]
+        # One number may be served over UDP and TCP (DNS, HTTP/3 beside HTTPS): take the TCP one.
+        index = next((i for i in matches if ports[i].get("protocol", "TCP") == "TCP"), matches[0])
     protocol = ports[index].get("protocol", "TCP")
     if protocol != "TCP":
         raise ResolveError(

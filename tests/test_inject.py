@@ -340,6 +340,37 @@ def test_offline_restore_gives_back_the_manifests_text_keys_in_their_order(corpu
         assert manifests.restore_text(injected)[0] == source
 
 
+class KubectlLoader(yaml.SafeLoader):
+    """Plain scalars as kubectl reads them (sigs.k8s.io/yaml, go-yaml v2) where PyYAML reads a
+    string: Go numbers (0800, 1e3, 0o644) and y/n booleans. Each comes back as a ``GoValue``."""
+
+
+class GoValue(str):
+    pass
+
+
+KubectlLoader.add_implicit_resolver(
+    "tag:kubectl,go-value",
+    re.compile(r"^(?:[-+]?(?:0[xX][0-9a-fA-F_]+|0[oObB][0-7_]+|[0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][-+]?[0-9_]+)?"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9_]+)?)|[yYnN])$"),
+    list("-+0123456789.yYnN"))
+KubectlLoader.add_constructor("tag:kubectl,go-value", lambda loader, node: GoValue(node.value))
+
+
+def test_offline_output_keeps_strings_that_kubectl_would_read_as_numbers_or_booleans():
+    tricky = ["0800", "08540", "1e3", "0o644", "y", "N", "1_000", "0x1F", "+1", "yes", "1.0"]
+    app = app_container(env=[{"name": f"V{i}", "value": v} for i, v in enumerate(tricky)])
+    objects = [deployment(containers=[app]), service()]
+    objects[0]["metadata"]["annotations"] = {"build": "1e3"}
+    text = manifests.dump(objects)
+    injected, _ = manifests.inject_text(text, "orders", OPTIONS)
+    for output in (text, injected, manifests.restore_text(injected)[0]):
+        read = list(yaml.load_all(output, Loader=KubectlLoader))
+        assert [e["value"] for e in container(read[0], "app")["env"]] == tricky
+        assert not any(isinstance(e["value"], GoValue) for e in container(read[0], "app")["env"])
+        assert not isinstance(read[0]["metadata"]["annotations"]["build"], GoValue)
+
+
 def test_every_service_injected_one_after_another_restores_exactly():
     objects = boutique()
     for service in SERVICES:

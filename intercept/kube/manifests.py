@@ -9,6 +9,7 @@ comments are not kept (the YAML reader drops them). ``kind: List`` documents (wh
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -39,10 +40,28 @@ def load(text: str, source: str = "the manifests") -> list[Obj]:
     return objects
 
 
+class _Dumper(yaml.SafeDumper):
+    """Quotes the strings that kubectl would read as something else.
+
+    PyYAML writes a string plain when YAML 1.1 reads it back as a string, but kubectl's
+    reader (sigs.k8s.io/yaml, go-yaml v2) takes ``0800``, ``1e3``, ``0o644`` for numbers and
+    ``y``/``n`` for booleans: a plain one would fail ``kubectl apply`` (an env value or an
+    annotation must be a string) or change a value.
+    """
+
+
+_Dumper.add_implicit_resolver(
+    "tag:intercept.dev,2025:not-a-string-for-kubectl",
+    re.compile(r"""^(?:[-+]?(?:0[xX][0-9a-fA-F_]+|0[oObB][0-7_]+|[0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][-+]?[0-9_]+)?
+                  |\.[0-9_]+(?:[eE][-+]?[0-9_]+)?)|[yYnN])$""", re.X),
+    list("-+0123456789.yYnN"),
+)
+
+
 def dump(objects: list[Obj]) -> str:
     """Multi-document YAML, keys in their order, long strings (the record annotation) unwrapped."""
-    return yaml.safe_dump_all(objects, sort_keys=False, default_flow_style=False,
-                              explicit_start=True, width=1 << 30, allow_unicode=True)
+    return yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
+                         explicit_start=True, width=1 << 30, allow_unicode=True)
 
 
 def inject_text(text: str, service: str, options: inject.InjectOptions,

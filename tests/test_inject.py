@@ -371,6 +371,20 @@ def test_offline_output_keeps_strings_that_kubectl_would_read_as_numbers_or_bool
         assert not isinstance(read[0]["metadata"]["annotations"]["build"], GoValue)
 
 
+def test_offline_input_is_read_as_kubectl_reads_it():
+    # plain scalars that kubectl (sigs.k8s.io/yaml) reads otherwise than YAML 1.1 does
+    text = manifests.dump([deployment(volumes=[{"name": "conf", "configMap": {"name": "orders"}}]), service()])
+    text = text.replace("image: example/orders:1\n", "image: example/orders:1\n        env:\n"
+                        "        - {name: A, value: 1:20}\n        - {name: B, value: =}\n", 1)
+    text = text.replace("name: orders\n---", "name: orders\n          defaultMode: 0o644\n---", 1)
+    objects = manifests.load(text)
+    assert pod_of(objects[0])["volumes"][0]["configMap"]["defaultMode"] == 420
+    assert [e["value"] for e in container(objects[0], "app")["env"]] == ["1:20", "="]
+    workload = next(yaml.load_all(manifests.inject_text(text, "orders", OPTIONS)[0], Loader=KubectlLoader))
+    assert pod_of(workload)["volumes"][0]["configMap"]["defaultMode"] == 420
+    assert [e["value"] for e in container(workload, "app")["env"]] == ["1:20", "="]
+
+
 def test_every_service_injected_one_after_another_restores_exactly():
     objects = boutique()
     for service in SERVICES:

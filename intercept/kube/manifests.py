@@ -23,7 +23,7 @@ Obj = dict[str, Any]
 def load(text: str, source: str = "the manifests") -> list[Obj]:
     """The objects of a multi-document YAML text; empty documents skipped, Lists flattened."""
     try:
-        documents = list(yaml.safe_load_all(text))
+        documents = list(yaml.load_all(text, Loader=_Loader))
     except yaml.YAMLError as error:
         raise UsageError(f"{source} is not valid YAML ({error}); pass Kubernetes manifests with -f") from None
     objects: list[Obj] = []
@@ -40,6 +40,51 @@ def load(text: str, source: str = "the manifests") -> list[Obj]:
     return objects
 
 
+# Plain scalars that kubectl's reader (sigs.k8s.io/yaml, go-yaml v2) takes for a number
+# (0800, 1e3, 0o644, 0x1F) or a boolean (y, n) where PyYAML's YAML 1.1 reads a string.
+_GO_NOT_STRING = re.compile(r"""^(?:[-+]?(?:0[xX][0-9a-fA-F_]+|0[oObB][0-7_]+|[0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][-+]?[0-9_]+)?
+                               |\.[0-9_]+(?:[eE][-+]?[0-9_]+)?)|[yYnN])$""", re.X)
+_GO_TAG = "tag:intercept.dev,2025:not-a-string-for-kubectl"
+_STR, _INT, _FLOAT = (f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float"))
+
+
+def _go_value(text: str) -> Any:
+    """What kubectl reads for a plain scalar that :data:`_GO_NOT_STRING` matches (the text if a string)."""
+    if text in ("y", "Y", "n", "N"):
+        return text in ("y", "Y")
+    plain = text.replace("_", "")
+    try:
+        if re.fullmatch(r"[-+]?0[0-7]+", plain):
+            return int(plain, 8)
+        return int(plain, 0)
+    except ValueError:
+        pass
+    try:
+        number = float(plain)
+    except ValueError:
+        return text
+    if number in (float("inf"), float("-inf")):
+        return text  # out of range for Go: kept as a string
+    return int(number) if number.is_integer() and "." not in plain else number
+
+
+class _Loader(yaml.SafeLoader):
+    """Reads plain scalars as kubectl does where YAML 1.1 differs: Go numbers and y/n are
+    not strings; ``1:20`` (YAML 1.1 base 60) and ``=`` are strings."""
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> str:
+        tag = super().resolve(kind, value, implicit)
+        if kind is yaml.ScalarNode and implicit[0]:
+            if tag == _STR and _GO_NOT_STRING.match(value) and _go_value(value) is not value:
+                return _GO_TAG
+            if (tag in (_INT, _FLOAT) and ":" in value) or tag == "tag:yaml.org,2002:value":
+                return _STR
+        return tag
+
+
+_Loader.add_constructor(_GO_TAG, lambda loader, node: _go_value(node.value))
+
+
 class _Dumper(yaml.SafeDumper):
     """Quotes the strings that kubectl would read as something else.
 
@@ -50,12 +95,7 @@ class _Dumper(yaml.SafeDumper):
     """
 
 
-_Dumper.add_implicit_resolver(
-    "tag:intercept.dev,2025:not-a-string-for-kubectl",
-    re.compile(r"""^(?:[-+]?(?:0[xX][0-9a-fA-F_]+|0[oObB][0-7_]+|[0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][-+]?[0-9_]+)?
-                  |\.[0-9_]+(?:[eE][-+]?[0-9_]+)?)|[yYnN])$""", re.X),
-    list("-+0123456789.yYnN"),
-)
+_Dumper.add_implicit_resolver(_GO_TAG, _GO_NOT_STRING, list("-+0123456789.yYnN"))
 
 
 def dump(objects: list[Obj]) -> str:

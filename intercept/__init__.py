@@ -6,9 +6,17 @@ CDE hooks and the MCP server all call it. They are loaded on first use, so that 
 and ``intercept --help`` do not pay for them.
 """
 
+import warnings
 from typing import Any
 
 __version__ = "0.1.0"
+
+# asyncssh still supports DSA keys, and cryptography >= 47 warns that DSA is deprecated at
+# every mention of its ``dsa`` module in asyncssh's own modules: five lines on stderr at
+# the first SSH login, in every command and in the agent's log, about keys intercept
+# never makes or accepts (its keys are Ed25519). Only that warning, only from asyncssh's
+# modules, is hidden; anything else a dependency warns about is still shown.
+warnings.filterwarnings("ignore", message=r"DSA is deprecated", category=UserWarning, module=r"asyncssh\.")
 
 _API = frozenset({
     "Event", "Intercept", "InterceptSpec", "Response", "agent_routes", "down", "inject_text", "intercepting", "leave",

@@ -92,8 +92,9 @@ def run_demo(echo: Callable[[str], None], keep: bool = False, grpc: bool = False
         return ok
     finally:
         loop.close()
-        cluster.shutdown()
-        local.shutdown()
+        for app in (cluster, local):
+            app.shutdown()
+            app.server_close()
 
 
 def _send_requests(echo: Callable[[str], None], http_addr: str) -> bool:

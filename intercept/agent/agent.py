@@ -170,6 +170,8 @@ class Agent:
             session.conn.close()
         if self._http is not None:
             self._http.close()
+        self.pool.close()
+        self.h2.close()
 
     @staticmethod
     def pod_environment() -> dict[str, str]:
@@ -424,6 +426,10 @@ class LazyHub:
     def session_closed(self, session_id: str, name: str) -> None:
         if self.hub is not None:
             self.hub.session_closed(session_id, name)
+
+    def close(self) -> None:
+        if self.hub is not None:
+            self.hub.close()
 
 
 def _close_unused_channel(opening: asyncio.Future[Link]) -> None:

@@ -114,6 +114,13 @@ class Hub:
         if data:
             proto.data_received(data)
 
+    def close(self) -> None:
+        """The agent is closing: end every pooled connection."""
+        for pool in (self.app, *self.developers.values()):
+            pool.closed = True
+            for conn in list(pool.conns):
+                conn.close("the agent is closing")
+
     def takes_upgrade(self) -> bool:
         """Whether to answer ``Upgrade: h2c`` ourselves: not when the app does not speak
         HTTP/2 (it then declines such upgrades itself, as before the agent was there)."""

@@ -174,6 +174,12 @@ class UpstreamPool:
         link.pooled = True
         self.idle.append(link)
 
+    def close(self) -> None:
+        """Close every idle link (the agent is closing)."""
+        idle, self.idle = self.idle, []
+        for link in idle:
+            link.close()
+
     def _drop(self, link: TCPLink) -> None:
         if link in self.idle:
             self.idle.remove(link)

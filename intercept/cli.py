@@ -10,7 +10,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 import click
 
@@ -107,6 +107,51 @@ def _print_table(table: list[list[str]]) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]) - 1)]
     for row in table:
         click.echo(("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1]).rstrip())
+
+
+def _claim_stdout() -> TextIO | None:
+    """Keep standard output for the command's own machine-readable lines.
+
+    The command's lines go to a private copy of file descriptor 1; descriptor 1 and
+    ``sys.stdout`` then point at stderr, so whatever else would write there (a
+    dependency's print or warning, a C library, COMMAND's output) cannot put a stray line
+    between them. None when stdout is not the process's descriptor 1 (already redirected
+    inside the process: nothing to guard).
+    """
+    import os
+
+    try:
+        if sys.stdout is None or sys.stdout.fileno() != 1:
+            return None
+    except (AttributeError, OSError, ValueError):
+        return None
+    sys.stdout.flush()
+    private = os.dup(1)
+    os.set_inheritable(private, False)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return open(private, "w", buffering=1, encoding="utf-8", closefd=True)  # noqa: SIM115 (lives as long as the command)
+
+
+_MACHINE_FORMATS = frozenset({"json", "yaml", "dotenv", "sh"})
+
+
+def _output_option(*choices: str, help: str | None = None) -> Callable[[Any], Any]:
+    """``-o/--output`` (the first choice is the default); a machine-readable format claims
+    stdout for the command's own output (:func:`_claim_stdout`, read back with :func:`_out`)."""
+
+    def claim(ctx: click.Context, param: click.Parameter, value: str) -> str:
+        if value in _MACHINE_FORMATS and "stdout" not in ctx.meta:
+            ctx.meta["stdout"] = _claim_stdout()
+        return value
+
+    return click.option("-o", "--output", type=click.Choice(list(choices)), default=choices[0], show_default=True,
+                        help=help, callback=claim)
+
+
+def _out() -> TextIO | None:
+    """Where the command's own output goes: the claimed stdout, or None for click's default."""
+    return click.get_current_context().meta.get("stdout")
 
 
 def _fail(error: InterceptError) -> None:
@@ -225,8 +270,8 @@ def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_t
 
 @main.command(cls=_DashDashCommand)
 @_spec_options(*_START)
-@click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text", show_default=True,
-              help="text: intercept: KIND: MESSAGE lines; json: one event object per line (for scripts and intercept up).")
+@_output_option("text", "json", help="text: intercept: KIND: MESSAGE lines; json: one event object per line (for scripts and "
+                                     "intercept up), and nothing else: COMMAND's output then goes to stderr.")
 @click.pass_context
 def start(ctx: click.Context, output: str, **_: Any) -> None:
     """Intercept: requests that match your route reach localhost:PORT.
@@ -239,8 +284,10 @@ def start(ctx: click.Context, output: str, **_: Any) -> None:
 
     from intercept import api
 
-    def render(event: Any) -> None:
-        click.echo(json.dumps(event.to_json()) if output == "json" else event.line())
+    out = _out()
+
+    def render(event: Any) -> None:  # called from the API's thread: no click context there
+        click.echo(json.dumps(event.to_json()) if output == "json" else event.line(), file=out)
         sys.stdout.flush()
 
     try:
@@ -250,14 +297,14 @@ def start(ctx: click.Context, output: str, **_: Any) -> None:
         code = api.run(spec, render, registry_entry=entry)
     except InterceptError as e:
         if output == "json":
-            click.echo(json.dumps({"kind": "error", "message": str(e), "status": e.exit_code}))
+            click.echo(json.dumps({"kind": "error", "message": str(e), "status": e.exit_code}), file=out)
         _fail(e)
     sys.exit(code)
 
 
 @main.command("env")
 @_spec_options("service", "agent", "credentials", "agent_image", *CLUSTER)
-@click.option("-o", "--output", type=click.Choice(["dotenv", "json", "sh"]), default="dotenv", show_default=True)
+@_output_option("dotenv", "json", "sh")
 @click.pass_context
 def env_command(ctx: click.Context, output: str, **_: Any) -> None:
     """Print the pod's environment (the app container's variables), without intercepting."""
@@ -273,11 +320,11 @@ def env_command(ctx: click.Context, output: str, **_: Any) -> None:
     except InterceptError as e:
         _fail(e)
     if output == "json":
-        click.echo(json.dumps(env, indent=2, sort_keys=True))
+        click.echo(json.dumps(env, indent=2, sort_keys=True), file=_out())
     elif output == "sh":
-        click.echo("".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items())), nl=False)
+        click.echo("".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items())), nl=False, file=_out())
     else:
-        click.echo(dotenv(env), nl=False)
+        click.echo(dotenv(env), nl=False, file=_out())
 
 
 @main.command("files")
@@ -397,7 +444,7 @@ def uninstall_command(ctx: click.Context, service: str | None, all_agents: bool,
 @main.command("list")
 @_spec_options(*CLUSTER)
 @click.option("-A", "--all-namespaces", is_flag=True, help="Services of every namespace.")
-@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@_output_option("table", "json")
 @click.pass_context
 def list_command(ctx: click.Context, all_namespaces: bool, output: str, **_: Any) -> None:
     """The Services that can be intercepted, and which have an agent."""
@@ -410,7 +457,7 @@ def list_command(ctx: click.Context, all_namespaces: bool, output: str, **_: Any
     except InterceptError as e:
         _fail(e)
     if output == "json":
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps(rows, indent=2), file=_out())
         return
     if not rows:
         click.echo(f"intercept: list: no Services in {'any namespace' if listed is None else 'namespace ' + listed}")
@@ -454,7 +501,7 @@ def sandbox_group() -> None:
 @click.option("--baggage", metavar="KEY=VALUE", help="The routing key as a W3C baggage member instead of intercept-id=NAME.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until every fork is ready (removing everything if one is not).")
 @click.option("--dry-run", is_flag=True, help="Print the objects it would create (-o yaml) and change nothing.")
-@click.option("-o", "--output", type=click.Choice(["text", "yaml", "json"]), default="text", show_default=True)
+@_output_option("text", "yaml", "json")
 @click.option("-f", "--filename", "manifests", type=click.File("r"), help="With --dry-run: read the namespace's objects from MANIFESTS, not the cluster.")
 @_spec_options("agent_image", "timeout", *CLUSTER)
 @click.pass_context
@@ -477,14 +524,14 @@ def sandbox_create(ctx: click.Context, name: str, forks: tuple[str, ...], images
         if dry_run:
             objects = api.sandbox_manifests(name, forks, images=images, env=env, ttl=seconds, headers=headers, baggage=baggage,
                                             manifests=manifests.read() if manifests else None, **options)
-            click.echo(json.dumps(objects, indent=2) if output == "json" else _yaml(objects), nl=output == "json")
+            click.echo(json.dumps(objects, indent=2) if output == "json" else _yaml(objects), nl=output == "json", file=_out())
             return
         summary = api.sandbox_create(name, forks, images=images, env=env, ttl=seconds, headers=headers, baggage=baggage,
                                      wait=wait, on_event=_progress, **options)
     except InterceptError as e:
         _fail(e)
     if output == "json":
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(json.dumps(summary, indent=2), file=_out())
 
 
 def _yaml(objects: list[dict[str, Any]]) -> str:
@@ -496,7 +543,7 @@ def _yaml(objects: list[dict[str, Any]]) -> str:
 @sandbox_group.command("list")
 @_spec_options(*CLUSTER)
 @click.option("-A", "--all-namespaces", is_flag=True, help="Sandboxes of every namespace.")
-@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@_output_option("table", "json")
 @click.pass_context
 def sandbox_list(ctx: click.Context, all_namespaces: bool, output: str, **_: Any) -> None:
     """The sandboxes: forks, routing key, expiry, readiness."""
@@ -509,7 +556,7 @@ def sandbox_list(ctx: click.Context, all_namespaces: bool, output: str, **_: Any
     except InterceptError as e:
         _fail(e)
     if output == "json":
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps(rows, indent=2), file=_out())
         return
     if not rows:
         click.echo("intercept: sandbox: no sandboxes")
@@ -684,7 +731,7 @@ def down_command(spec_file: Path, everything: bool) -> None:
 
 
 @main.command("status")
-@click.option("-o", "--output", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@_output_option("table", "json")
 def status_command(output: str) -> None:
     """This machine's intercepts: service, route, local port, outbound fence, files, process, log."""
     import json
@@ -696,7 +743,7 @@ def status_command(output: str) -> None:
     except InterceptError as e:
         _fail(e)
     if output == "json":
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps(rows, indent=2), file=_out())
         return
     if not rows:
         click.echo("intercept: status: no intercept is running on this machine")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,3 +96,18 @@ def test_a_harness_killed_outright_leaves_no_process_and_the_next_one_removes_it
         assert again.finish(120) == 0, again.output
     finally:
         again.stop()
+
+
+def test_up_refuses_at_once_naming_the_package_when_what_its_pods_need_is_missing(tmp_path: Path) -> None:
+    tools = tmp_path / "bin"  # a PATH with iproute2 and setpriv but no bubblewrap
+    tools.mkdir()
+    for tool in ("ip", "setpriv"):
+        found = shutil.which(tool)
+        if found:
+            (tools / tool).symlink_to(found)
+    done = subprocess.run([sys.executable, "-m", "e2e.cluster", "up", "--state", str(tmp_path / "state")], cwd=ROOT,
+                          env={**os.environ, "PATH": str(tools)}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3
+    assert done.stdout.startswith("cluster: error: cannot run pods here: ")
+    assert "apt-get install" in done.stdout
+    assert not (tmp_path / "state").exists() or not any((tmp_path / "state").iterdir())

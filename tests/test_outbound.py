@@ -273,7 +273,7 @@ def test_expect_100_continue_and_upgrade_pass_through(outbound_agent, target):
 
 def test_curl_uses_the_proxy_for_http_and_https_style_tunnels(outbound_agent, target):
     if shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
+        pytest.skip("curl is not installed (apt-get install curl)")
 
     def check(host, port):
         env = {**os.environ, **proxy_env(host, port, no_proxy=())}

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 from e2e.cluster.build import BuildFailed, BuildUnavailable, ensure_binaries, pin_kubernetes
+from e2e.cluster.confine import unavailable as confinement_unavailable
 from e2e.cluster.controlplane import StartFailed
 from e2e.cluster.harness import Harness
 from e2e.cluster.network import unavailable
@@ -59,7 +60,7 @@ def main(argv: list[str]) -> int:
 
 
 def _up(state: Path) -> int:
-    missing = unavailable()
+    missing = unavailable() or confinement_unavailable()  # refused now, not as a CrashLoopBackOff at the first pod
     if missing:
         raise BuildUnavailable(f"cannot run pods here: {missing}")
     stop = threading.Event()

@@ -71,7 +71,7 @@ def sweep_orphans() -> list[str]:
 def unavailable() -> str | None:
     """Why pods cannot get namespaces here, or None."""
     if sys.platform != "linux" or os.geteuid() != 0 or shutil.which("ip") is None:
-        return "needs root and iproute2 (ip netns) to give each pod its own network namespace and address"
+        return "needs root and iproute2 (ip netns; apt-get install iproute2) to give each pod its own network namespace and address"
     return None
 
 

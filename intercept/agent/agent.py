@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROUTES_POLL = 1.0  # seconds between looks at the routes file and at expiries
+# SSH connections that have not logged in yet, at once: a flood of them (each a socket that
+# never sends a banner) must not use up the pod's descriptors, which HTTP traffic needs too.
+# Beyond it the oldest is dropped, so a developer who logs in (a few round trips) still gets in.
+MAX_LOGGING_IN = 64
+LOGIN_TIMEOUT = 10.0  # seconds an SSH connection may take to log in
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class Agent:
         self.files = ServedFiles(config.serve_files)
         self._sweeper: asyncio.Task[None] | None = None
         self.sessions: dict[str, sshd.DeveloperSession] = {}
+        self.logging_in: dict[sshd.DeveloperSession, None] = {}  # not logged in yet, oldest first
         self._http: asyncio.Server | None = None
         self._ssh_socket: socket.socket | None = None  # bound at start; asyncssh takes it with the first developer
         self._ssh_address: tuple[str, int] = ("", 0)
@@ -205,11 +211,23 @@ class Agent:
 
     # -- sessions and routes -------------------------------------------------------------
 
+    def login_started(self, session: sshd.DeveloperSession) -> None:
+        """A new SSH connection; beyond :data:`MAX_LOGGING_IN` not logged in, the oldest goes."""
+        self.logging_in[session] = None
+        if len(self.logging_in) > MAX_LOGGING_IN:
+            oldest = next(iter(self.logging_in))
+            del self.logging_in[oldest]
+            log.warning("dropped an SSH connection from %s that had not logged in: %d others are waiting to log in",
+                        oldest.peer[0], MAX_LOGGING_IN)
+            oldest.conn.abort()
+
     def session_opened(self, session: sshd.DeveloperSession) -> None:
+        self.logging_in.pop(session, None)
         self.sessions[session.id] = session
         log.info("%s connected from %s as %s", session.name, session.peer[0], session.id)
 
     def session_closed(self, session: sshd.DeveloperSession, exc: Exception | None) -> None:
+        self.logging_in.pop(session, None)
         self.sessions.pop(session.id, None)
         for route in self.routes.remove_session(session.id):
             log.info("dropped route %s of %s (%s)", route.route.describe(), session.name, exc or "connection closed")

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from intercept import protocol
+from intercept.agent.agent import LOGIN_TIMEOUT
 from intercept.agent.sftp import sftp_session
 from intercept.errors import InterceptError, RouteConflict
 from intercept.routing.cluster import RoutesDocument
@@ -145,6 +146,7 @@ class DeveloperSession(asyncssh.SSHServer):
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1]))
+        self.agent.login_started(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.agent.session_closed(self, exc)
@@ -419,7 +421,7 @@ async def start_server(agent: Agent, sock: socket.socket, host_key: asyncssh.SSH
         encryption_algs=ENCRYPTION_ALGS,
         keepalive_interval=KEEPALIVE_INTERVAL,
         keepalive_count_max=KEEPALIVE_COUNT_MAX,
-        login_timeout=30,
+        login_timeout=LOGIN_TIMEOUT,
         agent_forwarding=False,
         x11_forwarding=False,
         allow_scp=False,

@@ -148,3 +148,87 @@ def test_a_document_whose_route_has_expired_ends_the_route_held_before(routed_ag
     # extended to a deadline that passed before the document arrived
     assert push(agent, RoutesDocument(time.time(), (route("late", fork.port, time.time() - 1),)))["applied"] == []
     assert agent.app_of({"x-intercept-id": "late"}) == "cluster"
+
+
+def publish(directory: Path, content: bytes) -> None:
+    """A new version of ``directory/routes.json``, swapped in as the kubelet swaps a ConfigMap
+    volume's: a new directory, then the ``..data`` symlink renamed over the old one."""
+    version = directory / f"..{time.monotonic_ns()}"
+    version.mkdir()
+    (version / "routes.json").write_bytes(content)
+    (directory / "..data_tmp").symlink_to(version.name)
+    (directory / "..data_tmp").replace(directory / "..data")
+    if not (directory / "routes.json").is_symlink():
+        (directory / "routes.json").symlink_to("..data/routes.json")
+
+
+def good_route(sandbox: str, port: int) -> dict:
+    return {"sandbox": sandbox, "rules": [{"kind": "header", "name": "x-intercept-id", "value": sandbox}],
+            "destination": f"127.0.0.1:{port}", "expires": time.time() + 3600}
+
+
+def bad_documents(port: int) -> dict[str, bytes]:
+    """Routes files the agent must refuse, each for its own reason."""
+    def doc(**fields) -> bytes:
+        return json.dumps({"updated": time.time(), "routes": [good_route("bad", port)], **fields}).encode()
+
+    def with_route(**fields) -> bytes:
+        return doc(routes=[{**good_route("bad", port), **fields}])
+
+    return {
+        "nested 100k deep": b"[" * 100_000 + b"]" * 100_000,
+        "nested inside a route": b'{"updated": 1, "routes": [' + b"[" * 100_000 + b"]" * 100_000 + b"]}",
+        "a port of 5,000 digits": with_route(destination="fork:" + "9" * 5000),
+        "a port in other digits": with_route(destination="fork:\u0664\u0663"),
+        "an updated of 5,000 digits": b'{"updated": ' + b"9" * 5000 + b', "routes": []}',
+        "an updated of 1e400": b'{"updated": 1e400, "routes": []}',
+        "an expiry of 10**400": b'{"updated": 1, "routes": [' + json.dumps(good_route("bad", port))[:-1].encode()
+                                + b', "expires": 1' + b"0" * 400 + b"}]}",
+        "NaN": b'{"updated": NaN, "routes": []}',
+        "Infinity": with_route(expires=float("inf")),
+        "-Infinity": doc(updated=float("-inf")),
+        "routes as an object": doc(routes={"a": 1}),
+        "a route as a list": doc(routes=[[1, 2]]),
+        "rules as text": with_route(rules="x-intercept-id=bad"),
+        "a rule's kind as a number": with_route(rules=[{"kind": 1}]),
+        "a rule's value as a number": with_route(rules=[{"kind": "header", "name": "x", "value": 1}]),
+        "a destination as a number": with_route(destination=8080),
+        "a sandbox as a list": with_route(sandbox=["a"]),
+        "an expiry as text": with_route(expires="tomorrow"),
+        "an updated as true": doc(updated=True),
+        "an updated as null": doc(updated=None),
+        "null": b"null",
+        "a list": b"[]",
+        "empty": b"",
+        "not UTF-8": b'{"updated": 1, "routes": [], "x": "\xff\xfe"}',
+        "2 MiB": doc(padding=" " * (2 << 20)),
+    }
+
+
+def test_malformed_routes_files_are_each_logged_and_skipped_and_routes_still_come_and_expire(cluster_app, fork, local_app,
+                                                                                               tmp_path):
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    agent = start_agent(tmp_path, cluster_app.port, "--routes-file", str(volume / "routes.json"))
+    client = None
+    try:
+        for what, content in bad_documents(fork.port).items():
+            start = len(agent.proc.lines)
+            publish(volume, content)
+            agent.proc.wait_for(r"WARNING .*routes file .*; keeping the routes held", start=start)
+            assert agent.app_of({"x-intercept-id": "bad"}) == "cluster", what
+        publish(volume, RoutesDocument(time.time(), (route("good", fork.port, time.time() + 3600),)).to_text().encode())
+        eventually(lambda: agent.app_of({"x-intercept-id": "good"}) == "fork", "the good document after the bad ones")
+
+        # and expiry still runs: a --ttl route leaves the table (a frozen client cannot end it)
+        import signal
+
+        client = start_client(agent, local_app.port, "--header", "x-dev=ttl", "--ttl", "2s")
+        client.signal(signal.SIGSTOP)
+        agent.proc.wait_for(r"route x-dev: ttl of .* expired")
+        assert [r["holder"] for r in asyncio.run(control(agent, protocol.ListRoutes()))["routes"]] == ["sandbox good"]
+    finally:
+        if client is not None:
+            client.signal(signal.SIGCONT)
+            client.stop()
+        agent.proc.stop()

@@ -11,6 +11,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import TYPE_CHECKING, Any
 
 from intercept import __version__, credentials
@@ -18,7 +19,7 @@ from intercept.agent.files import ServedFiles, ServedRoot
 from intercept.agent.files import describe as describe_files
 from intercept.agent.proxy import ClientConnection, Link, RouteGone, TCPLink, Unavailable, UpstreamPool
 from intercept.errors import CredentialsError, InterceptError, RouteConflict, UsageError
-from intercept.routing.cluster import SESSION_PREFIX, RoutesDocument
+from intercept.routing.cluster import MAX_DOCUMENT, SESSION_PREFIX, RoutesDocument
 from intercept.routing.fence import Fence
 from intercept.routing.match import RegisteredRoute, Route, RouteTable
 
@@ -370,28 +371,43 @@ class Agent:
 
     async def _follow_routes_file(self) -> None:
         """Read the mounted routes file again whenever it changes (a ConfigMap volume swaps a
-        symlink, so its resolved path's stat is compared), and drop routes whose time is up."""
+        symlink, so its resolved path's stat is compared), and drop routes whose time is up.
+
+        A bad document is logged once and skipped, keeping what is held; nothing a file holds
+        ends this loop, since route expiry depends on it."""
         path = self.config.routes_file
         seen: tuple[str, float, int] | None = None
         while True:
-            for expired in self.routes.remove_expired(time.time()):
-                log.info("route %s of %s expired", expired.route.describe(), expired.holder)
-                self._last_busy = time.monotonic()
-                self._routes_removed()
-            if path is not None:
-                try:
-                    real = os.path.realpath(path)
-                    stat = os.stat(real)
-                    current = (real, stat.st_mtime, stat.st_size)
-                except OSError:
-                    current = None
-                if current is not None and current != seen:
-                    seen = current
-                    try:
-                        self.apply_routes(RoutesDocument.from_text(Path(real).read_text()))
-                    except (OSError, InterceptError) as e:
-                        log.warning("routes file %s: %s; keeping the routes held", path, e)
+            try:
+                for expired in self.routes.remove_expired(time.time()):
+                    log.info("route %s of %s expired", expired.route.describe(), expired.holder)
+                    self._last_busy = time.monotonic()
+                    self._routes_removed()
+                if path is not None:
+                    seen = self._look_at_routes_file(path, seen)
+            except Exception:  # a bug here must not stop expiry for good: say it, and go on
+                log.exception("routes file %s: reading it failed; keeping the routes held", path)
             await asyncio.sleep(ROUTES_POLL)
+
+    def _look_at_routes_file(self, path: Path, seen: tuple[str, float, int] | None) -> tuple[str, float, int] | None:
+        """Apply the routes file if it changed since ``seen``; what was seen now."""
+        try:
+            real = os.path.realpath(path)
+            stat = os.stat(real)
+        except OSError:
+            return seen
+        current = (real, stat.st_mtime, stat.st_size)
+        if current == seen:
+            return seen
+        try:
+            if not S_ISREG(stat.st_mode):  # a FIFO would block the loop on open
+                raise UsageError("not a regular file")
+            with open(real, "rb") as f:
+                document = RoutesDocument.from_bytes(f.read(MAX_DOCUMENT + 1))
+            self.apply_routes(document)
+        except (OSError, InterceptError) as e:
+            log.warning("routes file %s: %s; keeping the routes held", path, e)
+        return current
 
 
 class LazyHub:

@@ -255,7 +255,7 @@ def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_t
         def ready(a: Any) -> None:
             (h, p), (sh, sp) = a.http_address, a.ssh_address
             click.echo(f"intercept: agent: http {h}:{p} ssh {sh}:{sp} upstream {config.upstream[0]}:{config.upstream[1]}", nl=True)
-            if allow_outbound and not config.fence.open:
+            if not config.fence.open:  # it judges sandbox destinations, and developers' outbound connections
                 click.echo(f"intercept: agent: outbound fence: {config.fence.describe()}")
             if a.files:
                 click.echo(f"intercept: agent: files: {' '.join(r.path for r in a.files.roots)}")

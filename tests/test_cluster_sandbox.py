@@ -47,6 +47,9 @@ def test_create_forks_waits_and_routes_then_delete_removes_everything(real_clust
     assert created.returncode == 0, created.stdout + created.stderr
     ready = [line for line in created.stdout.splitlines() if line.startswith("intercept: ready: ")]
     assert ready and "sandbox pr-1: requests with x-intercept-id: pr-1 (or baggage intercept-id=pr-1) reach web -> web-sbx-pr-1" in ready[0]
+    # every agent pod took the push, signed by the routes authority whose key its ConfigMap gave it from the start
+    assert "intercept: warning:" not in created.stdout, created.stdout
+    assert real_cluster.exists("Secret", ns, "intercept.routes-authority")
     assert sandbox_objects(real_cluster, ns, "pr-1") == ["Deployment/web-sbx-pr-1", "Service/web-sbx-pr-1"]
     fork = real_cluster.get("Deployment", ns, "web-sbx-pr-1")
     assert (fork.get("status") or {}).get("readyReplicas") == 1
@@ -60,6 +63,7 @@ def test_create_forks_waits_and_routes_then_delete_removes_everything(real_clust
     deleted = intercept("sandbox", "delete", "pr-1", *where(real_cluster, ns))
     assert deleted.returncode == 0 and "intercept: deleted: sandbox pr-1" in deleted.stdout, deleted.stdout + deleted.stderr
     assert sandbox_objects(real_cluster, ns, "pr-1") == [] and routed_sandboxes(real_cluster, ns, "web") == []
+    assert "intercept: warning:" not in deleted.stdout, deleted.stdout
     again = intercept("sandbox", "delete", "pr-1", *where(real_cluster, ns))
     assert again.returncode == 0 and "nothing was left" in again.stdout
 

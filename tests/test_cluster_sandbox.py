@@ -166,7 +166,15 @@ def test_a_sandbox_of_two_services_serves_its_key_along_the_call_chain_until_it_
     assert call(real_cluster, ns, "front", {"x-intercept-id": "pr-7"})[1].startswith("cluster/back-")
 
 
-def test_gc_install_writes_a_cronjob_whose_role_is_enough_to_collect_expired_sandboxes(
+def allowed(cluster: RealCluster, ns: str, user: str, verb: str, resource: str, group: str = "") -> bool:
+    """What the API server's authorizer answers for ``user`` (a SubjectAccessReview, as kubectl auth can-i --as)."""
+    review = cluster.api.post("/apis/authorization.k8s.io/v1/subjectaccessreviews", {
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "spec": {"user": user, "resourceAttributes": {"namespace": ns, "verb": verb, "group": group, "resource": resource}}})
+    return bool(review["status"].get("allowed"))
+
+
+def test_gc_install_writes_a_cronjob_whose_role_is_enough_to_collect_and_no_more(
         real_cluster: RealCluster, namespace_of, tmp_path) -> None:
     ns = namespace_of("gcinstall", ENFORCE_RESTRICTED)
     installed = intercept("gc", "--install", "--agent-image", AGENT_IMAGE, *where(real_cluster, ns))
@@ -179,19 +187,42 @@ def test_gc_install_writes_a_cronjob_whose_role_is_enough_to_collect_expired_san
     again = intercept("gc", "--install", "--agent-image", AGENT_IMAGE, *where(real_cluster, ns))
     assert again.returncode == 0 and again.stdout.count("updated ") == 4  # idempotent
 
-    # A user with only the CronJob's Role collects an expired sandbox.
+    # A user with only the CronJob's Role (and, since it runs outside the cluster where the
+    # CronJob dials pod IPs, port-forward) collects an expired sandbox, then the idle agent.
     deploy(real_cluster, ns, app("web", 1))
     real_cluster.wait_ready(ns, "web", 1)
+    before = snapshot(real_cluster, ns)
     created = intercept("sandbox", "create", "old", "--fork", "web", "--ttl", "2s", "--agent-image", AGENT_IMAGE,
                         *where(real_cluster, ns), timeout=WAIT * 2)
     assert created.returncode == 0, created.stdout + created.stderr
-    real_cluster.create({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                         "metadata": {"name": "gc-tester"},
-                         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "intercept-gc"},
-                         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "gc-tester"}]}, ns)
+    real_cluster.create({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "port-forward"},
+                         "rules": [{"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["get", "create"]}]}, ns)
+    for role in ("intercept-gc", "port-forward"):
+        real_cluster.create({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                             "metadata": {"name": f"gc-tester-{role}"},
+                             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+                             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "gc-tester"}]}, ns)
     kubeconfig = real_cluster.kubeconfig_for("gc-tester", tmp_path, ns)
     wait_until(lambda: json.loads(intercept("sandbox", "list", "-o", "json", *where(real_cluster, ns)).stdout)[0]["expired"],
                "the sandbox's expiry", WAIT)
     collected = intercept("gc", "--idle", "24h", "-n", ns, "--kubeconfig", str(kubeconfig), timeout=WAIT * 2)
     assert collected.returncode == 0 and f"{ns}/old" in collected.stdout, collected.stdout + collected.stderr
+    assert "intercept: warning:" not in collected.stdout, collected.stdout  # its push too: it may read the routes authority
     assert sandbox_objects(real_cluster, ns, "old") == []
+
+    def uninstalled() -> bool:
+        out = intercept("gc", "--idle", "1", "-n", ns, "--kubeconfig", str(kubeconfig), timeout=WAIT * 2)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return f"{ns}/web" in out.stdout
+
+    wait_until(uninstalled, "gc uninstalling the idle agent", WAIT)
+    real_cluster.wait_ready(ns, "web", 1)
+    assert snapshot(real_cluster, ns) == before  # the agent's Secret and the routes authority included
+
+    # ... and no more: what collection never does, the Role does not grant
+    for verb, resource, group in (("list", "secrets", ""), ("watch", "secrets", ""), ("create", "secrets", ""),
+                                  ("update", "secrets", ""), ("create", "configmaps", ""), ("create", "services", ""),
+                                  ("create", "deployments", "apps"), ("delete", "statefulsets", "apps"),
+                                  ("delete", "replicasets", "apps"), ("get", "pods", ""),
+                                  ("delete", "networkpolicies", "networking.k8s.io")):
+        assert not allowed(real_cluster, ns, "gc-tester", verb, resource, group), (verb, resource)

@@ -105,16 +105,16 @@ def create(api: ApiClient, namespace: str, name: str, services: list[str], overr
     authority = routes_authority(cluster, namespace, create=True)
     created: list[Obj] = []
     changes: list[Change] = []
-    unmounted: list[str] = []  # routes ConfigMaps made here for an agent not (yet) in place
+    unmounted: str | None = None  # a routes ConfigMap made here for an agent not in place yet
     try:
         agents = []
         for fork in forks:
             progress(f"{fork.original}: making sure its agent is in place")
             # the authority's key in the ConfigMap first: pods that the injection starts mount it
             if _update_routes(cluster, namespace, fork.original_name, lambda doc: doc, authority)[1]:
-                unmounted.append(fork.original_name)
+                unmounted = fork.original_name
             agents.append(ensure_agent(api, namespace, fork.service, inject_options, progress, timeout=timeout))
-            unmounted = [w for w in unmounted if w != fork.original_name]
+            unmounted = None
         for fork in forks:
             for obj in (fork.workload, fork.fork_service):
                 created.append(cluster.create(obj) | {"kind": obj["kind"], "apiVersion": obj["apiVersion"]})
@@ -129,13 +129,11 @@ def create(api: ApiClient, namespace: str, name: str, services: list[str], overr
             progress(f"ConfigMap/{inject.routes_name(fork.original_name)}: routes of sandbox {name} to {fork.destination[0]}")
     except BaseException as error:
         removed = _remove(cluster, namespace, name, created, [f.original_name for f in forks])
-        for workload in unmounted:
-            if not _routes_document(cluster, namespace, workload).routes:
-                try:
-                    cluster.delete("ConfigMap", namespace, inject.routes_name(workload))
-                except NotFound:
-                    pass
-        if unmounted:
+        if unmounted is not None and not _routes_document(cluster, namespace, unmounted).routes:
+            try:
+                cluster.delete("ConfigMap", namespace, inject.routes_name(unmounted))
+            except NotFound:
+                pass
             drop_unused_authority(cluster, namespace, progress)
         if isinstance(error, _RolloutProblem):
             events = _events_for(cluster, namespace, created[0], error) if created else []

@@ -68,7 +68,7 @@ def sandbox_lifetime(seconds: float) -> float:
     """A sandbox's lifetime (``--ttl``): more than nothing, at most :data:`MAX_LIFETIME` (the
     agents refuse a route that expires later)."""
     if not 0 < seconds <= MAX_LIFETIME:
-        raise UsageError(f"--ttl {seconds:g}s: a sandbox lives more than 0s and at most {MAX_LIFETIME / 86400:g}d; "
+        raise UsageError(f"--ttl {seconds:.0f}s: a sandbox lives more than 0s and at most {MAX_LIFETIME / 86400:g}d; "
                          "extend it later with intercept sandbox extend NAME --ttl DURATION")
     return seconds
 
@@ -178,7 +178,7 @@ class RoutesDocument:
         for route in self.routes:
             if route.expires > now + MAX_LIFETIME + CLOCK_SKEW:
                 raise UsageError(f"{route.holder}: expires {route.expires - now:.0f}s from now, past the longest "
-                                 f"lifetime of a sandbox ({MAX_LIFETIME:g}s)")
+                                 f"lifetime of a sandbox ({MAX_LIFETIME / 86400:g} days)")
 
     def without(self, sandbox: str, updated: float) -> RoutesDocument:
         return replace(self, updated=updated, routes=tuple(r for r in self.routes if r.sandbox != sandbox))
@@ -229,9 +229,6 @@ def verify_push(text: str, signature: str, authority: str | None) -> RoutesDocum
     public key of the agent's mounted routes file; None: it has none). Raises
     :class:`~intercept.errors.UnverifiedPush` saying why not, or
     :class:`~intercept.errors.UsageError` for a signed text that is no routes document."""
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
     if authority is None:
         raise UnverifiedPush("refused a pushed routes document: this agent's routes file names no routes authority "
                              "to verify it against (intercept sandbox create writes one into the ConfigMap; the "
@@ -239,6 +236,9 @@ def verify_push(text: str, signature: str, authority: str | None) -> RoutesDocum
     if not signature:
         raise UnverifiedPush("refused a pushed routes document: it is not signed; only intercept sandbox, with the "
                              "namespace's routes authority, may push routes")
+    from cryptography.exceptions import InvalidSignature  # loaded already: a push comes over SSH
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     try:
         Ed25519PublicKey.from_public_bytes(_public_key(authority)).verify(base64.b64decode(signature, validate=True),
                                                                           _SIGNED + text.encode())

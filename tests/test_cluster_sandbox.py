@@ -80,6 +80,20 @@ def test_a_fork_that_never_becomes_ready_leaves_nothing_behind(real_cluster: Rea
     assert sandbox_objects(real_cluster, ns, "bad") == [] and routed_sandboxes(real_cluster, ns, "web") == []
 
 
+def test_an_agent_that_cannot_be_injected_leaves_no_routes_configmap_or_authority_behind(
+        real_cluster: RealCluster, namespace_of) -> None:
+    ns = namespace_of("sbxnoagent")
+    deploy(real_cluster, ns, app("web", 1))
+    real_cluster.wait_ready(ns, "web", 1)
+    before = snapshot(real_cluster, ns)
+    failed = intercept("sandbox", "create", "pr-2", "--fork", "web", "--timeout", "60", "--agent-image",
+                       "registry.invalid/agent:1", *where(real_cluster, ns), timeout=WAIT * 2)
+    assert failed.returncode == 10, failed.stdout + failed.stderr
+    real_cluster.wait_ready(ns, "web", 1)
+    assert snapshot(real_cluster, ns) == before  # no routes authority Secret either
+    assert not real_cluster.exists("ConfigMap", ns, "intercept-web")
+
+
 def test_gc_removes_an_expired_sandbox_then_the_idle_agent_and_dry_run_changes_nothing(
         real_cluster: RealCluster, namespace_of) -> None:
     ns = namespace_of("gc")

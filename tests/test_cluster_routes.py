@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -82,14 +83,22 @@ def test_a_route_stops_routing_at_its_expiry_with_nothing_deleting_it(routed_age
     assert "short" in routes.read_text()  # still in the file: the agent enforced the expiry itself
 
 
-async def control(agent, request: protocol.Request) -> dict:
-    """One request on the agent's control channel, as a client with its credentials."""
+async def control_lines(agent, *lines: bytes) -> list[dict]:
+    """Lines on the agent's control channel, as anyone with the agent's token can write them; the replies."""
     creds = load(agent.credentials)
     async with asyncssh.connect("127.0.0.1", agent.ssh_port, username="ci", password=creds.token, known_hosts=None,
                                 client_keys=None, preferred_auth="password") as conn:
         writer, reader, _ = await conn.open_session(subsystem=protocol.CONTROL_SUBSYSTEM, encoding=None)
-        writer.write(protocol.encode(request))
-        return json.loads(await reader.readline())
+        replies = []
+        for line in lines:
+            writer.write(line.rstrip(b"\n") + b"\n")
+            replies.append(json.loads(await reader.readline()))
+        return replies
+
+
+async def control(agent, request: protocol.Request) -> dict:
+    """One request on the agent's control channel, as a client with its credentials."""
+    return (await control_lines(agent, protocol.encode(request)))[0]
 
 
 def push(agent, document: RoutesDocument, authority: RoutesAuthority = AUTHORITY) -> dict:
@@ -133,8 +142,6 @@ def test_an_unreachable_fork_gets_a_502_naming_the_sandbox(cluster_app, tmp_path
 
 
 def test_start_ttl_ends_the_route_on_the_agent_even_when_the_client_is_frozen(agent, local_app):
-    import signal
-
     client = start_client(agent, local_app.port, "--header", "x-dev=ttl", "--ttl", "3s")
     try:
         assert agent.app_of({"x-dev": "ttl"}) == "local"
@@ -225,12 +232,12 @@ def test_malformed_routes_files_are_each_logged_and_skipped_and_routes_still_com
             publish(volume, content)
             agent.proc.wait_for(r"WARNING .*routes file .*; keeping the routes held", start=start)
             assert agent.app_of({"x-intercept-id": "bad"}) == "cluster", what
+        start = len(agent.proc.lines)
         publish(volume, RoutesDocument(time.time(), (route("good", fork.port, time.time() + 3600),)).to_text().encode())
-        eventually(lambda: agent.app_of({"x-intercept-id": "good"}) == "fork", "the good document after the bad ones")
+        agent.proc.wait_for("cluster routes of .* applied: good", start=start)
+        assert agent.app_of({"x-intercept-id": "good"}) == "fork"
 
         # and expiry still runs: a --ttl route leaves the table (a frozen client cannot end it)
-        import signal
-
         client = start_client(agent, local_app.port, "--header", "x-dev=ttl", "--ttl", "2s")
         client.signal(signal.SIGSTOP)
         agent.proc.wait_for(r"route x-dev: ttl of .* expired")
@@ -250,19 +257,6 @@ def secret():
     app.close()
 
 
-async def control_lines(agent, *lines: str) -> list[dict]:
-    """Raw lines on the control channel, as anyone with the agent's token can write them; the replies."""
-    creds = load(agent.credentials)
-    async with asyncssh.connect("127.0.0.1", agent.ssh_port, username="mallory", password=creds.token, known_hosts=None,
-                                client_keys=None, preferred_auth="password") as conn:
-        writer, reader, _ = await conn.open_session(subsystem=protocol.CONTROL_SUBSYSTEM, encoding=None)
-        replies = []
-        for line in lines:
-            writer.write(line.encode() + b"\n")
-            replies.append(json.loads(await reader.readline()))
-        return replies
-
-
 def test_a_developer_session_cannot_push_a_route_to_anywhere(cluster_app, secret, fork, tmp_path):
     routes = tmp_path / "routes.json"
     write(routes)  # the routes authority, as intercept sandbox wrote it
@@ -272,20 +266,20 @@ def test_a_developer_session_cannot_push_a_route_to_anywhere(cluster_app, secret
                                                 "destination": f"127.0.0.1:{secret.port}", "expires": 1e308}]}
         own = RoutesAuthority.generate()
         naming_its_own_key = json.dumps({**attack, "authority": own.public})
-        replies = asyncio.run(control_lines(
-            agent,
-            json.dumps({"op": "cluster-routes", "document": attack}),
-            json.dumps({"op": "cluster-routes", "document": json.dumps(attack), "signature": ""}),
-            json.dumps({"op": "cluster-routes", "document": naming_its_own_key, "signature": own.sign(naming_its_own_key)}),
-        ))
+        replies = asyncio.run(control_lines(agent, *(json.dumps(push).encode() for push in (
+            {"op": "cluster-routes", "document": attack},
+            {"op": "cluster-routes", "document": json.dumps(attack), "signature": ""},
+            {"op": "cluster-routes", "document": naming_its_own_key, "signature": own.sign(naming_its_own_key)}))))
         assert [r["ok"] for r in replies] == [False, False, False], replies
         assert [r["error"] for r in replies[1:]] == ["forbidden", "forbidden"]
         assert "it is not signed" in replies[1]["message"]
         assert "its signature does not verify against the routes authority of this agent's routes file" in replies[2]["message"]
         assert agent.app_of({"x-ssrf": "1"}) == "cluster" and secret.hits == 0
         # nothing made the routes file look stale: its next version applies
+        start = len(agent.proc.lines)
         write(routes, route("pr-1", fork.port, time.time() + 3600))
-        eventually(lambda: agent.app_of({"x-intercept-id": "pr-1"}) == "fork", "the route from the file")
+        agent.proc.wait_for("cluster routes of .* applied: pr-1", start=start)
+        assert agent.app_of({"x-intercept-id": "pr-1"}) == "fork"
     finally:
         agent.proc.stop()
 

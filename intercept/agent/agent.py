@@ -513,7 +513,8 @@ def _release_startup_memory(collect: bool = True) -> None:
 def _reaches_this_pod(address: str) -> bool:
     """Whether a connection to ``address`` stays in this pod (its network namespace): a
     loopback or unspecified address (``0.0.0.0`` and ``::`` reach the local host), also
-    IPv4-mapped, or one of its interfaces' addresses, which a socket can bind to."""
+    IPv4-mapped, or one of its interfaces' addresses, which a socket can bind to (where
+    ``ip_nonlocal_bind`` lets any address bind, every one counts: the safe side)."""
     ip = ipaddress.ip_address(address.partition("%")[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped

@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -608,7 +607,9 @@ def restore_text(text: str, *, source: str = "the manifests") -> tuple[str, list
 
 
 async def _push_routes(change: Any, in_cluster: bool, api_client: Any) -> list[str]:
-    """Push a workload's routes document to every ready agent pod of it; the problems, if any."""
+    """Push a workload's routes document, signed by the namespace's routes authority, to every
+    ready agent pod of it; the problems, if any (a pod that refuses the push reads the same
+    document from its ConfigMap when the kubelet refreshes it)."""
     from intercept.client.fleet import pod_transport
     from intercept.client.session import AgentSession, InterceptOptions
     from intercept.client.start import default_name
@@ -616,6 +617,11 @@ async def _push_routes(change: Any, in_cluster: bool, api_client: Any) -> list[s
     from intercept.routing.match import Route
 
     info = change.agent
+    later = "it reads the routes from its ConfigMap when the kubelet refreshes it"
+    if change.authority is None:
+        return [f"{info.workload} in namespace {info.namespace}: no routes authority to sign the routes with; {later}"]
+    text = change.document.to_text()
+    push = protocol.SetClusterRoutes(text, change.authority.sign(text))
     pods = [p for p in await asyncio.to_thread(agent_pods, api_client, info.namespace, info.selector) if p.ready and p.ip]
 
     async def one(pod: Any) -> str | None:
@@ -624,11 +630,13 @@ async def _push_routes(change: Any, in_cluster: bool, api_client: Any) -> list[s
         session = AgentSession(options)
         try:
             await session.connect()
-            reply = await session.request(protocol.SetClusterRoutes(json.loads(change.document.to_text())))
+            reply = await session.request(push)
         except InterceptError as e:
-            return f"pod {pod.name}: {e} (it reads the routes from its ConfigMap when the kubelet refreshes it)"
+            return f"pod {pod.name}: {e} ({later})"
         finally:
             await session.leave()
+        if not reply.get("ok"):
+            return f"pod {pod.name}: {protocol.Refusal.from_json(reply).message} ({later})"
         refused = reply.get("refused") or []
         return f"pod {pod.name}: {'; '.join(refused)}" if refused else None
 
@@ -662,11 +670,12 @@ def sandbox_create(name: str, services: Sequence[str], *, namespace: str | None 
     from intercept.kube.image import DEFAULT_AGENT_IMAGE
     from intercept.kube.inject import InjectOptions
     from intercept.kube.sandbox import Overrides, expiry_text
-    from intercept.routing.cluster import sandbox_name
+    from intercept.routing.cluster import sandbox_lifetime, sandbox_name
     from intercept.routing.match import Route, parse_rule
 
     emit = on_event or (lambda event: None)
     sandbox_name(name)
+    sandbox_lifetime(ttl)
     overrides = Overrides.parse(list(images), list(env))
     rules = [parse_rule("header", h) for h in headers] + ([parse_rule("baggage", baggage)] if baggage else [])
     keys = [Route(frozenset(rules))] if rules else None
@@ -710,7 +719,9 @@ def sandbox_extend(name: str, ttl: float, *, namespace: str | None = None, kubec
                    context: str | None = None, on_event: OnEvent | None = None) -> float:
     """Move sandbox ``name``'s expiry to ``ttl`` seconds from now; the new expiry (Unix time)."""
     from intercept.kube import sandboxes
+    from intercept.routing.cluster import sandbox_lifetime
 
+    sandbox_lifetime(ttl)
     cluster = _sandbox_cluster(namespace, kubeconfig, context)
     expires, changes = sandboxes.extend(cluster.api, cluster.namespace, name, ttl)
     _push_all(cluster, changes, on_event or (lambda event: None))
@@ -760,9 +771,10 @@ def sandbox_manifests(name: str, services: Sequence[str], *, images: Sequence[st
     from intercept.kube import sandbox
     from intercept.kube.inject import ROUTES_KEY, routes_name
     from intercept.kube.manifests import load
-    from intercept.routing.cluster import RoutesDocument
+    from intercept.routing.cluster import RoutesDocument, sandbox_lifetime
     from intercept.routing.match import Route, parse_rule
 
+    sandbox_lifetime(ttl)
     if manifests is not None:
         objects = load(manifests)
         ns = namespace or next((o["metadata"].get("namespace") for o in objects if o["metadata"].get("namespace")), "default")

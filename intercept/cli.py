@@ -255,7 +255,7 @@ def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_t
         def ready(a: Any) -> None:
             (h, p), (sh, sp) = a.http_address, a.ssh_address
             click.echo(f"intercept: agent: http {h}:{p} ssh {sh}:{sp} upstream {config.upstream[0]}:{config.upstream[1]}", nl=True)
-            if allow_outbound and not config.fence.open:
+            if not config.fence.open:  # it judges sandbox destinations, and developers' outbound connections
                 click.echo(f"intercept: agent: outbound fence: {config.fence.describe()}")
             if a.files:
                 click.echo(f"intercept: agent: files: {' '.join(r.path for r in a.files.roots)}")
@@ -496,7 +496,7 @@ def sandbox_group() -> None:
 @click.option("--fork", "forks", multiple=True, required=True, metavar="SERVICE", help="A Service to fork (repeatable).")
 @click.option("--image", "images", multiple=True, metavar="[CONTAINER=]IMAGE", help="The forks' image (of the Service's container unless named).")
 @click.option("--env", "env", multiple=True, metavar="[CONTAINER:]KEY=VALUE", help="A variable set in the forks (repeatable).")
-@click.option("--ttl", default="24h", show_default=True, metavar="DURATION", help="How long the sandbox lives; gc removes it after.")
+@click.option("--ttl", default="24h", show_default=True, metavar="DURATION", help="How long the sandbox lives (at most 30d); gc removes it after.")
 @click.option("--header", "headers", multiple=True, metavar="NAME=VALUE", help="The routing key instead of x-intercept-id: NAME.")
 @click.option("--baggage", metavar="KEY=VALUE", help="The routing key as a W3C baggage member instead of intercept-id=NAME.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until every fork is ready (removing everything if one is not).")

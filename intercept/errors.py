@@ -52,6 +52,11 @@ class RouteConflict(InterceptError):
         self.holder = holder
 
 
+class UnverifiedPush(InterceptError):
+    """A pushed routes document that the agent cannot verify was signed by the namespace's
+    routes authority (no authority in its routes file, no signature, or a wrong one)."""
+
+
 class CredentialsError(InterceptError):
     """The credentials file is missing or unreadable."""
 

@@ -630,6 +630,20 @@ def _delete_routes(cluster: Cluster, namespace: str, name: str, progress: Progre
     except NotFound:
         return
     progress(f"ConfigMap/{name}: deleted")
+    drop_unused_authority(cluster, namespace, progress)
+
+
+def drop_unused_authority(cluster: Cluster, namespace: str, progress: Progress) -> None:
+    """The namespace's routes authority (its Secret) goes with its last routes ConfigMap: no
+    agent is left to trust it, and the namespace is left as it was."""
+    maps, _ = cluster.list("ConfigMap", namespace, label_selector=f"{MANAGED_BY[0]}={MANAGED_BY[1]}")
+    if any(inject.ROUTES_KEY in (cm.get("data") or {}) for cm in maps):
+        return
+    try:
+        cluster.delete("Secret", namespace, inject.AUTHORITY_SECRET)
+    except NotFound:
+        return
+    progress(f"Secret/{inject.AUTHORITY_SECRET}: deleted (no routes ConfigMap is left)")
 
 
 def _substituted_restore(objects: list[Obj], i: int, current: Obj, workload: str | None) -> Obj:

@@ -73,6 +73,11 @@ CREDENTIALS_KEY = "credentials.json"
 ROUTES_VOLUME = "intercept-routes"
 ROUTES_DIR = "/var/run/intercept-routes"
 ROUTES_KEY = "routes.json"
+# The namespace's routes authority: the key that signs pushed routes (intercept sandbox holds
+# it; its public half is in each routes ConfigMap). A dot, so that no workload's Secret
+# (intercept-<workload>) can have its name.
+AUTHORITY_SECRET = "intercept.routes-authority"
+AUTHORITY_KEY = "ed25519.key"
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 MOUNTS_ENV = "INTERCEPT_MOUNTS"  # read by intercept.agent.files.mounts_from_env
 # The user the agent runs as when the pod does not name a non-root one (distroless "nonroot").

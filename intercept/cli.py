@@ -204,58 +204,66 @@ def main(verbose: int) -> None:
     _setup_logging(verbose)
 
 
+def _agent_options(command: Any) -> Any:
+    """click parameters for every setting of :data:`intercept.agentconfig.SETTINGS`: flag, help,
+    variable and default are the table's. Only the flags typed are passed on; the variables
+    and defaults below them are applied by :func:`intercept.agentconfig.resolve`."""
+    from intercept.agentconfig import SETTINGS
+
+    for setting in reversed(SETTINGS):
+        if setting.required:
+            default = "required"
+        elif setting.default_doc is not None:
+            default = setting.default_doc
+        else:
+            default = setting.text(setting.default)
+        text = f"{setting.help} [env: {setting.env}; default: {default}]"
+        if setting.is_bool:
+            name = setting.flag.removeprefix("--")
+            decls = [f"{setting.flag}/--no-{name}", setting.key]
+            command = click.option(*decls, default=None, help=text)(command)
+        else:
+            command = click.option(setting.flag, setting.key, multiple=setting.multiple, default=None, help=text,
+                                   metavar=setting.type)(command)
+    return command
+
+
 @main.command()
-@click.option("--listen", envvar="INTERCEPT_LISTEN", default="0.0.0.0:9900", show_default=True, help="HTTP listener, HOST:PORT.")
-@click.option("--upstream", envvar="INTERCEPT_UPSTREAM", required=True, help="The app container, HOST:PORT.")
-@click.option("--ssh-listen", envvar="INTERCEPT_SSH_LISTEN", default="0.0.0.0:9922", show_default=True, help="SSH server, HOST:PORT.")
-@click.option("--credentials", envvar="INTERCEPT_CREDENTIALS", required=True, type=click.Path(path_type=Path), help="Host key and token file; created (0600) at first start.")
-@click.option("--hold-timeout", envvar="INTERCEPT_HOLD_TIMEOUT", default=10.0, show_default=True, type=float, help="Seconds a matched request waits for the developer's process.")
-@click.option("--allow-outbound/--no-allow-outbound", envvar="INTERCEPT_ALLOW_OUTBOUND", default=False, help="Let clients open TCP connections from this pod.")
-@click.option("--shutdown-grace", envvar="INTERCEPT_SHUTDOWN_GRACE", default=0.0, show_default=True, type=float, help="Seconds to keep serving after SIGTERM.")
-@click.option("--header-timeout", envvar="INTERCEPT_HEADER_TIMEOUT", default=60.0, show_default=True, type=float, help="Close connections that wait longer for a request head.")
-@click.option("--max-connections", envvar="INTERCEPT_MAX_CONNECTIONS", default=10000, show_default=True, type=click.IntRange(min=0), help="New connections (no request completed yet) served at once; more get 503. 0: no cap.")
-@click.option("--forwarded-headers/--no-forwarded-headers", envvar="INTERCEPT_FORWARDED_HEADERS", default=True, show_default=True, help="Add the client's address to each request (X-Forwarded-For, Forwarded).")
-@click.option("--routes-file", envvar="INTERCEPT_ROUTES_FILE", type=click.Path(path_type=Path), help="The sandboxes' routes (JSON), read again when it changes; the injection mounts it from a ConfigMap.")
-@click.option("--outbound-allow", envvar="INTERCEPT_OUTBOUND_ALLOW", multiple=True, metavar="HOST[:PORT]", help="Outbound connections may go only where one such rule matches (repeatable; * in names, CIDR for addresses).")
-@click.option("--outbound-deny", envvar="INTERCEPT_OUTBOUND_DENY", multiple=True, metavar="HOST[:PORT]", help="Outbound connections never go where such a rule matches (repeatable; deny wins over allow).")
-@click.option("--serve-files", envvar="INTERCEPT_SERVE_FILES", multiple=True, metavar="DIR", help="Serve DIR (or a file), read-only, to developers at its own path (repeatable; in a pod the injection names the app's mounts).")
-def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_timeout: float, allow_outbound: bool,
-          shutdown_grace: float, header_timeout: float, routes_file: Path | None, forwarded_headers: bool,
-          max_connections: int, outbound_allow: tuple[str, ...], outbound_deny: tuple[str, ...],
-          serve_files: tuple[str, ...]) -> None:
+@_agent_options
+@click.pass_context
+def agent(ctx: click.Context, **_: Any) -> None:
     """Run the agent in front of an app (in a pod: configured by INTERCEPT_* variables)."""
     import os
 
-    from intercept.agent import AgentConfig, run
+    from click.core import ParameterSource
+
+    from intercept.agent import run
     from intercept.agent.files import MOUNTS_ENV, ServedFiles, mounts_from_env, parse_serve_files
-    from intercept.routing.fence import Fence
+    from intercept.agentconfig import SETTINGS, resolve
 
     try:
+        given: dict[str, Any] = {}
         try:
-            served = [*mounts_from_env(os.environ), *parse_serve_files(serve_files)]
-            ServedFiles(served)
+            for setting in SETTINGS:
+                if ctx.get_parameter_source(setting.key) is not ParameterSource.COMMANDLINE:
+                    continue
+                value = ctx.params[setting.key]
+                if setting.multiple:
+                    value = tuple(setting.value(v, f"{setting.flag} {v!r}") for v in value)
+                elif not setting.is_bool:
+                    value = setting.value(value, f"{setting.flag} {value!r}")
+                given[setting.key] = value
+            config = resolve(os.environ, {**given, "mounts": tuple(mounts_from_env(os.environ))})
+            ServedFiles([*config.mounts, *parse_serve_files(config.serve_files)])
+        except UsageError as e:
+            raise UsageError(f"{e}; see {ctx.command_path} --help") from None
         except ValueError as e:
-            raise UsageError(f"--serve-files / {MOUNTS_ENV}: {e}") from None
-        config = AgentConfig(
-            listen=_address(listen, "--listen"),
-            upstream=_address(upstream, "--upstream"),
-            ssh_listen=_address(ssh_listen, "--ssh-listen"),
-            credentials=credentials,
-            hold_timeout=hold_timeout,
-            allow_outbound=allow_outbound,
-            shutdown_grace=shutdown_grace,
-            header_timeout=header_timeout,
-            routes_file=routes_file,
-            forwarded_headers=forwarded_headers,
-            max_connections=max_connections,
-            fence=Fence.parse(outbound_allow, outbound_deny),
-            serve_files=tuple(served),
-        )
+            raise UsageError(f"--serve-files / {MOUNTS_ENV}: {e}; see {ctx.command_path} --help") from None
 
         def ready(a: Any) -> None:
             (h, p), (sh, sp) = a.http_address, a.ssh_address
             click.echo(f"intercept: agent: http {h}:{p} ssh {sh}:{sp} upstream {config.upstream[0]}:{config.upstream[1]}", nl=True)
-            if allow_outbound and not config.fence.open:
+            if config.allow_outbound and not config.fence.open:
                 click.echo(f"intercept: agent: outbound fence: {config.fence.describe()}")
             if a.files:
                 click.echo(f"intercept: agent: files: {' '.join(r.path for r in a.files.roots)}")

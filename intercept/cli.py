@@ -76,12 +76,13 @@ def _given(ctx: click.Context, *keys: str) -> dict[str, Any]:
 
 
 def _spec(ctx: click.Context, *keys: str, **extra: Any) -> Any:
-    """The intercept this command line describes, over the ``INTERCEPT_*`` variables, validated."""
+    """The intercept this command line describes, over the ``INTERCEPT_*`` variables and the
+    service's entry in ./intercept.yaml (:func:`intercept.spec.for_service`), validated."""
     import os
 
-    from intercept.spec import merge
+    from intercept.spec import for_service
 
-    return merge(None, os.environ, {**_given(ctx, *keys), **extra})
+    return for_service(os.environ, {**_given(ctx, *keys), **extra})
 
 
 def _options(ctx: click.Context, *keys: str) -> dict[str, Any]:
@@ -98,7 +99,7 @@ _START = (
     "service", "agent", "credentials", "port", "headers", "header_regexes", "baggage", "path_prefix", "all", "name",
     "watch", "no_watch", "debug", "debug_port", "debug_wait", "env_file", "mount", "mount_mode", "forward", "propagate_header",
     "no_outbound", "outbound_allow", "outbound_deny", "no_policy_changes", "no_forwarded_headers", "timeout", "ttl",
-    "service_port", "agent_image", *CLUSTER,
+    "service_port", "agent_image", "reinject", *CLUSTER,
 )
 
 
@@ -392,18 +393,29 @@ _INJECT = ("agent_image", "service_port", "no_policy_changes", "no_outbound", "n
 
 @main.command("inject")
 @click.argument("service")
-@click.option("-f", "--filename", "manifests", required=True, type=click.File("r"), help="Manifests (YAML, several documents); - reads stdin.")
-@_spec_options(*_INJECT)
+@click.option("-f", "--filename", "manifests", type=click.File("r"),
+              help="Offline: read manifests (YAML, several documents; - reads stdin) and print them injected.")
+@_spec_options(*_INJECT, "timeout", *CLUSTER)
 @click.pass_context
 def inject_command(ctx: click.Context, service: str, manifests: Any, **_: Any) -> None:
-    """Print the manifests with the agent injected behind SERVICE (offline; comments are not kept).
+    """Add the agent behind SERVICE, or change its pod-wide settings for everyone; with -f, offline.
 
     \b
-    intercept inject orders -f manifests.yaml > injected.yaml
+    intercept inject orders -n shop --outbound-deny '*.internal'   # the running agent's fence, for everyone
+    intercept inject orders -f manifests.yaml > injected.yaml       # offline (comments are not kept)
     """
     from intercept import api
 
     try:
+        if manifests is None:
+            done = api.inject(_spec(ctx, *_INJECT, "timeout", *CLUSTER, service=service), on_event=_progress)
+            if done["changed"]:
+                click.echo(f"intercept: injected: {done['workload']}: its agent changed for everyone "
+                           f"({'; '.join(done['changed'])}; namespace {done['namespace']})")
+            else:
+                click.echo(f"intercept: injected: {done['workload']} runs the agent {done['image']} as asked "
+                           f"(namespace {done['namespace']})")
+            return
         text, changes = api.inject_text(manifests.read(), service, **_options(ctx, *_INJECT), source=manifests.name)
     except InterceptError as e:
         _fail(e)
@@ -640,7 +652,7 @@ def gc_command(ctx: click.Context, all_namespaces: bool, idle: str, dry_run: boo
 @click.argument("service", required=False)
 @_spec_options("agent_image", "service_port", "no_policy_changes", *CLUSTER)
 @click.option("-f", "--filename", "spec_file", default="intercept.yaml", show_default=True,
-              type=click.Path(dir_okay=False, path_type=Path), help="Read agent_image from here when it exists (the namespace and the rest come from the flags).")
+              type=click.Path(dir_okay=False, path_type=Path), help="Read SERVICE's entry here when the file exists (its agent_image, namespace, ...), as intercept start does.")
 @click.pass_context
 def doctor_command(ctx: click.Context, service: str | None, spec_file: Path, **_: Any) -> None:
     """Check what a first intercept of SERVICE needs; one line per check, with its fix.
@@ -654,22 +666,15 @@ def doctor_command(ctx: click.Context, service: str | None, spec_file: Path, **_
 
     from intercept import api
     from intercept.errors import ChecksFailed
-    from intercept.spec import load_workspace
+    from intercept.spec import for_service
 
     keys = ("agent_image", "service_port", "no_policy_changes", *CLUSTER)
     try:
-        options = dict(_options(ctx, *keys))
-        given = _given(ctx, *keys)
-        origin = "--agent-image" if "agent_image" in given else (
-            "INTERCEPT_AGENT_IMAGE" if os.environ.get("INTERCEPT_AGENT_IMAGE") else None)
-        if origin is None and spec_file.is_file():
-            workspace = load_workspace(spec_file, os.environ)
-            chosen = next((i for i in workspace.intercepts if service in (None, i.service) and "agent_image" in i.origins),
-                          None)
-            if chosen is not None:
-                options["agent_image"], origin = chosen.agent_image, f"{spec_file} ({chosen.origins['agent_image']})"
-        results = api.doctor(service, **{**options, "agent_image": options["agent_image"] if origin else None},
-                             image_origin=origin)
+        spec = for_service(os.environ, {**_given(ctx, *keys), "service": service}, spec_file)
+        origin = spec.origins.get("agent_image")  # None: the built-in default, or the running agent's
+        options = {key: getattr(spec, key) for key in keys}
+        results = api.doctor(service, **{**options, "agent_image": spec.agent_image if origin else None},
+                             image_origin=str(origin) if origin else None)
     except InterceptError as e:
         _fail(e)
     for check in results:

@@ -789,18 +789,24 @@ def leave_command(service: str, namespace: str | None) -> None:
 
 @main.command("vscode", cls=_DashDashCommand)
 @click.argument("services", nargs=-1)
+@_spec_options(*(key for key in _START if key not in ("service", "agent", "credentials", "debug", "debug_port",
+                                                       "debug_wait", "watch", "no_watch")))
 @click.pass_context
-def vscode_command(ctx: click.Context, services: tuple[str, ...]) -> None:
+def vscode_command(ctx: click.Context, services: tuple[str, ...], **_: Any) -> None:
     """Write .vscode/launch.json and tasks.json to debug SERVICE running COMMAND.
 
     \b
-    intercept vscode orders -- python app.py
+    intercept vscode orders -n shop --header x-dev=alice -- python app.py
     intercept vscode            (the services and commands of ./intercept.yaml)
+
+    The options are start's, written into each task (over ./intercept.yaml's).
     """
     from intercept import api
 
+    keys = [key for key in _START if key in ctx.params]
     try:
-        written = api.vscode(services, directory=Path.cwd(), spec_file=Path("intercept.yaml"), command=ctx.meta["command"])
+        written = api.vscode(services, directory=Path.cwd(), spec_file=Path("intercept.yaml"), command=ctx.meta["command"],
+                             options=_given(ctx, *keys))
     except InterceptError as e:
         _fail(e)
     if not written:

@@ -101,10 +101,11 @@ async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow
         if s.credentials is None:
             raise UsageError("--credentials FILE is required with --agent (the file the agent wrote)")
         transport, credentials, namespace = DirectTransport(*s.agent_address), load(s.credentials), s.namespace
+        refresh = None
     elif s.service is None:
         raise UsageError("name the SERVICE (intercept start orders), or --agent HOST:PORT for an agent you can reach")
     else:
-        transport, credentials, replicas, namespace = await _service_agents(s, emit, follow, add=route)
+        transport, credentials, replicas, namespace, refresh = await _service_agents(s, emit, follow, add=route)
     name = s.name or default_name()
     rules = s.rules() if route else []
     if route and not rules and not s.all:
@@ -112,7 +113,8 @@ async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow
         emit(Event("header", f"your requests carry x-intercept-id: {name}"))
     options = InterceptOptions(transport=transport, credentials=credentials, route=Route(frozenset(rules)), name=name,
                                local_port=s.port, all_traffic=s.all and route, ttl=s.ttl if route else None,
-                               fence=Fence.parse(s.outbound_allow, s.outbound_deny, owner="this session"))
+                               fence=Fence.parse(s.outbound_allow, s.outbound_deny, owner="this session"),
+                               refresh_credentials=refresh)
     return _Target(options, replicas, namespace)
 
 
@@ -193,23 +195,31 @@ async def _holders(cluster: Any, info: Any) -> list[str]:
     return sorted({str(r.get("holder")) for r in routes if not str(r.get("holder", "")).startswith("sandbox ")})
 
 
-async def _service_agents(s: InterceptSpec, emit: OnEvent, follow: bool, *, add: bool = True) -> tuple[Any, Any, Any, str]:
+async def _service_agents(s: InterceptSpec, emit: OnEvent, follow: bool, *,
+                          add: bool = True) -> tuple[Any, Any, Any, str, Any]:
     """The agents of Service ``s.service`` (the agent injected first if it has none and
-    ``add``): the transport, the credentials, the replica sets to follow (``follow``) and
-    the namespace."""
+    ``add``): the transport, the credentials, the replica sets to follow (``follow``; an
+    uninstall ends them with AgentRemoved), the namespace, and how to read the
+    credentials again (a reinstalled agent has a new host key in its Secret)."""
     from intercept.client.fleet import pod_replicas
     from intercept.client.transport import ServiceTransport
+    from intercept.kube.apply import agent_credentials
     from intercept.kube.config import connect
     from intercept.kube.pods import watch_agent_pods
 
     cluster = await asyncio.to_thread(connect, s.kubeconfig, s.context, s.namespace)
     named = {field for key, field in _POD_WIDE.items() if key in s.origins}
     info = await _ensure_agent(cluster, s, emit, add=add, named=named, reinject=s.reinject and add)
+
+    async def refresh() -> Any:
+        return await asyncio.to_thread(agent_credentials, cluster.api, cluster.namespace, info.workload_name)
+
     if follow:
-        replicas = pod_replicas(watch_agent_pods(cluster.api, cluster.namespace, info.selector), cluster.api,
-                                in_cluster=cluster.in_cluster)
-        return ServiceTransport(cluster.namespace, s.service), info.credentials, replicas, cluster.namespace
-    return await asyncio.to_thread(_one_pod, cluster, info), info.credentials, None, cluster.namespace
+        pods = watch_agent_pods(cluster.api, cluster.namespace, info.selector,
+                                workload=(info.workload_kind, info.workload_name, s.service))
+        replicas = pod_replicas(pods, cluster.api, in_cluster=cluster.in_cluster)
+        return ServiceTransport(cluster.namespace, s.service), info.credentials, replicas, cluster.namespace, refresh
+    return await asyncio.to_thread(_one_pod, cluster, info), info.credentials, None, cluster.namespace, refresh
 
 
 def _one_pod(cluster: Any, info: Any) -> Any:
@@ -616,9 +626,14 @@ def list_services(namespace: str | None = None, *, all_namespaces: bool = False,
 
 def uninstall(service: str | None = None, *, all: bool = False, namespace: str | None = None,
               kubeconfig: str | None = None, context: str | None = None, timeout: float = 300.0,
-              on_event: OnEvent | None = None) -> Any:
+              on_event: OnEvent | None = None, force: bool = False) -> Any:
     """Remove the agent behind ``service`` (or every agent of the namespace with ``all``) and
-    restore what it changed, exactly; idempotent. Returns :class:`~intercept.kube.apply.Uninstalled`."""
+    restore what it changed, exactly; idempotent. Returns :class:`~intercept.kube.apply.Uninstalled`.
+
+    Refused (:class:`~intercept.errors.AgentInUse`), naming them, while developers hold
+    routes on an agent it would remove, unless ``force``; their intercepts then end
+    saying that the agent was removed by an uninstall."""
+    from intercept.errors import AgentInUse
     from intercept.kube.apply import uninstall as remove
     from intercept.kube.config import connect
 
@@ -626,6 +641,16 @@ def uninstall(service: str | None = None, *, all: bool = False, namespace: str |
         raise UsageError("pass a SERVICE, or --all for every agent in the namespace (not both)")
     emit = on_event or (lambda event: None)
     cluster = connect(kubeconfig, context, namespace)
+    if not force:
+        _, rows = list_services(cluster.namespace, kubeconfig=kubeconfig, context=context)
+        held = {r["service"]: sorted({x["holder"] for x in r["routes"] if "holder" in x and not
+                                      str(x["holder"]).startswith("sandbox ")})
+                for r in rows if r["agent"] and (all or r["service"] == service)}
+        held = {name: holders for name, holders in held.items() if holders}
+        if held:
+            said = "; ".join(f"the agent of {name} serves {', '.join(holders)}" for name, holders in sorted(held.items()))
+            raise AgentInUse(f"{said} (namespace {cluster.namespace}): uninstalling cuts their intercepts; ask them to "
+                             f"leave (intercept leave SERVICE), or uninstall anyway with --force")
     return remove(cluster.api, cluster.namespace, service, all=all, progress=lambda line: emit(Event("progress", line)),
                   timeout=timeout)
 

@@ -442,14 +442,16 @@ def restore_command(manifests: Any) -> None:
 @main.command("uninstall")
 @click.argument("service", required=False)
 @click.option("--all", "all_agents", is_flag=True, help="Every agent in the namespace.")
+@click.option("--force", is_flag=True, help="Even while developers hold routes on it (their intercepts end, saying so).")
 @_spec_options("timeout", *CLUSTER)
 @click.pass_context
-def uninstall_command(ctx: click.Context, service: str | None, all_agents: bool, **_: Any) -> None:
+def uninstall_command(ctx: click.Context, service: str | None, all_agents: bool, force: bool, **_: Any) -> None:
     """Remove the agent behind SERVICE (or every agent with --all) and restore what it changed, exactly."""
     from intercept import api
 
     try:
-        result = api.uninstall(service, all=all_agents, **_options(ctx, "timeout", *CLUSTER), on_event=_progress)
+        result = api.uninstall(service, all=all_agents, **_options(ctx, "timeout", *CLUSTER), on_event=_progress,
+                               force=force)
     except InterceptError as e:
         _fail(e)
     what = f"Service {service}" if service else "no workload"

@@ -98,6 +98,18 @@ class NoAgent(InterceptError):
     exit_code = 14
 
 
+class AgentRemoved(InterceptError):
+    """An intercept's agent was removed (``intercept uninstall``) while it ran."""
+
+    exit_code = 15
+
+
+class AgentInUse(InterceptError):
+    """``intercept uninstall`` without ``--force`` while developers hold routes on the agent."""
+
+    exit_code = 16
+
+
 class ChecksFailed(InterceptError):
     """``intercept doctor``: at least one check failed (each failed line says its fix)."""
 

@@ -125,3 +125,71 @@ def test_an_explicit_inject_changes_the_fence_for_everyone_saying_whom_it_interr
         assert again.returncode == 0 and "changing" not in again.stdout, again.stdout + again.stderr
     finally:
         alice.stop()
+
+
+def test_uninstall_refuses_while_developers_hold_routes_and_with_force_their_intercepts_end_saying_why(
+    real_cluster: RealCluster, namespace_of
+) -> None:
+    ns = namespace_of("gone")
+    deploy(real_cluster, ns, app("gone", 1))
+    real_cluster.wait_ready(ns, "gone", 1)
+    kube = ["-n", ns, "--kubeconfig", str(real_cluster.kubeconfig)]
+    carol = start(real_cluster, ns, "gone", free_port(), name="carol", header="x-dev=carol")
+    try:
+        carol.wait_for(r"^intercept: ready: ", timeout=WAIT)
+        refused = intercept("uninstall", "gone", *kube)
+        assert refused.returncode == 16, refused.stdout + refused.stderr
+        assert refused.stderr.strip() == (
+            f"intercept: error: the agent of gone serves carol (namespace {ns}): uninstalling cuts their intercepts; "
+            "ask them to leave (intercept leave SERVICE), or uninstall anyway with --force")
+        assert carol.p.poll() is None
+
+        forced = intercept("uninstall", "gone", "--force", *kube)
+        assert forced.returncode == 0, forced.stdout + forced.stderr
+        assert carol.finish(WAIT) == 15, carol.output
+        assert carol.lines[-1].startswith(
+            f"intercept: error: the agent of gone was removed by an uninstall (namespace {ns})"), carol.output
+    finally:
+        carol.stop()
+
+
+def test_a_reinstalled_agents_host_key_comes_from_its_secret_and_only_a_key_unlike_the_secrets_is_refused(
+    real_cluster: RealCluster, namespace_of
+) -> None:
+    import base64
+
+    from intercept.credentials import Credentials
+    from tests.realcluster import served_by
+
+    ns = namespace_of("keys")
+    deploy(real_cluster, ns, app("keys", 1))
+    real_cluster.wait_ready(ns, "keys", 1)
+
+    def secret(credentials: Credentials) -> None:
+        real_cluster.patch("Secret", ns, "intercept-keys", {"data": {
+            "credentials.json": base64.b64encode(credentials.to_json().encode()).decode()}})
+
+    alice = start(real_cluster, ns, "keys", free_port())
+    try:
+        alice.wait_for(r"^intercept: ready: ", timeout=WAIT)
+        old = real_cluster.get("Secret", ns, "intercept-keys")["data"]["credentials.json"]
+        secret(Credentials.generate())  # what a reinstall does: a new host key and token...
+        (pod,) = [p["metadata"]["name"] for p in real_cluster.pods(ns, "app=keys")]
+        mark = len(alice.lines)
+        real_cluster.delete("Pod", ns, pod)  # ...and pods that present it
+        alice.wait_for(r"^intercept: progress: the agent was reinstalled: its new host key and token come from its "
+                       r"Secret$", start=mark, timeout=WAIT)
+        alice.wait_for(r"^intercept: joined: ", start=mark, timeout=WAIT)
+        (endpoint,) = real_cluster.wait_ready(ns, "keys", 1)
+        assert served_by(endpoint, {"x-dev": "alice"}) == "local"
+
+        # The Secret holds another key than the pods present: that is no reinstall.
+        real_cluster.patch("Secret", ns, "intercept-keys", {"data": {"credentials.json": old}})
+        bob = start(real_cluster, ns, "keys", free_port(), name="bob", header="x-dev=bob")
+        try:
+            assert bob.finish(WAIT) == 5, bob.output
+            assert "presented a host key that is not the one in the agent's Secret: possible impersonation" in bob.output
+        finally:
+            bob.stop()
+    finally:
+        alice.stop()

@@ -24,6 +24,7 @@ Pure: nothing here reads the process environment; callers pass ``env`` in.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from intercept.routing.fence import Fence, FenceRule
 
 Scope = Literal["pod", "injection", "agent"]
 _TRUE = {"1", "true", "yes", "on"}
+_NEEDS_QUOTES = re.compile(r"[\s'\"\\]")
 _FALSE = {"0", "false", "no", "off"}
 
 
@@ -125,8 +127,8 @@ class Setting:
 
     def text(self, value: Any) -> str:
         """``value`` as the variable holds it."""
-        if self.multiple:
-            return shlex.join(self.show(v) for v in value)
+        if self.multiple:  # shell words, quoted only where a word needs it (a space): readable in a pod spec
+            return " ".join(w if w and not _NEEDS_QUOTES.search(w) else shlex.quote(w) for w in map(self.show, value))
         if self.is_bool:
             return "true" if value else "false"
         return self.show(value)

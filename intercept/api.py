@@ -502,14 +502,14 @@ def run(s: InterceptSpec, on_event: OnEvent, *, registry_entry: Mapping[str, Any
         registration: Any = None
 
         def record(event: Event) -> None:  # what status shows, once it is known
-            if registration is not None and event.kind == "ready":
+            if registration is not None and event.fence is not None:  # ready, joined, reconnected: as agents say
                 registration.update(fence=event.fence)
             elif registration is not None and event.kind == "mount":
                 registration.update(files=event.path)
 
         def observe(event: Event) -> None:
+            record(event)  # first: once a line is printed, intercept status says it too
             on_event(event)
-            record(event)
 
         try:
             preparing = asyncio.ensure_future(start(s, on_event=observe))

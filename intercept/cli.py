@@ -672,10 +672,15 @@ def doctor_command(ctx: click.Context, service: str | None, spec_file: Path, **_
 
     keys = ("agent_image", "service_port", "no_policy_changes", *CLUSTER)
     try:
-        spec = for_service(os.environ, {**_given(ctx, *keys), "service": service}, spec_file)
-        origin = spec.origins.get("agent_image")  # None: the built-in default, or the running agent's
-        options = {key: getattr(spec, key) for key in keys}
-        results = api.doctor(service, **{**options, "agent_image": spec.agent_image if origin else None},
+        if service:  # what intercept start SERVICE would read
+            spec = for_service(os.environ, {**_given(ctx, *keys), "service": service}, spec_file)
+            origin = spec.origins.get("agent_image")  # None: the built-in default, or the running agent's
+            options = {key: getattr(spec, key) for key in keys}
+        else:
+            options = dict(_options(ctx, *keys))
+            origin = "--agent-image" if "agent_image" in _given(ctx, *keys) else (
+                "INTERCEPT_AGENT_IMAGE" if os.environ.get("INTERCEPT_AGENT_IMAGE") else None)
+        results = api.doctor(service, **{**options, "agent_image": options["agent_image"] if origin else None},
                              image_origin=str(origin) if origin else None)
     except InterceptError as e:
         _fail(e)

@@ -146,6 +146,17 @@ def _spec(**options: Any) -> api.InterceptSpec:
         raise ToolError(str(e)) from None
 
 
+def _options(**given: Any) -> dict[str, Any]:
+    """Options of a tool that is not an intercept (list_services, doctor without a service),
+    over this server's ``INTERCEPT_*`` variables, validated."""
+    from intercept.spec import options
+
+    try:
+        return options(os.environ, {k: v for k, v in given.items() if v not in (None, [], "")}, given)
+    except InterceptError as e:
+        raise ToolError(str(e)) from None
+
+
 def build(intercepts: Intercepts | None = None) -> MCPServer:
     """The server and its tools (``intercepts``: where started intercepts are kept)."""
     intercepts = intercepts or Intercepts()
@@ -173,10 +184,9 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
     def list_services(namespace: str | None = None, all_namespaces: bool = False, kubeconfig: str | None = None,
                       context: str | None = None) -> list[dict[str, Any]]:
         """The Services of a namespace (or all): whether each can be intercepted, has an agent, and who routes what."""
-        s = _spec(namespace=namespace, kubeconfig=kubeconfig, context=context)
+        cluster = _options(namespace=namespace, kubeconfig=kubeconfig, context=context)
         try:
-            _, rows = api.list_services(s.namespace, all_namespaces=all_namespaces, kubeconfig=s.kubeconfig,
-                                        context=s.context)
+            _, rows = api.list_services(all_namespaces=all_namespaces, **cluster)
         except InterceptError as e:
             raise ToolError(str(e)) from None
         return rows
@@ -187,12 +197,18 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
         """What an intercept of SERVICE needs, checked as intercept start would go about it (cluster, RBAC, the
         agent image, Pod Security, NetworkPolicies, the protocol its pods speak); each check with its status and
         its fix. Where the agent runs already, the image check reports its image."""
-        s = _spec(service=service, namespace=namespace, agent_image=agent_image, kubeconfig=kubeconfig,
-                  context=context)
-        origin = s.origins.get("agent_image")
+        if service:
+            s = _spec(service=service, namespace=namespace, agent_image=agent_image, kubeconfig=kubeconfig,
+                      context=context)
+            origin = s.origins.get("agent_image")
+            image, cluster = s.agent_image, {"namespace": s.namespace, "kubeconfig": s.kubeconfig, "context": s.context}
+        else:
+            cluster = _options(namespace=namespace, kubeconfig=kubeconfig, context=context)
+            image = _options(agent_image=agent_image)["agent_image"]
+            origin = "agent_image" if agent_image else "INTERCEPT_AGENT_IMAGE" if os.environ.get(
+                "INTERCEPT_AGENT_IMAGE") else None
         try:
-            checks = api.doctor(service, namespace=s.namespace, kubeconfig=s.kubeconfig, context=s.context,
-                                agent_image=s.agent_image if origin else None,
+            checks = api.doctor(service, agent_image=image if origin else None, **cluster,
                                 image_origin=("agent_image" if agent_image else str(origin)) if origin else None)
         except InterceptError as e:
             raise ToolError(str(e)) from None

@@ -102,14 +102,22 @@ def test_env_and_files_never_inject_and_never_roll(real_cluster: RealCluster, na
 
 
 def test_an_explicit_inject_changes_the_fence_for_everyone_saying_whom_it_interrupts(
-    real_cluster: RealCluster, namespace_of
+    real_cluster: RealCluster, namespace_of, tmp_path: Path
 ) -> None:
     ns = namespace_of("vault")
     deploy(real_cluster, ns, app("vault", 1))
     real_cluster.wait_ready(ns, "vault", 1)
-    alice = start(real_cluster, ns, "vault", free_port())
+    state = {"INTERCEPT_STATE_DIR": str(tmp_path / "state")}
+    alice = start(real_cluster, ns, "vault", free_port(), env=state)
+
+    def fence_in_status() -> str:
+        (row,) = json.loads(intercept("status", "-o", "json", env=state).stdout)
+        return row["fence"]
+
     try:
         alice.wait_for(r"^intercept: ready: ", timeout=WAIT)
+        assert fence_in_status() == "everything"
+        mark = len(alice.lines)
         changed = intercept("inject", "vault", "-n", ns, "--kubeconfig", str(real_cluster.kubeconfig),
                             "--outbound-deny", "*.internal")
         assert changed.returncode == 0, changed.stdout + changed.stderr
@@ -119,7 +127,9 @@ def test_an_explicit_inject_changes_the_fence_for_everyone_saying_whom_it_interr
         assert changed.stdout.splitlines()[-1] == (
             f"intercept: injected: Deployment/vault: its agent changed for everyone (--outbound-deny none -> "
             f"*.internal; namespace {ns})")
-        assert _agent_env(real_cluster, ns, "vault")["INTERCEPT_OUTBOUND_DENY"] == "'*.internal'"
+        assert _agent_env(real_cluster, ns, "vault")["INTERCEPT_OUTBOUND_DENY"] == "*.internal"
+        alice.wait_for(r"^intercept: joined: ", start=mark, timeout=WAIT)  # the new pod, with the new fence
+        assert fence_in_status() == "deny *.internal"  # as the agent enforces it now
         again = intercept("inject", "vault", "-n", ns, "--kubeconfig", str(real_cluster.kubeconfig),
                           "--outbound-deny", "*.internal")
         assert again.returncode == 0 and "changing" not in again.stdout, again.stdout + again.stderr

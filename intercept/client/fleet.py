@@ -429,12 +429,16 @@ class Fleet:
             return
         what, target = self.options.describe(), f"localhost:{self.options.local_port}"
         name = holder.replica.name
+        # as the agent that just answered says (an explicit inject may have changed it)
+        fence = holder.session.fence if holder.session is not None else self.fence()
         if not self._count_replicas:
-            self._report(Event("reconnected", f"{what} reach {target} again", replica=name))
+            self._report(Event("reconnected", f"{what} reach {target} again", replica=name, fence=fence))
         elif again:
-            self._report(Event("reconnected", f"replica {name}: {what} reach {target} again ({self._count()})", replica=name))
+            self._report(Event("reconnected", f"replica {name}: {what} reach {target} again ({self._count()})",
+                               replica=name, fence=fence))
         else:
-            self._report(Event("joined", f"replica {name}: {what} reach {target} through it too ({self._count()})", replica=name))
+            self._report(Event("joined", f"replica {name}: {what} reach {target} through it too ({self._count()})",
+                               replica=name, fence=fence))
 
     def _check_ready(self) -> None:
         if self._ready or not self._holders or not all(h.registered for h in self._holders.values()):

@@ -149,8 +149,10 @@ def test_the_pod_runner_gives_the_agent_the_security_context_the_injection_wrote
     deploy(real_cluster, ns, [workload, service])
     real_cluster.wait_ready(ns, "confined", 1)
 
-    injected = run_intercept("env", "confined", "-o", "json", "-n", ns, "--kubeconfig", str(real_cluster.kubeconfig),
-                             "--agent-image", "intercept.test/agent:1")
+    added = run_intercept("inject", "confined", "-n", ns, "--kubeconfig", str(real_cluster.kubeconfig),
+                          "--agent-image", "intercept.test/agent:1")
+    assert added.returncode == 0, added.stdout + added.stderr
+    injected = run_intercept("env", "confined", "-o", "json", "-n", ns, "--kubeconfig", str(real_cluster.kubeconfig))
     assert injected.returncode == 0, injected.stdout + injected.stderr
     assert json.loads(injected.stdout)["GREETING"] == "hello"
     template = real_cluster.get("Deployment", ns, "confined")["spec"]["template"]["spec"]

@@ -52,7 +52,10 @@ def serve(port: int, name: str) -> None:
             pass
 
     server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
-    print(f"sample: serving as {name} on port {port}", flush=True)
+    # one write for the line and its end: under PYTHONUNBUFFERED print makes two, and another
+    # process writing to the same pipe (intercept start, whose COMMAND this is) can land between
+    sys.stdout.write(f"sample: serving as {name} on port {port}\n")
+    sys.stdout.flush()
     server.serve_forever()
 
 

@@ -10,18 +10,18 @@ import os
 import socket
 import time
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISREG
 from typing import TYPE_CHECKING, Any
 
 from intercept import __version__, credentials
-from intercept.agent.files import ServedFiles, ServedRoot
+from intercept.agent.files import ServedFiles, parse_serve_files
 from intercept.agent.files import describe as describe_files
+from intercept.agentconfig import AgentConfig
 from intercept.agent.proxy import ClientConnection, Link, RouteGone, TCPLink, Unavailable, UpstreamPool
 from intercept.errors import CredentialsError, InterceptError, RouteConflict, UsageError
 from intercept.routing.cluster import MAX_DOCUMENT, SESSION_PREFIX, RoutesDocument, verify_push
-from intercept.routing.fence import Fence, check_all
+from intercept.routing.fence import check_all
 from intercept.routing.match import RegisteredRoute, Route, RouteTable
 
 if TYPE_CHECKING:
@@ -39,23 +39,6 @@ MAX_LOGGING_IN = 64
 LOGIN_TIMEOUT = 10.0  # seconds an SSH connection may take to log in
 
 
-@dataclass(frozen=True)
-class AgentConfig:
-    listen: tuple[str, int]
-    upstream: tuple[str, int]
-    ssh_listen: tuple[str, int]
-    credentials: Path
-    hold_timeout: float = 10.0
-    allow_outbound: bool = False
-    shutdown_grace: float = 0.0  # seconds to keep serving after SIGTERM
-    header_timeout: float = 60.0  # a connection waiting longer for a request head is closed
-    routes_file: Path | None = None  # the sandboxes' routes (the mounted ConfigMap's routes.json)
-    forwarded_headers: bool = True  # add the client's address to requests (X-Forwarded-For, Forwarded)
-    max_connections: int = 10000  # connections that have not completed a request yet, at once (0: no cap)
-    fence: Fence = Fence()  # where outbound connections may go (--outbound-allow/--outbound-deny)
-    serve_files: tuple[ServedRoot, ...] = ()  # the pod's files, served read-only (--serve-files; the app's mounts)
-
-
 class Agent:
     """Serves HTTP on ``config.listen``: each request to the upstream, or to the developer whose route it matches."""
 
@@ -70,7 +53,7 @@ class Agent:
         self.max_connections = config.max_connections
         self.fresh_connections = 0
         self.fence = config.fence
-        self.files = ServedFiles(config.serve_files)
+        self.files = ServedFiles([*config.mounts, *parse_serve_files(config.serve_files)])
         self._sweeper: asyncio.Task[None] | None = None
         self.sessions: dict[str, sshd.DeveloperSession] = {}
         self.logging_in: dict[sshd.DeveloperSession, None] = {}  # not logged in yet, oldest first

@@ -146,6 +146,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("routes_file", "--routes-file", "FILE", None,
             "The sandboxes' routes (JSON), read again when it changes; the injection mounts it from a ConfigMap.",
             "injection", Path, default_doc="none"),
+    Setting("developers_file", "--developers-file", "FILE", None,
+            "The routes of the developers intercepting this workload (JSON), held from the first request until "
+            "each one's session arrives; the injection mounts it from the routes ConfigMap.",
+            "injection", Path, default_doc="none"),
     Setting("shutdown_grace", "--shutdown-grace", "SECONDS", 0.0,
             "Seconds to keep serving after SIGTERM (the injection sets 5).", "injection", _seconds, _show_number),
     Setting("hold_timeout", "--hold-timeout", "SECONDS", 10.0,
@@ -186,6 +190,7 @@ class AgentConfig:
     ssh_listen: tuple[str, int] = ("0.0.0.0", 9922)
     credentials: Path = Path("credentials.json")
     routes_file: Path | None = None
+    developers_file: Path | None = None
     shutdown_grace: float = 0.0
     hold_timeout: float = 10.0
     allow_outbound: bool = False

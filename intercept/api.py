@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -78,6 +79,22 @@ class _Target:
     options: Any  # intercept.client.session.InterceptOptions
     replicas: AsyncIterator[Collection[Any]] | None  # None: the one agent options.transport reaches
     namespace: str | None
+    # While the intercept runs, keep its route where agents that start later read it (until the
+    # event is set); None in direct mode.
+    record: Callable[[asyncio.Event], Any] | None = None
+
+
+@dataclass
+class _Agents:
+    """The agents of a Service: how to reach them, and what a running intercept keeps up to date."""
+
+    transport: Any
+    credentials: Any
+    replicas: Any  # the replica sets to follow, or None: the one agent ``transport`` reaches
+    namespace: str
+    refresh: Callable[[], Any]  # the credentials read again (a reinstalled agent has a new host key)
+    cluster: Any
+    workload: str
 
 
 async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow: bool = True) -> _Target:
@@ -92,7 +109,7 @@ async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow
     from intercept.routing.fence import Fence
     from intercept.routing.match import HeaderEquals, Route
 
-    replicas = None
+    agents = None
     if s.agent_address is not None:
         from intercept.client.transport import DirectTransport
         from intercept.credentials import load
@@ -100,11 +117,11 @@ async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow
         if s.credentials is None:
             raise UsageError("--credentials FILE is required with --agent (the file the agent wrote)")
         transport, credentials, namespace = DirectTransport(*s.agent_address), load(s.credentials), s.namespace
-        refresh = None
     elif s.service is None:
         raise UsageError("name the SERVICE (intercept start orders), or --agent HOST:PORT for an agent you can reach")
     else:
-        transport, credentials, replicas, namespace, refresh = await _service_agents(s, emit, follow, add=route)
+        agents = await _service_agents(s, emit, follow, add=route)
+        transport, credentials, namespace = agents.transport, agents.credentials, agents.namespace
     name = s.name or default_name()
     rules = s.rules() if route else []
     if route and not rules and not s.all:
@@ -113,8 +130,40 @@ async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow
     options = InterceptOptions(transport=transport, credentials=credentials, route=Route(frozenset(rules)), name=name,
                                local_port=s.port, all_traffic=s.all and route, ttl=s.ttl if route else None,
                                fence=Fence.parse(s.outbound_allow, s.outbound_deny, owner="this session"),
-                               refresh_credentials=refresh)
-    return _Target(options, replicas, namespace)
+                               refresh_credentials=agents.refresh if agents else None)
+    if agents is None:
+        return _Target(options, None, namespace)
+    record = functools.partial(_keep_route_recorded, agents, name, options.route) if route else None
+    return _Target(options, agents.replicas, namespace, record)
+
+
+async def _keep_route_recorded(agents: _Agents, name: str, route: Any, ended: asyncio.Event) -> None:
+    """Until ``ended``: this developer's route in the workload's routes ConfigMap, renewed, so
+    that an agent pod that starts meanwhile holds their requests until their session
+    arrives (:mod:`intercept.routing.developers`); then removed. A cluster that refuses
+    the write is logged: the intercept goes on without it."""
+    import time
+
+    from intercept.kube.developers import announce, withdraw
+    from intercept.routing.developers import LEASE, RENEW, DeveloperRoute
+
+    api, ns, workload = agents.cluster.api, agents.namespace, agents.workload
+    entry = None
+    try:
+        while not ended.is_set():
+            entry = DeveloperRoute(name, route, time.time() + LEASE)
+            try:
+                await asyncio.to_thread(announce, api, ns, workload, entry, time.time())
+            except InterceptError as e:
+                log.warning("your route is not recorded for agent pods that start later: %s", e)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(ended.wait(), RENEW)
+    finally:
+        if entry is not None:
+            try:
+                await asyncio.to_thread(withdraw, api, ns, workload, entry, time.time())
+            except InterceptError as e:
+                log.warning("your route stays recorded until it expires (%gs): %s", LEASE, e)
 
 
 # The pod-wide options of an intercept (spec keys) and the InjectOptions fields they set. A
@@ -194,12 +243,10 @@ async def _holders(cluster: Any, info: Any) -> list[str]:
     return sorted({str(r.get("holder")) for r in routes if not str(r.get("holder", "")).startswith("sandbox ")})
 
 
-async def _service_agents(s: InterceptSpec, emit: OnEvent, follow: bool, *,
-                          add: bool = True) -> tuple[Any, Any, Any, str, Any]:
+async def _service_agents(s: InterceptSpec, emit: OnEvent, follow: bool, *, add: bool = True) -> _Agents:
     """The agents of Service ``s.service`` (the agent injected first if it has none and
-    ``add``): the transport, the credentials, the replica sets to follow (``follow``; an
-    uninstall ends them with AgentRemoved), the namespace, and how to read the
-    credentials again (a reinstalled agent has a new host key in its Secret)."""
+    ``add``); with ``follow``, the replica sets to follow (an uninstall ends them with
+    AgentRemoved), else the transport to one ready pod."""
     from intercept.client.fleet import pod_replicas
     from intercept.client.transport import ServiceTransport
     from intercept.kube.apply import agent_credentials
@@ -217,8 +264,10 @@ async def _service_agents(s: InterceptSpec, emit: OnEvent, follow: bool, *,
         pods = watch_agent_pods(cluster.api, cluster.namespace, info.selector,
                                 workload=(info.workload_kind, info.workload_name, s.service))
         replicas = pod_replicas(pods, cluster.api, in_cluster=cluster.in_cluster)
-        return ServiceTransport(cluster.namespace, s.service), info.credentials, replicas, cluster.namespace, refresh
-    return await asyncio.to_thread(_one_pod, cluster, info), info.credentials, None, cluster.namespace, refresh
+        return _Agents(ServiceTransport(cluster.namespace, s.service), info.credentials, replicas, cluster.namespace,
+                       refresh, cluster, info.workload_name)
+    return _Agents(await asyncio.to_thread(_one_pod, cluster, info), info.credentials, None, cluster.namespace, refresh,
+                   cluster, info.workload_name)
 
 
 def _one_pod(cluster: Any, info: Any) -> Any:
@@ -415,9 +464,21 @@ class Intercept:
             from intercept.client.files import MountRequest
 
             mount = MountRequest(None if s.mount is True else Path(s.mount), s.mount_mode)
-        self._task = asyncio.ensure_future(start_client(
+        self._task = asyncio.ensure_future(self._running(start_client(
             self._target.options, command, self._event, self._target.replicas, s.forward, s.propagate_header, self._stop,
-            self._hurry, mount))
+            self._hurry, mount)))
+
+    async def _running(self, client: Any) -> int:
+        """The intercept, with its route recorded for agent pods that start while it runs."""
+        ended = asyncio.Event()
+        record = self._target.record
+        recording = asyncio.ensure_future(record(ended)) if record is not None else None
+        try:
+            return await client
+        finally:
+            ended.set()
+            if recording is not None:
+                await asyncio.gather(recording, return_exceptions=True)
 
     @property
     def done(self) -> bool:

@@ -21,6 +21,7 @@ from intercept.agentconfig import AgentConfig
 from intercept.agent.proxy import ClientConnection, Link, RouteGone, TCPLink, Unavailable, UpstreamPool
 from intercept.errors import CredentialsError, InterceptError, RouteConflict, UsageError
 from intercept.routing.cluster import MAX_DOCUMENT, SESSION_PREFIX, RoutesDocument, verify_push
+from intercept.routing.developers import PENDING_PREFIX, DevelopersDocument
 from intercept.routing.fence import check_all
 from intercept.routing.match import RegisteredRoute, Route, RouteTable
 
@@ -82,6 +83,8 @@ class Agent:
                                    "pass the JSON file the agent wrote, or delete it to let the agent create a new one")
         # the routes file before the first request: a new pod routes the sandboxes' keys from the start
         seen = self._look_at_routes_file(self.config.routes_file, None) if self.config.routes_file is not None else None
+        developers = self.config.developers_file  # likewise the developers' routes: held until they connect
+        seen_developers = self._look_at_developers_file(developers, None) if developers is not None else None
         self._ssh_socket = _listening_socket(*self.config.ssh_listen)
         self._ssh_address = self._ssh_socket.getsockname()[:2]
         host, port = self.config.listen
@@ -93,7 +96,7 @@ class Agent:
             raise
         loop.add_reader(self._ssh_socket.fileno(), self._first_developer)
         self._sweeper = loop.create_task(self._expire_waiting())
-        self._routes_follower = loop.create_task(self._follow_routes_file(seen))
+        self._routes_follower = loop.create_task(self._follow_routes_file(seen, seen_developers))
         log.info("agent %s: http %s, ssh %s, upstream %s", __version__, self.http_address, self.ssh_address, self.config.upstream)
 
     def _first_developer(self) -> None:
@@ -236,8 +239,13 @@ class Agent:
         if ttl is not None and not ttl > 0:
             raise UsageError(f"ttl {ttl!r}: it must be a positive number of seconds")
         expires = time.time() + ttl if ttl is not None else None
-        registered = self.routes.add(session.id, session.name, route, expires=expires)
-        log.info("route %s registered by %s", route.describe(), session.name)
+        registered = self.routes.adopt(PENDING_PREFIX + session.name, session.id, route, expires=expires)
+        if registered is not None:  # the route this pod knew from the developers file: requests held for it go on
+            log.info("route %s taken over by %s's session", route.describe(), session.name)
+            self._routes_removed()
+        else:
+            registered = self.routes.add(session.id, session.name, route, expires=expires)
+            log.info("route %s registered by %s", route.describe(), session.name)
         self.h2.routes_changed()
         return registered
 
@@ -290,6 +298,8 @@ class Agent:
         A sandbox's route goes to its cluster destination instead (:meth:`_open_fork`)."""
         if route.destination is not None:
             return await self._open_fork(route, owner)
+        if route.session_id.startswith(PENDING_PREFIX):
+            await self._await_developer(route)  # raises RouteGone: routed again, to their session or the app
         loop = asyncio.get_running_loop()
         hold = self.config.hold_timeout
         started = loop.time()
@@ -323,6 +333,26 @@ class Agent:
             removal = self._next_removal()
             await asyncio.wait({removal}, timeout=delay)
             delay = min(delay * 2, 0.25)
+
+    async def _await_developer(self, route: RegisteredRoute) -> None:
+        """Hold a request matching the pending route of a developer whose session has not
+        reached this agent yet (a pod that started after their intercept did) until it takes
+        the route over; past the hold timeout the pending route goes (the developer left
+        without a word, most likely) and the request with it, to the app. Always raises
+        :class:`RouteGone`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.hold_timeout
+        log.info("holding a request for %s until their session arrives", route.holder)
+        while self.routes.holds(route):
+            left = deadline - loop.time()
+            if left <= 0:
+                log.warning("%s's session did not arrive within %gs: their pending route %s goes", route.holder,
+                            self.config.hold_timeout, route.route.describe())
+                self.routes.remove(route.id)
+                self._routes_removed()
+                break
+            await asyncio.wait({self._next_removal()}, timeout=left)
+        raise RouteGone()
 
     async def _open_fork(self, route: RegisteredRoute, owner: ClientConnection) -> Link:
         """A TCP connection to a sandbox's fork; held up to the hold timeout while it does not accept.
@@ -409,14 +439,36 @@ class Agent:
         log.info("cluster routes of %s applied: %s", document.updated, ", ".join(sorted(applied)) or "none")
         return {"applied": sorted(applied), "refused": refused}
 
-    async def _follow_routes_file(self, seen: tuple[str, float, int] | None) -> None:
+    def apply_developers(self, document: DevelopersDocument) -> None:
+        """Hold, as pending routes, the routes of the developers ``document`` lists whose
+        session has not registered them here; drop pending routes no longer listed."""
+        now = time.time()
+        live = document.live(now)
+        wanted = {(d.session_id, d.route): d for d in live}
+        for session_id in [s for s in self.routes.sessions() if s.startswith(PENDING_PREFIX)]:
+            for pending in self.routes.routes_of(session_id):
+                if (session_id, pending.route) not in wanted:
+                    self.routes.remove(pending.id)
+                    self._routes_removed()
+        connected = {(s.name, r.route) for s in self.sessions.values() for r in self.routes.routes_of(s.id)}
+        for entry in live:
+            if (entry.name, entry.route) in connected:
+                continue
+            try:
+                self.routes.add(entry.session_id, entry.name, entry.route, expires=entry.expires)
+            except RouteConflict as e:
+                log.warning("pending route of %s not held: %s", entry.name, e)
+        self.h2.routes_changed()
+
+    async def _follow_routes_file(self, seen: tuple[str, float, int] | None,
+                                  seen_developers: tuple[str, float, int] | None = None) -> None:
         """Read the mounted routes file again whenever it changes from what was ``seen`` (a
         ConfigMap volume swaps a symlink, so its resolved path's stat is compared), and drop
         routes whose time is up.
 
         A bad document is logged once and skipped, keeping what is held; nothing a file holds
         ends this loop, since route expiry depends on it."""
-        path = self.config.routes_file
+        path, developers = self.config.routes_file, self.config.developers_file
         while True:
             try:
                 for expired in self.routes.remove_expired(time.time()):
@@ -425,30 +477,48 @@ class Agent:
                     self._routes_removed()
                 if path is not None:
                     seen = self._look_at_routes_file(path, seen)
+                if developers is not None:
+                    seen_developers = self._look_at_developers_file(developers, seen_developers)
             except Exception:  # a bug here must not stop expiry for good: say it, and go on
                 log.exception("routes file %s: reading it failed; keeping the routes held", path)
             await asyncio.sleep(ROUTES_POLL)
 
     def _look_at_routes_file(self, path: Path, seen: tuple[str, float, int] | None) -> tuple[str, float, int] | None:
         """Apply the routes file if it changed since ``seen``; what was seen now."""
-        try:
-            real = os.path.realpath(path)
-            stat = os.stat(real)
-        except OSError:
-            return seen
-        current = (real, stat.st_mtime, stat.st_size)
-        if current == seen:
-            return seen
-        try:
-            if not S_ISREG(stat.st_mode):  # a FIFO would block the loop on open
-                raise UsageError("not a regular file")
-            with open(real, "rb") as f:
-                document = RoutesDocument.from_bytes(f.read(MAX_DOCUMENT + 1))
+        def apply(data: bytes) -> None:
+            document = RoutesDocument.from_bytes(data)
             self.apply_routes(document)
             self.routes_authority = document.authority  # from the file only: who may push
-        except (OSError, InterceptError) as e:
-            log.warning("routes file %s: %s; keeping the routes held", path, e)
-        return current
+
+        return _look_at_file(path, seen, apply, "routes file")
+
+    def _look_at_developers_file(self, path: Path, seen: tuple[str, float, int] | None) -> tuple[str, float, int] | None:
+        """Apply the developers file (their routes, pending here) if it changed since ``seen``."""
+        return _look_at_file(path, seen, lambda data: self.apply_developers(DevelopersDocument.from_bytes(data)),
+                             "developers file")
+
+
+def _look_at_file(path: Path, seen: tuple[str, float, int] | None, apply: Any,
+                  what: str) -> tuple[str, float, int] | None:
+    """``apply(content)`` of a mounted file (a ConfigMap volume swaps a symlink, so its
+    resolved path's stat is compared) when it changed since ``seen``; what is seen now. A bad
+    document is logged once and skipped, keeping what is held."""
+    try:
+        real = os.path.realpath(path)
+        stat = os.stat(real)
+    except OSError:
+        return seen
+    current = (real, stat.st_mtime, stat.st_size)
+    if current == seen:
+        return seen
+    try:
+        if not S_ISREG(stat.st_mode):  # a FIFO would block the loop on open
+            raise UsageError("not a regular file")
+        with open(real, "rb") as f:
+            apply(f.read(MAX_DOCUMENT + 1))
+    except (OSError, InterceptError) as e:
+        log.warning("%s %s: %s; keeping the routes held", what, path, e)
+    return current
 
 
 class LazyHub:

@@ -87,6 +87,8 @@ NEEDED = (
       for verb in ("get", "list", "update")),
     *(Access(verb, "networkpolicies", "networking.k8s.io") for verb in ("get", "list", "update")),
     *(Access(verb, "secrets") for verb in ("get", "create", "update", "delete")),
+    # the developers' routes, in the workload's routes ConfigMap (intercept.kube.developers)
+    *(Access(verb, "configmaps") for verb in ("get", "create", "update")),
     *(Access(verb, "pods") for verb in ("get", "list", "watch", "delete")),
     Access("list", "events"),
     # The port-forward is a WebSocket upgrade (a GET); Kubernetes checks create as well as get

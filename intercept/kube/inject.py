@@ -76,6 +76,7 @@ CREDENTIALS_KEY = "credentials.json"
 ROUTES_VOLUME = "intercept-routes"
 ROUTES_DIR = "/var/run/intercept-routes"
 ROUTES_KEY = "routes.json"
+DEVELOPERS_KEY = "developers.json"  # the routes of the developers intercepting it (intercept.routing.developers)
 # The namespace's routes authority: the key that signs pushed routes (intercept sandbox holds
 # it; its public half is in each routes ConfigMap). A dot, so that no workload's Secret
 # (intercept-<workload>) can have its name.
@@ -603,6 +604,7 @@ def _agent_container(
         "ssh_listen": ("0.0.0.0", agent.ssh_port),
         "credentials": Path(CREDENTIALS_DIR, CREDENTIALS_KEY),
         "routes_file": Path(ROUTES_DIR, ROUTES_KEY),
+        "developers_file": Path(ROUTES_DIR, DEVELOPERS_KEY),
         # keep serving a few seconds after SIGTERM, while the endpoints controller removes the pod
         "shutdown_grace": 5.0,
         **options.pod_wide(),

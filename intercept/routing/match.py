@@ -755,6 +755,19 @@ class RouteTable:
         self._set((*self._routes, registered))
         return registered
 
+    def adopt(self, pending_id: str, session_id: str, route: Route, *, expires: float | None = None) -> RegisteredRoute | None:
+        """Give the route ``route`` that ``pending_id`` holds for a developer not connected yet
+        to their ``session_id``, in its place (so the order of registration is kept); None
+        when ``pending_id`` holds no such route. A request waiting on the pending route sees
+        it gone (:meth:`holds`) and is routed again: to the session."""
+        for i, other in enumerate(self._routes):
+            if other.session_id == pending_id and other.route == route:
+                taken = RegisteredRoute(self._next_id, session_id, other.holder, route, None, expires)
+                self._next_id += 1
+                self._set((*self._routes[:i], taken, *self._routes[i + 1:]))
+                return taken
+        return None
+
     def remove(self, route_id: int) -> None:
         """Drop one route; an unknown id is ignored (the route is already gone)."""
         if route_id in self._by_id:

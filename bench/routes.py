@@ -54,8 +54,8 @@ async def main() -> None:
     await session.open()
     for route in routes[1:]:
         reply = await session.request(protocol.Register(route.to_json(), False, None))
-        if not reply.get("ok"):
-            sys.exit(f"routes: refused: {reply}")
+        if isinstance(reply, protocol.Refusal):
+            sys.exit(f"routes: refused: {reply.message}")
     print(f"routes: {len(routes)} held", flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)

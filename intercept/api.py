@@ -234,7 +234,7 @@ async def _holders(cluster: Any, info: Any) -> list[str]:
                                                 name="intercept", local_port=1))
         await session.connect()
         try:
-            routes = (await session.request(protocol.ListRoutes())).get("routes", [])
+            routes = (await session.ask(protocol.ListRoutes())).routes
         finally:
             await session.leave()
     except (InterceptError, OSError) as e:
@@ -298,13 +298,13 @@ async def _session(s: InterceptSpec) -> AsyncIterator[Any]:
 async def pod_env(s: InterceptSpec) -> dict[str, str]:
     """The pod's environment (the app container's variables), as the agent hands it over."""
     async with _session(s) as session:
-        return dict((await session.request(protocol.Env())).get("env", {}))
+        return dict((await session.ask(protocol.Env())).env)
 
 
 async def agent_routes(s: InterceptSpec) -> list[dict[str, Any]]:
     """Everyone's routes, as one agent of ``s`` lists them."""
     async with _session(s) as session:
-        return list((await session.request(protocol.ListRoutes())).get("routes", []))
+        return list((await session.ask(protocol.ListRoutes())).routes)
 
 
 async def files(s: InterceptSpec, path: str = "/", *, to: Path | None = None) -> dict[str, Any]:
@@ -326,7 +326,7 @@ async def files(s: InterceptSpec, path: str = "/", *, to: Path | None = None) ->
             raise UsageError(f"--to {to}: it exists and is not an empty directory; name a new or empty one")
         dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     async with _session(s) as session:
-        if not session.agent.get("files"):
+        if not session.agent.files:
             raise InterceptError(f"agent {session.options.transport.describe()} serves no files: the app container has no "
                                  "volume mounts (in direct mode: run the agent with --serve-files DIR)")
         async with session.conn.start_sftp_client() as sftp:
@@ -676,7 +676,7 @@ def list_services(namespace: str | None = None, *, all_namespaces: bool = False,
         try:
             options = InterceptOptions(transport=_one_pod(cluster, info), credentials=info.credentials,
                                        route=Route(frozenset()), name=default_name(), local_port=0)
-            return list(asyncio.run(ask_agent(options, protocol.ListRoutes())).get("routes", []))
+            return list(asyncio.run(ask_agent(options, protocol.ListRoutes())).routes)
         except InterceptError as e:
             return [{"error": str(e)}]
 
@@ -830,9 +830,9 @@ async def _push_routes(change: Any, in_cluster: bool, api_client: Any) -> list[s
             return f"pod {pod.name}: {e} ({later})"
         finally:
             await session.leave()
-        if not reply.get("ok"):
-            return f"pod {pod.name}: {protocol.Refusal.from_json(reply).message} ({later})"
-        refused = reply.get("refused") or []
+        if isinstance(reply, protocol.Refusal):
+            return f"pod {pod.name}: {reply.message} ({later})"
+        refused = reply.refused
         return f"pod {pod.name}: {'; '.join(refused)}" if refused else None
 
     return [p for p in await asyncio.gather(*(one(pod) for pod in pods)) if p]
@@ -946,7 +946,7 @@ def gc(namespace: str | None = None, *, all_namespaces: bool = False, idle: floa
         except InterceptError as e:
             emit(Event("warning", f"{info.workload} in namespace {info.namespace}: kept: its agent did not answer ({e})"))
             return None
-        seconds = hello.get("idle_seconds")
+        seconds = hello.idle_seconds
         return float(seconds) if isinstance(seconds, int | float) else None
 
     collected = sandboxes.gc(cluster.api, None if all_namespaces else cluster.namespace, idle=idle, idle_of=idle_of,

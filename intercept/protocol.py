@@ -22,7 +22,10 @@ Channels:
 
 Requests are small frozen classes (:data:`Request`); :func:`encode` writes one and
 :func:`decode` reads one, raising :class:`BadRequest` for anything else. Replies are
-JSON objects with ``"ok"``; a refusal (:class:`Refusal`) carries ``error`` (``conflict``,
+typed too (:class:`Reply` and its subclasses, one per request: :data:`REPLIES`), JSON
+objects with ``"ok": true`` on the wire, read with :func:`decode_reply`; ``hello``
+carries :data:`PROTOCOL_VERSION` and the rule kinds and :data:`FEATURES` the agent
+knows, so a client meeting an older agent says which feature it lacks. A refusal (:class:`Refusal`) carries ``error`` (``conflict``,
 ``invalid``, ``fenced``, ``forbidden``, ``bad-request``), ``message`` and, for a conflict, the ``holder``.
 """
 
@@ -46,6 +49,18 @@ SILENT_LOSS_BOUND = KEEPALIVE_INTERVAL * (KEEPALIVE_COUNT_MAX + 1)  # seconds: w
 ENCRYPTION_ALGS = ["aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com", "aes128-ctr"]
 MAX_CONTROL_LINE = 1 << 20
 FENCE_REFUSED = "refused by the outbound fence: "
+# The control protocol's version, in every hello. 1: agents from before hello said it. 2: hello
+# names the rule kinds and features the agent knows, and every reply is one of the typed
+# replies below.
+PROTOCOL_VERSION = 2
+RULE_KINDS = ("header", "header-regex", "baggage", "path-prefix")  # what a version-1 agent knew too
+# What an agent may do beyond version 1's requests, by name: a client asks for a feature only
+# from an agent whose hello lists it, and otherwise says which one the agent lacks.
+FEATURES = (
+    "check-outbound",  # CheckOutbound: would the fences let host:port through?
+    "signed-pushes",  # SetClusterRoutes carries the document's text and the routes authority's signature
+    "pending-routes",  # routes of developers not connected yet, from the mounted developers file
+)
 
 
 class BadRequest(ValueError):
@@ -184,6 +199,116 @@ def decode(line: bytes) -> Request:
             and 0 < request.port < 65536):
         raise BadRequest("malformed check-outbound request: host must be text and port a number from 1 to 65535")
     return request
+
+
+# --- replies ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A request's answer: ``{"ok": true, ...fields}`` on the wire. Reading one keeps only the
+    fields its class knows, so a newer agent may add fields without breaking an older client."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": True, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Reply:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class HelloReply(Reply):
+    """What the agent says of itself. ``protocol`` is 1 for an agent from before it said so
+    (whose ``rule_kinds`` were :data:`RULE_KINDS` and which had none of :data:`FEATURES`)."""
+
+    agent_version: str = "?"
+    protocol: int = 1
+    rule_kinds: list[str] = field(default_factory=lambda: list(RULE_KINDS))
+    features: list[str] = field(default_factory=list)
+    upstream: str = ""
+    hold_timeout: float = 10.0
+    outbound: bool = False
+    fence: dict[str, list[str]] = field(default_factory=dict)  # the agent's own: {"allow": [...], "deny": [...]}
+    files: list[dict[str, Any]] = field(default_factory=list)  # the served roots: path, present
+    tls_connections: int = 0  # connections that began with a TLS record: relayed, never routed
+    idle_seconds: float = 0.0  # how long no route has been held (for intercept gc)
+
+    def lacks(self, feature: str) -> str | None:
+        """Why this agent cannot do ``feature`` (one of :data:`FEATURES`), or None when it can."""
+        if feature in self.features:
+            return None
+        return (f"the agent (intercept {self.agent_version}, control protocol {self.protocol}) lacks {feature!r}, "
+                f"which this intercept ({PROTOCOL_VERSION}) uses: upgrade it (intercept inject SERVICE --agent-image "
+                "IMAGE of this version)")
+
+
+@dataclass(frozen=True)
+class EnvReply(Reply):
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RoutesReply(Reply):
+    routes: list[dict[str, Any]] = field(default_factory=list)  # RouteTable.snapshot(): id, holder, session, ...
+
+
+@dataclass(frozen=True)
+class Registered(Reply):
+    id: int = 0
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class PushReply(Reply):
+    applied: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Drained(Reply):
+    busy: int = 0  # channels still carrying a response
+
+
+@dataclass(frozen=True)
+class Done(Reply):
+    """A request with nothing to say back (unregister)."""
+
+
+@dataclass(frozen=True)
+class FenceReply(Reply):
+    fence: dict[str, Any] = field(default_factory=dict)  # {"agent": {...}, "session": {...}}
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class OutboundReply(Reply):
+    addresses: list[str] | None = None  # those that pass (None: the name is dialled as given)
+
+
+REPLIES: dict[type, type[Reply]] = {
+    Hello: HelloReply, Env: EnvReply, ListRoutes: RoutesReply, Register: Registered, Unregister: Done,
+    Drain: Drained, Resume: Drained, SetClusterRoutes: PushReply, Fence: FenceReply, CheckOutbound: OutboundReply,
+}
+
+
+def decode_reply(request: Request, line: bytes) -> Reply | Refusal:
+    """The reply to ``request`` on one control line: its typed reply, or a :class:`Refusal`
+    (also for a line that is not a JSON object: ``bad-request``)."""
+    try:
+        data = json.loads(line)
+    except (ValueError, RecursionError):
+        return Refusal("bad-request", f"the agent's reply to {request.op} is not JSON")
+    if not isinstance(data, dict):
+        return Refusal("bad-request", f"the agent's reply to {request.op} is not an object")
+    if not data.get("ok"):
+        return Refusal.from_json(data)
+    try:
+        return REPLIES[type(request)].from_json(data)
+    except TypeError as e:
+        return Refusal("bad-request", f"the agent's reply to {request.op} is malformed: {e}")
 
 
 @dataclass(frozen=True)

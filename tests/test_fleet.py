@@ -330,7 +330,7 @@ def test_a_pod_ip_that_cannot_be_reached_falls_back_to_the_port_forward_and_says
         options = InterceptOptions(transport=transport, credentials=load(agent.credentials),
                                    route=Route(frozenset({HeaderEquals("x-dev", "ws")})), name="ws", local_port=1)
 
-        async def hello(options: InterceptOptions) -> dict:
+        async def hello(options: InterceptOptions) -> protocol.HelloReply:
             session = AgentSession(options)
             await session.connect()
             try:
@@ -338,7 +338,7 @@ def test_a_pod_ip_that_cannot_be_reached_falls_back_to_the_port_forward_and_says
             finally:
                 await session.leave()
 
-        assert asyncio.run(hello(options))["ok"] is True
+        assert asyncio.run(hello(options)).protocol == protocol.PROTOCOL_VERSION
         assert transport.fell_back and transport.describe() == forward.describe()
         both = FallbackTransport(blocked, DirectTransport("127.0.0.1", free_port(), timeout=5))
         with pytest.raises(AgentUnreachable, match="admit this workspace to the agent's SSH port"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from intercept import protocol
@@ -45,3 +47,36 @@ def test_a_refusal_names_its_holder_only_for_a_conflict():
     assert Refusal("conflict", "held by bob", "bob").to_json() == {"ok": False, "error": "conflict", "message": "held by bob", "holder": "bob"}
     assert "holder" not in Refusal("invalid", "bad rule").to_json()
     assert Refusal.from_json({"ok": False, "error": "conflict", "message": "m", "holder": "bob"}) == Refusal("conflict", "m", "bob")
+
+
+# --------------------------------------------------------------------------- typed replies, versions
+
+
+def test_every_request_has_a_typed_reply_that_round_trips():
+    from intercept.protocol import REPLIES, _REQUESTS
+
+    assert set(REPLIES) == set(_REQUESTS.values())
+    for cls in REPLIES.values():
+        reply = cls()
+        line = json.dumps(reply.to_json()).encode()
+        request = next(r for r, c in REPLIES.items() if c is cls)
+        assert protocol.decode_reply(request.__new__(request), line) == reply
+
+
+def test_a_version_1_agents_hello_says_what_it_lacks():
+    old = protocol.decode_reply(protocol.Hello(), json.dumps({
+        "ok": True, "agent_version": "0.0.9", "upstream": "127.0.0.1:8080", "hold_timeout": 10,
+        "outbound": True, "fence": {"allow": [], "deny": []}, "files": [], "tls_connections": 0,
+        "idle_seconds": 1.5, "something_newer": 1}).encode())
+    assert isinstance(old, protocol.HelloReply)
+    assert (old.protocol, old.rule_kinds, old.features) == (1, list(protocol.RULE_KINDS), [])
+    lacks = old.lacks("check-outbound")
+    assert lacks is not None and "intercept 0.0.9" in lacks and "'check-outbound'" in lacks
+    assert "upgrade it" in lacks
+
+
+def test_a_refusal_and_garbage_come_back_as_refusals():
+    refusal = protocol.decode_reply(protocol.ListRoutes(), b'{"ok": false, "error": "bad-request", "message": "x"}')
+    assert refusal == protocol.Refusal("bad-request", "x")
+    assert protocol.decode_reply(protocol.ListRoutes(), b"[1]").error == "bad-request"
+    assert protocol.decode_reply(protocol.ListRoutes(), b"not json").error == "bad-request"

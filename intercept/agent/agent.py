@@ -14,7 +14,7 @@ from pathlib import Path
 from stat import S_ISREG
 from typing import TYPE_CHECKING, Any
 
-from intercept import __version__, credentials
+from intercept import __version__, credentials, protocol
 from intercept.agent.files import ServedFiles, parse_serve_files
 from intercept.agent.files import describe as describe_files
 from intercept.agentconfig import AgentConfig
@@ -178,20 +178,16 @@ class Agent:
         own = set(os.environ.get("INTERCEPT_IMAGE_ENV", "").split())
         return {k: v for k, v in os.environ.items() if not k.startswith("INTERCEPT_") and k not in own}
 
-    def describe(self) -> dict[str, Any]:
+    def hello(self) -> protocol.HelloReply:
+        """What the agent says of itself: versions, what it knows, its settings and state."""
         host, port = self.config.upstream
-        return {
-            "agent_version": __version__,
-            "upstream": f"{host}:{port}",
-            "hold_timeout": self.config.hold_timeout,
-            "outbound": self.config.allow_outbound,
-            "fence": self.fence.to_json(),
-            "files": describe_files(self.files),
-            # connections that began with a TLS record: relayed untouched, so never routed by header
-            "tls_connections": self.h2.tls_seen,
+        return protocol.HelloReply(
+            agent_version=__version__, protocol=protocol.PROTOCOL_VERSION, rule_kinds=list(protocol.RULE_KINDS),
+            features=list(protocol.FEATURES), upstream=f"{host}:{port}", hold_timeout=self.config.hold_timeout,
+            outbound=self.config.allow_outbound, fence=self.fence.to_json(), files=describe_files(self.files),
+            tls_connections=self.h2.tls_seen,
             # for intercept gc: how long no route has been held (a session that only asks, as gc does, is no use)
-            "idle_seconds": 0.0 if self.routes.held else round(time.monotonic() - self._last_busy, 1),
-        }
+            idle_seconds=0.0 if self.routes.held else round(time.monotonic() - self._last_busy, 1))
 
     def fence_of(self, session: sshd.DeveloperSession) -> dict[str, Any]:
         """The outbound fence in effect for ``session``: the agent's, then the session's own."""

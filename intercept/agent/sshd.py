@@ -57,6 +57,7 @@ from intercept.protocol import (
     KEEPALIVE_INTERVAL,
     BadRequest,
     Refusal,
+    Reply,
 )
 from intercept.sshwrite import CoalescingTunnel
 
@@ -340,77 +341,77 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
     def _serve(self) -> None:
         while self._queue and self._busy is None:
             reply = self._handle(self._queue.popleft())
-            if isinstance(reply, dict):
+            if isinstance(reply, Reply | Refusal):
                 self._write(reply)
                 continue
             self._busy = asyncio.ensure_future(reply)
             self._busy.add_done_callback(self._answered)
 
-    def _answered(self, task: asyncio.Future[dict[str, Any]]) -> None:
+    def _answered(self, task: asyncio.Future[Reply | Refusal]) -> None:
         self._busy = None
         if task.cancelled():
             return
         error = task.exception()
         if error is not None:
             log.error("a control request failed", exc_info=error)
-            self._write(Refusal("invalid", f"the agent failed to answer: {error}").to_json())
+            self._write(Refusal("invalid", f"the agent failed to answer: {error}"))
         else:
             self._write(task.result())
         self._serve()
 
-    def _write(self, reply: dict[str, Any]) -> None:
+    def _write(self, reply: Reply | Refusal) -> None:
         try:
-            self.chan.write(json.dumps(reply).encode() + b"\n")
+            self.chan.write(json.dumps(reply.to_json()).encode() + b"\n")
         except (BrokenPipeError, asyncssh.Error) as e:  # the client went: nothing to answer
             log.debug("control reply not sent: %s", e)
 
-    async def _check_outbound(self, request: protocol.CheckOutbound) -> dict[str, Any]:
+    async def _check_outbound(self, request: protocol.CheckOutbound) -> Reply | Refusal:
         if not self.session.agent.config.allow_outbound:
-            return Refusal("invalid", "the agent does not allow outbound connections (it runs without --allow-outbound)").to_json()
+            return Refusal("invalid", "the agent does not allow outbound connections (it runs without --allow-outbound)")
         verdict = await self.session.check_outbound(request.host, request.port)
         if not verdict.allowed:
-            return Refusal("fenced", verdict.reason).to_json()
-        return {"ok": True, "addresses": list(verdict.addresses) if verdict.addresses is not None else None}
+            return Refusal("fenced", verdict.reason)
+        return protocol.OutboundReply(list(verdict.addresses) if verdict.addresses is not None else None)
 
-    def _handle(self, line: bytes) -> dict[str, Any] | Coroutine[Any, Any, dict[str, Any]]:
+    def _handle(self, line: bytes) -> Reply | Refusal | Coroutine[Any, Any, Reply | Refusal]:
         try:
             request = protocol.decode(line)
         except BadRequest as e:
-            return Refusal("bad-request", str(e)).to_json()
+            return Refusal("bad-request", str(e))
         agent, session = self.session.agent, self.session
         try:
             match request:
                 case protocol.Hello():
-                    return {"ok": True, **agent.describe()}
+                    return agent.hello()
                 case protocol.Env():
-                    return {"ok": True, "env": agent.pod_environment()}
+                    return protocol.EnvReply(agent.pod_environment())
                 case protocol.ListRoutes():
-                    return {"ok": True, "routes": agent.routes.snapshot()}
+                    return protocol.RoutesReply(agent.routes.snapshot())
                 case protocol.Register(rules=rules, all=everything, ttl=ttl):
                     route = agent.register(session, rules, everything, ttl)
-                    return {"ok": True, "id": route.id, "description": route.route.describe()}
+                    return protocol.Registered(route.id, route.route.describe())
                 case protocol.SetClusterRoutes(document=text, signature=signature):
-                    return {"ok": True, **agent.push_routes(text, signature)}
+                    return protocol.PushReply(**agent.push_routes(text, signature))
                 case protocol.Drain() | protocol.Resume():
-                    return {"ok": True, "busy": session.drain(isinstance(request, protocol.Drain))}
+                    return protocol.Drained(session.drain(isinstance(request, protocol.Drain)))
                 case protocol.Unregister(id=route_id):
                     agent.unregister(session, route_id)
-                    return {"ok": True}
+                    return protocol.Done()
                 case protocol.Fence(allow=allow, deny=deny):
                     session.fence = Fence.parse(allow, deny, owner="this session")
                     log.info("%s narrows its outbound connections: %s", session.name, session.fence.describe())
-                    return {"ok": True, **agent.fence_of(session)}
+                    return protocol.FenceReply(**agent.fence_of(session))
                 case protocol.CheckOutbound():
                     return self._check_outbound(request)  # a coroutine: _serve awaits it
         except RouteConflict as e:
-            return Refusal("conflict", str(e), e.holder).to_json()
+            return Refusal("conflict", str(e), e.holder)
         except UnverifiedPush as e:
             log.warning("%s: %s", session.name, e)
-            return Refusal("forbidden", str(e)).to_json()
+            return Refusal("forbidden", str(e))
         except InterceptError as e:
-            return Refusal("invalid", str(e)).to_json()
+            return Refusal("invalid", str(e))
         except (KeyError, TypeError, ValueError, OverflowError) as e:
-            return Refusal("bad-request", f"malformed {request.op} request: {e}").to_json()
+            return Refusal("bad-request", f"malformed {request.op} request: {e}")
         raise AssertionError(f"unhandled request {request!r}")  # every Request class has a case
 
 

@@ -221,7 +221,7 @@ class Fleet:
 
     def outbound_allowed(self) -> bool:
         """Whether the agents let us open connections from their pods (``--allow-outbound``)."""
-        return any(h.registered and h.session is not None and h.session.agent.get("outbound") for h in self._holders.values())
+        return any(h.registered and h.session is not None and h.session.agent.outbound for h in self._holders.values())
 
     def fence(self) -> str | None:
         """The outbound fence in effect, described (``allow redis:6379; deny ...``), as a
@@ -241,8 +241,8 @@ class Fleet:
                 except Exception as e:  # noqa: BLE001 - any failure: try the next replica
                     log.info("replica %s: no outbound check: %s", holder.replica.name, e)
                     continue
-                if not reply.get("ok") and reply.get("error") == "fenced":
-                    return str(reply.get("message"))
+                if isinstance(reply, protocol.Refusal) and reply.error == "fenced":
+                    return reply.message
                 return None
         return None
 
@@ -255,8 +255,8 @@ class Fleet:
                 except Exception as e:  # noqa: BLE001 - any failure: try the next replica
                     log.info("replica %s: no environment: %s", holder.replica.name, e)
                     continue
-                if reply.get("ok"):
-                    return dict(reply["env"])
+                if isinstance(reply, protocol.EnvReply):
+                    return dict(reply.env)
         return {}
 
     async def drain(self, draining: bool) -> None:
@@ -448,7 +448,7 @@ class Fleet:
         line = f"{self.options.describe()} now reach localhost:{self.options.local_port}"
         self._report(Event("ready", f"{line} ({self._count()})" if self._count_replicas else line, route=self.options.describe(),
                            fence=self.fence()))
-        tls = sum(h.session.agent.get("tls_connections", 0) for h in self._holders.values() if h.session is not None)
+        tls = sum(h.session.agent.tls_connections for h in self._holders.values() if h.session is not None)
         if tls:
             self._report(Event("warning", f"the agent has seen {tls} TLS connection(s) to this service: requests inside TLS "
                                "are relayed untouched to the cluster's version and never routed by header; header "

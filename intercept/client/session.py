@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from intercept.client.door import LocalDoor
 from intercept.client.transport import Transport
 from intercept.credentials import Credentials
 from intercept.errors import (
+    InterceptError,
     AgentUnreachable,
     AuthenticationFailed,
     HostKeyMismatch,
@@ -52,6 +52,10 @@ class InterceptOptions:
         return f"requests with {self.route.describe()}" if self.route.rules else "all requests"
 
 
+# Requests that only an agent with the feature understands (protocol.FEATURES).
+_FEATURE_OF = {protocol.CheckOutbound: "check-outbound", protocol.SetClusterRoutes: "signed-pushes"}
+
+
 class AgentSession:
     """One SSH connection to one agent, with this developer's route registered on it."""
 
@@ -62,7 +66,7 @@ class AgentSession:
         self._control: tuple[asyncssh.SSHWriter[bytes], asyncssh.SSHReader[bytes]] | None = None
         self._control_lock = asyncio.Lock()  # one request at a time: replies come in order
         self.route_id: int | None = None
-        self.agent: dict[str, Any] = {}  # what the agent says of itself (hello)
+        self.agent = protocol.HelloReply()  # what the agent says of itself (hello)
         self.fence = ""  # the outbound fence in effect for this session, described
 
     async def open(self) -> None:
@@ -74,9 +78,9 @@ class AgentSession:
 
     async def _narrow(self) -> None:
         fence = self.options.fence
-        agent_fence = self.agent.get("fence") or {}
+        agent_fence = self.agent.fence
         self.fence = Fence.parse(agent_fence.get("allow", ()), agent_fence.get("deny", ())).describe()
-        if not self.agent.get("outbound"):
+        if not self.agent.outbound:
             self.fence = "off"  # the agent allows no outbound connection at all
         if fence.open:
             return
@@ -85,12 +89,12 @@ class AgentSession:
         except (asyncssh.Error, OSError) as e:
             self.conn.close()
             raise AgentUnreachable(f"agent {self.options.transport.describe()}: connection lost while setting the outbound fence: {e}") from None
-        if not reply.get("ok"):
+        if isinstance(reply, Refusal):
             self.conn.close()
             raise UsageError(f"agent {self.options.transport.describe()} refused the outbound fence "
-                             f"({fence.describe()}): {Refusal.from_json(reply).message}")
-        if self.agent.get("outbound"):
-            self.fence = str(reply.get("description", fence.describe()))
+                             f"({fence.describe()}): {reply.message}")
+        if self.agent.outbound:
+            self.fence = reply.description or fence.describe()
 
     async def connect(self) -> None:
         """Connect, pin the host key, authenticate and open the control channel (no route yet)."""
@@ -123,38 +127,59 @@ class AgentSession:
         try:
             writer, reader, _ = await self.conn.open_session(subsystem=CONTROL_SUBSYSTEM, encoding=None)
             self._control = (writer, reader)
-            self.agent = await self.request(protocol.Hello())
+            hello = await self.request(protocol.Hello())
         except (asyncssh.Error, OSError) as e:
             self.conn.close()
             raise AgentUnreachable(f"agent {where}: connection lost while opening the control channel: {e}") from None
+        if isinstance(hello, Refusal):
+            self.conn.close()
+            raise AgentUnreachable(f"agent {where} did not say hello: {hello.message}")
+        self.agent = hello
 
     async def _register(self) -> None:
         opts = self.options
         where = opts.transport.describe()
+        unknown = sorted({rule.kind for rule in opts.route.rules} - set(self.agent.rule_kinds))
+        if unknown:  # an older agent: say so, rather than let it answer "unknown kind"
+            self.conn.close()
+            raise UsageError(f"agent {where} (intercept {self.agent.agent_version}, control protocol "
+                             f"{self.agent.protocol}) does not know the rule kind {', '.join(map(repr, unknown))} of "
+                             "this route: upgrade it (intercept inject SERVICE --agent-image IMAGE of this version), "
+                             "or route with other rules")
         try:
             await self.conn.create_server(self.door.accept, FORWARD_HOST, FORWARD_PORT)
             reply = await self.request(protocol.Register(opts.route.to_json(), opts.all_traffic, opts.ttl))
         except (asyncssh.Error, OSError) as e:
             self.conn.close()
             raise AgentUnreachable(f"agent {where}: connection lost while registering: {e}") from None
-        if not reply.get("ok"):
+        if isinstance(reply, Refusal):
             self.conn.close()
-            refusal = Refusal.from_json(reply)
-            if refusal.error == "conflict":
-                raise RouteConflict(refusal.message, holder=refusal.holder)
-            raise UsageError(f"agent {where} refused the route: {refusal.message}")
-        self.route_id = reply["id"]
+            if reply.error == "conflict":
+                raise RouteConflict(reply.message, holder=reply.holder)
+            raise UsageError(f"agent {where} refused the route: {reply.message}")
+        self.route_id = reply.id
         log.info("route %s registered on %s", opts.route.describe(), where)
 
-    async def request(self, request: protocol.Request) -> dict[str, Any]:
-        """One request on the control channel and its reply."""
+    async def request(self, request: protocol.Request) -> protocol.Reply | Refusal:
+        """One request on the control channel and its typed reply, or the agent's refusal; a
+        request for a feature the agent's hello does not list is refused here, naming it."""
+        feature = _FEATURE_OF.get(type(request))
+        if feature is not None and self.agent.lacks(feature):
+            return Refusal("unsupported", self.agent.lacks(feature) or "")
         writer, reader = self._control
         async with self._control_lock:
             writer.write(protocol.encode(request))
             line = await reader.readline()
         if not line:
             raise asyncssh.ConnectionLost("control channel closed")
-        return json.loads(line)
+        return protocol.decode_reply(request, line)
+
+    async def ask(self, request: protocol.Request) -> Any:
+        """:meth:`request` for a reply the caller needs: a refusal raises :class:`InterceptError` with its reason."""
+        reply = await self.request(request)
+        if isinstance(reply, Refusal):
+            raise InterceptError(f"agent {self.options.transport.describe()} refused {request.op}: {reply.message}")
+        return reply
 
     async def wait_closed(self) -> None:
         await self.conn.wait_closed()

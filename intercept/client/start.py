@@ -201,13 +201,14 @@ async def start(
             await pod_files.close()
 
 
-async def ask_agent(options: InterceptOptions, request: protocol.Request) -> dict[str, Any]:
-    """One control request to the agent ``options.transport`` reaches, without a route:
-    :class:`~intercept.protocol.Env` (the pod's environment), :class:`~intercept.protocol.ListRoutes`."""
+async def ask_agent(options: InterceptOptions, request: protocol.Request) -> Any:
+    """One control request to the agent ``options.transport`` reaches, without a route, and
+    its typed reply (a refusal raises): :class:`~intercept.protocol.Env` (the pod's
+    environment), :class:`~intercept.protocol.ListRoutes`, :class:`~intercept.protocol.Hello`."""
     session = AgentSession(options)
     await session.connect()
     try:
-        return await session.request(request)
+        return await session.ask(request)
     finally:
         await session.leave()
 

@@ -11,9 +11,12 @@ client copies them (``intercept files``, ``--mount-mode copy``) or mounts them l
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
+import resource
 import signal
+import socket
 import stat
 import sys
 import time
@@ -22,9 +25,10 @@ from pathlib import Path
 
 import asyncssh
 import pytest
+from asyncssh.packet import Byte, String, UInt32, UInt64
 
 from intercept import protocol
-from intercept.agent.files import ServedFiles, ServedRoot, Virtual, mounts_from_env
+from intercept.agent.files import Quota, ServedFiles, ServedRoot, Virtual, handle_quota, mounts_from_env, unservable
 from intercept.client.files import is_mounted, live_unavailable
 from intercept.errors import SpecError
 from intercept.spec import merge, to_args
@@ -102,6 +106,24 @@ def test_the_served_tree_is_the_roots_at_their_paths_and_nothing_else():
         ServedFiles([ServedRoot("relative", "/x")])
 
 
+def test_only_regular_files_and_directories_are_served():
+    assert unservable(stat.S_IFREG | 0o644) is None and unservable(stat.S_IFDIR | 0o755) is None
+    assert [unservable(kind | 0o600) for kind in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK)] == [
+        "a FIFO", "a socket", "a character device", "a block device"]
+
+
+def test_a_quota_counts_each_session_and_all_of_them():
+    quota = Quota("open files and directories", per_session=2, total=3)
+    assert quota.take("s1") is None and quota.take("s1") is None
+    assert quota.take("s1") == "this session holds 2 open files and directories, the most one session may; close some"
+    assert quota.take("s2") is None
+    assert quota.take("s3") == ("the agent's 3 open files and directories for its sessions are all in use; "
+                                "try again when other sessions close some")
+    quota.give("s1")
+    assert quota.take("s3") is None and quota.held == 3
+    assert handle_quota(1024).total == 256 and handle_quota(1 << 20).total == 1024 and handle_quota(64).total == 128
+
+
 def test_the_injections_description_of_the_mounts_is_read_with_each_location():
     env = {"INTERCEPT_MOUNTS": json.dumps(["/etc/config", "/var/run/secrets/kubernetes.io/serviceaccount"]),
            "INTERCEPT_MOUNT_0": "/kubelet/volumes/config"}
@@ -145,8 +167,9 @@ def test_mount_options_spell_alike_and_are_checked(tmp_path):
 # --- the SFTP subsystem, straight -------------------------------------------------------------
 
 
-def test_the_agent_serves_the_mounts_read_only_and_refuses_every_way_out(files_agent, pod):
+def test_the_agent_serves_the_mounts_read_only_and_refuses_every_way_out(files_agent, pod, tmp_path):
     config, secret = str(pod["config"]), str(pod["secret"])
+    local = tmp_path / "token"
 
     async def main():
         conn = await _connect(files_agent)
@@ -160,6 +183,8 @@ def test_the_agent_serves_the_mounts_read_only_and_refuses_every_way_out(files_a
                     out["token"] = await f.read()
                 async with sftp.open(str(pod["cert"]), "rb") as f:
                     out["cert"] = await f.read()
+                await sftp.get(f"{secret}/token", str(local))  # asyncssh's copy: sparse ranges asked first
+                out["got"] = local.read_bytes()
                 out["app_is_file"] = (await sftp.lstat(f"{config}/app.yaml")).type == asyncssh.FILEXFER_TYPE_REGULAR
                 refusals = {}
                 for name, attempt in {
@@ -189,7 +214,7 @@ def test_the_agent_serves_the_mounts_read_only_and_refuses_every_way_out(files_a
     out = asyncio.run(main())
     assert out["config"] == [".", "..", "app.yaml", "escape", "sideways"]  # the kubelet's ..data entries are left out
     assert out["app"] == b"greeting: hello\n" and out["app_is_file"]
-    assert out["token"] == b"s3cr3t-token" and out["cert"].startswith(b"-----BEGIN")
+    assert out["token"] == out["got"] == b"s3cr3t-token" and out["cert"].startswith(b"-----BEGIN")
     r = out["refusals"]
     denied, missing = asyncssh.FX_PERMISSION_DENIED, asyncssh.FX_NO_SUCH_FILE
     assert r["escape"] == (denied, f"{config}/escape is a link that leads out of {config}; refused")
@@ -401,3 +426,217 @@ def test_a_live_mount_comes_back_when_the_agent_does(pod, tmp_path):
         client.stop()
         agent.proc.stop()
     until(lambda: not root.exists() and not is_mounted(root), f"{root} unmounted and removed")
+
+
+# --- what one session may cost the others -------------------------------------------------------
+#
+# The agent is shared by every developer of the service: a session's file requests must not stop
+# the HTTP traffic, take the agent's memory or its file descriptors. The agent here runs with
+# 1,024 descriptors (as in many containers), so that exhausting them is quick to try.
+
+FD_LIMIT = 1024
+BIG = 1 << 30  # a sparse file: 1 GiB that costs no disk
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A served directory with what is not a file: a FIFO, a socket; and a big sparse file."""
+    root = tmp_path_factory.mktemp("hostile")
+    os.mkfifo(root / "fifo")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(root / "socket"))
+    with open(root / "big", "wb") as f:
+        f.truncate(BIG)
+    (root / "small").write_text("small\n")
+    yield root
+    listener.close()
+
+
+@pytest.fixture(scope="module")
+def cost_agent(hostile, cluster_app, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    agent = start_agent(tmp_path_factory.mktemp("cost-agent"), cluster_app.port, "--serve-files", str(hostile))
+    agent.proc.wait_for(r"^intercept: agent: files: ")
+    resource.prlimit(agent.proc.p.pid, resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))  # before any developer
+    yield agent
+    agent.proc.stop()
+
+
+def peak_rss_reset(pid: int) -> int:
+    """The process's resident memory now; its peak (VmHWM) restarts from here."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+    return _status_kib(pid, "VmRSS") * 1024
+
+
+def peak_rss(pid: int) -> int:
+    return _status_kib(pid, "VmHWM") * 1024
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+async def _served_by_cluster(agent: Agent) -> str:
+    """A plain HTTP request through the agent, from a thread: who answered."""
+    return await asyncio.to_thread(agent.app_of)
+
+
+async def _sftp_error(attempt) -> tuple[int, str]:
+    try:
+        result = await asyncio.wait_for(attempt, DEADLINE)
+    except asyncssh.SFTPError as e:
+        return e.code, e.reason
+    raise AssertionError(f"allowed: {result!r}")
+
+
+def test_a_fifo_or_a_socket_is_refused_at_once_and_traffic_flows(cost_agent, hostile):
+    async def main():
+        conn = await _connect(cost_agent)
+        try:  # no orderly SFTP exit: an agent stuck in open(2) would never answer it
+            sftp = await conn.start_sftp_client()
+            listed = {n.filename: n.attrs.type for n in await sftp.readdir(str(hostile))}
+            fifo = await _sftp_error(sftp.open(f"{hostile}/fifo"))
+            served = await _served_by_cluster(cost_agent)
+            sock = await _sftp_error(sftp.open(f"{hostile}/socket"))
+            async with sftp.open(f"{hostile}/small", "rb") as f:
+                small = await f.read()
+            return listed, fifo, sock, served, small
+        finally:
+            conn.close()
+
+    listed, fifo, sock, served, small = asyncio.run(main())
+    assert (listed["fifo"], listed["socket"]) == (asyncssh.FILEXFER_TYPE_FIFO, asyncssh.FILEXFER_TYPE_SOCKET)  # listed
+    assert fifo == (asyncssh.FX_PERMISSION_DENIED,
+                    f"{hostile}/fifo is a FIFO; only regular files and directories are served")
+    assert sock == (asyncssh.FX_PERMISSION_DENIED,
+                    f"{hostile}/socket is a socket; only regular files and directories are served")
+    assert served == "cluster" and small == b"small\n"
+
+
+def test_a_4_gib_read_is_answered_short_and_the_agent_stays_small(cost_agent, hostile):
+    pid = cost_agent.proc.p.pid
+
+    async def main():
+        conn = await _connect(cost_agent)
+        try:
+            async with conn.start_sftp_client() as sftp:
+                async with sftp.open(f"{hostile}/big", "rb", block_size=0) as f:  # one READ request, as asked
+                    before = peak_rss_reset(pid)
+                    data = await f.read(0xFFFFFFFF, 0)
+                    peak = peak_rss(pid)
+                    tail = await f.read(0xFFFFFFFF, BIG - 10)
+            return before, peak, data, tail, await _served_by_cluster(cost_agent)
+        finally:
+            conn.close()
+
+    before, peak, data, tail, served = asyncio.run(main())
+    assert len(data) == 256 * 1024 and data.count(0) == len(data)  # a short read, as SFTP allows
+    assert tail == bytes(10)
+    assert peak - before < 64 * MiB, f"the agent's memory grew by {(peak - before) // MiB} MiB"  # unbounded: > 1 GiB
+    assert served == "cluster"
+
+
+def test_answers_a_client_does_not_read_are_not_piled_up_in_the_agent(cost_agent, hostile):
+    """A client that sends READ after READ and never reads the answers: the agent stops
+    answering it when its channel's buffer is full, instead of holding every answer."""
+    pid = cost_agent.proc.p.pid
+    reads = 2000  # 500 MiB of answers
+
+    async def main():
+        conn = await _connect(cost_agent)
+        try:
+            writer, reader, _ = await conn.open_session(subsystem=protocol.FILES_SUBSYSTEM, encoding=None)
+            sftp = RawSFTP(writer, reader)
+            await sftp.init()
+            handle = await sftp.open(f"{hostile}/big")
+            before = peak_rss_reset(pid)
+            for i in range(reads):
+                sftp.send(5, String(handle) + UInt64(0) + UInt32(256 * 1024))  # SSH_FXP_READ
+            served = await _served_by_cluster(cost_agent)  # the agent's loop went past the requests
+            peak = peak_rss(pid)
+            writer.close()
+            return before, peak, served
+        finally:
+            conn.close()
+
+    before, peak, served = asyncio.run(main())
+    assert served == "cluster"
+    assert peak - before < 64 * MiB, f"the agent's memory grew by {(peak - before) // MiB} MiB"
+
+
+def test_handles_and_channels_are_capped_per_session_and_in_all(cost_agent, hostile):
+    per_session, in_all, per_session_channels = 128, FD_LIMIT // 4, 8
+
+    async def open_until_refused(sftp) -> tuple[list, tuple[int, str]]:
+        files = []
+        for _ in range(FD_LIMIT * 2):
+            try:
+                files.append(await sftp.open(f"{hostile}/small"))
+            except asyncssh.SFTPError as e:
+                return files, (e.code, e.reason)
+        raise AssertionError(f"{len(files)} files open, none refused")
+
+    async def main():
+        conns = [await _connect(cost_agent) for _ in range(3)]
+        try:
+            a, b, c = [await conn.start_sftp_client() for conn in conns]
+            held_a, refused_a = await open_until_refused(a)
+            held_b, refused_b = await open_until_refused(b)
+            refused_c = await _sftp_error(c.open(f"{hostile}/small"))
+            served = await _served_by_cluster(cost_agent)
+            late = await _connect(cost_agent)  # a new developer still logs in
+            late.close()
+            await held_a.pop().close()
+            async with c.open(f"{hostile}/small", "rb") as f:  # a handle given back is anyone's again
+                read = await f.read()
+            channels = [await conns[0].start_sftp_client() for _ in range(per_session_channels - 1)]
+            with pytest.raises(asyncssh.ChannelOpenError) as too_many:
+                await conns[0].start_sftp_client()
+            closed = channels.pop()
+            closed.exit()
+            await closed.wait_closed()
+            await conns[0].start_sftp_client()  # a channel closed is one more for its session
+            return len(held_a) + 1, refused_a, len(held_b), refused_b, refused_c, served, read, too_many.value
+        finally:
+            for conn in conns:
+                conn.close()
+
+    count_a, refused_a, count_b, refused_b, refused_c, served, read, too_many = asyncio.run(main())
+    assert (count_a, count_b) == (per_session, in_all - per_session)
+    assert refused_a == (asyncssh.FX_FAILURE, f"{hostile}/small: this session holds {per_session} open files and "
+                                              f"directories, the most one session may; close some")
+    assert refused_b[0] == refused_c[0] == asyncssh.FX_FAILURE
+    assert refused_c[1] == (f"{hostile}/small: the agent's {in_all} open files and directories for its sessions are "
+                            "all in use; try again when other sessions close some")
+    assert served == "cluster" and read == b"small\n"
+
+
+class RawSFTP:
+    """SFTP version 3 spoken by hand on a channel: requests sent without waiting for answers."""
+
+    def __init__(self, writer, reader) -> None:
+        self.writer, self.reader, self.ids = writer, reader, itertools.count()
+
+    def send(self, kind: int, body: bytes) -> None:
+        payload = Byte(kind) + UInt32(next(self.ids)) + body
+        self.writer.write(UInt32(len(payload)) + payload)
+
+    async def answer(self) -> tuple[int, bytes]:
+        length = int.from_bytes(await self.reader.readexactly(4), "big")
+        payload = await self.reader.readexactly(length)
+        return payload[0], payload[5:]
+
+    async def init(self) -> None:
+        self.writer.write(UInt32(5) + Byte(1) + UInt32(3))  # SSH_FXP_INIT, version 3
+        length = int.from_bytes(await self.reader.readexactly(4), "big")
+        await self.reader.readexactly(length)
+
+    async def open(self, path: str) -> bytes:
+        self.send(3, String(path) + UInt32(asyncssh.FXF_READ) + UInt32(0))  # SSH_FXP_OPEN
+        kind, body = await self.answer()
+        assert kind == 102, body  # SSH_FXP_HANDLE
+        return body[4:4 + int.from_bytes(body[:4], "big")]
+

@@ -11,6 +11,7 @@ client copies them (``intercept files``, ``--mount-mode copy``) or mounts them l
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import json
 import os
@@ -19,6 +20,7 @@ import signal
 import socket
 import stat
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +30,8 @@ import pytest
 from asyncssh.packet import Byte, String, UInt32, UInt64
 
 from intercept import protocol
-from intercept.agent.files import Quota, ServedFiles, ServedRoot, Virtual, handle_quota, mounts_from_env, unservable
+from intercept.agent.beneath import KERNEL_RESOLVES, OutsideRoot, follow, open_beneath
+from intercept.agent.files import Inside, Quota, ServedFiles, ServedRoot, Virtual, handle_quota, mounts_from_env, unservable
 from intercept.client.files import is_mounted, live_unavailable
 from intercept.errors import SpecError
 from intercept.spec import merge, to_args
@@ -97,10 +100,11 @@ def test_the_served_tree_is_the_roots_at_their_paths_and_nothing_else():
                          ServedRoot("/var/run/secrets/token", "/data/t")])
     assert files.locate("/") == Virtual("/", ("etc", "var"))
     assert files.locate("/etc") == Virtual("/etc", ("config",))
-    assert files.locate("/etc/config/app.yaml").local == "/data/cfg/app.yaml"
-    assert files.locate("/etc/config/extra/a").local == "/data/x/a"  # the deeper mount owns its paths
+    assert files.locate("/etc/config/app.yaml") == Inside("/etc/config/app.yaml", ServedRoot("/etc/config", "/data/cfg"))
+    assert files.locate("/etc/config/app.yaml").relative == "app.yaml"
+    assert files.locate("/etc/config/extra/a").root.location == "/data/x"  # the deeper mount owns its paths
     assert files.locate("/etc/config/../../etc/passwd") is None  # normalized first: not served
-    assert files.locate("../../../etc/config").local == "/data/cfg"  # never above /
+    assert files.locate("../../../etc/config").relative == ""  # never above /
     assert files.locate("/etc/configx") is None and files.locate("/tmp") is None
     with pytest.raises(ValueError):
         ServedFiles([ServedRoot("relative", "/x")])
@@ -640,3 +644,141 @@ class RawSFTP:
         assert kind == 102, body  # SSH_FXP_HANDLE
         return body[4:4 + int.from_bytes(body[:4], "big")]
 
+# --- a served directory that its app changes under the agent ------------------------------------
+
+
+class Swapper(threading.Thread):
+    """Flips ``root/d`` between a directory and a symlink out of the root (``../outside``, or its
+    absolute path), as fast as it can, until stopped: a writer inside an app-writable mount."""
+
+    def __init__(self, root: Path, outside: Path) -> None:
+        super().__init__(daemon=True)
+        self.root = root
+        (root / "aside").mkdir()
+        (root / "aside" / "f").write_text("inside")
+        os.symlink("../outside", root / "link-relative")
+        os.symlink(outside, root / "link-absolute")
+        self.stop = threading.Event()
+        self.swapped = threading.Event()
+
+    def run(self) -> None:
+        d, aside = self.root / "d", self.root / "aside"
+        links = itertools.cycle([self.root / "link-relative", self.root / "link-absolute"])
+        while not self.stop.is_set():
+            link = next(links)
+            os.rename(aside, d)  # d is the directory
+            os.rename(d, aside)
+            os.rename(link, d)  # d leads out
+            os.rename(d, link)
+            self.swapped.set()
+
+
+def test_a_directory_swapped_for_a_link_never_lets_a_read_out(cluster_app, tmp_path):
+    root, outside = tmp_path / "shared", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "f").write_text("OUTSIDE")
+    swapper = Swapper(root, outside)
+    # not verbose (-v): a log line for each of a thousand refusals would fill the pipe that no one reads meanwhile
+    agent = Agent(Proc(INTERCEPT + ["agent", "--listen", "127.0.0.1:0", "--ssh-listen", "127.0.0.1:0", "--upstream",
+                                    f"127.0.0.1:{cluster_app.port}", "--credentials", str(tmp_path / "agent.json"),
+                                    "--serve-files", str(root)]), tmp_path / "agent.json")
+    tries = 3000
+
+    async def main():
+        conn = await _connect(agent)
+        seen: collections.Counter[str] = collections.Counter()
+        try:
+            async with conn.start_sftp_client() as sftp:
+                async with sftp.open(f"{root}/aside/f", "rb") as f:  # before the swapping: read, plainly
+                    seen[(await f.read()).decode()] += 1
+                swapper.start()
+                await asyncio.to_thread(swapper.swapped.wait)
+                for _ in range(tries):
+                    try:
+                        async with sftp.open(f"{root}/d/f", "rb") as f:
+                            seen[(await f.read()).decode()] += 1
+                    except asyncssh.SFTPError as e:
+                        seen[e.reason.replace(str(root), "ROOT")] += 1
+        finally:
+            conn.close()
+        return seen
+
+    try:
+        seen = asyncio.run(main())
+    finally:
+        swapper.stop.set()
+        if swapper.ident is not None:
+            swapper.join()
+        agent.proc.stop()
+    assert seen["inside"] and "OUTSIDE" not in seen, seen
+    assert set(seen) <= {"inside", "ROOT/d/f: no such file", "ROOT/d/f is a link that leads out of ROOT; refused"}, seen
+
+
+@pytest.fixture(params=[pytest.param(True, id="openat2"), pytest.param(False, id="walk")])
+def kernel(request) -> bool:
+    """Both ways to open beneath a root: the kernel's openat2, and the walk used without it."""
+    if request.param and not KERNEL_RESOLVES:
+        pytest.skip("this kernel has no openat2 (Linux 5.6)")
+    return request.param
+
+
+def test_links_inside_a_root_are_followed_and_every_way_out_refused(tmp_path, kernel):
+    root, outside = tmp_path / "config", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("OUTSIDE")
+    make_pod(tmp_path / "pod")
+    configmap = tmp_path / "pod" / "etc" / "config"  # key -> ..data/key, ..data -> ..<timestamp>
+    root.mkdir()
+    (root / "sub").mkdir()
+    (root / "sub" / "file").write_text("inside")
+    links = {"relative": "sub/file", "absolute-inside": str(root / "sub" / "file"), "down-and-up": "sub/../sub/file",
+             "up-and-back": "../config/sub/file", "out": "../outside/secret", "absolute-out": str(outside / "secret"),
+             "dangling": "sub/nothing", "loop": "loop", "file-as-dir": "sub/file/x"}
+    for name, target in links.items():
+        os.symlink(target, root / name)
+
+    def read(location: Path, path: str) -> str:
+        fd = open_beneath(str(location), path, os.O_RDONLY, kernel=kernel)
+        with open(fd, encoding="utf-8") as f:
+            return f.read()
+
+    def refusal(path: str) -> type[Exception]:
+        with pytest.raises((OutsideRoot, OSError)) as raised:
+            read(root, path)
+        return raised.type
+
+    assert read(configmap, "app.yaml") == "greeting: hello\n"
+    assert read(root, "relative") == read(root, "absolute-inside") == read(root, "down-and-up") == "inside"
+    assert read(root / "sub" / "file", "") == "inside"  # a root that is a file (a subPath mount)
+    assert [refusal(p) for p in ("up-and-back", "out", "absolute-out", "sub/../../outside/secret")] == [OutsideRoot] * 4
+    assert refusal("dangling") is FileNotFoundError and refusal("nothing") is FileNotFoundError
+    assert refusal("loop") is OSError and refusal("file-as-dir") is NotADirectoryError
+    assert follow("../x", ("/r",)) == (False, ["..", "x"]) and follow("/r/a/../b", ("/r",)) == (True, ["", "a", "..", "b"])
+    with pytest.raises(OutsideRoot):
+        follow("/rx/a", ("/r",))
+
+
+def test_the_walk_never_opens_outside_while_a_directory_is_swapped_for_a_link(tmp_path):
+    """The resolution used where the kernel has no openat2, raced directly (no agent)."""
+    root, outside = tmp_path / "shared", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "f").write_text("OUTSIDE")
+    swapper = Swapper(root, outside)
+    seen: collections.Counter[str] = collections.Counter()
+    swapper.start()
+    try:
+        swapper.swapped.wait()
+        for _ in range(3000):
+            try:
+                fd = open_beneath(str(root), "d/f", os.O_RDONLY, kernel=False)
+            except (OutsideRoot, OSError) as e:
+                seen[type(e).__name__] += 1
+                continue
+            with open(fd, encoding="utf-8") as f:
+                seen[f.read()] += 1
+    finally:
+        swapper.stop.set()
+        swapper.join()
+    assert "OUTSIDE" not in seen, seen

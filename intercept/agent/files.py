@@ -15,10 +15,11 @@ an agent no developer has reached yet never loads asyncssh).
 Invariants:
 
 - Nothing outside the roots is reachable: a path is normalized (``..`` never climbs out
-  of ``/``), must fall under a root, and its real path (every symlink resolved) must stay
-  under that root's real location. A symlink pointing out, or nowhere, is listed (so that
-  the developer sees it exists) but refused: its attributes are the link's, and opening,
-  reading or following it is ``permission denied`` with the reason.
+  of ``/``) and must fall under a root; below the root's location it is resolved and
+  opened in one step (:mod:`intercept.agent.beneath`), so that no link on its way, even
+  one swapped in meanwhile, leads out of the root. A symlink pointing out is listed (so
+  that the developer sees it exists) but refused: its attributes are the link's, and
+  opening, reading or following it is ``permission denied`` with the reason.
 - Links inside a root are followed by the agent, so the developer sees no symlinks: a
   ConfigMap volume's ``key -> ..data/key`` is the file itself, and a ConfigMap update
   (the kubelet swaps ``..data``) shows at the same path. The kubelet's own entries
@@ -81,11 +82,15 @@ class Virtual:
 
 @dataclass(frozen=True)
 class Inside:
-    """A path under ``root``: ``local`` is where the agent reads it (links not yet resolved)."""
+    """A path under ``root``: the agent resolves ``relative`` below the root's location."""
 
     path: str
     root: ServedRoot
-    local: str
+
+    @property
+    def relative(self) -> str:
+        """The path below its root (``""``: the root itself)."""
+        return self.path[len(self.root.path):].lstrip("/")
 
 
 def normalize(path: str) -> str:
@@ -118,15 +123,10 @@ class ServedFiles:
         owner = max((r for r in self.roots if path == r.path or path.startswith(r.path + "/")),
                     key=lambda r: len(r.path), default=None)
         if owner is not None:
-            return Inside(path, owner, owner.location + path[len(owner.path):])
+            return Inside(path, owner)
         prefix = path.rstrip("/") + "/"
         children = sorted({r.path[len(prefix):].split("/", 1)[0] for r in self.roots if r.path.startswith(prefix)})
         return Virtual(path, tuple(children)) if children else None
-
-    @staticmethod
-    def contained(real: str, real_root: str) -> bool:
-        """Whether ``real`` (a resolved path) is ``real_root`` or below it."""
-        return real == real_root or real.startswith(real_root.rstrip("/") + "/")
 
 
 def unservable(mode: int) -> str | None:

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import asyncssh
 from asyncssh.stream import SSHServerStreamSession
 
+from intercept.agent.beneath import OutsideRoot, open_beneath
 from intercept.agent.files import (
     KUBELET_PREFIX,
     MAX_CHANNELS_PER_SESSION,
@@ -175,14 +176,12 @@ class FileServer(asyncssh.SFTPServer):
 
     def _open_now(self, located: Inside, flags: int) -> int:
         """A descriptor for ``located`` opened with ``flags``, every link followed inside its
-        root; typed SFTP errors for one that leads out, or for nothing there."""
-        real_root = os.path.realpath(located.root.location)
-        real = os.path.realpath(located.local)
-        if not ServedFiles.contained(real, real_root):
-            log.info("refused %s to %s: a link that leads out of %s", located.path, self.who, located.root.path)
-            raise _denied(f"{located.path} is a link that leads out of {located.root.path}; refused")
+        root, in one step; typed SFTP errors for a way out, or for nothing there."""
         try:
-            return os.open(real, flags | os.O_CLOEXEC | os.O_NOCTTY)
+            return open_beneath(located.root.location, located.relative, flags)
+        except OutsideRoot:
+            log.info("refused %s to %s: a link that leads out of %s", located.path, self.who, located.root.path)
+            raise _denied(f"{located.path} is a link that leads out of {located.root.path}; refused") from None
         except FileNotFoundError:
             raise asyncssh.SFTPNoSuchFile(f"{located.path}: no such file") from None
 
@@ -274,7 +273,7 @@ class FileServer(asyncssh.SFTPServer):
             self._servable_now(located, probe)
         finally:
             os.close(probe)
-        fd = self._open_now(located, os.O_RDONLY | os.O_NONBLOCK)  # never waits, even for a FIFO swapped in meanwhile
+        fd = self._open_now(located, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)  # never waits, not even for a FIFO
         try:
             size = self._servable_now(located, fd).st_size
             os.set_blocking(fd, True)

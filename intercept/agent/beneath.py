@@ -103,7 +103,7 @@ def walk(root_fd: int, path: str, flags: int, roots: tuple[str, ...]) -> int:
     a ``..`` taken back to the directory the walk came from. The last name is opened with
     ``flags | O_NOFOLLOW`` from its directory's descriptor, so what is opened is always a
     name inside the root, whatever changes meanwhile."""
-    dirs = [os.dup(root_fd)]  # the directories the walk went through, the root first
+    dirs = [root_fd]  # the directories the walk went through, the root first (the caller's to close)
     todo = path.split("/")[::-1]  # the names still to resolve, the next one last
     links = 0
     try:
@@ -125,8 +125,7 @@ def walk(root_fd: int, path: str, flags: int, roots: tuple[str, ...]) -> int:
                         raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), path)
                     from_root, parts = follow(os.readlink("", dir_fd=fd), roots)  # the link opened, not its name again
                     if from_root:
-                        for d in dirs[1:]:
-                            os.close(d)
+                        _close(dirs[1:])
                         del dirs[1:]
                     todo.extend(reversed(parts))
                     continue
@@ -154,8 +153,12 @@ def walk(root_fd: int, path: str, flags: int, roots: tuple[str, ...]) -> int:
         # every name resolved to a directory the walk holds (a path ending in "..", or empty)
         return os.dup(dirs[-1]) if flags & os.O_PATH else os.open(".", flags | os.O_CLOEXEC, dir_fd=dirs[-1])
     finally:
-        for d in dirs:
-            os.close(d)
+        _close(dirs[1:])
+
+
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def open_beneath(location: str, path: str, flags: int, *, kernel: bool | None = None) -> int:

@@ -58,11 +58,12 @@ def _denied(reason: str) -> asyncssh.SFTPPermissionDenied:
 class FileService:
     """What the SFTP channels of every session on one agent share: the served tree, the
     threads that make the file system calls and each session's turn at them, and the quotas
-    of handles and channels. ``fd_limit``: the agent's file descriptors (its RLIMIT_NOFILE)."""
+    of handles (by the agent's RLIMIT_NOFILE as it is now) and channels."""
 
-    def __init__(self, files: ServedFiles, fd_limit: int | None = None) -> None:
+    def __init__(self, files: ServedFiles) -> None:
         self.files = files
-        self.handles = handle_quota(resource.getrlimit(resource.RLIMIT_NOFILE)[0] if fd_limit is None else fd_limit)
+        self.handles = handle_quota(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        # channels cost memory, not descriptors: the cap that matters is each session's
         self.channels = Quota("SFTP channels", MAX_CHANNELS_PER_SESSION, MAX_HANDLES)
         self._threads = ThreadPoolExecutor(WORKERS, thread_name_prefix="intercept-files")
         # a session's turns live while one of its calls waits or runs
@@ -235,7 +236,7 @@ class FileServer(asyncssh.SFTPServer):
                     continue
                 names.append(asyncssh.SFTPName(os.fsencode(child), attrs=attrs))
             return names
-        fd = self._open_now(located, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK)
+        fd = self._open_now(located, os.O_RDONLY | os.O_DIRECTORY)  # a directory or nothing: no FIFO is opened
         try:
             with os.scandir(fd) as entries:
                 listed = sorted(entry.name for entry in entries if not entry.name.startswith(KUBELET_PREFIX))

@@ -29,6 +29,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
@@ -363,9 +364,12 @@ async def send_request(
     It enters through the agent's own listener (the SSH front door), so it is routed
     exactly like a request from inside the cluster: with a developer's header it reaches
     that developer's process, without it the app. ``body`` of the reply stops at ``limit``.
+    A method, path or header that HTTP/1.1 cannot carry is a :class:`~intercept.errors.UsageError`
+    naming it, before anything is sent.
     """
-    if not path.startswith("/"):
-        raise UsageError(f"path {path!r}: it must start with /, e.g. /health")
+    head = _request_head(method, path, headers or {}, host=s.service or "intercept", length=len(body))
+    if limit < 0:
+        raise UsageError(f"limit {limit}: the most body bytes to return must be 0 or more")
     async with _session(s) as session:
         try:
             reader, writer = await asyncio.wait_for(
@@ -373,10 +377,7 @@ async def send_request(
         except (OSError, asyncio.TimeoutError) as e:
             raise InterceptError(f"agent {session.options.transport.describe()} did not open its HTTP listener: {e}") from None
         h = h11.Connection(h11.CLIENT)
-        fields = [("Host", s.service or "intercept"), *(headers or {}).items(), ("Content-Length", str(len(body))),
-                  ("Connection", "close")]
-        writer.write(h.send(h11.Request(method=method, target=path, headers=fields)) + h.send(h11.Data(data=body))
-                     + h.send(h11.EndOfMessage()))
+        writer.write(h.send(head) + h.send(h11.Data(data=body)) + h.send(h11.EndOfMessage()))
         try:
             return await asyncio.wait_for(_read_response(h, reader, limit), timeout)
         except asyncio.TimeoutError:
@@ -385,6 +386,49 @@ async def send_request(
             raise InterceptError(f"malformed response to {method} {path}: {e}") from None
         finally:
             writer.close()
+
+
+# RFC 9110: a method and a field name are tokens (5.6.2); a field value is visible ASCII with
+# inner spaces and tabs (5.5; other octets are sent only percent-encoded); a request target in
+# origin form is visible ASCII (7.1).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?")
+_TARGET = re.compile(r"/[\x21-\x7e]*")
+_FRAMING = ("content-length", "transfer-encoding")  # send_request's own: they follow from the body
+
+
+def _request_head(method: str, path: str, headers: Mapping[str, str], *, host: str, length: int) -> h11.Request:
+    """The head :func:`send_request` sends: ``headers`` after ``Host: host`` (a ``Host`` among
+    them replaces it), then ``Content-Length: length`` and ``Connection: close``.
+
+    Raises :class:`~intercept.errors.UsageError` naming the method, path or header that
+    HTTP/1.1 cannot carry, and how to write it.
+    """
+    if not path.startswith("/"):
+        raise UsageError(f"path {path!r}: it must start with /, e.g. /health")
+    if not _TARGET.fullmatch(path):
+        raise UsageError(f"path {path!r} is not a valid request target; use visible ASCII without spaces, "
+                         "percent-encoding the rest, e.g. /a%20b")
+    if not _TOKEN.fullmatch(method):
+        raise UsageError(f"method {method!r} is not an HTTP method; write a token such as GET, POST or DELETE")
+    fields = [("Host", host)]
+    for name, value in headers.items():
+        if not _TOKEN.fullmatch(name):
+            raise UsageError(f"header name {name!r} is not a valid HTTP field name; use letters, digits and "
+                             "!#$%&'*+-.^_`|~ only (no spaces or colons), e.g. x-dev")
+        if not _FIELD_VALUE.fullmatch(value):
+            raise UsageError(f"header {name}: value {value!r} is not a valid HTTP field value; use visible ASCII "
+                             "with inner spaces only (no line breaks, control characters or spaces at either end), "
+                             "percent-encoding the rest")
+        if name.lower() in _FRAMING:
+            raise UsageError(f"header {name}: send_request frames the body itself; remove {name} "
+                             "(the body's length is sent as Content-Length)")
+        if name.lower() == "host":
+            fields[0] = (name, value)
+        else:
+            fields.append((name, value))
+    fields += [("Content-Length", str(length)), ("Connection", "close")]
+    return h11.Request(method=method, target=path, headers=fields)
 
 
 async def _read_response(h: h11.Connection, reader: Any, limit: int) -> Response:

@@ -73,8 +73,25 @@ def test_errors_come_back_as_tool_errors_with_the_clis_reason(agent, tmp_path):
             assert missing.is_error and "nope.json" in missing.content[0].text
             unknown = await client.call_tool("stop_intercept", {"id": "i9"})
             assert unknown.is_error and "no intercept 'i9'" in unknown.content[0].text
-            bad = await client.call_tool("send_request", {"agent": agent.ssh, "credentials": str(agent.credentials), "path": "x"})
+            direct = {"agent": agent.ssh, "credentials": str(agent.credentials)}
+            bad = await client.call_tool("send_request", {**direct, "path": "x"})
             assert bad.is_error and "must start with /" in bad.content[0].text
+            # what http.client or h11 would refuse is refused first, naming the part and the fix
+            for arguments, reason in [
+                ({"headers": {"x dev": "mcp"}}, "header name 'x dev' is not a valid HTTP field name; "),
+                ({"headers": {"x-dev": "a\r\nb"}}, "header x-dev: value 'a\\r\\nb' is not a valid HTTP field value; "),
+                ({"headers": {"x-dev": "café"}}, "header x-dev: value 'café' is not a valid HTTP field value; "),
+                ({"headers": {"Content-Length": "5"}}, "header Content-Length: send_request frames the body itself; "),
+                ({"method": "GE T"}, "method 'GE T' is not an HTTP method; "),
+                ({"path": "/a b"}, "path '/a b' is not a valid request target; "),
+                ({"limit": -1}, "limit -1: "),
+            ]:
+                refused = await client.call_tool("send_request", {**direct, **arguments})
+                assert refused.is_error and reason in refused.content[0].text, (arguments, refused.content[0].text)
+            hosted = tool_result(await client.call_tool("send_request", {**direct, "headers": {"Host": "orders.test"}}))
+            assert json.loads(hosted["body"])["headers"].count(["Host", "orders.test"]) == 1
+            nul = await client.call_tool("start_intercept", {**direct, "port": free_port(), "command": ["app\x00"]})
+            assert nul.is_error and "cannot run 'app\\x00': embedded null byte" in nul.content[0].text, nul.content[0].text
 
     asyncio.run(session())
 

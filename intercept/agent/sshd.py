@@ -6,7 +6,8 @@ the agent then opens one ``forwarded-tcpip`` channel per downstream connection t
 matched the developer's route, and the client connects it to the local process.
 
 A session channel is either the control subsystem or ``sftp``: the pod's files, served
-read-only (:mod:`intercept.agent.files`) when the agent serves any.
+read-only (:mod:`intercept.agent.files`) when the agent serves any, on a few channels per
+session (:data:`intercept.agent.files.MAX_CHANNELS_PER_SESSION`).
 
 Routes are registered over the control subsystem (the messages are
 :mod:`intercept.protocol`'s): register, unregister, list, hello, env (the pod's
@@ -41,7 +42,7 @@ import asyncssh
 
 from intercept import protocol
 from intercept.agent.agent import LOGIN_TIMEOUT
-from intercept.agent.sftp import sftp_session
+from intercept.agent.sftp import FileService, sftp_session
 from intercept.errors import InterceptError, RouteConflict, UnverifiedPush
 from intercept.routing.fence import Fence, Verdict, check_all
 from intercept.protocol import (
@@ -134,8 +135,9 @@ class _PseudoListener(asyncssh.SSHListener):
 class DeveloperSession(asyncssh.SSHServer):
     """One client's SSH connection: who they are, whether they can receive requests, their routes."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, files: FileService | None = None) -> None:
         self.agent = agent
+        self.files = files  # the pod's files, shared by every session (None: the agent serves none)
         self.id = f"s{next(_session_ids)}"
         self.name = "?"
         self.peer: tuple[str, int] = ("", 0)
@@ -248,6 +250,7 @@ class SubsystemChannel(asyncssh.SSHServerSession[bytes]):
         self.session = session
         self.chan: asyncssh.SSHServerChannel[bytes] | None = None
         self.chosen: Any = None
+        self.files: FileService | None = None  # when the chosen one is sftp: whose channel quota it counts in
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:
         self.chan = chan
@@ -264,10 +267,16 @@ class SubsystemChannel(asyncssh.SSHServerSession[bytes]):
     def subsystem_requested(self, subsystem: str) -> bool:
         if self.chosen is not None:
             return False
+        files = self.session.files
         if subsystem == CONTROL_SUBSYSTEM:
             self.chosen = ControlChannel(self.session)
-        elif subsystem == FILES_SUBSYSTEM and self.session.agent.files:
-            self.chosen = sftp_session(self.session.agent.files, self.session.name)
+        elif subsystem == FILES_SUBSYSTEM and files is not None:
+            refusal = files.channels.take(self.session.id)
+            if refusal is not None:
+                log.info("refused the pod's files to %s: %s", self.session.name, refusal)
+                return False
+            self.files = files
+            self.chosen = sftp_session(files, self.session.id, self.session.name)
             log.info("%s opened the pod's files", self.session.name)
         else:
             log.info("refused subsystem %r from %s", subsystem, self.session.name)
@@ -295,6 +304,8 @@ class SubsystemChannel(asyncssh.SSHServerSession[bytes]):
             self.chosen.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.files is not None:
+            self.files.channels.give(self.session.id)
         if self.chosen is not None:
             self.chosen.connection_lost(exc)
 
@@ -418,8 +429,9 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
 async def start_server(agent: Agent, sock: socket.socket, host_key: asyncssh.SSHKey) -> asyncssh.SSHAcceptor:
     """Serve developers' SSH sessions on ``sock``, a bound and listening socket."""
     host, port = sock.getsockname()[:2]  # only named in asyncssh's log: the socket is listening already
+    files = FileService(agent.files) if agent.files else None
     return await asyncssh.create_server(
-        lambda: DeveloperSession(agent),
+        lambda: DeveloperSession(agent, files),
         host,
         port,
         tunnel=CoalescingTunnel(sock=sock),  # one write(2) per SSH packet (intercept.sshwrite)

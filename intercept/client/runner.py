@@ -52,8 +52,9 @@ class LocalProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, env=self.env, cwd=self.cwd, start_new_session=True, stdin=asyncio.subprocess.DEVNULL if self.output else None, **piped
             )
-        except OSError as e:
-            raise CommandFailed(f"cannot run {self.argv[0]!r}: {e.strerror or e}; check the command after --") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL in an argument or a variable, which exec cannot pass
+            raise CommandFailed(f"cannot run {self.argv[0]!r}: {getattr(e, 'strerror', None) or e}; "
+                                "check the command after --") from None
         if self.output is not None:
             _reading.add(task := asyncio.ensure_future(_read_lines(self.proc.stdout, self.output)))
             task.add_done_callback(_reading.discard)

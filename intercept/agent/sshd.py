@@ -17,7 +17,8 @@ reaches the agent's own HTTP listener (the front door: a request sent there is r
 like cluster traffic, and no fence applies to it), anything else only with
 ``allow_outbound`` and only where the agent's outbound fence and then the session's let
 it (:mod:`intercept.routing.fence`: the session's rules can narrow the agent's, never
-widen them; a name is resolved here and only the addresses that pass are dialled); a
+widen them; the host is reduced to the one address or name it means, a name is resolved
+here in that form, and only what passed is dialled, never the client's text); a
 closed connection's routes are dropped at once, and keepalive closes a silent one within
 15 s.
 """

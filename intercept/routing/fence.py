@@ -382,19 +382,16 @@ class Fence:
         refuse it). For an address they are ignored.
         """
         destination = host if isinstance(host, Destination) else Destination.of(host)
-        target = destination.target(port)
         if destination.problem:
-            return Verdict(False, reason=f"{target} is refused by {self.owner}'s fence: {destination.problem}")
+            return Verdict(False, reason=f"{destination.target(port)} is refused by {self.owner}'s fence: {destination.problem}")
         if destination.name is not None:
             name = destination.name
             for rule in self.deny:
                 if rule.matches_name(name, port):
-                    return Verdict(False, reason=f"{target} is denied by {self.owner}'s --outbound-deny {rule.text}")
+                    return self._denied(destination.target(port), rule)
             named = not self.allow or any(r.matches_name(name, port) for r in self.allow)
             if addresses is None:
-                if named:
-                    return Verdict(True, None, dial=(name,))
-                return self._unlisted(target)
+                return Verdict(True, None, dial=(name,)) if named else self._unlisted(destination.target(port))
             resolved = [a for a in map(_address, addresses) if a is not None]
         else:
             named, resolved = not self.allow, [destination.address]
@@ -412,12 +409,13 @@ class Fence:
                 denied_by = denied_by or rule
             elif named or all(any(matches(r, form) for r in self.allow) for form in forms):
                 kept.append(address)
-        shown = destination.target(port, resolved) if destination.name is not None else target
         if kept:
             return Verdict(True, tuple(map(str, kept)), dial=tuple(dict.fromkeys(map(_dialled, kept))))
-        if denied_by is not None:
-            return Verdict(False, reason=f"{shown} is denied by {self.owner}'s --outbound-deny {denied_by.text}")
-        return self._unlisted(shown)
+        target = destination.target(port, resolved if destination.name is not None else ())
+        return self._denied(target, denied_by) if denied_by is not None else self._unlisted(target)
+
+    def _denied(self, target: str, rule: FenceRule) -> Verdict:
+        return Verdict(False, reason=f"{target} is denied by {self.owner}'s --outbound-deny {rule.text}")
 
     def _unlisted(self, target: str) -> Verdict:
         return Verdict(False, reason=f"{target} matches no --outbound-allow rule of {self.owner} "

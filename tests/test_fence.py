@@ -155,7 +155,8 @@ def test_the_address_dialled_is_the_one_judged_never_the_text_sent():
     fence = Fence.parse(allow=["10.0.0.0/8", "*.internal", "fe80::/10"])
     assert fence.check("0xa.1", 80).dial == ("10.0.0.1",)
     assert fence.check("012.0.0.1", 80).dial == ("10.0.0.1",)  # octal: 10, which ipaddress would refuse to read
-    assert fence.check("\uff36\uff21\uff35\uff2c\uff34.internal.", 80).dial == ("vault.internal",)
+    assert fence.check("\uff36\uff21\uff35\uff2c\uff34.internal", 80).dial == ("vault.internal",)
+    assert fence.check("vault\u3002internal\uff0e", 80).dial == ("vault.internal.",)  # rooted: not in the search domains
     assert fence.check("b\u00fccher.internal", 80).dial == ("xn--bcher-kva.internal",)
     assert fence.check("fe80::1%eth0", 80).dial == ("fe80::1%eth0",)  # the scope picks the interface
     assert check_all([Fence.parse(deny=["10.0.0.0/8"]), Fence(owner="this session")], "0", 80).dial == ("127.0.0.1",)

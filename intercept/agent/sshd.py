@@ -200,7 +200,7 @@ class DeveloperSession(asyncssh.SSHServer):
         addresses: list[str] | None = None
         if destination.name is not None and any(f.has_address_rules for f in fences):
             try:
-                infos = await asyncio.get_running_loop().getaddrinfo(destination.name, port, type=socket.SOCK_STREAM)
+                infos = await asyncio.get_running_loop().getaddrinfo(destination.lookup, port, type=socket.SOCK_STREAM)
                 addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
             except (OSError, UnicodeError) as e:
                 log.info("outbound %s:%s for %s: %s", destination.name, port, self.name, e)

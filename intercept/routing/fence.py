@@ -177,6 +177,7 @@ class Destination:
     address: Address | None = None
     name: str | None = None
     problem: str = ""
+    rooted: bool = False  # the name ended in a dot: resolvers look it up as is, not in the search domains
 
     @classmethod
     def of(cls, host: str) -> Destination:
@@ -208,7 +209,7 @@ class Destination:
                                      "in labels of 1 to 63, joined by dots)")
         if _NUMERIC_LABEL.fullmatch(labels[-1]):
             return cls(host, problem="it ends in a number but is no address: resolvers disagree on what it means")
-        return cls(host, name=name)
+        return cls(host, name=name, rooted=mapped.endswith("."))
 
     @property
     def judged(self) -> tuple[Address, ...]:
@@ -216,11 +217,16 @@ class Destination:
         return _judged_as(self.address) if self.address is not None else ()
 
     @property
+    def lookup(self) -> str | None:
+        """The name to resolve or dial: :attr:`name`, with its root dot if it had one."""
+        return self.name + "." * self.rooted if self.name is not None else None
+
+    @property
     def dial(self) -> tuple[str, ...]:
         """What the agent connects to when no fence judges it (an unclear host: nothing)."""
         if self.address is not None:
             return (_dialled(self.address),)
-        return (self.name,) if self.name is not None else ()
+        return (self.lookup,) if self.lookup is not None else ()
 
     def target(self, port: int, resolved: Sequence[Address] = ()) -> str:
         """``host:port`` as asked, for messages, then what it was judged as where that reads
@@ -391,7 +397,7 @@ class Fence:
                     return self._denied(destination.target(port), rule)
             named = not self.allow or any(r.matches_name(name, port) for r in self.allow)
             if addresses is None:
-                return Verdict(True, None, dial=(name,)) if named else self._unlisted(destination.target(port))
+                return Verdict(True, None, dial=destination.dial) if named else self._unlisted(destination.target(port))
             resolved = [a for a in map(_address, addresses) if a is not None]
         else:
             named, resolved = not self.allow, [destination.address]

@@ -520,7 +520,7 @@ def test_names_in_other_spellings_and_names_of_mapped_or_unspecified_addresses_a
                         "--allow-outbound", "--outbound-deny", "*.internal", "--outbound-deny", "127.0.0.1"]), credentials)
     names = ["vault\u3002internal", "vault\uff0einternal", "vault.internal\u00ad", "VAULT.internal.", "\uff56ault.internal"]
     try:
-        outcome = _open_each(agent, [*names, "mapped.test", "zero.test", "127.0.0.2"], vault.port)
+        outcome = _open_each(agent, [*names, "vault.internal\x00.example", "mapped.test", "zero.test", "127.0.0.2"], vault.port)
         proxied = through_proxy(agent, lambda h, p: [_get(h, p, f"http://{name}:{loopback_service.port}/")
                                                      for name in ("mapped.test", "zero.test")])
     finally:
@@ -530,6 +530,9 @@ def test_names_in_other_spellings_and_names_of_mapped_or_unspecified_addresses_a
     for name in names:
         assert outcome[name].endswith("(vault.internal) is denied by the agent's --outbound-deny *.internal") or (
             name.isascii() and outcome[name].endswith("is denied by the agent's --outbound-deny *.internal")), outcome[name]
+    # glibc reads a C string: up to the NUL
+    assert outcome["vault.internal\x00.example"].endswith("it is neither an address nor a host name "
+                                                         "(letters, digits, '-' and '_' in labels of 1 to 63, joined by dots)")
     for name, judged in (("mapped.test", "127.0.0.1"), ("zero.test", "0.0.0.0")):
         assert outcome[name].endswith(f"{name}:{vault.port} ({judged}) is denied by the agent's --outbound-deny 127.0.0.1"), outcome[name]
     for status, body in proxied:

@@ -169,15 +169,16 @@ class Destination:
 
     Exactly one of ``address`` (any spelling ``getaddrinfo`` reads as an address, reduced:
     ``0x7f.1`` is ``127.0.0.1``, ``::ffff:10.0.0.1`` is ``10.0.0.1``), ``name`` (lower-case
-    ASCII, IDNA A-labels, no root dot) and ``problem`` (why it is neither, or why its
-    meaning depends on who reads it: refused) is set.
+    ASCII, IDNA A-labels, no root dot: what patterns are compared with; ``rooted`` says
+    whether it had one, which resolvers heed) and ``problem`` (why it is neither, or why
+    its meaning depends on who reads it: refused) is set.
     """
 
     asked: str
     address: Address | None = None
     name: str | None = None
     problem: str = ""
-    rooted: bool = False  # the name ended in a dot: resolvers look it up as is, not in the search domains
+    rooted: bool = False  # looked up as is, not in the pod's search domains
 
     @classmethod
     def of(cls, host: str) -> Destination:
@@ -196,7 +197,8 @@ class Destination:
         if ":" in mapped:
             return cls(host, problem="it is not an IPv6 address (a scope, %eth0, goes only on a link-local one, "
                                      "fe80::/10), and a host name has no ':'")
-        name = mapped[:-1] if mapped.endswith(".") else mapped
+        rooted = mapped.endswith(".")
+        name = mapped[:-1] if rooted else mapped
         if (address := _address(name)) is not None:
             return cls(host, problem=f"it is the address {address} to some resolvers and a name to others; write {address}")
         try:
@@ -209,7 +211,7 @@ class Destination:
                                      "in labels of 1 to 63, joined by dots)")
         if _NUMERIC_LABEL.fullmatch(labels[-1]):
             return cls(host, problem="it ends in a number but is no address: resolvers disagree on what it means")
-        return cls(host, name=name, rooted=mapped.endswith("."))
+        return cls(host, name=name, rooted=rooted)
 
     @property
     def judged(self) -> tuple[Address, ...]:

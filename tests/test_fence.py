@@ -71,6 +71,8 @@ def test_networks_judge_the_addresses_a_name_resolves_to():
     # a name with a denied and an allowed address: only the allowed one is dialled
     assert fence.check("both", 80, ["10.96.0.10", "10.97.0.1"]).addresses == ("10.97.0.1",)
     assert not fence.check("nowhere", 80, []).allowed  # unresolvable: no network can admit it
+    unresolved = Fence.parse(deny=["10.0.0.0/8"]).check("nowhere", 80, [])  # nor dial: a second lookup could find anything
+    assert not unresolved.allowed and unresolved.reason == "nowhere:80 resolves to no address from the agent's pod"
 
 
 def test_ipv6_rules_and_ports():

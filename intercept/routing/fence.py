@@ -401,6 +401,8 @@ class Fence:
             if addresses is None:
                 return Verdict(True, None, dial=destination.dial) if named else self._unlisted(destination.target(port))
             resolved = [a for a in map(_address, addresses) if a is not None]
+            if not resolved:  # nothing to judge, nor to dial: resolving it again could find anything
+                return Verdict(False, reason=f"{destination.target(port)} resolves to no address from the agent's pod")
         else:
             named, resolved = not self.allow, [destination.address]
         literal = destination.address is not None  # name patterns judge an address's text too

@@ -93,7 +93,8 @@ def test_a_session_narrows_the_agents_fence_and_cannot_widen_it():
     assert not narrowed.allowed and narrowed.reason.endswith("by this session's --outbound-deny payments.shop")
 
 
-# Issue 22: each of these reached what the rule denies, as the client wrote it.
+# Spellings of the pod's loopback, of the metadata address and of vault.internal; issue 22 found the
+# mapped ones, 0.0.0.0, 0, :: and the ideographic and full-width dots reaching what the rule denies.
 LOOPBACK_SPELLINGS = [
     "::ffff:127.0.0.1", "[::ffff:127.0.0.1]", "::ffff:7f00:1", "0:0:0:0:0:ffff:127.0.0.1", "::FFFF:127.0.0.1",
     "0.0.0.0", "0", "::", "[::]", "::ffff:0.0.0.0", "127.1", "0x7f.1", "0x7F.0.0.1", "017700000001", "0177.0.0.01",

@@ -27,7 +27,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from intercept.routing.fence import Destination, Fence, Verdict, check_all
+from intercept.routing.fence import Address, Destination, Fence, Verdict, check_all
 
 Choose = Callable[[Sequence[Any]], Any]
 
@@ -115,8 +115,8 @@ def _name_text(choose: Choose) -> str:
             c = choose(DOTS)
         elif roll == 0:
             c = c.upper()
-        elif roll == 1 and c.isalnum():
-            c = FULL_WIDTH.get(c, chr(0xFF00 + ord(c) - 0x20))
+        elif roll == 1 and c.isascii() and c.isalnum():
+            c = chr(0xFF00 + ord(c) - 0x20)  # FULLWIDTH
         elif roll == 2 and c.isalpha() and c.isascii():
             c = chr(0x1D41A + ord(c) - ord("a"))  # MATHEMATICAL BOLD SMALL
         elif roll == 3 and c in LOOKALIKE:
@@ -166,7 +166,7 @@ def as_before(host: str) -> Destination:
 # --- the oracles ----------------------------------------------------------------------------
 
 
-def _numeric(host: str | bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def _numeric(host: str | bytes) -> Address | None:
     """The address glibc's getaddrinfo reads in ``host`` without looking anything up, or None."""
     try:
         sockaddr = socket.getaddrinfo(host, 80, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)[0][4]
@@ -175,7 +175,7 @@ def _numeric(host: str | bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address
     return ipaddress.ip_address(sockaddr[0])
 
 
-def _python_ipaddress(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def _python_ipaddress(host: str) -> Address | None:
     try:
         return ipaddress.ip_address(host)
     except ValueError:
@@ -192,7 +192,7 @@ def _python_name(host: str) -> str | None:
     return name.partition("\x00")[0].lower().removesuffix(".") or None  # a C string ends at its NUL
 
 
-def reached(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def _reached(address: Address) -> Address:
     """Where the kernel connects for ``address``: the IPv4 address of an IPv4-mapped one, the
     loopback for an unspecified one (scope aside)."""
     plain = ipaddress.ip_address(int(address)) if address.version == 4 else ipaddress.IPv6Address(int(address))
@@ -203,13 +203,13 @@ def reached(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddress
     return plain
 
 
-def meant(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+def _meant(address: Address) -> set[Address]:
     """The plain addresses a connection to ``address`` must be judged as (the fence's rules,
     written down again here): where the kernel goes, and for an unspecified address the
     pod's loopback in both families."""
     if address.is_unspecified or getattr(address, "ipv4_mapped", None) == ipaddress.IPv4Address(0):
         return {ipaddress.IPv4Address("127.0.0.1"), ipaddress.IPv6Address("::1")}
-    return {reached(address)}
+    return {_reached(address)}
 
 
 def _resolved(name: str | None) -> list[str]:
@@ -221,7 +221,7 @@ def _verdict(fence: Fence, host: str) -> Verdict:
     return check_all([fence], destination, 80, _resolved(destination.name))
 
 
-def _readers(host: str) -> dict[str, ipaddress.IPv4Address | ipaddress.IPv6Address | None]:
+def _readers(host: str) -> dict[str, Address | None]:
     """The address each numeric reader finds in ``host`` (C strings end at a NUL: so does
     what glibc reads)."""
     return {"glibc via Python": _numeric(host), "glibc on bytes": _numeric(host.encode("utf-8", "surrogatepass")),
@@ -245,18 +245,18 @@ def disagreement(host: str) -> str | None:
             continue
         if destination.address is None:
             return f"{reader} reads the address {address}, the fence the name {destination.name}"
-        if reached(destination.address) != reached(address) or set(destination.judged) != set(Destination.of(str(address)).judged):
+        if _reached(destination.address) != _reached(address) or set(destination.judged) != set(Destination.of(str(address)).judged):
             return f"{reader} reads {address}, the fence {destination.address}"
     if destination.name is not None and (looked_up := _python_name(destination.name)) != destination.name:
         return f"the fence judges the name {destination.name!r}, which the resolver looks up as {looked_up}"
-    kind, meaning = reading(host)
+    kind, meaning = reading(host)  # judged plainly, what the host means must get the same verdict
+    plainly = [str(a) for a in _meant(meaning)] if kind == "address" else [meaning] if kind == "name" and meaning == destination.name else []
     for fence in FENCES:
         verdict = _verdict(fence, host)
         if destination.problem:
             if verdict.allowed:
                 return f"{fence.describe()}: allowed although the fence cannot read it ({destination.problem})"
             continue
-        plainly = [meaning] if kind == "name" and meaning == destination.name else [str(a) for a in meant(meaning)] if kind == "address" else []
         refused = [p for p in plainly if not _verdict(fence, p).allowed]
         if plainly and verdict.allowed == bool(refused):
             return f"{fence.describe()}: {'allowed' if verdict.allowed else 'refused'} as written, " \
@@ -277,14 +277,14 @@ def _misdialled(fence: Fence, destination: Destination, dial: Sequence[str]) -> 
         read = _numeric(dialled)
         if read is None and getattr(destination.address, "scope_id", None):
             return None  # no such interface here: nothing is reached
-        if read is None or reached(read) != reached(destination.address):
+        if read is None or _reached(read) != _reached(destination.address):
             return f"dials {dialled!r}, which glibc reads as {read}, not where {destination.address} leads"
         again = _verdict(fence, dialled)
         return None if again.allowed else f"dials {dialled}, which it refuses when asked plainly ({again.reason})"
-    resolved = {reached(ipaddress.ip_address(a)) for a in _resolved(destination.name)}
+    resolved = {_reached(ipaddress.ip_address(a)) for a in _resolved(destination.name)}
     for dialled in dial:
         read = _numeric(dialled)
-        if read is None and _python_name(dialled) != destination.name or read is not None and reached(read) not in resolved:
+        if read is None and _python_name(dialled) != destination.name or read is not None and _reached(read) not in resolved:
             return f"dials {dialled!r}, neither {destination.name} as judged nor an address it resolved to"
     return None
 

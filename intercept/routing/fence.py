@@ -383,11 +383,12 @@ class Fence:
         return "; ".join(parts) or "everything"
 
     def check(self, host: str | Destination, port: int, addresses: Sequence[str] | None = None) -> Verdict:
-        """Whether ``host:port`` passes, ``host`` as the client asked (a name or an address).
+        """Whether ``host:port`` passes, ``host`` as the client asked it or already reduced
+        (:class:`Destination`).
 
         ``addresses``: what the agent resolved the name to (needed, for a name, when the fence
         has address rules: without them no address rule can pass the name, and none can
-        refuse it). For an address they are ignored.
+        refuse it; a name that resolved to none is refused). For an address they are ignored.
         """
         destination = host if isinstance(host, Destination) else Destination.of(host)
         if destination.problem:

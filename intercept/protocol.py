@@ -285,7 +285,7 @@ class FenceReply(Reply):
 
 @dataclass(frozen=True)
 class OutboundReply(Reply):
-    addresses: list[str] | None = None  # those that pass (None: the name is dialled as given)
+    addresses: list[str] | None = None  # what would be dialled: the addresses (or the name) the fences passed
 
 
 REPLIES: dict[type, type[Reply]] = {

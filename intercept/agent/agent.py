@@ -388,7 +388,7 @@ class Agent:
         verdict = check_all((self.fence,), host, port, addresses)
         if not verdict.allowed:
             raise Unavailable(f"{route.holder} failed: its fork {verdict.reason}")
-        passed = addresses if verdict.addresses is None else list(verdict.addresses)
+        passed = addresses if verdict.addresses is None else list(verdict.dial)  # as judged (fence.Verdict.dial)
         own_ports = {self.http_address[1], self.ssh_address[1]}
         kept = [a for a in passed if not (port in own_ports and _reaches_this_pod(a))]
         if not kept:

@@ -21,7 +21,8 @@ reaches the agent's own HTTP listener (the front door: a request sent there is r
 like cluster traffic, and no fence applies to it), anything else only with
 ``allow_outbound`` and only where the agent's outbound fence and then the session's let
 it (:mod:`intercept.routing.fence`: the session's rules can narrow the agent's, never
-widen them; a name is resolved here and only the addresses that pass are dialled); a
+widen them; the host is reduced to the one address or name it means, a name is resolved
+here in that form, and only what passed is dialled, never the client's text); a
 closed connection's routes are dropped at once, and keepalive closes a silent one within
 15 s.
 """
@@ -44,7 +45,7 @@ from intercept import protocol
 from intercept.agent.agent import LOGIN_TIMEOUT
 from intercept.agent.sftp import FileService, sftp_session
 from intercept.errors import InterceptError, RouteConflict, UnverifiedPush
-from intercept.routing.fence import Fence, Verdict, check_all
+from intercept.routing.fence import Destination, Fence, Verdict, check_all
 from intercept.protocol import (
     CONTROL_SUBSYSTEM,
     ENCRYPTION_ALGS,
@@ -198,18 +199,20 @@ class DeveloperSession(asyncssh.SSHServer):
         return self.agent.fence, self.fence
 
     async def check_outbound(self, host: str, port: int) -> Verdict:
-        """Whether ``host:port`` passes this session's fences; a name is resolved here (as the
-        connection would be) when an address rule must judge it."""
+        """Whether ``host:port`` passes this session's fences. The host is reduced to the one
+        thing it means first (:class:`~intercept.routing.fence.Destination`); a name is
+        resolved here, in that form, when an address rule must judge it."""
         fences = self.fences()
+        destination = Destination.of(host)
         addresses: list[str] | None = None
-        if any(f.has_address_rules for f in fences):
+        if destination.name is not None and any(f.has_address_rules for f in fences):
             try:
-                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                infos = await asyncio.get_running_loop().getaddrinfo(destination.lookup, port, type=socket.SOCK_STREAM)
                 addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
             except (OSError, UnicodeError) as e:
-                log.info("outbound %s:%s for %s: %s", host, port, self.name, e)
+                log.info("outbound %s:%s for %s: %s", destination.name, port, self.name, e)
                 addresses = []
-        return check_all(fences, host, port, addresses)
+        return check_all(fences, destination, port, addresses)
 
     async def _fenced_connection(self, host: str, port: int) -> Any:
         verdict = await self.check_outbound(host, port)
@@ -217,7 +220,7 @@ class DeveloperSession(asyncssh.SSHServer):
             log.info("refused outbound connection from %s: %s", self.name, verdict.reason)
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, FENCE_REFUSED + verdict.reason)
         error: asyncssh.ChannelOpenError | None = None
-        for address in verdict.addresses or (host,):  # only what passed, never the name again
+        for address in verdict.dial:  # what was judged, never the client's text nor the name resolved again
             try:
                 return await self.conn.forward_connection(address, port)
             except asyncssh.ChannelOpenError as e:
@@ -382,7 +385,7 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
         verdict = await self.session.check_outbound(request.host, request.port)
         if not verdict.allowed:
             return Refusal("fenced", verdict.reason)
-        return protocol.OutboundReply(list(verdict.addresses) if verdict.addresses is not None else None)
+        return protocol.OutboundReply(list(verdict.dial))
 
     def _handle(self, line: bytes) -> Reply | Refusal | Coroutine[Any, Any, Reply | Refusal]:
         try:

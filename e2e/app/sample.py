@@ -2,7 +2,8 @@
 
     python sample.py serve --port 8080 [--name NAME]
         Answers every request 200 with the body "NAME\\n" and the header X-Served-By: NAME.
-        NAME defaults to "cluster/$POD_NAME": the cluster's version, naming its pod.
+        NAME defaults to "cluster/$POD_NAME": the cluster's version, naming its pod
+        ("$SAMPLE_VERSION/$POD_NAME" where the image sets SAMPLE_VERSION: a changed build).
         The developer's "local version" runs the same file with --name local.
         With $DOWNSTREAM (a URL), each request first calls it, passing on the routing key
         (x-intercept-id and baggage) as a service that propagates it would, and answers
@@ -69,7 +70,7 @@ def main(argv: list[str]) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     s = commands.add_parser("serve")
     s.add_argument("--port", type=int, default=8080)
-    s.add_argument("--name", default=f"cluster/{os.environ.get('POD_NAME', 'unknown')}")
+    s.add_argument("--name", default=f"{os.environ.get('SAMPLE_VERSION', 'cluster')}/{os.environ.get('POD_NAME', 'unknown')}")
     p = commands.add_parser("probe")
     p.add_argument("url")
     p.add_argument("-H", "--header", action="append", default=[])

@@ -77,7 +77,7 @@ IMAGES = (
     Image(PAUSE),
     Image(AGENT, BASE, ROOT, ROOT / "agent_image" / "Dockerfile",
           (ROOT / "pyproject.toml", ROOT / "README.md", ROOT / "intercept", ROOT / ".dockerignore",
-           ROOT / "constraints.txt"), pip=True),
+           ROOT / "agent_image" / "strip_wheels.py", ROOT / "constraints.txt"), pip=True),
     Image(SAMPLE, BASE, ROOT / "e2e" / "app"),
     Image(f"{REGISTRY}/sample-v2:1", SAMPLE, config=("--env", "SAMPLE_VERSION=v2")),
     Image(ECHO, BASE, ROOT / "e2e" / "echo"),
@@ -87,6 +87,8 @@ IMAGES = (
         "--entrypoint", '["python3", "-c", "import sys; print(\'crashing on purpose\'); sys.exit(1)"]', "--cmd", "",
         "--user", "65532:65532")),
 )
+
+IMAGES_BY_NAME = {image.name: image for image in IMAGES}
 
 # The base: python3 and pip from Debian, pip free to install (no EXTERNALLY-MANAGED), no docs.
 MMDEBSTRAP = [
@@ -159,7 +161,7 @@ class Images:
             digest.update(self.binaries["pause"].read_bytes())
         else:
             assert image.base is not None
-            digest.update(f"{self.key(_image(image.base))}\0{json.dumps(image.config)}\0".encode())
+            digest.update(f"{self.key(IMAGES_BY_NAME[image.base])}\0{json.dumps(image.config)}\0".encode())
             for path in _files(image.inputs or ((image.context,) if image.context else ())):
                 digest.update(f"{path.relative_to(ROOT)}\0".encode())
                 digest.update(path.read_bytes())
@@ -175,7 +177,7 @@ class Images:
         started = time.monotonic()
         self.say(f"images: building {image.name} ...")
         if image.base is not None and not self._present(image.base):
-            self._buildah("pull", "--quiet", f"docker-archive:{self.archive(_image(image.base))}")
+            self._buildah("pull", "--quiet", f"docker-archive:{self.archive(IMAGES_BY_NAME[image.base])}")
         if image.name == BASE:
             self._build_base()
         elif image.name == PAUSE:
@@ -218,7 +220,9 @@ class Images:
 
     def _build_dockerfile(self, image: Image) -> None:
         assert image.context is not None and image.base is not None
-        argv = ["bud", "--quiet", "--layers", "--pull-never", "--runtime", "runc",
+        # No --layers: buildah's layer cache does not see a change in what a RUN --mount=from=STAGE binds,
+        # and would keep an agent built from older code. This module's own cache is keyed on the inputs.
+        argv = ["bud", "--quiet", "--pull-never", "--runtime", "runc",
                 "--build-arg", f"PYTHON_IMAGE={image.base}", "-f", str(image.dockerfile or image.context / "Dockerfile"),
                 "-t", image.name]
         for limit, name, most in ((resource.RLIMIT_NOFILE, "nofile", 20000), (resource.RLIMIT_NPROC, "nproc", 32768)):
@@ -297,10 +301,6 @@ def layers_size(archive: Path, without: Path | None = None) -> int:
     mine = layers(archive)
     theirs = layers(without) if without else {}
     return sum(size for name, size in mine.items() if name not in theirs)
-
-
-def _image(name: str) -> Image:
-    return next(i for i in IMAGES if i.name == name)
 
 
 def _files(roots: Iterable[Path]) -> list[Path]:

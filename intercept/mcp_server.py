@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -68,6 +69,7 @@ def _describe(key: str, it: api.Intercept) -> dict[str, Any]:
 
 
 def _spec(**options: Any) -> api.InterceptSpec:
+    options.setdefault("agent_image", os.environ.get("INTERCEPT_AGENT_IMAGE"))  # as the CLI and the doctor tool read it
     try:
         return api.make_spec(**{k: v for k, v in options.items() if v not in (None, [], "")})
     except InterceptError as e:
@@ -111,8 +113,6 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
                agent_image: str | None = None) -> dict[str, Any]:
         """What a first intercept of SERVICE needs, checked (cluster, RBAC, agent image, Pod Security,
         NetworkPolicies, the protocol its pods speak); each check with its status and its fix."""
-        import os
-
         image = agent_image or os.environ.get("INTERCEPT_AGENT_IMAGE")
         origin = "agent_image" if agent_image else "INTERCEPT_AGENT_IMAGE" if image else None
         try:

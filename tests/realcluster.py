@@ -181,6 +181,13 @@ class RealCluster:
         config = tomllib.loads((self.state / "node" / "containerd.toml").read_text())
         return ["ctr", "--address", config["grpc"]["address"], "--namespace", "k8s.io"]
 
+    def provide_as_echo(self, references: set[str]) -> None:
+        """Have the node hold ``intercept.test/echo:1`` under each image reference (as a registry mirror of them
+        would serve it), so that third-party manifests run unchanged: each container answers HTTP on 8080."""
+        tagged = subprocess.run([*self.ctr(), "images", "tag", "--force", images.ECHO, *sorted(references)],
+                                capture_output=True, text=True)
+        assert tagged.returncode == 0, tagged.stderr
+
     def container_pid(self, namespace: str, pod: str, container: str) -> int:
         """The process id (on this machine) of a running container's first process, as containerd reports it."""
         status = next(s for s in self.get("Pod", namespace, pod)["status"]["containerStatuses"] if s["name"] == container)

@@ -119,14 +119,14 @@ def test_injection_names_the_apps_mounts_and_the_token_and_restores_exactly():
     redis = find(objects, "Deployment", "redis-cart")
     mounts = [m["mountPath"] for c in pod_of(redis)["containers"] for m in c.get("volumeMounts", [])]
     assert mounts, "the shop's redis-cart mounts a volume"
-    injected = inject(objects, "redis-cart", InjectOptions(image="intercept.test/agent:1"))
+    injected = inject(objects, "redis-cart", InjectOptions(image=AGENT_IMAGE))
     env = env_of(agent_of(find(injected, "Deployment", "redis-cart")))
     served = json.loads(env["INTERCEPT_MOUNTS"])
     assert served == [*mounts, "/var/run/secrets/kubernetes.io/serviceaccount"]
     assert [env[f"INTERCEPT_MOUNT_{i}"] for i in range(len(served))] == served
     assert restore(injected) == objects
     pod_of(find(objects, "Deployment", "redis-cart"))["automountServiceAccountToken"] = False
-    env = env_of(agent_of(find(inject(objects, "redis-cart", InjectOptions(image="intercept.test/agent:1")), "Deployment", "redis-cart")))
+    env = env_of(agent_of(find(inject(objects, "redis-cart", InjectOptions(image=AGENT_IMAGE)), "Deployment", "redis-cart")))
     assert json.loads(env["INTERCEPT_MOUNTS"]) == mounts
 
 

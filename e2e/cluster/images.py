@@ -11,8 +11,8 @@ image                           what it is
 ``intercept.test/sample-v2:1``  the same app answering ``v2/POD``: a changed build, for sandboxes
 ``intercept.test/echo:1``       any HTTP service (``e2e/echo/``): every port of ``$PORTS``,
                                 ``X-Served-By: POD``, the request echoed as JSON
-``intercept.test/sleep:1``      runs and never listens, whatever its arguments: never ready
-``intercept.test/crash:1``      exits 1 at once, whatever its arguments: a crash loop
+``intercept.test/sleep:1``      ``intercept`` (as an injected agent runs it) never listens: never ready
+``intercept.test/crash:1``      ``intercept`` exits 1 at once: a crash loop
 ==============================  ================================================================
 
 :func:`ensure_images` builds each with ``buildah`` (its own storage, under the cache) or
@@ -29,6 +29,7 @@ with limits at or below the current ones.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -40,7 +41,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from e2e.cluster.build import Binaries, BuildFailed, cache_root
@@ -68,8 +69,8 @@ class Image:
     dockerfile: Path | None = None  # default: context/Dockerfile
     inputs: tuple[Path, ...] = ()  # what the build reads, when not the whole context
     config: tuple[str, ...] = ()  # `buildah config` options, for an image that is its base with another config
+    script: str = ""  # ... and this program as /usr/local/bin/intercept (what an injected agent container runs)
     pip: bool = False  # its RUN steps install from the package index
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 IMAGES = (
@@ -81,11 +82,10 @@ IMAGES = (
     Image(SAMPLE, BASE, ROOT / "e2e" / "app"),
     Image(f"{REGISTRY}/sample-v2:1", SAMPLE, config=("--env", "SAMPLE_VERSION=v2")),
     Image(ECHO, BASE, ROOT / "e2e" / "echo"),
-    Image(f"{REGISTRY}/sleep:1", BASE, config=(
-        "--entrypoint", '["python3", "-c", "import signal; signal.pause()"]', "--cmd", "", "--user", "65532:65532")),
-    Image(f"{REGISTRY}/crash:1", BASE, config=(
-        "--entrypoint", '["python3", "-c", "import sys; print(\'crashing on purpose\'); sys.exit(1)"]', "--cmd", "",
-        "--user", "65532:65532")),
+    Image(f"{REGISTRY}/sleep:1", BASE, script="#!/bin/sh\nexec python3 -c 'import signal; signal.pause()'\n",
+          config=("--entrypoint", '["intercept"]', "--cmd", "", "--user", "65532:65532")),
+    Image(f"{REGISTRY}/crash:1", BASE, script="#!/bin/sh\necho crashing on purpose\nexit 1\n",
+          config=("--entrypoint", '["intercept"]', "--cmd", "", "--user", "65532:65532")),
 )
 
 IMAGES_BY_NAME = {image.name: image for image in IMAGES}
@@ -141,11 +141,14 @@ class Images:
 
             raise BuildUnavailable(missing)
         self.dir.mkdir(parents=True, exist_ok=True)
-        built = [self._ensure(image) for image in IMAGES]
-        keep = {b.archive for b in built}
-        for old in self.dir.glob("*.tar"):
-            if old not in keep and not old.name.startswith("all."):
-                old.unlink()
+        with open(self.dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time (test workers start clusters at once)
+            built = [self._ensure(image) for image in IMAGES]
+            keep = {b.archive for b in built}
+            for old in self.dir.glob("*.tar"):
+                if old not in keep and not old.name.startswith("all."):
+                    old.unlink()
+            bundle(built)
         return built
 
     def archive(self, image: Image) -> Path:
@@ -161,7 +164,7 @@ class Images:
             digest.update(self.binaries["pause"].read_bytes())
         else:
             assert image.base is not None
-            digest.update(f"{self.key(IMAGES_BY_NAME[image.base])}\0{json.dumps(image.config)}\0".encode())
+            digest.update(f"{self.key(IMAGES_BY_NAME[image.base])}\0{json.dumps(image.config)}\0{image.script}\0".encode())
             for path in _files(image.inputs or ((image.context,) if image.context else ())):
                 digest.update(f"{path.relative_to(ROOT)}\0".encode())
                 digest.update(path.read_bytes())
@@ -189,6 +192,12 @@ class Images:
             assert image.base is not None
             container = self._buildah("from", "--pull-never", "--quiet", image.base).strip()
             try:
+                if image.script:
+                    with tempfile.TemporaryDirectory(dir=self.dir) as work:
+                        script = Path(work) / "intercept"
+                        script.write_text(image.script)
+                        script.chmod(0o755)
+                        self._buildah("copy", container, str(script), "/usr/local/bin/intercept")
                 self._buildah("config", *image.config, container)
                 self._buildah("commit", "--quiet", container, image.name)
             finally:

@@ -120,10 +120,10 @@ def test_a_policy_that_admits_only_the_app_port_passes_unless_it_may_not_be_exte
     objects = app("web", 1)
     for obj in objects:
         obj["metadata"]["namespace"] = "shop"
-    options = InjectOptions(image=AGENT_IMAGE)
+    options = InjectOptions(image="intercept.test/agent:1")
     assert policy_check(objects, "web", options, may_update=True).status == "ok"
     assert policy_check(objects, "web", options, may_update=False).status == "failed"
-    forbidden = InjectOptions(image=AGENT_IMAGE, no_policy_changes=True)
+    forbidden = InjectOptions(image="intercept.test/agent:1", no_policy_changes=True)
     assert "--no-policy-changes" in policy_check(objects, "web", forbidden, may_update=True).message
     assert policy_check(objects[:2], "web", forbidden, may_update=False).status == "ok"  # no policy at all
 

@@ -123,17 +123,17 @@ def test_injection_gives_the_agent_its_fence_and_restores_exactly():
     from tests.test_inject import agent_of, boutique, env_of, find
 
     objects = boutique()
-    options = InjectOptions(image=AGENT_IMAGE, outbound_allow=("redis-cart:6379", "*.svc.cluster.local"),
+    options = InjectOptions(image="intercept.test/agent:1", outbound_allow=("redis-cart:6379", "*.svc.cluster.local"),
                             outbound_deny=("10.0.0.0/8",))
     injected = inject(objects, "cartservice", options)
     env = env_of(agent_of(find(injected, "Deployment", "cartservice")))
     assert env["INTERCEPT_OUTBOUND_ALLOW"] == "redis-cart:6379 *.svc.cluster.local"
     assert env["INTERCEPT_OUTBOUND_DENY"] == "10.0.0.0/8"
     assert restore(injected) == objects
-    plain = env_of(agent_of(find(inject(objects, "cartservice", InjectOptions(image=AGENT_IMAGE)), "Deployment", "cartservice")))
+    plain = env_of(agent_of(find(inject(objects, "cartservice", InjectOptions(image="intercept.test/agent:1")), "Deployment", "cartservice")))
     assert "INTERCEPT_OUTBOUND_ALLOW" not in plain and "INTERCEPT_OUTBOUND_DENY" not in plain
     with pytest.raises(UsageError, match="--outbound-allow 'a b'"):
-        InjectOptions(image=AGENT_IMAGE, outbound_allow=("a b",))
+        InjectOptions(image="intercept.test/agent:1", outbound_allow=("a b",))
 
 
 def test_inject_command_takes_the_fence_flags(tmp_path):

@@ -119,14 +119,14 @@ def test_injection_names_the_apps_mounts_and_the_token_and_restores_exactly():
     redis = find(objects, "Deployment", "redis-cart")
     mounts = [m["mountPath"] for c in pod_of(redis)["containers"] for m in c.get("volumeMounts", [])]
     assert mounts, "the shop's redis-cart mounts a volume"
-    injected = inject(objects, "redis-cart", InjectOptions(image=AGENT_IMAGE))
+    injected = inject(objects, "redis-cart", InjectOptions(image="intercept.test/agent:1"))
     env = env_of(agent_of(find(injected, "Deployment", "redis-cart")))
     served = json.loads(env["INTERCEPT_MOUNTS"])
     assert served == [*mounts, "/var/run/secrets/kubernetes.io/serviceaccount"]
     assert [env[f"INTERCEPT_MOUNT_{i}"] for i in range(len(served))] == served
     assert restore(injected) == objects
     pod_of(find(objects, "Deployment", "redis-cart"))["automountServiceAccountToken"] = False
-    env = env_of(agent_of(find(inject(objects, "redis-cart", InjectOptions(image=AGENT_IMAGE)), "Deployment", "redis-cart")))
+    env = env_of(agent_of(find(inject(objects, "redis-cart", InjectOptions(image="intercept.test/agent:1")), "Deployment", "redis-cart")))
     assert json.loads(env["INTERCEPT_MOUNTS"]) == mounts
 
 
@@ -165,7 +165,7 @@ def test_the_agent_serves_the_mounts_read_only_and_refuses_every_way_out(files_a
                 for name, attempt in {
                     "escape": lambda: sftp.open(f"{config}/escape"),
                     "sideways": lambda: sftp.open(f"{config}/sideways"),
-                    "dotdot": lambda: sftp.open(f"{config}/../../../../../../etc/hostname"),
+                    "dotdot": lambda: sftp.open(f"{config}{'/..' * 20}/etc/hostname"),  # past / whatever tmp's depth
                     "outside": lambda: sftp.open("/etc/hostname"),
                     "readlink": lambda: sftp.readlink(f"{config}/app.yaml"),
                     "write": lambda: sftp.open(f"{secret}/token", "w"),

@@ -68,7 +68,7 @@ class Harness:
         images = Images(binaries, self.say).ensure()
         self.ledger = ledger = Ledger(uuid.uuid4().hex[:6])
         start_guard(ledger)
-        addresses = Addresses.free()
+        addresses = Addresses.free(ledger)
         self.control_plane = ControlPlane(binaries, self.state, addresses.host, addresses.services,
                                           addresses.api_service, self._spawn, self.say)
         self.node = Node(binaries, self.state, ledger, addresses, self._spawn, self.say)

@@ -64,6 +64,7 @@ class Ledger:
     tag: str
     owner: int = 0  # the harness's pid
     guard: int = 0
+    subnet: int | None = None  # X of the 10.X.0.0/16 the node's addresses are taken from
     netns: str | None = None
     cgroup: str | None = None  # "/icn-TAG" in every v1 hierarchy
     dirs: list[str] = field(default_factory=list)  # unmounted under, then removed
@@ -105,8 +106,13 @@ def alive(pid: int) -> bool:
         return False
 
 
+def ledgers() -> list[Ledger]:
+    return [ledger for path in sorted(RUN_DIR.glob("*.json")) if (ledger := Ledger.load(path)) is not None]
+
+
 @contextlib.contextmanager
-def _locked() -> Iterator[None]:
+def locked() -> Iterator[None]:
+    """Between clusters starting and ending at once on this machine."""
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     with open(RUN_DIR / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -211,7 +217,7 @@ def sysctl_path(key: str) -> Path:
 
 def record_sysctls() -> None:
     """Keep the kubelet's sysctls as they are now, unless a live cluster kept them already."""
-    with _locked():
+    with locked():
         if not SYSCTLS.exists():
             values = {k: sysctl_path(k).read_text().strip() for k in KUBELET_SYSCTLS if sysctl_path(k).exists()}
             SYSCTLS.write_text(json.dumps(values))
@@ -219,8 +225,8 @@ def record_sysctls() -> None:
 
 def _restore_sysctls(ending: str) -> None:
     """Put the kubelet's sysctls back, when no other cluster that changed them is alive."""
-    others = [ledger for path in RUN_DIR.glob("*.json") if (ledger := Ledger.load(path)) is not None
-              and ledger.tag != ending and ledger.sysctls and (alive(ledger.owner) or alive(ledger.guard))]
+    others = [ledger for ledger in ledgers()
+              if ledger.tag != ending and ledger.sysctls and (alive(ledger.owner) or alive(ledger.guard))]
     if others or not SYSCTLS.exists():
         return
     for key, value in json.loads(SYSCTLS.read_text()).items():
@@ -245,7 +251,7 @@ def undo(ledger: Ledger) -> None:
         remove_cgroup(ledger.cgroup)
     for directory in ledger.dirs:
         shutil.rmtree(directory, ignore_errors=True)
-    with _locked():
+    with locked():
         if ledger.sysctls:
             _restore_sysctls(ledger.tag)
         ledger.path.unlink(missing_ok=True)
@@ -254,9 +260,8 @@ def undo(ledger: Ledger) -> None:
 def sweep() -> list[str]:
     """Undo the ledgers whose harness and guard are both gone; their tags."""
     swept = []
-    for path in sorted(RUN_DIR.glob("*.json")) if RUN_DIR.is_dir() else []:
-        ledger = Ledger.load(path)
-        if ledger is None or alive(ledger.owner) or alive(ledger.guard):
+    for ledger in ledgers():
+        if alive(ledger.owner) or alive(ledger.guard):
             continue
         undo(ledger)
         swept.append(ledger.tag)

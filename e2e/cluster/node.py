@@ -39,7 +39,7 @@ import yaml
 
 from e2e.cluster.api import API, APIError, wait_until
 from e2e.cluster.build import Binaries
-from e2e.cluster.host import Ledger, make_cgroup, record_sysctls
+from e2e.cluster.host import Ledger, ledgers, locked, make_cgroup, record_sysctls
 from e2e.cluster.images import PAUSE, ROOT, Built, load
 from e2e.cluster.pki import Authority
 
@@ -79,12 +79,17 @@ class Addresses:
         self.node = f"10.{x}.255.254"  # the node's end: its IP
 
     @classmethod
-    def free(cls) -> Addresses:
-        used = _ip("-4", "-o", "addr").stdout + _ip("-4", "route").stdout
-        choices = [x for x in range(200, 251) if f"10.{x}." not in used]
-        if not choices:
-            raise OSError("no free 10.X.0.0/16 (X from 200 to 250) on this machine for a node")
-        return cls(random.choice(choices))
+    def free(cls, ledger: Ledger) -> Addresses:
+        """Ranges no address, route or other cluster of this machine uses, claimed in ``ledger``."""
+        with locked():
+            taken = {other.subnet for other in ledgers()}
+            used = _ip("-4", "-o", "addr").stdout + _ip("-4", "route").stdout
+            choices = [x for x in range(200, 251) if x not in taken and f"10.{x}." not in used]
+            if not choices:
+                raise OSError("no free 10.X.0.0/16 (X from 200 to 250) on this machine for a node")
+            ledger.record(subnet=random.choice(choices))
+        assert ledger.subnet is not None
+        return cls(ledger.subnet)
 
 
 class Node:

@@ -284,9 +284,9 @@ def app(name: str, replicas: int, *, kind: str = "Deployment", port_name: str | 
     return [workload, service, policy]
 
 
-def echo(name: str, replicas: int, ports: tuple[int, ...] = (8080,)) -> list[dict]:
-    """A Deployment of ``intercept.test/echo:1`` listening on ``ports`` (``X-Served-By``: its pod), and its Service."""
-    workload = {
+def echo(name: str, replicas: int, ports: tuple[int, ...] = (8080,)) -> dict:
+    """A Deployment of ``intercept.test/echo:1`` listening on ``ports`` (``X-Served-By``: its pod)."""
+    return {
         "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "labels": {"app": name}},
         "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
                  "template": {"metadata": {"labels": {"app": name}},
@@ -297,9 +297,6 @@ def echo(name: str, replicas: int, ports: tuple[int, ...] = (8080,)) -> list[dic
                                   "readinessProbe": {"tcpSocket": {"port": ports[0]}, "periodSeconds": 1},
                                   "securityContext": RESTRICTED}]}}},
     }
-    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name},
-               "spec": {"selector": {"app": name}, "ports": [{"name": f"p{p}", "port": p} for p in ports]}}
-    return [workload, service]
 
 
 def deploy(cluster: RealCluster, namespace: str, objects: list[dict]) -> None:

@@ -25,7 +25,7 @@ def test_the_node_runs_containerd_and_kubectl_port_forward_reaches_a_container(
     (node,) = json.loads(subprocess.run([str(real_cluster.kubectl), "--kubeconfig", str(real_cluster.kubeconfig),
                                          "get", "nodes", "-o", "json"], capture_output=True, text=True).stdout)["items"]
     assert node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
-    real_cluster.create(echo("web", 1, ports=(8080, 9090))[0], ns)
+    real_cluster.create(echo("web", 1, ports=(8080, 9090)), ns)
     pod = real_cluster.wait_ready_pods(ns, "app=web", 1)[0]
     forward = Proc([str(real_cluster.kubectl), "--kubeconfig", str(real_cluster.kubeconfig), "-n", ns,
                     "port-forward", f"pod/{pod}", ":9090"])

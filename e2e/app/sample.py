@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -53,6 +54,9 @@ def serve(port: int, name: str) -> None:
             pass
 
     server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    # In a container this is PID 1, for which the kernel ignores SIGTERM unless handled: without this
+    # every pod of the sample would wait out its grace period (30 s) at each rollout.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     print(f"sample: serving as {name} on port {port}", flush=True)
     server.serve_forever()
 

@@ -82,7 +82,8 @@ IMAGES = (
     Image(SAMPLE, BASE, ROOT / "e2e" / "app"),
     Image(f"{REGISTRY}/sample-v2:1", SAMPLE, config=("--env", "SAMPLE_VERSION=v2")),
     Image(ECHO, BASE, ROOT / "e2e" / "echo"),
-    Image(f"{REGISTRY}/sleep:1", BASE, script="#!/bin/sh\nexec python3 -c 'import signal; signal.pause()'\n",
+    Image(f"{REGISTRY}/sleep:1", BASE, script="#!/bin/sh\nexec python3 -c 'import signal, sys; "
+                 "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); signal.pause()'\n",
           config=("--entrypoint", '["intercept"]', "--cmd", "", "--user", "65532:65532")),
     Image(f"{REGISTRY}/crash:1", BASE, script="#!/bin/sh\necho crashing on purpose\nexit 1\n",
           config=("--entrypoint", '["intercept"]', "--cmd", "", "--user", "65532:65532")),

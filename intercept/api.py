@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -39,7 +38,7 @@ from typing import Any
 import h11
 
 from intercept import protocol
-from intercept.errors import InterceptError, UsageError
+from intercept.errors import AgentSettingsDiffer, InterceptError, UsageError
 from intercept.events import Event
 from intercept.spec import InterceptSpec, merge
 
@@ -50,15 +49,22 @@ OUTPUT_LINES = 1000  # lines of the local process kept by an Intercept that capt
 BODY_LIMIT = 64 * 1024  # body bytes send_request returns by default
 
 
-def make_spec(service: str | None = None, *, env: Mapping[str, str] | None = None, **options: Any) -> InterceptSpec:
+def make_spec(service: str | None = None, *, env: Mapping[str, str] | None = None, file: Path | None = None,
+              **options: Any) -> InterceptSpec:
     """An intercept's options, validated as ``intercept start``'s flags are.
 
     ``options`` are keyed as in ``intercept.yaml`` (``port=8080``, ``headers=["x-dev=alice"]``,
     ``command=["python", "app.py"]``); ``env`` (for example ``os.environ``) adds the
-    ``INTERCEPT_*`` variables below them. Raises :class:`~intercept.errors.SpecError`.
+    ``INTERCEPT_*`` variables below them, and ``file`` (an ``intercept.yaml``, when it
+    exists) the service's entry below those, as the CLI reads them. Raises
+    :class:`~intercept.errors.SpecError`.
     """
+    from intercept.spec import for_service
+
     if service is not None:
         options["service"] = service
+    if file is not None:
+        return for_service(env or {}, options, file)
     return merge(None, env or {}, options)
 
 
@@ -75,7 +81,8 @@ class _Target:
 
 
 async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow: bool = True) -> _Target:
-    """Resolve ``s`` to its agents: direct, or the Service's (injecting the agent once).
+    """Resolve ``s`` to its agents: direct, or the Service's (injecting the agent once;
+    only when ``route``: a command that does not intercept never adds one).
 
     ``route``: build the route (the personal header when no rule is given, said in a
     ``header`` event); ``follow``: watch the agent pods (else the first ready one).
@@ -93,10 +100,11 @@ async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow
         if s.credentials is None:
             raise UsageError("--credentials FILE is required with --agent (the file the agent wrote)")
         transport, credentials, namespace = DirectTransport(*s.agent_address), load(s.credentials), s.namespace
+        refresh = None
     elif s.service is None:
         raise UsageError("name the SERVICE (intercept start orders), or --agent HOST:PORT for an agent you can reach")
     else:
-        transport, credentials, replicas, namespace = await _service_agents(s, emit, follow)
+        transport, credentials, replicas, namespace, refresh = await _service_agents(s, emit, follow, add=route)
     name = s.name or default_name()
     rules = s.rules() if route else []
     if route and not rules and not s.all:
@@ -104,40 +112,113 @@ async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow
         emit(Event("header", f"your requests carry x-intercept-id: {name}"))
     options = InterceptOptions(transport=transport, credentials=credentials, route=Route(frozenset(rules)), name=name,
                                local_port=s.port, all_traffic=s.all and route, ttl=s.ttl if route else None,
-                               fence=Fence.parse(s.outbound_allow, s.outbound_deny, owner="this session"))
+                               fence=Fence.parse(s.outbound_allow, s.outbound_deny, owner="this session"),
+                               refresh_credentials=refresh)
     return _Target(options, replicas, namespace)
 
 
-async def _service_agents(s: InterceptSpec, emit: OnEvent, follow: bool) -> tuple[Any, Any, Any, str]:
-    """The agents of Service ``s.service``, the agent injected first if it has none: the
-    transport, the credentials, the replica sets to follow (``follow``) and the namespace."""
-    from intercept.client.fleet import pod_replicas
-    from intercept.client.transport import ServiceTransport
-    from intercept.kube.apply import ensure_agent
-    from intercept.kube.config import connect
+# The pod-wide options of an intercept (spec keys) and the InjectOptions fields they set. A
+# start's --outbound-allow/--outbound-deny are not among them: they narrow the session's own
+# fence once the agent runs (and become the agent's fence only when the start injects it).
+_POD_WIDE = {"agent_image": "image", "no_outbound": "outbound", "no_forwarded_headers": "forwarded_headers"}
+
+
+def _inject_options(s: InterceptSpec) -> Any:
     from intercept.kube.inject import InjectOptions
-    from intercept.kube.pods import watch_agent_pods
+
+    return InjectOptions(image=s.agent_image, service_port=s.service_port, outbound=not s.no_outbound,
+                         no_policy_changes=s.no_policy_changes, forwarded_headers=not s.no_forwarded_headers,
+                         outbound_allow=s.outbound_allow, outbound_deny=s.outbound_deny)
+
+
+async def _ensure_agent(cluster: Any, s: InterceptSpec, emit: OnEvent, *, add: bool, named: Collection[str],
+                        reinject: bool) -> Any:
+    """:func:`_ensure_agent_raw`; a refusal for settings that differ names the developers the
+    agent serves now and the explicit way to change it."""
+    try:
+        return await _ensure_agent_raw(cluster, s, emit, add=add, named=named, reinject=reinject)
+    except AgentSettingsDiffer as e:
+        holders = await _holders(cluster, e.agent)
+        serves = f"it serves {', '.join(holders)} now" if holders else "nobody holds a route on it now"
+        flags = " ".join(_pod_wide_flags(s, named))
+        raise AgentSettingsDiffer(
+            f"{e} ({serves}); one agent configuration serves every developer of {s.service}, and a start does not "
+            f"change it: leave those options out to use the agent's, or change it for everyone with "
+            f"intercept inject {s.service} -n {cluster.namespace} {flags} (its pods are replaced, interrupting "
+            f"{len(holders)} developer{'' if len(holders) == 1 else 's'})", e.agent, e.differences) from None
+
+
+async def _ensure_agent_raw(cluster: Any, s: InterceptSpec, emit: OnEvent, *, add: bool, named: Collection[str],
+                            reinject: bool) -> Any:
+    """:func:`intercept.kube.apply.ensure_agent` in a thread, its progress as events; Ctrl-C
+    while a rollout is awaited puts the originals back first."""
+    from intercept.kube.apply import ensure_agent
 
     loop = asyncio.get_running_loop()
-    cluster = await asyncio.to_thread(connect, s.kubeconfig, s.context, s.namespace)
-    inject = InjectOptions(image=s.agent_image, service_port=s.service_port, outbound=not s.no_outbound,
-                           no_policy_changes=s.no_policy_changes, forwarded_headers=not s.no_forwarded_headers,
-                           outbound_allow=s.outbound_allow, outbound_deny=s.outbound_deny)
     progress = lambda line: loop.call_soon_threadsafe(emit, Event("progress", line))  # noqa: E731 (from the worker thread)
     interrupt = threading.Event()
     ensuring = asyncio.ensure_future(asyncio.to_thread(
-        ensure_agent, cluster.api, cluster.namespace, s.service, inject, progress, timeout=s.timeout, interrupt=interrupt))
+        ensure_agent, cluster.api, cluster.namespace, s.service, _inject_options(s), progress, timeout=s.timeout,
+        interrupt=interrupt, named=named, reinject=reinject, add=add))
     try:
-        info = await asyncio.shield(ensuring)
+        return await asyncio.shield(ensuring)
     except asyncio.CancelledError:  # stopped while the rollout is awaited: put the originals back first
         interrupt.set()
         await asyncio.gather(ensuring, return_exceptions=True)
         raise
+
+
+def _pod_wide_flags(s: InterceptSpec, named: Collection[str]) -> list[str]:
+    from intercept.spec import OPTIONS, to_args
+
+    return to_args(s, skip=[o.key for o in OPTIONS if _POD_WIDE.get(o.key) not in named])
+
+
+async def _holders(cluster: Any, info: Any) -> list[str]:
+    """Who holds routes on the agents of ``info`` (an AgentInfo), as one of them lists them; [] if none answers."""
+    from intercept.client.session import AgentSession, InterceptOptions
+    from intercept.routing.match import Route
+
+    try:
+        transport = await asyncio.to_thread(_one_pod, cluster, info)
+        session = AgentSession(InterceptOptions(transport=transport, credentials=info.credentials, route=Route(frozenset()),
+                                                name="intercept", local_port=1))
+        await session.connect()
+        try:
+            routes = (await session.request(protocol.ListRoutes())).get("routes", [])
+        finally:
+            await session.leave()
+    except (InterceptError, OSError) as e:
+        log.info("could not ask the agents of %s who they serve: %s", info.service, e)
+        return []
+    return sorted({str(r.get("holder")) for r in routes if not str(r.get("holder", "")).startswith("sandbox ")})
+
+
+async def _service_agents(s: InterceptSpec, emit: OnEvent, follow: bool, *,
+                          add: bool = True) -> tuple[Any, Any, Any, str, Any]:
+    """The agents of Service ``s.service`` (the agent injected first if it has none and
+    ``add``): the transport, the credentials, the replica sets to follow (``follow``; an
+    uninstall ends them with AgentRemoved), the namespace, and how to read the
+    credentials again (a reinstalled agent has a new host key in its Secret)."""
+    from intercept.client.fleet import pod_replicas
+    from intercept.client.transport import ServiceTransport
+    from intercept.kube.apply import agent_credentials
+    from intercept.kube.config import connect
+    from intercept.kube.pods import watch_agent_pods
+
+    cluster = await asyncio.to_thread(connect, s.kubeconfig, s.context, s.namespace)
+    named = {field for key, field in _POD_WIDE.items() if key in s.origins}
+    info = await _ensure_agent(cluster, s, emit, add=add, named=named, reinject=s.reinject and add)
+
+    async def refresh() -> Any:
+        return await asyncio.to_thread(agent_credentials, cluster.api, cluster.namespace, info.workload_name)
+
     if follow:
-        replicas = pod_replicas(watch_agent_pods(cluster.api, cluster.namespace, info.selector), cluster.api,
-                                in_cluster=cluster.in_cluster)
-        return ServiceTransport(cluster.namespace, s.service), info.credentials, replicas, cluster.namespace
-    return await asyncio.to_thread(_one_pod, cluster, info), info.credentials, None, cluster.namespace
+        pods = watch_agent_pods(cluster.api, cluster.namespace, info.selector,
+                                workload=(info.workload_kind, info.workload_name, s.service))
+        replicas = pod_replicas(pods, cluster.api, in_cluster=cluster.in_cluster)
+        return ServiceTransport(cluster.namespace, s.service), info.credentials, replicas, cluster.namespace, refresh
+    return await asyncio.to_thread(_one_pod, cluster, info), info.credentials, None, cluster.namespace, refresh
 
 
 def _one_pod(cluster: Any, info: Any) -> Any:
@@ -420,14 +501,14 @@ def run(s: InterceptSpec, on_event: OnEvent, *, registry_entry: Mapping[str, Any
         registration: Any = None
 
         def record(event: Event) -> None:  # what status shows, once it is known
-            if registration is not None and event.kind == "ready":
+            if registration is not None and event.fence is not None:  # ready, joined, reconnected: as agents say
                 registration.update(fence=event.fence)
             elif registration is not None and event.kind == "mount":
                 registration.update(files=event.path)
 
         def observe(event: Event) -> None:
+            record(event)  # first: once a line is printed, intercept status says it too
             on_event(event)
-            record(event)
 
         try:
             preparing = asyncio.ensure_future(start(s, on_event=observe))
@@ -544,9 +625,14 @@ def list_services(namespace: str | None = None, *, all_namespaces: bool = False,
 
 def uninstall(service: str | None = None, *, all: bool = False, namespace: str | None = None,
               kubeconfig: str | None = None, context: str | None = None, timeout: float = 300.0,
-              on_event: OnEvent | None = None) -> Any:
+              on_event: OnEvent | None = None, force: bool = False) -> Any:
     """Remove the agent behind ``service`` (or every agent of the namespace with ``all``) and
-    restore what it changed, exactly; idempotent. Returns :class:`~intercept.kube.apply.Uninstalled`."""
+    restore what it changed, exactly; idempotent. Returns :class:`~intercept.kube.apply.Uninstalled`.
+
+    Refused (:class:`~intercept.errors.AgentInUse`), naming them, while developers hold
+    routes on an agent it would remove, unless ``force``; their intercepts then end
+    saying that the agent was removed by an uninstall."""
+    from intercept.errors import AgentInUse
     from intercept.kube.apply import uninstall as remove
     from intercept.kube.config import connect
 
@@ -554,6 +640,16 @@ def uninstall(service: str | None = None, *, all: bool = False, namespace: str |
         raise UsageError("pass a SERVICE, or --all for every agent in the namespace (not both)")
     emit = on_event or (lambda event: None)
     cluster = connect(kubeconfig, context, namespace)
+    if not force:
+        _, rows = list_services(cluster.namespace, kubeconfig=kubeconfig, context=context)
+        held = {r["service"]: sorted({x["holder"] for x in r["routes"] if "holder" in x and not
+                                      str(x["holder"]).startswith("sandbox ")})
+                for r in rows if r["agent"] and (all or r["service"] == service)}
+        held = {name: holders for name, holders in held.items() if holders}
+        if held:
+            said = "; ".join(f"the agent of {name} serves {', '.join(holders)}" for name, holders in sorted(held.items()))
+            raise AgentInUse(f"{said} (namespace {cluster.namespace}): uninstalling cuts their intercepts; ask them to "
+                             f"leave (intercept leave SERVICE), or uninstall anyway with --force")
     return remove(cluster.api, cluster.namespace, service, all=all, progress=lambda line: emit(Event("progress", line)),
                   timeout=timeout)
 
@@ -578,6 +674,43 @@ def doctor(service: str | None = None, *, namespace: str | None = None, kubeconf
                             no_policy_changes=no_policy_changes)
     return checks.run(cluster.api, cluster.namespace, cluster.context, service, options,
                       (image_origin or "the caller") if agent_image else None, in_cluster=cluster.in_cluster)
+
+
+# The agent's pod-wide options an explicit inject may set (spec keys -> InjectOptions fields).
+_INJECTABLE = {**_POD_WIDE, "outbound_allow": "outbound_allow", "outbound_deny": "outbound_deny"}
+
+
+def inject(s: InterceptSpec, *, on_event: OnEvent | None = None) -> dict[str, Any]:
+    """Put the agent behind ``s.service``, or change the running agent's pod-wide settings to
+    those ``s`` names (image, outbound access and fence, forwarded headers): the explicit act
+    that a start never does. Before replacing the pods of a running agent, a ``progress``
+    event says which developers it interrupts. Returns ``workload``, ``image``, ``changed``
+    (what differed, empty when nothing was written) and ``interrupted``."""
+    emit = on_event or (lambda event: None)
+    if s.service is None:
+        raise UsageError("name the SERVICE whose agent to add or change: intercept inject orders -n shop ...")
+
+    async def main() -> dict[str, Any]:
+        from intercept.kube.config import connect
+
+        cluster = await asyncio.to_thread(connect, s.kubeconfig, s.context, s.namespace)
+        named = {field for key, field in _INJECTABLE.items() if key in s.origins}
+        changed: list[str] = []
+        holders: list[str] = []
+        try:
+            info = await _ensure_agent_raw(cluster, s, emit, add=True, named=named, reinject=False)
+        except AgentSettingsDiffer as differ:
+            changed = [f"{flag} {has} -> {asked}" for flag, has, asked in differ.differences]
+            holders = await _holders(cluster, differ.agent)
+            who = f" ({', '.join(holders)})" if holders else ""
+            emit(Event("progress", f"{differ.agent.workload}: changing the agent for everyone ({'; '.join(changed)}); its "
+                                   f"pods are replaced, interrupting {len(holders)} developer"
+                                   f"{'' if len(holders) == 1 else 's'}{who}: they reconnect by themselves"))
+            info = await _ensure_agent_raw(cluster, s, emit, add=True, named=named, reinject=True)
+        return {"workload": info.workload, "namespace": info.namespace, "image": info.image, "changed": changed,
+                "interrupted": holders}
+
+    return _run_loop(main())
 
 
 def inject_text(text: str, service: str, *, agent_image: str | None = None, service_port: str | int | None = None,
@@ -608,7 +741,9 @@ def restore_text(text: str, *, source: str = "the manifests") -> tuple[str, list
 
 
 async def _push_routes(change: Any, in_cluster: bool, api_client: Any) -> list[str]:
-    """Push a workload's routes document to every ready agent pod of it; the problems, if any."""
+    """Push a workload's routes document, signed by the namespace's routes authority, to every
+    ready agent pod of it; the problems, if any (a pod that refuses the push reads the same
+    document from its ConfigMap when the kubelet refreshes it)."""
     from intercept.client.fleet import pod_transport
     from intercept.client.session import AgentSession, InterceptOptions
     from intercept.client.start import default_name
@@ -616,6 +751,11 @@ async def _push_routes(change: Any, in_cluster: bool, api_client: Any) -> list[s
     from intercept.routing.match import Route
 
     info = change.agent
+    later = "it reads the routes from its ConfigMap when the kubelet refreshes it"
+    if change.authority is None:
+        return [f"{info.workload} in namespace {info.namespace}: no routes authority to sign the routes with; {later}"]
+    text = change.document.to_text()
+    push = protocol.SetClusterRoutes(text, change.authority.sign(text))
     pods = [p for p in await asyncio.to_thread(agent_pods, api_client, info.namespace, info.selector) if p.ready and p.ip]
 
     async def one(pod: Any) -> str | None:
@@ -624,11 +764,13 @@ async def _push_routes(change: Any, in_cluster: bool, api_client: Any) -> list[s
         session = AgentSession(options)
         try:
             await session.connect()
-            reply = await session.request(protocol.SetClusterRoutes(json.loads(change.document.to_text())))
+            reply = await session.request(push)
         except InterceptError as e:
-            return f"pod {pod.name}: {e} (it reads the routes from its ConfigMap when the kubelet refreshes it)"
+            return f"pod {pod.name}: {e} ({later})"
         finally:
             await session.leave()
+        if not reply.get("ok"):
+            return f"pod {pod.name}: {protocol.Refusal.from_json(reply).message} ({later})"
         refused = reply.get("refused") or []
         return f"pod {pod.name}: {'; '.join(refused)}" if refused else None
 
@@ -662,11 +804,12 @@ def sandbox_create(name: str, services: Sequence[str], *, namespace: str | None 
     from intercept.kube.image import DEFAULT_AGENT_IMAGE
     from intercept.kube.inject import InjectOptions
     from intercept.kube.sandbox import Overrides, expiry_text
-    from intercept.routing.cluster import sandbox_name
+    from intercept.routing.cluster import sandbox_lifetime, sandbox_name
     from intercept.routing.match import Route, parse_rule
 
     emit = on_event or (lambda event: None)
     sandbox_name(name)
+    sandbox_lifetime(ttl)
     overrides = Overrides.parse(list(images), list(env))
     rules = [parse_rule("header", h) for h in headers] + ([parse_rule("baggage", baggage)] if baggage else [])
     keys = [Route(frozenset(rules))] if rules else None
@@ -710,7 +853,9 @@ def sandbox_extend(name: str, ttl: float, *, namespace: str | None = None, kubec
                    context: str | None = None, on_event: OnEvent | None = None) -> float:
     """Move sandbox ``name``'s expiry to ``ttl`` seconds from now; the new expiry (Unix time)."""
     from intercept.kube import sandboxes
+    from intercept.routing.cluster import sandbox_lifetime
 
+    sandbox_lifetime(ttl)
     cluster = _sandbox_cluster(namespace, kubeconfig, context)
     expires, changes = sandboxes.extend(cluster.api, cluster.namespace, name, ttl)
     _push_all(cluster, changes, on_event or (lambda event: None))
@@ -760,9 +905,10 @@ def sandbox_manifests(name: str, services: Sequence[str], *, images: Sequence[st
     from intercept.kube import sandbox
     from intercept.kube.inject import ROUTES_KEY, routes_name
     from intercept.kube.manifests import load
-    from intercept.routing.cluster import RoutesDocument
+    from intercept.routing.cluster import RoutesDocument, sandbox_lifetime
     from intercept.routing.match import Route, parse_rule
 
+    sandbox_lifetime(ttl)
     if manifests is not None:
         objects = load(manifests)
         ns = namespace or next((o["metadata"].get("namespace") for o in objects if o["metadata"].get("namespace")), "default")
@@ -847,13 +993,15 @@ def down(path: Path | None, *, report: Callable[[str], None] = lambda line: None
 
 
 def vscode(services: Sequence[str], *, directory: Path, spec_file: Path | None = None,
-           command: Sequence[str] = ()) -> list[Path]:
+           command: Sequence[str] = (), options: Mapping[str, Any] | None = None) -> list[Path]:
     """Write ``.vscode/launch.json`` and ``tasks.json`` (edited in place, comments kept) to
     debug ``services`` (default: those of ``spec_file``) running ``command`` (default: each
-    one's ``command`` in ``spec_file``; none at all is refused); the files written."""
+    one's ``command`` in ``spec_file``; none at all is refused); ``options`` (keyed as in
+    ``intercept.yaml``: ``namespace``, ``context``, ``agent_image``, ...) are written into
+    every task, over the file's; the files written."""
     from intercept.workspace import vscode as write
 
-    return write(services, directory=directory, spec_file=spec_file, command=command)
+    return write(services, directory=directory, spec_file=spec_file, command=command, flags=options or {})
 
 
 __all__ = [

@@ -76,12 +76,13 @@ def _given(ctx: click.Context, *keys: str) -> dict[str, Any]:
 
 
 def _spec(ctx: click.Context, *keys: str, **extra: Any) -> Any:
-    """The intercept this command line describes, over the ``INTERCEPT_*`` variables, validated."""
+    """The intercept this command line describes, over the ``INTERCEPT_*`` variables and the
+    service's entry in ./intercept.yaml (:func:`intercept.spec.for_service`), validated."""
     import os
 
-    from intercept.spec import merge
+    from intercept.spec import for_service
 
-    return merge(None, os.environ, {**_given(ctx, *keys), **extra})
+    return for_service(os.environ, {**_given(ctx, *keys), **extra})
 
 
 def _options(ctx: click.Context, *keys: str) -> dict[str, Any]:
@@ -98,7 +99,7 @@ _START = (
     "service", "agent", "credentials", "port", "headers", "header_regexes", "baggage", "path_prefix", "all", "name",
     "watch", "no_watch", "debug", "debug_port", "debug_wait", "env_file", "mount", "mount_mode", "forward", "propagate_header",
     "no_outbound", "outbound_allow", "outbound_deny", "no_policy_changes", "no_forwarded_headers", "timeout", "ttl",
-    "service_port", "agent_image", *CLUSTER,
+    "service_port", "agent_image", "reinject", *CLUSTER,
 )
 
 
@@ -204,58 +205,66 @@ def main(verbose: int) -> None:
     _setup_logging(verbose)
 
 
+def _agent_options(command: Any) -> Any:
+    """click parameters for every setting of :data:`intercept.agentconfig.SETTINGS`: flag, help,
+    variable and default are the table's. Only the flags typed are passed on; the variables
+    and defaults below them are applied by :func:`intercept.agentconfig.resolve`."""
+    from intercept.agentconfig import SETTINGS
+
+    for setting in reversed(SETTINGS):
+        if setting.required:
+            default = "required"
+        elif setting.default_doc is not None:
+            default = setting.default_doc
+        else:
+            default = setting.text(setting.default)
+        text = f"{setting.help} [env: {setting.env}; default: {default}]"
+        if setting.is_bool:
+            name = setting.flag.removeprefix("--")
+            decls = [f"{setting.flag}/--no-{name}", setting.key]
+            command = click.option(*decls, default=None, help=text)(command)
+        else:
+            command = click.option(setting.flag, setting.key, multiple=setting.multiple, default=None, help=text,
+                                   metavar=setting.type)(command)
+    return command
+
+
 @main.command()
-@click.option("--listen", envvar="INTERCEPT_LISTEN", default="0.0.0.0:9900", show_default=True, help="HTTP listener, HOST:PORT.")
-@click.option("--upstream", envvar="INTERCEPT_UPSTREAM", required=True, help="The app container, HOST:PORT.")
-@click.option("--ssh-listen", envvar="INTERCEPT_SSH_LISTEN", default="0.0.0.0:9922", show_default=True, help="SSH server, HOST:PORT.")
-@click.option("--credentials", envvar="INTERCEPT_CREDENTIALS", required=True, type=click.Path(path_type=Path), help="Host key and token file; created (0600) at first start.")
-@click.option("--hold-timeout", envvar="INTERCEPT_HOLD_TIMEOUT", default=10.0, show_default=True, type=float, help="Seconds a matched request waits for the developer's process.")
-@click.option("--allow-outbound/--no-allow-outbound", envvar="INTERCEPT_ALLOW_OUTBOUND", default=False, help="Let clients open TCP connections from this pod.")
-@click.option("--shutdown-grace", envvar="INTERCEPT_SHUTDOWN_GRACE", default=0.0, show_default=True, type=float, help="Seconds to keep serving after SIGTERM.")
-@click.option("--header-timeout", envvar="INTERCEPT_HEADER_TIMEOUT", default=60.0, show_default=True, type=float, help="Close connections that wait longer for a request head.")
-@click.option("--max-connections", envvar="INTERCEPT_MAX_CONNECTIONS", default=10000, show_default=True, type=click.IntRange(min=0), help="New connections (no request completed yet) served at once; more get 503. 0: no cap.")
-@click.option("--forwarded-headers/--no-forwarded-headers", envvar="INTERCEPT_FORWARDED_HEADERS", default=True, show_default=True, help="Add the client's address to each request (X-Forwarded-For, Forwarded).")
-@click.option("--routes-file", envvar="INTERCEPT_ROUTES_FILE", type=click.Path(path_type=Path), help="The sandboxes' routes (JSON), read again when it changes; the injection mounts it from a ConfigMap.")
-@click.option("--outbound-allow", envvar="INTERCEPT_OUTBOUND_ALLOW", multiple=True, metavar="HOST[:PORT]", help="Outbound connections may go only where one such rule matches (repeatable; * in names, CIDR for addresses).")
-@click.option("--outbound-deny", envvar="INTERCEPT_OUTBOUND_DENY", multiple=True, metavar="HOST[:PORT]", help="Outbound connections never go where such a rule matches (repeatable; deny wins over allow).")
-@click.option("--serve-files", envvar="INTERCEPT_SERVE_FILES", multiple=True, metavar="DIR", help="Serve DIR (or a file), read-only, to developers at its own path (repeatable; in a pod the injection names the app's mounts).")
-def agent(listen: str, upstream: str, ssh_listen: str, credentials: Path, hold_timeout: float, allow_outbound: bool,
-          shutdown_grace: float, header_timeout: float, routes_file: Path | None, forwarded_headers: bool,
-          max_connections: int, outbound_allow: tuple[str, ...], outbound_deny: tuple[str, ...],
-          serve_files: tuple[str, ...]) -> None:
+@_agent_options
+@click.pass_context
+def agent(ctx: click.Context, **_: Any) -> None:
     """Run the agent in front of an app (in a pod: configured by INTERCEPT_* variables)."""
     import os
 
-    from intercept.agent import AgentConfig, run
+    from click.core import ParameterSource
+
+    from intercept.agent import run
     from intercept.agent.files import MOUNTS_ENV, ServedFiles, mounts_from_env, parse_serve_files
-    from intercept.routing.fence import Fence
+    from intercept.agentconfig import SETTINGS, resolve
 
     try:
+        given: dict[str, Any] = {}
         try:
-            served = [*mounts_from_env(os.environ), *parse_serve_files(serve_files)]
-            ServedFiles(served)
+            for setting in SETTINGS:
+                if ctx.get_parameter_source(setting.key) is not ParameterSource.COMMANDLINE:
+                    continue
+                value = ctx.params[setting.key]
+                if setting.multiple:
+                    value = tuple(setting.value(v, f"{setting.flag} {v!r}") for v in value)
+                elif not setting.is_bool:
+                    value = setting.value(value, f"{setting.flag} {value!r}")
+                given[setting.key] = value
+            config = resolve(os.environ, {**given, "mounts": tuple(mounts_from_env(os.environ))})
+            ServedFiles([*config.mounts, *parse_serve_files(config.serve_files)])
+        except UsageError as e:
+            raise UsageError(f"{e}; see {ctx.command_path} --help") from None
         except ValueError as e:
-            raise UsageError(f"--serve-files / {MOUNTS_ENV}: {e}") from None
-        config = AgentConfig(
-            listen=_address(listen, "--listen"),
-            upstream=_address(upstream, "--upstream"),
-            ssh_listen=_address(ssh_listen, "--ssh-listen"),
-            credentials=credentials,
-            hold_timeout=hold_timeout,
-            allow_outbound=allow_outbound,
-            shutdown_grace=shutdown_grace,
-            header_timeout=header_timeout,
-            routes_file=routes_file,
-            forwarded_headers=forwarded_headers,
-            max_connections=max_connections,
-            fence=Fence.parse(outbound_allow, outbound_deny),
-            serve_files=tuple(served),
-        )
+            raise UsageError(f"--serve-files / {MOUNTS_ENV}: {e}; see {ctx.command_path} --help") from None
 
         def ready(a: Any) -> None:
             (h, p), (sh, sp) = a.http_address, a.ssh_address
             click.echo(f"intercept: agent: http {h}:{p} ssh {sh}:{sp} upstream {config.upstream[0]}:{config.upstream[1]}", nl=True)
-            if allow_outbound and not config.fence.open:
+            if not config.fence.open:  # it judges sandbox destinations, and developers' outbound connections
                 click.echo(f"intercept: agent: outbound fence: {config.fence.describe()}")
             if a.files:
                 click.echo(f"intercept: agent: files: {' '.join(r.path for r in a.files.roots)}")
@@ -384,18 +393,29 @@ _INJECT = ("agent_image", "service_port", "no_policy_changes", "no_outbound", "n
 
 @main.command("inject")
 @click.argument("service")
-@click.option("-f", "--filename", "manifests", required=True, type=click.File("r"), help="Manifests (YAML, several documents); - reads stdin.")
-@_spec_options(*_INJECT)
+@click.option("-f", "--filename", "manifests", type=click.File("r"),
+              help="Offline: read manifests (YAML, several documents; - reads stdin) and print them injected.")
+@_spec_options(*_INJECT, "timeout", *CLUSTER)
 @click.pass_context
 def inject_command(ctx: click.Context, service: str, manifests: Any, **_: Any) -> None:
-    """Print the manifests with the agent injected behind SERVICE (offline; comments are not kept).
+    """Add the agent behind SERVICE, or change its pod-wide settings for everyone; with -f, offline.
 
     \b
-    intercept inject orders -f manifests.yaml > injected.yaml
+    intercept inject orders -n shop --outbound-deny '*.internal'   # the running agent's fence, for everyone
+    intercept inject orders -f manifests.yaml > injected.yaml       # offline (comments are not kept)
     """
     from intercept import api
 
     try:
+        if manifests is None:
+            done = api.inject(_spec(ctx, *_INJECT, "timeout", *CLUSTER, service=service), on_event=_progress)
+            if done["changed"]:
+                click.echo(f"intercept: injected: {done['workload']}: its agent changed for everyone "
+                           f"({'; '.join(done['changed'])}; namespace {done['namespace']})")
+            else:
+                click.echo(f"intercept: injected: {done['workload']} runs the agent {done['image']} as asked "
+                           f"(namespace {done['namespace']})")
+            return
         text, changes = api.inject_text(manifests.read(), service, **_options(ctx, *_INJECT), source=manifests.name)
     except InterceptError as e:
         _fail(e)
@@ -422,14 +442,16 @@ def restore_command(manifests: Any) -> None:
 @main.command("uninstall")
 @click.argument("service", required=False)
 @click.option("--all", "all_agents", is_flag=True, help="Every agent in the namespace.")
+@click.option("--force", is_flag=True, help="Even while developers hold routes on it (their intercepts end, saying so).")
 @_spec_options("timeout", *CLUSTER)
 @click.pass_context
-def uninstall_command(ctx: click.Context, service: str | None, all_agents: bool, **_: Any) -> None:
+def uninstall_command(ctx: click.Context, service: str | None, all_agents: bool, force: bool, **_: Any) -> None:
     """Remove the agent behind SERVICE (or every agent with --all) and restore what it changed, exactly."""
     from intercept import api
 
     try:
-        result = api.uninstall(service, all=all_agents, **_options(ctx, "timeout", *CLUSTER), on_event=_progress)
+        result = api.uninstall(service, all=all_agents, **_options(ctx, "timeout", *CLUSTER), on_event=_progress,
+                               force=force)
     except InterceptError as e:
         _fail(e)
     what = f"Service {service}" if service else "no workload"
@@ -496,7 +518,7 @@ def sandbox_group() -> None:
 @click.option("--fork", "forks", multiple=True, required=True, metavar="SERVICE", help="A Service to fork (repeatable).")
 @click.option("--image", "images", multiple=True, metavar="[CONTAINER=]IMAGE", help="The forks' image (of the Service's container unless named).")
 @click.option("--env", "env", multiple=True, metavar="[CONTAINER:]KEY=VALUE", help="A variable set in the forks (repeatable).")
-@click.option("--ttl", default="24h", show_default=True, metavar="DURATION", help="How long the sandbox lives; gc removes it after.")
+@click.option("--ttl", default="24h", show_default=True, metavar="DURATION", help="How long the sandbox lives (at most 30d); gc removes it after.")
 @click.option("--header", "headers", multiple=True, metavar="NAME=VALUE", help="The routing key instead of x-intercept-id: NAME.")
 @click.option("--baggage", metavar="KEY=VALUE", help="The routing key as a W3C baggage member instead of intercept-id=NAME.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until every fork is ready (removing everything if one is not).")
@@ -632,7 +654,7 @@ def gc_command(ctx: click.Context, all_namespaces: bool, idle: str, dry_run: boo
 @click.argument("service", required=False)
 @_spec_options("agent_image", "service_port", "no_policy_changes", *CLUSTER)
 @click.option("-f", "--filename", "spec_file", default="intercept.yaml", show_default=True,
-              type=click.Path(dir_okay=False, path_type=Path), help="Read agent_image from here when it exists (the namespace and the rest come from the flags).")
+              type=click.Path(dir_okay=False, path_type=Path), help="Read SERVICE's entry here when the file exists (its agent_image, namespace, ...), as intercept start does.")
 @click.pass_context
 def doctor_command(ctx: click.Context, service: str | None, spec_file: Path, **_: Any) -> None:
     """Check what a first intercept of SERVICE needs; one line per check, with its fix.
@@ -646,22 +668,20 @@ def doctor_command(ctx: click.Context, service: str | None, spec_file: Path, **_
 
     from intercept import api
     from intercept.errors import ChecksFailed
-    from intercept.spec import load_workspace
+    from intercept.spec import for_service
 
     keys = ("agent_image", "service_port", "no_policy_changes", *CLUSTER)
     try:
-        options = dict(_options(ctx, *keys))
-        given = _given(ctx, *keys)
-        origin = "--agent-image" if "agent_image" in given else (
-            "INTERCEPT_AGENT_IMAGE" if os.environ.get("INTERCEPT_AGENT_IMAGE") else None)
-        if origin is None and spec_file.is_file():
-            workspace = load_workspace(spec_file, os.environ)
-            chosen = next((i for i in workspace.intercepts if service in (None, i.service) and "agent_image" in i.origins),
-                          None)
-            if chosen is not None:
-                options["agent_image"], origin = chosen.agent_image, f"{spec_file} ({chosen.origins['agent_image']})"
+        if service:  # what intercept start SERVICE would read
+            spec = for_service(os.environ, {**_given(ctx, *keys), "service": service}, spec_file)
+            origin = spec.origins.get("agent_image")  # None: the built-in default, or the running agent's
+            options = {key: getattr(spec, key) for key in keys}
+        else:
+            options = dict(_options(ctx, *keys))
+            origin = "--agent-image" if "agent_image" in _given(ctx, *keys) else (
+                "INTERCEPT_AGENT_IMAGE" if os.environ.get("INTERCEPT_AGENT_IMAGE") else None)
         results = api.doctor(service, **{**options, "agent_image": options["agent_image"] if origin else None},
-                             image_origin=origin)
+                             image_origin=str(origin) if origin else None)
     except InterceptError as e:
         _fail(e)
     for check in results:
@@ -776,18 +796,24 @@ def leave_command(service: str, namespace: str | None) -> None:
 
 @main.command("vscode", cls=_DashDashCommand)
 @click.argument("services", nargs=-1)
+@_spec_options(*(key for key in _START if key not in ("service", "agent", "credentials", "debug", "debug_port",
+                                                       "debug_wait", "watch", "no_watch")))
 @click.pass_context
-def vscode_command(ctx: click.Context, services: tuple[str, ...]) -> None:
+def vscode_command(ctx: click.Context, services: tuple[str, ...], **_: Any) -> None:
     """Write .vscode/launch.json and tasks.json to debug SERVICE running COMMAND.
 
     \b
-    intercept vscode orders -- python app.py
+    intercept vscode orders -n shop --header x-dev=alice -- python app.py
     intercept vscode            (the services and commands of ./intercept.yaml)
+
+    The options are start's, written into each task (over ./intercept.yaml's).
     """
     from intercept import api
 
+    keys = [key for key in _START if key in ctx.params]
     try:
-        written = api.vscode(services, directory=Path.cwd(), spec_file=Path("intercept.yaml"), command=ctx.meta["command"])
+        written = api.vscode(services, directory=Path.cwd(), spec_file=Path("intercept.yaml"), command=ctx.meta["command"],
+                             options=_given(ctx, *keys))
     except InterceptError as e:
         _fail(e)
     if not written:

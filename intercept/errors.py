@@ -52,6 +52,11 @@ class RouteConflict(InterceptError):
         self.holder = holder
 
 
+class UnverifiedPush(InterceptError):
+    """A pushed routes document that the agent cannot verify was signed by the namespace's
+    routes authority (no authority in its routes file, no signature, or a wrong one)."""
+
+
 class CredentialsError(InterceptError):
     """The credentials file is missing or unreadable."""
 
@@ -74,6 +79,40 @@ class InjectError(InterceptError):
     """The agent cannot be injected (or the originals restored) safely as asked."""
 
     exit_code = 10
+
+
+class AgentSettingsDiffer(InterceptError):
+    """A start (or env, files, ...) asked for a pod-wide setting (the agent image, outbound
+    access, forwarded headers) other than the running agent's: one agent configuration
+    serves every developer of a workload, and only an explicit ``intercept inject SERVICE``
+    (or ``intercept start --reinject``) changes it. ``agent`` carries what reaches the
+    running agent (an :class:`intercept.kube.apply.AgentInfo`), to say whom a change would
+    interrupt."""
+
+    exit_code = 13
+
+    def __init__(self, message: str, agent: object = None, differences: tuple[tuple[str, str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.agent = agent
+        self.differences = differences  # (flag, the running agent's value, the value asked for), in words
+
+
+class NoAgent(InterceptError):
+    """The Service has no agent, and the command does not inject one (env, files)."""
+
+    exit_code = 14
+
+
+class AgentRemoved(InterceptError):
+    """An intercept's agent was removed (``intercept uninstall``) while it ran."""
+
+    exit_code = 15
+
+
+class AgentInUse(InterceptError):
+    """``intercept uninstall`` without ``--force`` while developers hold routes on the agent."""
+
+    exit_code = 16
 
 
 class ChecksFailed(InterceptError):

@@ -11,11 +11,14 @@ Uses the official MCP Python SDK (``pip install 'intercept[mcp]'``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from mcp.server.mcpserver import MCPServer
@@ -30,16 +33,31 @@ READY_TIMEOUT = 120.0  # how long start_intercept waits for the route to be held
 
 
 class Intercepts:
-    """The intercepts this server started, by id (``i1``, ``i2``, ...)."""
+    """The intercepts this server started, by id (``i1``, ``i2``, ...), each also in this
+    machine's registry (so ``intercept status`` lists it and ``intercept leave`` stops it,
+    asking on this server's control socket)."""
 
     def __init__(self) -> None:
         self.running: dict[str, api.Intercept] = {}
         self._ids = (f"i{n}" for n in itertools.count(1))
+        self._registrations: dict[str, Any] = {}
+        self._control: asyncio.AbstractServer | None = None
+        self._socket: Path | None = None
 
-    def add(self, it: api.Intercept) -> str:
-        key = next(self._ids)
+    def new_id(self) -> str:
+        return next(self._ids)
+
+    async def add(self, key: str, it: api.Intercept) -> None:
+        """Keep ``it`` (ready) as ``key`` and record it in this machine's registry."""
+        from intercept.workspace import register
+
         self.running[key] = it
-        return key
+        socket_path = await self._serve_control()
+        self._registrations[key] = register({
+            "service": it.spec.service, "agent": it.spec.agent, "namespace": it.namespace, "context": it.spec.context,
+            "route": it.route, "name": it.name, "local_port": it.local_port, "command": list(it.spec.command),
+            "fence": next((e.fence for e in reversed(it.events) if e.fence is not None), None),
+            "id": key, "control": str(socket_path) if socket_path else None})
 
     def get(self, key: str) -> api.Intercept:
         it = self.running.get(key)
@@ -48,10 +66,60 @@ class Intercepts:
             raise ToolError(f"no intercept {key!r} was started by this server (running: {known}); see the status tool")
         return it
 
+    async def stop(self, key: str) -> int:
+        """Leave intercept ``key``: its route goes, its command stops; its exit status."""
+        it = self.running.pop(key)
+        registration = self._registrations.pop(key, None)
+        try:
+            return await it.stop()
+        except InterceptError as e:
+            return e.exit_code
+        finally:
+            if registration is not None:
+                registration.remove()
+
     async def stop_all(self) -> None:
-        for it in self.running.values():
-            with contextlib.suppress(InterceptError):
-                await it.stop()
+        for key in list(self.running):
+            await self.stop(key)
+        if self._control is not None:
+            self._control.close()
+        if self._socket is not None:
+            self._socket.unlink(missing_ok=True)
+
+    async def _serve_control(self) -> Path | None:
+        """The Unix socket on which ``intercept leave`` asks this server to stop one of its
+        intercepts (a line ``{"leave": ID}``, answered ``{"ok": ...}`` once it has left)."""
+        if self._control is not None:
+            return self._socket
+        from intercept.workspace import state_dir
+
+        directory = state_dir()
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path = directory / f"mcp-{os.getpid()}.sock"
+            path.unlink(missing_ok=True)
+            self._control = await asyncio.start_unix_server(self._leave_request, path=str(path))
+            path.chmod(0o600)
+        except OSError as e:
+            log.warning("intercept leave will not reach this server's intercepts: %s", e)
+            return None
+        self._socket = path
+        return path
+
+    async def _leave_request(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = json.loads(await reader.readline() or b"{}")
+            key = request.get("leave") if isinstance(request, dict) else None
+            if key in self.running:
+                status = await self.stop(key)
+                reply = {"ok": True, "exit_status": status}
+            else:
+                reply = {"ok": False, "message": f"no intercept {key!r} runs here"}
+        except ValueError:
+            reply = {"ok": False, "message": "expected a JSON line {\"leave\": ID}"}
+        writer.write(json.dumps(reply).encode() + b"\n")
+        await writer.drain()
+        writer.close()
 
 
 def _describe(key: str, it: api.Intercept) -> dict[str, Any]:
@@ -69,9 +137,22 @@ def _describe(key: str, it: api.Intercept) -> dict[str, Any]:
 
 
 def _spec(**options: Any) -> api.InterceptSpec:
-    options.setdefault("agent_image", os.environ.get("INTERCEPT_AGENT_IMAGE"))  # as the CLI and the doctor tool read it
+    """The options a tool was given, over this server's ``INTERCEPT_*`` variables and the
+    service's entry in ./intercept.yaml, validated as ``intercept start``'s flags are."""
     try:
-        return api.make_spec(**{k: v for k, v in options.items() if v not in (None, [], "")})
+        return api.make_spec(env=os.environ, file=Path("intercept.yaml"),
+                             **{k: v for k, v in options.items() if v not in (None, [], "")})
+    except InterceptError as e:
+        raise ToolError(str(e)) from None
+
+
+def _options(**given: Any) -> dict[str, Any]:
+    """Options of a tool that is not an intercept (list_services, doctor without a service),
+    over this server's ``INTERCEPT_*`` variables, validated."""
+    from intercept.spec import options
+
+    try:
+        return options(os.environ, {k: v for k, v in given.items() if v not in (None, [], "")}, given)
     except InterceptError as e:
         raise ToolError(str(e)) from None
 
@@ -100,23 +181,35 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
     )
 
     @server.tool()
-    def list_services(namespace: str | None = None, all_namespaces: bool = False) -> list[dict[str, Any]]:
+    def list_services(namespace: str | None = None, all_namespaces: bool = False, kubeconfig: str | None = None,
+                      context: str | None = None) -> list[dict[str, Any]]:
         """The Services of a namespace (or all): whether each can be intercepted, has an agent, and who routes what."""
+        cluster = _options(namespace=namespace, kubeconfig=kubeconfig, context=context)
         try:
-            _, rows = api.list_services(namespace, all_namespaces=all_namespaces)
+            _, rows = api.list_services(all_namespaces=all_namespaces, **cluster)
         except InterceptError as e:
             raise ToolError(str(e)) from None
         return rows
 
     @server.tool()
-    def doctor(service: str | None = None, namespace: str | None = None,
-               agent_image: str | None = None) -> dict[str, Any]:
-        """What a first intercept of SERVICE needs, checked (cluster, RBAC, agent image, Pod Security,
-        NetworkPolicies, the protocol its pods speak); each check with its status and its fix."""
-        image = agent_image or os.environ.get("INTERCEPT_AGENT_IMAGE")
-        origin = "agent_image" if agent_image else "INTERCEPT_AGENT_IMAGE" if image else None
+    def doctor(service: str | None = None, namespace: str | None = None, agent_image: str | None = None,
+               kubeconfig: str | None = None, context: str | None = None) -> dict[str, Any]:
+        """What an intercept of SERVICE needs, checked as intercept start would go about it (cluster, RBAC, the
+        agent image, Pod Security, NetworkPolicies, the protocol its pods speak); each check with its status and
+        its fix. Where the agent runs already, the image check reports its image."""
+        if service:
+            s = _spec(service=service, namespace=namespace, agent_image=agent_image, kubeconfig=kubeconfig,
+                      context=context)
+            origin = s.origins.get("agent_image")
+            image, cluster = s.agent_image, {"namespace": s.namespace, "kubeconfig": s.kubeconfig, "context": s.context}
+        else:
+            cluster = _options(namespace=namespace, kubeconfig=kubeconfig, context=context)
+            image = _options(agent_image=agent_image)["agent_image"]
+            origin = "agent_image" if agent_image else "INTERCEPT_AGENT_IMAGE" if os.environ.get(
+                "INTERCEPT_AGENT_IMAGE") else None
         try:
-            checks = api.doctor(service, namespace=namespace, agent_image=image, image_origin=origin)
+            checks = api.doctor(service, agent_image=image if origin else None, **cluster,
+                                image_origin=("agent_image" if agent_image else str(origin)) if origin else None)
         except InterceptError as e:
             raise ToolError(str(e)) from None
         return {"passed": all(c.passed for c in checks),
@@ -132,44 +225,61 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
         command: list[str] | None = None,
         name: str | None = None,
         namespace: str | None = None,
+        context: str | None = None,
+        kubeconfig: str | None = None,
+        agent_image: str | None = None,
+        ttl: str | None = None,
+        outbound_allow: list[str] | None = None,
+        outbound_deny: list[str] | None = None,
         agent: str | None = None,
         credentials: str | None = None,
     ) -> dict[str, Any]:
         """Intercept a Service: requests that match reach localhost:PORT (or COMMAND, run with the pod's
         environment). headers are NAME=VALUE rules that must all match; with no rule, requests carrying
-        x-intercept-id: NAME are routed. agent and credentials select direct mode (no Kubernetes).
-        Returns the intercept's id, its route and its events once the route is held."""
+        x-intercept-id: NAME are routed. ttl (90m, 2h) ends the route by itself even if this machine goes.
+        outbound_allow/outbound_deny (HOST[:PORT]) narrow where the process may connect through the pod.
+        agent_image is used only when the service has no agent yet (a running agent's is shared by everyone).
+        agent and credentials select direct mode (no Kubernetes). Options not given come from INTERCEPT_*
+        variables and the service's entry in ./intercept.yaml, as for intercept start. Returns the intercept's
+        id, its route and its events once the route is held; intercept status and leave see it too."""
         s = _spec(service=service, port=port, headers=headers, baggage=baggage, path_prefix=path_prefix,
-                  command=command, name=name, namespace=namespace, agent=agent, credentials=credentials,
-                  no_watch=True if command else None)
+                  command=command, name=name, namespace=namespace, context=context, kubeconfig=kubeconfig,
+                  agent_image=agent_image, ttl=ttl, outbound_allow=outbound_allow, outbound_deny=outbound_deny,
+                  agent=agent, credentials=credentials, no_watch=True if command else None)
         try:
             it = await api.start(s, capture_output=True)
         except InterceptError as e:
             raise ToolError(str(e)) from None
-        key = intercepts.add(it)
+        key = intercepts.new_id()
         try:
             await it.ready(READY_TIMEOUT)
         except InterceptError as e:
-            intercepts.running.pop(key, None)
             with contextlib.suppress(InterceptError):
                 await it.stop()
             raise ToolError(str(e)) from None
+        await intercepts.add(key, it)
         return _describe(key, it)
 
     @server.tool()
     async def stop_intercept(id: str) -> dict[str, Any]:  # noqa: A002 (the tool's parameter name)
         """Stop an intercept started by start_intercept: its route goes from every agent, its command stops."""
         it = intercepts.get(id)
-        try:
-            status = await it.stop()
-        except InterceptError as e:
-            status = e.exit_code
-        intercepts.running.pop(id, None)
+        status = await intercepts.stop(id)
         return {**_describe(id, it), "exit_status": status}
 
     @server.tool()
+    async def leave(service: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        """Stop every intercept of SERVICE on this machine, whoever started it (a terminal's intercept start,
+        intercept up, or this server), as intercept leave does."""
+        try:  # in a thread: an intercept of this server is asked to leave on its control socket, served here
+            left = await asyncio.to_thread(api.leave, service, namespace)
+        except InterceptError as e:
+            raise ToolError(str(e)) from None
+        return [{"service": e.label, "pid": e.pid, "id": e.id, "route": e.route} for e in left]
+
+    @server.tool()
     def status() -> dict[str, Any]:
-        """The intercepts this server started, and every intercept running on this machine."""
+        """The intercepts this server started, and every intercept running on this machine (these included)."""
         try:
             machine = api.status()
         except InterceptError as e:
@@ -177,10 +287,12 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
         return {"started_here": [_describe(k, it) for k, it in intercepts.running.items()], "this_machine": machine}
 
     @server.tool()
-    async def pod_env(service: str | None = None, namespace: str | None = None, agent: str | None = None,
+    async def pod_env(service: str | None = None, namespace: str | None = None, context: str | None = None,
+                      kubeconfig: str | None = None, agent: str | None = None,
                       credentials: str | None = None) -> dict[str, str]:
-        """The pod's environment (the app container's variables) as the agent hands it over."""
-        s = _spec(service=service, namespace=namespace, agent=agent, credentials=credentials)
+        """The pod's environment (the app container's variables) as the agent hands it over (never adds an agent)."""
+        s = _spec(service=service, namespace=namespace, context=context, kubeconfig=kubeconfig, agent=agent,
+                  credentials=credentials)
         try:
             return await api.pod_env(s)
         except InterceptError as e:
@@ -194,6 +306,8 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
         headers: dict[str, str] | None = None,
         body: str = "",
         namespace: str | None = None,
+        context: str | None = None,
+        kubeconfig: str | None = None,
         agent: str | None = None,
         credentials: str | None = None,
         limit: int = 16384,
@@ -201,7 +315,8 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
         """Send one HTTP request into the service's agent as cluster traffic arrives (so it is routed like it:
         with a developer's header to their process, without to the app) and return status, headers and
         the body (at most limit bytes, as text)."""
-        s = _spec(service=service, namespace=namespace, agent=agent, credentials=credentials)
+        s = _spec(service=service, namespace=namespace, context=context, kubeconfig=kubeconfig, agent=agent,
+                  credentials=credentials)
         try:
             reply = await api.send_request(s, path, method=method, headers=headers, body=body.encode(), limit=limit)
         except InterceptError as e:

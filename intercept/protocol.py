@@ -23,7 +23,7 @@ Channels:
 Requests are small frozen classes (:data:`Request`); :func:`encode` writes one and
 :func:`decode` reads one, raising :class:`BadRequest` for anything else. Replies are
 JSON objects with ``"ok"``; a refusal (:class:`Refusal`) carries ``error`` (``conflict``,
-``invalid``, ``fenced``, ``bad-request``), ``message`` and, for a conflict, the ``holder``.
+``invalid``, ``fenced``, ``forbidden``, ``bad-request``), ``message`` and, for a conflict, the ``holder``.
 """
 
 from __future__ import annotations
@@ -104,11 +104,19 @@ class Resume:
 
 @dataclass(frozen=True)
 class SetClusterRoutes:
-    """The sandboxes' routes of this workload (an :class:`intercept.routing.cluster.RoutesDocument`
-    as JSON), pushed so they take effect before the mounted file catches up."""
+    """The sandboxes' routes of this workload, pushed so they take effect before the mounted
+    file catches up: ``document`` is the text of an
+    :class:`intercept.routing.cluster.RoutesDocument` and ``signature`` its signature by the
+    namespace's routes authority (:class:`~intercept.routing.cluster.RoutesAuthority`: base64
+    Ed25519 over a fixed prefix and the text, exactly as sent). The agent verifies it against
+    the authority of its mounted routes file and refuses (``forbidden``) a push without
+    one, unsigned, or signed by another key. The reply says which sandboxes were
+    ``applied``, the ``refused`` ones (a conflict) and, for a document older than the one
+    in place, ``stale``."""
 
     op: ClassVar[str] = "cluster-routes"
-    document: dict[str, Any] = field(default_factory=dict)
+    document: str = ""
+    signature: str = ""
 
 
 @dataclass(frozen=True)
@@ -164,8 +172,8 @@ def decode(line: bytes) -> Request:
     if isinstance(request, Register) and request.ttl is not None and (
             not isinstance(request.ttl, int | float) or isinstance(request.ttl, bool)):
         raise BadRequest("malformed register request: ttl must be a number of seconds")
-    if isinstance(request, SetClusterRoutes) and not isinstance(request.document, dict):
-        raise BadRequest("malformed cluster-routes request: document must be an object")
+    if isinstance(request, SetClusterRoutes) and not (isinstance(request.document, str) and isinstance(request.signature, str)):
+        raise BadRequest("malformed cluster-routes request: document must be the routes document's text and signature text")
     if isinstance(request, Unregister) and (not isinstance(request.id, int) or isinstance(request.id, bool)):
         raise BadRequest("malformed unregister request: id must be a number")
     if isinstance(request, Fence) and not all(
@@ -181,7 +189,8 @@ def decode(line: bytes) -> Request:
 @dataclass(frozen=True)
 class Refusal:
     """A request the agent refused: ``error`` is ``conflict``, ``invalid``, ``fenced`` (an
-    outbound destination the fences refuse) or ``bad-request``."""
+    outbound destination the fences refuse), ``forbidden`` (a pushed routes document it
+    cannot verify: :class:`SetClusterRoutes`) or ``bad-request``."""
 
     error: str
     message: str

@@ -47,6 +47,7 @@ from intercept.routing.match import Rule, parse_rule
 
 __all__ = [
     "DEFAULT_FILE",
+    "for_service",
     "OPTIONS",
     "SPEC_VERSION",
     "TOP_LEVEL_KEYS",
@@ -487,8 +488,15 @@ OPTIONS: tuple[Option, ...] = (
            "End the route by itself after this long, even if this machine is gone (the agent enforces it).",
            "2h", _duration, default_doc="none: the route lasts until you leave"),
     Option("agent_image", "--agent-image", "image", DEFAULT_AGENT_IMAGE,
-           "The agent image to inject (build it with `agent_image/Dockerfile`; the cluster must be able to pull it).",
-           "registry.example.com/intercept-agent:0.1.0", _text, top_level=True),
+           "The agent image to inject (build it with `agent_image/Dockerfile`; the cluster must be able to pull it). "
+           "Where the agent runs already, its image is used; naming another one is refused unless `reinject`.",
+           "registry.example.com/intercept-agent:0.1.0", _text, top_level=True,
+           default_doc="the running agent's; when there is none, `ghcr.io/intercept-dev/agent:VERSION`"),
+    Option("reinject", "--reinject", "boolean", False,
+           "Where the agent runs already with other pod-wide settings (`agent_image`, `no_outbound`, "
+           "`no_forwarded_headers`) than these: change them for everyone, replacing its pods (every developer "
+           "connected is interrupted and reconnects). Without it such a start is refused, naming the difference.",
+           True, _bool, verbatim=False),
 )
 
 _BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS}
@@ -560,7 +568,7 @@ class InterceptSpec:
 
     Build it with :func:`merge` or :func:`load_workspace`, which validate and apply the
     defaults (including ``watch``'s: ``directory`` when a command is given, unless
-    ``no_watch``); the constructor does not. The fields up to ``agent_image`` are
+    ``no_watch``); the constructor does not. The fields up to ``reinject`` are
     the options of :data:`OPTIONS`, in order. ``directory`` is where the command runs
     and where relative paths of the file were resolved from (the directory of
     intercept.yaml, else ``.``). ``origins`` says which option was set where (options
@@ -600,6 +608,7 @@ class InterceptSpec:
     timeout: float = 300.0
     ttl: float | None = None
     agent_image: str = DEFAULT_AGENT_IMAGE
+    reinject: bool = False
     directory: Path = Path(".")
     origins: Mapping[str, Origin] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)
     location: Origin | None = field(default=None, compare=False, repr=False)
@@ -795,6 +804,18 @@ def merge(base: InterceptSpec | None, env: Mapping[str, str], flags: Mapping[str
     return _build(values, origins,
                   directory=base.directory if base is not None else Path("."),
                   location=base.location if base is not None else None)
+
+
+def for_service(env: Mapping[str, str], flags: Mapping[str, object], path: Path = Path(DEFAULT_FILE)) -> InterceptSpec:
+    """The intercept ``flags`` name, as every face reads it: flags > ``env`` > the entry of
+    its ``service`` in ``path`` (``./intercept.yaml``), when that file exists and has one
+    (with the file's top-level defaults) > the built-in defaults. So ``intercept start
+    orders``, ``doctor``, ``env``, the MCP tools and ``up`` agree on what ``orders`` is."""
+    service = flags.get("service") or env.get(_BY_KEY["service"].env)
+    base = None
+    if service and path.is_file():
+        base = next((i for i in load_workspace(path, env).intercepts if i.service == service), None)
+    return merge(base, env, flags)
 
 
 def options(env: Mapping[str, str], flags: Mapping[str, object], keys: Iterable[str]) -> dict[str, object]:

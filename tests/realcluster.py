@@ -235,11 +235,13 @@ def intercept(*args: str, timeout: float = 180, env: dict[str, str] | None = Non
 
 
 def start(cluster: RealCluster, namespace: str, service: str, port: int, *args: str, name: str = "alice",
-          header: str = "x-dev=alice", kubeconfig: Path | None = None, image: str = AGENT_IMAGE,
+          header: str = "x-dev=alice", kubeconfig: Path | None = None, image: str | None = AGENT_IMAGE,
           env: dict[str, str] | None = None) -> Proc:
-    """``intercept start SERVICE -- python sample.py serve --port PORT --name local`` (not waited for)."""
+    """``intercept start SERVICE -- python sample.py serve --port PORT --name local`` (not waited for;
+    ``image`` None: no ``--agent-image``)."""
     return Proc([*INTERCEPT, "start", service, "-n", namespace, "--kubeconfig", str(kubeconfig or cluster.kubeconfig),
-                 "--agent-image", image, "--header", header, "--name", name, "--port", str(port), "--no-watch",
+                 *(["--agent-image", image] if image else []), "--header", header, "--name", name, "--port", str(port),
+                 "--no-watch",
                  *args, "--", sys.executable, str(SAMPLE), "serve", "--port", str(port), "--name", "local"],
                 env=env or {})
 

@@ -389,6 +389,25 @@ def test_connections_that_never_finish_a_head_are_closed(cluster_app, tmp_path):
         agent.proc.stop()
 
 
+def test_a_request_body_that_stops_arriving_is_cut_and_frees_its_place(cluster_app, tmp_path):
+    """A head promising a large body and then silence held a --max-connections place for ever:
+    two of them refused every new client. Now each gets a 408 and the places come back."""
+    agent = start_agent(tmp_path, cluster_app.port, "--max-connections", "2", "--header-timeout", "0.5")
+    try:
+        stalled = [socket.create_connection(("127.0.0.1", agent.http_port), timeout=30) for _ in range(2)]
+        for s in stalled:
+            s.sendall(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\nx")  # and never more
+        for s in stalled:
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+            assert reply.startswith(b"HTTP/1.1 408 ") and b"request body stopped arriving" in reply
+            s.close()
+        assert agent.app_of(path="/after") == "cluster"  # a new client has a place again
+    finally:
+        agent.proc.stop()
+
+
 def test_fresh_connections_beyond_max_connections_get_503_and_established_ones_are_not_counted(cluster_app, tmp_path):
     agent = start_agent(tmp_path, cluster_app.port, "--max-connections", "2")
     try:

@@ -130,8 +130,10 @@ def test_the_node_runs_the_agent_as_the_injection_wrote_it(real_cluster: RealClu
     deploy(real_cluster, ns, [workload, service])
     real_cluster.wait_ready(ns, "confined", 1)
 
-    injected = run_intercept("env", "confined", "-o", "json", "-n", ns, "--kubeconfig", str(real_cluster.kubeconfig),
-                             "--agent-image", AGENT_IMAGE)
+    added = run_intercept("inject", "confined", "-n", ns, "--kubeconfig", str(real_cluster.kubeconfig),
+                          "--agent-image", AGENT_IMAGE)
+    assert added.returncode == 0, added.stdout + added.stderr
+    injected = run_intercept("env", "confined", "-o", "json", "-n", ns, "--kubeconfig", str(real_cluster.kubeconfig))
     assert injected.returncode == 0, injected.stdout + injected.stderr
     variables = json.loads(injected.stdout)
     assert variables["GREETING"] == "hello"

@@ -103,9 +103,10 @@ def test_uninstall_all_restores_every_injected_workload_of_the_namespace(real_cl
         real_cluster.wait_ready(ns, name, count)
     before = snapshot(real_cluster, ns)
 
-    for service in ("cart", "stock", "till"):  # env injects the agent (and reads the pod's environment)
-        result = intercept("env", service, "-o", "json", "--agent-image", AGENT_IMAGE,
-                           *kube(real_cluster, "-n", ns))
+    for service in ("cart", "stock", "till"):  # the agent added, then the pod's environment read through it
+        result = intercept("inject", service, "--agent-image", AGENT_IMAGE, *kube(real_cluster, "-n", ns))
+        assert result.returncode == 0, result.stdout + result.stderr
+        result = intercept("env", service, "-o", "json", *kube(real_cluster, "-n", ns))
         assert result.returncode == 0, result.stdout + result.stderr
         assert json.loads(result.stdout)["GREETING"] == "hello"
     injected = snapshot(real_cluster, ns)

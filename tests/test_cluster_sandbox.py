@@ -47,6 +47,9 @@ def test_create_forks_waits_and_routes_then_delete_removes_everything(real_clust
     assert created.returncode == 0, created.stdout + created.stderr
     ready = [line for line in created.stdout.splitlines() if line.startswith("intercept: ready: ")]
     assert ready and "sandbox pr-1: requests with x-intercept-id: pr-1 (or baggage intercept-id=pr-1) reach web -> web-sbx-pr-1" in ready[0]
+    # every agent pod took the push, signed by the routes authority whose key its ConfigMap gave it from the start
+    assert "intercept: warning:" not in created.stdout, created.stdout
+    assert real_cluster.exists("Secret", ns, "intercept.routes-authority")
     assert sandbox_objects(real_cluster, ns, "pr-1") == ["Deployment/web-sbx-pr-1", "Service/web-sbx-pr-1"]
     fork = real_cluster.get("Deployment", ns, "web-sbx-pr-1")
     assert (fork.get("status") or {}).get("readyReplicas") == 1
@@ -60,6 +63,7 @@ def test_create_forks_waits_and_routes_then_delete_removes_everything(real_clust
     deleted = intercept("sandbox", "delete", "pr-1", *where(real_cluster, ns))
     assert deleted.returncode == 0 and "intercept: deleted: sandbox pr-1" in deleted.stdout, deleted.stdout + deleted.stderr
     assert sandbox_objects(real_cluster, ns, "pr-1") == [] and routed_sandboxes(real_cluster, ns, "web") == []
+    assert "intercept: warning:" not in deleted.stdout, deleted.stdout
     again = intercept("sandbox", "delete", "pr-1", *where(real_cluster, ns))
     assert again.returncode == 0 and "nothing was left" in again.stdout
 
@@ -74,6 +78,20 @@ def test_a_fork_that_never_becomes_ready_leaves_nothing_behind(real_cluster: Rea
     error = failed.stderr.strip().splitlines()[-1]
     assert error.startswith("intercept: error: sandbox bad: a fork did not become ready") and "registry.invalid/web:pr-1" in error
     assert sandbox_objects(real_cluster, ns, "bad") == [] and routed_sandboxes(real_cluster, ns, "web") == []
+
+
+def test_an_agent_that_cannot_be_injected_leaves_no_routes_configmap_or_authority_behind(
+        real_cluster: RealCluster, namespace_of) -> None:
+    ns = namespace_of("sbxnoagent")
+    deploy(real_cluster, ns, app("web", 1))
+    real_cluster.wait_ready(ns, "web", 1)
+    before = snapshot(real_cluster, ns)
+    failed = intercept("sandbox", "create", "pr-2", "--fork", "web", "--timeout", "60", "--agent-image",
+                       "registry.invalid/agent:1", *where(real_cluster, ns), timeout=WAIT * 2)
+    assert failed.returncode == 10, failed.stdout + failed.stderr
+    real_cluster.wait_ready(ns, "web", 1)
+    assert snapshot(real_cluster, ns) == before  # no routes authority Secret either
+    assert not real_cluster.exists("ConfigMap", ns, "intercept-web")
 
 
 def test_gc_removes_an_expired_sandbox_then_the_idle_agent_and_dry_run_changes_nothing(
@@ -162,7 +180,15 @@ def test_a_sandbox_of_two_services_serves_its_key_along_the_call_chain_until_it_
     assert call(real_cluster, ns, "front", {"x-intercept-id": "pr-7"})[1].startswith("cluster/back-")
 
 
-def test_gc_install_writes_a_cronjob_whose_role_is_enough_to_collect_expired_sandboxes(
+def allowed(cluster: RealCluster, ns: str, user: str, verb: str, resource: str, group: str = "") -> bool:
+    """What the API server's authorizer answers for ``user`` (a SubjectAccessReview, as kubectl auth can-i --as)."""
+    review = cluster.api.post("/apis/authorization.k8s.io/v1/subjectaccessreviews", {
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "spec": {"user": user, "resourceAttributes": {"namespace": ns, "verb": verb, "group": group, "resource": resource}}})
+    return bool(review["status"].get("allowed"))
+
+
+def test_gc_install_writes_a_cronjob_whose_role_is_enough_to_collect_and_no_more(
         real_cluster: RealCluster, namespace_of, tmp_path) -> None:
     ns = namespace_of("gcinstall", ENFORCE_RESTRICTED)
     installed = intercept("gc", "--install", "--agent-image", AGENT_IMAGE, *where(real_cluster, ns))
@@ -175,19 +201,42 @@ def test_gc_install_writes_a_cronjob_whose_role_is_enough_to_collect_expired_san
     again = intercept("gc", "--install", "--agent-image", AGENT_IMAGE, *where(real_cluster, ns))
     assert again.returncode == 0 and again.stdout.count("updated ") == 4  # idempotent
 
-    # A user with only the CronJob's Role collects an expired sandbox.
+    # A user with only the CronJob's Role (and, since it runs outside the cluster where the
+    # CronJob dials pod IPs, port-forward) collects an expired sandbox, then the idle agent.
     deploy(real_cluster, ns, app("web", 1))
     real_cluster.wait_ready(ns, "web", 1)
+    before = snapshot(real_cluster, ns)
     created = intercept("sandbox", "create", "old", "--fork", "web", "--ttl", "2s", "--agent-image", AGENT_IMAGE,
                         *where(real_cluster, ns), timeout=WAIT * 2)
     assert created.returncode == 0, created.stdout + created.stderr
-    real_cluster.create({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-                         "metadata": {"name": "gc-tester"},
-                         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "intercept-gc"},
-                         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "gc-tester"}]}, ns)
+    real_cluster.create({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "port-forward"},
+                         "rules": [{"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["get", "create"]}]}, ns)
+    for role in ("intercept-gc", "port-forward"):
+        real_cluster.create({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                             "metadata": {"name": f"gc-tester-{role}"},
+                             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+                             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "gc-tester"}]}, ns)
     kubeconfig = real_cluster.kubeconfig_for("gc-tester", tmp_path, ns)
     wait_until(lambda: json.loads(intercept("sandbox", "list", "-o", "json", *where(real_cluster, ns)).stdout)[0]["expired"],
                "the sandbox's expiry", WAIT)
     collected = intercept("gc", "--idle", "24h", "-n", ns, "--kubeconfig", str(kubeconfig), timeout=WAIT * 2)
     assert collected.returncode == 0 and f"{ns}/old" in collected.stdout, collected.stdout + collected.stderr
+    assert "intercept: warning:" not in collected.stdout, collected.stdout  # its push too: it may read the routes authority
     assert sandbox_objects(real_cluster, ns, "old") == []
+
+    def uninstalled() -> bool:
+        out = intercept("gc", "--idle", "1", "-n", ns, "--kubeconfig", str(kubeconfig), timeout=WAIT * 2)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return f"{ns}/web" in out.stdout
+
+    wait_until(uninstalled, "gc uninstalling the idle agent", WAIT)
+    real_cluster.wait_ready(ns, "web", 1)
+    assert snapshot(real_cluster, ns) == before  # the agent's Secret and the routes authority included
+
+    # ... and no more: what collection never does, the Role does not grant
+    for verb, resource, group in (("list", "secrets", ""), ("watch", "secrets", ""), ("create", "secrets", ""),
+                                  ("update", "secrets", ""), ("create", "configmaps", ""), ("create", "services", ""),
+                                  ("create", "deployments", "apps"), ("delete", "statefulsets", "apps"),
+                                  ("delete", "replicasets", "apps"), ("get", "pods", ""),
+                                  ("delete", "networkpolicies", "networking.k8s.io")):
+        assert not allowed(real_cluster, ns, "gc-tester", verb, resource, group), (verb, resource)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from intercept.credentials import Credentials
-from intercept.errors import CredentialsError, InjectError, ResolveError
+from intercept.errors import AgentSettingsDiffer, CredentialsError, InjectError, ResolveError
 from intercept.kube import inject
 from intercept.kube.apply import (
     CONFLICT_RETRIES,
@@ -223,10 +223,24 @@ def test_a_second_ensure_agent_writes_nothing(cluster: Cluster) -> None:
 
 
 # stand-in: counts the client's writes (the Secret is reused).
-def test_an_agent_of_another_version_is_upgraded_in_place_with_the_same_credentials(cluster: Cluster) -> None:
+def test_a_start_of_another_version_uses_the_running_agent_and_writes_nothing(cluster: Cluster) -> None:
+    first = cluster.ensure("cartservice")
+    writes = len(cluster.server.writes())
+    newer = InjectOptions(image="registry.example/intercept-agent:0.2.0", agent_version="0.2.0")
+    second = cluster.ensure("cartservice", newer)  # the image not named by the user: the running agent's
+    assert agent_of(cluster.get("Deployment", "cartservice"))["image"] == OPTIONS.image
+    assert (second.image, second.credentials) == (OPTIONS.image, first.credentials)
+    assert len(cluster.server.writes()) == writes
+    with pytest.raises(AgentSettingsDiffer) as refused:  # named: refused, naming both images
+        cluster.ensure("cartservice", newer, named={"image"})
+    assert f"--agent-image: the agent has {OPTIONS.image}, not {newer.image}" in str(refused.value)
+    assert len(cluster.server.writes()) == writes
+
+
+def test_an_agent_of_another_version_is_upgraded_in_place_with_the_same_credentials_when_asked(cluster: Cluster) -> None:
     first = cluster.ensure("cartservice")
     newer = InjectOptions(image="registry.example/intercept-agent:0.2.0", agent_version="0.2.0")
-    second = cluster.ensure("cartservice", newer)
+    second = cluster.ensure("cartservice", newer, named={"image"}, reinject=True)
     assert agent_of(cluster.get("Deployment", "cartservice"))["image"] == newer.image
     assert second.credentials == first.credentials
     assert second.agent_version == "0.2.0"
@@ -240,7 +254,7 @@ def test_a_failed_upgrade_goes_back_to_the_previous_agent_not_to_none(cluster: C
     newer = InjectOptions(image="registry.example/intercept-agent:0.2.0", agent_version="0.2.0")
     cluster.server.controller.unpullable.add(newer.image)
     with pytest.raises(RolloutFailed):
-        cluster.ensure("cartservice", newer)
+        cluster.ensure("cartservice", newer, named={"image"}, reinject=True)
     assert cluster.snapshot() == injected
 
 

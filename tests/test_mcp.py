@@ -77,3 +77,37 @@ def test_errors_come_back_as_tool_errors_with_the_clis_reason(agent, tmp_path):
             assert bad.is_error and "must start with /" in bad.content[0].text
 
     asyncio.run(session())
+
+
+def test_an_intercept_started_here_is_in_this_machines_registry_and_a_terminal_can_leave_it(agent, tmp_path):
+    """What a coding agent started shows in intercept status, and intercept leave stops it
+    (asking the MCP server, which keeps running); INTERCEPT_* variables are read as by the CLI."""
+    import subprocess
+
+    state = {"INTERCEPT_STATE_DIR": str(tmp_path / "state")}
+    params = server(tmp_path)
+    params.env = {**params.env, "INTERCEPT_NAME": "from-env"}  # no name given to the tool: this one
+
+    def terminal(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "intercept", *args], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, **state})
+
+    async def session() -> None:
+        direct = {"agent": agent.ssh, "credentials": str(agent.credentials)}
+        async with Client(params) as client:
+            started = tool_result(await client.call_tool("start_intercept", {**direct, "port": free_port(),
+                                                                             "command": COMMAND}))
+            assert started["route"] == "requests with x-intercept-id: from-env"
+            listed = await asyncio.to_thread(terminal, "status", "-o", "json")
+            (row,) = json.loads(listed.stdout)
+            assert (row["agent"], row["route"], row["id"], row["alive"]) == (
+                agent.ssh, "requests with x-intercept-id: from-env", started["id"], True)
+            left = await asyncio.to_thread(terminal, "leave", agent.ssh)
+            assert left.returncode == 0, left.stdout + left.stderr
+            assert left.stdout.startswith(f"intercept: left: agent {agent.ssh}")
+            routed = tool_result(await client.call_tool("send_request", {**direct, "headers": {"x-intercept-id": "from-env"}}))
+            assert ["X-App", "cluster"] in routed["headers"]  # the route went with it
+            status = tool_result(await client.call_tool("status", {}))
+            assert status["started_here"] == [] and status["this_machine"] == []
+
+    asyncio.run(session())

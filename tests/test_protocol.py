@@ -11,7 +11,8 @@ from intercept.protocol import BadRequest, Refusal
 @pytest.mark.parametrize(
     "request_",
     [protocol.Hello(), protocol.Env(), protocol.ListRoutes(), protocol.Drain(), protocol.Resume(),
-     protocol.Register([{"kind": "header", "name": "x-dev", "value": "alice"}], False), protocol.Unregister(7)],
+     protocol.Register([{"kind": "header", "name": "x-dev", "value": "alice"}], False), protocol.Unregister(7),
+     protocol.SetClusterRoutes('{"updated": 1, "routes": []}', "c2lnbmF0dXJl")],
 )
 def test_every_request_reads_back_as_written(request_):
     line = protocol.encode(request_)
@@ -31,6 +32,7 @@ def test_every_request_reads_back_as_written(request_):
         (b'{"op": "unregister", "id": "7"}', "id must be a number"),
         (b'{"op": "register", "rules": {}}', "rules must be a list"),
         (b'{"op": "hello", "extra": 1}', "malformed hello"),
+        (b'{"op": "cluster-routes", "document": {"updated": 1, "routes": []}}', "document must be the routes document's text"),
     ],
 )
 def test_anything_else_is_a_bad_request_that_says_why(line, reason):

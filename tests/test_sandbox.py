@@ -126,3 +126,16 @@ def test_dry_run_prints_schema_valid_objects_and_writes_nothing(tmp_path):
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
     document = RoutesDocument.from_text(objects[2]["data"]["routes.json"])
     assert document.sandboxes() == ["pr-42"] and len(document.routes) == 2
+
+
+def test_a_sandbox_lives_at_most_30_days_which_is_what_its_agents_accept(tmp_path):
+    manifests = tmp_path / "shop.yaml"
+    manifests.write_text(yaml.safe_dump_all(shop()))
+    out = subprocess.run([sys.executable, "-m", "intercept", "sandbox", "create", "pr-42", "--fork", "orders",
+                          "--ttl", "31d", "--dry-run", "-o", "yaml", "-f", str(manifests)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.strip().splitlines()[-1] == (
+        "intercept: error: --ttl 2678400s: a sandbox lives more than 0s and at most 30d; "
+        "extend it later with intercept sandbox extend NAME --ttl DURATION"), out.stderr
+    longest = RoutesDocument(time.time(), tuple(routes("pr-42", plan(shop(), "orders", "pr-42", Overrides(), EXPIRES),
+                                                        default_routes("pr-42"), time.time() + 30 * 86400)))
+    longest.check_times(time.time())  # an agent takes it

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -285,3 +286,37 @@ def test_a_developer_connects_without_the_agent_asking_dns(tmp_path):
             proc.stop()
         subprocess.run(["ip", "netns", "del", netns], capture_output=True)
         shutil.rmtree(etc, ignore_errors=True)
+
+
+def test_a_flood_of_connections_that_never_log_in_is_bounded_and_a_developer_still_gets_in(agent):
+    """Sockets that open the SSH port and say nothing were each held for the login timeout,
+    with no cap: enough of them used up the pod's descriptors, and HTTP clients and
+    developers were reset. Now at most MAX_LOGGING_IN wait; the oldest beyond go."""
+    from intercept.agent.agent import MAX_LOGGING_IN
+
+    flood = [socket.create_connection(("127.0.0.1", agent.ssh_port), timeout=30) for _ in range(MAX_LOGGING_IN * 3)]
+    try:
+        for s in flood:  # the agent's banner, or the close of one dropped already: each was accepted
+            s.recv(256)
+        assert agent.app_of() == "cluster"  # HTTP served meanwhile (and the agent's loop has moved on)
+
+        async def log_in() -> None:
+            async with await _connect(agent, username="real-developer") as conn:
+                writer, reader, _ = await conn.open_session(subsystem=CONTROL_SUBSYSTEM, encoding=None)
+                writer.write(b'{"op": "hello"}\n')
+                assert json.loads(await reader.readline())["ok"] is True
+
+        asyncio.run(log_in())
+        still_open = 0
+        for s in flood:
+            s.setblocking(False)
+            try:
+                still_open += s.recv(256) != b""  # more of a banner: open
+            except BlockingIOError:
+                still_open += 1
+            except ConnectionResetError:
+                pass
+        assert still_open <= MAX_LOGGING_IN
+    finally:
+        for s in flood:
+            s.close()

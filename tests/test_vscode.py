@@ -280,3 +280,17 @@ def test_jsonc_is_read_like_vscode_reads_it(text, value, had_comments):
 def test_a_jsonc_error_points_at_the_original_line():
     with pytest.raises(UsageError, match=r"^x.json:4: not valid JSON"):
         parse_jsonc('{\n  // a comment\n  /* and\n */ "a": }', name="x.json")
+
+
+def test_intercept_vscode_takes_starts_options_and_writes_them_into_the_task(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "intercept", "vscode", "orders", "-n", "trial", "--context", "kind-dev",
+                           "--agent-image", "registry.example/agent:1", "--header", "x-dev=alice", "--", "python", "app.py"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (task,) = read(tmp_path / ".vscode/tasks.json")["tasks"]
+    assert task["args"] == ["start", "orders", "--debug", "--debug-port", "5678", "--namespace", "trial", "--context",
+                            "kind-dev", "--header", "x-dev=alice", "--agent-image", "registry.example/agent:1", "--",
+                            "python", "app.py"]

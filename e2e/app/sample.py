@@ -57,7 +57,10 @@ def serve(port: int, name: str) -> None:
     # In a container this is PID 1, for which the kernel ignores SIGTERM unless handled: without this
     # every pod of the sample would wait out its grace period (30 s) at each rollout.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
-    print(f"sample: serving as {name} on port {port}", flush=True)
+    # one write for the line and its end: under PYTHONUNBUFFERED print makes two, and another
+    # process writing to the same pipe (intercept start, whose COMMAND this is) can land between
+    sys.stdout.write(f"sample: serving as {name} on port {port}\n")
+    sys.stdout.flush()
     server.serve_forever()
 
 

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import ipaddress
 import logging
 import os
 import socket
 import time
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
+from stat import S_ISREG
 from typing import TYPE_CHECKING, Any
 
 from intercept import __version__, credentials
-from intercept.agent.files import ServedFiles, ServedRoot
+from intercept.agent.files import ServedFiles, parse_serve_files
 from intercept.agent.files import describe as describe_files
+from intercept.agentconfig import AgentConfig
 from intercept.agent.proxy import ClientConnection, Link, RouteGone, TCPLink, Unavailable, UpstreamPool
 from intercept.errors import CredentialsError, InterceptError, RouteConflict, UsageError
-from intercept.routing.cluster import SESSION_PREFIX, RoutesDocument
-from intercept.routing.fence import Fence
+from intercept.routing.cluster import MAX_DOCUMENT, SESSION_PREFIX, RoutesDocument, verify_push
+from intercept.routing.fence import check_all
 from intercept.routing.match import RegisteredRoute, Route, RouteTable
 
 if TYPE_CHECKING:
@@ -30,23 +32,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROUTES_POLL = 1.0  # seconds between looks at the routes file and at expiries
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    listen: tuple[str, int]
-    upstream: tuple[str, int]
-    ssh_listen: tuple[str, int]
-    credentials: Path
-    hold_timeout: float = 10.0
-    allow_outbound: bool = False
-    shutdown_grace: float = 0.0  # seconds to keep serving after SIGTERM
-    header_timeout: float = 60.0  # a connection waiting longer for a request head is closed
-    routes_file: Path | None = None  # the sandboxes' routes (the mounted ConfigMap's routes.json)
-    forwarded_headers: bool = True  # add the client's address to requests (X-Forwarded-For, Forwarded)
-    max_connections: int = 10000  # connections that have not completed a request yet, at once (0: no cap)
-    fence: Fence = Fence()  # where outbound connections may go (--outbound-allow/--outbound-deny)
-    serve_files: tuple[ServedRoot, ...] = ()  # the pod's files, served read-only (--serve-files; the app's mounts)
+# SSH connections that have not logged in yet, at once: a flood of them (each a socket that
+# never sends a banner) must not use up the pod's descriptors, which HTTP traffic needs too.
+# Beyond it the oldest is dropped, so a developer who logs in (a few round trips) still gets in.
+MAX_LOGGING_IN = 64
+LOGIN_TIMEOUT = 10.0  # seconds an SSH connection may take to log in
 
 
 class Agent:
@@ -63,9 +53,10 @@ class Agent:
         self.max_connections = config.max_connections
         self.fresh_connections = 0
         self.fence = config.fence
-        self.files = ServedFiles(config.serve_files)
+        self.files = ServedFiles([*config.mounts, *parse_serve_files(config.serve_files)])
         self._sweeper: asyncio.Task[None] | None = None
         self.sessions: dict[str, sshd.DeveloperSession] = {}
+        self.logging_in: dict[sshd.DeveloperSession, None] = {}  # not logged in yet, oldest first
         self._http: asyncio.Server | None = None
         self._ssh_socket: socket.socket | None = None  # bound at start; asyncssh takes it with the first developer
         self._ssh_address: tuple[str, int] = ("", 0)
@@ -75,6 +66,7 @@ class Agent:
         self.failed = asyncio.Event()  # set, with ``failure``, when the agent cannot go on (its SSH server did not start)
         self.failure = ""
         self.cluster_routes = RoutesDocument(0.0)
+        self.routes_authority: str | None = None  # the public key that signs pushed routes, from the routes file
         self._routes_follower: asyncio.Task[None] | None = None
         self._last_busy = time.monotonic()  # when a route last went away
         self._removal: asyncio.Future[None] | None = None  # resolved when a route leaves the table
@@ -88,6 +80,8 @@ class Agent:
         if "PRIVATE KEY-----" not in (self.credentials.host_private_key or ""):
             raise CredentialsError(f"credentials file {self.config.credentials}: host_private_key is not a private key; "
                                    "pass the JSON file the agent wrote, or delete it to let the agent create a new one")
+        # the routes file before the first request: a new pod routes the sandboxes' keys from the start
+        seen = self._look_at_routes_file(self.config.routes_file, None) if self.config.routes_file is not None else None
         self._ssh_socket = _listening_socket(*self.config.ssh_listen)
         self._ssh_address = self._ssh_socket.getsockname()[:2]
         host, port = self.config.listen
@@ -99,7 +93,7 @@ class Agent:
             raise
         loop.add_reader(self._ssh_socket.fileno(), self._first_developer)
         self._sweeper = loop.create_task(self._expire_waiting())
-        self._routes_follower = loop.create_task(self._follow_routes_file())
+        self._routes_follower = loop.create_task(self._follow_routes_file(seen))
         log.info("agent %s: http %s, ssh %s, upstream %s", __version__, self.http_address, self.ssh_address, self.config.upstream)
 
     def _first_developer(self) -> None:
@@ -205,11 +199,23 @@ class Agent:
 
     # -- sessions and routes -------------------------------------------------------------
 
+    def login_started(self, session: sshd.DeveloperSession) -> None:
+        """A new SSH connection; beyond :data:`MAX_LOGGING_IN` not logged in, the oldest goes."""
+        self.logging_in[session] = None
+        if len(self.logging_in) > MAX_LOGGING_IN:
+            oldest = next(iter(self.logging_in))
+            del self.logging_in[oldest]
+            log.warning("dropped an SSH connection from %s that had not logged in: %d others are waiting to log in",
+                        oldest.peer[0], MAX_LOGGING_IN)
+            oldest.conn.abort()
+
     def session_opened(self, session: sshd.DeveloperSession) -> None:
+        self.logging_in.pop(session, None)
         self.sessions[session.id] = session
         log.info("%s connected from %s as %s", session.name, session.peer[0], session.id)
 
     def session_closed(self, session: sshd.DeveloperSession, exc: Exception | None) -> None:
+        self.logging_in.pop(session, None)
         self.sessions.pop(session.id, None)
         for route in self.routes.remove_session(session.id):
             log.info("dropped route %s of %s (%s)", route.route.describe(), session.name, exc or "connection closed")
@@ -319,7 +325,11 @@ class Agent:
             delay = min(delay * 2, 0.25)
 
     async def _open_fork(self, route: RegisteredRoute, owner: ClientConnection) -> Link:
-        """A TCP connection to a sandbox's fork; held up to the hold timeout while it does not accept."""
+        """A TCP connection to a sandbox's fork; held up to the hold timeout while it does not accept.
+
+        The destination's name is resolved here and only the addresses that pass the agent's
+        outbound fence, and do not lead back to the agent itself, are dialled: a destination
+        that leaves none is refused at once (the 502 names the rule)."""
         loop = asyncio.get_running_loop()
         hold = self.config.hold_timeout
         deadline = loop.time() + hold
@@ -329,21 +339,51 @@ class Agent:
             if not self.routes.holds(route):
                 raise RouteGone()
             try:
-                _, link = await loop.create_connection(lambda: TCPLink(owner), host, port)
-                return link
-            except OSError as e:
+                for address in await self._fork_addresses(route):
+                    try:
+                        _, link = await loop.create_connection(lambda: TCPLink(owner), address, port)
+                        return link
+                    except OSError as e:
+                        reason = e.strerror or str(e)
+            except OSError as e:  # the name does not resolve (yet: a headless Service has no address before its pod is ready)
                 reason = e.strerror or str(e)
             if loop.time() + delay > deadline:
                 raise Unavailable(f"{route.holder} failed: its fork {host}:{port} is unreachable: {reason} (held {hold:g}s)")
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)
 
+    async def _fork_addresses(self, route: RegisteredRoute) -> list[str]:
+        """The addresses of ``route``'s destination the agent may dial; :class:`Unavailable`
+        saying why when the fence or the agent itself leaves none, OSError when the name
+        does not resolve."""
+        host, port = route.destination
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        verdict = check_all((self.fence,), host, port, addresses)
+        if not verdict.allowed:
+            raise Unavailable(f"{route.holder} failed: its fork {verdict.reason}")
+        passed = addresses if verdict.addresses is None else list(verdict.addresses)
+        own_ports = {self.http_address[1], self.ssh_address[1]}
+        kept = [a for a in passed if not (port in own_ports and _reaches_this_pod(a))]
+        if not kept:
+            raise Unavailable(f"{route.holder} failed: its destination {host}:{port} is this agent's own listener")
+        return kept
+
     # -- routes to the cluster (sandboxes) ---------------------------------------------------
+
+    def push_routes(self, text: str, signature: str) -> dict[str, list[str]]:
+        """A routes document pushed over the control channel: applied (:meth:`apply_routes`)
+        only when signed by the routes authority of the mounted routes file, never by a key
+        the push brings (:func:`~intercept.routing.cluster.verify_push` raises why not)."""
+        return self.apply_routes(verify_push(text, signature, self.routes_authority))
 
     def apply_routes(self, document: RoutesDocument) -> dict[str, list[str]]:
         """Hold the cluster routes of ``document`` (unless a newer one was applied): sandboxes
         no longer listed lose their routes; a route that conflicts with another holder's is
-        refused, saying why. Returns the sandboxes ``applied`` and the ``refused`` reasons."""
+        refused, saying why. Returns the sandboxes ``applied`` and the ``refused`` reasons.
+        A document whose times are out of bounds (:meth:`RoutesDocument.check_times`) is
+        refused whole with :class:`UsageError`."""
+        document.check_times(time.time())
         if document.updated < self.cluster_routes.updated:
             return {"applied": [], "refused": [], "stale": [f"a newer routes document ({self.cluster_routes.updated}) is in place"]}
         self.cluster_routes = document
@@ -366,32 +406,49 @@ class Agent:
                 refused.append(f"{route.holder}: {e}")
                 log.warning("%s", refused[-1])
         self.h2.routes_changed()
+        log.info("cluster routes of %s applied: %s", document.updated, ", ".join(sorted(applied)) or "none")
         return {"applied": sorted(applied), "refused": refused}
 
-    async def _follow_routes_file(self) -> None:
-        """Read the mounted routes file again whenever it changes (a ConfigMap volume swaps a
-        symlink, so its resolved path's stat is compared), and drop routes whose time is up."""
+    async def _follow_routes_file(self, seen: tuple[str, float, int] | None) -> None:
+        """Read the mounted routes file again whenever it changes from what was ``seen`` (a
+        ConfigMap volume swaps a symlink, so its resolved path's stat is compared), and drop
+        routes whose time is up.
+
+        A bad document is logged once and skipped, keeping what is held; nothing a file holds
+        ends this loop, since route expiry depends on it."""
         path = self.config.routes_file
-        seen: tuple[str, float, int] | None = None
         while True:
-            for expired in self.routes.remove_expired(time.time()):
-                log.info("route %s of %s expired", expired.route.describe(), expired.holder)
-                self._last_busy = time.monotonic()
-                self._routes_removed()
-            if path is not None:
-                try:
-                    real = os.path.realpath(path)
-                    stat = os.stat(real)
-                    current = (real, stat.st_mtime, stat.st_size)
-                except OSError:
-                    current = None
-                if current is not None and current != seen:
-                    seen = current
-                    try:
-                        self.apply_routes(RoutesDocument.from_text(Path(real).read_text()))
-                    except (OSError, InterceptError) as e:
-                        log.warning("routes file %s: %s; keeping the routes held", path, e)
+            try:
+                for expired in self.routes.remove_expired(time.time()):
+                    log.info("route %s of %s expired", expired.route.describe(), expired.holder)
+                    self._last_busy = time.monotonic()
+                    self._routes_removed()
+                if path is not None:
+                    seen = self._look_at_routes_file(path, seen)
+            except Exception:  # a bug here must not stop expiry for good: say it, and go on
+                log.exception("routes file %s: reading it failed; keeping the routes held", path)
             await asyncio.sleep(ROUTES_POLL)
+
+    def _look_at_routes_file(self, path: Path, seen: tuple[str, float, int] | None) -> tuple[str, float, int] | None:
+        """Apply the routes file if it changed since ``seen``; what was seen now."""
+        try:
+            real = os.path.realpath(path)
+            stat = os.stat(real)
+        except OSError:
+            return seen
+        current = (real, stat.st_mtime, stat.st_size)
+        if current == seen:
+            return seen
+        try:
+            if not S_ISREG(stat.st_mode):  # a FIFO would block the loop on open
+                raise UsageError("not a regular file")
+            with open(real, "rb") as f:
+                document = RoutesDocument.from_bytes(f.read(MAX_DOCUMENT + 1))
+            self.apply_routes(document)
+            self.routes_authority = document.authority  # from the file only: who may push
+        except (OSError, InterceptError) as e:
+            log.warning("routes file %s: %s; keeping the routes held", path, e)
+        return current
 
 
 class LazyHub:
@@ -452,6 +509,24 @@ def _release_startup_memory(collect: bool = True) -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _reaches_this_pod(address: str) -> bool:
+    """Whether a connection to ``address`` stays in this pod (its network namespace): a
+    loopback or unspecified address (``0.0.0.0`` and ``::`` reach the local host), also
+    IPv4-mapped, or one of its interfaces' addresses, which a socket can bind to (where
+    ``ip_nonlocal_bind`` lets any address bind, every one counts: the safe side)."""
+    ip = ipaddress.ip_address(address.partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError:
+            return False
+    return True
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:

@@ -19,6 +19,10 @@ Invariants:
   503 as soon as it connects and closed. A connection stops being fresh once it has
   completed a request and its response (or switched protocols, or gone to the HTTP/2
   path), so established keep-alive users are counted apart and never refused.
+- No client holds a connection (fresh or not) by sending nothing: one that waits for its
+  request head, or stops sending a request body while the agent is reading it, longer
+  than ``header_timeout`` is answered 408 and closed (:meth:`ClientConnection.expire`).
+  Waiting for the app's response is the app's time, not the client's: never cut.
 """
 
 from __future__ import annotations
@@ -257,6 +261,8 @@ class ClientConnection(asyncio.Protocol):
         self.resp_done = False
         self.forwarded = b""  # the lines added to every request head: the same for the whole connection
         self.fresh = False  # counted in dest.fresh_connections: no exchange completed yet
+        self.reads = 0  # downstream reads so far: progress, as the sweeper sees it (expire)
+        self.stall = (0, 0.0)  # (reads, when) the sweeper last saw this connection's body progress
 
     # -- downstream events -------------------------------------------------------------
 
@@ -285,14 +291,26 @@ class ClientConnection(asyncio.Protocol):
 
     def expire(self, now: float, timeout: float) -> None:
         """Close a connection that has waited for a request head longer than ``timeout``
-        (a slow or idle client holding a socket): 408 if a head had begun."""
-        if self.mode in (_CLASSIFY, _HEAD) and now - self.waiting_since > timeout:
+        (a slow or idle client holding a socket): 408 if a head had begun. Likewise one whose
+        request body has not advanced for ``timeout`` while the agent was reading it (a
+        ``Content-Length: 1000000`` and one byte), unless a response already began."""
+        mode = self.mode
+        if mode in (_CLASSIFY, _HEAD) and now - self.waiting_since > timeout:
             if self.pending:
                 self._refuse(408, f"no complete request head within {timeout:g}s", head_only=False)
             else:
                 self._close()
+        elif mode is _BODY and not self.paused and not self.resp_started:
+            reads, since = self.stall
+            if reads != self.reads or since == 0.0:
+                self.stall = (self.reads, now)
+            elif now - since > timeout:
+                self._refuse(408, f"the request body stopped arriving for {timeout:g}s", head_only=False)
+        else:
+            self.stall = (0, 0.0)
 
     def data_received(self, data: bytes) -> None:
+        self.reads += 1
         if self.mode is _TUNNEL:
             self.link.write(data)
             return

@@ -10,7 +10,10 @@ read-only (:mod:`intercept.agent.files`) when the agent serves any.
 
 Routes are registered over the control subsystem (the messages are
 :mod:`intercept.protocol`'s): register, unregister, list, hello, env (the pod's
-environment), drain and resume (around a restart of the developer's process).
+environment), drain and resume (around a restart of the developer's process). A
+session's routes lead only to its own channel; routes to anywhere else (sandboxes) come
+from the mounted routes file, or from a ``cluster-routes`` push signed by the routes
+authority that file names (:mod:`intercept.routing.cluster`), which a token alone cannot make.
 
 Invariants: no shell, no exec, no port bound in answer to a client; ``direct-tcpip``
 reaches the agent's own HTTP listener (the front door: a request sent there is routed
@@ -37,9 +40,9 @@ from typing import TYPE_CHECKING, Any
 import asyncssh
 
 from intercept import protocol
+from intercept.agent.agent import LOGIN_TIMEOUT
 from intercept.agent.sftp import sftp_session
-from intercept.errors import InterceptError, RouteConflict
-from intercept.routing.cluster import RoutesDocument
+from intercept.errors import InterceptError, RouteConflict, UnverifiedPush
 from intercept.routing.fence import Fence, Verdict, check_all
 from intercept.protocol import (
     CONTROL_SUBSYSTEM,
@@ -145,6 +148,7 @@ class DeveloperSession(asyncssh.SSHServer):
         self.conn = conn
         peer = conn.get_extra_info("peername") or ("", 0)
         self.peer = (str(peer[0]), int(peer[1]))
+        self.agent.login_started(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.agent.session_closed(self, exc)
@@ -385,8 +389,8 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
                 case protocol.Register(rules=rules, all=everything, ttl=ttl):
                     route = agent.register(session, rules, everything, ttl)
                     return {"ok": True, "id": route.id, "description": route.route.describe()}
-                case protocol.SetClusterRoutes(document=document):
-                    return {"ok": True, **agent.apply_routes(RoutesDocument.from_json(document))}
+                case protocol.SetClusterRoutes(document=text, signature=signature):
+                    return {"ok": True, **agent.push_routes(text, signature)}
                 case protocol.Drain() | protocol.Resume():
                     return {"ok": True, "busy": session.drain(isinstance(request, protocol.Drain))}
                 case protocol.Unregister(id=route_id):
@@ -400,6 +404,9 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
                     return self._check_outbound(request)  # a coroutine: _serve awaits it
         except RouteConflict as e:
             return Refusal("conflict", str(e), e.holder).to_json()
+        except UnverifiedPush as e:
+            log.warning("%s: %s", session.name, e)
+            return Refusal("forbidden", str(e)).to_json()
         except InterceptError as e:
             return Refusal("invalid", str(e)).to_json()
         except (KeyError, TypeError, ValueError, OverflowError) as e:
@@ -419,7 +426,7 @@ async def start_server(agent: Agent, sock: socket.socket, host_key: asyncssh.SSH
         encryption_algs=ENCRYPTION_ALGS,
         keepalive_interval=KEEPALIVE_INTERVAL,
         keepalive_count_max=KEEPALIVE_COUNT_MAX,
-        login_timeout=30,
+        login_timeout=LOGIN_TIMEOUT,
         agent_forwarding=False,
         x11_forwarding=False,
         allow_scp=False,

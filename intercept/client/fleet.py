@@ -65,7 +65,8 @@ from intercept.client.door import LocalDoor
 from intercept.client.session import AgentSession, InterceptOptions
 from intercept.client.transport import DirectTransport, FallbackTransport, Transport
 from intercept.events import Event
-from intercept.errors import AgentUnreachable, RouteConflict
+from intercept.credentials import Credentials
+from intercept.errors import AgentUnreachable, HostKeyMismatch, InterceptError, RouteConflict
 
 if TYPE_CHECKING:
     from intercept.kube.pods import PodEndpoint
@@ -346,6 +347,17 @@ class Fleet:
                 await session.open()
             except asyncio.CancelledError:
                 raise
+            except HostKeyMismatch as e:
+                fresh = await self._reinstalled()
+                if fresh is None:
+                    if self.options.refresh_credentials is not None:
+                        e = HostKeyMismatch(f"agent {where} presented a host key that is not the one in the agent's "
+                                            "Secret: possible impersonation; refusing to connect")
+                    self._fail(e)
+                    return
+                options = dataclasses.replace(options, credentials=fresh)
+                delay = None
+                continue
             except Exception as e:  # each is either retried or ends the fleet (and is raised)
                 if isinstance(e, AgentUnreachable):
                     holder.failures += 1
@@ -390,6 +402,24 @@ class Fleet:
             )
         return None
 
+    async def _reinstalled(self) -> Credentials | None:
+        """The credentials of a reinstalled agent (uninstalled, then injected again: a new host
+        key in its Secret), read again from where they came from; None when there is nowhere
+        to read them or the Secret holds the key we had (the key presented is not the agent's)."""
+        refresh = self.options.refresh_credentials
+        if refresh is None:
+            return None
+        try:
+            fresh = await refresh()
+        except InterceptError as e:
+            log.info("could not read the agent's credentials again: %s", e)
+            return None
+        if fresh.host_public_key == self.options.credentials.host_public_key:
+            return None
+        self.options = dataclasses.replace(self.options, credentials=fresh)
+        self._report(Event("progress", "the agent was reinstalled: its new host key and token come from its Secret"))
+        return fresh
+
     def _registered(self, holder: _Holder) -> None:
         holder.registered = True
         again = holder.ever_registered
@@ -399,12 +429,16 @@ class Fleet:
             return
         what, target = self.options.describe(), f"localhost:{self.options.local_port}"
         name = holder.replica.name
+        # as the agent that just answered says (an explicit inject may have changed it)
+        fence = holder.session.fence if holder.session is not None else self.fence()
         if not self._count_replicas:
-            self._report(Event("reconnected", f"{what} reach {target} again", replica=name))
+            self._report(Event("reconnected", f"{what} reach {target} again", replica=name, fence=fence))
         elif again:
-            self._report(Event("reconnected", f"replica {name}: {what} reach {target} again ({self._count()})", replica=name))
+            self._report(Event("reconnected", f"replica {name}: {what} reach {target} again ({self._count()})",
+                               replica=name, fence=fence))
         else:
-            self._report(Event("joined", f"replica {name}: {what} reach {target} through it too ({self._count()})", replica=name))
+            self._report(Event("joined", f"replica {name}: {what} reach {target} through it too ({self._count()})",
+                               replica=name, fence=fence))
 
     def _check_ready(self) -> None:
         if self._ready or not self._holders or not all(h.registered for h in self._holders.values()):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncssh
@@ -43,6 +44,9 @@ class InterceptOptions:
     all_traffic: bool = False
     ttl: float | None = None  # seconds after which the agents end the route by themselves
     fence: Fence = Fence(owner="this session")  # narrows the agents' outbound fence for this intercept
+    # Where the credentials come from again (a workload's Secret), to tell a reinstalled agent's
+    # new host key from an impersonation; None in direct mode (the file is all there is).
+    refresh_credentials: Callable[[], Awaitable[Credentials]] | None = field(default=None, compare=False)
 
     def describe(self) -> str:
         return f"requests with {self.route.describe()}" if self.route.rules else "all requests"

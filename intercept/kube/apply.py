@@ -38,14 +38,14 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 from kubernetes.client import ApiClient
 
 from intercept.credentials import Credentials
-from intercept.errors import CredentialsError, InjectError, InterceptError, ResolveError
+from intercept.errors import AgentSettingsDiffer, CredentialsError, InjectError, InterceptError, NoAgent, ResolveError
 from intercept.kube import inject
 from intercept.kube.image import how_to_provide
 from intercept.kube.inject import ANNOTATION, AGENT_CONTAINER, CREDENTIALS_KEY, InjectOptions
@@ -165,8 +165,20 @@ def ensure_agent(
     timeout: float = DEFAULT_TIMEOUT,
     poll_interval: float = POLL_INTERVAL,
     interrupt: threading.Event | None = None,
+    named: Collection[str] = (),
+    reinject: bool = False,
+    add: bool = True,
 ) -> AgentInfo:
-    """Make sure the workload behind ``service`` runs the agent ``options`` describe; wait for it.
+    """Make sure the workload behind ``service`` runs an agent; wait for it.
+
+    One agent configuration serves every developer of a workload. Without an agent, the
+    one ``options`` describe is injected (unless ``add`` is false: :class:`NoAgent`). With
+    one, nothing is written: the agent keeps its image and pod-wide settings, and a
+    pod-wide option among ``named`` (:class:`InjectOptions` fields the user asked for)
+    that differs from the running agent's raises :class:`AgentSettingsDiffer`, saying
+    which and how to change it. ``reinject`` is that explicit change: the running agent's
+    settings with the ``named`` ones replaced, written when they differ (its pods are
+    replaced).
 
     Raises :class:`~intercept.errors.ResolveError` when the Service does not lead to one
     workload and port, :class:`~intercept.errors.InjectError` when the agent cannot be
@@ -180,9 +192,27 @@ def ensure_agent(
     cluster = Cluster(api)
     objects = _read_namespace(cluster, namespace, service)
     target = inject.resolve(objects, service, options.service_port)
-    injected = inject.inject(objects, service, options)
     wi = _index(objects, target.workload_kind, target.workload_name)
     workload = objects[wi]
+    if inject.is_injected(workload):
+        inject.check_serves(workload, target)
+        running = inject.running_options(workload, options)
+        wanted = dataclasses.replace(running, **{k: getattr(options, k) for k in named if k in inject.POD_WIDE_FLAGS})
+        if not reinject:
+            differences = inject.pod_wide_differences(running, wanted, named)
+            if differences:
+                credentials, _ = _ensure_secret(cluster, workload)
+                said = "; ".join(f"{flag}: the agent has {has}, not {asked}" for flag, has, asked in differences)
+                raise AgentSettingsDiffer(
+                    f"Service {service} in namespace {namespace}: {said}",
+                    _agent_info(namespace, service, workload, credentials, running), tuple(differences))
+            wanted = running
+        options = dataclasses.replace(wanted, agent_version=options.agent_version if reinject else running.agent_version)
+    elif not add:
+        raise NoAgent(f"Service {service} in namespace {namespace} has no agent ({target.workload} runs none), and "
+                      f"this command does not add one: add it with intercept inject {service} -n {namespace} "
+                      f"(or intercept start {service} -n {namespace}, which adds it)")
+    injected = objects if inject.is_injected(workload) and not reinject else inject.inject(objects, service, options)
     changed = [i for i, (old, new) in enumerate(zip(objects, injected)) if old != new]
 
     if not changed:
@@ -630,6 +660,20 @@ def _delete_routes(cluster: Cluster, namespace: str, name: str, progress: Progre
     except NotFound:
         return
     progress(f"ConfigMap/{name}: deleted")
+    drop_unused_authority(cluster, namespace, progress)
+
+
+def drop_unused_authority(cluster: Cluster, namespace: str, progress: Progress) -> None:
+    """The namespace's routes authority (its Secret) goes with its last routes ConfigMap: no
+    agent is left to trust it, and the namespace is left as it was."""
+    maps, _ = cluster.list("ConfigMap", namespace, label_selector=f"{MANAGED_BY[0]}={MANAGED_BY[1]}")
+    if any(inject.ROUTES_KEY in (cm.get("data") or {}) for cm in maps):
+        return
+    try:
+        cluster.delete("Secret", namespace, inject.AUTHORITY_SECRET)
+    except NotFound:
+        return
+    progress(f"Secret/{inject.AUTHORITY_SECRET}: deleted (no routes ConfigMap is left)")
 
 
 def _substituted_restore(objects: list[Obj], i: int, current: Obj, workload: str | None) -> Obj:

@@ -124,9 +124,20 @@ def rbac_check(namespace: str, denied: list[Access]) -> Check:
                  f"-n {namespace})")
 
 
-def image_check(image: str, origin: str | None, running: list[str]) -> Check:
+def image_check(image: str, origin: str | None, running: list[str], agent: tuple[str, str] | None = None) -> Check:
     """``origin`` is where the image was configured (None: the built-in default); ``running``
-    names pods that already run it (so the cluster can pull it)."""
+    names pods that already run it (so the cluster can pull it); ``agent`` is the SERVICE
+    and the image of the agent already in place, which a start uses (and a start that asks
+    for another one is refused)."""
+    if agent is not None:
+        service, current = agent
+        if origin is None or image == current:
+            return Check("agent image", "ok", f"{current}: the agent of {service} runs it already, and a start uses it")
+        return Check("agent image", "failed",
+                     f"the agent of {service} runs {current}, and {image} (from {origin}) differs: a start that asks "
+                     "for it is refused, since every developer of the service shares one agent",
+                     f"leave the image out to use the running agent's, or change it for everyone with "
+                     f"intercept inject {service} --agent-image {image}")
     if running:
         return Check("agent image", "ok", f"{image} ({origin or 'the default'}) already runs in pod {running[0]}")
     if origin is not None:
@@ -209,6 +220,23 @@ def _allowing(options: InjectOptions) -> InjectOptions:
 # --------------------------------------------------------------------------- the requests
 
 
+def _running_agent(cluster: Cluster, namespace: str, service: str | None,
+                   options: InjectOptions) -> tuple[str, str] | None:
+    """``(service, image)`` of the agent already behind ``service``, or None (none, or no service)."""
+    from intercept.kube.apply import _read_namespace
+
+    if service is None:
+        return None
+    try:
+        objects = _read_namespace(cluster, namespace, service)
+        target = inject.resolve(objects, service, options.service_port)
+    except InterceptError:  # the service check says why, below
+        return None
+    workload = next(o for o in objects if o["kind"] == target.workload_kind
+                    and o["metadata"]["name"] == target.workload_name)
+    return (service, inject.running_options(workload, options).image) if inject.is_injected(workload) else None
+
+
 def run(api: ApiClient, namespace: str, context: str | None, service: str | None, options: InjectOptions,
         image_origin: str | None, *, in_cluster: bool = False) -> list[Check]:
     """Every check, in order. A pod's port is probed through a port-forward, or at the pod's IP
@@ -234,7 +262,8 @@ def run(api: ApiClient, namespace: str, context: str | None, service: str | None
 
     pods = _pods(cluster, namespace)
     checks.append(image_check(options.image, image_origin, [
-        p["metadata"]["name"] for p in pods if any(c.get("image") == options.image for c in p["spec"]["containers"])]))
+        p["metadata"]["name"] for p in pods if any(c.get("image") == options.image for c in p["spec"]["containers"])],
+        _running_agent(cluster, namespace, service, options)))
 
     if service is None:
         checks.append(pod_security_check(namespace, labels, None, None))

@@ -1,10 +1,27 @@
 """``intercept gc --install``: the objects that run ``intercept gc`` in the cluster. Pure.
 
 An hourly CronJob in the namespace runs the agent image (which holds ``intercept``) with a
-ServiceAccount whose Role has only the verbs gc uses: read and delete the sandboxes'
-forks, their Services and route ConfigMaps; restore an idle agent's workload, Service and
-NetworkPolicies and delete its Secret; read pods and events while a rollout settles. In
-the cluster it reaches the agents directly at their pod IPs, so it needs no port-forward.
+ServiceAccount whose Role grants what ``intercept gc -n NS`` does and nothing else. In the
+cluster it reaches the agents directly at their pod IPs, so it needs no port-forward.
+
+What it does, and so may do (each rule below says which step needs it):
+
+- delete an expired sandbox: list the forks (Deployments) and their Services by label,
+  delete them; take the sandbox's routes out of the routes ConfigMaps (list, get, update);
+- ask each agent whether it is idle, and push the changed routes: list the agent pods, read
+  the agent's Secret (its token) and the routes authority's (to sign the push);
+- uninstall an idle agent, restoring its workload exactly: list Services, workloads and
+  NetworkPolicies; update them (get again on a conflict); watch the rollout (get the
+  workload, list its pods, delete an old pod that a StatefulSet with OnDelete or a bare
+  ReplicaSet does not replace by itself; list events when it fails); delete the agent's
+  Secret and routes ConfigMap, and the routes authority with the last of them.
+
+RBAC cannot narrow these to intercept's objects: ``resourceNames`` takes exact names, and
+the agents' Secrets and ConfigMaps are named after workloads that come and go
+(``intercept-<workload>``); nor can it select by label. So the Role can ``get`` and
+``delete`` every Secret of the namespace by name (not list or watch them), ``update``
+every workload, Service and NetworkPolicy, and ``delete`` every Deployment and Service.
+It cannot create anything, read pods, or exec into them.
 """
 
 from __future__ import annotations
@@ -15,11 +32,15 @@ NAME = "intercept-gc"
 LABELS = {"app.kubernetes.io/managed-by": "intercept", "app.kubernetes.io/name": NAME}
 
 RULES = [
-    {"apiGroups": ["apps"], "resources": ["deployments", "statefulsets", "replicasets"],
-     "verbs": ["get", "list", "update", "delete"]},
-    {"apiGroups": [""], "resources": ["services", "configmaps"], "verbs": ["get", "list", "create", "update", "delete"]},
-    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "delete"]},
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "delete"]},
+    # restore an idle agent's workload; delete a sandbox's forks (Deployments only)
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "update", "delete"]},
+    {"apiGroups": ["apps"], "resources": ["statefulsets", "replicasets"], "verbs": ["get", "list", "update"]},
+    # restore a Service; delete a fork's Service; the sandboxes' routes ConfigMaps
+    {"apiGroups": [""], "resources": ["services", "configmaps"], "verbs": ["get", "list", "update", "delete"]},
+    # an agent's token and the routes authority (get, by name); an uninstalled agent's Secret (delete)
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "delete"]},
+    # find the agent pods; replace an old pod the controller leaves to its user
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "delete"]},
     {"apiGroups": [""], "resources": ["events"], "verbs": ["list"]},
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "list", "update"]},
 ]

@@ -42,14 +42,17 @@ survive containers being reordered).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import itertools
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from intercept import __version__
+from intercept import __version__, agentconfig
 from intercept.errors import InjectError, ResolveError, UsageError
 from intercept.routing.fence import Fence
 
@@ -73,6 +76,11 @@ CREDENTIALS_KEY = "credentials.json"
 ROUTES_VOLUME = "intercept-routes"
 ROUTES_DIR = "/var/run/intercept-routes"
 ROUTES_KEY = "routes.json"
+# The namespace's routes authority: the key that signs pushed routes (intercept sandbox holds
+# it; its public half is in each routes ConfigMap). A dot, so that no workload's Secret
+# (intercept-<workload>) can have its name.
+AUTHORITY_SECRET = "intercept.routes-authority"
+AUTHORITY_KEY = "ed25519.key"
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 MOUNTS_ENV = "INTERCEPT_MOUNTS"  # read by intercept.agent.files.mounts_from_env
 # The user the agent runs as when the pod does not name a non-root one (distroless "nonroot").
@@ -92,7 +100,8 @@ _POD_SPEC = ("spec", "template", "spec")
 
 @dataclass(frozen=True)
 class InjectOptions:
-    """How to inject: the agent image and the choices the CLI flags make."""
+    """How to inject: the agent image, the agent's pod-wide settings (``outbound`` is its
+    ``allow_outbound``; :mod:`intercept.agentconfig`) and the injection's own choices."""
 
     image: str
     agent_version: str = __version__
@@ -110,6 +119,12 @@ class InjectOptions:
         Fence.parse(self.outbound_allow, self.outbound_deny)  # a bad rule fails here, not in the pod
         if self.hold_timeout <= 0:
             raise UsageError(f"invalid hold timeout {self.hold_timeout!r}: it must be positive")
+
+    def pod_wide(self) -> dict[str, object]:
+        """The agent's pod-wide settings these options make, by :mod:`intercept.agentconfig` key."""
+        return {"hold_timeout": self.hold_timeout, "allow_outbound": self.outbound,
+                "outbound_allow": self.outbound_allow, "outbound_deny": self.outbound_deny,
+                "forwarded_headers": self.forwarded_headers}
 
 
 @dataclass(frozen=True)
@@ -135,6 +150,46 @@ class Target:
     def named(self) -> bool:
         """True when the Service reaches the app by port name (taken over by renaming)."""
         return isinstance(self.target_port, str)
+
+
+# How a developer names each pod-wide option of InjectOptions (on intercept start and inject).
+POD_WIDE_FLAGS = {"image": "--agent-image", "outbound": "--no-outbound", "forwarded_headers": "--no-forwarded-headers",
+                  "hold_timeout": "--hold-timeout", "outbound_allow": "--outbound-allow", "outbound_deny": "--outbound-deny"}
+
+
+def running_options(workload: Obj, options: InjectOptions) -> InjectOptions:
+    """``options`` with the image and the pod-wide settings of the agent injected in
+    ``workload``, read back from its container (:func:`intercept.agentconfig.pod_wide`)."""
+    container = _container(workload, AGENT_CONTAINER)
+    values = agentconfig.pod_wide(container.get("env") or [])
+    return dataclasses.replace(
+        options, image=container.get("image") or options.image,
+        agent_version=(_record(workload) or {}).get("agentVersion", options.agent_version),
+        outbound=values["allow_outbound"], hold_timeout=values["hold_timeout"],
+        forwarded_headers=values["forwarded_headers"], outbound_allow=tuple(values["outbound_allow"]),
+        outbound_deny=tuple(values["outbound_deny"]))
+
+
+def pod_wide_differences(running: InjectOptions, wanted: InjectOptions,
+                         named: Iterable[str]) -> list[tuple[str, str, str]]:
+    """Each pod-wide option among ``named`` (InjectOptions fields) that ``wanted`` sets
+    otherwise than ``running`` does: ``(flag, running value, wanted value)``, in words."""
+    def shown(key: str, value: object) -> str:
+        if key == "outbound":
+            return "outbound connections allowed" if value else "--no-outbound"
+        if key == "forwarded_headers":
+            return "forwarded headers" if value else "--no-forwarded-headers"
+        if isinstance(value, tuple):
+            return " ".join(value) or "none"
+        return str(value)
+
+    return [(POD_WIDE_FLAGS[key], shown(key, getattr(running, key)), shown(key, getattr(wanted, key)))
+            for key in POD_WIDE_FLAGS if key in named and getattr(running, key) != getattr(wanted, key)]
+
+
+def check_serves(workload: Obj, target: Target) -> None:
+    """Raise :class:`InjectError` unless the agent injected in ``workload`` serves ``target``'s port."""
+    _takeover_name(workload, target)
 
 
 def secret_name(workload_name: str) -> str:
@@ -542,25 +597,21 @@ def _agent_container(
 
     env = [_copy_env_var(e, app["name"]) for e in app.get("env") or []
            if not e.get("name", "").startswith("INTERCEPT_")]
-    hold = options.hold_timeout
+    env += agentconfig.to_env({
+        "listen": ("0.0.0.0", agent.http_port),
+        "upstream": ("127.0.0.1", target.container_port),
+        "ssh_listen": ("0.0.0.0", agent.ssh_port),
+        "credentials": Path(CREDENTIALS_DIR, CREDENTIALS_KEY),
+        "routes_file": Path(ROUTES_DIR, ROUTES_KEY),
+        # keep serving a few seconds after SIGTERM, while the endpoints controller removes the pod
+        "shutdown_grace": 5.0,
+        **options.pod_wide(),
+    })
     env += [
-        {"name": "INTERCEPT_LISTEN", "value": f"0.0.0.0:{agent.http_port}"},
-        {"name": "INTERCEPT_UPSTREAM", "value": f"127.0.0.1:{target.container_port}"},
-        {"name": "INTERCEPT_SSH_LISTEN", "value": f"0.0.0.0:{agent.ssh_port}"},
-        {"name": "INTERCEPT_CREDENTIALS", "value": f"{CREDENTIALS_DIR}/{CREDENTIALS_KEY}"},
-        {"name": "INTERCEPT_ROUTES_FILE", "value": f"{ROUTES_DIR}/{ROUTES_KEY}"},
-        {"name": "INTERCEPT_HOLD_TIMEOUT", "value": str(int(hold)) if hold == int(hold) else str(hold)},
-        {"name": "INTERCEPT_ALLOW_OUTBOUND", "value": "true" if options.outbound else "false"},
-        {"name": "INTERCEPT_FORWARDED_HEADERS", "value": "true" if options.forwarded_headers else "false"},
-        *({"name": name, "value": " ".join(rules)} for name, rules in (
-            ("INTERCEPT_OUTBOUND_ALLOW", options.outbound_allow), ("INTERCEPT_OUTBOUND_DENY", options.outbound_deny)) if rules),
-        {"name": "INTERCEPT_APP_CONTAINER", "value": app["name"]},
         # the app's mounts, served read-only to developers (intercept start --mount, intercept files):
         # where each is seen, and where the agent reads it (the same path here; see agent/files.py)
         *([{"name": MOUNTS_ENV, "value": json.dumps(served)}] if served else []),
         *({"name": f"{MOUNTS_ENV[:-1]}_{i}", "value": path} for i, path in enumerate(served)),
-        # keep serving a few seconds after SIGTERM, while the endpoints controller removes the pod
-        {"name": "INTERCEPT_SHUTDOWN_GRACE", "value": "5"},
     ]
 
     container: Obj = {

@@ -35,8 +35,10 @@ from typing import Any
 
 from kubernetes.client import ApiClient
 
-from intercept.kube.inject import AGENT_CONTAINER, AGENT_HTTP_PORT, AGENT_SSH_PORT
-from intercept.kube.rest import Cluster, ClusterError, Gone, WatchStream
+from intercept import agentconfig
+from intercept.errors import AgentRemoved, UsageError
+from intercept.kube.inject import AGENT_CONTAINER, AGENT_HTTP_PORT, AGENT_SSH_PORT, is_injected
+from intercept.kube.rest import Cluster, ClusterError, Gone, NotFound, WatchStream
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +61,19 @@ class PodEndpoint:
 
 
 def agent_ports(pod_spec: Obj) -> tuple[int, int] | None:
-    """``(http_port, ssh_port)`` of the agent container in a pod spec, or None without an agent."""
+    """``(http_port, ssh_port)`` of the agent container in a pod spec, or None without an agent
+    (read through :mod:`intercept.agentconfig`, as the agent reads them)."""
     agent = next((c for c in pod_spec.get("containers") or [] if c.get("name") == AGENT_CONTAINER), None)
     if agent is None:
         return None
-    env = {e.get("name"): e.get("value") or "" for e in agent.get("env") or []}
-
-    def port(variable: str, default: int) -> int:
-        value = env.get(variable, "").rpartition(":")[2]
-        return int(value) if value.isdigit() else default
-
-    return port("INTERCEPT_LISTEN", AGENT_HTTP_PORT), port("INTERCEPT_SSH_LISTEN", AGENT_SSH_PORT)
+    env = {e["name"]: e["value"] for e in agent.get("env") or [] if isinstance(e.get("value"), str) and "name" in e}
+    try:
+        settings = agentconfig.from_env(env, ("injection",))
+    except UsageError:
+        settings = {}
+    listen = settings.get("listen", ("", AGENT_HTTP_PORT))
+    ssh_listen = settings.get("ssh_listen", ("", AGENT_SSH_PORT))
+    return listen[1], ssh_listen[1]
 
 
 def endpoint(pod: Obj) -> PodEndpoint | None:
@@ -93,9 +97,15 @@ def agent_pods(api: ApiClient, namespace: str, selector: str) -> list[PodEndpoin
 
 
 async def watch_agent_pods(
-    api: ApiClient, namespace: str, selector: str, *, watch_timeout: int = WATCH_TIMEOUT
+    api: ApiClient, namespace: str, selector: str, *, watch_timeout: int = WATCH_TIMEOUT,
+    workload: tuple[str, str, str] | None = None,
 ) -> AsyncIterator[list[PodEndpoint]]:
-    """The ready agent pods of ``selector``: now, then after every change (see the module docstring)."""
+    """The ready agent pods of ``selector``: now, then after every change (see the module docstring).
+
+    With ``workload`` (``(kind, name, service)``), a set that becomes empty because the
+    workload no longer has the agent (an uninstall restored it) ends the watch with
+    :class:`~intercept.errors.AgentRemoved` instead.
+    """
     cluster = Cluster(api)
     last: list[PodEndpoint] | None = None
     backoff = _BACKOFF_START
@@ -116,6 +126,8 @@ async def watch_agent_pods(
                         version = _apply(pods, event) or version
                         current = _ready(pods)
                         if current != last:
+                            if not current and workload is not None:
+                                await asyncio.to_thread(_check_not_removed, cluster, namespace, workload)
                             last = current
                             yield current
                 finally:
@@ -156,3 +168,15 @@ def _apply(pods: dict[str, Obj], event: Obj) -> str | None:
 
 def _ready(pods: dict[str, Obj]) -> list[PodEndpoint]:
     return sorted(e for e in map(endpoint, pods.values()) if e is not None and e.ready)
+
+
+def _check_not_removed(cluster: Cluster, namespace: str, workload: tuple[str, str, str]) -> None:
+    """Raise :class:`AgentRemoved` when ``workload`` (kind, name, service) no longer has the agent."""
+    kind, name, service = workload
+    try:
+        current = cluster.get(kind, namespace, name)
+    except NotFound:
+        current = None
+    if current is None or not is_injected(current):
+        raise AgentRemoved(f"the agent of {service} was removed by an uninstall (namespace {namespace}); your route "
+                           f"went with it: start again (intercept start {service} -n {namespace}) once it is back")

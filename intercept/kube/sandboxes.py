@@ -8,17 +8,30 @@ agents). If anything fails after the first write, everything it created is remov
 the error is raised, with the pod's reason when a fork did not become ready.
 
 Nothing here talks to an agent: each function returns the :class:`Change` per workload
-(the agent's :class:`~intercept.kube.apply.AgentInfo` and the new routes document) so the
-caller can push the routes at once (the mounted file follows when the kubelet refreshes
-it). All functions block; call them from async code with ``asyncio.to_thread``.
+(the agent's :class:`~intercept.kube.apply.AgentInfo`, the new routes document and the
+routes authority that signs it) so the caller can push the routes at once (the mounted
+file follows when the kubelet refreshes it). All functions block; call them from async
+code with ``asyncio.to_thread``.
+
+The routes authority (:func:`routes_authority`): agents take a pushed document only when
+it is signed by the key in the namespace's Secret ``intercept.routes-authority``, whose
+public half every routes ConfigMap carries (:mod:`intercept.routing.cluster`). So reading
+that Secret is what pushing takes; the agents' token is not enough. :func:`create` makes
+the Secret when absent and writes the key into each routes ConfigMap before it injects an
+agent, so that the agent's pods mount it from their start (pods that started before the
+ConfigMap existed refuse pushes until the kubelet refreshes their volume, and then apply
+the file). The Secret goes with the namespace's last routes ConfigMap
+(:func:`~intercept.kube.apply.drop_unused_authority`).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from kubernetes.client import ApiClient
@@ -34,13 +47,14 @@ from intercept.kube.apply import (
     _read_namespace,
     _wait_rollout,
     _RolloutProblem,
+    drop_unused_authority,
     ensure_agent,
     list_services,
     uninstall,
 )
 from intercept.kube.rest import Cluster, Conflict, NotFound
 from intercept.kube.sandbox import SANDBOX_LABEL, Fork, Overrides
-from intercept.routing.cluster import RoutesDocument
+from intercept.routing.cluster import RoutesAuthority, RoutesDocument
 from intercept.routing.match import Route
 
 log = logging.getLogger(__name__)
@@ -52,10 +66,12 @@ CONFLICT_RETRIES = 5
 
 @dataclass(frozen=True)
 class Change:
-    """The routes document now in a workload's ConfigMap, for its agents."""
+    """The routes document now in a workload's ConfigMap, for its agents, and the routes
+    authority that signs it for a push (None: the namespace has none, so nothing is pushed)."""
 
     agent: AgentInfo
     document: RoutesDocument
+    authority: RoutesAuthority | None
 
 
 @dataclass(frozen=True)
@@ -86,13 +102,19 @@ def create(api: ApiClient, namespace: str, name: str, services: list[str], overr
     objects = _read_namespace(cluster, namespace, None)
     forks = [sandbox.plan(objects, service, name, overrides, expires) for service in services]  # all checked before a write
     keys = keys or sandbox.default_routes(name)
+    authority = routes_authority(cluster, namespace, create=True)
     created: list[Obj] = []
     changes: list[Change] = []
+    unmounted: str | None = None  # a routes ConfigMap made here for an agent not in place yet
     try:
         agents = []
         for fork in forks:
             progress(f"{fork.original}: making sure its agent is in place")
+            # the authority's key in the ConfigMap first: pods that the injection starts mount it
+            if _update_routes(cluster, namespace, fork.original_name, lambda doc: doc, authority)[1]:
+                unmounted = fork.original_name
             agents.append(ensure_agent(api, namespace, fork.service, inject_options, progress, timeout=timeout))
+            unmounted = None
         for fork in forks:
             for obj in (fork.workload, fork.fork_service):
                 created.append(cluster.create(obj) | {"kind": obj["kind"], "apiVersion": obj["apiVersion"]})
@@ -101,12 +123,18 @@ def create(api: ApiClient, namespace: str, name: str, services: list[str], overr
             for fork in forks:
                 _wait_fork(cluster, namespace, fork, progress, timeout)
         for fork, agent in zip(forks, agents, strict=True):
-            document = _update_routes(cluster, namespace, fork.original_name,
-                                      lambda doc, f=fork: doc.with_routes(sandbox.routes(name, f, keys, expires), time.time()))
-            changes.append(Change(agent, document))
+            document, _ = _update_routes(cluster, namespace, fork.original_name, lambda doc, f=fork: doc.with_routes(
+                sandbox.routes(name, f, keys, expires), time.time()), authority)
+            changes.append(Change(agent, document, authority))
             progress(f"ConfigMap/{inject.routes_name(fork.original_name)}: routes of sandbox {name} to {fork.destination[0]}")
     except BaseException as error:
         removed = _remove(cluster, namespace, name, created, [f.original_name for f in forks])
+        if unmounted is not None and not _routes_document(cluster, namespace, unmounted).routes:
+            try:
+                cluster.delete("ConfigMap", namespace, inject.routes_name(unmounted))
+            except NotFound:
+                pass
+            drop_unused_authority(cluster, namespace, progress)
         if isinstance(error, _RolloutProblem):
             events = _events_for(cluster, namespace, created[0], error) if created else []
             shown = f"; events: {' | '.join(events)}" if events else ""
@@ -126,7 +154,7 @@ def delete(api: ApiClient, namespace: str, name: str, progress: Progress = _quie
     removed = _remove(cluster, namespace, name, objects, originals)
     for line in removed:
         progress(f"{line}: deleted")
-    return removed, _changes(cluster, api, namespace, originals)
+    return removed, _changes(cluster, api, namespace, originals, routes_authority(cluster, namespace))
 
 
 def extend(api: ApiClient, namespace: str, name: str, ttl: float) -> tuple[float, list[Change]]:
@@ -139,10 +167,11 @@ def extend(api: ApiClient, namespace: str, name: str, ttl: float) -> tuple[float
     for obj in objects:
         _put_retrying(cluster, obj, lambda cur: _annotated(cur, sandbox.EXPIRES_ANNOTATION, sandbox.expiry_text(expires)))
     originals = _routed_workloads(cluster, namespace, name)
+    authority = routes_authority(cluster, namespace)
     for original in originals:
-        _update_routes(cluster, namespace, original, lambda doc: RoutesDocument(time.time(), tuple(
-            r if r.sandbox != name else type(r)(r.sandbox, r.route, r.destination, expires) for r in doc.routes)))
-    return expires, _changes(cluster, api, namespace, originals)
+        _update_routes(cluster, namespace, original, lambda doc: replace(doc, updated=time.time(), routes=tuple(
+            r if r.sandbox != name else replace(r, expires=expires) for r in doc.routes)), authority)
+    return expires, _changes(cluster, api, namespace, originals, authority)
 
 
 def list_sandboxes(api: ApiClient, namespace: str | None) -> list[dict[str, Any]]:
@@ -242,39 +271,79 @@ def _routes_document(cluster: Cluster, namespace: str, workload: str) -> RoutesD
     return RoutesDocument.from_text((cm.get("data") or {}).get(inject.ROUTES_KEY, "{}"))
 
 
-def _update_routes(cluster: Cluster, namespace: str, workload: str,
-                   change: Callable[[RoutesDocument], RoutesDocument]) -> RoutesDocument:
-    """Read-modify-write the routes ConfigMap of ``workload`` (created when absent)."""
+def _update_routes(cluster: Cluster, namespace: str, workload: str, change: Callable[[RoutesDocument], RoutesDocument],
+                   authority: RoutesAuthority | None) -> tuple[RoutesDocument, bool]:
+    """Read-modify-write the routes ConfigMap of ``workload`` (created when absent), naming
+    ``authority`` (None: the one it names stays); the document, and whether it was created."""
     name = inject.routes_name(workload)
+
+    def changed(document: RoutesDocument) -> RoutesDocument:
+        return replace(change(document), authority=authority.public if authority is not None else document.authority)
+
     for _ in range(CONFLICT_RETRIES):
         try:
             current = cluster.get("ConfigMap", namespace, name)
         except NotFound:
-            document = change(RoutesDocument(0.0))
+            document = changed(RoutesDocument(0.0))
             cm = {"apiVersion": "v1", "kind": "ConfigMap",
                   "metadata": {"name": name, "namespace": namespace,
                                "labels": {MANAGED_BY[0]: MANAGED_BY[1], "intercept.dev/workload": workload}},
                   "data": {inject.ROUTES_KEY: document.to_text()}}
             try:
                 cluster.create(cm)
-                return document
+                return document, True
             except Conflict:
                 continue  # created meanwhile: read it
-        document = change(RoutesDocument.from_text((current.get("data") or {}).get(inject.ROUTES_KEY, "{}")))
+        text = (current.get("data") or {}).get(inject.ROUTES_KEY, "{}")
+        document = changed(RoutesDocument.from_text(text))
+        if document.to_text() == text:
+            return document, False
         current["data"] = {**(current.get("data") or {}), inject.ROUTES_KEY: document.to_text()}
         try:
             cluster.replace(current | {"kind": "ConfigMap", "apiVersion": "v1"})
-            return document
+            return document, False
         except Conflict:
             continue
     raise InterceptError(f"ConfigMap/{name} in namespace {namespace} kept changing; run the command again")
 
 
-def _changes(cluster: Cluster, api: ApiClient, namespace: str, workloads: list[str]) -> list[Change]:
+def routes_authority(cluster: Cluster, namespace: str, *, create: bool = False) -> RoutesAuthority | None:
+    """The namespace's routes authority, from its Secret; with ``create`` a new one when it has
+    none (else None)."""
+    name = inject.AUTHORITY_SECRET
+    for _ in range(CONFLICT_RETRIES):
+        try:
+            secret = cluster.get("Secret", namespace, name)
+        except NotFound:
+            if not create:
+                return None
+            authority = RoutesAuthority.generate()
+            try:
+                cluster.create({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                                "metadata": {"name": name, "namespace": namespace, "labels": {MANAGED_BY[0]: MANAGED_BY[1]}},
+                                "data": {inject.AUTHORITY_KEY: base64.b64encode(authority.private_key).decode()}})
+            except Conflict:
+                continue  # created meanwhile (another sandbox create): read it
+            log.info("created Secret %s in namespace %s", name, namespace)
+            return authority
+        try:
+            key = base64.b64decode((secret.get("data") or {})[inject.AUTHORITY_KEY], validate=True)
+            if len(key) != 32:
+                raise ValueError("not an Ed25519 key")
+            return RoutesAuthority(key)
+        except (KeyError, TypeError, ValueError, binascii.Error):
+            raise InterceptError(f"Secret {name} in namespace {namespace} has no readable {inject.AUTHORITY_KEY}; delete it "
+                                 f"(kubectl delete secret {name} -n {namespace}) and create a sandbox: that makes a new "
+                                 "one (pushes are refused until the agents' ConfigMaps name it)") from None
+    raise InterceptError(f"Secret {name} in namespace {namespace} kept appearing and disappearing; run the command again")
+
+
+def _changes(cluster: Cluster, api: ApiClient, namespace: str, workloads: list[str],
+             authority: RoutesAuthority | None) -> list[Change]:
     """The routes now in force for each of ``workloads`` whose agent is in place."""
     infos: dict[str, AgentInfo] = {}
     list_services(api, namespace, routes=lambda info: infos.setdefault(info.workload_name, info) and [])
-    return [Change(infos[w], _routes_document(cluster, namespace, w)) for w in workloads if w in infos]
+    return [Change(infos[w], _routes_document(cluster, namespace, w), authority) for w in workloads if w in infos]
 
 
 def _remove(cluster: Cluster, namespace: str, name: str, objects: list[Obj], originals: list[str]) -> list[str]:
@@ -288,7 +357,7 @@ def _remove(cluster: Cluster, namespace: str, name: str, objects: list[Obj], ori
             pass
     for original in originals:
         if name in _routes_document(cluster, namespace, original).sandboxes():
-            _update_routes(cluster, namespace, original, lambda doc: doc.without(name, time.time()))
+            _update_routes(cluster, namespace, original, lambda doc: doc.without(name, time.time()), None)
             removed.append(f"routes of sandbox {name} to {original}")
     return removed
 

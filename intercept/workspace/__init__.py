@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from intercept.errors import UsageError
-from intercept.spec import DEFAULT_FILE, load_workspace, resolve_workspace, to_args
+from intercept.spec import DEFAULT_FILE, load_workspace, merge, resolve_workspace, to_args
 from intercept.vscode import write_vscode
 from intercept.workspace.registry import (
     STATUS_FIELDS,
@@ -79,7 +79,8 @@ __all__ = [
 
 
 def vscode(services: Sequence[str], *, directory: Path, spec_file: Path | None = None,
-           env: Mapping[str, str] | None = None, command: Sequence[str] = ()) -> list[Path]:
+           env: Mapping[str, str] | None = None, command: Sequence[str] = (),
+           flags: Mapping[str, object] | None = None) -> list[Path]:
     """``.vscode/launch.json`` and ``tasks.json`` in ``directory`` for ``services``.
 
     Each task runs ``intercept start SERVICE --debug ...``, which needs a COMMAND to run
@@ -88,13 +89,16 @@ def vscode(services: Sequence[str], *, directory: Path, spec_file: Path | None =
     ``directory/intercept.yaml``), whose other options the task then passes too. With no
     service: the services of ``spec_file``. A service left without a command is refused
     with the fix, before anything is written (such a task could only fail at once).
+    ``flags`` (options keyed as in the file, those ``intercept vscode`` was given) are
+    written into every task, over the file's.
     Returns the files written (see :func:`~intercept.vscode.write_vscode`).
     """
     spec_file = directory / DEFAULT_FILE if spec_file is None else spec_file
     env = dict(os.environ if env is None else env)
     specs = []
     if spec_file.exists():
-        specs = [spec for spec in resolve_workspace(load_workspace(spec_file, env), env, {}).intercepts if spec.service]
+        specs = [spec for spec in resolve_workspace(load_workspace(spec_file, env), env, flags or {}).intercepts
+                 if spec.service]
     elif not services:
         raise UsageError(f"name the services to debug, e.g. intercept vscode orders -- python app.py, "
                          f"or run it where an {DEFAULT_FILE} lists them")
@@ -107,7 +111,7 @@ def vscode(services: Sequence[str], *, directory: Path, spec_file: Path | None =
     start_args: dict[str, list[str]] = {}
     missing: list[str] = []
     for service in services:
-        spec = by_service.get(service)
+        spec = by_service.get(service) or (merge(None, {}, {**flags, "service": service}) if flags else None)
         if command:
             start_args[service] = [*(to_args(spec, skip=(*skip, "command")) if spec else []), "--", *command]
         elif spec is not None and spec.command:

@@ -143,6 +143,10 @@ class Entry:
     exit_code: int | None = None
     fence: str | None = None  # the outbound fence in effect, once the route is held
     files: str | None = None  # where the pod's files are (--mount)
+    # An intercept hosted by a process with several (the MCP server): its id there, and the
+    # Unix socket on which that process takes "leave ID" (see :func:`leave`).
+    id: str | None = None
+    control: str | None = None
     file: Path | None = field(default=None, compare=False, repr=False)
 
     @property
@@ -162,7 +166,7 @@ class Entry:
             "service": self.service, "agent": self.agent, "namespace": self.namespace, "context": self.context,
             "route": self.route, "name": self.name, "local_port": self.local_port, "command": list(self.command),
             "log_file": self.log_file, "workspace": self.workspace, "exit_code": self.exit_code,
-            "fence": self.fence, "files": self.files,
+            "fence": self.fence, "files": self.files, "id": self.id, "control": self.control,
         }
 
     @classmethod
@@ -175,7 +179,8 @@ class Entry:
 
 # What register() accepts; pid defaults to this process, started_at to now.
 REGISTER_FIELDS: tuple[str, ...] = ("pid", "started_at", "service", "agent", "namespace", "context", "route",
-                                    "name", "local_port", "command", "log_file", "workspace", "fence", "files")
+                                    "name", "local_port", "command", "log_file", "workspace", "fence", "files", "id",
+                                    "control")
 
 
 def _registry(env: Mapping[str, str] | None) -> Path:
@@ -233,7 +238,7 @@ def register(entry: Mapping[str, Any], env: Mapping[str, str] | None = None) -> 
         if data.get(key) is not None:
             data[key] = str(data[key])
     record = Entry.from_json(data)
-    file = _registry(env) / f"{record.pid}.json"
+    file = _registry(env) / (f"{record.pid}-{record.id}.json" if record.id else f"{record.pid}.json")
     try:
         _write_json(file, record.to_json())
     except OSError as error:
@@ -335,7 +340,7 @@ def workspaces(env: Mapping[str, str] | None = None) -> list[WorkspaceState]:
 # The keys of each status() row, in order: stable for scripts (`intercept status -o json`).
 STATUS_FIELDS: tuple[str, ...] = ("service", "agent", "namespace", "context", "route", "name", "local_port",
                                   "command", "pid", "alive", "started_at", "exit_code", "log_file", "workspace",
-                                  "fence", "files")
+                                  "fence", "files", "id")
 
 
 def _known(env: Mapping[str, str] | None) -> list[Entry]:
@@ -345,13 +350,17 @@ def _known(env: Mapping[str, str] | None) -> list[Entry]:
     for state in workspaces(env):
         for entry in state.intercepts:
             by_pid[entry.pid] = entry
+    hosted = []  # several intercepts of one process (the MCP server's)
     for entry in entries(env):
+        if entry.id is not None:
+            hosted.append(entry)
+            continue
         ours = by_pid.get(entry.pid)
         if ours is not None and ours.process_start == entry.process_start:
             # The process's own record knows its route; up's knows the workspace and log.
             entry = replace(entry, workspace=entry.workspace or ours.workspace, log_file=entry.log_file or ours.log_file)
         by_pid[entry.pid] = entry
-    return sorted(by_pid.values(), key=lambda e: (e.started_at, e.pid))
+    return sorted([*by_pid.values(), *hosted], key=lambda e: (e.started_at, e.pid, e.id or ""))
 
 
 def status(env: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
@@ -368,11 +377,30 @@ def status(env: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
+def _ask_to_leave(entry: Entry, timeout: float) -> None:
+    """Ask the process hosting ``entry`` (its ``control`` socket) to stop that intercept; it
+    answers once the route is gone."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(entry.control)
+            sock.sendall(json.dumps({"leave": entry.id}).encode() + b"\n")
+            reply = json.loads(sock.makefile("rb").readline() or b"{}")
+    except (OSError, ValueError) as error:
+        raise InterceptError(f"the intercept of {entry.label} (pid {entry.pid}, {entry.id}) did not answer on "
+                             f"{entry.control}: {error}; stop the process that hosts it (pid {entry.pid})") from None
+    if not reply.get("ok"):
+        raise InterceptError(f"the intercept of {entry.label} ({entry.id}) was not stopped: {reply.get('message')}")
+
+
 def leave(service: str, namespace: str | None = None, env: Mapping[str, str] | None = None, *,
           timeout: float = STOP_GRACE) -> list[Entry]:
     """Stop this machine's intercepts of ``service`` (or of the agent at that address):
     SIGTERM each ``intercept start``, which unregisters its route and exits, and wait
-    for them, at most ``timeout``. Returns the intercepts stopped.
+    for them, at most ``timeout``; an intercept hosted by the MCP server is asked to
+    leave on that server's control socket. Returns the intercepts stopped.
 
     Raises :class:`NotRunning` when none matches, and :class:`InterceptError` naming
     the pid when one is still running after ``timeout``.
@@ -382,7 +410,9 @@ def leave(service: str, namespace: str | None = None, env: Mapping[str, str] | N
     if not matching:
         where = f" in namespace {namespace}" if namespace else ""
         raise NotRunning(f"no intercept of {service}{where} is running on this machine; `intercept status` lists them")
-    processes = [(e.pid, e.process_start) for e in matching]
+    for entry in [e for e in matching if e.control is not None]:
+        _ask_to_leave(entry, timeout)
+    processes = [(e.pid, e.process_start) for e in matching if e.control is None]
     for pid, started in processes:
         _send(pid, started, signal.SIGTERM)
     stubborn = _wait_gone(processes, timeout)

@@ -112,7 +112,7 @@ def test_list_status_env_and_leave_against_the_real_server(real_cluster: RealClu
         assert (entry["service"], entry["namespace"], entry["route"], entry["alive"]) == (
             "menu", ns, "requests with x-dev: alice", True)
 
-        env = intercept("env", "menu", *kube, "-o", "json", "--agent-image", AGENT_IMAGE)
+        env = intercept("env", "menu", *kube, "-o", "json")
         assert env.returncode == 0, env.stdout + env.stderr
         variables = json.loads(env.stdout)
         assert variables["GREETING"] == "hello" and variables["POD_NAME"].startswith("menu-")

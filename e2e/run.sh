@@ -7,26 +7,33 @@
 # Needs: docker (with a running engine), kind, kubectl, curl, and intercept (this
 # repository's: `pip install -e .`; or set INTERCEPT="python -m intercept").
 # The cluster gets its own kubeconfig file; yours is not touched.
+#
+# On a cluster that runs already, with the images on its node (no kind, no docker: the
+# real node of `python -m e2e.cluster up`, as tests/test_cluster_e2e.py runs it):
+#
+#   INTERCEPT_E2E_KUBECONFIG=DIR/kubeconfig INTERCEPT_E2E_AGENT_IMAGE=intercept.test/agent:dev \
+#   INTERCEPT_E2E_APP_IMAGE=intercept.test/sample:1 e2e/run.sh
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NAME="intercept-e2e-$$"
 NS=intercept-e2e
 SERVICE="echo"
-AGENT_IMAGE=intercept-agent:e2e
-APP_IMAGE=intercept-e2e-app:e2e
+AGENT_IMAGE="${INTERCEPT_E2E_AGENT_IMAGE:-intercept-agent:e2e}"
+APP_IMAGE="${INTERCEPT_E2E_APP_IMAGE:-intercept-e2e-app:e2e}"
+EXISTING="${INTERCEPT_E2E_KUBECONFIG:-}"
 INTERCEPT="${INTERCEPT:-intercept}"
 IDLE="${INTERCEPT_E2E_IDLE:-20}"
 WORK="$(mktemp -d)"
-export KUBECONFIG="$WORK/kubeconfig"
+export KUBECONFIG="${EXISTING:-$WORK/kubeconfig}"
 
 say() { printf '\n== %s\n' "$*"; }
 fail() { printf '\nFAIL: %s\n' "$*" >&2; exit 1; }
 
-for tool in docker kind kubectl curl; do
+for tool in $([[ -n "$EXISTING" ]] || echo docker kind) kubectl curl; do
   command -v "$tool" >/dev/null || fail "$tool is not on PATH (see https://kind.sigs.k8s.io for kind)"
 done
-docker info >/dev/null 2>&1 || fail "the Docker engine is not running (docker info failed)"
+[[ -n "$EXISTING" ]] || docker info >/dev/null 2>&1 || fail "the Docker engine is not running (docker info failed)"
 $INTERCEPT --version >/dev/null || fail "'$INTERCEPT' does not run; pip install -e . or set INTERCEPT"
 
 START_PID=""
@@ -36,7 +43,10 @@ cleanup() {
     kill -INT "$START_PID" 2>/dev/null || true
     wait "$START_PID" 2>/dev/null || true
   fi
-  if [[ "${INTERCEPT_E2E_KEEP:-}" == 1 ]]; then
+  if [[ -n "$EXISTING" ]]; then
+    kubectl delete namespace "$NS" --wait=false >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+  elif [[ "${INTERCEPT_E2E_KEEP:-}" == 1 ]]; then
     echo "kept kind cluster $NAME; KUBECONFIG=$KUBECONFIG"
   else
     kind delete cluster --name "$NAME" >/dev/null 2>&1 || true
@@ -46,17 +56,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
-say "kind cluster $NAME"
-kind create cluster --name "$NAME" --wait 180s
+if [[ -z "$EXISTING" ]]; then
+  say "kind cluster $NAME"
+  kind create cluster --name "$NAME" --wait 180s
 
-say "images: $AGENT_IMAGE (agent_image/Dockerfile), $APP_IMAGE (e2e/app)"
-export DOCKER_BUILDKIT=1  # agent_image/Dockerfile mounts from a build stage
-docker build -f "$ROOT/agent_image/Dockerfile" -t "$AGENT_IMAGE" "$ROOT"
-docker build -t "$APP_IMAGE" "$ROOT/e2e/app"
-kind load docker-image --name "$NAME" "$AGENT_IMAGE" "$APP_IMAGE"
+  say "images: $AGENT_IMAGE (agent_image/Dockerfile), $APP_IMAGE (e2e/app)"
+  export DOCKER_BUILDKIT=1  # agent_image/Dockerfile mounts from a build stage
+  docker build -f "$ROOT/agent_image/Dockerfile" -t "$AGENT_IMAGE" "$ROOT"
+  docker build -t "$APP_IMAGE" "$ROOT/e2e/app"
+  kind load docker-image --name "$NAME" "$AGENT_IMAGE" "$APP_IMAGE"
+fi
 
 say "sample app: Deployment $SERVICE (2 replicas) and Service $SERVICE in $NS"
-kubectl apply -f "$ROOT/e2e/manifests.yaml"
+sed "s|image: intercept-e2e-app:e2e|image: $APP_IMAGE|" "$ROOT/e2e/manifests.yaml" | kubectl apply -f -
 kubectl -n "$NS" rollout status deployment/"$SERVICE" --timeout=600s
 kubectl -n "$NS" get deployment "$SERVICE" -o jsonpath='{.spec}' >"$WORK/deployment.before"
 kubectl -n "$NS" get service "$SERVICE" -o jsonpath='{.spec}' >"$WORK/service.before"

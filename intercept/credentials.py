@@ -68,8 +68,15 @@ def load_or_create(path: str | os.PathLike[str]) -> Credentials:
             raise CredentialsError(f"credentials file {p} has no host_private_key; the agent needs the full file")
         return creds
     creds = Credentials.generate()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:  # a read-only root, or a Secret that is not mounted: not a port problem
+        raise CredentialsError(
+            f"credentials file {p} does not exist and cannot be created ({e.strerror or e}); in a pod the agent "
+            "reads it from the Secret the injection mounts (is the Secret missing?), elsewhere pass "
+            "--credentials a path in a writable directory"
+        ) from None
     with os.fdopen(fd, "w") as f:
         f.write(creds.to_json())
     return creds

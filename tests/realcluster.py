@@ -1,13 +1,14 @@
-"""The real control plane (e2e/cluster) as a pytest fixture: one per test session, a namespace per test.
+"""The real cluster (e2e/cluster: a real control plane and a real node) as a pytest fixture: one per
+test session, a namespace per test.
 
 ``real_cluster`` runs ``python -m e2e.cluster up --state DIR`` (the command a developer
 runs by hand), waits for its ``cluster: ready:`` line, and at the end sends SIGTERM and
-waits for it to tear everything down. It builds the binaries first when the cache is
-cold (``.ci/run`` builds them before the tests, with its progress shown).
+waits for it to tear everything down. It builds the binaries and images first when the
+cache is cold (``.ci/run`` builds them before the tests, with its progress shown).
 
-Skipped, with one line saying what is missing, where Go is not installed, pods cannot
-get network namespaces (not root, no iproute2) or agent containers cannot be confined
-(no bubblewrap).
+Skipped, with one line saying what is missing, where Go is not installed or a node
+cannot run here (not root; containerd, runc, the CNI plugins, buildah or mmdebstrap
+missing: the line names the Debian package).
 
 The tests' own view of the cluster goes through :class:`e2e.cluster.api.API` as the
 administrator, never through the product's Kubernetes code (which is what they test).
@@ -21,6 +22,7 @@ import os
 import signal
 import subprocess
 import sys
+import tomllib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,16 +33,15 @@ import pytest
 import yaml
 
 from e2e.cluster.api import API, APIError, wait_until
+from e2e.cluster import images, node
 from e2e.cluster.build import go_missing
-from e2e.cluster.confine import unavailable as confinement_unavailable
-from e2e.cluster.network import unavailable
 from e2e.cluster.pki import Authority
 from tests.conftest import INTERCEPT, Proc
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "e2e" / "app" / "sample.py"
-AGENT_IMAGE = "intercept.test/agent:1"
-APP_IMAGE = "intercept.test/sample:1"
+AGENT_IMAGE = images.AGENT  # agent_image/Dockerfile of this checkout, built by e2e.cluster.images
+APP_IMAGE = images.SAMPLE
 START_TIMEOUT = 3600.0  # a cold build of the binaries included
 WAIT = 120.0  # seconds the cluster may take to converge (rollouts, endpoints)
 
@@ -175,9 +176,24 @@ class RealCluster:
     def pods(self, namespace: str, selector: str) -> list[Obj]:
         return self.items("Pod", namespace, labelSelector=selector)
 
-    def pod_dir(self, namespace: str, pod: Obj) -> Path:
-        """Where the harness keeps a pod's volumes, logs and process ids."""
-        return self.state / "pods" / f"{namespace}_{pod['metadata']['name']}_{pod['metadata']['uid'][:8]}"
+    def ctr(self) -> list[str]:
+        """``ctr`` for the node's containerd, in the kubelet's namespace."""
+        config = tomllib.loads((self.state / "node" / "containerd.toml").read_text())
+        return ["ctr", "--address", config["grpc"]["address"], "--namespace", "k8s.io"]
+
+    def provide_as_echo(self, references: set[str]) -> None:
+        """Have the node hold ``intercept.test/echo:1`` under each image reference (as a registry mirror of them
+        would serve it), so that third-party manifests run unchanged: each container answers HTTP on 8080."""
+        tagged = subprocess.run([*self.ctr(), "images", "tag", "--force", images.ECHO, *sorted(references)],
+                                capture_output=True, text=True)
+        assert tagged.returncode == 0, tagged.stderr
+
+    def container_pid(self, namespace: str, pod: str, container: str) -> int:
+        """The process id (on this machine) of a running container's first process, as containerd reports it."""
+        status = next(s for s in self.get("Pod", namespace, pod)["status"]["containerStatuses"] if s["name"] == container)
+        container_id = status["containerID"].removeprefix("containerd://")
+        tasks = subprocess.run([*self.ctr(), "tasks", "ls"], capture_output=True, text=True, check=True).stdout
+        return next(int(line.split()[1]) for line in tasks.splitlines() if line.startswith(container_id))
 
 
 def served_by(endpoint: Endpoint, headers: dict[str, str] | None = None) -> str:
@@ -270,6 +286,21 @@ def app(name: str, replicas: int, *, kind: str = "Deployment", port_name: str | 
     return [workload, service, policy]
 
 
+def echo(name: str, replicas: int, ports: tuple[int, ...] = (8080,)) -> dict:
+    """A Deployment of ``intercept.test/echo:1`` listening on ``ports`` (``X-Served-By``: its pod)."""
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                 "template": {"metadata": {"labels": {"app": name}},
+                              "spec": {"containers": [{
+                                  "name": "echo", "image": images.ECHO,
+                                  "env": [{"name": "PORTS", "value": ",".join(map(str, ports))}],
+                                  "ports": [{"containerPort": p} for p in ports],
+                                  "readinessProbe": {"tcpSocket": {"port": ports[0]}, "periodSeconds": 1},
+                                  "securityContext": RESTRICTED}]}}},
+    }
+
+
 def deploy(cluster: RealCluster, namespace: str, objects: list[dict]) -> None:
     for obj in objects:
         cluster.create(obj, namespace)
@@ -295,7 +326,7 @@ def _server(kubeconfig: Path) -> str:
 
 
 def _why_not() -> str | None:
-    return go_missing() or unavailable() or confinement_unavailable()
+    return go_missing() or node.unavailable() or images.unavailable()
 
 
 @pytest.fixture(scope="session")

@@ -2,10 +2,12 @@
 shape, always), and the real Online Boutique (``../shared/fixtures/online-boutique/``) when present.
 
 ``kubectl apply`` (built with the control plane) sends the 12 Deployments, Services,
-ServiceAccounts and the NetworkPolicies to the real API server; the simulated node runs
-each container as an HTTP responder on its declared ports (``e2e/cluster/images.py``).
-Then ``frontend`` (HTTP, numeric targetPort, behind a deny-all policy and its own) is
-intercepted by header, and uninstalled back to exactly what was applied.
+ServiceAccounts and the NetworkPolicies to the real API server, unchanged; the node holds
+``intercept.test/echo:1`` under each of their image names (there is no registry here), so
+the frontend answers HTTP on 8080 and passes its real probes, while the gRPC services
+never become ready, as their images are not what they expect. Then ``frontend`` (HTTP,
+numeric targetPort, behind a deny-all policy and its own) is intercepted by header, and
+uninstalled back to exactly what was applied.
 
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+import yaml
 
 from tests import shop
 from tests.conftest import free_port
@@ -27,6 +30,10 @@ def test_online_boutique_applied_as_is_and_frontend_intercepted_by_header(real_c
                                                                           corpus: str) -> None:
     ns = namespace_of("boutique")
     directory = shop.files() if corpus == "shop" else shop.ONLINE_BOUTIQUE
+    manifests = [doc for doc in yaml.safe_load_all((directory / "kubernetes-manifests.yaml").read_text()) if doc]
+    real_cluster.provide_as_echo({c["image"] for doc in manifests if doc["kind"] == "Deployment"
+                                  for c in doc["spec"]["template"]["spec"]["containers"]
+                                  + (doc["spec"]["template"]["spec"].get("initContainers") or [])})
     applied = subprocess.run(
         [str(real_cluster.kubectl), "--kubeconfig", str(real_cluster.kubeconfig), "apply", "-n", ns,
          "-f", str(directory / "kubernetes-manifests.yaml"), "-f", str(directory / "network-policies.yaml")],
@@ -34,7 +41,7 @@ def test_online_boutique_applied_as_is_and_frontend_intercepted_by_header(real_c
     assert applied.returncode == 0, applied.stdout + applied.stderr
     assert len(real_cluster.items("Deployment", ns)) == 12
     (frontend,) = real_cluster.wait_ready(ns, "frontend", 1)
-    assert served_by(frontend) == f"{frontend.pod}/server"  # the responder that stands for the image
+    assert served_by(frontend) == frontend.pod  # echo, under the frontend image's name
     before = snapshot(real_cluster, ns)
 
     port = free_port()
@@ -47,7 +54,7 @@ def test_online_boutique_applied_as_is_and_frontend_intercepted_by_header(real_c
         (endpoint,) = real_cluster.wait_ready(ns, "frontend", 1)
         assert endpoint.port == 9900
         assert served_by(endpoint, {"x-dev": "alice"}) == "local"
-        assert served_by(endpoint) == f"{endpoint.pod}/server"
+        assert served_by(endpoint) == endpoint.pod
     finally:
         client.stop()
 

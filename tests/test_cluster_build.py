@@ -40,6 +40,6 @@ def test_the_committed_kube_module_replaces_every_staging_module_with_the_releas
     replaced = dict(re.findall(r"^\t(k8s\.io/[\w.-]+) => \1 (\S+)$", go_mod, re.M))
     assert len(replaced) >= 30 and {"k8s.io/api", "k8s.io/apiserver", "k8s.io/client-go"} <= set(replaced)
     assert set(replaced.values()) == {"v0." + release.removeprefix("v1.")}
-    for module in ("kube", "etcd", "kwok"):
+    for module in ("kube", "etcd"):
         assert "\ntool " in (HERE / module / "go.mod").read_text() or "\ntool (" in (HERE / module / "go.mod").read_text()
         assert (HERE / module / "go.sum").is_file(), f"{module}/go.sum is committed"

@@ -170,5 +170,6 @@ def test_a_service_port_nothing_listens_on_fails_protocol_with_the_kubelets_conn
     status, text = checks["protocol"]
     assert status == "failed", output
     assert re.match(r"could not probe pod deaf-\S+ port 9999 \(container app, probed through a port-forward\): "
-                    r".*connection refused; fix: check that the pod runs and its app listens on that port$", text), text
+                    r".*(connection refused|failed to connect to localhost:9999).*; fix: check that the pod runs and its app "
+                    r"listens on that port$", text), text
     assert [name for name, (s, _) in checks.items() if s != "ok"] == ["protocol"], output

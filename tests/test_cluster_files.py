@@ -3,7 +3,7 @@
 The app's pod mounts a projected volume whose source is a Secret (the shape in which
 Kubernetes hands out credentials and the service account token); the harness's kubelet
 writes it out. The injected agent serves it at its mountPath over the developer's SSH
-session (port-forwarded through the API server and kwok), and the developer's process
+session (port-forwarded through the API server and the kubelet), and the developer's process
 reads it under ``$INTERCEPT_ROOT``.
 """
 

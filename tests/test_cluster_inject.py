@@ -23,6 +23,7 @@ from e2e.cluster.api import APIError, wait_until
 from e2e.cluster.pki import Authority
 from tests.conftest import free_port
 from tests.realcluster import (
+    AGENT_IMAGE,
     ENFORCE_RESTRICTED,
     WAIT,
     RealCluster,
@@ -103,7 +104,7 @@ def test_uninstall_all_restores_every_injected_workload_of_the_namespace(real_cl
     before = snapshot(real_cluster, ns)
 
     for service in ("cart", "stock", "till"):  # the agent added, then the pod's environment read through it
-        result = intercept("inject", service, "--agent-image", "intercept.test/agent:1", *kube(real_cluster, "-n", ns))
+        result = intercept("inject", service, "--agent-image", AGENT_IMAGE, *kube(real_cluster, "-n", ns))
         assert result.returncode == 0, result.stdout + result.stderr
         result = intercept("env", service, "-o", "json", *kube(real_cluster, "-n", ns))
         assert result.returncode == 0, result.stdout + result.stderr

@@ -17,6 +17,7 @@ from pathlib import Path
 from e2e.cluster.api import wait_until
 from tests.conftest import free_port
 from tests.realcluster import (
+    AGENT_IMAGE,
     WAIT,
     RealCluster,
     app,
@@ -69,8 +70,7 @@ def test_the_sessions_follow_pods_deleted_scaled_and_an_agent_killed(real_cluste
         assert set(pods) < set(five)
 
         # The agent process of one pod killed: the kubelet restarts it; its session goes and comes back.
-        victim = next(p for p in real_cluster.pods(ns, "app=fleet") if p["metadata"]["name"] == pods[1])
-        pid = int((real_cluster.pod_dir(ns, victim) / "intercept-agent.pid").read_text())
+        pid = real_cluster.container_pid(ns, pods[1], "intercept-agent")
         mark = len(client.lines)
         os.kill(pid, signal.SIGKILL)
         assert client.wait_for(gone, start=mark, timeout=WAIT)[1] == pods[1]
@@ -103,7 +103,7 @@ def test_list_status_env_and_leave_against_the_real_server(real_cluster: RealClu
         assert listed.returncode == 0, listed.stdout + listed.stderr
         (row,) = json.loads(listed.stdout)
         assert (row["service"], row["workload"], row["agent"], row["agentImage"]) == (
-            "menu", "Deployment/menu", True, "intercept.test/agent:1")
+            "menu", "Deployment/menu", True, AGENT_IMAGE)
         assert [(r["holder"], r["description"]) for r in row["routes"]] == [("alice", "x-dev: alice")]
 
         status = intercept("status", "-o", "json", env=state)

@@ -4,7 +4,7 @@ The cluster is ``e2e/cluster`` (one per test session, a namespace per test). "Th
 Service" is reached as kube-proxy would reach it: a ready endpoint from the Service's
 real EndpointSlices, dialled at ``podIP:port``, so a request lands on whatever the
 Service's targetPort now resolves to (the agent, after the takeover). The client
-reaches each agent pod through the real port-forward path: API server -> kwok -> pod.
+reaches each agent pod through the real port-forward path: API server -> kubelet -> containerd -> pod.
 """
 
 from __future__ import annotations

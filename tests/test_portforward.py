@@ -38,7 +38,7 @@ class PortForwardAPI(PortForwarder):
 
     The protocol and the relay are :class:`tests.kubeapi.PortForwarder`'s (``pods``,
     ``forbidden``, ``forwards``, ``drop``, ``release_stale``); the full stand-in serves
-    the same path among the others; the real path (API server -> kwok -> pod) is
+    the same path among the others; the real path (API server -> kubelet -> pod) is
     ``tests/test_cluster_*.py``.
     """
 

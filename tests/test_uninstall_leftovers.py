@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.realcluster import RealCluster, app, deploy, intercept, no_trace_of_intercept, snapshot
+from tests.realcluster import AGENT_IMAGE, RealCluster, app, deploy, intercept, no_trace_of_intercept, snapshot
 
 
 def kube(cluster: RealCluster, *args: str) -> list[str]:
@@ -23,7 +23,7 @@ def test_uninstall_finds_the_agent_of_a_deleted_service_by_its_own_record(real_c
     real_cluster.wait_ready(ns, "stock", 1)
     before = snapshot(real_cluster, ns)
     for service in ("cart", "stock"):
-        result = intercept("inject", service, "--agent-image", "intercept.test/agent:1", *kube(real_cluster, "-n", ns))
+        result = intercept("inject", service, "--agent-image", AGENT_IMAGE, *kube(real_cluster, "-n", ns))
         assert result.returncode == 0, result.stdout + result.stderr
     real_cluster.delete("Service", ns, "cart")
 

@@ -2,7 +2,8 @@
 
     python sample.py serve --port 8080 [--name NAME]
         Answers every request 200 with the body "NAME\\n" and the header X-Served-By: NAME.
-        NAME defaults to "cluster/$POD_NAME": the cluster's version, naming its pod.
+        NAME defaults to "cluster/$POD_NAME": the cluster's version, naming its pod
+        ("$SAMPLE_VERSION/$POD_NAME" where the image sets SAMPLE_VERSION: a changed build).
         The developer's "local version" runs the same file with --name local.
         With $DOWNSTREAM (a URL), each request first calls it, passing on the routing key
         (x-intercept-id and baggage) as a service that propagates it would, and answers
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -52,6 +54,9 @@ def serve(port: int, name: str) -> None:
             pass
 
     server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    # In a container this is PID 1, for which the kernel ignores SIGTERM unless handled: without this
+    # every pod of the sample would wait out its grace period (30 s) at each rollout.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     # one write for the line and its end: under PYTHONUNBUFFERED print makes two, and another
     # process writing to the same pipe (intercept start, whose COMMAND this is) can land between
     sys.stdout.write(f"sample: serving as {name} on port {port}\n")
@@ -72,7 +77,7 @@ def main(argv: list[str]) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     s = commands.add_parser("serve")
     s.add_argument("--port", type=int, default=8080)
-    s.add_argument("--name", default=f"cluster/{os.environ.get('POD_NAME', 'unknown')}")
+    s.add_argument("--name", default=f"{os.environ.get('SAMPLE_VERSION', 'cluster')}/{os.environ.get('POD_NAME', 'unknown')}")
     p = commands.add_parser("probe")
     p.add_argument("url")
     p.add_argument("-H", "--header", action="append", default=[])

@@ -1,10 +1,10 @@
 """Build the control plane's binaries from the Go modules, into a cache keyed by what they are built from.
 
-Three small Go modules beside this file name what to build, with ``tool`` directives
-and no Go code: ``kube/`` (kube-apiserver, kube-controller-manager, kube-scheduler and
-kubectl from ``k8s.io/kubernetes``), ``etcd/`` (``go.etcd.io/etcd/server/v3``) and
-``kwok/`` (``sigs.k8s.io/kwok/cmd/kwok``, the kubelet of a simulated node). They are
-separate modules because kwok pins older ``k8s.io/*`` libraries than kube-apiserver.
+Two small Go modules beside this file name what to build, with ``tool`` directives
+and no Go code: ``kube/`` (kube-apiserver, kube-controller-manager, kube-scheduler,
+kubectl, and the node's kubelet and kube-proxy, from ``k8s.io/kubernetes``) and ``etcd/``
+(``go.etcd.io/etcd/server/v3``). The pod sandbox's ``pause`` program is C: ``pause.c``
+from the same ``k8s.io/kubernetes`` module, compiled static with the system's gcc.
 
 :func:`ensure_binaries` returns a :class:`Binaries` directory:
 
@@ -12,11 +12,9 @@ separate modules because kwok pins older ``k8s.io/*`` libraries than kube-apiser
   the directory in it is named by a hash of the three go.mod and go.sum files and of
   ``go version``: a change of any pin or of the toolchain builds anew, anything else
   reuses what is there (Go's own build cache makes a rebuild after a small change quick);
-- a directory is used only when complete (it is filled under another name and renamed);
-- it also holds what kwok needs at run time from its own module: the PortForward CRD
-  and its node stages (copied from the module cache, never into the repository).
+- a directory is used only when complete (it is filled under another name and renamed).
 
-Raises :class:`BuildUnavailable` (Go missing) or :class:`BuildFailed` (with the
+Raises :class:`BuildUnavailable` (Go or gcc missing) or :class:`BuildFailed` (with the
 command and its last output lines). ``say`` receives one line per step.
 
 :func:`pin_kubernetes` rewrites ``kube/go.mod`` for another Kubernetes release: the
@@ -41,24 +39,20 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
-MODULES = ("kube", "etcd", "kwok")
+MODULES = ("kube", "etcd")
 # module directory -> the module it builds from
-MAIN_MODULE = {"kube": "k8s.io/kubernetes", "etcd": "go.etcd.io/etcd/server/v3", "kwok": "sigs.k8s.io/kwok"}
+MAIN_MODULE = {"kube": "k8s.io/kubernetes", "etcd": "go.etcd.io/etcd/server/v3"}
 # binary name -> (module directory, package)
 PROGRAMS = {
     "kube-apiserver": ("kube", "k8s.io/kubernetes/cmd/kube-apiserver"),
     "kube-controller-manager": ("kube", "k8s.io/kubernetes/cmd/kube-controller-manager"),
     "kube-scheduler": ("kube", "k8s.io/kubernetes/cmd/kube-scheduler"),
     "kubectl": ("kube", "k8s.io/kubernetes/cmd/kubectl"),
+    "kubelet": ("kube", "k8s.io/kubernetes/cmd/kubelet"),
+    "kube-proxy": ("kube", "k8s.io/kubernetes/cmd/kube-proxy"),
     "etcd": ("etcd", "go.etcd.io/etcd/server/v3"),
-    "kwok": ("kwok", "sigs.k8s.io/kwok/cmd/kwok"),
 }
-# files of the kwok module that kwok reads at run time: (path in the module, name in the cache)
-KWOK_ASSETS = (
-    ("kustomize/crd/bases/kwok.x-k8s.io_portforwards.yaml", "kwok-portforwards-crd.yaml"),
-    ("kustomize/stage/node/fast/node-initialize.yaml", "kwok-node-initialize.yaml"),
-    ("kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml", "kwok-node-heartbeat.yaml"),
-)
+PAUSE_SOURCE = "build/pause/linux/pause.c"  # in the k8s.io/kubernetes module: the pod sandbox's process
 COMPLETE = ".complete"
 HEARTBEAT = 60.0  # seconds between two "still building" lines
 
@@ -75,15 +69,12 @@ class BuildFailed(Exception):
 
 @dataclass(frozen=True)
 class Binaries:
-    """A complete directory of built programs and kwok's assets."""
+    """A complete directory of built programs (and ``pause``)."""
 
     dir: Path
 
     def __getitem__(self, program: str) -> Path:
         return self.dir / program
-
-    def asset(self, name: str) -> Path:
-        return self.dir / name
 
 
 def cache_root(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
@@ -93,7 +84,9 @@ def cache_root(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
 def go_missing() -> str | None:
     """Why the binaries cannot be built here, or None."""
     if shutil.which("go") is None:
-        return "Go is not installed (no `go` on PATH): the real-cluster tests build kube-apiserver, etcd and kwok with it"
+        return "Go is not installed (no `go` on PATH): the real-cluster tests build kube-apiserver, etcd and the kubelet with it"
+    if shutil.which("gcc") is None:
+        return "gcc is not installed: the pod sandbox's pause.c is compiled with it (apt-get install gcc libc6-dev)"
     return None
 
 
@@ -136,9 +129,7 @@ def ensure_binaries(say: Say = lambda line: None, *, cache: Path | None = None) 
                 say(f"binaries: building {name} ...")
                 _build(module, PROGRAMS[name][1], work / name, _version_flags(module, version), say)
                 say(f"binaries: built {name} in {time.monotonic() - step:.0f}s")
-        kwok_dir = Path(_go_in("kwok", "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/kwok").strip())
-        for source, name in KWOK_ASSETS:
-            shutil.copyfile(kwok_dir / source, work / name)
+        _build_pause(work / "pause", _module_version("kube"))
         (work / COMPLETE).write_text(json.dumps({"key": key, "seconds": round(time.monotonic() - started)}) + "\n")
         shutil.rmtree(target, ignore_errors=True)
         os.replace(work, target)
@@ -188,6 +179,14 @@ def _build(module: str, package: str, output: Path, ldflags: str, say: Say) -> N
     if process.returncode != 0:
         tail = "\n".join(out.strip().splitlines()[-30:])
         raise BuildFailed(f"`{' '.join(argv)}` in {HERE / module} failed with exit code {process.returncode}:\n{tail}")
+
+
+def _build_pause(output: Path, version: str) -> None:
+    """``pause.c`` of the kubernetes module, static (the pause image holds nothing else)."""
+    kubernetes = Path(_go_in("kube", "list", "-m", "-f", "{{.Dir}}", "k8s.io/kubernetes").strip())
+    _run(["gcc", "-Os", "-static", f"-DVERSION={version.rpartition('@')[2]}", "-o", str(output),
+          str(kubernetes / PAUSE_SOURCE)], HERE)
+    _run(["strip", str(output)], HERE)
 
 
 def _env() -> dict[str, str]:

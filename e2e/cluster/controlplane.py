@@ -1,8 +1,10 @@
-"""A real Kubernetes control plane on loopback: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok.
+"""A real Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler.
 
 :class:`ControlPlane` starts the built binaries (:mod:`e2e.cluster.build`) as child
-processes in a state directory, each on a free loopback port, and stops them all again.
-What the API server runs with matters to the tests, so it is the real thing:
+processes in a state directory, etcd on loopback and the API server on ``address`` (this
+machine's end of the link to the node, :mod:`e2e.cluster.node`, so that the kubelet and
+the pods reach it too), and stops them all again. What the API server runs with matters
+to the tests, so it is the real thing:
 
 - the secure port only, with its own CA (:mod:`e2e.cluster.pki`); clients authenticate
   with client certificates: ``admin`` (``system:masters``) and any user the tests ask
@@ -11,10 +13,7 @@ What the API server runs with matters to the tests, so it is the real thing:
   includes ``PodSecurity`` (namespace labels ``pod-security.kubernetes.io/*``) and
   ``ValidatingAdmissionPolicy``, plus ``NodeRestriction``;
 - the controller manager runs every default controller (Deployment, ReplicaSet,
-  StatefulSet, EndpointSlice, garbage collector, ...), the scheduler binds pods;
-- kwok is the kubelet of one simulated Node ``kwok-node-0`` (its node stages keep the
-  Node Ready; it serves the kubelet API on loopback, so the API server's port-forward
-  reaches it); the pods themselves are run by :mod:`e2e.cluster.kubelet`.
+  StatefulSet, EndpointSlice, garbage collector, ...), the scheduler binds pods.
 
 Invariant: :meth:`ControlPlane.stop` (also on a failed start) ends every process it
 started, by process group, and waits for each.
@@ -36,14 +35,10 @@ import yaml
 
 from e2e.cluster.api import API, APIError, wait_until
 from e2e.cluster.build import Binaries
-from e2e.cluster.network import orphan_guard
 from e2e.cluster.pki import Authority, KeyPair, signing_key
 
 log = logging.getLogger(__name__)
 
-NODE = "kwok-node-0"
-NODE_IP = "127.0.0.1"
-SERVICE_CIDR = "10.96.0.0/16"
 START_TIMEOUT = 120.0
 
 Say = Callable[[str], None]
@@ -62,23 +57,27 @@ def free_port() -> int:
 class ControlPlane:
     """The control plane's processes in ``state``; ``kubeconfig`` is the administrator's."""
 
-    def __init__(self, binaries: Binaries, state: Path, say: Say = lambda line: None) -> None:
+    def __init__(self, binaries: Binaries, state: Path, address: str, service_cidr: str, api_service: str,
+                 spawn: Callable[[str, list[str]], subprocess.Popen[bytes]], say: Say = lambda line: None) -> None:
         self.binaries = binaries
         self.state = state
+        self.address = address
+        self.service_cidr = service_cidr
+        self.api_service = api_service  # the ClusterIP of the "kubernetes" Service
+        self.spawn = spawn
         self.say = say
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.pki = state / "pki"
         self.logs = state / "logs"
         self.kubeconfig = state / "kubeconfig"
         self.server = ""
-        self.kwok_port = 0
         self._authority: Authority | None = None
         self.api: API | None = None
 
     # ------------------------------------------------------------------ start / stop
 
     def start(self) -> None:
-        """Start every component and wait until the API server answers and the Node is Ready."""
+        """Start every component and wait until the API server answers."""
         try:
             self._start()
         except BaseException:
@@ -87,19 +86,18 @@ class ControlPlane:
 
     def _start(self) -> None:
         self.state.mkdir(parents=True, exist_ok=True)
-        for old in ("etcd", "pki", "logs", "pods"):  # a state directory is reused: start afresh
+        for old in ("etcd", "pki"):  # a state directory is reused: start afresh
             shutil.rmtree(self.state / old, ignore_errors=True)
-        self.logs.mkdir(exist_ok=True)
         link = self.state / "bin"  # DIR/bin/kubectl --kubeconfig DIR/kubeconfig works by hand
         link.unlink(missing_ok=True)
         link.symlink_to(self.binaries.dir)
         ca = self._authority = Authority(self.pki)
         sa_key = signing_key(self.pki / "service-account.key")
-        etcd_port, peer_port, api_port, self.kwok_port = free_port(), free_port(), free_port(), free_port()
-        self.server = f"https://127.0.0.1:{api_port}"
-        serving = ca.serving("apiserver", ["127.0.0.1", "localhost", "kubernetes", "kubernetes.default",
+        etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
+        self.server = f"https://{self.address}:{api_port}"
+        serving = ca.serving("apiserver", [self.address, "127.0.0.1", "localhost", "kubernetes", "kubernetes.default",
                                            "kubernetes.default.svc", "kubernetes.default.svc.cluster.local",
-                                           "10.96.0.1"])
+                                           self.api_service])
         admin = ca.client("admin", "admin", ["system:masters"])
         self._write_kubeconfig(self.kubeconfig, "admin", admin)
 
@@ -120,17 +118,16 @@ class ControlPlane:
         self._spawn("kube-apiserver", [
             str(self.binaries["kube-apiserver"]),
             f"--etcd-servers=http://127.0.0.1:{etcd_port}",
-            "--bind-address=127.0.0.1", f"--secure-port={api_port}", "--advertise-address=127.0.0.1",
+            f"--bind-address={self.address}", f"--secure-port={api_port}", f"--advertise-address={self.address}",
             f"--tls-cert-file={serving.cert}", f"--tls-private-key-file={serving.key}",
             f"--client-ca-file={ca.cert}",
             f"--service-account-key-file={sa_key.cert}", f"--service-account-signing-key-file={sa_key.key}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--service-cluster-ip-range={self.service_cidr}",
             "--authorization-mode=Node,RBAC",
             "--enable-admission-plugins=NodeRestriction",
             f"--kubelet-client-certificate={admin.cert}", f"--kubelet-client-key={admin.key}",
             "--kubelet-preferred-address-types=InternalIP",
-            "--endpoint-reconciler-type=none",  # no endpoints for the "kubernetes" Service on loopback
             "--max-requests-inflight=0", "--max-mutating-requests-inflight=0", "--enable-priority-and-fairness=false",
             "--v=1",
         ])
@@ -151,41 +148,11 @@ class ControlPlane:
                 f"--secure-port={free_port()}", "--kube-api-qps=500", "--kube-api-burst=1000", *extra, "--v=1",
             ])
 
-        self._start_kwok(ca, admin)
-        wait_until(self._node_ready, f"Node {NODE} to be Ready", START_TIMEOUT, check=self._check_alive)
-        self.say(f"kwok: Node {NODE} is Ready (kubelet API on {NODE_IP}:{self.kwok_port})")
 
-    def _start_kwok(self, ca: Authority, admin: KeyPair) -> None:
-        assert self.api is not None
-        crd = yaml.safe_load(self.binaries.asset("kwok-portforwards-crd.yaml").read_text())
-        self.api.post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
-        wait_until(lambda: _established(self.api, crd["metadata"]["name"]), "kwok's PortForward CRD", 60)
-        serving = ca.serving("kwok", [NODE_IP, "localhost", NODE])
-        # Node stages only: kwok keeps the Node Ready; pods are left to e2e.cluster.kubelet.
-        config = self.state / "kwok.yaml"
-        docs = [{"apiVersion": "config.kwok.x-k8s.io/v1alpha1", "kind": "KwokConfiguration",
-                 # kwok's defaults are not applied to a configuration file's options: spell them out
-                 "options": {"enableDebuggingHandlers": True, "podPlayStageParallelism": 4,
-                             "nodePlayStageParallelism": 4, "nodeLeaseParallelism": 4,
-                             "podsOnNodeSyncParallelism": 1, "enablePodsOnNodeSyncListPager": True,
-                             "enablePodsOnNodeSyncStreamWatch": False}}]
-        docs += [yaml.safe_load(self.binaries.asset(name).read_text())
-                 for name in ("kwok-node-initialize.yaml", "kwok-node-heartbeat.yaml")]
-        config.write_text(yaml.safe_dump_all(docs))
-        self._spawn("kwok", [
-            str(self.binaries["kwok"]), f"--kubeconfig={self.kubeconfig}", f"--config={config}",
-            f"--tls-cert-file={serving.cert}", f"--tls-private-key-file={serving.key}",
-            f"--node-ip={NODE_IP}", f"--node-name={NODE}", f"--node-port={self.kwok_port}",
-            f"--server-address={NODE_IP}:{self.kwok_port}", "--manage-all-nodes=true",
-            "--node-lease-duration-seconds=40", "--enable-crds=PortForward",
-        ])
-        self.api.post("/api/v1/nodes", {
-            "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": NODE, "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
-                         "labels": {"kubernetes.io/hostname": NODE, "kubernetes.io/os": "linux",
-                                    "kubernetes.io/arch": "amd64", "type": "kwok"}},
-            "spec": {},
-        })
+    @property
+    def authority(self) -> Authority:
+        assert self._authority is not None
+        return self._authority
 
     def stop(self) -> None:
         """End every component (newest first): SIGTERM to its process group, SIGKILL after 10 s."""
@@ -221,11 +188,7 @@ class ControlPlane:
         }))
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        out = open(self.logs / f"{name}.log", "ab")
-        self.processes[name] = subprocess.Popen(orphan_guard("TERM") + argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                start_new_session=True, cwd=self.state)
-        out.close()
-        log.info("started %s (pid %d)", name, self.processes[name].pid)
+        self.processes[name] = self.spawn(name, argv)
 
     def _check_alive(self) -> None:
         for name, process in self.processes.items():
@@ -255,22 +218,6 @@ class ControlPlane:
             return True
         except (APIError, urllib3.exceptions.HTTPError):
             return False
-
-    def _node_ready(self) -> bool:
-        assert self.api is not None
-        try:
-            node = self.api.get(f"/api/v1/nodes/{NODE}")
-        except APIError:
-            return False
-        return any(c.get("type") == "Ready" and c.get("status") == "True"
-                   for c in (node.get("status") or {}).get("conditions") or [])
-
-
-def _established(api: API | None, name: str) -> bool:
-    assert api is not None
-    crd = api.get(f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
-    return any(c.get("type") == "Established" and c.get("status") == "True"
-               for c in (crd.get("status") or {}).get("conditions") or [])
 
 
 def _end(process: subprocess.Popen[bytes], name: str) -> None:

@@ -241,7 +241,16 @@ async def _holders(cluster: Any, info: Any) -> list[str]:
     except (InterceptError, OSError) as e:
         log.info("could not ask the agents of %s who they serve: %s", info.service, e)
         return []
-    return sorted({str(r.get("holder")) for r in routes if not str(r.get("holder", "")).startswith("sandbox ")})
+    return sorted({str(r.get("holder")) for r in routes if _connected(r)})
+
+
+def _connected(route: Mapping[str, Any]) -> bool:
+    """Whether a route an agent lists is held by a developer connected to it: not a sandbox's,
+    nor the pending route of a developer known only from the developers file."""
+    from intercept.routing.cluster import SESSION_PREFIX
+    from intercept.routing.developers import PENDING_PREFIX
+
+    return not str(route.get("session", "")).startswith((SESSION_PREFIX, PENDING_PREFIX))
 
 
 async def _service_agents(s: InterceptSpec, emit: OnEvent, follow: bool, *, add: bool = True) -> _Agents:
@@ -747,8 +756,7 @@ def uninstall(service: str | None = None, *, all: bool = False, namespace: str |
     cluster = connect(kubeconfig, context, namespace)
     if not force:
         _, rows = list_services(cluster.namespace, kubeconfig=kubeconfig, context=context)
-        held = {r["service"]: sorted({x["holder"] for x in r["routes"] if "holder" in x and not
-                                      str(x["holder"]).startswith("sandbox ")})
+        held = {r["service"]: sorted({x["holder"] for x in r["routes"] if "holder" in x and _connected(x)})
                 for r in rows if r["agent"] and (all or r["service"] == service)}
         held = {name: holders for name, holders in held.items() if holders}
         if held:

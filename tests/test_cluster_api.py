@@ -10,6 +10,7 @@ through intercept mcp.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 
@@ -75,6 +76,17 @@ def test_a_coding_agent_intercepts_a_service_through_intercept_mcp(real_cluster:
             assert any(k == "X-Served-By" and v.startswith("cluster/shop-") for k, v in plain["headers"])
             env_of_pod = tool_result(await client.call_tool("pod_env", {"service": "shop", "namespace": ns}))
             assert env_of_pod["GREETING"] == "hello"
-            assert tool_result(await client.call_tool("stop_intercept", {"id": started["id"]}))["exit_status"] == 0
+
+            # One registry for every face: a terminal sees the coding agent's intercept, and leaves it.
+            listed = await asyncio.to_thread(run_cli, "status", "-o", "json", env={"INTERCEPT_STATE_DIR": env["INTERCEPT_STATE_DIR"]})
+            (row,) = json.loads(listed.stdout)
+            assert (row["service"], row["namespace"], row["id"], row["route"]) == (
+                "shop", ns, started["id"], "requests with x-dev: agent")
+            left = await asyncio.to_thread(run_cli, "leave", "shop", "-n", ns, env={"INTERCEPT_STATE_DIR": env["INTERCEPT_STATE_DIR"]})
+            assert left.returncode == 0 and left.stdout.startswith("intercept: left: shop"), left.stdout + left.stderr
+            status = tool_result(await client.call_tool("status", {}))
+            assert status["started_here"] == [] and status["this_machine"] == []
+            after = tool_result(await client.call_tool("send_request", {"service": "shop", "namespace": ns, "headers": {"x-dev": "agent"}}))
+            assert any(k == "X-Served-By" and v.startswith("cluster/shop-") for k, v in after["headers"])
 
     asyncio.run(session())

@@ -12,6 +12,7 @@ import re
 import uuid
 from pathlib import Path
 
+from tests.conftest import free_port
 from tests.realcluster import (
     AGENT_IMAGE,
     ENFORCE_RESTRICTED,
@@ -173,3 +174,26 @@ def test_a_service_port_nothing_listens_on_fails_protocol_with_the_kubelets_conn
                     r".*(connection refused|failed to connect to localhost:9999).*; fix: check that the pod runs and its app "
                     r"listens on that port$", text), text
     assert [name for name, (s, _) in checks.items() if s != "ok"] == ["protocol"], output
+
+
+def test_doctor_judges_what_a_start_would_do_where_an_agent_runs_already(real_cluster: RealCluster, namespace_of,
+                                                                        tmp_path: Path) -> None:
+    """doctor and start agree: with the agent in place, doctor reports the image it runs (which a
+    start uses), and an intercept.yaml naming another image fails the check, as start refuses it."""
+    ns = namespace_of("agree")
+    deploy(real_cluster, ns, app("agree", 1))
+    real_cluster.wait_ready(ns, "agree", 1)
+    kube = ["-n", ns, "--kubeconfig", str(real_cluster.kubeconfig)]
+    assert intercept("inject", "agree", *kube, "--agent-image", AGENT_IMAGE).returncode == 0
+
+    _, checks, output = doctor(real_cluster, ns, "agree", "-f", str(tmp_path / "none.yaml"))
+    assert checks["agent image"] == ("ok", f"{AGENT_IMAGE}: the agent of agree runs it already, and a start uses it"), output
+
+    spec = tmp_path / "intercept.yaml"
+    spec.write_text("version: 1\nagent_image: intercept.test/agent:other\nintercepts:\n  - service: agree\n")
+    code, checks, output = doctor(real_cluster, ns, "agree", "-f", str(spec))
+    assert code == 12, output
+    status, message = checks["agent image"]
+    assert status == "failed" and message.startswith(f"the agent of agree runs {AGENT_IMAGE}, and intercept.test/agent:other")
+    started = intercept("start", "agree", *kube, "--agent-image", "intercept.test/agent:other", "--port", str(free_port()))
+    assert started.returncode == 13, started.stdout + started.stderr  # start refuses what doctor failed

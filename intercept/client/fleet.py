@@ -237,13 +237,9 @@ class Fleet:
         for holder in list(self._holders.values()):
             if holder.registered and holder.session is not None:
                 try:
-                    reply = await holder.session.request(protocol.CheckOutbound(host, port))
+                    return await holder.session.check_outbound(host, port)
                 except Exception as e:  # noqa: BLE001 - any failure: try the next replica
                     log.info("replica %s: no outbound check: %s", holder.replica.name, e)
-                    continue
-                if isinstance(reply, protocol.Refusal) and reply.error == "fenced":
-                    return reply.message
-                return None
         return None
 
     async def pod_environment(self) -> dict[str, str]:

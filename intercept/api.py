@@ -83,6 +83,7 @@ class _Target:
     # While the intercept runs, keep its route where agents that start later read it (until the
     # event is set); None in direct mode.
     record: Callable[[asyncio.Event], Any] | None = None
+    access: Any = None  # intercept.access.reach.AccessPlan: the cluster's names for the local process; None in direct mode
 
 
 @dataclass
@@ -135,7 +136,18 @@ async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow
     if agents is None:
         return _Target(options, None, namespace)
     record = functools.partial(_keep_route_recorded, agents, name, options.route) if route else None
-    return _Target(options, agents.replicas, namespace, record)
+    return _Target(options, agents.replicas, namespace, record, _access_plan(s, agents.cluster, namespace))
+
+
+def _access_plan(s: InterceptSpec, cluster: Any, namespace: str) -> Any:
+    """The Services to reach by name from the local process (``--access``, ``--also-namespace``), or None."""
+    from intercept.access.reach import AccessPlan
+    from intercept.kube.services import follow_services
+
+    if s.access == "off":
+        return None
+    namespaces = tuple(dict.fromkeys((namespace, *s.also_namespaces)))
+    return AccessPlan(s.access, namespaces, lambda: follow_services(cluster.api, namespaces))
 
 
 async def _keep_route_recorded(agents: _Agents, name: str, route: Any, ended: asyncio.Event) -> None:
@@ -510,7 +522,7 @@ class Intercept:
             mount = MountRequest(None if s.mount is True else Path(s.mount), s.mount_mode)
         self._task = asyncio.ensure_future(self._running(start_client(
             self._target.options, command, self._event, self._target.replicas, s.forward, s.propagate_header, self._stop,
-            self._hurry, mount)))
+            self._hurry, mount, self._target.access)))
 
     async def _running(self, client: Any) -> int:
         """The intercept, with its route recorded for agent pods that start while it runs."""

@@ -229,7 +229,8 @@ class ClusterMap:
             if kind == "ExternalName":
                 target = str(spec.get("externalName") or "").rstrip(".")
                 if ports and target:
-                    entries.append(self._entry((namespace, name), None, full, target + ".", ports, None))
+                    dial = target if _is_address(target) else target + "."
+                    entries.append(self._entry((namespace, name), None, full, dial, ports, None))
                 continue
             all_ports = tuple(sorted(set(ports) | set(slice_ports))) if headless else ports
             if all_ports:
@@ -264,6 +265,14 @@ class ClusterMap:
             self._next += 1
             if str(address).split(".")[-1] not in ("0", "255"):
                 return str(address)
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _meta(obj: Obj, key: str) -> str:

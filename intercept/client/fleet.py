@@ -231,6 +231,13 @@ class Fleet:
                 return holder.session.fence
         return None
 
+    def resolver(self) -> str:
+        """The agents' pod's ``resolv.conf``, as a replica's hello says it ("" before any has the route)."""
+        for holder in self._holders.values():
+            if holder.registered and holder.session is not None:
+                return holder.session.agent.resolver
+        return ""
+
     async def check_outbound(self, host: str, port: int) -> str | None:
         """Why the agents' outbound fence (with this intercept's) refuses ``host:port``, or
         None when it passes, as a replica judges it (every replica has the same fence)."""

@@ -16,11 +16,10 @@ import logging
 import os
 import subprocess
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from pathlib import Path
 
 from intercept import protocol
-from intercept.access.reach import AccessPlan, ClusterAccess, open_access
 from intercept.client.door import LocalDoor
 from intercept.client.files import MountRequest, PodFiles, bring, keep_live
 from intercept.client.fleet import Fleet, Replica, fixed
@@ -30,6 +29,9 @@ from intercept.client.session import AgentSession, InterceptOptions
 from intercept.events import Event
 from intercept.errors import FenceRefused, InterceptError
 from intercept.spec import Forward
+
+if TYPE_CHECKING:  # intercept.access imports the client's outbound module: no cycle at import time
+    from intercept.access.reach import AccessPlan, ClusterAccess
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +139,8 @@ async def start(
                 intercepting.result()  # raise the intercept's error
                 return 0
         if access is not None:
+            from intercept.access.reach import open_access
+
             if fleet.outbound_allowed():
                 cluster_access = await open_access(access, SSHDialer(fleet.connection), report,
                                                    resolver_text=fleet.resolver(), check=fleet.check_outbound,

@@ -45,6 +45,8 @@ def private_hosts(hosts: Path, target: str = "/etc/hosts") -> Callable[[], None]
     def check(result: int, what: str) -> None:
         if result != 0:
             code = ctypes.get_errno()
+            # the parent sees only "Exception occurred in preexec_fn": say why on the child's stderr
+            os.write(2, f"intercept: error: a hosts file of its own for the command: {what}: {os.strerror(code)}\n".encode())
             raise IsolationError(code, f"{what}: {os.strerror(code)}")
 
     def setup() -> None:

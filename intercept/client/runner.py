@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -56,6 +57,9 @@ class LocalProcess:
         except (OSError, ValueError) as e:  # ValueError: a NUL in an argument or a variable, which exec cannot pass
             raise CommandFailed(f"cannot run {self.argv[0]!r}: {getattr(e, 'strerror', None) or e}; "
                                 "check the command after --") from None
+        except subprocess.SubprocessError:  # the setup step failed in the child (it said why on stderr)
+            raise CommandFailed(f"cannot run {self.argv[0]!r}: its private namespace could not be made; "
+                                "use --access hosts-file (root) or --access proxy") from None
         if self.output is not None:
             _reading.add(task := asyncio.ensure_future(_read_lines(self.proc.stdout, self.output)))
             task.add_done_callback(_reading.discard)

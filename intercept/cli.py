@@ -311,6 +311,39 @@ def start(ctx: click.Context, output: str, **_: Any) -> None:
     sys.exit(code)
 
 
+@main.command("connect", cls=_DashDashCommand)
+@_spec_options("service", "also_namespaces", "access", "name", "outbound_allow", "outbound_deny", *CLUSTER)
+@click.pass_context
+def connect_command(ctx: click.Context, **_: Any) -> None:
+    """Reach the cluster as a pod of the namespace does, without intercepting: COMMAND (else
+    your shell) resolves every Service by name and connects through an agent's pod.
+
+    \b
+    intercept connect -n shop -- python -c "import redis; print(redis.Redis('redis-cart').ping())"
+    intercept connect -n shop --also-namespace cache        (a shell)
+    """
+    import asyncio
+    import signal
+
+    from intercept import api
+
+    command = ctx.meta["command"] or []
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a shell shares the terminal: its Ctrl-C is the shell's
+            loop.add_signal_handler(sig, stop.set if command or sig == signal.SIGTERM else (lambda: None))
+        return await api.connect(spec, command, on_event=lambda event: click.echo(event.line(), err=True), stop=stop)
+
+    try:
+        spec = _spec(ctx, "service", "also_namespaces", "access", "name", "outbound_allow", "outbound_deny", *CLUSTER)
+        code = asyncio.run(run())
+    except InterceptError as e:
+        _fail(e)
+    sys.exit(code)
+
+
 @main.command("env")
 @_spec_options("service", "agent", "credentials", "agent_image", *CLUSTER)
 @_output_option("dotenv", "json", "sh")

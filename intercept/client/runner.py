@@ -38,8 +38,10 @@ class LocalProcess:
     """
 
     def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | None = None,
-                 output: Callable[[str], None] | None = None, setup: Callable[[], None] | None = None) -> None:
+                 output: Callable[[str], None] | None = None, setup: Callable[[], None] | None = None,
+                 own_group: bool = True) -> None:
         self.setup = setup
+        self.own_group = own_group  # False: an interactive shell, in the terminal's foreground group
         self.argv = list(argv)
         self.env = dict(os.environ if env is None else env)
         self.cwd = cwd
@@ -52,7 +54,7 @@ class LocalProcess:
             piped["preexec_fn"] = _terminate_with(os.getpid(), self.setup)
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, env=self.env, cwd=self.cwd, start_new_session=True, stdin=asyncio.subprocess.DEVNULL if self.output else None, **piped
+                *self.argv, env=self.env, cwd=self.cwd, start_new_session=self.own_group, stdin=asyncio.subprocess.DEVNULL if self.output else None, **piped
             )
         except (OSError, ValueError) as e:  # ValueError: a NUL in an argument or a variable, which exec cannot pass
             raise CommandFailed(f"cannot run {self.argv[0]!r}: {getattr(e, 'strerror', None) or e}; "
@@ -73,8 +75,9 @@ class LocalProcess:
         group outlives its leader when children remain: they are stopped too)."""
         if self.proc is None:
             return None
+        kill = (lambda sig: os.killpg(self.proc.pid, sig)) if self.own_group else self.proc.send_signal
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            kill(signal.SIGTERM)
         except ProcessLookupError:
             return await self.proc.wait()
         try:
@@ -82,7 +85,7 @@ class LocalProcess:
         except asyncio.TimeoutError:
             log.warning("%s did not stop within %ss; killing it", self.argv[0], grace)
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            kill(signal.SIGKILL)
         except ProcessLookupError:
             pass
         return await self.proc.wait()

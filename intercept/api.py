@@ -858,8 +858,9 @@ def doctor(service: str | None = None, *, namespace: str | None = None, kubeconf
     cluster = connect(kubeconfig, context, namespace)
     options = InjectOptions(image=agent_image or DEFAULT_AGENT_IMAGE, service_port=service_port,
                             no_policy_changes=no_policy_changes)
-    return checks.run(cluster.api, cluster.namespace, cluster.context, service, options,
-                      (image_origin or "the caller") if agent_image else None, in_cluster=cluster.in_cluster)
+    found = checks.run(cluster.api, cluster.namespace, cluster.context, service, options,
+                       (image_origin or "the caller") if agent_image else None, in_cluster=cluster.in_cluster)
+    return [*found, checks.names_check()]
 
 
 # The agent's pod-wide options an explicit inject may set (spec keys -> InjectOptions fields).

@@ -337,7 +337,11 @@ def connect_command(ctx: click.Context, **_: Any) -> None:
         return await api.connect(spec, command, on_event=lambda event: click.echo(event.line(), err=True), stop=stop)
 
     try:
-        spec = _spec(ctx, "service", "also_namespaces", "access", "name", "outbound_allow", "outbound_deny", *CLUSTER)
+        import dataclasses
+
+        keys = ("service", "also_namespaces", "access", "name", "outbound_allow", "outbound_deny", *CLUSTER)
+        named = ctx.params.get("service")  # without one, any agent of the namespace will do
+        spec = _spec(ctx, *keys) if named else dataclasses.replace(_spec(ctx, *keys, service="any"), service=None)
         code = asyncio.run(run())
     except InterceptError as e:
         _fail(e)

@@ -20,7 +20,7 @@ warnings.filterwarnings("ignore", message=r"DSA is deprecated", category=UserWar
 
 _API = frozenset({
     "Event", "Intercept", "InterceptSpec", "Response", "agent_routes", "down", "inject_text", "intercepting", "leave",
-    "list_services", "pod_env", "restore_text", "make_spec", "run", "send_request", "send_request_sync", "start", "status",
+    "list_services", "connect", "pod_env", "restore_text", "make_spec", "run", "send_request", "send_request_sync", "start", "status",
     "uninstall", "up", "vscode", "sandbox_create", "sandbox_list", "sandbox_delete", "sandbox_extend", "gc",
 })
 

@@ -33,7 +33,7 @@ import re
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,7 @@ class _Target:
     # While the intercept runs, keep its route where agents that start later read it (until the
     # event is set); None in direct mode.
     record: Callable[[asyncio.Event], Any] | None = None
+    access: Any = None  # intercept.access.reach.AccessPlan: the cluster's names for the local process; None in direct mode
 
 
 @dataclass
@@ -135,7 +136,18 @@ async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow
     if agents is None:
         return _Target(options, None, namespace)
     record = functools.partial(_keep_route_recorded, agents, name, options.route) if route else None
-    return _Target(options, agents.replicas, namespace, record)
+    return _Target(options, agents.replicas, namespace, record, _access_plan(s, agents.cluster, namespace))
+
+
+def _access_plan(s: InterceptSpec, cluster: Any, namespace: str) -> Any:
+    """The Services to reach by name from the local process (``--access``, ``--also-namespace``), or None."""
+    from intercept.access.reach import AccessPlan
+    from intercept.kube.services import follow_services
+
+    if s.access == "off":
+        return None
+    namespaces = tuple(dict.fromkeys((namespace, *s.also_namespaces)))
+    return AccessPlan(s.access, namespaces, lambda: follow_services(cluster.api, namespaces))
 
 
 async def _keep_route_recorded(agents: _Agents, name: str, route: Any, ended: asyncio.Event) -> None:
@@ -303,6 +315,75 @@ async def _session(s: InterceptSpec) -> AsyncIterator[Any]:
         yield session
     finally:
         await session.leave()
+
+
+async def connect(s: InterceptSpec, command: Sequence[str] = (), *, on_event: OnEvent | None = None,
+                  output: Callable[[str], None] | None = None, stop: asyncio.Event | None = None) -> int:
+    """``intercept connect``: the local process reaches the cluster as a pod of ``s.namespace``
+    does (every Service by name, ``s.also_namespaces`` too), without intercepting anything.
+
+    It goes through an agent already in the namespace (that of ``s.service`` when given,
+    else any) and adds none: :class:`~intercept.errors.NoAgent` names the fix. Runs
+    ``command`` (the user's shell when empty) with the names, and returns its exit status
+    (128 + N when signal N ended it); ``stop`` ends it early (status 0). ``output``: the
+    command's lines, instead of our stdout (the MCP server's tool).
+    """
+    from intercept.access.reach import open_access
+    from intercept.client.outbound import SSHDialer
+    from intercept.client.runner import LocalProcess, exit_status
+    from intercept.client.session import AgentSession, InterceptOptions
+    from intercept.client.start import default_name
+    from intercept.errors import NoAgent
+    from intercept.kube.apply import list_services as rows_of
+    from intercept.kube.config import connect as connect_cluster
+    from intercept.routing.fence import Fence
+    from intercept.routing.match import Route
+
+    emit = on_event or (lambda event: None)
+    cluster = await asyncio.to_thread(connect_cluster, s.kubeconfig, s.context, s.namespace)
+    service = s.service
+    if service is None:
+        rows = await asyncio.to_thread(rows_of, cluster.api, cluster.namespace, routes=None)
+        service = next((row["service"] for row in rows if row.get("agent")), None)
+        if service is None:
+            raise NoAgent(f"intercept connect: no agent runs in namespace {cluster.namespace}; add one to a Service of "
+                          f"it first (intercept inject SERVICE -n {cluster.namespace}), or name another namespace with -n")
+    spec = s if s.service == service else replace(s, service=service, namespace=cluster.namespace)
+    agents = await _service_agents(spec, emit, False, add=False)
+    options = InterceptOptions(transport=agents.transport, credentials=agents.credentials, route=Route(frozenset()),
+                               name=s.name or default_name(), local_port=1,
+                               fence=Fence.parse(s.outbound_allow, s.outbound_deny, owner="this session"))
+    session = AgentSession(options)
+    await session.open_unrouted()
+    access = None
+    try:
+        if not session.agent.outbound:
+            raise UsageError(f"the agent of {agents.namespace}/{service} allows no outbound connections (injected with "
+                             f"--no-outbound); inject it again without it: intercept inject {service} -n {agents.namespace}")
+        emit(Event("starting", f"reaching the cluster as a pod of {agents.namespace} does, through the agent of {service}"))
+        plan = _access_plan(spec, agents.cluster, agents.namespace)
+        if plan is None:
+            raise UsageError("intercept connect --access off: nothing to connect; leave --access out (auto)")
+        access = await open_access(plan, SSHDialer(lambda: session.conn), emit, resolver_text=session.agent.resolver,
+                                   check=session.check_outbound, for_command=True)
+        argv = list(command) or [os.environ.get("SHELL") or "/bin/sh"]
+        process = LocalProcess(argv, os.environ, output=output, setup=access.setup if access else None,
+                               own_group=bool(command) or output is not None)
+        await process.start()
+        waiting = asyncio.ensure_future(process.wait())
+        stopping = asyncio.ensure_future((stop or asyncio.Event()).wait())
+        await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not waiting.done():
+            await process.stop()
+            return 0
+        code = exit_status(waiting.result())
+        emit(Event("exited", f"{argv[0]} exited with status {code}", status=code))
+        return code
+    finally:
+        if access is not None:
+            await access.close()
+        await session.close()
 
 
 async def pod_env(s: InterceptSpec) -> dict[str, str]:
@@ -519,7 +600,7 @@ class Intercept:
             mount = MountRequest(None if s.mount is True else Path(s.mount), s.mount_mode)
         self._task = asyncio.ensure_future(self._running(start_client(
             self._target.options, command, self._event, self._target.replicas, s.forward, s.propagate_header, self._stop,
-            self._hurry, mount)))
+            self._hurry, mount, self._target.access)))
 
     async def _running(self, client: Any) -> int:
         """The intercept, with its route recorded for agent pods that start while it runs."""
@@ -785,8 +866,9 @@ def doctor(service: str | None = None, *, namespace: str | None = None, kubeconf
     cluster = connect(kubeconfig, context, namespace)
     options = InjectOptions(image=agent_image or DEFAULT_AGENT_IMAGE, service_port=service_port,
                             no_policy_changes=no_policy_changes)
-    return checks.run(cluster.api, cluster.namespace, cluster.context, service, options,
-                      (image_origin or "the caller") if agent_image else None, in_cluster=cluster.in_cluster)
+    found = checks.run(cluster.api, cluster.namespace, cluster.context, service, options,
+                       (image_origin or "the caller") if agent_image else None, in_cluster=cluster.in_cluster)
+    return [*found, checks.names_check()]
 
 
 # The agent's pod-wide options an explicit inject may set (spec keys -> InjectOptions fields).

@@ -97,7 +97,7 @@ def _options(ctx: click.Context, *keys: str) -> dict[str, Any]:
 CLUSTER = ("namespace", "context", "kubeconfig")
 _START = (
     "service", "agent", "credentials", "port", "headers", "header_regexes", "baggage", "path_prefix", "all", "name",
-    "watch", "no_watch", "debug", "debug_port", "debug_wait", "env_file", "mount", "mount_mode", "forward", "propagate_header",
+    "watch", "no_watch", "debug", "debug_port", "debug_wait", "env_file", "mount", "mount_mode", "forward", "also_namespaces", "access", "propagate_header",
     "no_outbound", "outbound_allow", "outbound_deny", "no_policy_changes", "no_forwarded_headers", "timeout", "ttl",
     "service_port", "agent_image", "reinject", *CLUSTER,
 )
@@ -307,6 +307,43 @@ def start(ctx: click.Context, output: str, **_: Any) -> None:
     except InterceptError as e:
         if output == "json":
             click.echo(json.dumps({"kind": "error", "message": str(e), "status": e.exit_code}), file=out)
+        _fail(e)
+    sys.exit(code)
+
+
+@main.command("connect", cls=_DashDashCommand)
+@_spec_options("service", "also_namespaces", "access", "name", "outbound_allow", "outbound_deny", *CLUSTER)
+@click.pass_context
+def connect_command(ctx: click.Context, **_: Any) -> None:
+    """Reach the cluster as a pod of the namespace does, without intercepting: COMMAND (else
+    your shell) resolves every Service by name and connects through an agent's pod.
+
+    \b
+    intercept connect -n shop -- python -c "import redis; print(redis.Redis('redis-cart').ping())"
+    intercept connect -n shop --also-namespace cache        (a shell)
+    """
+    import asyncio
+    import signal
+
+    from intercept import api
+
+    command = ctx.meta["command"] or []
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a shell shares the terminal: its Ctrl-C is the shell's
+            loop.add_signal_handler(sig, stop.set if command or sig == signal.SIGTERM else (lambda: None))
+        return await api.connect(spec, command, on_event=lambda event: click.echo(event.line(), err=True), stop=stop)
+
+    try:
+        import dataclasses
+
+        keys = ("service", "also_namespaces", "access", "name", "outbound_allow", "outbound_deny", *CLUSTER)
+        named = ctx.params.get("service")  # without one, any agent of the namespace will do
+        spec = _spec(ctx, *keys) if named else dataclasses.replace(_spec(ctx, *keys, service="any"), service=None)
+        code = asyncio.run(run())
+    except InterceptError as e:
         _fail(e)
     sys.exit(code)
 

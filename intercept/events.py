@@ -24,6 +24,7 @@ EventKind = Literal[
     "debug",  # debugpy listens
     "outbound",  # the local process reaches the cluster through the proxy
     "forward",  # a --forward listens
+    "access",  # the local process reaches the cluster's Services by name (and which came or went)
     "mount",  # the pod's files are under a local directory (--mount)
     "warning",  # something works, but probably not as the developer expects
     "reloading",  # a change was saved; the local process restarts

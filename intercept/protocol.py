@@ -234,6 +234,7 @@ class HelloReply(Reply):
     files: list[dict[str, Any]] = field(default_factory=list)  # the served roots: path, present
     tls_connections: int = 0  # connections that began with a TLS record: relayed, never routed
     idle_seconds: float = 0.0  # how long no route has been held (for intercept gc)
+    resolver: str = ""  # the pod's /etc/resolv.conf: its search path names the cluster's Services
 
     def lacks(self, feature: str) -> str | None:
         """Why this agent cannot do ``feature`` (one of :data:`FEATURES`), or None when it can."""

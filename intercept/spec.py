@@ -193,6 +193,17 @@ def _mount_mode(value: object) -> str:
     return text
 
 
+_ACCESS_MODES = ("auto", "hosts-file", "namespace", "proxy", "off")  # intercept.access.modes.CHOICES
+
+
+def _access(value: object) -> str:
+    text = _text(value).lower()
+    if text not in _ACCESS_MODES:
+        raise _Invalid(f"expected one of {', '.join(_ACCESS_MODES)} (auto: the hosts file where it is writable, "
+                       f"else a private namespace on Linux, else the proxy only); e.g. {_EG}")
+    return text
+
+
 def _port(value: object) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value.strip())
@@ -460,6 +471,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("forward", "--forward", "list of SERVICE:PORT[:LOCAL_PORT]", (),
            "Plain TCP from localhost:LOCAL_PORT (default: PORT) to a cluster service.",
            ["redis:6379", "postgres.db:5432:15432"], _forward, multiple=True, default_doc="none"),
+    Option("also_namespaces", "--also-namespace", "list of namespace names", (),
+           "Also reach the Services of these namespaces by name (`NAME.NS`, `NAME.NS.svc`, the full name), "
+           "besides those of the Service's own namespace.",
+           ["cache"], _namespace_name, multiple=True, default_doc="none"),
+    Option("access", "--access", "auto, hosts-file, namespace, proxy or off", "auto",
+           "How the local process reaches every Service by the names a pod uses (a loopback address per Service, "
+           "dialled from the agent's pod): hosts-file (a managed block in /etc/hosts, removed when you leave: root, "
+           "CDE containers), namespace (Linux without root: the command alone sees a hosts file of its own), "
+           "proxy or off (the proxy variables and `forward` only). `intercept doctor` says what auto picks here.",
+           "namespace", _access, verbatim=False),
     Option("propagate_header", "--propagate-header", "boolean", False,
            "Add your route's header to outbound HTTP through the proxy, so that a chain of intercepted services keeps routing.",
            True, _bool, verbatim=False),
@@ -599,6 +620,8 @@ class InterceptSpec:
     debug_port: int = 5678
     debug_wait: bool = False
     forward: tuple[Forward, ...] = ()
+    also_namespaces: tuple[str, ...] = ()
+    access: str = "auto"
     propagate_header: bool = False
     no_outbound: bool = False
     outbound_allow: tuple[str, ...] = ()

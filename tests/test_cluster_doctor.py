@@ -37,7 +37,7 @@ def doctor(cluster: RealCluster, namespace: str, *args: str, kubeconfig: Path | 
     return result.returncode, checks, result.stdout + result.stderr
 
 
-NAMES = ["cluster", "rbac", "agent image", "pod security", "network policies", "protocol"]
+NAMES = ["cluster", "rbac", "agent image", "pod security", "network policies", "protocol", "cluster names"]
 
 
 def test_every_check_passes_for_a_restricted_http_service_with_a_policy_the_injection_extends(

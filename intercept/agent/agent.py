@@ -187,7 +187,8 @@ class Agent:
             outbound=self.config.allow_outbound, fence=self.fence.to_json(), files=describe_files(self.files),
             tls_connections=self.h2.tls_seen,
             # for intercept gc: how long no route has been held (a session that only asks, as gc does, is no use)
-            idle_seconds=0.0 if self.routes.held else round(time.monotonic() - self._last_busy, 1))
+            idle_seconds=0.0 if self.routes.held else round(time.monotonic() - self._last_busy, 1),
+            resolver=_resolver_text())
 
     def fence_of(self, session: sshd.DeveloperSession) -> dict[str, Any]:
         """The outbound fence in effect for ``session``: the agent's, then the session's own."""
@@ -648,3 +649,12 @@ def run(config: AgentConfig, ready: Any = None) -> None:
         asyncio.run(main())
     else:
         uvloop.run(main())
+
+
+def _resolver_text() -> str:
+    """The pod's resolver configuration, as a pod's process reads it (empty where there is none)."""
+    try:
+        with open("/etc/resolv.conf", encoding="utf-8", errors="replace") as f:
+            return f.read(64 * 1024)
+    except OSError:
+        return ""

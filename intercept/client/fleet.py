@@ -231,19 +231,22 @@ class Fleet:
                 return holder.session.fence
         return None
 
+    def resolver(self) -> str:
+        """The agents' pod's ``resolv.conf``, as a replica's hello says it ("" before any has the route)."""
+        for holder in self._holders.values():
+            if holder.registered and holder.session is not None:
+                return holder.session.agent.resolver
+        return ""
+
     async def check_outbound(self, host: str, port: int) -> str | None:
         """Why the agents' outbound fence (with this intercept's) refuses ``host:port``, or
         None when it passes, as a replica judges it (every replica has the same fence)."""
         for holder in list(self._holders.values()):
             if holder.registered and holder.session is not None:
                 try:
-                    reply = await holder.session.request(protocol.CheckOutbound(host, port))
+                    return await holder.session.check_outbound(host, port)
                 except Exception as e:  # noqa: BLE001 - any failure: try the next replica
                     log.info("replica %s: no outbound check: %s", holder.replica.name, e)
-                    continue
-                if isinstance(reply, protocol.Refusal) and reply.error == "fenced":
-                    return reply.message
-                return None
         return None
 
     async def pod_environment(self) -> dict[str, str]:

@@ -41,6 +41,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
+import struct
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol
 from urllib.parse import quote
@@ -340,6 +342,17 @@ class _Stream:
                 self.writer.write_eof()
         except (OSError, RuntimeError, asyncssh.Error):
             pass  # already closing: the peer sees the close instead
+
+    def reset(self) -> None:
+        """Close with a TCP reset, so that the peer's next read or write fails at once
+        (``ECONNRESET``) instead of seeing an orderly end of the stream."""
+        sock = self.writer.get_extra_info("socket") if hasattr(self.writer, "get_extra_info") else None
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass  # already gone
+        self.close()
 
     def close(self) -> None:
         try:
@@ -660,6 +673,8 @@ class TCPForward(_Listener):
     why); the reason is logged at WARNING.
     """
 
+    reset_on_failure = False  # a failed dial closes the local connection with a reset (else an orderly close)
+
     def __init__(self, dial: Dial | Dialer, service: str, port: int, local_port: int, host: str = "127.0.0.1") -> None:
         super().__init__()
         self._dial = dial
@@ -689,13 +704,19 @@ class TCPForward(_Listener):
         try:
             reader, writer = await dial(self._dial, self.service, self.port)
         except OutboundError as e:
-            log.warning("forward %s: %s", _authority(*self.address), e)
+            self.failed(e)
+            if self.reset_on_failure:
+                client.reset()
             return
         upstream = _Stream(reader, writer)
         try:
             await relay(client, upstream)
         finally:
             upstream.close()
+
+    def failed(self, error: OutboundError) -> None:
+        """A connection the pod could not make (its local connection is then closed)."""
+        log.warning("forward %s: %s", _authority(*self.address), error)
 
 
 __all__ = [

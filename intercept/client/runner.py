@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -37,7 +38,10 @@ class LocalProcess:
     """
 
     def __init__(self, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | None = None,
-                 output: Callable[[str], None] | None = None) -> None:
+                 output: Callable[[str], None] | None = None, setup: Callable[[], None] | None = None,
+                 own_group: bool = True) -> None:
+        self.setup = setup
+        self.own_group = own_group  # False: an interactive shell, in the terminal's foreground group
         self.argv = list(argv)
         self.env = dict(os.environ if env is None else env)
         self.cwd = cwd
@@ -47,14 +51,17 @@ class LocalProcess:
     async def start(self) -> None:
         piped = {"stdout": asyncio.subprocess.PIPE, "stderr": asyncio.subprocess.STDOUT} if self.output else {}
         if sys.platform == "linux":
-            piped["preexec_fn"] = _terminate_with(os.getpid())
+            piped["preexec_fn"] = _terminate_with(os.getpid(), self.setup)
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.argv, env=self.env, cwd=self.cwd, start_new_session=True, stdin=asyncio.subprocess.DEVNULL if self.output else None, **piped
+                *self.argv, env=self.env, cwd=self.cwd, start_new_session=self.own_group, stdin=asyncio.subprocess.DEVNULL if self.output else None, **piped
             )
         except (OSError, ValueError) as e:  # ValueError: a NUL in an argument or a variable, which exec cannot pass
             raise CommandFailed(f"cannot run {self.argv[0]!r}: {getattr(e, 'strerror', None) or e}; "
                                 "check the command after --") from None
+        except subprocess.SubprocessError:  # the setup step failed in the child (it said why on stderr)
+            raise CommandFailed(f"cannot run {self.argv[0]!r}: its private namespace could not be made; "
+                                "use --access hosts-file (root) or --access proxy") from None
         if self.output is not None:
             _reading.add(task := asyncio.ensure_future(_read_lines(self.proc.stdout, self.output)))
             task.add_done_callback(_reading.discard)
@@ -68,8 +75,9 @@ class LocalProcess:
         group outlives its leader when children remain: they are stopped too)."""
         if self.proc is None:
             return None
+        kill = (lambda sig: os.killpg(self.proc.pid, sig)) if self.own_group else self.proc.send_signal
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
+            kill(signal.SIGTERM)
         except ProcessLookupError:
             return await self.proc.wait()
         try:
@@ -77,7 +85,7 @@ class LocalProcess:
         except asyncio.TimeoutError:
             log.warning("%s did not stop within %ss; killing it", self.argv[0], grace)
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            kill(signal.SIGKILL)
         except ProcessLookupError:
             pass
         return await self.proc.wait()
@@ -86,7 +94,7 @@ class LocalProcess:
 _PR_SET_PDEATHSIG = 1
 
 
-def _terminate_with(parent: int) -> Callable[[], None]:
+def _terminate_with(parent: int, setup: Callable[[], None] | None = None) -> Callable[[], None]:
     """What the child runs between fork and exec: ask the kernel for SIGTERM when ``parent``
     (this process) dies, and send it now if it already has. SIGTERM, not SIGKILL, so that
     a COMMAND with children of its own (a reloader and its worker) can stop them."""
@@ -96,6 +104,8 @@ def _terminate_with(parent: int) -> Callable[[], None]:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before the request was in place
             os.kill(os.getpid(), signal.SIGTERM)
+        if setup is not None:
+            setup()
 
     return preexec
 
@@ -222,6 +232,8 @@ class LocalCommand:
     debug_wait: bool = False
     env_file: str | None = None  # also write the process's pod environment here (dotenv)
     output: Callable[[str], None] | None = field(default=None, compare=False)  # its lines; None: our stdout
+    # Runs in the child between fork and exec (a private mount namespace: intercept.access.isolate).
+    setup: Callable[[], None] | None = field(default=None, compare=False)
 
 
 def dotenv(env: Mapping[str, str]) -> str:
@@ -264,7 +276,7 @@ class Supervisor:
         if cmd.debug_port is not None:
             argv = debug_argv(argv, cmd.debug_port, cmd.debug_wait)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (debugpy_path(), env.get("PYTHONPATH")) if p)
-        process = self.process = LocalProcess(argv, env, cmd.cwd, cmd.output)
+        process = self.process = LocalProcess(argv, env, cmd.cwd, cmd.output, cmd.setup)
         await process.start()
         asyncio.ensure_future(process.wait()).add_done_callback(lambda task: self._ended(process, task))
 

@@ -76,6 +76,19 @@ class AgentSession:
         await self._narrow()
         await self._register()
 
+    async def open_unrouted(self) -> None:
+        """Connect and narrow the outbound fence, registering no route: a session that only
+        reaches the cluster (``intercept connect``)."""
+        await self.connect()
+        await self._narrow()
+
+    async def check_outbound(self, host: str, port: int) -> str | None:
+        """Why the agent's outbound fence (then this session's) refuses ``host:port``, or None when it passes."""
+        reply = await self.request(protocol.CheckOutbound(host, port))
+        if isinstance(reply, Refusal) and reply.error == "fenced":
+            return reply.message
+        return None
+
     async def _narrow(self) -> None:
         fence = self.options.fence
         agent_fence = self.agent.fence

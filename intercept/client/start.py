@@ -16,7 +16,7 @@ import logging
 import os
 import subprocess
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from pathlib import Path
 
 from intercept import protocol
@@ -29,6 +29,9 @@ from intercept.client.session import AgentSession, InterceptOptions
 from intercept.events import Event
 from intercept.errors import FenceRefused, InterceptError
 from intercept.spec import Forward
+
+if TYPE_CHECKING:  # intercept.access imports the client's outbound module: no cycle at import time
+    from intercept.access.reach import AccessPlan, ClusterAccess
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ async def start(
     stop: asyncio.Event | None = None,
     hurry: asyncio.Event | None = None,
     mount: MountRequest | None = None,
+    access: AccessPlan | None = None,
 ) -> int:
     """Intercept until ``stop`` is set (exit 0), or until an unwatched COMMAND exits (its status).
 
@@ -79,6 +83,11 @@ async def start(
     With ``mount``, the pod's files are brought to a local root once the route is held
     (live or copied, :func:`intercept.client.files.bring`), before COMMAND starts with
     ``INTERCEPT_ROOT`` pointing at it; the root is removed when the intercept ends.
+
+    With ``access`` (and agents that allow outbound connections), the local process reaches
+    every Service of its namespaces by the names a pod uses (:mod:`intercept.access`), in
+    the mode this machine gets; the pod's ``*_SERVICE_HOST`` variables point at the local
+    addresses, said in an ``access`` line. The names go when the intercept ends.
     """
     propagate = propagation(options.route) if propagate_header else []
     if not isinstance(command, LocalCommand):
@@ -109,6 +118,7 @@ async def start(
     listeners: list[OutboundProxy | TCPForward] = []
     pod_files: PodFiles | None = None
     remounting: asyncio.Future[None] | None = None
+    cluster_access: ClusterAccess | None = None
     expiry: asyncio.TimerHandle | None = None
     if options.ttl is not None:  # the agents end the route then, connected or not; so do we
 
@@ -121,13 +131,23 @@ async def start(
         intercepting = asyncio.ensure_future(fleet.run(replicas, stop))
         if command.argv:
             door.close()  # routed requests wait until the process accepts them
-        if command.argv or mount is not None:
+        if command.argv or mount is not None or access is not None:
             ready = asyncio.ensure_future(fleet.became_ready.wait())
             await asyncio.wait([ready, intercepting], return_when=asyncio.FIRST_COMPLETED)
             ready.cancel()
             if intercepting.done():
                 intercepting.result()  # raise the intercept's error
                 return 0
+        if access is not None:
+            from intercept.access.reach import open_access
+
+            if fleet.outbound_allowed():
+                cluster_access = await open_access(access, SSHDialer(fleet.connection), report,
+                                                   resolver_text=fleet.resolver(), check=fleet.check_outbound,
+                                                   for_command=bool(command.argv))
+            else:
+                report(Event("access", "no cluster names for the local process: the agent allows no outbound "
+                                       "connections (injected with --no-outbound)"))
         if mount is not None:
             pod_files = await bring(mount, fleet.connection(), report, label=options.transport.describe())
             remounting = asyncio.ensure_future(keep_live(pod_files, fleet.connection, stop, report))
@@ -142,6 +162,11 @@ async def start(
             pod = {**await fleet.pod_environment(), **session_variables(options)}
             if pod_files is not None:
                 pod["INTERCEPT_ROOT"] = str(pod_files.path)
+            if cluster_access is not None:
+                pod, pointed = cluster_access.environment(pod)
+                if pointed:
+                    report(Event("access", f"{', '.join(pointed)} point at the Services' local addresses"))
+                command = dataclasses.replace(command, setup=cluster_access.setup)
             dialer = SSHDialer(fleet.connection)
             for forward in forwards:  # all judged before any listens: a refused one fails the start
                 refusal = await fleet.check_outbound(forward.service, forward.port)
@@ -199,6 +224,8 @@ async def start(
             await asyncio.gather(remounting, return_exceptions=True)
         if pod_files is not None:
             await pod_files.close()
+        if cluster_access is not None:
+            await cluster_access.close()
 
 
 async def ask_agent(options: InterceptOptions, request: protocol.Request) -> Any:

@@ -214,6 +214,16 @@ def protocol_check(target: str, verdict: Protocol | None, error: str | None = No
     return Check("protocol", "ok", f"{said}: routed by header")
 
 
+def names_check() -> Check:
+    """Which way this machine gives the local process the cluster's names (``--access auto``), and why."""
+    from intercept.access.modes import choose
+
+    mode = choose("auto")
+    if mode.names:
+        return Check("cluster names", "ok", f"{mode.name}: {mode.why}")
+    return Check("cluster names", "skipped", mode.why)
+
+
 def _allowing(options: InjectOptions) -> InjectOptions:
     """The same options, allowed to change policies: to see which it would change."""
     return dataclasses.replace(options, no_policy_changes=False)

@@ -98,6 +98,7 @@ RESOURCES = {
         Resource("Role", "rbac.authorization.k8s.io/v1", "roles"),
         Resource("RoleBinding", "rbac.authorization.k8s.io/v1", "rolebindings"),
         Resource("Namespace", "v1", "namespaces"),
+        Resource("EndpointSlice", "discovery.k8s.io/v1", "endpointslices"),
         Resource("SelfSubjectAccessReview", "authorization.k8s.io/v1", "selfsubjectaccessreviews"),
     )
 }

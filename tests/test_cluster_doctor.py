@@ -93,7 +93,7 @@ def test_a_verb_the_user_may_not_use_fails_rbac_naming_it(real_cluster: RealClus
     assert checks["agent image"][1].startswith(f"{AGENT_IMAGE} (from INTERCEPT_AGENT_IMAGE)"), output
     assert [name for name, (status, _) in checks.items() if status != "ok"] == ["rbac"], output
     assert "unknown (may not read the namespace)" in checks["pod security"][1]  # the dry run still decides
-    assert output.rstrip().endswith("1 of 6 checks failed (rbac)")
+    assert output.rstrip().endswith("1 of 7 checks failed (rbac)")
 
 
 def test_a_namespace_that_enforces_restricted_on_pods_that_do_not_meet_it_fails_pod_security(
@@ -153,7 +153,7 @@ def test_a_namespace_that_does_not_exist_fails_the_cluster_check_and_skips_the_r
     assert status == "failed" and text.endswith(
         f" answers, but namespace {missing} does not exist; "
         "fix: pick the namespace with -n NAMESPACE (kubectl get namespaces lists them)"), output
-    assert {status for name, (status, _) in checks.items() if name != "cluster"} == {"skipped"}, output
+    assert {status for name, (status, _) in checks.items() if name not in ("cluster", "cluster names")} == {"skipped"}, output
 
 
 def test_a_service_port_nothing_listens_on_fails_protocol_with_the_kubelets_connection_refused(

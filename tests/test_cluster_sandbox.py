@@ -7,7 +7,9 @@ from __future__ import annotations
 import http.client
 import json
 
+from e2e.cluster import images
 from e2e.cluster.api import wait_until
+from intercept.kube.image import DEFAULT_CLI_IMAGE
 from tests.realcluster import (
     AGENT_IMAGE,
     ENFORCE_RESTRICTED,
@@ -20,6 +22,7 @@ from tests.realcluster import (
 )
 
 SANDBOX = "intercept.dev/sandbox"
+CLI_IMAGE = images.CLI  # agent_image/Dockerfile --target cli of this checkout
 
 
 def where(cluster: RealCluster, ns: str) -> list[str]:
@@ -191,15 +194,26 @@ def allowed(cluster: RealCluster, ns: str, user: str, verb: str, resource: str, 
 def test_gc_install_writes_a_cronjob_whose_role_is_enough_to_collect_and_no_more(
         real_cluster: RealCluster, namespace_of, tmp_path) -> None:
     ns = namespace_of("gcinstall", ENFORCE_RESTRICTED)
-    installed = intercept("gc", "--install", "--agent-image", AGENT_IMAGE, *where(real_cluster, ns))
-    assert installed.returncode == 0, installed.stdout + installed.stderr
+
+    def job_container() -> dict:
+        return real_cluster.get("CronJob", ns, "intercept-gc")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+
+    installed = intercept("gc", "--install", *where(real_cluster, ns))
+    assert installed.returncode == 0 and "intercept: warning:" not in installed.stdout, installed.stdout + installed.stderr
     assert [line.split()[3] for line in installed.stdout.splitlines()] == [
         "ServiceAccount/intercept-gc", "Role/intercept-gc", "RoleBinding/intercept-gc", "CronJob/intercept-gc"]
-    cronjob = real_cluster.api.get(f"/apis/batch/v1/namespaces/{ns}/cronjobs/intercept-gc")
-    container = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    assert container["image"] == AGENT_IMAGE and container["command"][:4] == ["intercept", "gc", "-n", ns]
+    assert job_container()["image"] == DEFAULT_CLI_IMAGE and job_container()["command"][:4] == ["intercept", "gc", "-n", ns]
+    # --agent-image named the Job's image before --image did: it still does, and says what to use instead
     again = intercept("gc", "--install", "--agent-image", AGENT_IMAGE, *where(real_cluster, ns))
-    assert again.returncode == 0 and again.stdout.count("updated ") == 4  # idempotent
+    assert again.returncode == 0 and again.stdout.count("updated ") == 4, again.stdout + again.stderr  # idempotent
+    assert job_container()["image"] == AGENT_IMAGE
+    warning = next(line for line in again.stdout.splitlines() if line.startswith("intercept: warning: "))
+    assert f"runs {AGENT_IMAGE}, the agent image (--agent-image)" in warning and "with --image" in warning, warning
+    named = intercept("gc", "--install", "--image", CLI_IMAGE, "--agent-image", AGENT_IMAGE, *where(real_cluster, ns))
+    assert named.returncode == 0 and "intercept: warning:" not in named.stdout, named.stdout + named.stderr
+    assert job_container()["image"] == CLI_IMAGE
+    alone = intercept("gc", "--image", CLI_IMAGE, *where(real_cluster, ns))
+    assert alone.returncode == 2 and "--image names the image of gc's CronJob: pass it with --install" in alone.stderr
 
     # A user with only the CronJob's Role (and, since it runs outside the cluster where the
     # CronJob dials pod IPs, port-forward) collects an expired sandbox, then the idle agent.

@@ -32,12 +32,14 @@ def agent_image(flag: str | None = None, environ: Mapping[str, str] = os.environ
     return flag or environ.get(AGENT_IMAGE_ENV) or DEFAULT_AGENT_IMAGE
 
 
-def build_command(image: str) -> str:
-    """The shell line that builds the agent image as ``image`` and pushes it, run from the repository root.
+def build_command(image: str, target: str | None = None) -> str:
+    """The shell line that builds the agent image (``target`` :data:`CLI_TARGET`: the CLI image)
+    as ``image`` and pushes it, run from the repository root.
 
     Docker's spelling; ``podman`` takes the same arguments.
     """
-    return f"docker build -f {DOCKERFILE} -t {image} . && docker push {image}"
+    stage = f" --target {target}" if target else ""
+    return f"docker build -f {DOCKERFILE}{stage} -t {image} . && docker push {image}"
 
 
 def how_to_provide(image: str) -> str:

@@ -69,6 +69,9 @@ def install_objects(namespace: str, image: str, idle: float) -> list[dict[str, A
                     "containers": [{
                         "name": "gc", "image": image,
                         "command": ["intercept", "gc", "-n", namespace, "--idle", f"{idle:g}s"],
+                        # uid 65532 has no account in the image, and asyncssh's client refuses to
+                        # connect to an agent without a local user name (getpass.getuser)
+                        "env": [{"name": "USER", "value": NAME}],
                         "securityContext": restricted,
                     }],
                 },

@@ -1131,16 +1131,20 @@ def sandbox_manifests(name: str, services: Sequence[str], *, images: Sequence[st
 
 
 def gc_install(*, idle: float = 86400.0, dry_run: bool = False, namespace: str | None = None,
-               kubeconfig: str | Path | None = None, context: str | None = None, agent_image: str | None = None,
-               timeout: float = 300.0) -> list[str]:
+               kubeconfig: str | Path | None = None, context: str | None = None, image: str | None = None,
+               agent_image: str | None = None, timeout: float = 300.0) -> list[str]:
     """Create (or update) an hourly CronJob running ``intercept gc`` in the namespace, with a
-    ServiceAccount and a Role that has only the verbs gc uses. Returns what it wrote."""
+    ServiceAccount and a Role that has only the verbs gc uses. Returns what it wrote.
+
+    The Job runs ``image``, by default the CLI image (``DEFAULT_CLI_IMAGE``): ``intercept gc``
+    needs the kubernetes client, which the agent image leaves out. ``agent_image`` is what
+    named the Job's image before ``image`` did; it still does when ``image`` is None."""
     from intercept.kube.gc import install_objects
-    from intercept.kube.image import DEFAULT_AGENT_IMAGE
+    from intercept.kube.image import DEFAULT_CLI_IMAGE
     from intercept.kube.rest import Cluster, NotFound
 
     cluster = _sandbox_cluster(namespace, kubeconfig, context)
-    objects = install_objects(cluster.namespace, agent_image or DEFAULT_AGENT_IMAGE, idle)
+    objects = install_objects(cluster.namespace, image or agent_image or DEFAULT_CLI_IMAGE, idle)
     if dry_run:
         return [f"would write {o['kind']}/{o['metadata']['name']}" for o in objects]
     api, written = Cluster(cluster.api), []

@@ -16,6 +16,7 @@ import click
 
 from intercept import __version__
 from intercept.errors import InterceptError, UsageError
+from intercept.kube.image import CLI_TARGET, DEFAULT_CLI_IMAGE
 
 
 def _address(text: str, flag: str) -> tuple[str, int]:
@@ -660,22 +661,49 @@ def sandbox_extend(ctx: click.Context, name: str, ttl: str, **_: Any) -> None:
     click.echo(f"intercept: extended: sandbox {name} lives until {expiry_text(expires)}")
 
 
+def _agent_image_origin(ctx: click.Context) -> str | None:
+    """Where the agent image was named (its flag or its variable), or None: the built-in default."""
+    import os
+
+    from intercept.kube.image import AGENT_IMAGE_ENV, AGENT_IMAGE_FLAG
+
+    if "agent_image" in _given(ctx, "agent_image"):
+        return AGENT_IMAGE_FLAG
+    return AGENT_IMAGE_ENV if os.environ.get(AGENT_IMAGE_ENV) else None
+
+
 @main.command("gc")
 @_spec_options("timeout", "agent_image", *CLUSTER)
 @click.option("-A", "--all-namespaces", is_flag=True, help="Every namespace.")
 @click.option("--idle", default="24h", show_default=True, metavar="DURATION", help="Uninstall agents nobody has used for this long.")
 @click.option("--dry-run", is_flag=True, help="Say what would be removed; change nothing.")
-@click.option("--install", is_flag=True, help="Instead: create a CronJob that runs intercept gc in the namespace, hourly.")
+@click.option("--install", is_flag=True, help="Instead: create a CronJob that runs intercept gc in the namespace, hourly, "
+              "in the CLI image (--image).")
+@click.option("--image", metavar="IMAGE", help=f"With --install: the image the CronJob runs (default: {DEFAULT_CLI_IMAGE}, "
+              f"agent_image/Dockerfile --target {CLI_TARGET}). Name it here, not with --agent-image: that one still names "
+              "the Job's image when --image is not given, as before, but an agent image lacks the kubernetes client "
+              "intercept gc needs.")
 @click.pass_context
-def gc_command(ctx: click.Context, all_namespaces: bool, idle: str, dry_run: bool, install: bool, **_: Any) -> None:
+def gc_command(ctx: click.Context, all_namespaces: bool, idle: str, dry_run: bool, install: bool, image: str | None,
+               **_: Any) -> None:
     """Delete expired sandboxes and uninstall idle agents (restoring their workloads exactly)."""
     from intercept import api
+    from intercept.kube.image import build_command
 
     try:
         options = _options(ctx, "timeout", "agent_image", *CLUSTER)
-        image = options.pop("agent_image")
+        agent_image = options.pop("agent_image")
+        if image is not None and not install:
+            raise UsageError("--image names the image of gc's CronJob: pass it with --install")
         if install:
-            for line in api.gc_install(idle=_duration(idle, "--idle"), dry_run=dry_run, agent_image=image, **options):
+            origin = _agent_image_origin(ctx)
+            if image is None and origin:
+                click.echo(f"intercept: warning: gc's CronJob runs {agent_image}, the agent image ({origin}); an "
+                           "agent image built from agent_image/Dockerfile lacks the kubernetes client intercept gc "
+                           f"needs: name the CLI image with --image (default {DEFAULT_CLI_IMAGE}; build one with "
+                           f"{build_command('IMAGE', CLI_TARGET)})")
+            for line in api.gc_install(idle=_duration(idle, "--idle"), dry_run=dry_run, image=image,
+                                       agent_image=agent_image if origin else None, **options):
                 click.echo(f"intercept: gc: {line}")
             return
         collected = api.gc(all_namespaces=all_namespaces, idle=_duration(idle, "--idle"), dry_run=dry_run,
@@ -715,8 +743,7 @@ def doctor_command(ctx: click.Context, service: str | None, spec_file: Path, **_
             options = {key: getattr(spec, key) for key in keys}
         else:
             options = dict(_options(ctx, *keys))
-            origin = "--agent-image" if "agent_image" in _given(ctx, *keys) else (
-                "INTERCEPT_AGENT_IMAGE" if os.environ.get("INTERCEPT_AGENT_IMAGE") else None)
+            origin = _agent_image_origin(ctx)
         results = api.doctor(service, **{**options, "agent_image": options["agent_image"] if origin else None},
                              image_origin=str(origin) if origin else None)
     except InterceptError as e:

@@ -57,6 +57,7 @@ PLURALS = {
     "EndpointSlice": ("discovery.k8s.io/v1", "endpointslices", True),
     "Role": ("rbac.authorization.k8s.io/v1", "roles", True),
     "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings", True),
+    "CronJob": ("batch/v1", "cronjobs", True), "Job": ("batch/v1", "jobs", True),
     "ValidatingAdmissionPolicy": ("admissionregistration.k8s.io/v1", "validatingadmissionpolicies", False),
     "ValidatingAdmissionPolicyBinding": ("admissionregistration.k8s.io/v1", "validatingadmissionpolicybindings", False),
 }

@@ -2,8 +2,9 @@
 
 ``agent_image/Dockerfile`` says: the agent runs as uid 65532, with a read-only root
 filesystem, the credentials mounted read-only, and writes nothing; it holds the agent's
-dependencies and not the CLI's; its tag is the package version. Here the image is the one
-``e2e.cluster.images`` built from the Dockerfile of this checkout (``intercept.test/agent:dev``),
+dependencies and not the CLI's (its ``cli`` target, the CLI image, holds those); the tags
+of both are the package version. Here the image is the one ``e2e.cluster.images`` built
+from the Dockerfile of this checkout (``intercept.test/agent:dev``),
 run by containerd and runc as the injection wrote its container, and looked at from
 outside (``/proc``, its cgroup, its log).
 """
@@ -23,7 +24,7 @@ import intercept
 from e2e.cluster import images
 from e2e.cluster.api import wait_until
 from e2e.cluster.build import Binaries
-from intercept.kube.image import DEFAULT_AGENT_IMAGE
+from intercept.kube.image import CLI_TARGET, DEFAULT_AGENT_IMAGE, DEFAULT_CLI_IMAGE
 from intercept.kube.inject import AGENT_CONTAINER
 from tests.conftest import free_port
 from tests.realcluster import (
@@ -43,16 +44,20 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 AGENT_DEPENDENCIES = PYPROJECT["tool"]["intercept"]["agent-dependencies"]
 
 
-def test_the_default_agent_image_is_tagged_with_the_package_version() -> None:
+def test_the_release_pushes_the_default_agent_and_cli_images_tagged_with_the_package_version() -> None:
     version = PYPROJECT["project"]["version"]
     assert intercept.__version__ == version
-    repository, _, tag = DEFAULT_AGENT_IMAGE.rpartition(":")
-    assert tag == version, f"{DEFAULT_AGENT_IMAGE} is not tagged {version}: the release pushes the package version"
     workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "release.yml").read_text())
-    push = next(step["with"] for step in workflow["jobs"]["image"]["steps"]
-                if step.get("uses", "").startswith("docker/build-push-action"))
-    assert push["tags"] == repository + ":${{ needs.version.outputs.version }}"
-    assert push["platforms"] == "linux/amd64,linux/arm64" and push["file"] == "agent_image/Dockerfile"
+    pushes = {step["with"].get("target"): step["with"] for step in workflow["jobs"]["image"]["steps"]
+              if step.get("uses", "").startswith("docker/build-push-action")}
+    assert set(pushes) == {None, CLI_TARGET}  # the agent is the Dockerfile's default target
+    for image, target in ((DEFAULT_AGENT_IMAGE, None), (DEFAULT_CLI_IMAGE, CLI_TARGET)):
+        repository, _, tag = image.rpartition(":")
+        assert tag == version, f"{image} is not tagged {version}: the release pushes the package version"
+        push = pushes[target]
+        assert push["tags"] == repository + ":${{ needs.version.outputs.version }}"
+        assert push["platforms"] == "linux/amd64,linux/arm64" and push["file"] == "agent_image/Dockerfile"
+    assert images.IMAGES_BY_NAME[images.CLI].target == CLI_TARGET  # the test bed builds what the release pushes
 
 
 # --------------------------------------------------------------------------- what the image holds

@@ -1,13 +1,18 @@
 """Sandboxes against the real control plane: forks created and waited for by the real
 Deployment controller, their routes in a ConfigMap the agents mount, cleanup on failure,
-delete, expiry and gc restoring an idle agent's workload exactly."""
+delete, expiry and gc restoring an idle agent's workload exactly, run by hand or by the
+CronJob of ``gc --install`` in the CLI image."""
 
 from __future__ import annotations
 
 import http.client
+import itertools
 import json
+import subprocess
 
+from e2e.cluster import images
 from e2e.cluster.api import wait_until
+from intercept.kube.image import DEFAULT_CLI_IMAGE
 from tests.realcluster import (
     AGENT_IMAGE,
     ENFORCE_RESTRICTED,
@@ -20,6 +25,7 @@ from tests.realcluster import (
 )
 
 SANDBOX = "intercept.dev/sandbox"
+CLI_IMAGE = images.CLI  # agent_image/Dockerfile --target cli of this checkout
 
 
 def where(cluster: RealCluster, ns: str) -> list[str]:
@@ -191,15 +197,26 @@ def allowed(cluster: RealCluster, ns: str, user: str, verb: str, resource: str, 
 def test_gc_install_writes_a_cronjob_whose_role_is_enough_to_collect_and_no_more(
         real_cluster: RealCluster, namespace_of, tmp_path) -> None:
     ns = namespace_of("gcinstall", ENFORCE_RESTRICTED)
-    installed = intercept("gc", "--install", "--agent-image", AGENT_IMAGE, *where(real_cluster, ns))
-    assert installed.returncode == 0, installed.stdout + installed.stderr
+
+    def job_container() -> dict:
+        return real_cluster.get("CronJob", ns, "intercept-gc")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+
+    installed = intercept("gc", "--install", *where(real_cluster, ns))
+    assert installed.returncode == 0 and "intercept: warning:" not in installed.stdout, installed.stdout + installed.stderr
     assert [line.split()[3] for line in installed.stdout.splitlines()] == [
         "ServiceAccount/intercept-gc", "Role/intercept-gc", "RoleBinding/intercept-gc", "CronJob/intercept-gc"]
-    cronjob = real_cluster.api.get(f"/apis/batch/v1/namespaces/{ns}/cronjobs/intercept-gc")
-    container = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
-    assert container["image"] == AGENT_IMAGE and container["command"][:4] == ["intercept", "gc", "-n", ns]
+    assert job_container()["image"] == DEFAULT_CLI_IMAGE and job_container()["command"][:4] == ["intercept", "gc", "-n", ns]
+    # --agent-image named the Job's image before --image did: it still does, and says what to use instead
     again = intercept("gc", "--install", "--agent-image", AGENT_IMAGE, *where(real_cluster, ns))
-    assert again.returncode == 0 and again.stdout.count("updated ") == 4  # idempotent
+    assert again.returncode == 0 and again.stdout.count("updated ") == 4, again.stdout + again.stderr  # idempotent
+    assert job_container()["image"] == AGENT_IMAGE
+    warning = next(line for line in again.stdout.splitlines() if line.startswith("intercept: warning: "))
+    assert f"runs {AGENT_IMAGE}, the agent image (--agent-image)" in warning and "with --image" in warning, warning
+    named = intercept("gc", "--install", "--image", CLI_IMAGE, "--agent-image", AGENT_IMAGE, *where(real_cluster, ns))
+    assert named.returncode == 0 and "intercept: warning:" not in named.stdout, named.stdout + named.stderr
+    assert job_container()["image"] == CLI_IMAGE
+    alone = intercept("gc", "--image", CLI_IMAGE, *where(real_cluster, ns))
+    assert alone.returncode == 2 and "--image names the image of gc's CronJob: pass it with --install" in alone.stderr
 
     # A user with only the CronJob's Role (and, since it runs outside the cluster where the
     # CronJob dials pod IPs, port-forward) collects an expired sandbox, then the idle agent.
@@ -240,3 +257,56 @@ def test_gc_install_writes_a_cronjob_whose_role_is_enough_to_collect_and_no_more
                                   ("delete", "replicasets", "apps"), ("get", "pods", ""),
                                   ("delete", "networkpolicies", "networking.k8s.io")):
         assert not allowed(real_cluster, ns, "gc-tester", verb, resource, group), (verb, resource)
+
+
+def run_now(cluster: RealCluster, ns: str, job: str) -> str:
+    """Run gc's CronJob at once (``kubectl create job JOB --from=cronjob/intercept-gc``), wait for
+    the Job to succeed, and return its pod's log; fail with the log if the container fails."""
+    made = subprocess.run([str(cluster.kubectl), "--kubeconfig", str(cluster.kubeconfig), "-n", ns, "create", "job",
+                           job, "--from=cronjob/intercept-gc"], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stdout + made.stderr
+
+    def ended() -> tuple[int, str] | None:
+        """The exit code and log of the Job's container once it has ended (a failed one is restarted)."""
+        for pod in cluster.pods(ns, f"job-name={job}"):
+            for status in (pod.get("status") or {}).get("containerStatuses") or []:
+                for state, previous in ((status.get("state"), "false"), (status.get("lastState"), "true")):
+                    if (state or {}).get("terminated"):
+                        log = cluster.api.text(f"/api/v1/namespaces/{ns}/pods/{pod['metadata']['name']}/log"
+                                               f"?previous={previous}")
+                        return state["terminated"]["exitCode"], log
+        return None
+
+    code, log = wait_until(ended, f"Job {job}'s container to end", WAIT)
+    assert code == 0, log
+    wait_until(lambda: (cluster.get("Job", ns, job).get("status") or {}).get("succeeded"), f"Job {job} to succeed", WAIT)
+    return log
+
+
+def test_the_installed_cronjob_collects_an_expired_sandbox_then_the_idle_agent_in_the_cluster(
+        real_cluster: RealCluster, namespace_of) -> None:
+    ns = namespace_of("gcjob", ENFORCE_RESTRICTED)
+    deploy(real_cluster, ns, app("web", 1))
+    real_cluster.wait_ready(ns, "web", 1)
+    installed = intercept("gc", "--install", "--image", CLI_IMAGE, "--idle", "1", *where(real_cluster, ns))
+    assert installed.returncode == 0 and "intercept: warning:" not in installed.stdout, installed.stdout + installed.stderr
+    before = snapshot(real_cluster, ns)
+    created = intercept("sandbox", "create", "old", "--fork", "web", "--ttl", "2s", "--agent-image", AGENT_IMAGE,
+                        *where(real_cluster, ns), timeout=WAIT * 2)
+    assert created.returncode == 0, created.stdout + created.stderr
+    wait_until(lambda: json.loads(intercept("sandbox", "list", "-o", "json", *where(real_cluster, ns)).stdout)[0]["expired"],
+               "the sandbox's expiry", WAIT)
+
+    # In the pod: the service account's token, the API server through the kubernetes Service, the agent at its pod IP.
+    log = run_now(real_cluster, ns, "gc-now-1")
+    assert "intercept: gc: removed 1 sandboxes" in log and f"({ns}/old" in log, log
+    assert "intercept: warning:" not in log, log  # the pushed routes reached the agent
+    assert sandbox_objects(real_cluster, ns, "old") == [] and routed_sandboxes(real_cluster, ns, "web") == []
+
+    jobs = (f"gc-now-{n}" for n in itertools.count(2))
+    wait_until(lambda: not real_cluster.exists("Secret", ns, "intercept-web")
+               or f"{ns}/web" in run_now(real_cluster, ns, next(jobs)), "a run of the CronJob uninstalling the idle agent",
+               WAIT * 2)
+    real_cluster.wait_ready(ns, "web", 1)
+    assert snapshot(real_cluster, ns) == before  # the agent's Secret and the routes authority included
+    assert not real_cluster.exists("ConfigMap", ns, "intercept-web")

@@ -7,6 +7,7 @@ image                           what it is
                                 the base of the others, and ``PYTHON_IMAGE`` of their Dockerfiles
 ``intercept.test/pause:3.10``   the pod sandbox: ``pause.c`` of the kubernetes module (:mod:`.build`)
 ``intercept.test/agent:dev``    ``agent_image/Dockerfile`` of this checkout, unchanged
+``intercept.test/cli:dev``      the same Dockerfile's ``cli`` target: ``intercept`` and all its dependencies
 ``intercept.test/sample:1``     the e2e sample app (``e2e/app/``): answers ``cluster/POD``
 ``intercept.test/sample-v2:1``  the same app answering ``v2/POD``: a changed build, for sandboxes
 ``intercept.test/echo:1``       any HTTP service (``e2e/echo/``): every port of ``$PORTS``,
@@ -18,9 +19,9 @@ image                           what it is
 :func:`ensure_images` builds each with ``buildah`` (its own storage, under the cache) or
 reuses it: an image is a docker archive named by a hash of its inputs (the files of its
 build context, its Dockerfile, the key of its base, how it is built), so a change to
-``intercept/`` rebuilds the agent and nothing else. :func:`load` imports them into a
-node's containerd. The agent's ``pip`` step reaches the package index as this machine's
-pip does (its CA bundle and ``pip.conf`` bound read-only for the build only) and installs
+``intercept/`` rebuilds the agent and the CLI and nothing else. :func:`load` imports them
+into a node's containerd. Their ``pip`` steps reach the package index as this machine's
+pip does (its CA bundle and ``pip.conf`` bound read-only for the build only) and install
 the versions of ``constraints.txt``, the ones the tests run on.
 
 This machine's root may not raise a resource limit (no CAP_SYS_RESOURCE), so builds run
@@ -51,6 +52,7 @@ REGISTRY = "intercept.test"
 BASE = f"{REGISTRY}/python:3.11"
 PAUSE = f"{REGISTRY}/pause:3.10"
 AGENT = f"{REGISTRY}/agent:dev"
+CLI = f"{REGISTRY}/cli:dev"
 SAMPLE = f"{REGISTRY}/sample:1"
 ECHO = f"{REGISTRY}/echo:1"
 PACKAGES = ("mmdebstrap", "buildah")  # the tools, by Debian package (the command has the same name)
@@ -71,14 +73,18 @@ class Image:
     config: tuple[str, ...] = ()  # `buildah config` options, for an image that is its base with another config
     script: str = ""  # ... and this program as /usr/local/bin/intercept (what an injected agent container runs)
     pip: bool = False  # its RUN steps install from the package index
+    target: str | None = None  # the Dockerfile's stage to build (default: its last)
 
+
+# What agent_image/Dockerfile reads: its context as /.dockerignore filters it, and the pins.
+PACKAGE_INPUTS = (ROOT / "pyproject.toml", ROOT / "README.md", ROOT / "intercept", ROOT / ".dockerignore",
+                  ROOT / "agent_image" / "strip_wheels.py", ROOT / "constraints.txt")
 
 IMAGES = (
     Image(BASE),
     Image(PAUSE),
-    Image(AGENT, BASE, ROOT, ROOT / "agent_image" / "Dockerfile",
-          (ROOT / "pyproject.toml", ROOT / "README.md", ROOT / "intercept", ROOT / ".dockerignore",
-           ROOT / "agent_image" / "strip_wheels.py", ROOT / "constraints.txt"), pip=True),
+    Image(AGENT, BASE, ROOT, ROOT / "agent_image" / "Dockerfile", PACKAGE_INPUTS, pip=True),
+    Image(CLI, BASE, ROOT, ROOT / "agent_image" / "Dockerfile", PACKAGE_INPUTS, pip=True, target="cli"),
     Image(SAMPLE, BASE, ROOT / "e2e" / "app"),
     Image(f"{REGISTRY}/sample-v2:1", SAMPLE, config=("--env", "SAMPLE_VERSION=v2")),
     Image(ECHO, BASE, ROOT / "e2e" / "echo"),
@@ -171,6 +177,8 @@ class Images:
                 digest.update(path.read_bytes())
             if image.dockerfile:
                 digest.update(image.dockerfile.read_bytes())
+            if image.target:
+                digest.update(f"\0target={image.target}".encode())
         self.keys[image.name] = digest.hexdigest()[:16]
         return self.keys[image.name]
 
@@ -234,7 +242,7 @@ class Images:
         # and would keep an agent built from older code. This module's own cache is keyed on the inputs.
         argv = ["bud", "--quiet", "--pull-never", "--runtime", "runc",
                 "--build-arg", f"PYTHON_IMAGE={image.base}", "-f", str(image.dockerfile or image.context / "Dockerfile"),
-                "-t", image.name]
+                "-t", image.name, *(["--target", image.target] if image.target else [])]
         for limit, name, most in ((resource.RLIMIT_NOFILE, "nofile", 20000), (resource.RLIMIT_NPROC, "nproc", 32768)):
             soft, _ = resource.getrlimit(limit)  # the build's limits may only be lower than ours
             value = most if soft == resource.RLIM_INFINITY else min(soft, most)

@@ -1,8 +1,9 @@
 """``intercept gc --install``: the objects that run ``intercept gc`` in the cluster. Pure.
 
-An hourly CronJob in the namespace runs the agent image (which holds ``intercept``) with a
-ServiceAccount whose Role grants what ``intercept gc -n NS`` does and nothing else. In the
-cluster it reaches the agents directly at their pod IPs, so it needs no port-forward.
+An hourly CronJob in the namespace runs the CLI image (``intercept`` with the kubernetes
+client, which the agent image leaves out) with a ServiceAccount whose Role grants what
+``intercept gc -n NS`` does and nothing else. In the cluster it reaches the agents directly
+at their pod IPs, so it needs no port-forward.
 
 What it does, and so may do (each rule below says which step needs it):
 
@@ -47,7 +48,7 @@ RULES = [
 
 
 def install_objects(namespace: str, image: str, idle: float) -> list[dict[str, Any]]:
-    """ServiceAccount, Role, RoleBinding and CronJob for gc in ``namespace``."""
+    """ServiceAccount, Role, RoleBinding and CronJob for gc in ``namespace``; the Job runs ``image``."""
     meta = {"name": NAME, "namespace": namespace, "labels": dict(LABELS)}
     restricted = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True,
                   "runAsNonRoot": True, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}}
@@ -68,6 +69,9 @@ def install_objects(namespace: str, image: str, idle: float) -> list[dict[str, A
                     "containers": [{
                         "name": "gc", "image": image,
                         "command": ["intercept", "gc", "-n", namespace, "--idle", f"{idle:g}s"],
+                        # uid 65532 has no account in the image, and asyncssh's client refuses to
+                        # connect to an agent without a local user name (getpass.getuser)
+                        "env": [{"name": "USER", "value": NAME}],
                         "securityContext": restricted,
                     }],
                 },

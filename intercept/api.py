@@ -1077,7 +1077,9 @@ def gc(namespace: str | None = None, *, all_namespaces: bool = False, idle: floa
             options = InterceptOptions(transport=_one_pod(cluster, info), credentials=info.credentials,
                                        route=Route(frozenset()), name=default_name(), local_port=0)
             hello = asyncio.run(ask_agent(options, protocol.Hello()))
-        except InterceptError as e:
+        except Exception as e:  # noqa: BLE001 - one agent that cannot be asked is kept; the run goes on
+            # (an untyped error here used to abort gc after sandboxes were deleted, before their routes were pushed)
+            log.warning("gc: asking the agent of %s failed", info.workload, exc_info=not isinstance(e, InterceptError))
             emit(Event("warning", f"{info.workload} in namespace {info.namespace}: kept: its agent did not answer ({e})"))
             return None
         seconds = hello.idle_seconds

@@ -118,7 +118,9 @@ def test_watch_lists_again_when_its_version_is_too_old(server, http: bool, caplo
 
     run_watch(client, script)
     assert any("listing again" in r.getMessage() for r in caplog.records)
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "a 410 is routine, not a lost connection"
+    # intercept's own log (urllib3 may warn that it retried a pooled connection the server had closed)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("intercept")], \
+        "a 410 is routine, not a lost connection"
     watches = sum(1 for m, _, q in api.requests if m == "GET" and q.get("watch") == "true")
     # 410 event: the first watch ends with it, then list and watch. HTTP 410: the first watch
     # ends quietly, the second is refused with 410, then list and watch.

@@ -49,7 +49,10 @@ class Harness:
         try:
             self.start()
         except BaseException:
-            self.stop()
+            try:
+                self.stop()
+            except Exception:  # noqa: BLE001 - the start's failure is the one to report; this one is logged
+                log.exception("tearing down the cluster whose start failed")
             raise
         return self
 

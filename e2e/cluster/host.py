@@ -148,10 +148,9 @@ def in_cgroup(cgroup: str, argv: list[str]) -> list[str]:
 
 def _pids(cgroup: str) -> set[int]:
     found: set[int] = set()
-    root = CGROUPS / "pids" / cgroup.lstrip("/")
-    for procs in root.rglob("cgroup.procs") if root.is_dir() else []:
+    for directory, _, _ in os.walk(CGROUPS / "pids" / cgroup.lstrip("/")):  # a cgroup going meanwhile is skipped
         try:
-            found.update(int(p) for p in procs.read_text().split())
+            found.update(int(p) for p in (Path(directory) / "cgroup.procs").read_text().split())
         except OSError:
             pass
     return found
@@ -171,14 +170,13 @@ def kill_cgroup(cgroup: str, timeout: float = 30.0) -> None:
 
 
 def remove_cgroup(cgroup: str) -> None:
+    """``cgroup`` and those below it, in every hierarchy, deepest first. The walk does not stop at a cgroup
+    that someone else (a runtime tidying its containers' cgroups) removes meanwhile."""
     for hierarchy in hierarchies(v2=True):
-        top = hierarchy / cgroup.lstrip("/")
-        if not top.is_dir():
-            continue
-        for directory in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)) + [top]:
+        for directory, _, _ in os.walk(hierarchy / cgroup.lstrip("/"), topdown=False):
             for _ in range(50):  # a cgroup whose last process just died may still be busy for a moment
                 try:
-                    directory.rmdir()
+                    os.rmdir(directory)
                     break
                 except FileNotFoundError:
                     break

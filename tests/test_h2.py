@@ -259,6 +259,85 @@ def test_memory_stays_bounded_under_the_malformed_corpus(grpc_pair):
     assert rss_kb(agent.proc.p.pid) - before < 64 * 1024
 
 
+# -- what one client may cost the others ---------------------------------------------------
+
+MB = 1 << 20
+
+
+@pytest.fixture(scope="module", params=["h2", "ngh2"])
+def codec_agent(request, tmp_path_factory):
+    """An agent on each HTTP/2 codec in front of a gRPC app, with a route registered (so
+    every connection is terminated and its streams share pooled connections to the app)."""
+    app = GrpcApp("cluster")
+    agent = start_agent(tmp_path_factory.mktemp("agent"), app.port, env={"INTERCEPT_H2_CODEC": request.param})
+    client = start_client(agent, free_port(), "--header", "x-dev=alice", "--name", "alice")
+    yield agent
+    client.stop()
+    agent.proc.stop()
+    app.close()
+
+
+def server_stream_call(stream_id: int, encoder: hpack.Encoder, size: int) -> bytes:
+    """A gRPC call on ``stream_id`` asking one response message of ``size`` bytes."""
+    f = HeadersFrame(stream_id, flags={"END_HEADERS"})
+    f.data = encoder.encode([(":method", "POST"), (":scheme", "http"), (":authority", "a"),
+                             (":path", "/test.Echo/ServerStream"), ("content-type", "application/grpc"), ("te", "trailers")])
+    message = b"1 %d" % size
+    return f.serialize() + DataFrame(stream_id, b"\0" + len(message).to_bytes(4, "big") + message, flags={"END_STREAM"}).serialize()
+
+
+def never_reading_client(port: int, calls: int) -> tuple[socket.socket, list[Frame]]:
+    """A connection that advertises a stream window of 0 and asks ``calls`` 2 MiB responses;
+    returns once the app has answered each with its headers."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    enc = hpack.Encoder()
+    s.sendall(PREFACE + SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0}).serialize()
+              + b"".join(server_stream_call(2 * i + 1, enc, 2 * MB) for i in range(calls)))
+    frames: list[Frame] = []
+    while len({f.stream_id for f in frames if isinstance(f, HeadersFrame)}) < calls:
+        frames += read_frames(s, 1)
+    return s, frames
+
+
+def read_frames(sock: socket.socket, count: int) -> list[Frame]:
+    """The next ``count`` frames (fewer if the connection ends)."""
+    frames = []
+    while len(frames) < count:
+        head = sock.recv(9, socket.MSG_WAITALL)
+        if len(head) < 9:
+            break
+        f, length = Frame.parse_frame_header(memoryview(head))
+        f.parse_body(memoryview(sock.recv(length, socket.MSG_WAITALL) if length else b""))
+        frames.append(f)
+    return frames
+
+
+def test_a_client_that_reads_nothing_stalls_no_one_else(codec_agent):
+    # its responses fill their own stream windows in the agent, never the window of the
+    # connection to the app that every client's streams share
+    s, _ = never_reading_client(codec_agent.http_port, 6)
+    with s, channel(codec_agent.http_port) as c:
+        replies = list(c.unary_stream("/test.Echo/ServerStream")(b"3 %d" % (2 * MB), timeout=30))
+        assert [len(r) for r in replies] == [2 * MB] * 3
+        assert app_of(c) == "cluster"
+
+
+def test_what_a_client_leaves_unread_is_bounded_by_resetting_the_streams_past_the_limit(codec_agent):
+    from intercept.agent.h2proxy import HELD_LIMIT
+    from intercept.routing.h2codec import STREAM_WINDOW
+
+    kept = HELD_LIMIT // STREAM_WINDOW  # each stream holds its window: 1 MiB of its 2 MiB
+    calls = kept + 8
+    s, frames = never_reading_client(codec_agent.http_port, calls)
+    with s:
+        resets = [f for f in frames if isinstance(f, RstStreamFrame)]
+        while len(resets) < calls - kept:
+            resets += [f for f in read_frames(s, 1) if isinstance(f, RstStreamFrame)]
+        assert {f.error_code for f in resets} == {ENHANCE_YOUR_CALM}
+    with channel(codec_agent.http_port) as c:
+        assert app_of(c) == "cluster"
+
+
 # -- while no route could apply: a relay, converted when the first route appears -----------
 
 

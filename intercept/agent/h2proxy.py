@@ -24,6 +24,11 @@ Invariants:
   (WINDOW_UPDATE) only when the other side's window took them, so a stream holds at most
   the window the agent advertised (:mod:`intercept.routing.h2codec`), and a slow reader
   slows its writer instead of filling the agent.
+- A slow reader costs only itself: an upstream connection's own window never runs out
+  (:data:`~intercept.routing.h2codec.SHARED_CONNECTION_WINDOW`), so streams whose client
+  does not read cannot stall the other clients' streams on it; what one client connection
+  leaves unread is bounded by :data:`HELD_LIMIT`, past which the stream that passes it is
+  reset (ENHANCE_YOUR_CALM).
 - A pool respects its peer's SETTINGS_MAX_CONCURRENT_STREAMS: a stream waits for room
   or for another connection; it is never failed for lack of room.
 - A stream whose developer cannot be reached is held up to the hold timeout, then
@@ -72,6 +77,9 @@ READY_TIMEOUT = 10.0  # for a new upstream connection's SETTINGS
 # reset"); nghttp2's figures, a little more generous for control frames.
 CONTROL_BURST, CONTROL_RATE = 1000, 100.0
 RESET_BURST, RESET_RATE = 1000, 33.0
+# Response bytes one client connection may leave unread in the agent (each stream holds at
+# most its window, STREAM_WINDOW): sixteen streams' worth.
+HELD_LIMIT = 16 * h2codec.STREAM_WINDOW
 
 _SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
 
@@ -277,9 +285,15 @@ class Stream:
             self.down.codec.ack(self.sid, n)
             self.down.hub.dirty.add(self.down)
 
-    def _drop_down_queue(self) -> None:
+    def _clear_down(self) -> int:
+        """Forget the response bytes the client has not taken; returns how many there were."""
         n = sum(map(len, self.to_down))
         self.to_down.clear()
+        self.down.held -= n
+        return n
+
+    def _drop_down_queue(self) -> None:
+        n = self._clear_down()
         if n and self.up is not None and not self.up.closed:
             self.up.codec.ack(self.up_id, n)
             self.up.hub.dirty.add(self.up)
@@ -309,6 +323,7 @@ class Stream:
                     piece = queue.popleft()
                 last = not queue and self.resp_ended and self.resp_trailers is None
                 codec.send_data(sid, piece, end_stream=last)
+                down.held -= len(piece)
                 if up is not None and not up.closed:
                     up.codec.ack(self.up_id, len(piece))
                 if last:
@@ -350,6 +365,7 @@ class Stream:
             if body:
                 self.respond(headers, False)
                 self.to_down.append(body)
+                self.down.held += len(body)
                 self.resp_ended = True
                 self.pump_down()
             else:
@@ -376,6 +392,8 @@ class Downstream(asyncio.Protocol):
         self.closed = False
         self.control = RateLimit(CONTROL_BURST, CONTROL_RATE)
         self.resets = RateLimit(RESET_BURST, RESET_RATE)
+        self.held = 0  # response bytes received for this client and not yet taken by it
+        self.overflowed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -468,13 +486,25 @@ class Downstream(asyncio.Protocol):
             up.codec.reset(stream.up_id, code)
             self.hub.dirty.add(up)
             up.forget(stream)
-        stream.to_up.clear()
+        stream._drop_up_queue()
+
+    def overflow(self, stream: Stream) -> None:
+        """The client leaves more than :data:`HELD_LIMIT` of responses unread: ``stream``,
+        whose bytes passed the limit, is reset (ENHANCE_YOUR_CALM) and cancelled upstream."""
+        if not self.overflowed:
+            self.overflowed = True
+            log.info("HTTP/2 connection from %s leaves over %d bytes of responses unread: "
+                     "the streams that pass it are reset", self.transport.get_extra_info("peername"), HELD_LIMIT)
+        self.streams.pop(stream.sid, None)
+        self._abandon(stream, CANCEL)
+        self.codec.reset(stream.sid, ENHANCE_YOUR_CALM)
+        self.hub.dirty.add(self)
 
     def reset(self, stream: Stream, code: int) -> None:
         """The agent resets the client's ``stream`` (its other side failed or reset it)."""
         stream.dead = True
         stream._drop_up_queue()
-        stream.to_down.clear()
+        stream._clear_down()
         stream.sent_end_down = True
         if not self.closed:
             self.codec.reset(stream.sid, code)
@@ -605,10 +635,13 @@ class UpConnection:
                     self.codec.ack(ev.stream_id, ev.flow_length - len(ev.data))
                 if ev.data:
                     stream.to_down.append(ev.data)
+                    stream.down.held += len(ev.data)
                 if ev.end_stream:
                     stream.resp_ended = stream.got_end_up = True
                 stream.pump_down()
-                if ev.end_stream:
+                if stream.down.held > HELD_LIMIT and not stream.sent_end_down:
+                    stream.down.overflow(stream)
+                elif ev.end_stream:
                     self.maybe_done(stream)
             elif t is Headers:
                 stream = streams.get(ev.stream_id)

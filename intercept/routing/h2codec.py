@@ -46,6 +46,12 @@ import h2.settings
 # that what one connection can make the agent hold is bounded too.
 STREAM_WINDOW = 1 << 20
 CONNECTION_WINDOW = 4 << 20
+# As a client (toward the app or a developer's process) one connection carries the
+# streams of many clients at once: its connection window is the largest there is, so
+# that the bytes held for clients that read slowly never use up the window the others
+# need. What the agent holds is bounded per stream (STREAM_WINDOW) and per client
+# connection (intercept.agent.h2proxy.HELD_LIMIT) instead.
+SHARED_CONNECTION_WINDOW = 2**31 - 1
 MAX_FRAME = 1 << 16
 MAX_HEADER_LIST = 64 << 10
 MAX_CONCURRENT_STREAMS = 256
@@ -190,7 +196,7 @@ class Codec:
                 raise CodecError(h2.errors.ErrorCodes.PROTOCOL_ERROR, f"bad HTTP2-Settings: {e}") from None
         else:
             self.conn.initiate_connection()
-        self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.conn.increment_flow_control_window((SHARED_CONNECTION_WINDOW if self.client else CONNECTION_WINDOW) - 65535)
 
     def receive(self, data: bytes) -> list[Event]:
         try:

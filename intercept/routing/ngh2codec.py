@@ -61,7 +61,7 @@ class NgCodec:
                 self.conn.initiate_connection(settings)
         except ngh2.NGH2Error as e:
             raise CodecError(PROTOCOL_ERROR, f"bad HTTP2-Settings: {e}") from None
-        self.conn.set_local_window_size(h2codec.CONNECTION_WINDOW)
+        self.conn.set_local_window_size(h2codec.SHARED_CONNECTION_WINDOW if self.client else h2codec.CONNECTION_WINDOW)
         self._take()
 
     def _take(self) -> None:

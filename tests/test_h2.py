@@ -11,6 +11,9 @@ import subprocess
 from pathlib import Path
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import hpack
 import pytest
 from hyperframe.frame import (
@@ -74,6 +77,50 @@ def test_curl_http2_is_routed_per_request(h2_agent, mode):
     assert (got["app"], version) == ("local", "2")
     assert ["x-other", "Kept As Sent"] in got["headers"]
     assert [":authority", f"127.0.0.1:{h2_agent.http_port}"] in got["headers"]
+
+
+FORWARDED = [("x-forwarded-for", "1.2.3.4"), ("forwarded", "for=1.2.3.4"),  # the client's own entries first,
+             ("x-forwarded-for", "127.0.0.1"), ("forwarded", "for=127.0.0.1")]  # then the peer the agent accepted
+
+
+def forwarded_fields(got: dict) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in got["headers"] if k in ("x-forwarded-for", "forwarded")]
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed (apt-get install curl)")
+@pytest.mark.parametrize("mode", ["--http2-prior-knowledge", "--http2"])
+@pytest.mark.parametrize("to", ["cluster", "local"])
+def test_the_last_forwarded_entry_is_the_agents_as_on_http1(h2_agent, mode, to):
+    dev = ["-H", "x-dev: alice"] if to == "local" else []
+    got, version = curl(mode, "-H", "X-Forwarded-For: 1.2.3.4", "-H", "Forwarded: for=1.2.3.4", *dev,
+                        f"http://127.0.0.1:{h2_agent.http_port}/")
+    assert (got["app"], version, forwarded_fields(got)) == (to, "2", FORWARDED)
+
+
+def test_every_stream_of_a_connection_gets_the_agents_forwarded_entry(h2_agent):
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    asked = {}
+    for dev in ([], [("x-dev", "alice")], []):
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(":method", "GET"), (":scheme", "http"), (":authority", "a"), (":path", "/"),
+                                ("x-forwarded-for", "1.2.3.4"), ("forwarded", "for=1.2.3.4"), *dev], end_stream=True)
+        asked[sid] = "local" if dev else "cluster"
+    bodies = {sid: b"" for sid in asked}
+    with socket.create_connection(("127.0.0.1", h2_agent.http_port), timeout=30) as s:
+        s.sendall(conn.data_to_send())
+        ended = set()
+        while ended != set(asked):
+            for ev in conn.receive_data(s.recv(65536)):
+                if isinstance(ev, h2.events.DataReceived):
+                    bodies[ev.stream_id] += ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                if getattr(ev, "stream_ended", None) is not None or isinstance(ev, h2.events.StreamEnded):
+                    ended.add(ev.stream_id)
+            s.sendall(conn.data_to_send())
+    for sid, to in asked.items():
+        got = json.loads(bodies[sid])
+        assert (got["app"], forwarded_fields(got)) == (to, FORWARDED)
 
 
 # -- malformed HTTP/2 ---------------------------------------------------------------------

@@ -19,7 +19,8 @@ Invariants:
 
 - A stream is forwarded as received: headers, metadata (``-bin`` keys too), data,
   trailers, trailers-only responses, RST_STREAM codes; PING and SETTINGS are answered
-  per hop.
+  per hop. The agent adds only the client's address (``x-forwarded-for``, ``forwarded``)
+  after the request's own fields, as on HTTP/1.1, unless ``--no-forwarded-headers``.
 - Flow control is end to end per stream: bytes received on one side are given back
   (WINDOW_UPDATE) only when the other side's window took them, so a stream holds at most
   the window the agent advertised (:mod:`intercept.routing.h2codec`), and a slow reader
@@ -62,6 +63,7 @@ from intercept.routing.h2 import (
     upgraded_request,
 )
 from intercept.routing.h2codec import new_codec
+from intercept.routing.http1 import forwarding
 from intercept.routing.h2codec import CodecError, Control, Data, GoAway, Headers, Reset, Settings, StreamError, WindowOpened
 
 if TYPE_CHECKING:
@@ -394,10 +396,15 @@ class Downstream(asyncio.Protocol):
         self.resets = RateLimit(RESET_BURST, RESET_RATE)
         self.held = 0  # response bytes received for this client and not yet taken by it
         self.overflowed = False
+        self.forwarded: list[tuple[bytes, bytes]] = []  # added to every request: the client's address
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.loop = asyncio.get_running_loop()
+        if self.hub.agent.forwarded_headers:
+            peer = transport.get_extra_info("peername")
+            if isinstance(peer, tuple) and peer:
+                self.forwarded = forwarding(str(peer[0]))
         if self.upgrade is None:
             self.codec.start()
             self.hub.dirty.add(self)
@@ -583,8 +590,9 @@ class UpConnection:
     def start(self, stream: Stream) -> None:
         """Open ``stream``'s counterpart here and pass on what it has so far."""
         end = stream.req_ended and not stream.to_up and stream.req_trailers is None
+        forwarded = stream.down.forwarded
         try:
-            up_id = self.codec.open_stream(stream.headers, end)
+            up_id = self.codec.open_stream(stream.headers + forwarded if forwarded else stream.headers, end)
         except StreamError as e:
             stream.pool = None
             stream.fail(f"{self.where} refused the request headers: {e}")

@@ -315,6 +315,8 @@ MB = 1 << 20
 def codec_agent(request, tmp_path_factory):
     """An agent on each HTTP/2 codec in front of a gRPC app, with a route registered (so
     every connection is terminated and its streams share pooled connections to the app)."""
+    if request.param == "ngh2":
+        pytest.importorskip("ngh2", reason="the ngh2 codec is not installed (pip install -e '.[test]')")
     app = GrpcApp("cluster")
     agent = start_agent(tmp_path_factory.mktemp("agent"), app.port, env={"INTERCEPT_H2_CODEC": request.param})
     client = start_client(agent, free_port(), "--header", "x-dev=alice", "--name", "alice")

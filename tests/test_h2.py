@@ -387,6 +387,87 @@ def test_what_a_client_leaves_unread_is_bounded_by_resetting_the_streams_past_th
         assert app_of(c) == "cluster"
 
 
+# -- counted and expired as HTTP/1.1 connections are ---------------------------------------
+
+
+@pytest.fixture(params=["relayed", "h2", "ngh2"])
+def h2_mode(request):
+    """How the agent takes a prior-knowledge connection: relayed as bytes (no route
+    registered), or terminated on each codec (a route registered)."""
+    if request.param == "ngh2":
+        pytest.importorskip("ngh2", reason="the ngh2 codec is not installed (pip install -e '.[test]')")
+    return request.param
+
+
+@pytest.fixture
+def limited_agent(h2_mode, tmp_path, clients):
+    """(agent, app) with --max-connections 2 and --header-timeout 0.5, in ``h2_mode``."""
+    app = GrpcApp("cluster")
+    codec = "h2" if h2_mode == "relayed" else h2_mode
+    agent = start_agent(tmp_path, app.port, "--max-connections", "2", "--header-timeout", "0.5",
+                        env={"INTERCEPT_H2_CODEC": codec})
+    if h2_mode != "relayed":
+        clients.append(start_client(agent, free_port(), "--header", "x-dev=alice", "--name", "alice"))
+    yield agent, app
+    agent.proc.stop()
+    app.close()
+
+
+def h2_connection(port: int) -> socket.socket:
+    """A prior-knowledge connection, once the HTTP/2 side (the agent, or the app through a
+    relay) has answered its preface."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(PREFACE + SettingsFrame(0).serialize())
+    assert isinstance(read_frames(s, 1)[0], SettingsFrame)
+    return s
+
+
+def until_closed(s: socket.socket) -> bytes:
+    got = b""
+    while chunk := s.recv(65536):
+        got += chunk
+    return got
+
+
+def test_h2_connections_count_against_max_connections_until_a_stream_completes(limited_agent):
+    agent, _ = limited_agent
+    first, second = h2_connection(agent.http_port), h2_connection(agent.http_port)
+    with first, second:
+        with socket.create_connection(("127.0.0.1", agent.http_port), timeout=30) as over:
+            assert until_closed(over).startswith(b"HTTP/1.1 503 ")
+        first.sendall(grpc_call(1, hpack.Encoder()))  # a call completes: its place is free
+        read_frames_until_goaway(first, stop_on_end_stream=True)
+        with channel(agent.http_port) as c:
+            assert app_of(c) == "cluster"
+
+
+def test_h2_connections_with_no_stream_open_are_closed_after_the_header_timeout(limited_agent):
+    agent, app = limited_agent
+    with channel(agent.http_port) as busy:
+        assert app_of(busy) == "cluster"  # established: the other two fit under --max-connections 2
+        ticks = busy.unary_stream("/test.Echo/Ticks")(b"2", timeout=30)
+        assert next(ticks) == b"tick 0 from cluster"  # a stream stays open on this connection
+        with h2_connection(agent.http_port) as idle, h2_connection(agent.http_port) as done:
+            done.sendall(grpc_call(1, hpack.Encoder()))
+            read_frames_until_goaway(done, stop_on_end_stream=True)
+            for s, last in ((idle, 0), (done, 1)):
+                frames = parse_frames(until_closed(s))
+                goaways = [f for f in frames if isinstance(f, GoAwayFrame)]
+                assert [(f.error_code, f.last_stream_id) for f in goaways] == [(NO_ERROR, last)]
+        app.gate.release()  # idle for longer than either, but never without a stream: still served
+        assert list(ticks) == [b"tick 1 from cluster"]
+
+
+def parse_frames(data: bytes) -> list[Frame]:
+    frames = []
+    while len(data) >= 9:
+        f, length = Frame.parse_frame_header(memoryview(data[:9]))
+        f.parse_body(memoryview(data[9 : 9 + length]))
+        frames.append(f)
+        data = data[9 + length :]
+    return frames
+
+
 # -- while no route could apply: a relay, converted when the first route appears -----------
 
 

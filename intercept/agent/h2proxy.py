@@ -37,6 +37,9 @@ Invariants:
   leaves ends their streams in flight with UNAVAILABLE; new streams go to the app.
 - A peer that breaks HTTP/2 or floods control frames gets GOAWAY with the code the
   specification names, on its connection only.
+- A client connection counts against ``--max-connections`` until one of its streams has
+  completed (as on HTTP/1.1, until an exchange has), and is closed once it has had no
+  stream open for ``--header-timeout`` (:meth:`ClientSide.expire`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from intercept.routing.h2 import (
     CANCEL,
     ENHANCE_YOUR_CALM,
     INTERNAL_ERROR,
+    NO_ERROR,
     REFUSED_STREAM,
     RateLimit,
     RelayConversion,
@@ -106,18 +110,19 @@ class Hub:
     # -- from the HTTP/1 listener ------------------------------------------------------
 
     def accept(self, transport: asyncio.Transport, data: bytes, upgrade: RequestHead | None = None,
-               settings: bytes | None = None, original: bytes = b"") -> None:
+               settings: bytes | None = None, original: bytes = b"", *, fresh: bool = False) -> None:
         """Take over ``transport`` (the listener's protocol stops being called), whose
         first unprocessed bytes are ``data``: the preface, or what followed an upgrade
         request ``upgrade`` with its ``HTTP2-Settings`` value (``original``: that request's
-        bytes and what followed, to give the connection back to HTTP/1.1 if need be)."""
-        proto: asyncio.Protocol
+        bytes and what followed, to give the connection back to HTTP/1.1 if need be).
+        ``fresh``: it holds a place among the listener's fresh connections."""
+        proto: ClientSide
         if upgrade is not None and self.upstream_h2 is None:
-            proto = UpgradeProbe(self, upgrade, settings, data, original)
+            proto = UpgradeProbe(self, fresh, upgrade, settings, data, original)
         elif upgrade is None and not len(self.agent.routes):
-            proto = Relay(self)
+            proto = Relay(self, fresh)
         else:
-            proto = Downstream(self, upgrade, settings)
+            proto = Downstream(self, fresh, upgrade, settings)
         transport.set_protocol(proto)
         proto.connection_made(transport)
         transport.resume_reading()
@@ -380,11 +385,54 @@ class Stream:
             self.down.reset(self, INTERNAL_ERROR)
 
 
-class Downstream(asyncio.Protocol):
+class ClientSide(asyncio.Protocol):
+    """A client connection the HTTP/2 path took over from the listener.
+
+    While ``fresh`` it holds its place among the agent's fresh connections
+    (``--max-connections``), as it did in the listener, until one of its streams has
+    completed or it closes (:meth:`established`). The agent's sweeper calls
+    :meth:`expire`: one that has had no stream open for ``--header-timeout`` (it never
+    sent a complete request, or no longer sends any) is closed with :meth:`close_idle`.
+    """
+
+    def __init__(self, hub: Hub, fresh: bool) -> None:
+        self.hub = hub
+        self.fresh = fresh
+        self.idle_since = 0.0
+        self.streams_seen = 0  # how many streams the client had opened at the last look
+
+    def established(self) -> None:
+        if self.fresh:
+            self.fresh = False
+            self.hub.agent.fresh_connections -= 1
+
+    def watch(self) -> None:
+        """Be expired by the agent's sweeper (it calls :meth:`expire` on its connections)."""
+        self.idle_since = asyncio.get_running_loop().time()
+        self.hub.agent.connections.add(self)
+
+    def expire(self, now: float, timeout: float) -> None:
+        opened, open_now = self.streams_opened()
+        if open_now or opened != self.streams_seen:
+            self.streams_seen, self.idle_since = opened, now
+        elif now - self.idle_since > timeout:
+            log.info("HTTP/2 connection from %s closed: no stream open for %gs (--header-timeout)",
+                     self.transport.get_extra_info("peername"), timeout)
+            self.close_idle()
+
+    def streams_opened(self) -> tuple[int, bool]:
+        """(how many streams the client has opened so far, whether one is open now)."""
+        raise NotImplementedError
+
+    def close_idle(self) -> None:
+        raise NotImplementedError
+
+
+class Downstream(ClientSide):
     """A client's HTTP/2 connection, terminated: the agent is its server."""
 
-    def __init__(self, hub: Hub, upgrade: RequestHead | None = None, settings: bytes | None = None) -> None:
-        self.hub = hub
+    def __init__(self, hub: Hub, fresh: bool = False, upgrade: RequestHead | None = None, settings: bytes | None = None) -> None:
+        super().__init__(hub, fresh)
         self.upgrade = upgrade
         self.settings = settings
         self.codec = new_codec(client=False)
@@ -397,10 +445,12 @@ class Downstream(asyncio.Protocol):
         self.held = 0  # response bytes received for this client and not yet taken by it
         self.overflowed = False
         self.forwarded: list[tuple[bytes, bytes]] = []  # added to every request: the client's address
+        self.opened = 0  # streams the client has opened
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.loop = asyncio.get_running_loop()
+        self.watch()
         if self.hub.agent.forwarded_headers:
             peer = transport.get_extra_info("peername")
             if isinstance(peer, tuple) and peer:
@@ -417,6 +467,7 @@ class Downstream(asyncio.Protocol):
             self._abort(e)
             return
         stream = self.streams[1] = Stream(self, 1, upgraded_request(self.upgrade), True)
+        self.opened = 1
         self.hub.dirty.add(self)
         self.hub.route(stream)
         self.hub.flush()
@@ -450,6 +501,7 @@ class Downstream(asyncio.Protocol):
             elif t is Headers:
                 if ev.kind == Headers.REQUEST:
                     stream = streams[ev.stream_id] = Stream(self, ev.stream_id, ev.headers, ev.end_stream)
+                    self.opened += 1
                     self.hub.route(stream)
                 else:  # trailers
                     stream = streams.get(ev.stream_id)
@@ -522,6 +574,16 @@ class Downstream(asyncio.Protocol):
         """Forget ``stream`` once both directions have ended on this connection."""
         if stream.sent_end_down and (stream.req_ended or stream.dead):
             self.streams.pop(stream.sid, None)
+            self.established()
+
+    def streams_opened(self) -> tuple[int, bool]:
+        return self.opened, bool(self.streams)
+
+    def close_idle(self) -> None:
+        self.codec.goaway(NO_ERROR)
+        self.flush()
+        self.transport.close()
+        self._closed()
 
     def _calm(self, reason: str) -> None:
         self._abort(CodecError(ENHANCE_YOUR_CALM, reason))
@@ -550,6 +612,8 @@ class Downstream(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        self.established()
+        self.hub.agent.connections.discard(self)
         self.hub.dirty.discard(self)
         for stream in list(self.streams.values()):
             self._abandon(stream, CANCEL)
@@ -894,7 +958,7 @@ class Pool:
             self.hub.route(stream)
 
 
-class UpgradeProbe(asyncio.Protocol):
+class UpgradeProbe(ClientSide):
     """An ``Upgrade: h2c`` request while it is not known whether the app speaks HTTP/2.
 
     Reading waits while :meth:`Hub.probe_upstream` asks the app. If it speaks h2c, the
@@ -904,8 +968,10 @@ class UpgradeProbe(asyncio.Protocol):
     speaks only HTTP/1.1 declines the upgrade itself and the request is not disturbed.
     """
 
-    def __init__(self, hub: Hub, upgrade: RequestHead, settings: bytes | None, data: bytes, original: bytes) -> None:
-        self.hub, self.upgrade, self.settings = hub, upgrade, settings
+    def __init__(self, hub: Hub, fresh: bool, upgrade: RequestHead, settings: bytes | None, data: bytes,
+                 original: bytes) -> None:
+        super().__init__(hub, fresh)
+        self.upgrade, self.settings = upgrade, settings
         self.data = bytearray(data)  # after the upgrade request
         self.original = bytearray(original)  # the upgrade request and what followed
         self.transport: asyncio.Transport | None = None
@@ -921,6 +987,7 @@ class UpgradeProbe(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.established()
 
     async def _decide(self) -> None:
         self.transport.pause_reading()
@@ -929,9 +996,11 @@ class UpgradeProbe(asyncio.Protocol):
             return
         proto: asyncio.Protocol
         if h2c:
-            proto, data = Downstream(self.hub, self.upgrade, self.settings), bytes(self.data)
+            proto, data = Downstream(self.hub, self.fresh, self.upgrade, self.settings), bytes(self.data)
         else:
+            self.established()  # the listener counts it again
             proto, data = ClientConnection(self.hub.agent), bytes(self.original)
+        self.fresh = False
         self.transport.set_protocol(proto)
         proto.connection_made(self.transport)
         self.transport.resume_reading()
@@ -940,7 +1009,7 @@ class UpgradeProbe(asyncio.Protocol):
         self.hub.flush()
 
 
-class Relay(asyncio.Protocol):
+class Relay(ClientSide):
     """A prior-knowledge connection relayed as bytes while no route could apply.
 
     Costs about what a TCP relay costs, plus following frame headers both ways
@@ -948,8 +1017,8 @@ class Relay(asyncio.Protocol):
     gracefully, when the first route appears.
     """
 
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
+    def __init__(self, hub: Hub, fresh: bool = False) -> None:
+        super().__init__(hub, fresh)
         self.conv = RelayConversion()
         self.transport: asyncio.Transport | None = None
         self.link: TCPLink | None = None
@@ -960,6 +1029,7 @@ class Relay(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.hub.relays.add(self)
+        self.watch()
         asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
@@ -972,7 +1042,9 @@ class Relay(asyncio.Protocol):
             if self.closed:
                 return
             self.hub.relays.discard(self)
-            down = Downstream(self.hub)
+            self.hub.agent.connections.discard(self)
+            down = Downstream(self.hub, self.fresh)
+            self.fresh = False
             self.transport.set_protocol(down)
             down.connection_made(self.transport)
             self.transport.resume_reading()
@@ -1002,6 +1074,8 @@ class Relay(asyncio.Protocol):
             self.early.append(out)
         elif out:
             self.link.write(out)
+        if self.fresh and self.conv.completed:
+            self.established()
         if self.conv.done:
             self._finish()
 
@@ -1010,9 +1084,21 @@ class Relay(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.established()
         self.hub.relays.discard(self)
+        self.hub.agent.connections.discard(self)
         if self.link is not None:
             self.link.close()
+
+    def streams_opened(self) -> tuple[int, bool]:
+        return self.conv.client.max_stream_id, bool(self.conv.streams)
+
+    def close_idle(self) -> None:
+        """At a frame boundary of the app's direction, a GOAWAY naming the last stream the
+        client opened (it then knows that none was lost); anywhere else, just the close."""
+        if self.link is not None and self.conv.server.at_boundary:
+            self.transport.write(self.conv.farewell())
+        self.transport.close()
 
     def pause_writing(self) -> None:
         if self.link is not None:
@@ -1046,6 +1132,8 @@ class Relay(asyncio.Protocol):
             self.transport.write(out[:boundary] + conv.notice() + out[boundary:])
         else:
             self.transport.write(out)
+        if self.fresh and conv.completed:
+            self.established()
         if conv.done:
             self._finish()
 

@@ -227,6 +227,7 @@ class FrameScanner:
         self.frames = 0
         self.in_header_block = False
         self.max_stream_id = 0  # highest stream this direction opened
+        self.completed = 0  # streams whose two halves ended with this direction's END_STREAM
         self.goaway_seen = False
         self.watch_ping: bytes | None = None  # opaque data of the agent's own PING
         self.ping_acked = False
@@ -340,6 +341,7 @@ class FrameScanner:
         halves |= 1 << self.side
         if halves == 3:
             del self.streams[sid]
+            self.completed += 1
         else:
             self.streams[sid] = halves
 
@@ -380,6 +382,11 @@ class RelayConversion:
         self.sent = True
         self.client.watch_ping = self.ping
         return goaway(MAX_STREAM_ID) + frame(PING, 0, 0, self.ping)
+
+    @property
+    def completed(self) -> bool:
+        """A stream has completed: both its halves ended (not reset)."""
+        return bool(self.client.completed or self.server.completed)
 
     @property
     def done(self) -> bool:

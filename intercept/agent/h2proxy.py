@@ -58,7 +58,6 @@ from intercept.routing.h2 import (
     INTERNAL_ERROR,
     NO_ERROR,
     REFUSED_STREAM,
-    RateLimit,
     RelayConversion,
     error_response,
     grpc_trailers,
@@ -68,7 +67,7 @@ from intercept.routing.h2 import (
 )
 from intercept.routing.h2codec import new_codec
 from intercept.routing.http1 import forwarding
-from intercept.routing.h2codec import CodecError, Control, Data, GoAway, Headers, Reset, Settings, StreamError, WindowOpened
+from intercept.routing.h2codec import CodecError, Data, GoAway, Headers, Reset, Settings, StreamError, WindowOpened
 
 if TYPE_CHECKING:
     from intercept.routing.http1 import RequestHead
@@ -78,11 +77,6 @@ log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 8  # per pool; beyond, streams wait for room
 READY_TIMEOUT = 10.0  # for a new upstream connection's SETTINGS
-# What a client may make the agent do for nothing: PING, SETTINGS, PRIORITY, empty DATA
-# frames (CVE-2019-9512/9515/9518), and streams it resets itself (CVE-2023-44487, "rapid
-# reset"); nghttp2's figures, a little more generous for control frames.
-CONTROL_BURST, CONTROL_RATE = 1000, 100.0
-RESET_BURST, RESET_RATE = 1000, 33.0
 # Response bytes one client connection may leave unread in the agent (each stream holds at
 # most its window, STREAM_WINDOW): sixteen streams' worth.
 HELD_LIMIT = 16 * h2codec.STREAM_WINDOW
@@ -435,13 +429,11 @@ class Downstream(ClientSide):
         super().__init__(hub, fresh)
         self.upgrade = upgrade
         self.settings = settings
-        self.codec = new_codec(client=False)
+        self.codec = new_codec(client=False, clock=asyncio.get_running_loop().time)  # (flood limits)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
         self.writable = True
         self.closed = False
-        self.control = RateLimit(CONTROL_BURST, CONTROL_RATE)
-        self.resets = RateLimit(RESET_BURST, RESET_RATE)
         self.held = 0  # response bytes received for this client and not yet taken by it
         self.overflowed = False
         self.forwarded: list[tuple[bytes, bytes]] = []  # added to every request: the client's address
@@ -521,14 +513,7 @@ class Downstream(ClientSide):
             elif t is Reset:
                 stream = streams.pop(ev.stream_id, None)
                 if stream is not None:
-                    if not stream.resp_started and not self.resets.spend(self.loop.time()):
-                        self._calm("too many streams reset by the client (rapid reset)")
-                        return
                     self._abandon(stream, ev.code)
-            elif t is Control:
-                if not self.control.spend(self.loop.time()):
-                    self._calm(f"too many {ev.kind} frames")
-                    return
             elif t is GoAway:
                 log.debug("client sent GOAWAY (last stream %d, code %d)", ev.last_stream_id, ev.code)
         self.hub.flush()
@@ -585,17 +570,9 @@ class Downstream(ClientSide):
         self.transport.close()
         self._closed()
 
-    def _calm(self, reason: str) -> None:
-        self._abort(CodecError(ENHANCE_YOUR_CALM, reason))
-
     def _abort(self, error: CodecError) -> None:
         peer = self.transport.get_extra_info("peername")
         log.info("HTTP/2 connection from %s closed with GOAWAY code %d: %s", peer, error.code, error.reason)
-        if error.code == ENHANCE_YOUR_CALM:
-            try:
-                self.codec.goaway(error.code)
-            except Exception:  # noqa: BLE001 - the codec may already have sent its own GOAWAY
-                pass
         self.flush()
         self.transport.close()
         self._closed()

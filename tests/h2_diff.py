@@ -149,7 +149,7 @@ def outcome(kind: str, chunks: Sequence[bytes]) -> Outcome:
                 seen.cancelled = CANCEL
         elif sid in unfinished:
             seen.reset = seen.cancelled = None
-    result.streams = dict(sorted(streams.items()))
+    result.streams = {sid: seen for sid, seen in sorted(streams.items()) if seen != Seen()}
     return result
 
 
@@ -339,6 +339,10 @@ def _corpus() -> dict[str, list[bytes]]:
         "invalid-hpack-index": case(raw(1, 5, 1, bytes([0x80 | 120]))),
         "hpack-table-size-too-large": case(raw(1, 5, 1, b"\x3f\xe1\xff\x03" + hpack.Encoder().encode(REQUEST))),
         "oversized-header-list": case(req([*REQUEST, (b"x-big", b"v" * 70_000)], pieces=6)),
+        "oversized-header-list-of-small-fields": case(req([*REQUEST, *[(b"x-%d" % i, b"v" * 100) for i in range(600)]], pieces=6)),
+        "more-than-1024-fields": case(req([*REQUEST, *[(b"x%d" % i, b"1") for i in range(1021)]], pieces=4)),
+        "a-malformed-field-then-a-huge-list": case(req([*REQUEST, (b"X", b"1"), *[(b"x-%d" % i, b"v" * 100) for i in range(600)]],
+                                                      pieces=6)),
         # floods
         "settings-flood": case([SettingsFrame(0, settings={4: 65535}).serialize()] * 1500),
         "ping-flood": case([PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize() for i in range(1500)]),

@@ -66,8 +66,8 @@ from intercept.routing.h2 import (
     upgraded_request,
 )
 from intercept.routing.h2codec import new_codec
-from intercept.routing.http1 import forwarding
 from intercept.routing.h2codec import CodecError, Data, GoAway, Headers, Reset, Settings, StreamError, WindowOpened
+from intercept.routing.http1 import forwarding
 
 if TYPE_CHECKING:
     from intercept.routing.http1 import RequestHead
@@ -943,6 +943,7 @@ class UpgradeProbe(ClientSide):
     stream); if not, or if it cannot be reached, the connection goes back to the HTTP/1.1
     listener with the request's own bytes, as if the agent had never looked: an app that
     speaks only HTTP/1.1 declines the upgrade itself and the request is not disturbed.
+    It lasts as long as the question (READY_TIMEOUT at most), so it is not watched.
     """
 
     def __init__(self, hub: Hub, fresh: bool, upgrade: RequestHead, settings: bytes | None, data: bytes,

@@ -18,7 +18,7 @@ module, as small facts computed from bytes:
 - :class:`FrameScanner` follows frame boundaries and stream lifetimes in a relayed
   byte stream, so that a relayed connection can be handed a GOAWAY at a frame boundary
   when the first route appears (:class:`RelayConversion`).
-- :func:`malformed_fields` and :func:`malformed_request` are RFC 9113's rules for what a
+- :class:`FieldRules` (:func:`malformed_fields`) and :func:`malformed_request` are RFC 9113's rules for what a
   client sends (sections 8.1.1, 8.2 and 8.3), as libnghttp2 applies them, plus the check of
   ``host`` against ``:authority`` that it leaves out (:func:`authority_mismatch`): both
   codecs refuse the same streams.
@@ -452,9 +452,10 @@ def _field_problem(name: bytes, value: bytes) -> str | None:
     return None
 
 
-def malformed_fields(headers: Headers, trailers: bool = False) -> str | None:
-    """Why a request's header section (``trailers``: its trailer section) has a malformed
-    field, or None: the rules libnghttp2 applies to each field as it is decoded.
+class FieldRules:
+    """The rules libnghttp2 applies to each field of a request's header section
+    (``trailers``: its trailer section) as it is decoded: :meth:`check` says why a field
+    is malformed, given those before it, or None.
 
     Pseudo-header fields first, once each, none unknown, none empty, none in trailers;
     ``:method`` a token, ``:scheme`` a scheme, ``:path`` and ``:authority`` without
@@ -462,33 +463,49 @@ def malformed_fields(headers: Headers, trailers: bool = False) -> str | None:
     controls or surrounding whitespace; at most one ``host`` (an authority) and one
     ``content-length`` (digits); no connection-specific field; ``te`` only ``trailers``.
     """
-    pseudo: set[bytes] = set()
-    regular = False
-    host = length = False
-    for name, value in headers:
+
+    __slots__ = ("trailers", "pseudo", "regular", "host", "length")
+
+    def __init__(self, trailers: bool = False) -> None:
+        self.trailers = trailers
+        self.pseudo: set[bytes] = set()
+        self.regular = self.host = self.length = False
+
+    def check(self, name: bytes, value: bytes) -> str | None:
         if name[:1] == b":":
-            if regular or trailers:
+            if self.regular or self.trailers:
                 return f"pseudo-header field {name!r} after a regular field, or in trailers"
-            if name not in _PSEUDO or name in pseudo or not value:
+            if name not in _PSEUDO or name in self.pseudo or not value:
                 return f"pseudo-header field {name!r} unknown, repeated or empty"
             allowed = (_METHOD if name == b":method" else _PATH if name == b":path"
                        else _AUTHORITY if name == b":authority" else _SCHEME)
             if not _only(value, allowed) or name == b":scheme" and value[0] not in _SCHEME_FIRST:
                 return f"pseudo-header field {name.decode()} has characters it may not"
-            pseudo.add(name)
-            continue
-        regular = True
+            self.pseudo.add(name)
+            return None
+        self.regular = True
         problem = _field_problem(name, value)
         if problem is not None:
             return problem
         if name == b"host":
-            if host or not value or not _only(value, _AUTHORITY):
+            if self.host or not value or not _only(value, _AUTHORITY):
                 return "host repeated, empty or with characters it may not have"
-            host = True
+            self.host = True
         elif name == b"content-length":
-            if length or not value.isdigit() or len(value) > 19 or int(value) >= 1 << 63:
+            if self.length or not value.isdigit() or len(value) > 19 or int(value) >= 1 << 63:
                 return "content-length repeated or not a number"
-            length = True
+            self.length = True
+        return None
+
+
+def malformed_fields(headers: Headers, trailers: bool = False) -> str | None:
+    """Why a request's header section (``trailers``: its trailer section) has a malformed
+    field (:class:`FieldRules`), or None."""
+    rules = FieldRules(trailers)
+    for name, value in headers:
+        problem = rules.check(name, value)
+        if problem is not None:
+            return problem
     return None
 
 

@@ -68,6 +68,7 @@ CONNECTION_WINDOW = 4 << 20
 SHARED_CONNECTION_WINDOW = 2**31 - 1
 MAX_FRAME = 1 << 16
 MAX_HEADER_LIST = 64 << 10
+MAX_HEADER_COUNT = 1024  # fields in one header section (libnghttp2's limit)
 MAX_CONCURRENT_STREAMS = 256
 
 
@@ -149,7 +150,7 @@ class Codec:
             normalize_outbound_headers=False,
         )
         self.client = client
-        self.conn = (Connection if client else ServerConnection)(config)
+        self.conn = Connection(config) if client else ServerConnection(config, MAX_HEADER_LIST, MAX_HEADER_COUNT)
         self.intake = None if client else Intake(clock, MAX_FRAME)
         self._answered: set[int] = set()  # server: streams whose response has begun and not ended
         self._client_left: int | None = None  # server: the code of the client's GOAWAY
@@ -163,7 +164,8 @@ class Codec:
                 **({h2.settings.SettingCodes.ENABLE_PUSH: 0} if client else {}),
             },
         )
-        self.conn.decoder.max_header_list_size = MAX_HEADER_LIST
+        if client:  # (a server's decoder counts as libnghttp2 does: ServerConnection)
+            self.conn.decoder.max_header_list_size = MAX_HEADER_LIST
         # as large as advertised at once (peers send such frames before h2 has read their
         # SETTINGS acknowledgement); a client's frames are held to the spec by Intake
         self.conn.max_inbound_frame_size = MAX_FRAME
@@ -201,6 +203,7 @@ class Codec:
         out: list[Event] = []
         append = out.append
         refused: list[Refused] = []
+        after_read = False  # a stream was refused after the read
         for ev in raw:
             t = type(ev)
             if t is h2.events.DataReceived:
@@ -209,6 +212,7 @@ class Codec:
                 if intake is not None and authority_mismatch(ev.headers):  # checked after the read, as for ngh2
                     self.reset(ev.stream_id, PROTOCOL_ERROR)
                     self._count_reset()
+                    after_read = True
                     continue
                 append(Headers(ev.stream_id, ev.headers, ev.stream_ended is not None, Headers.REQUEST))
             elif t is h2.events.ResponseReceived:
@@ -246,7 +250,8 @@ class Codec:
                 if ev.reported:
                     append(Reset(ev.stream_id, CANCEL))
                 self._count_reset()
-        if self._client_left and intake is not None and not self.conn.open_inbound_streams:
+        if (self._client_left and intake is not None and not self.conn.open_inbound_streams
+                and not after_read):  # (a stream refused after the read counts until written, at the next)
             raise CodecError(self._client_left, f"the client sent GOAWAY with code {self._client_left}")
         return out
 

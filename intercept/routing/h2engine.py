@@ -17,6 +17,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.frame_buffer
+import h2.settings
 import h2.stream
 import hpack
 from h2.connection import _decode_headers
@@ -25,6 +26,7 @@ from hyperframe.frame import HeadersFrame, RstStreamFrame, WindowUpdateFrame
 
 from intercept.routing.h2 import (
     FLOW_CONTROL_ERROR,
+    FieldRules,
     MAX_STREAM_ID,
     PROTOCOL_ERROR,
     REFUSED_STREAM,
@@ -80,6 +82,16 @@ def _connection_error(code: int, reason: str) -> h2.exceptions.ProtocolError:
     return error
 
 
+class Closing:
+    """A stream refused in the current read: whether the client had ended it, and its
+    send window (which libnghttp2 still keeps up to date until the RST_STREAM is written)."""
+
+    __slots__ = ("ended", "window")
+
+    def __init__(self, ended: bool, window: int) -> None:
+        self.ended, self.window = ended, window
+
+
 class ServerConnection(Connection):
     """h2 as a server that behaves as libnghttp2 does, frame by frame, where RFC 9113 lets
     implementations differ.
@@ -98,15 +110,16 @@ class ServerConnection(Connection):
     (section 5.4.1 allows it).
     """
 
-    def __init__(self, config: h2.config.H2Configuration) -> None:
+    def __init__(self, config: h2.config.H2Configuration, max_header_list_size: int, max_header_count: int) -> None:
         super().__init__(config)
-        self.decoder = _Decoder()
+        self.decoder = _Decoder(max_header_list_size, max_header_count)
         self.incoming_buffer.__class__ = _FrameBuffer
         self.incoming_buffer.check = self._check_headers_frame  # type: ignore[attr-defined]
         self.lengths: dict[int, list[int]] = {}  # [content-length (-1: none), bytes received] per open request
-        # streams refused in this read, and whether the client had ended them: libnghttp2 holds
-        # a stream it resets until its RST_STREAM is written, after the read
-        self.closing: dict[int, bool] = {}
+        self.client_last: int | None = None  # the last stream id of the client's GOAWAY, once it sent one
+        # streams refused in this read: libnghttp2 holds a stream it resets until its
+        # RST_STREAM is written, after the read
+        self.closing: dict[int, Closing] = {}
 
     def receive_data(self, data):  # type: ignore[no-untyped-def]
         self.closing.clear()
@@ -115,7 +128,7 @@ class ServerConnection(Connection):
     def _ended_by_client(self, stream_id: int) -> bool:
         """The client ended the stream, which the agent has not ended yet (half-closed remote)."""
         if stream_id in self.closing:
-            return self.closing[stream_id]
+            return self.closing[stream_id].ended
         stream = self.streams.get(stream_id)
         return stream is not None and stream.state_machine.state is h2.stream.StreamState.HALF_CLOSED_REMOTE
 
@@ -137,14 +150,18 @@ class ServerConnection(Connection):
         """Reset a client's stream as malformed; ``ended``: the client's END_STREAM counts (as
         in libnghttp2, only once its header section was read whole, or its body)."""
         self.lengths.pop(stream_id, None)
-        self.closing[stream_id] = ended
+        self.closing[stream_id] = Closing(ended, self.streams[stream_id].outbound_flow_control_window)
         self.reset_stream(stream_id, PROTOCOL_ERROR)
         return Refused(stream_id, reported)
 
     def _receive_headers_frame(self, frame):  # type: ignore[no-untyped-def]
         sid = frame.stream_id
-        if sid > self.highest_inbound_stream_id and (
-                self.open_inbound_streams + len(self.closing) >= self.local_settings.max_concurrent_streams):
+        new = sid > self.highest_inbound_stream_id
+        stream = self.streams.get(sid)
+        refused = new and self.open_inbound_streams + len(self.closing) >= self.local_settings.max_concurrent_streams
+        trailers = stream is not None and not stream.closed and sid not in self.closing
+        self.decoder.start(None if refused or not (new or trailers) else trailers)
+        if refused:
             # one stream more than the agent allows: refused on its own (RFC 9113 5.1.2), the
             # streams refused in this read still counted, as libnghttp2 counts them until written
             try:
@@ -224,7 +241,8 @@ class ServerConnection(Connection):
         return frames, out
 
     def _handle_data_on_closed_stream(self, events, exc, frame):  # type: ignore[no-untyped-def]
-        if exc._events or self.closing.get(frame.stream_id):  # the client had ended the stream
+        closing = self.closing.get(frame.stream_id)
+        if exc._events or closing is not None and closing.ended:  # the client had ended the stream
             raise _connection_error(STREAM_CLOSED, f"DATA on stream {frame.stream_id} after its END_STREAM")
         frames, events = super()._handle_data_on_closed_stream(events, exc, frame)
         return [f for f in frames if not isinstance(f, RstStreamFrame)], events
@@ -235,16 +253,31 @@ class ServerConnection(Connection):
         return super()._receive_priority_frame(frame)
 
     def _receive_window_update_frame(self, frame):  # type: ignore[no-untyped-def]
-        sid = frame.stream_id
+        sid, increment = frame.stream_id, frame.window_increment
+        closing = self.closing.get(sid)
         stream = self.streams.get(sid) if sid else None
-        if stream is not None and (not stream.closed or sid in self.closing):
-            if not frame.window_increment:  # (on stream 0, hyperframe refuses it; on a stream, see _FrameBuffer)
+        if closing is not None or stream is not None and not stream.closed:
+            if not increment:  # (on stream 0, hyperframe refuses it; on a stream, see _FrameBuffer)
                 raise _connection_error(PROTOCOL_ERROR, f"a WINDOW_UPDATE of 0 on stream {sid}")
-            if stream.outbound_flow_control_window + frame.window_increment > 2**31 - 1:
+            window = closing.window if closing is not None else stream.outbound_flow_control_window
+            if window + increment > 2**31 - 1:
                 raise _connection_error(FLOW_CONTROL_ERROR, f"a WINDOW_UPDATE takes stream {sid}'s window past 2^31-1")
-        elif sid and not frame.window_increment:
+            if closing is not None:
+                closing.window += increment
+                return [], []
+        elif sid and not increment:
             return [], []  # a stream that is over
         return super()._receive_window_update_frame(frame)
+
+    def _receive_settings_frame(self, frame):  # type: ignore[no-untyped-def]
+        window = frame.settings.get(h2.settings.SettingCodes.INITIAL_WINDOW_SIZE)
+        if window is not None:  # it changes the windows of the streams refused in this read too
+            delta = window - self.remote_settings.initial_window_size
+            for closing in self.closing.values():
+                closing.window += delta
+                if closing.window > 2**31 - 1:
+                    raise _connection_error(FLOW_CONTROL_ERROR, "SETTINGS take a stream's window past 2^31-1")
+        return super()._receive_settings_frame(frame)
 
     def _receive_rst_stream_frame(self, frame):  # type: ignore[no-untyped-def]
         self.lengths.pop(frame.stream_id, None)
@@ -255,8 +288,12 @@ class ServerConnection(Connection):
         return super()._receive_rst_stream_frame(frame)
 
     def _receive_goaway_frame(self, frame):  # type: ignore[no-untyped-def]
-        if frame.last_stream_id % 2:  # the last stream of the agent's that the client took: never odd
-            raise _connection_error(PROTOCOL_ERROR, f"GOAWAY names stream {frame.last_stream_id}, which the agent never opened")
+        last = frame.last_stream_id = frame.last_stream_id & MAX_STREAM_ID
+        if last % 2:  # the last stream of the agent's that the client took: never odd
+            raise _connection_error(PROTOCOL_ERROR, f"GOAWAY names stream {last}, which the agent never opened")
+        if self.client_last is not None and last > self.client_last:
+            raise _connection_error(PROTOCOL_ERROR, "a GOAWAY names a later stream than the client's previous one")
+        self.client_last = last
         return super()._receive_goaway_frame(frame)
 
 
@@ -284,9 +321,45 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
 
 
 class _Decoder(hpack.Decoder):
-    """HPACK as libnghttp2 decodes it: a name or value whose length says more than 64 KiB is
-    a COMPRESSION_ERROR as soon as that length is read (the header list's own limit,
-    ENHANCE_YOUR_CALM, counts only what was decoded)."""
+    """HPACK as libnghttp2 decodes a client's header block (after :meth:`start`).
+
+    A name or value whose length says more than 64 KiB is a COMPRESSION_ERROR as soon as
+    that length is read. Each field is checked as it is decoded (:class:`FieldRules`):
+    those after the first malformed one (the stream is then refused) are decoded for the
+    HPACK state only, as are those of a block that is ignored. Of the others, more than
+    ``max_header_count`` fields or ``max_header_list_size`` bytes (RFC 9113's count: 32
+    more per field) are an ENHANCE_YOUR_CALM.
+    """
+
+    def __init__(self, max_header_list_size: int, max_header_count: int) -> None:
+        super().__init__()
+        self.max_header_list_size = 2**63  # counted here instead
+        self.list_limit, self.count_limit = max_header_list_size, max_header_count
+        self.rules: FieldRules | None = None
+        self.size = self.count = 0
+
+    def start(self, trailers: bool | None) -> None:
+        """A block begins: a request's (``trailers`` False), trailers, or one that is ignored (None)."""
+        self.rules = None if trailers is None else FieldRules(trailers)
+        self.size = self.count = 0
+
+    def _field(self, header):  # type: ignore[no-untyped-def]
+        rules = self.rules
+        if rules is None:
+            return
+        if rules.check(header[0], header[1]) is not None:
+            self.rules = None
+            return
+        self.count += 1
+        self.size += 32 + len(header[0]) + len(header[1])
+        if self.count > self.count_limit or self.size > self.list_limit:
+            raise hpack.OversizedHeaderListError(f"a header list of more than {self.count_limit} fields or "
+                                                 f"{self.list_limit} bytes")
+
+    def _decode_indexed(self, data):  # type: ignore[no-untyped-def]
+        header, consumed = super()._decode_indexed(data)
+        self._field(header)
+        return header, consumed
 
     def _decode_literal(self, data, should_index):  # type: ignore[no-untyped-def]
         view = memoryview(data)
@@ -300,7 +373,9 @@ class _Decoder(hpack.Decoder):
             pos = 1 + used + length
         if decode_integer(view[pos:], 7)[0] > 1 << 16:
             raise hpack.HPACKDecodingError("a header value longer than 64 KiB")
-        return super()._decode_literal(data, should_index)
+        header, consumed = super()._decode_literal(data, should_index)
+        self._field(header)
+        return header, consumed
 
 
 class _Stream(h2.stream.H2Stream):

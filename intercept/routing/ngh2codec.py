@@ -49,6 +49,7 @@ class NgCodec:
         config = ngh2.Configuration(
             auto_window_update=False,
             max_inbound_header_list_size=h2codec.MAX_HEADER_LIST,
+            max_inbound_header_count=h2codec.MAX_HEADER_COUNT,
             stream_reset_rate_limit=(100_000, 1000),  # far above the proxy's own limit (ENHANCE_YOUR_CALM)
         )
         self.conn = ngh2.Connection(ngh2.Role.CLIENT if client else ngh2.Role.SERVER, config)

@@ -57,6 +57,20 @@ def test_a_tiny_data_flood_is_stopped_before_either_codec_reads_it():
     assert outcome("h2", CORPUS["small-message-stream"]).streams[1].ended  # 5,000 small gRPC messages are not a flood
 
 
+def test_an_upgraded_connection_takes_frames_on_the_upgraded_stream():
+    # Upgrade: h2c makes stream 1 the request: a WINDOW_UPDATE for its response is no frame on an idle stream
+    import base64
+
+    from hyperframe.frame import SettingsFrame, WindowUpdateFrame
+
+    from intercept.routing.h2codec import new_codec
+
+    for kind in diff.CODECS:
+        codec = new_codec(client=False, clock=lambda: 0.0, kind=kind)
+        codec.start(base64.urlsafe_b64encode(SettingsFrame(0).serialize_body()))
+        codec.receive(diff.PREFACE + SettingsFrame(0).serialize() + WindowUpdateFrame(1, window_increment=1000).serialize())
+
+
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.data())
 def test_generated_connections_end_the_same_way_on_both_codecs(data):

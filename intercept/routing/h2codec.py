@@ -181,6 +181,8 @@ class Codec:
                 self.conn.initiate_upgrade_connection(upgrade_settings)
             except (h2.exceptions.ProtocolError, ValueError) as e:
                 raise CodecError(h2.errors.ErrorCodes.PROTOCOL_ERROR, f"bad HTTP2-Settings: {e}") from None
+            if self.intake is not None:
+                self.intake.highest = 1  # the upgraded request's stream is open
         else:
             self.conn.initiate_connection()
         self.conn.increment_flow_control_window((SHARED_CONNECTION_WINDOW if self.client else CONNECTION_WINDOW) - 65535)

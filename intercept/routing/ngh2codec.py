@@ -70,6 +70,7 @@ class NgCodec:
                 self.conn.initiate_upgrade(base64.urlsafe_b64decode(upgrade_settings), local_settings=settings)
                 self._responded.discard(1)
                 self._reported.add(1)  # the upgraded request
+                self.intake.highest = 1  # (its stream is open)
             else:
                 self.conn.initiate_connection(settings)
         except ngh2.NGH2Error as e:

@@ -69,7 +69,7 @@ def mutated(frames: list[bytes], rng: random.Random) -> list[bytes]:
     pos = 0
     while pos + 9 <= len(data):
         pos += 9 + int.from_bytes(data[pos : pos + 3], "big")
-    if len(data) < pos <= len(data) + (1 << 14):
+    if len(data) < pos <= len(data) + (1 << 16):  # (a longer frame is refused as it begins)
         out.append(bytes(pos - len(data)))
     return out
 

@@ -232,12 +232,12 @@ class Intake:
     at the same frame with the same code, and the slow one never parses a flood.
 
     :meth:`feed` takes the client's bytes as they arrive (the preface first) and returns
-    what a codec may read of them now: the same bytes, except that a header block (HEADERS
-    and its CONTINUATION frames) is given only once whole (libnghttp2 would decode it as it
-    arrives, h2 at its end: a block refused halfway would be refused at different times),
-    extension frames (types above 9) are left out (RFC 9113 section 5.5: ignored; each codec
-    knew some of them, differently), and a frame header whose end has not arrived yet comes
-    with the next bytes. When the connection must end first, it returns nothing and ``code``
+    what a codec may read of them now: whole frames only (libnghttp2 reads a frame as it
+    arrives, h2 once it is whole: a stream or a connection refused halfway would be refused
+    at different times), a header block (HEADERS and its CONTINUATION frames) only once
+    whole, for the same reason, and no extension frames (types above 9: RFC 9113 section
+    5.5 says to ignore them, and each codec knew some of them, differently). The rest of a
+    frame comes with the next bytes. When the connection must end first, it returns nothing and ``code``
     is the GOAWAY code (``reason`` says why):
 
     - ENHANCE_YOUR_CALM past a limit: PING, SETTINGS, PRIORITY, extension frames and
@@ -267,10 +267,9 @@ class Intake:
         self.small_data = RateLimit(SMALL_DATA_BURST, SMALL_DATA_RATE)
         self.resets = RateLimit(RESET_BURST, RESET_RATE)
         self.skip = len(PREFACE)
-        self.held = b""  # the start of a frame header (and of a padded frame's payload)
-        self.left = 0  # payload bytes of the current frame still to come
-        self.kind = DATA  # the current frame's type
-        self.pending = bytearray()  # the header block being held, its last frame maybe incomplete
+        self.held = b""  # the start of a frame that has not arrived whole
+        self.judged = False  # its header was judged already
+        self.pending = bytearray()  # the header block being held
         self.first = True  # no frame yet
         self.block = 0  # the stream of the header block open now (0: none is)
         self.continuations = 0  # CONTINUATION frames in it so far
@@ -286,58 +285,51 @@ class Intake:
         n = len(data)
         pos = min(self.skip, n)
         self.skip -= pos
-        out: list[bytes | tuple[int, int]] = [(0, pos)] if pos else []
+        start = 0  # where the bytes passed on so far begin: data[start:pos] is passed as is
+        pieces: list[bytes] = []
         now = -1.0
         while pos < n:
-            if self.left:  # the rest of the current frame's payload
-                take = min(self.left, n - pos)
-                self.left -= take
-                self._route(out, data, pos, pos + take)
-                pos += take
-                if not self.left and self.kind in (HEADERS, CONTINUATION) and not self.block:
-                    out.append(bytes(self.pending))  # the block is whole
-                    self.pending.clear()
-                continue
-            padded = data[pos + 3 : pos + 4] in (b"\0", b"\1") and n - pos > 4 and data[pos + 4] & PADDED_FLAG
-            if n - pos < FRAME_HEADER + (1 if padded and data[pos : pos + 3] != b"\0\0\0" else 0):
-                self.held = data[pos:]
-                break
+            if n - pos < FRAME_HEADER + 1:
+                if n - pos < FRAME_HEADER or data[pos + 3] in (DATA, HEADERS) and data[pos + 4] & PADDED_FLAG:
+                    break  # (a padded frame's padding length too)
             length = int.from_bytes(data[pos : pos + 3], "big")
             kind, flags = data[pos + 3], data[pos + 4]
-            sid = int.from_bytes(data[pos + 5 : pos + 9], "big") & MAX_STREAM_ID
-            problem = self._problem(kind, flags, length, sid, data[pos + 9] if padded and length else -1)
-            if problem is not None:
-                self.code, self.reason = problem
-                return b""
-            self.kind, self.left = kind, length
-            self._route(out, data, pos, pos + FRAME_HEADER)
-            pos += FRAME_HEADER
-            if not length and kind in (HEADERS, CONTINUATION) and not self.block:
-                out.append(bytes(self.pending))
-                self.pending.clear()
-            limit = self._limit(kind, flags, length)
-            if limit is not None:
-                if now < 0:
-                    now = self.clock()
-                if not limit.spend(now):
-                    self.code = ENHANCE_YOUR_CALM
-                    self.reason = ("too many small DATA frames" if limit is self.small_data
-                                   else "too many PING, SETTINGS, PRIORITY, extension or empty DATA frames")
+            if not self.judged:  # the header of a frame held whole, judged when it came
+                sid = int.from_bytes(data[pos + 5 : pos + 9], "big") & MAX_STREAM_ID
+                pad = data[pos + 9] if flags & PADDED_FLAG and (kind == DATA or kind == HEADERS) and length else -1
+                problem = self._problem(kind, flags, length, sid, pad)
+                if problem is None:
+                    limit = self._limit(kind, flags, length)
+                    if limit is not None:
+                        if now < 0:
+                            now = self.clock()
+                        if not limit.spend(now):
+                            problem = ENHANCE_YOUR_CALM, ("too many small DATA frames" if limit is self.small_data else
+                                                          "too many PING, SETTINGS, PRIORITY, extension or empty DATA frames")
+                if problem is not None:
+                    self.code, self.reason = problem
                     return b""
-        if len(out) == 1 and out[0] == (0, n):
-            return data
-        return b"".join(data[p[0] : p[1]] if type(p) is tuple else p for p in out)  # type: ignore[index]
-
-    def _route(self, out: list[bytes | tuple[int, int]], data: bytes, start: int, end: int) -> None:
-        """Bytes of the current frame: passed on, held with its header block, or dropped."""
-        kind = self.kind
-        if kind == HEADERS or kind == CONTINUATION:
-            self.pending += data[start:end]
-        elif kind <= CONTINUATION:
-            if out and type(out[-1]) is tuple and out[-1][1] == start:  # type: ignore[index]
-                out[-1] = (out[-1][0], end)  # type: ignore[index]
-            else:
-                out.append((start, end))
+                self.judged = True
+            end = pos + FRAME_HEADER + length
+            if end > n:
+                break  # a frame is given whole
+            self.judged = False
+            if kind == HEADERS or kind == CONTINUATION or kind > CONTINUATION:
+                if start < pos:
+                    pieces.append(data[start:pos])
+                start = end
+                if kind <= CONTINUATION:  # a header block is given once whole; an extension frame, never
+                    self.pending += data[pos:end]
+                    if not self.block:
+                        pieces.append(bytes(self.pending))
+                        self.pending.clear()
+            pos = end
+        self.held = data[pos:]
+        if not pieces:
+            return data if pos == n and not start else data[start:pos]
+        if start < pos:
+            pieces.append(data[start:pos])
+        return b"".join(pieces)
 
     def _problem(self, kind: int, flags: int, length: int, sid: int, pad: int) -> tuple[int, str] | None:
         """The connection error a frame's header (and ``pad``, its padding's length: -1 if

@@ -212,9 +212,10 @@ class Codec:
                 append(Data(ev.stream_id, ev.data, ev.flow_controlled_length, ev.stream_ended is not None))
             elif t is h2.events.RequestReceived:
                 if intake is not None and authority_mismatch(ev.headers):  # checked after the read, as for ngh2
-                    self.reset(ev.stream_id, PROTOCOL_ERROR)
-                    self._count_reset()
-                    after_read = True
+                    if ev.stream_id not in self.conn.closing:  # (not refused in the read already)
+                        self.reset(ev.stream_id, PROTOCOL_ERROR)
+                        self._count_reset()
+                        after_read = True
                     continue
                 append(Headers(ev.stream_id, ev.headers, ev.stream_ended is not None, Headers.REQUEST))
             elif t is h2.events.ResponseReceived:

@@ -287,25 +287,16 @@ class Intake:
         self.skip -= pos
         start = 0  # where the bytes passed on so far begin: data[start:pos] is passed as is
         pieces: list[bytes] = []
-        now = -1.0
         while pos < n:
             if n - pos < FRAME_HEADER + 1:
                 if n - pos < FRAME_HEADER or data[pos + 3] in (DATA, HEADERS) and data[pos + 4] & PADDED_FLAG:
                     break  # (a padded frame's padding length too)
-            length = int.from_bytes(data[pos : pos + 3], "big")
+            length = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
             kind, flags = data[pos + 3], data[pos + 4]
-            if not self.judged:  # the header of a frame held whole, judged when it came
-                sid = int.from_bytes(data[pos + 5 : pos + 9], "big") & MAX_STREAM_ID
+            if not self.judged:  # (the header of a frame held whole was judged when it came)
+                sid = (data[pos + 5] & 0x7F) << 24 | data[pos + 6] << 16 | data[pos + 7] << 8 | data[pos + 8]
                 pad = data[pos + 9] if flags & PADDED_FLAG and (kind == DATA or kind == HEADERS) and length else -1
                 problem = self._problem(kind, flags, length, sid, pad)
-                if problem is None:
-                    limit = self._limit(kind, flags, length)
-                    if limit is not None:
-                        if now < 0:
-                            now = self.clock()
-                        if not limit.spend(now):
-                            problem = ENHANCE_YOUR_CALM, ("too many small DATA frames" if limit is self.small_data else
-                                                          "too many PING, SETTINGS, PRIORITY, extension or empty DATA frames")
                 if problem is not None:
                     self.code, self.reason = problem
                     return b""
@@ -314,11 +305,12 @@ class Intake:
             if end > n:
                 break  # a frame is given whole
             self.judged = False
-            if kind == HEADERS or kind == CONTINUATION or kind > CONTINUATION:
+            if kind > CONTINUATION or kind == CONTINUATION or kind == HEADERS and self.block:
+                # a header block of several frames is given once whole; an extension frame, never
                 if start < pos:
                     pieces.append(data[start:pos])
                 start = end
-                if kind <= CONTINUATION:  # a header block is given once whole; an extension frame, never
+                if kind <= CONTINUATION:
                     self.pending += data[pos:end]
                     if not self.block:
                         pieces.append(bytes(self.pending))
@@ -333,7 +325,7 @@ class Intake:
 
     def _problem(self, kind: int, flags: int, length: int, sid: int, pad: int) -> tuple[int, str] | None:
         """The connection error a frame's header (and ``pad``, its padding's length: -1 if
-        none) shows, if any, in libnghttp2's order."""
+        none) shows, if any, in libnghttp2's order; else the frame is counted."""
         if self.first:
             self.first = False
             if kind != SETTINGS or flags & ACK:
@@ -389,18 +381,17 @@ class Intake:
                 return FRAME_SIZE_ERROR, "a frame of a length its type does not have"
             if (sid or kind == DATA) and (not sid & 1 or sid > self.highest):
                 return PROTOCOL_ERROR, f"frame type {kind} on idle stream {sid}"
-            if kind == DATA and flags & PADDED_FLAG and (not length or pad >= length):
-                return PROTOCOL_ERROR, "DATA with more padding than payload"
-        return None
-
-    def _limit(self, kind: int, flags: int, length: int) -> RateLimit | None:
-        """The bucket a frame spends from, if any."""
-        if kind == DATA:
-            if flags & END_STREAM or length >= SMALL_DATA:
-                return None
-            return self.small_data if length else self.control
-        if kind == PING or kind == SETTINGS or kind == PRIORITY or kind > CONTINUATION:
-            return self.control
+            if kind == DATA:
+                if flags & PADDED_FLAG and (not length or pad >= length):
+                    return PROTOCOL_ERROR, "DATA with more padding than payload"
+                if not flags & END_STREAM and length < SMALL_DATA:
+                    if length and not self.small_data.spend(self.clock()):
+                        return ENHANCE_YOUR_CALM, "too many small DATA frames"
+                    if not length and not self.control.spend(self.clock()):
+                        return ENHANCE_YOUR_CALM, "too many empty DATA frames"
+            return None
+        if (kind == PING or kind == SETTINGS or kind == PRIORITY or kind > CONTINUATION) and not self.control.spend(self.clock()):
+            return ENHANCE_YOUR_CALM, "too many PING, SETTINGS, PRIORITY or extension frames"
         return None
 
     def reset(self) -> bool:

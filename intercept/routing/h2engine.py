@@ -31,7 +31,6 @@ from intercept.routing.h2 import (
     PROTOCOL_ERROR,
     REFUSED_STREAM,
     STREAM_CLOSED,
-    malformed_fields,
     malformed_request,
 )
 
@@ -97,7 +96,8 @@ class ServerConnection(Connection):
     implementations differ.
 
     h2's own checks of requests are off: a request or trailers that
-    :func:`~intercept.routing.h2.malformed_fields` or ``malformed_request`` refuses, a
+    :class:`~intercept.routing.h2.FieldRules` (as the fields are decoded) or
+    ``malformed_request`` refuses, a
     body that disagrees with its ``content-length``, trailers without END_STREAM, end their
     stream (RST_STREAM PROTOCOL_ERROR, reported as :class:`Refused`) as the frame is read,
     before the frames after it. A header block on a closed stream is ignored (RFC 9113
@@ -200,7 +200,7 @@ class ServerConnection(Connection):
     def _check_request(self, ev: h2.events.RequestReceived, end: bool) -> Refused | None:
         """The stream refused, or None: its ``content-length``, if any, is then counted."""
         headers = ev.headers
-        if malformed_fields(headers):
+        if self.decoder.malformed:  # (found as the fields were decoded)
             return self._refuse(ev.stream_id, False, False)
         if malformed_request(headers):
             return self._refuse(ev.stream_id, False, end)
@@ -215,7 +215,7 @@ class ServerConnection(Connection):
         """The stream refused, or None. A ``content-length`` may come in the trailers (once)."""
         counted = self.lengths.pop(ev.stream_id, None) or [-1, 0]
         length = next((v for n, v in ev.headers if n == b"content-length"), None)
-        if malformed_fields(ev.headers, trailers=True) or length is not None and counted[0] >= 0:
+        if self.decoder.malformed or length is not None and counted[0] >= 0:
             return self._refuse(ev.stream_id, True, False)
         expected = int(length) if length is not None else counted[0]
         if expected >= 0 and expected != counted[1]:
@@ -336,18 +336,21 @@ class _Decoder(hpack.Decoder):
         self.max_header_list_size = 2**63  # counted here instead
         self.list_limit, self.count_limit = max_header_list_size, max_header_count
         self.rules: FieldRules | None = None
+        self.malformed: str | None = None  # why the last block's fields are malformed
         self.size = self.count = 0
 
     def start(self, trailers: bool | None) -> None:
         """A block begins: a request's (``trailers`` False), trailers, or one that is ignored (None)."""
         self.rules = None if trailers is None else FieldRules(trailers)
+        self.malformed = None
         self.size = self.count = 0
 
     def _field(self, header):  # type: ignore[no-untyped-def]
         rules = self.rules
         if rules is None:
             return
-        if rules.check(header[0], header[1]) is not None:
+        self.malformed = rules.check(header[0], header[1])
+        if self.malformed is not None:
             self.rules = None
             return
         self.count += 1

@@ -32,6 +32,7 @@ from tests.apps import App
 from tests.conftest import INTERCEPT, free_port, start_agent, start_client
 from tests.grpc_apps import GrpcApp, app_of, channel
 from tests.h2_app import H2App
+from tests.h2_diff import parse
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 CURL = shutil.which("curl")
@@ -468,21 +469,11 @@ def test_h2_connections_with_no_stream_open_are_closed_after_the_header_timeout(
             done.sendall(grpc_call(1, hpack.Encoder()))
             read_frames_until_goaway(done, stop_on_end_stream=True)
             for s, last in ((idle, 0), (done, 1)):
-                frames = parse_frames(until_closed(s))
+                frames = parse(until_closed(s))
                 goaways = [f for f in frames if isinstance(f, GoAwayFrame)]
                 assert [(f.error_code, f.last_stream_id) for f in goaways] == [(NO_ERROR, last)]
         app.gate.release()  # idle for longer than either, but never without a stream: still served
         assert list(ticks) == [b"tick 1 from cluster"]
-
-
-def parse_frames(data: bytes) -> list[Frame]:
-    frames = []
-    while len(data) >= 9:
-        f, length = Frame.parse_frame_header(memoryview(data[:9]))
-        f.parse_body(memoryview(data[9 : 9 + length]))
-        frames.append(f)
-        data = data[9 + length :]
-    return frames
 
 
 # -- while no route could apply: a relay, converted when the first route appears -----------

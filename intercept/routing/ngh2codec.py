@@ -50,7 +50,7 @@ class NgCodec:
             auto_window_update=False,
             max_inbound_header_list_size=h2codec.MAX_HEADER_LIST,
             max_inbound_header_count=h2codec.MAX_HEADER_COUNT,
-            stream_reset_rate_limit=(100_000, 1000),  # far above the proxy's own limit (ENHANCE_YOUR_CALM)
+            stream_reset_rate_limit=(100_000, 1000),  # far above Intake's (ENHANCE_YOUR_CALM)
         )
         self.conn = ngh2.Connection(ngh2.Role.CLIENT if client else ngh2.Role.SERVER, config)
         self.remote_max_streams = 100
@@ -85,11 +85,11 @@ class NgCodec:
     def receive(self, data: bytes) -> list:
         if self._dead:
             return []
-        if self.intake is not None and not self.conn.want_read:  # the client sent GOAWAY and has no stream left
-            self._dead = True
-            raise CodecError(NO_ERROR, "the client sent GOAWAY and has no stream left")
         intake = self.intake
         if intake is not None:
+            if not self.conn.want_read:  # the client sent GOAWAY and has no stream left
+                self._dead = True
+                raise CodecError(NO_ERROR, "the client sent GOAWAY and has no stream left")
             data = intake.feed(data)
             if intake.code is not None:
                 self._end(intake.code, intake.reason)
@@ -164,8 +164,7 @@ class NgCodec:
                     self._dead = True
                     raise CodecError(ev.error_code, (ev.debug_data or b"").decode("utf-8", "replace") or "connection error")
                 if self.client:
-                    self._dead = True
-                # (a server reads no more: the next bytes from the client end the connection)
+                    self._dead = True  # (a server's next read ends the connection: receive)
         return out
 
     def _refused(self) -> None:

@@ -182,7 +182,8 @@ async def _keep_route_recorded(agents: _Agents, name: str, route: Any, ended: as
 # The pod-wide options of an intercept (spec keys) and the InjectOptions fields they set. A
 # start's --outbound-allow/--outbound-deny are not among them: they narrow the session's own
 # fence once the agent runs (and become the agent's fence only when the start injects it).
-_POD_WIDE = {"agent_image": "image", "no_outbound": "outbound", "no_forwarded_headers": "forwarded_headers"}
+_POD_WIDE = {"agent_image": "image", "no_outbound": "outbound", "no_forwarded_headers": "forwarded_headers",
+             "hold_timeout": "hold_timeout"}
 
 
 def _inject_options(s: InterceptSpec) -> Any:
@@ -190,7 +191,7 @@ def _inject_options(s: InterceptSpec) -> Any:
 
     return InjectOptions(image=s.agent_image, service_port=s.service_port, outbound=not s.no_outbound,
                          no_policy_changes=s.no_policy_changes, forwarded_headers=not s.no_forwarded_headers,
-                         outbound_allow=s.outbound_allow, outbound_deny=s.outbound_deny)
+                         outbound_allow=s.outbound_allow, outbound_deny=s.outbound_deny, hold_timeout=s.hold_timeout)
 
 
 async def _ensure_agent(cluster: Any, s: InterceptSpec, emit: OnEvent, *, add: bool, named: Collection[str],
@@ -910,7 +911,7 @@ def inject(s: InterceptSpec, *, on_event: OnEvent | None = None) -> dict[str, An
 
 def inject_text(text: str, service: str, *, agent_image: str | None = None, service_port: str | int | None = None,
                 no_policy_changes: bool = False, no_outbound: bool = False, no_forwarded_headers: bool = False,
-                outbound_allow: Sequence[str] = (), outbound_deny: Sequence[str] = (),
+                outbound_allow: Sequence[str] = (), outbound_deny: Sequence[str] = (), hold_timeout: float = 10.0,
                 source: str = "the manifests") -> tuple[str, list[str]]:
     """Manifests (YAML text) with the agent injected behind ``service``, and what changed (offline).
     ``outbound_allow``/``outbound_deny``: the agent's outbound fence (``HOST[:PORT]`` rules)."""
@@ -921,7 +922,7 @@ def inject_text(text: str, service: str, *, agent_image: str | None = None, serv
     options = InjectOptions(image=agent_image or DEFAULT_AGENT_IMAGE, service_port=service_port,
                             no_policy_changes=no_policy_changes, outbound=not no_outbound,
                             forwarded_headers=not no_forwarded_headers, outbound_allow=tuple(outbound_allow),
-                            outbound_deny=tuple(outbound_deny))
+                            outbound_deny=tuple(outbound_deny), hold_timeout=hold_timeout)
     return render(text, service, options, source=source)
 
 

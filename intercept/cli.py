@@ -100,7 +100,7 @@ _START = (
     "service", "agent", "credentials", "port", "headers", "header_regexes", "baggage", "path_prefix", "all", "name",
     "watch", "no_watch", "debug", "debug_port", "debug_wait", "env_file", "mount", "mount_mode", "forward", "also_namespaces", "access", "propagate_header",
     "no_outbound", "outbound_allow", "outbound_deny", "no_policy_changes", "no_forwarded_headers", "timeout", "ttl",
-    "service_port", "agent_image", "reinject", *CLUSTER,
+    "service_port", "agent_image", "hold_timeout", "reinject", *CLUSTER,
 )
 
 
@@ -426,7 +426,7 @@ def _progress(event: Any) -> None:
 
 
 _INJECT = ("agent_image", "service_port", "no_policy_changes", "no_outbound", "no_forwarded_headers", "outbound_allow",
-           "outbound_deny")
+           "outbound_deny", "hold_timeout")
 
 
 @main.command("inject")

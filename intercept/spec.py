@@ -513,6 +513,11 @@ OPTIONS: tuple[Option, ...] = (
            "Where the agent runs already, its image is used; naming another one is refused unless `reinject`.",
            "registry.example.com/intercept-agent:0.1.0", _text, top_level=True,
            default_doc="the running agent's; when there is none, `ghcr.io/intercept-dev/agent:VERSION`"),
+    Option("hold_timeout", "--hold-timeout", "seconds", 10.0,
+           "How long a request that matches your route waits for your process (and, on a pod that started after "
+           "your intercept, for your session) before it is answered 502 (or goes to the app). Pod-wide: set when "
+           "the agent is injected; where it runs, naming another value is refused unless `reinject`.",
+           30, _seconds, verbatim=False, top_level=True),
     Option("reinject", "--reinject", "boolean", False,
            "Where the agent runs already with other pod-wide settings (`agent_image`, `no_outbound`, "
            "`no_forwarded_headers`) than these: change them for everyone, replacing its pods (every developer "
@@ -631,6 +636,7 @@ class InterceptSpec:
     timeout: float = 300.0
     ttl: float | None = None
     agent_image: str = DEFAULT_AGENT_IMAGE
+    hold_timeout: float = 10.0
     reinject: bool = False
     directory: Path = Path(".")
     origins: Mapping[str, Origin] = field(default_factory=lambda: MappingProxyType({}), compare=False, repr=False)

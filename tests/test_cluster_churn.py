@@ -32,7 +32,9 @@ def test_a_replacement_pod_holds_a_developers_request_until_their_session_arrive
     ns = namespace_of("churn")
     deploy(real_cluster, ns, app("churn", 2))
     real_cluster.wait_ready(ns, "churn", 2)
-    alice = start(real_cluster, ns, "churn", free_port(), served_as="alice")
+    # a hold long enough for a client frozen (below) while a pod is replaced on a busy machine
+    alice = start(real_cluster, ns, "churn", free_port(), "--hold-timeout", "90", served_as="alice")
+    alice.wait_for(r"^intercept: ready: ", timeout=WAIT)
     bob = start(real_cluster, ns, "churn", free_port(), name="bob", header="x-dev=bob", served_as="bob")
     misrouted: list[tuple[str, str, str]] = []
     stop = threading.Event()

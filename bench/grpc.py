@@ -220,7 +220,7 @@ def run(procs: Procs, args: argparse.Namespace) -> int:
     nginx_app(procs, "upstream", up_port)
     nginx_app(procs, "local", local_port)
     nginx_router(procs, router_port, up_port, local_port)
-    agent, http_port, ssh_port = procs.agent(up_port)
+    agent, http_port, ssh_port, _ = procs.agent(up_port)
     procs.watch["agent"] = agent.pid
     procs.watch["router"] = procs.children[2].pid
     log(f"pinning: {procs.pin.describe()}")

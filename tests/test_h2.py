@@ -11,6 +11,9 @@ import subprocess
 from pathlib import Path
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
 import hpack
 import pytest
 from hyperframe.frame import (
@@ -29,6 +32,7 @@ from tests.apps import App
 from tests.conftest import INTERCEPT, free_port, start_agent, start_client
 from tests.grpc_apps import GrpcApp, app_of, channel
 from tests.h2_app import H2App
+from tests.h2_diff import parse
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 CURL = shutil.which("curl")
@@ -74,6 +78,50 @@ def test_curl_http2_is_routed_per_request(h2_agent, mode):
     assert (got["app"], version) == ("local", "2")
     assert ["x-other", "Kept As Sent"] in got["headers"]
     assert [":authority", f"127.0.0.1:{h2_agent.http_port}"] in got["headers"]
+
+
+FORWARDED = [("x-forwarded-for", "1.2.3.4"), ("forwarded", "for=1.2.3.4"),  # the client's own entries first,
+             ("x-forwarded-for", "127.0.0.1"), ("forwarded", "for=127.0.0.1")]  # then the peer the agent accepted
+
+
+def forwarded_fields(got: dict) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in got["headers"] if k in ("x-forwarded-for", "forwarded")]
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed (apt-get install curl)")
+@pytest.mark.parametrize("mode", ["--http2-prior-knowledge", "--http2"])
+@pytest.mark.parametrize("to", ["cluster", "local"])
+def test_the_last_forwarded_entry_is_the_agents_as_on_http1(h2_agent, mode, to):
+    dev = ["-H", "x-dev: alice"] if to == "local" else []
+    got, version = curl(mode, "-H", "X-Forwarded-For: 1.2.3.4", "-H", "Forwarded: for=1.2.3.4", *dev,
+                        f"http://127.0.0.1:{h2_agent.http_port}/")
+    assert (got["app"], version, forwarded_fields(got)) == (to, "2", FORWARDED)
+
+
+def test_every_stream_of_a_connection_gets_the_agents_forwarded_entry(h2_agent):
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    asked = {}
+    for dev in ([], [("x-dev", "alice")], []):
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(":method", "GET"), (":scheme", "http"), (":authority", "a"), (":path", "/"),
+                                ("x-forwarded-for", "1.2.3.4"), ("forwarded", "for=1.2.3.4"), *dev], end_stream=True)
+        asked[sid] = "local" if dev else "cluster"
+    bodies = {sid: b"" for sid in asked}
+    with socket.create_connection(("127.0.0.1", h2_agent.http_port), timeout=30) as s:
+        s.sendall(conn.data_to_send())
+        ended = set()
+        while ended != set(asked):
+            for ev in conn.receive_data(s.recv(65536)):
+                if isinstance(ev, h2.events.DataReceived):
+                    bodies[ev.stream_id] += ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                if getattr(ev, "stream_ended", None) is not None or isinstance(ev, h2.events.StreamEnded):
+                    ended.add(ev.stream_id)
+            s.sendall(conn.data_to_send())
+    for sid, to in asked.items():
+        got = json.loads(bodies[sid])
+        assert (got["app"], forwarded_fields(got)) == (to, FORWARDED)
 
 
 # -- malformed HTTP/2 ---------------------------------------------------------------------
@@ -154,24 +202,39 @@ def case_frames(name: str) -> tuple[bytes, bytes]:
     if name == "rapid-reset":
         return b"".join(headers_frame(2 * i + 1, enc, flags=("END_HEADERS",)) + RstStreamFrame(2 * i + 1, error_code=8).serialize()
                         for i in range(3000)), b""
+    if name == "host-differs-from-authority":  # a route on host must see what the app acts on
+        return headers_frame(1, enc, extra=[("host", "evil")]), PingFrame(0, opaque_data=b"closed?!").serialize()
+    if name == "path-not-absolute":
+        f = HeadersFrame(1, flags={"END_HEADERS", "END_STREAM"})
+        f.data = enc.encode([(":method", "GET"), (":scheme", "http"), (":authority", "a"), (":path", "http://evil/x")])
+        return f.serialize(), PingFrame(0, opaque_data=b"closed?!").serialize()
+    if name == "tiny-data-flood":  # 60,000 one-byte DATA frames: over a second of the h2 codec's time
+        return headers_frame(1, enc, flags=("END_HEADERS",)) + DataFrame(1, b"x").serialize() * 60_000, b""
     raise KeyError(name)
 
 
+# What the client gets, on either codec: GOAWAY with this code, or RST_STREAM on stream 1
+# (a malformed request is a stream error, RFC 9113 8.1.1), or None: the frame is ignored
+# (DATA on a stream both sides ended: RFC 9113 5.1 lets the endpoint choose) and a PING
+# sent after it is answered.
 EXPECTED = {
-    "bad-preface-after-the-first-bytes": PROTOCOL_ERROR,
-    "data-on-an-idle-stream": PROTOCOL_ERROR,
-    "data-on-a-closed-stream": STREAM_CLOSED,
-    "headers-on-an-even-stream": PROTOCOL_ERROR,
-    "oversized-header-list": (ENHANCE_YOUR_CALM, COMPRESSION_ERROR),  # h2; libnghttp2
-    "hpack-bomb": ENHANCE_YOUR_CALM,
-    "invalid-hpack-index": COMPRESSION_ERROR,
-    "frame-larger-than-allowed": FRAME_SIZE_ERROR,
-    "window-overflow": FLOW_CONTROL_ERROR,
-    "continuation-without-headers": PROTOCOL_ERROR,
-    "continuation-flood": (PROTOCOL_ERROR, ENHANCE_YOUR_CALM),  # h2 says PROTOCOL_ERROR, libnghttp2 ENHANCE_YOUR_CALM
-    "settings-flood": ENHANCE_YOUR_CALM,
-    "ping-flood": ENHANCE_YOUR_CALM,
-    "rapid-reset": ENHANCE_YOUR_CALM,
+    "bad-preface-after-the-first-bytes": ("GOAWAY", PROTOCOL_ERROR),
+    "data-on-an-idle-stream": ("GOAWAY", PROTOCOL_ERROR),
+    "data-on-a-closed-stream": None,
+    "headers-on-an-even-stream": ("GOAWAY", PROTOCOL_ERROR),
+    "oversized-header-list": ("GOAWAY", COMPRESSION_ERROR),  # a value over 64 KiB: as libnghttp2 reads its length
+    "hpack-bomb": ("GOAWAY", ENHANCE_YOUR_CALM),
+    "invalid-hpack-index": ("GOAWAY", COMPRESSION_ERROR),
+    "frame-larger-than-allowed": ("GOAWAY", FRAME_SIZE_ERROR),
+    "window-overflow": ("GOAWAY", FLOW_CONTROL_ERROR),
+    "continuation-without-headers": ("GOAWAY", PROTOCOL_ERROR),
+    "continuation-flood": ("GOAWAY", ENHANCE_YOUR_CALM),
+    "settings-flood": ("GOAWAY", ENHANCE_YOUR_CALM),
+    "ping-flood": ("GOAWAY", ENHANCE_YOUR_CALM),
+    "rapid-reset": ("GOAWAY", ENHANCE_YOUR_CALM),
+    "host-differs-from-authority": ("RST_STREAM", PROTOCOL_ERROR),
+    "path-not-absolute": ("RST_STREAM", PROTOCOL_ERROR),
+    "tiny-data-flood": ("GOAWAY", ENHANCE_YOUR_CALM),
 }
 
 
@@ -202,11 +265,14 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-@pytest.fixture(scope="module")
-def grpc_pair(tmp_path_factory):
+@pytest.fixture(scope="module", params=["h2", "ngh2"])
+def grpc_pair(request, tmp_path_factory):
+    """An agent on each HTTP/2 codec, between gRPC apps, with a route (connections terminated)."""
+    if request.param == "ngh2":
+        pytest.importorskip("ngh2", reason="the ngh2 codec is not installed (pip install -e '.[test]')")
     app = GrpcApp("cluster")
     dev = GrpcApp("local")
-    agent = start_agent(tmp_path_factory.mktemp("agent"), app.port)
+    agent = start_agent(tmp_path_factory.mktemp("agent"), app.port, env={"INTERCEPT_H2_CODEC": request.param})
     client = start_client(agent, dev.port, "--header", "x-dev=alice", "--name", "alice")  # routes exist: terminated
     yield agent
     client.stop()
@@ -226,22 +292,21 @@ def test_malformed_http2_gets_the_error_the_spec_names_on_that_connection_only(g
                 s.sendall(first)
             else:
                 s.sendall(PREFACE + SettingsFrame(0).serialize() + first)
+            frames = []
             if then:
-                read_frames_until_goaway(s, stop_on_end_stream=True)
+                frames = read_frames_until_goaway(s, stop_on_end_stream=True)
                 s.sendall(then)
             try:
                 s.sendall(b"")  # the agent may have closed already
             except OSError:
                 pass
-            frames = read_frames_until_goaway(s)
-        # a connection error: GOAWAY; a stream error (DATA on a stream both sides ended,
-        # RFC 9113 5.1 lets the endpoint choose): RST_STREAM on that stream
-        errors = [f for f in frames if isinstance(f, (GoAwayFrame, RstStreamFrame))]
-        if case == "data-on-a-closed-stream" and not errors:  # ignored, as libnghttp2 does: the PING was answered
-            assert isinstance(frames[-1], PingFrame) and "ACK" in frames[-1].flags
-            errors = [RstStreamFrame(1, error_code=STREAM_CLOSED)]
-        expected = EXPECTED[case] if isinstance(EXPECTED[case], tuple) else (EXPECTED[case],)
-        assert errors and errors[-1].error_code in expected, (case, frames[-3:])
+            frames += read_frames_until_goaway(s)
+        errors = [("GOAWAY" if isinstance(f, GoAwayFrame) else "RST_STREAM", f.error_code)
+                  for f in frames if isinstance(f, (GoAwayFrame, RstStreamFrame))]
+        if EXPECTED[case] is None:
+            assert not errors and isinstance(frames[-1], PingFrame) and "ACK" in frames[-1].flags, (case, frames[-3:])
+        else:
+            assert errors and errors[-1] == EXPECTED[case], (case, frames[-3:])
         assert app_of(neighbour) == "cluster" and app_of(neighbour, [("x-dev", "alice")]) == "local"
 
 
@@ -257,6 +322,158 @@ def test_memory_stays_bounded_under_the_malformed_corpus(grpc_pair):
     with channel(agent.http_port) as c:
         assert app_of(c) == "cluster"
     assert rss_kb(agent.proc.p.pid) - before < 64 * 1024
+
+
+# -- what one client may cost the others ---------------------------------------------------
+
+MB = 1 << 20
+
+
+@pytest.fixture(scope="module", params=["h2", "ngh2"])
+def codec_agent(request, tmp_path_factory):
+    """An agent on each HTTP/2 codec in front of a gRPC app, with a route registered (so
+    every connection is terminated and its streams share pooled connections to the app)."""
+    if request.param == "ngh2":
+        pytest.importorskip("ngh2", reason="the ngh2 codec is not installed (pip install -e '.[test]')")
+    app = GrpcApp("cluster")
+    agent = start_agent(tmp_path_factory.mktemp("agent"), app.port, env={"INTERCEPT_H2_CODEC": request.param})
+    client = start_client(agent, free_port(), "--header", "x-dev=alice", "--name", "alice")
+    yield agent
+    client.stop()
+    agent.proc.stop()
+    app.close()
+
+
+def server_stream_call(stream_id: int, encoder: hpack.Encoder, size: int) -> bytes:
+    """A gRPC call on ``stream_id`` asking one response message of ``size`` bytes."""
+    f = HeadersFrame(stream_id, flags={"END_HEADERS"})
+    f.data = encoder.encode([(":method", "POST"), (":scheme", "http"), (":authority", "a"),
+                             (":path", "/test.Echo/ServerStream"), ("content-type", "application/grpc"), ("te", "trailers")])
+    message = b"1 %d" % size
+    return f.serialize() + DataFrame(stream_id, b"\0" + len(message).to_bytes(4, "big") + message, flags={"END_STREAM"}).serialize()
+
+
+def never_reading_client(port: int, calls: int) -> tuple[socket.socket, list[Frame]]:
+    """A connection that advertises a stream window of 0 and asks ``calls`` 2 MiB responses;
+    returns once the app has answered each with its headers."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    enc = hpack.Encoder()
+    s.sendall(PREFACE + SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0}).serialize()
+              + b"".join(server_stream_call(2 * i + 1, enc, 2 * MB) for i in range(calls)))
+    frames: list[Frame] = []
+    while len({f.stream_id for f in frames if isinstance(f, HeadersFrame)}) < calls:
+        frames += read_frames(s, 1)
+    return s, frames
+
+
+def read_frames(sock: socket.socket, count: int) -> list[Frame]:
+    """The next ``count`` frames (fewer if the connection ends)."""
+    frames = []
+    while len(frames) < count:
+        head = sock.recv(9, socket.MSG_WAITALL)
+        if len(head) < 9:
+            break
+        f, length = Frame.parse_frame_header(memoryview(head))
+        f.parse_body(memoryview(sock.recv(length, socket.MSG_WAITALL) if length else b""))
+        frames.append(f)
+    return frames
+
+
+def test_a_client_that_reads_nothing_stalls_no_one_else(codec_agent):
+    # its responses fill their own stream windows in the agent, never the window of the
+    # connection to the app that every client's streams share
+    s, _ = never_reading_client(codec_agent.http_port, 6)
+    with s, channel(codec_agent.http_port) as c:
+        replies = list(c.unary_stream("/test.Echo/ServerStream")(b"3 %d" % (2 * MB), timeout=30))
+        assert [len(r) for r in replies] == [2 * MB] * 3
+        assert app_of(c) == "cluster"
+
+
+def test_what_a_client_leaves_unread_is_bounded_by_resetting_the_streams_past_the_limit(codec_agent):
+    from intercept.agent.h2proxy import HELD_LIMIT
+    from intercept.routing.h2codec import STREAM_WINDOW
+
+    kept = HELD_LIMIT // STREAM_WINDOW  # each stream holds its window: 1 MiB of its 2 MiB
+    calls = kept + 8
+    s, frames = never_reading_client(codec_agent.http_port, calls)
+    with s:
+        resets = [f for f in frames if isinstance(f, RstStreamFrame)]
+        while len(resets) < calls - kept:
+            resets += [f for f in read_frames(s, 1) if isinstance(f, RstStreamFrame)]
+        assert {f.error_code for f in resets} == {ENHANCE_YOUR_CALM}
+    with channel(codec_agent.http_port) as c:
+        assert app_of(c) == "cluster"
+
+
+# -- counted and expired as HTTP/1.1 connections are ---------------------------------------
+
+
+@pytest.fixture(params=["relayed", "h2", "ngh2"])
+def h2_mode(request):
+    """How the agent takes a prior-knowledge connection: relayed as bytes (no route
+    registered), or terminated on each codec (a route registered)."""
+    if request.param == "ngh2":
+        pytest.importorskip("ngh2", reason="the ngh2 codec is not installed (pip install -e '.[test]')")
+    return request.param
+
+
+@pytest.fixture
+def limited_agent(h2_mode, tmp_path, clients):
+    """(agent, app) with --max-connections 2 and --header-timeout 0.5, in ``h2_mode``."""
+    app = GrpcApp("cluster")
+    codec = "h2" if h2_mode == "relayed" else h2_mode
+    agent = start_agent(tmp_path, app.port, "--max-connections", "2", "--header-timeout", "0.5",
+                        env={"INTERCEPT_H2_CODEC": codec})
+    if h2_mode != "relayed":
+        clients.append(start_client(agent, free_port(), "--header", "x-dev=alice", "--name", "alice"))
+    yield agent, app
+    agent.proc.stop()
+    app.close()
+
+
+def h2_connection(port: int) -> socket.socket:
+    """A prior-knowledge connection, once the HTTP/2 side (the agent, or the app through a
+    relay) has answered its preface."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(PREFACE + SettingsFrame(0).serialize())
+    assert isinstance(read_frames(s, 1)[0], SettingsFrame)
+    return s
+
+
+def until_closed(s: socket.socket) -> bytes:
+    got = b""
+    while chunk := s.recv(65536):
+        got += chunk
+    return got
+
+
+def test_h2_connections_count_against_max_connections_until_a_stream_completes(limited_agent):
+    agent, _ = limited_agent
+    first, second = h2_connection(agent.http_port), h2_connection(agent.http_port)
+    with first, second:
+        with socket.create_connection(("127.0.0.1", agent.http_port), timeout=30) as over:
+            assert until_closed(over).startswith(b"HTTP/1.1 503 ")
+        first.sendall(grpc_call(1, hpack.Encoder()))  # a call completes: its place is free
+        read_frames_until_goaway(first, stop_on_end_stream=True)
+        with channel(agent.http_port) as c:
+            assert app_of(c) == "cluster"
+
+
+def test_h2_connections_with_no_stream_open_are_closed_after_the_header_timeout(limited_agent):
+    agent, app = limited_agent
+    with channel(agent.http_port) as busy:
+        assert app_of(busy) == "cluster"  # established: the other two fit under --max-connections 2
+        ticks = busy.unary_stream("/test.Echo/Ticks")(b"2", timeout=30)
+        assert next(ticks) == b"tick 0 from cluster"  # a stream stays open on this connection
+        with h2_connection(agent.http_port) as idle, h2_connection(agent.http_port) as done:
+            done.sendall(grpc_call(1, hpack.Encoder()))
+            read_frames_until_goaway(done, stop_on_end_stream=True)
+            for s, last in ((idle, 0), (done, 1)):
+                frames = parse(until_closed(s))
+                goaways = [f for f in frames if isinstance(f, GoAwayFrame)]
+                assert [(f.error_code, f.last_stream_id) for f in goaways] == [(NO_ERROR, last)]
+        app.gate.release()  # idle for longer than either, but never without a stream: still served
+        assert list(ticks) == [b"tick 1 from cluster"]
 
 
 # -- while no route could apply: a relay, converted when the first route appears -----------

@@ -143,7 +143,8 @@ class Agent:
         return self._ssh_address
 
     async def _expire_waiting(self) -> None:
-        """Every few seconds, close connections that wait too long for a request head (slowloris)."""
+        """Every few seconds, close connections that wait too long for a request head (slowloris),
+        or on HTTP/2 have had no stream open that long."""
         timeout = self.config.header_timeout
         loop = asyncio.get_running_loop()
         while True:
@@ -537,8 +538,8 @@ class LazyHub:
         return self.hub
 
     def accept(self, transport: asyncio.Transport, data: bytes, upgrade: Any = None, settings: bytes | None = None,
-               original: bytes = b"") -> None:
-        self._built().accept(transport, data, upgrade, settings, original)
+               original: bytes = b"", *, fresh: bool = False) -> None:
+        self._built().accept(transport, data, upgrade, settings, original, fresh=fresh)
 
     def takes_upgrade(self) -> bool:
         return self.hub is None or self.hub.takes_upgrade()

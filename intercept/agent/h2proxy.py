@@ -19,11 +19,17 @@ Invariants:
 
 - A stream is forwarded as received: headers, metadata (``-bin`` keys too), data,
   trailers, trailers-only responses, RST_STREAM codes; PING and SETTINGS are answered
-  per hop.
+  per hop. The agent adds only the client's address (``x-forwarded-for``, ``forwarded``)
+  after the request's own fields, as on HTTP/1.1, unless ``--no-forwarded-headers``.
 - Flow control is end to end per stream: bytes received on one side are given back
   (WINDOW_UPDATE) only when the other side's window took them, so a stream holds at most
   the window the agent advertised (:mod:`intercept.routing.h2codec`), and a slow reader
   slows its writer instead of filling the agent.
+- A slow reader costs only itself: an upstream connection's own window never runs out
+  (:data:`~intercept.routing.h2codec.SHARED_CONNECTION_WINDOW`), so streams whose client
+  does not read cannot stall the other clients' streams on it; what one client connection
+  leaves unread is bounded by :data:`HELD_LIMIT`, past which the stream that passes it is
+  reset (ENHANCE_YOUR_CALM).
 - A pool respects its peer's SETTINGS_MAX_CONCURRENT_STREAMS: a stream waits for room
   or for another connection; it is never failed for lack of room.
 - A stream whose developer cannot be reached is held up to the hold timeout, then
@@ -31,6 +37,9 @@ Invariants:
   leaves ends their streams in flight with UNAVAILABLE; new streams go to the app.
 - A peer that breaks HTTP/2 or floods control frames gets GOAWAY with the code the
   specification names, on its connection only.
+- A client connection counts against ``--max-connections`` until one of its streams has
+  completed (as on HTTP/1.1, until an exchange has), and is closed once it has had no
+  stream open for ``--header-timeout`` (:meth:`ClientSide.expire`).
 """
 
 from __future__ import annotations
@@ -47,8 +56,8 @@ from intercept.routing.h2 import (
     CANCEL,
     ENHANCE_YOUR_CALM,
     INTERNAL_ERROR,
+    NO_ERROR,
     REFUSED_STREAM,
-    RateLimit,
     RelayConversion,
     error_response,
     grpc_trailers,
@@ -57,7 +66,8 @@ from intercept.routing.h2 import (
     upgraded_request,
 )
 from intercept.routing.h2codec import new_codec
-from intercept.routing.h2codec import CodecError, Control, Data, GoAway, Headers, Reset, Settings, StreamError, WindowOpened
+from intercept.routing.h2codec import CodecError, Data, GoAway, Headers, Reset, Settings, StreamError, WindowOpened
+from intercept.routing.http1 import forwarding
 
 if TYPE_CHECKING:
     from intercept.routing.http1 import RequestHead
@@ -67,11 +77,9 @@ log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 8  # per pool; beyond, streams wait for room
 READY_TIMEOUT = 10.0  # for a new upstream connection's SETTINGS
-# What a client may make the agent do for nothing: PING, SETTINGS, PRIORITY, empty DATA
-# frames (CVE-2019-9512/9515/9518), and streams it resets itself (CVE-2023-44487, "rapid
-# reset"); nghttp2's figures, a little more generous for control frames.
-CONTROL_BURST, CONTROL_RATE = 1000, 100.0
-RESET_BURST, RESET_RATE = 1000, 33.0
+# Response bytes one client connection may leave unread in the agent (each stream holds at
+# most its window, STREAM_WINDOW): sixteen streams' worth.
+HELD_LIMIT = 16 * h2codec.STREAM_WINDOW
 
 _SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
 
@@ -96,18 +104,19 @@ class Hub:
     # -- from the HTTP/1 listener ------------------------------------------------------
 
     def accept(self, transport: asyncio.Transport, data: bytes, upgrade: RequestHead | None = None,
-               settings: bytes | None = None, original: bytes = b"") -> None:
+               settings: bytes | None = None, original: bytes = b"", *, fresh: bool = False) -> None:
         """Take over ``transport`` (the listener's protocol stops being called), whose
         first unprocessed bytes are ``data``: the preface, or what followed an upgrade
         request ``upgrade`` with its ``HTTP2-Settings`` value (``original``: that request's
-        bytes and what followed, to give the connection back to HTTP/1.1 if need be)."""
-        proto: asyncio.Protocol
+        bytes and what followed, to give the connection back to HTTP/1.1 if need be).
+        ``fresh``: it holds a place among the listener's fresh connections."""
+        proto: ClientSide
         if upgrade is not None and self.upstream_h2 is None:
-            proto = UpgradeProbe(self, upgrade, settings, data, original)
+            proto = UpgradeProbe(self, fresh, upgrade, settings, data, original)
         elif upgrade is None and not len(self.agent.routes):
-            proto = Relay(self)
+            proto = Relay(self, fresh)
         else:
-            proto = Downstream(self, upgrade, settings)
+            proto = Downstream(self, fresh, upgrade, settings)
         transport.set_protocol(proto)
         proto.connection_made(transport)
         transport.resume_reading()
@@ -277,9 +286,15 @@ class Stream:
             self.down.codec.ack(self.sid, n)
             self.down.hub.dirty.add(self.down)
 
-    def _drop_down_queue(self) -> None:
+    def _clear_down(self) -> int:
+        """Forget the response bytes the client has not taken; returns how many there were."""
         n = sum(map(len, self.to_down))
         self.to_down.clear()
+        self.down.held -= n
+        return n
+
+    def _drop_down_queue(self) -> None:
+        n = self._clear_down()
         if n and self.up is not None and not self.up.closed:
             self.up.codec.ack(self.up_id, n)
             self.up.hub.dirty.add(self.up)
@@ -309,6 +324,7 @@ class Stream:
                     piece = queue.popleft()
                 last = not queue and self.resp_ended and self.resp_trailers is None
                 codec.send_data(sid, piece, end_stream=last)
+                down.held -= len(piece)
                 if up is not None and not up.closed:
                     up.codec.ack(self.up_id, len(piece))
                 if last:
@@ -350,6 +366,7 @@ class Stream:
             if body:
                 self.respond(headers, False)
                 self.to_down.append(body)
+                self.down.held += len(body)
                 self.resp_ended = True
                 self.pump_down()
             else:
@@ -362,24 +379,74 @@ class Stream:
             self.down.reset(self, INTERNAL_ERROR)
 
 
-class Downstream(asyncio.Protocol):
+class ClientSide(asyncio.Protocol):
+    """A client connection the HTTP/2 path took over from the listener.
+
+    While ``fresh`` it holds its place among the agent's fresh connections
+    (``--max-connections``), as it did in the listener, until one of its streams has
+    completed or it closes (:meth:`established`). The agent's sweeper calls
+    :meth:`expire`: one that has had no stream open for ``--header-timeout`` (it never
+    sent a complete request, or no longer sends any) is closed with :meth:`close_idle`.
+    """
+
+    def __init__(self, hub: Hub, fresh: bool) -> None:
+        self.hub = hub
+        self.fresh = fresh
+        self.idle_since = 0.0
+        self.streams_seen = 0  # how many streams the client had opened at the last look
+
+    def established(self) -> None:
+        if self.fresh:
+            self.fresh = False
+            self.hub.agent.fresh_connections -= 1
+
+    def watch(self) -> None:
+        """Be expired by the agent's sweeper (it calls :meth:`expire` on its connections)."""
+        self.idle_since = asyncio.get_running_loop().time()
+        self.hub.agent.connections.add(self)
+
+    def expire(self, now: float, timeout: float) -> None:
+        opened, open_now = self.streams_opened()
+        if open_now or opened != self.streams_seen:
+            self.streams_seen, self.idle_since = opened, now
+        elif now - self.idle_since > timeout:
+            log.info("HTTP/2 connection from %s closed: no stream open for %gs (--header-timeout)",
+                     self.transport.get_extra_info("peername"), timeout)
+            self.close_idle()
+
+    def streams_opened(self) -> tuple[int, bool]:
+        """(how many streams the client has opened so far, whether one is open now)."""
+        raise NotImplementedError
+
+    def close_idle(self) -> None:
+        raise NotImplementedError
+
+
+class Downstream(ClientSide):
     """A client's HTTP/2 connection, terminated: the agent is its server."""
 
-    def __init__(self, hub: Hub, upgrade: RequestHead | None = None, settings: bytes | None = None) -> None:
-        self.hub = hub
+    def __init__(self, hub: Hub, fresh: bool = False, upgrade: RequestHead | None = None, settings: bytes | None = None) -> None:
+        super().__init__(hub, fresh)
         self.upgrade = upgrade
         self.settings = settings
-        self.codec = new_codec(client=False)
+        self.codec = new_codec(client=False, clock=asyncio.get_running_loop().time)  # (flood limits)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
         self.writable = True
         self.closed = False
-        self.control = RateLimit(CONTROL_BURST, CONTROL_RATE)
-        self.resets = RateLimit(RESET_BURST, RESET_RATE)
+        self.held = 0  # response bytes received for this client and not yet taken by it
+        self.overflowed = False
+        self.forwarded: list[tuple[bytes, bytes]] = []  # added to every request: the client's address
+        self.opened = 0  # streams the client has opened
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.loop = asyncio.get_running_loop()
+        self.watch()
+        if self.hub.agent.forwarded_headers:
+            peer = transport.get_extra_info("peername")
+            if isinstance(peer, tuple) and peer:
+                self.forwarded = forwarding(str(peer[0]))
         if self.upgrade is None:
             self.codec.start()
             self.hub.dirty.add(self)
@@ -392,6 +459,7 @@ class Downstream(asyncio.Protocol):
             self._abort(e)
             return
         stream = self.streams[1] = Stream(self, 1, upgraded_request(self.upgrade), True)
+        self.opened = 1
         self.hub.dirty.add(self)
         self.hub.route(stream)
         self.hub.flush()
@@ -425,6 +493,7 @@ class Downstream(asyncio.Protocol):
             elif t is Headers:
                 if ev.kind == Headers.REQUEST:
                     stream = streams[ev.stream_id] = Stream(self, ev.stream_id, ev.headers, ev.end_stream)
+                    self.opened += 1
                     self.hub.route(stream)
                 else:  # trailers
                     stream = streams.get(ev.stream_id)
@@ -444,14 +513,7 @@ class Downstream(asyncio.Protocol):
             elif t is Reset:
                 stream = streams.pop(ev.stream_id, None)
                 if stream is not None:
-                    if not stream.resp_started and not self.resets.spend(self.loop.time()):
-                        self._calm("too many streams reset by the client (rapid reset)")
-                        return
                     self._abandon(stream, ev.code)
-            elif t is Control:
-                if not self.control.spend(self.loop.time()):
-                    self._calm(f"too many {ev.kind} frames")
-                    return
             elif t is GoAway:
                 log.debug("client sent GOAWAY (last stream %d, code %d)", ev.last_stream_id, ev.code)
         self.hub.flush()
@@ -468,13 +530,25 @@ class Downstream(asyncio.Protocol):
             up.codec.reset(stream.up_id, code)
             self.hub.dirty.add(up)
             up.forget(stream)
-        stream.to_up.clear()
+        stream._drop_up_queue()
+
+    def overflow(self, stream: Stream) -> None:
+        """The client leaves more than :data:`HELD_LIMIT` of responses unread: ``stream``,
+        whose bytes passed the limit, is reset (ENHANCE_YOUR_CALM) and cancelled upstream."""
+        if not self.overflowed:
+            self.overflowed = True
+            log.info("HTTP/2 connection from %s leaves over %d bytes of responses unread: "
+                     "the streams that pass it are reset", self.transport.get_extra_info("peername"), HELD_LIMIT)
+        self.streams.pop(stream.sid, None)
+        self._abandon(stream, CANCEL)
+        self.codec.reset(stream.sid, ENHANCE_YOUR_CALM)
+        self.hub.dirty.add(self)
 
     def reset(self, stream: Stream, code: int) -> None:
         """The agent resets the client's ``stream`` (its other side failed or reset it)."""
         stream.dead = True
         stream._drop_up_queue()
-        stream.to_down.clear()
+        stream._clear_down()
         stream.sent_end_down = True
         if not self.closed:
             self.codec.reset(stream.sid, code)
@@ -485,18 +559,20 @@ class Downstream(asyncio.Protocol):
         """Forget ``stream`` once both directions have ended on this connection."""
         if stream.sent_end_down and (stream.req_ended or stream.dead):
             self.streams.pop(stream.sid, None)
+            self.established()
 
-    def _calm(self, reason: str) -> None:
-        self._abort(CodecError(ENHANCE_YOUR_CALM, reason))
+    def streams_opened(self) -> tuple[int, bool]:
+        return self.opened, bool(self.streams)
+
+    def close_idle(self) -> None:
+        self.codec.goaway(NO_ERROR)
+        self.flush()
+        self.transport.close()
+        self._closed()
 
     def _abort(self, error: CodecError) -> None:
         peer = self.transport.get_extra_info("peername")
         log.info("HTTP/2 connection from %s closed with GOAWAY code %d: %s", peer, error.code, error.reason)
-        if error.code == ENHANCE_YOUR_CALM:
-            try:
-                self.codec.goaway(error.code)
-            except Exception:  # noqa: BLE001 - the codec may already have sent its own GOAWAY
-                pass
         self.flush()
         self.transport.close()
         self._closed()
@@ -513,6 +589,8 @@ class Downstream(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        self.established()
+        self.hub.agent.connections.discard(self)
         self.hub.dirty.discard(self)
         for stream in list(self.streams.values()):
             self._abandon(stream, CANCEL)
@@ -553,8 +631,9 @@ class UpConnection:
     def start(self, stream: Stream) -> None:
         """Open ``stream``'s counterpart here and pass on what it has so far."""
         end = stream.req_ended and not stream.to_up and stream.req_trailers is None
+        forwarded = stream.down.forwarded
         try:
-            up_id = self.codec.open_stream(stream.headers, end)
+            up_id = self.codec.open_stream(stream.headers + forwarded if forwarded else stream.headers, end)
         except StreamError as e:
             stream.pool = None
             stream.fail(f"{self.where} refused the request headers: {e}")
@@ -605,10 +684,13 @@ class UpConnection:
                     self.codec.ack(ev.stream_id, ev.flow_length - len(ev.data))
                 if ev.data:
                     stream.to_down.append(ev.data)
+                    stream.down.held += len(ev.data)
                 if ev.end_stream:
                     stream.resp_ended = stream.got_end_up = True
                 stream.pump_down()
-                if ev.end_stream:
+                if stream.down.held > HELD_LIMIT and not stream.sent_end_down:
+                    stream.down.overflow(stream)
+                elif ev.end_stream:
                     self.maybe_done(stream)
             elif t is Headers:
                 stream = streams.get(ev.stream_id)
@@ -853,7 +935,7 @@ class Pool:
             self.hub.route(stream)
 
 
-class UpgradeProbe(asyncio.Protocol):
+class UpgradeProbe(ClientSide):
     """An ``Upgrade: h2c`` request while it is not known whether the app speaks HTTP/2.
 
     Reading waits while :meth:`Hub.probe_upstream` asks the app. If it speaks h2c, the
@@ -861,10 +943,13 @@ class UpgradeProbe(asyncio.Protocol):
     stream); if not, or if it cannot be reached, the connection goes back to the HTTP/1.1
     listener with the request's own bytes, as if the agent had never looked: an app that
     speaks only HTTP/1.1 declines the upgrade itself and the request is not disturbed.
+    It lasts as long as the question (READY_TIMEOUT at most), so it is not watched.
     """
 
-    def __init__(self, hub: Hub, upgrade: RequestHead, settings: bytes | None, data: bytes, original: bytes) -> None:
-        self.hub, self.upgrade, self.settings = hub, upgrade, settings
+    def __init__(self, hub: Hub, fresh: bool, upgrade: RequestHead, settings: bytes | None, data: bytes,
+                 original: bytes) -> None:
+        super().__init__(hub, fresh)
+        self.upgrade, self.settings = upgrade, settings
         self.data = bytearray(data)  # after the upgrade request
         self.original = bytearray(original)  # the upgrade request and what followed
         self.transport: asyncio.Transport | None = None
@@ -880,6 +965,7 @@ class UpgradeProbe(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.established()
 
     async def _decide(self) -> None:
         self.transport.pause_reading()
@@ -888,9 +974,11 @@ class UpgradeProbe(asyncio.Protocol):
             return
         proto: asyncio.Protocol
         if h2c:
-            proto, data = Downstream(self.hub, self.upgrade, self.settings), bytes(self.data)
+            proto, data = Downstream(self.hub, self.fresh, self.upgrade, self.settings), bytes(self.data)
         else:
+            self.established()  # the listener counts it again
             proto, data = ClientConnection(self.hub.agent), bytes(self.original)
+        self.fresh = False
         self.transport.set_protocol(proto)
         proto.connection_made(self.transport)
         self.transport.resume_reading()
@@ -899,7 +987,7 @@ class UpgradeProbe(asyncio.Protocol):
         self.hub.flush()
 
 
-class Relay(asyncio.Protocol):
+class Relay(ClientSide):
     """A prior-knowledge connection relayed as bytes while no route could apply.
 
     Costs about what a TCP relay costs, plus following frame headers both ways
@@ -907,8 +995,8 @@ class Relay(asyncio.Protocol):
     gracefully, when the first route appears.
     """
 
-    def __init__(self, hub: Hub) -> None:
-        self.hub = hub
+    def __init__(self, hub: Hub, fresh: bool = False) -> None:
+        super().__init__(hub, fresh)
         self.conv = RelayConversion()
         self.transport: asyncio.Transport | None = None
         self.link: TCPLink | None = None
@@ -919,6 +1007,7 @@ class Relay(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.hub.relays.add(self)
+        self.watch()
         asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
@@ -931,7 +1020,9 @@ class Relay(asyncio.Protocol):
             if self.closed:
                 return
             self.hub.relays.discard(self)
-            down = Downstream(self.hub)
+            self.hub.agent.connections.discard(self)
+            down = Downstream(self.hub, self.fresh)
+            self.fresh = False
             self.transport.set_protocol(down)
             down.connection_made(self.transport)
             self.transport.resume_reading()
@@ -961,6 +1052,8 @@ class Relay(asyncio.Protocol):
             self.early.append(out)
         elif out:
             self.link.write(out)
+        if self.fresh and self.conv.completed:
+            self.established()
         if self.conv.done:
             self._finish()
 
@@ -969,9 +1062,21 @@ class Relay(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.established()
         self.hub.relays.discard(self)
+        self.hub.agent.connections.discard(self)
         if self.link is not None:
             self.link.close()
+
+    def streams_opened(self) -> tuple[int, bool]:
+        return self.conv.client.max_stream_id, bool(self.conv.streams)
+
+    def close_idle(self) -> None:
+        """At a frame boundary of the app's direction, a GOAWAY naming the last stream the
+        client opened (it then knows that none was lost); anywhere else, just the close."""
+        if self.link is not None and self.conv.server.at_boundary:
+            self.transport.write(self.conv.farewell())
+        self.transport.close()
 
     def pause_writing(self) -> None:
         if self.link is not None:
@@ -1005,6 +1110,8 @@ class Relay(asyncio.Protocol):
             self.transport.write(out[:boundary] + conv.notice() + out[boundary:])
         else:
             self.transport.write(out)
+        if self.fresh and conv.completed:
+            self.established()
         if conv.done:
             self._finish()
 

@@ -17,8 +17,9 @@ Invariants:
 - At most ``max_connections`` connections are *fresh* at once (accepted, no exchange
   completed yet: what a flood of new connections consists of); one more is answered
   503 as soon as it connects and closed. A connection stops being fresh once it has
-  completed a request and its response (or switched protocols, or gone to the HTTP/2
-  path), so established keep-alive users are counted apart and never refused.
+  completed a request and its response (or switched protocols; on the HTTP/2 path,
+  once one of its streams has), so established keep-alive users are counted apart and
+  never refused.
 - No client holds a connection (fresh or not) by sending nothing: one that waits for its
   request head, or stops sending a request body while the agent is reading it, longer
   than ``header_timeout`` is answered 408 and closed (:meth:`ClientConnection.expire`).
@@ -738,11 +739,12 @@ class ClientConnection(asyncio.Protocol):
 
     def _hand_over_h2(self, data: bytes, head: RequestHead | None = None, settings: bytes | None = None,
                       original: bytes = b"") -> None:
-        """From now on the transport belongs to the HTTP/2 path; this object is done."""
+        """From now on the transport belongs to the HTTP/2 path, with its place among the
+        fresh connections (released once a stream completes there); this object is done."""
         self.mode = _CLOSED
-        self._established()
+        fresh, self.fresh = self.fresh, False
         self.dest.connections.discard(self)
-        self.dest.h2.accept(self.transport, bytes(data), head, settings, original)
+        self.dest.h2.accept(self.transport, bytes(data), head, settings, original, fresh=fresh)
 
     # -- helpers -----------------------------------------------------------------------
 

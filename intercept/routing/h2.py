@@ -18,8 +18,15 @@ module, as small facts computed from bytes:
 - :class:`FrameScanner` follows frame boundaries and stream lifetimes in a relayed
   byte stream, so that a relayed connection can be handed a GOAWAY at a frame boundary
   when the first route appears (:class:`RelayConversion`).
-- :class:`RateLimit` is the token bucket that bounds what a peer may make the agent do
-  for nothing (PING, SETTINGS, PRIORITY, empty DATA, and RST_STREAM: "rapid reset").
+- :class:`FieldRules` (:func:`malformed_fields`) and :func:`malformed_request` are RFC 9113's rules for what a
+  client sends (sections 8.1.1, 8.2 and 8.3), as libnghttp2 applies them, plus the check of
+  ``host`` against ``:authority`` that it leaves out (:func:`authority_mismatch`): both
+  codecs refuse the same streams.
+- :class:`Intake` reads a client's frame headers before either codec reads the frames:
+  it counts what a client makes the agent do for nothing (PING, SETTINGS, PRIORITY,
+  unknown frames, empty and tiny DATA, CONTINUATION runs, and streams reset before their
+  answer: "rapid reset") with :class:`RateLimit` token buckets, and applies the few frame
+  rules that one codec leaves out: both codecs stop at the same frame, with the same code.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import base64
 import binascii
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from intercept.routing.http1 import RequestHead
@@ -38,10 +46,25 @@ PREFACE_LINE = PREFACE[:16]  # "PRI * HTTP/2.0\r\n": a connection that begins so
 FRAME_HEADER = 9
 # frame types (RFC 9113 section 6)
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
-END_STREAM, ACK, END_HEADERS = 0x1, 0x1, 0x4
+END_STREAM, ACK, END_HEADERS, PADDED_FLAG, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
 # error codes (RFC 9113 section 7)
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, REFUSED_STREAM, CANCEL, ENHANCE_YOUR_CALM = 0x0, 0x1, 0x2, 0x7, 0x8, 0xB
+FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR, COMPRESSION_ERROR = 0x3, 0x5, 0x6, 0x9
 MAX_STREAM_ID = 2**31 - 1
+
+# What a client may make the agent do for nothing: PING, SETTINGS, PRIORITY, unknown and
+# empty DATA frames (CVE-2019-9512/9515/9518), streams it resets before their answer
+# (CVE-2023-44487, "rapid reset"), long CONTINUATION runs (CVE-2024-27316): nghttp2's
+# figures, a little more generous for control frames. DATA frames under SMALL_DATA bytes
+# that do not end their stream cost more to read than they carry (60,000 one-byte frames:
+# over a second of the h2 codec's time); ten times as many of them are allowed, so that a
+# stream of small gRPC messages (one frame each) can still be sent at a good pace.
+CONTROL_BURST, CONTROL_RATE = 1000, 100.0
+RESET_BURST, RESET_RATE = 1000, 33.0
+SMALL_DATA = 128
+SMALL_DATA_BURST, SMALL_DATA_RATE = 10_000, 1000.0
+MAX_CONTINUATIONS = 8
+MAX_SETTINGS = 32  # values in one SETTINGS frame (libnghttp2's limit)
 
 GRPC_UNAVAILABLE = 14
 
@@ -203,6 +226,330 @@ class RateLimit:
         return self.tokens >= 0
 
 
+class Intake:
+    """A client connection's frames as they come in, before a codec reads them (sans-IO:
+    ``clock`` gives the time): both codecs then read the same frames at the same time, stop
+    at the same frame with the same code, and the slow one never parses a flood.
+
+    :meth:`feed` takes the client's bytes as they arrive (the preface first) and returns
+    what a codec may read of them now: whole frames only (libnghttp2 reads a frame as it
+    arrives, h2 once it is whole: a stream or a connection refused halfway would be refused
+    at different times), a header block (HEADERS and its CONTINUATION frames) only once
+    whole, for the same reason, and no extension frames (types above 9: RFC 9113 section
+    5.5 says to ignore them, and each codec knew some of them, differently). The rest of a
+    frame comes with the next bytes. When the connection must end first, it returns nothing and ``code``
+    is the GOAWAY code (``reason`` says why):
+
+    - ENHANCE_YOUR_CALM past a limit: PING, SETTINGS, PRIORITY, extension frames and
+      empty DATA frames (:data:`CONTROL_BURST`), DATA frames under :data:`SMALL_DATA`
+      bytes that do not end their stream (:data:`SMALL_DATA_BURST`), a header block
+      continued more than :data:`MAX_CONTINUATIONS` times, a SETTINGS frame of more than
+      :data:`MAX_SETTINGS` values. The codec calls :meth:`reset` for each stream the client
+      resets before its answer began, and each one it refuses as malformed
+      (:data:`RESET_BURST`).
+    - PROTOCOL_ERROR or FRAME_SIZE_ERROR for what a frame's header (and padding) shows,
+      which one codec sees before the frame's payload has arrived and the other after, or
+      not the same way: a first frame that is not SETTINGS (section 3.4), a frame longer
+      than the agent allows (4.2: 16 KiB, ``max_frame_size`` once the client has
+      acknowledged the agent's SETTINGS), a header block interrupted (6.10), a frame of a
+      length its type does not have or on a stream it may not be on (6), padding longer
+      than its frame (6.1, 6.2), a second SETTINGS acknowledgement (the agent sends one
+      SETTINGS frame, 6.5.3), PUSH_PROMISE from a client (8.4), DATA, RST_STREAM or
+      WINDOW_UPDATE on a stream the client has not opened yet (5.1: "idle").
+    """
+
+    def __init__(self, clock: Callable[[], float], max_frame_size: int) -> None:
+        self.clock = clock
+        self.max_frame_size = max_frame_size
+        self.frame_limit = 1 << 14  # until the client acknowledges the agent's SETTINGS
+        self.acked = False  # it has
+        self.control = RateLimit(CONTROL_BURST, CONTROL_RATE)
+        self.small_data = RateLimit(SMALL_DATA_BURST, SMALL_DATA_RATE)
+        self.resets = RateLimit(RESET_BURST, RESET_RATE)
+        self.skip = len(PREFACE)
+        self.held = b""  # the start of a frame that has not arrived whole
+        self.judged = False  # its header was judged already
+        self.pending = bytearray()  # the header block being held
+        self.first = True  # no frame yet
+        self.block = 0  # the stream of the header block open now (0: none is)
+        self.continuations = 0  # CONTINUATION frames in it so far
+        self.highest = 0  # the highest stream a HEADERS frame of the client's named
+        self.code: int | None = None
+        self.reason = ""
+
+    def feed(self, data: bytes) -> bytes:
+        if self.code is not None:
+            return b""
+        if self.held:
+            data, self.held = self.held + data, b""
+        n = len(data)
+        pos = min(self.skip, n)
+        self.skip -= pos
+        start = 0  # where the bytes passed on so far begin: data[start:pos] is passed as is
+        pieces: list[bytes] = []
+        while pos < n:
+            if n - pos < FRAME_HEADER + 1:
+                if n - pos < FRAME_HEADER or data[pos + 3] in (DATA, HEADERS) and data[pos + 4] & PADDED_FLAG:
+                    break  # (a padded frame's padding length too)
+            length = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
+            kind, flags = data[pos + 3], data[pos + 4]
+            if not self.judged:  # (the header of a frame held whole was judged when it came)
+                sid = (data[pos + 5] & 0x7F) << 24 | data[pos + 6] << 16 | data[pos + 7] << 8 | data[pos + 8]
+                pad = data[pos + 9] if flags & PADDED_FLAG and (kind == DATA or kind == HEADERS) and length else -1
+                problem = self._problem(kind, flags, length, sid, pad)
+                if problem is not None:
+                    self.code, self.reason = problem
+                    return b""
+                self.judged = True
+            end = pos + FRAME_HEADER + length
+            if end > n:
+                break  # a frame is given whole
+            self.judged = False
+            if kind > CONTINUATION or kind == CONTINUATION or kind == HEADERS and self.block:
+                # a header block of several frames is given once whole; an extension frame, never
+                if start < pos:
+                    pieces.append(data[start:pos])
+                start = end
+                if kind <= CONTINUATION:
+                    self.pending += data[pos:end]
+                    if not self.block:
+                        pieces.append(bytes(self.pending))
+                        self.pending.clear()
+            pos = end
+        self.held = data[pos:]
+        if not pieces:
+            return data if pos == n and not start else data[start:pos]
+        if start < pos:
+            pieces.append(data[start:pos])
+        return b"".join(pieces)
+
+    def _problem(self, kind: int, flags: int, length: int, sid: int, pad: int) -> tuple[int, str] | None:
+        """The connection error a frame's header (and ``pad``, its padding's length: -1 if
+        none) shows, if any, in libnghttp2's order; else the frame is counted."""
+        if self.first:
+            self.first = False
+            if kind != SETTINGS or flags & ACK:
+                return PROTOCOL_ERROR, "the first frame is not SETTINGS"
+        if self.block:  # only the header block's CONTINUATION frames may come now
+            if kind != CONTINUATION or sid != self.block:
+                return PROTOCOL_ERROR, "a header block interrupted by another frame"
+            self.continuations += 1
+            if self.continuations > MAX_CONTINUATIONS:
+                return ENHANCE_YOUR_CALM, f"a header block continued more than {MAX_CONTINUATIONS} times"
+        if length > self.frame_limit:
+            return FRAME_SIZE_ERROR, f"a frame of {length} bytes"
+        if kind == CONTINUATION:
+            if not self.block:
+                return PROTOCOL_ERROR, "CONTINUATION outside a header block"
+            if flags & END_HEADERS:
+                self.block = 0
+        elif kind == HEADERS:
+            if not sid:
+                return PROTOCOL_ERROR, "HEADERS on stream 0"
+            if flags & PADDED_FLAG and (not length or pad + 1 + (5 if flags & PRIORITY_FLAG else 0) > length):
+                return PROTOCOL_ERROR, "HEADERS with more padding than payload"
+            if not flags & END_HEADERS:
+                self.block, self.continuations = sid, 0
+            if sid & 1 and sid > self.highest:
+                self.highest = sid
+        elif kind == PUSH_PROMISE:
+            return PROTOCOL_ERROR, "PUSH_PROMISE from a client"
+        elif kind == SETTINGS:
+            if sid:
+                return PROTOCOL_ERROR, "SETTINGS on a stream"
+            if length % 6 or flags & ACK and length:
+                return FRAME_SIZE_ERROR, "a SETTINGS frame of a wrong length"
+            if length > 6 * MAX_SETTINGS:
+                return ENHANCE_YOUR_CALM, f"a SETTINGS frame of more than {MAX_SETTINGS} values"
+            if flags & ACK:
+                if self.acked:
+                    return PROTOCOL_ERROR, "a SETTINGS acknowledgement the agent did not ask for"  # it sends one SETTINGS
+                self.acked = True
+                self.frame_limit = self.max_frame_size
+        elif kind == PING or kind == GOAWAY:
+            if kind == PING and length != 8 or kind == GOAWAY and length < 8:
+                return FRAME_SIZE_ERROR, "a frame of a length its type does not have"
+            if sid:
+                return PROTOCOL_ERROR, "a PING or GOAWAY on a stream"
+        elif kind == PRIORITY:
+            if length != 5:
+                return FRAME_SIZE_ERROR, "a PRIORITY frame that is not 5 bytes"
+            if not sid:
+                return PROTOCOL_ERROR, "PRIORITY on stream 0"
+        elif kind == DATA or kind == RST_STREAM or kind == WINDOW_UPDATE:
+            if kind != DATA and length != 4:
+                return FRAME_SIZE_ERROR, "a frame of a length its type does not have"
+            if (sid or kind == DATA) and (not sid & 1 or sid > self.highest):
+                return PROTOCOL_ERROR, f"frame type {kind} on idle stream {sid}"
+            if kind == DATA:
+                if flags & PADDED_FLAG and (not length or pad >= length):
+                    return PROTOCOL_ERROR, "DATA with more padding than payload"
+                if not flags & END_STREAM and length < SMALL_DATA:
+                    if length and not self.small_data.spend(self.clock()):
+                        return ENHANCE_YOUR_CALM, "too many small DATA frames"
+                    if not length and not self.control.spend(self.clock()):
+                        return ENHANCE_YOUR_CALM, "too many empty DATA frames"
+            return None
+        if (kind == PING or kind == SETTINGS or kind == PRIORITY or kind > CONTINUATION) and not self.control.spend(self.clock()):
+            return ENHANCE_YOUR_CALM, "too many PING, SETTINGS, PRIORITY or extension frames"
+        return None
+
+    def reset(self) -> bool:
+        """A stream the client reset before its answer began, or one refused as malformed:
+        False once there have been too many ("rapid reset")."""
+        if self.resets.spend(self.clock()):
+            return True
+        self.reason = "too many streams reset before their answer (rapid reset) or refused as malformed"
+        return False
+
+
+# -- what a client may send (RFC 9113 sections 8.1.1, 8.2, 8.3) -----------------------------
+
+_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_NAME = bytes(c for c in range(256) if c in _TOKEN and not 0x41 <= c <= 0x5A)  # lowercase token characters
+_METHOD = bytes(_TOKEN)
+_VALUE = bytes([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])  # no NUL, CR, LF nor other controls
+_PATH = bytes([*range(0x21, 0x7F), *range(0x80, 0x100)])
+_AUTHORITY = b"!$%&'()*+,-.0123456789:;=ABCDEFGHIJKLMNOPQRSTUVWXYZ[]_abcdefghijklmnopqrstuvwxyz~"
+_SCHEME_FIRST = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_SCHEME = _SCHEME_FIRST + b"0123456789+-."
+_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+_FORBIDDEN = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"})
+_DEFAULT_PORTS = {b"http": b"80", b"https": b"443"}
+
+
+def _only(value: bytes, allowed: bytes) -> bool:
+    return not value.translate(None, allowed)
+
+
+def _field_problem(name: bytes, value: bytes) -> str | None:
+    """What is wrong with a regular field, as any field block may carry it, or None."""
+    if not name or not _only(name, _NAME):
+        return f"field name {name!r} is not a lowercase token"
+    if value and (value[0] in b" \t" or value[-1] in b" \t" or not _only(value, _VALUE)):
+        return f"field {name.decode('latin-1')} has a value with surrounding whitespace or control characters"
+    if name in _FORBIDDEN:
+        return f"connection-specific field {name.decode()}"
+    if name == b"te" and value.lower() != b"trailers":
+        return "te other than trailers"
+    return None
+
+
+class FieldRules:
+    """The rules libnghttp2 applies to each field of a request's header section
+    (``trailers``: its trailer section) as it is decoded: :meth:`check` says why a field
+    is malformed, given those before it, or None.
+
+    Pseudo-header fields first, once each, none unknown, none empty, none in trailers;
+    ``:method`` a token, ``:scheme`` a scheme, ``:path`` and ``:authority`` without
+    forbidden characters; lowercase field names; values without NUL, CR, LF, other
+    controls or surrounding whitespace; at most one ``host`` (an authority) and one
+    ``content-length`` (digits); no connection-specific field; ``te`` only ``trailers``.
+    """
+
+    __slots__ = ("trailers", "pseudo", "regular", "host", "length")
+
+    def __init__(self, trailers: bool = False) -> None:
+        self.trailers = trailers
+        self.pseudo: set[bytes] = set()
+        self.regular = self.host = self.length = False
+
+    def check(self, name: bytes, value: bytes) -> str | None:
+        if name[:1] == b":":
+            if self.regular or self.trailers:
+                return f"pseudo-header field {name!r} after a regular field, or in trailers"
+            if name not in _PSEUDO or name in self.pseudo or not value:
+                return f"pseudo-header field {name!r} unknown, repeated or empty"
+            allowed = (_METHOD if name == b":method" else _PATH if name == b":path"
+                       else _AUTHORITY if name == b":authority" else _SCHEME)
+            if not _only(value, allowed) or name == b":scheme" and value[0] not in _SCHEME_FIRST:
+                return f"pseudo-header field {name.decode()} has characters it may not"
+            self.pseudo.add(name)
+            return None
+        self.regular = True
+        problem = _field_problem(name, value)
+        if problem is not None:
+            return problem
+        if name == b"host":
+            if self.host or not value or not _only(value, _AUTHORITY):
+                return "host repeated, empty or with characters it may not have"
+            self.host = True
+        elif name == b"content-length":
+            if self.length or not value.isdigit() or len(value) > 19 or int(value) >= 1 << 63:
+                return "content-length repeated or not a number"
+            self.length = True
+        return None
+
+
+def malformed_fields(headers: Headers, trailers: bool = False) -> str | None:
+    """Why a request's header section (``trailers``: its trailer section) has a malformed
+    field (:class:`FieldRules`), or None."""
+    rules = FieldRules(trailers)
+    for name, value in headers:
+        problem = rules.check(name, value)
+        if problem is not None:
+            return problem
+    return None
+
+
+def malformed_request(headers: Headers) -> str | None:
+    """Why a request whose fields pass :func:`malformed_fields` is malformed as a whole, or
+    None (RFC 9113 section 8.3.1): ``:method``, ``:scheme`` and ``:path`` present (only
+    ``:authority`` for CONNECT); an ``:authority`` or a ``host``; for ``http`` and
+    ``https``, a ``:path`` that is ``/...`` (or ``*`` for OPTIONS).
+
+    A request refused by either function, or by :func:`authority_mismatch`, is a stream
+    error (RST_STREAM PROTOCOL_ERROR), as RFC 9113 section 8.1.1 says.
+    """
+    pseudo = {name: value for name, value in headers if name[:1] == b":"}
+    method = pseudo.get(b":method")
+    if method == b"CONNECT":
+        if b":scheme" in pseudo or b":path" in pseudo or b":authority" not in pseudo:
+            return "CONNECT needs :authority, and no :scheme nor :path"
+        return None
+    if method is None or b":scheme" not in pseudo or b":path" not in pseudo:
+        return "a request needs :method, :scheme and :path"
+    if b":authority" not in pseudo and not any(name == b"host" for name, _ in headers):
+        return "a request needs :authority or host"
+    path, scheme = pseudo[b":path"], pseudo[b":scheme"].lower()
+    if scheme in _DEFAULT_PORTS and path[:1] != b"/" and not (path == b"*" and method == b"OPTIONS"):
+        return f":path {path[:40]!r} is not an absolute path"
+    return None
+
+
+def authority_mismatch(headers: Headers) -> str | None:
+    """A ``host`` that names another authority than ``:authority`` (compared as RFC 3986
+    section 6.2.3 says: the host's case and the scheme's default port do not count), or None.
+
+    RFC 9113 section 8.3.1: a server should treat such a request as malformed; libnghttp2
+    leaves it to its user, python-hyper h2 refuses any difference. A route that matches
+    ``host`` must not see one name while the app acts on the other.
+    """
+    authority = host = scheme = None
+    for name, value in headers:
+        if name == b"host":
+            host = value
+        elif name == b":authority":
+            authority = value
+        elif name == b":scheme":
+            scheme = value.lower()
+    if host is None or authority is None or host == authority:
+        return None
+    default = _DEFAULT_PORTS.get(scheme or b"")
+    if _authority_key(host, default) == _authority_key(authority, default):
+        return None
+    return f"host {host[:40]!r} differs from :authority {authority[:40]!r}"
+
+
+def _authority_key(authority: bytes, default_port: bytes | None) -> bytes:
+    host, colon, port = authority.rpartition(b":")
+    if not colon or b"]" in port or not port.isdigit() and port:
+        host, port = authority, b""
+    if port == default_port:
+        port = b""
+    return host.lower() + (b":" + port if port else b"")
+
+
 class FrameScanner:
     """Follows one direction of a relayed HTTP/2 connection, frame by frame, without copying.
 
@@ -227,6 +574,7 @@ class FrameScanner:
         self.frames = 0
         self.in_header_block = False
         self.max_stream_id = 0  # highest stream this direction opened
+        self.completed = 0  # streams whose two halves ended with this direction's END_STREAM
         self.goaway_seen = False
         self.watch_ping: bytes | None = None  # opaque data of the agent's own PING
         self.ping_acked = False
@@ -340,6 +688,7 @@ class FrameScanner:
         halves |= 1 << self.side
         if halves == 3:
             del self.streams[sid]
+            self.completed += 1
         else:
             self.streams[sid] = halves
 
@@ -380,6 +729,11 @@ class RelayConversion:
         self.sent = True
         self.client.watch_ping = self.ping
         return goaway(MAX_STREAM_ID) + frame(PING, 0, 0, self.ping)
+
+    @property
+    def completed(self) -> bool:
+        """A stream has completed: both its halves ended (not reset)."""
+        return bool(self.client.completed or self.server.completed)
 
     @property
     def done(self) -> bool:

@@ -17,7 +17,7 @@ Invariants kept here (the proxy relies on them for request-smuggling safety):
   coding is not ``chunked``, bare CR or LF in the head, obsolete line folding, and
   whitespace before a colon are all refused with 400.
 - Header bytes are never altered: case, order and repeats arrive as sent. What the
-  proxy adds (:func:`forwarding_fields`: the client's address) comes as new lines after
+  proxy adds (:func:`forwarding`: the client's address) comes as new lines after
   all of them, which HTTP reads as appended to those lists.
 """
 
@@ -500,20 +500,27 @@ class ChunkedScanner:
         return pos
 
 
-def forwarding_fields(host: str) -> bytes:
-    """The field lines that tell the app who the client is: ``X-Forwarded-For`` and
-    ``Forwarded`` (RFC 7239) naming ``host``, the peer address of the connection.
+def forwarding(host: str) -> list[tuple[bytes, bytes]]:
+    """The fields that tell the app who the client is: ``X-Forwarded-For`` and
+    ``Forwarded`` (RFC 7239) naming ``host``, the peer address of the connection, as
+    ``(lowercase name, value)``.
 
-    They are spliced in before the head's final CRLF, after every line the client sent:
-    for these list fields a new line is the same as appending to the list (RFC 9110
-    section 5.3), so ``X-Forwarded-For: a`` from an ingress becomes ``a, <peer>`` for an
-    app that joins repeated lines, the usual reading. An IPv4-mapped IPv6 address is
+    They come after every field the client sent: for these list fields a new line is the
+    same as appending to the list (RFC 9110 section 5.3), so ``X-Forwarded-For: a`` from
+    an ingress becomes ``a, <peer>`` for an app that joins repeated lines, the usual
+    reading, and the last entry is always the agent's. An IPv4-mapped IPv6 address is
     written as IPv4; an IPv6 address is bracketed and quoted in ``Forwarded``.
     """
     if host.startswith("::ffff:") and "." in host:
         host = host[7:]
     node = f'"[{host}]"' if ":" in host else host
-    return f"X-Forwarded-For: {host}\r\nForwarded: for={node}\r\n".encode("ascii", "replace")
+    return [(b"x-forwarded-for", host.encode("ascii", "replace")), (b"forwarded", f"for={node}".encode("ascii", "replace"))]
+
+
+def forwarding_fields(host: str) -> bytes:
+    """:func:`forwarding` as HTTP/1.1 field lines, spliced in before the head's final CRLF."""
+    (_, xff), (_, fwd) = forwarding(host)
+    return b"X-Forwarded-For: " + xff + b"\r\nForwarded: " + fwd + b"\r\n"
 
 
 def error_response(status: int, reason: str, *, head_only: bool = False) -> bytes:

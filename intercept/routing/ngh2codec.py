@@ -10,17 +10,25 @@ What differs from h2, and how this class hides it:
 - A request's stream exists in the engine only once its HEADERS are serialized, and
   data is queued by the engine until windows allow: output is taken from the engine
   after each command (:attr:`_out`), and :meth:`window` subtracts what is queued.
-- The engine detects floods itself (PING/SETTINGS acknowledgements not read, rapid
-  reset, CONTINUATION) and stops; the GOAWAY is then written here.
+- The engine checks requests as RFC 9113 says and resets a malformed stream itself: a
+  stream it closes with an error after its request was reported is reported as
+  :class:`Reset` (CANCEL). It leaves out one rule, ``host`` against ``:authority``
+  (:func:`~intercept.routing.h2.authority_mismatch`), applied here.
+- Floods are counted, and the frame rules it leaves out applied, before the engine reads
+  the frames (:class:`~intercept.routing.h2.Intake`), as for the h2 codec; the engine's own
+  limits (unread acknowledgements) stop it too, and the GOAWAY is then written here.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import ngh2
 
 from intercept.routing import h2codec
-from intercept.routing.h2 import ENHANCE_YOUR_CALM, PROTOCOL_ERROR, goaway
-from intercept.routing.h2codec import CodecError, Control, Data, GoAway, Headers, Reset, Settings, StreamError, WindowOpened
+from intercept.routing.h2 import CANCEL, ENHANCE_YOUR_CALM, NO_ERROR, PROTOCOL_ERROR, Intake, authority_mismatch, goaway
+from intercept.routing.h2codec import CodecError, Data, GoAway, Headers, Reset, Settings, StreamError, WindowOpened
 
 _SETTINGS = {
     ngh2.Setting.MAX_CONCURRENT_STREAMS: h2codec.MAX_CONCURRENT_STREAMS,
@@ -33,12 +41,16 @@ _SETTINGS = {
 class NgCodec:
     """:class:`intercept.routing.h2codec.Codec`'s interface over ngh2 (libnghttp2)."""
 
-    def __init__(self, client: bool) -> None:
+    def __init__(self, client: bool, clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
+        self.intake = None if client else Intake(clock, h2codec.MAX_FRAME)
+        self._reported: set[int] = set()  # server: streams whose request was reported and that are not closed
+        self._ending: set[int] = set()  # server: streams reset by the client or the agent, until closed
         config = ngh2.Configuration(
             auto_window_update=False,
             max_inbound_header_list_size=h2codec.MAX_HEADER_LIST,
-            stream_reset_rate_limit=(100_000, 1000),  # far above the proxy's own limit (ENHANCE_YOUR_CALM)
+            max_inbound_header_count=h2codec.MAX_HEADER_COUNT,
+            stream_reset_rate_limit=(100_000, 1000),  # far above Intake's (ENHANCE_YOUR_CALM)
         )
         self.conn = ngh2.Connection(ngh2.Role.CLIENT if client else ngh2.Role.SERVER, config)
         self.remote_max_streams = 100
@@ -57,11 +69,13 @@ class NgCodec:
 
                 self.conn.initiate_upgrade(base64.urlsafe_b64decode(upgrade_settings), local_settings=settings)
                 self._responded.discard(1)
+                self._reported.add(1)  # the upgraded request
+                self.intake.highest = 1  # (its stream is open)
             else:
                 self.conn.initiate_connection(settings)
         except ngh2.NGH2Error as e:
             raise CodecError(PROTOCOL_ERROR, f"bad HTTP2-Settings: {e}") from None
-        self.conn.set_local_window_size(h2codec.CONNECTION_WINDOW)
+        self.conn.set_local_window_size(h2codec.SHARED_CONNECTION_WINDOW if self.client else h2codec.CONNECTION_WINDOW)
         self._take()
 
     def _take(self) -> None:
@@ -71,6 +85,14 @@ class NgCodec:
     def receive(self, data: bytes) -> list:
         if self._dead:
             return []
+        intake = self.intake
+        if intake is not None:
+            if not self.conn.want_read:  # the client sent GOAWAY and has no stream left
+                self._dead = True
+                raise CodecError(NO_ERROR, "the client sent GOAWAY and has no stream left")
+            data = intake.feed(data)
+            if intake.code is not None:
+                self._end(intake.code, intake.reason)
         conn = self.conn
         try:
             conn.receive_data(data)
@@ -88,11 +110,15 @@ class NgCodec:
         for ev in raw:
             t = type(ev)
             if t is ngh2.DataReceived:
-                if not ev.data and not ev.end_stream:
-                    append(Control("empty DATA"))
                 append(Data(ev.stream_id, ev.data, len(ev.data), ev.end_stream))
             elif t is ngh2.RequestReceived:
-                append(Headers(ev.stream_id, list(ev.headers), ev.end_stream, Headers.REQUEST))
+                headers = list(ev.headers)
+                if authority_mismatch(headers):
+                    self.reset(ev.stream_id, PROTOCOL_ERROR)
+                    self._refused()
+                    continue
+                self._reported.add(ev.stream_id)
+                append(Headers(ev.stream_id, headers, ev.end_stream, Headers.REQUEST))
             elif t is ngh2.ResponseReceived:
                 append(Headers(ev.stream_id, list(ev.headers), ev.end_stream, Headers.RESPONSE))
             elif t is ngh2.TrailersReceived:
@@ -100,7 +126,26 @@ class NgCodec:
             elif t is ngh2.WindowUpdated:
                 append(WindowOpened(ev.stream_id))
             elif t is ngh2.StreamReset:
+                if self.intake is not None:
+                    # a stream that is over, or was refused unreported, the engine still reports:
+                    # its StreamClosed (if any) counts it
+                    if ev.stream_id not in self._reported:
+                        continue
+                    self._reported.discard(ev.stream_id)
+                    self._ending.add(ev.stream_id)
+                    if ev.stream_id in self._responded:
+                        self._responded.discard(ev.stream_id)
+                    else:
+                        self._refused()
                 append(Reset(ev.stream_id, ev.error_code))
+            elif t is ngh2.StreamClosed and self.intake is not None:
+                if ev.stream_id in self._ending:  # the client's reset, or ours
+                    self._ending.discard(ev.stream_id)
+                elif ev.error_code:  # the engine refused it (malformed)
+                    self._refused()
+                    if ev.stream_id in self._reported:
+                        append(Reset(ev.stream_id, CANCEL))
+                self._reported.discard(ev.stream_id)
             elif t is ngh2.InformationalResponseReceived:
                 append(Headers(ev.stream_id, list(ev.headers), False, Headers.INFORMATIONAL))
             elif t is ngh2.SettingsReceived:
@@ -109,21 +154,30 @@ class NgCodec:
                 if value is not None:
                     self.remote_max_streams = value
                 append(Settings(self.remote_max_streams))
-                append(Control("SETTINGS"))
                 if ngh2.Setting.INITIAL_WINDOW_SIZE in ev.settings:
                     append(WindowOpened(0))
-            elif t is ngh2.PingReceived:
-                append(Control("PING"))
-            elif t is ngh2.PriorityUpdateReceived:
-                append(Control("PRIORITY"))
             elif t is ngh2.GoAwayReceived:
                 append(GoAway(ev.last_stream_id, ev.error_code))
             elif t is ngh2.ConnectionClosed:
-                # after a GOAWAY and the last stream (NO_ERROR), or a protocol error
-                self._dead = True
+                # a protocol error, or a GOAWAY and no stream left (NO_ERROR)
                 if ev.error_code:
+                    self._dead = True
                     raise CodecError(ev.error_code, (ev.debug_data or b"").decode("utf-8", "replace") or "connection error")
+                if self.client:
+                    self._dead = True  # (a server's next read ends the connection: receive)
         return out
+
+    def _refused(self) -> None:
+        """A stream reset before its answer began, or refused as malformed: counted."""
+        if not self.intake.reset():
+            self._end(ENHANCE_YOUR_CALM, self.intake.reason)
+
+    def _end(self, code: int, reason: str) -> None:
+        """End the connection with GOAWAY ``code`` (raises :class:`CodecError`)."""
+        self.goaway(code)
+        self._take()
+        self._dead = True
+        raise CodecError(code, reason)
 
     def _die(self, code: int) -> None:
         """The engine stopped without a word: say GOAWAY ourselves."""
@@ -178,6 +232,9 @@ class NgCodec:
 
     def reset(self, stream_id: int, code: int) -> None:
         self._responded.discard(stream_id)
+        self._reported.discard(stream_id)
+        if self.intake is not None:
+            self._ending.add(stream_id)
         try:
             self.conn.reset_stream(stream_id, code)
         except ngh2.NGH2Error:

@@ -1,0 +1,87 @@
+"""The agent's two HTTP/2 codecs give the app the same requests and the client the same answers.
+
+Bounded here (the named malformed corpus of issue 22, then hypothesis drawing from the
+grammar in ``tests/h2_diff.py``); the longer campaign is ``python fuzz/h2_diff.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tests.h2_diff as diff
+from tests.h2_diff import CORPUS, disagreement, generate, outcome
+
+pytest.importorskip("ngh2", reason="the ngh2 codec is not installed (pip install -e '.[test]')")
+
+PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR, ENHANCE_YOUR_CALM = 1, 3, 5, 6, 11
+
+
+@pytest.mark.parametrize("case", list(CORPUS))
+def test_the_malformed_corpus_ends_the_same_way_on_both_codecs(case):
+    assert disagreement(CORPUS[case]) is None
+
+
+# What issue 22 found the codecs doing differently, and the one behaviour (RFC 9113 8.1.1,
+# 8.2, 8.3): a malformed request is refused on its own stream, and never reaches the app.
+REFUSED = ["host-differs-from-authority", "path-relative", "path-absolute-uri", "uppercase-name", "connection-field",
+           "te-gzip", "content-length-short", "content-length-exceeded"]
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_a_malformed_request_is_refused_on_its_stream_by_both_codecs(case):
+    for kind in diff.CODECS:
+        seen = outcome(kind, CORPUS[case])
+        assert not seen.closed and seen.streams[1].reset == PROTOCOL_ERROR, (kind, seen.summary())
+        assert seen.streams[1].request is None or seen.streams[1].cancelled is not None, (kind, seen.summary())
+    assert outcome("h2", CORPUS["host-same-authority-other-spelling"]).streams[1].answered  # A:80 is a
+
+
+@pytest.mark.parametrize(("case", "code"), [("tiny-data-flood", ENHANCE_YOUR_CALM), ("continuation-flood", ENHANCE_YOUR_CALM),
+                                            ("settings-flood", ENHANCE_YOUR_CALM), ("ping-flood", ENHANCE_YOUR_CALM),
+                                            ("rapid-reset", ENHANCE_YOUR_CALM), ("malformed-stream-flood", ENHANCE_YOUR_CALM),
+                                            ("window-overflow-stream", FLOW_CONTROL_ERROR),
+                                            ("settings-ack-with-payload", FRAME_SIZE_ERROR)])
+def test_floods_and_broken_frames_end_the_connection_with_one_code(case, code):
+    for kind in diff.CODECS:
+        seen = outcome(kind, CORPUS[case])
+        assert (seen.closed, seen.goaway) == (True, code), (kind, seen.summary())
+
+
+def test_a_tiny_data_flood_is_stopped_before_either_codec_reads_it():
+    # 12,000 one-byte DATA frames: what reached the app is what came before the limit
+    for kind in diff.CODECS:
+        seen = outcome(kind, [b"".join(CORPUS["tiny-data-flood"])])
+        assert seen.goaway == ENHANCE_YOUR_CALM and not seen.streams.get(1, diff.Seen()).data, kind
+    assert outcome("h2", CORPUS["small-message-stream"]).streams[1].ended  # 5,000 small gRPC messages are not a flood
+
+
+def test_an_upgraded_connection_takes_frames_on_the_upgraded_stream():
+    # Upgrade: h2c makes stream 1 the request: a WINDOW_UPDATE for its response is no frame on an idle stream
+    import base64
+
+    from hyperframe.frame import SettingsFrame, WindowUpdateFrame
+
+    from intercept.routing.h2codec import new_codec
+
+    for kind in diff.CODECS:
+        codec = new_codec(client=False, clock=lambda: 0.0, kind=kind)
+        codec.start(base64.urlsafe_b64encode(SettingsFrame(0).serialize_body()))
+        codec.receive(diff.PREFACE + SettingsFrame(0).serialize() + WindowUpdateFrame(1, window_increment=1000).serialize())
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.data())
+def test_generated_connections_end_the_same_way_on_both_codecs(data):
+    frames = generate(lambda options: data.draw(st.sampled_from(options)))
+    assert disagreement(frames) is None, frames
+
+
+def test_the_comparison_catches_a_codec_that_lets_a_malformed_request_through(monkeypatch):
+    """Without the h2 codec's checks of requests, the issue's first disagreement is reported:
+    the check can fail."""
+    import intercept.routing.h2codec as h2codec
+
+    monkeypatch.setattr(h2codec, "authority_mismatch", lambda headers: None)
+    assert disagreement(CORPUS["host-differs-from-authority"]) is not None

@@ -393,6 +393,27 @@ async def pod_env(s: InterceptSpec) -> dict[str, str]:
         return dict((await session.ask(protocol.Env())).env)
 
 
+def env_access(env: Mapping[str, str], s: InterceptSpec) -> Event | None:
+    """What ``intercept env`` did to the pod's Service link variables (``REDIS_SERVICE_HOST``,
+    ...): nothing, and what ``intercept start``/``intercept connect`` do with them on this
+    machine (pointed at the Services' local addresses, or left); None when ``env`` has none."""
+    from intercept.access.modes import choose
+    from intercept.access.names import link_variables
+
+    variables = link_variables(env)
+    if not variables:
+        return None
+    shown = ", ".join(variables[:4]) + (f" and {len(variables) - 4} more" if len(variables) > 4 else "")
+    said = f"{shown} are as in the pod (the Services' ClusterIPs): intercept env leaves them"
+    if s.agent_address is not None:
+        return Event("access", f"{said}, and so does intercept start --agent (direct mode follows no Services)")
+    mode = choose(s.access)
+    if mode.names:
+        return Event("access", f"{said}; intercept start and connect point them at the Services' local addresses for "
+                               f"COMMAND ({mode.name}: {mode.why})")
+    return Event("access", f"{said}, and so do intercept start and connect here ({mode.name}: {mode.why})")
+
+
 async def agent_routes(s: InterceptSpec) -> list[dict[str, Any]]:
     """Everyone's routes, as one agent of ``s`` lists them."""
     async with _session(s) as session:
@@ -1216,6 +1237,7 @@ __all__ = [
     "Response",
     "agent_routes",
     "down",
+    "env_access",
     "files",
     "gc",
     "inject_text",

@@ -350,11 +350,14 @@ def connect_command(ctx: click.Context, **_: Any) -> None:
 
 
 @main.command("env")
-@_spec_options("service", "agent", "credentials", "agent_image", *CLUSTER)
+@_spec_options("service", "agent", "credentials", "agent_image", "access", *CLUSTER)
 @_output_option("dotenv", "json", "sh")
 @click.pass_context
 def env_command(ctx: click.Context, output: str, **_: Any) -> None:
-    """Print the pod's environment (the app container's variables), without intercepting."""
+    """Print the pod's environment (the app container's variables), without intercepting.
+
+    The Services' link variables (REDIS_SERVICE_HOST, ...) are printed as the pod has them;
+    a line on stderr says what intercept start and connect do with them on this machine."""
     import asyncio
     import json
     import shlex
@@ -363,9 +366,13 @@ def env_command(ctx: click.Context, output: str, **_: Any) -> None:
     from intercept.client.runner import dotenv
 
     try:
-        env = asyncio.run(api.pod_env(_spec(ctx, "service", "agent", "credentials", "agent_image", *CLUSTER)))
+        spec = _spec(ctx, "service", "agent", "credentials", "agent_image", "access", *CLUSTER)
+        env = asyncio.run(api.pod_env(spec))
+        note = api.env_access(env, spec)
     except InterceptError as e:
         _fail(e)
+    if note is not None:
+        click.echo(note.line(), err=True)
     if output == "json":
         click.echo(json.dumps(env, indent=2, sort_keys=True), file=_out())
     elif output == "sh":

@@ -8,7 +8,8 @@
   and ``--forward`` only, as before.
 - ``off``: asked for (``--access off``).
 
-In the first two, a loopback address per Service (127.77.0.0/16) listens on its ports;
+In the first two, a loopback address per Service (127.77.0.0/16, blocks of it leased per
+session: :mod:`intercept.access.leases`) listens on its ports;
 Linux routes the whole 127/8 to ``lo``, so no root is needed for that, except for ports
 below 1024 (said per Service when they cannot be bound).
 """

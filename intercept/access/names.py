@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,13 +130,15 @@ class ClusterMap:
     :meth:`entries`. Both return whether the entries changed.
     """
 
-    def __init__(self, namespaces: Sequence[str], resolver: Resolver | None = None, network: str = DEFAULT_NETWORK) -> None:
+    def __init__(self, namespaces: Sequence[str], resolver: Resolver | None = None, network: str = DEFAULT_NETWORK,
+                 allocate: Callable[[], str] | None = None) -> None:
         if not namespaces:
             raise ValueError("a ClusterMap covers at least one namespace")
         self.namespaces = tuple(dict.fromkeys(namespaces))
         self.resolver = resolver or Resolver.for_namespace(self.namespaces[0])
         self._network = ipaddress.IPv4Network(network)
         self._next = 1
+        self._allocate = allocate or self._in_order  # each call a new address (intercept.access.leases: machine-wide)
         self._addresses: dict[tuple[str, ...], str] = {}
         self._services: dict[tuple[str, str], _Service] = {}
         self._orphan_slices: dict[tuple[str, str], dict[str, Obj]] = {}  # slices seen before their Service
@@ -257,7 +259,7 @@ class ClusterMap:
             self._addresses[key] = address
         return Entry(f"{key[0]}/{key[1]}", pod, address, tuple(self.resolver.names(full)), dial, ports, cluster_ip)
 
-    def _allocate(self) -> str:
+    def _in_order(self) -> str:
         while True:
             if self._next >= self._network.num_addresses - 1:
                 raise OverflowError(f"more Services than local addresses in {self._network}")

@@ -313,11 +313,13 @@ def start(ctx: click.Context, output: str, **_: Any) -> None:
 
 
 @main.command("connect", cls=_DashDashCommand)
-@_spec_options("service", "also_namespaces", "access", "name", "outbound_allow", "outbound_deny", *CLUSTER)
+@_spec_options("service", "also_namespaces", "access", "name", "outbound_allow", "outbound_deny", "agent_image", "timeout",
+               *CLUSTER)
 @click.pass_context
 def connect_command(ctx: click.Context, **_: Any) -> None:
     """Reach the cluster as a pod of the namespace does, without intercepting: COMMAND (else
-    your shell) resolves every Service by name and connects through an agent's pod.
+    your shell) resolves every Service by name and connects through an agent's pod (SERVICE's,
+    else any in the namespace, else a small agent of its own that intercept gc removes once idle).
 
     \b
     intercept connect -n shop -- python -c "import redis; print(redis.Redis('redis-cart').ping())"
@@ -340,7 +342,8 @@ def connect_command(ctx: click.Context, **_: Any) -> None:
     try:
         import dataclasses
 
-        keys = ("service", "also_namespaces", "access", "name", "outbound_allow", "outbound_deny", *CLUSTER)
+        keys = ("service", "also_namespaces", "access", "name", "outbound_allow", "outbound_deny", "agent_image", "timeout",
+                *CLUSTER)
         named = ctx.params.get("service")  # without one, any agent of the namespace will do
         spec = _spec(ctx, *keys) if named else dataclasses.replace(_spec(ctx, *keys, service="any"), service=None)
         code = asyncio.run(run())
@@ -505,6 +508,7 @@ def uninstall_command(ctx: click.Context, service: str | None, all_agents: bool,
         return
     parts = [f"restored {', '.join(result.restored)}"] if result.restored else []
     parts += [f"deleted Secret {', '.join(result.secrets_deleted)}"] if result.secrets_deleted else []
+    parts += [f"deleted {', '.join(result.deleted)}"] if result.deleted else []
     click.echo(f"intercept: uninstalled: {'; '.join(parts)} (namespace {result.namespace})")
 
 

@@ -58,8 +58,9 @@ def choose(requested: str = "auto", hosts: Path = HOSTS) -> Mode:
                          "(Linux, no root)")
     why_not = isolate.available()
     if why_not is None:
-        return Mode("namespace", f"{hosts} is not writable, and user namespaces are available: COMMAND runs with a "
-                                 "hosts file of its own (other processes see nothing)")
+        why = "--access namespace" if requested == "namespace" else \
+            f"{hosts} is not writable, and user namespaces are available"
+        return Mode("namespace", f"{why}: COMMAND runs with a hosts file of its own (other processes see nothing)")
     if requested == "namespace":
         raise UsageError(f"--access namespace: {why_not}; run as root (--access hosts-file), or use --forward")
     if sys.platform == "linux":

@@ -173,11 +173,12 @@ def ensure(api: ApiClient, namespace: str, options: InjectOptions, progress: Pro
 
 
 def remove(api: ApiClient, namespace: str, progress: Progress = lambda line: None) -> Uninstalled:
-    """Delete the connect agent of ``namespace`` (its Deployment, then its Secret), if any;
+    """Delete the connect agent of ``namespace`` (its Secret, then its Deployment: the Secret
+    is owned by it, and the garbage collector would take it away unseen), if any;
     idempotent. Nothing else of the namespace was changed for it."""
     cluster = Cluster(api)
     deleted: dict[str, list[str]] = {"Deployment": [], "Secret": []}
-    for kind, name in (("Deployment", NAME), ("Secret", inject.secret_name(NAME))):
+    for kind, name in (("Secret", inject.secret_name(NAME)), ("Deployment", NAME)):
         try:
             obj = cluster.get(kind, namespace, name)
         except NotFound:

@@ -369,8 +369,8 @@ async def connect(s: InterceptSpec, command: Sequence[str] = (), *, on_event: On
     else:
         spec = replace(s, namespace=cluster.namespace)
         info = await _connect_agent(cluster, s, emit)
-        transport, credentials, via = await asyncio.to_thread(_one_pod, cluster, info), info.credentials, \
-            f"intercept connect's own agent ({info.workload})"
+        transport = await asyncio.to_thread(_one_pod, cluster, info)
+        credentials, via = info.credentials, f"intercept connect's own agent ({info.workload})"
     options = InterceptOptions(transport=transport, credentials=credentials, route=Route(frozenset()),
                                name=s.name or default_name(), local_port=1,
                                fence=Fence.parse(s.outbound_allow, s.outbound_deny, owner="this session"))

@@ -35,8 +35,8 @@ from intercept import agentconfig
 from intercept.errors import InjectError
 from intercept.kube import inject
 from intercept.kube.apply import (DEFAULT_TIMEOUT, MANAGED_BY, POLL_INTERVAL, WORKLOAD_LABEL, AgentInfo, Progress,
-                                  RolloutFailed, Uninstalled, _ensure_secret, _events_for, _failure, _fix, _public, _RolloutProblem,
-                                  _wait_rollout, agent_credentials)
+                                  RolloutFailed, Uninstalled, _ensure_secret, _events_for, _failure, _fix, _public,
+                                  _RolloutProblem, _wait_rollout, agent_credentials)
 from intercept.kube.inject import AGENT_CONTAINER, AGENT_HTTP_PORT, AGENT_SSH_PORT, InjectOptions
 from intercept.kube.rest import AccessDenied, Cluster, Conflict, NotFound, format_selector
 

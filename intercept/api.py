@@ -217,17 +217,23 @@ async def _ensure_agent_raw(cluster: Any, s: InterceptSpec, emit: OnEvent, *, ad
     while a rollout is awaited puts the originals back first."""
     from intercept.kube.apply import ensure_agent
 
+    return await _awaiting_rollout(emit, ensure_agent, cluster.api, cluster.namespace, s.service, _inject_options(s),
+                                   timeout=s.timeout, named=named, reinject=reinject, add=add)
+
+
+async def _awaiting_rollout(emit: OnEvent, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``write(*args, progress, interrupt=..., **kwargs)`` (a blocking call that writes to the
+    cluster and awaits a rollout) in a thread, its progress as events; cancelled (Ctrl-C)
+    while it waits, it is interrupted, puts back what it wrote, and only then do we go."""
     loop = asyncio.get_running_loop()
     progress = lambda line: loop.call_soon_threadsafe(emit, Event("progress", line))  # noqa: E731 (from the worker thread)
     interrupt = threading.Event()
-    ensuring = asyncio.ensure_future(asyncio.to_thread(
-        ensure_agent, cluster.api, cluster.namespace, s.service, _inject_options(s), progress, timeout=s.timeout,
-        interrupt=interrupt, named=named, reinject=reinject, add=add))
+    writing = asyncio.ensure_future(asyncio.to_thread(write, *args, progress, interrupt=interrupt, **kwargs))
     try:
-        return await asyncio.shield(ensuring)
-    except asyncio.CancelledError:  # stopped while the rollout is awaited: put the originals back first
+        return await asyncio.shield(writing)
+    except asyncio.CancelledError:
         interrupt.set()
-        await asyncio.gather(ensuring, return_exceptions=True)
+        await asyncio.gather(writing, return_exceptions=True)
         raise
 
 
@@ -318,23 +324,33 @@ async def _session(s: InterceptSpec) -> AsyncIterator[Any]:
         await session.leave()
 
 
+async def _connect_agent(cluster: Any, s: InterceptSpec, emit: OnEvent) -> Any:
+    """:func:`intercept.kube.connect_agent.ensure` (its rollout interruptible), its progress as events."""
+    from intercept.kube import connect_agent
+
+    return await _awaiting_rollout(emit, connect_agent.ensure, cluster.api, cluster.namespace, _inject_options(s),
+                                   timeout=s.timeout)
+
+
 async def connect(s: InterceptSpec, command: Sequence[str] = (), *, on_event: OnEvent | None = None,
                   output: Callable[[str], None] | None = None, stop: asyncio.Event | None = None) -> int:
     """``intercept connect``: the local process reaches the cluster as a pod of ``s.namespace``
     does (every Service by name, ``s.also_namespaces`` too), without intercepting anything.
 
-    It goes through an agent already in the namespace (that of ``s.service`` when given,
-    else any) and adds none: :class:`~intercept.errors.NoAgent` names the fix. Runs
-    ``command`` (the user's shell when empty) with the names, and returns its exit status
-    (128 + N when signal N ended it); ``stop`` ends it early (status 0). ``output``: the
-    command's lines, instead of our stdout (the MCP server's tool).
+    It goes through the agent of ``s.service`` when given (and adds none there:
+    :class:`~intercept.errors.NoAgent` names the fix), else any agent of the namespace, else
+    a small agent of its own (:mod:`intercept.kube.connect_agent`: ``s.agent_image``, its
+    fence from ``s.outbound_allow``/``s.outbound_deny``), started once and reused, which
+    ``intercept gc`` removes once idle. Runs ``command`` (the user's shell when empty) with
+    the names, and returns its exit status (128 + N when signal N ended it); ``stop`` ends it
+    early (status 0). ``output``: the command's lines, instead of our stdout (the MCP
+    server's tool).
     """
     from intercept.access.reach import open_access
     from intercept.client.outbound import SSHDialer
     from intercept.client.runner import LocalProcess, exit_status
     from intercept.client.session import AgentSession, InterceptOptions
     from intercept.client.start import default_name
-    from intercept.errors import NoAgent
     from intercept.kube.apply import list_services as rows_of
     from intercept.kube.config import connect as connect_cluster
     from intercept.routing.fence import Fence
@@ -346,12 +362,16 @@ async def connect(s: InterceptSpec, command: Sequence[str] = (), *, on_event: On
     if service is None:
         rows = await asyncio.to_thread(rows_of, cluster.api, cluster.namespace, routes=None)
         service = next((row["service"] for row in rows if row.get("agent")), None)
-        if service is None:
-            raise NoAgent(f"intercept connect: no agent runs in namespace {cluster.namespace}; add one to a Service of "
-                          f"it first (intercept inject SERVICE -n {cluster.namespace}), or name another namespace with -n")
-    spec = s if s.service == service else replace(s, service=service, namespace=cluster.namespace)
-    agents = await _service_agents(spec, emit, False, add=False)
-    options = InterceptOptions(transport=agents.transport, credentials=agents.credentials, route=Route(frozenset()),
+    if service is not None:
+        spec = s if s.service == service else replace(s, service=service, namespace=cluster.namespace)
+        agents = await _service_agents(spec, emit, False, add=False)
+        transport, credentials, via = agents.transport, agents.credentials, f"the agent of {service}"
+    else:
+        spec = replace(s, namespace=cluster.namespace)
+        info = await _connect_agent(cluster, s, emit)
+        transport = await asyncio.to_thread(_one_pod, cluster, info)
+        credentials, via = info.credentials, f"intercept connect's own agent ({info.workload})"
+    options = InterceptOptions(transport=transport, credentials=credentials, route=Route(frozenset()),
                                name=s.name or default_name(), local_port=1,
                                fence=Fence.parse(s.outbound_allow, s.outbound_deny, owner="this session"))
     session = AgentSession(options)
@@ -359,10 +379,10 @@ async def connect(s: InterceptSpec, command: Sequence[str] = (), *, on_event: On
     access = None
     try:
         if not session.agent.outbound:
-            raise UsageError(f"the agent of {agents.namespace}/{service} allows no outbound connections (injected with "
-                             f"--no-outbound); inject it again without it: intercept inject {service} -n {agents.namespace}")
-        emit(Event("starting", f"reaching the cluster as a pod of {agents.namespace} does, through the agent of {service}"))
-        plan = _access_plan(spec, agents.cluster, agents.namespace)
+            raise UsageError(f"the agent of {cluster.namespace}/{service} allows no outbound connections (injected with "
+                             f"--no-outbound); inject it again without it: intercept inject {service} -n {cluster.namespace}")
+        emit(Event("starting", f"reaching the cluster as a pod of {cluster.namespace} does, through {via}"))
+        plan = _access_plan(spec, cluster, cluster.namespace)
         if plan is None:
             raise UsageError("intercept connect --access off: nothing to connect; leave --access out (auto)")
         access = await open_access(plan, SSHDialer(lambda: session.conn), emit, resolver_text=session.agent.resolver,
@@ -391,6 +411,27 @@ async def pod_env(s: InterceptSpec) -> dict[str, str]:
     """The pod's environment (the app container's variables), as the agent hands it over."""
     async with _session(s) as session:
         return dict((await session.ask(protocol.Env())).env)
+
+
+def env_access(env: Mapping[str, str], s: InterceptSpec) -> Event | None:
+    """What ``intercept env`` did to the pod's Service link variables (``REDIS_SERVICE_HOST``,
+    ...): nothing, and what ``intercept start``/``intercept connect`` do with them on this
+    machine (pointed at the Services' local addresses, or left); None when ``env`` has none."""
+    from intercept.access.modes import choose
+    from intercept.access.names import link_variables
+
+    variables = link_variables(env)
+    if not variables:
+        return None
+    shown = ", ".join(variables[:4]) + (f" and {len(variables) - 4} more" if len(variables) > 4 else "")
+    said = f"{shown} are as in the pod (the Services' ClusterIPs): intercept env leaves them"
+    if s.agent_address is not None:
+        return Event("access", f"{said}, and so does intercept start --agent (direct mode follows no Services)")
+    mode = choose(s.access)
+    if mode.names:
+        return Event("access", f"{said}; intercept start and connect point them at the Services' local addresses for "
+                               f"COMMAND ({mode.name}: {mode.why})")
+    return Event("access", f"{said}, and so do intercept start and connect here ({mode.name}: {mode.why})")
 
 
 async def agent_routes(s: InterceptSpec) -> list[dict[str, Any]]:
@@ -1216,6 +1257,7 @@ __all__ = [
     "Response",
     "agent_routes",
     "down",
+    "env_access",
     "files",
     "gc",
     "inject_text",

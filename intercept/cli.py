@@ -313,11 +313,13 @@ def start(ctx: click.Context, output: str, **_: Any) -> None:
 
 
 @main.command("connect", cls=_DashDashCommand)
-@_spec_options("service", "also_namespaces", "access", "name", "outbound_allow", "outbound_deny", *CLUSTER)
+@_spec_options("service", "also_namespaces", "access", "name", "outbound_allow", "outbound_deny", "agent_image", "timeout",
+               *CLUSTER)
 @click.pass_context
 def connect_command(ctx: click.Context, **_: Any) -> None:
     """Reach the cluster as a pod of the namespace does, without intercepting: COMMAND (else
-    your shell) resolves every Service by name and connects through an agent's pod.
+    your shell) resolves every Service by name and connects through an agent's pod (SERVICE's,
+    else any in the namespace, else a small agent of its own that intercept gc removes once idle).
 
     \b
     intercept connect -n shop -- python -c "import redis; print(redis.Redis('redis-cart').ping())"
@@ -340,7 +342,8 @@ def connect_command(ctx: click.Context, **_: Any) -> None:
     try:
         import dataclasses
 
-        keys = ("service", "also_namespaces", "access", "name", "outbound_allow", "outbound_deny", *CLUSTER)
+        keys = ("service", "also_namespaces", "access", "name", "outbound_allow", "outbound_deny", "agent_image", "timeout",
+                *CLUSTER)
         named = ctx.params.get("service")  # without one, any agent of the namespace will do
         spec = _spec(ctx, *keys) if named else dataclasses.replace(_spec(ctx, *keys, service="any"), service=None)
         code = asyncio.run(run())
@@ -350,11 +353,14 @@ def connect_command(ctx: click.Context, **_: Any) -> None:
 
 
 @main.command("env")
-@_spec_options("service", "agent", "credentials", "agent_image", *CLUSTER)
+@_spec_options("service", "agent", "credentials", "agent_image", "access", *CLUSTER)
 @_output_option("dotenv", "json", "sh")
 @click.pass_context
 def env_command(ctx: click.Context, output: str, **_: Any) -> None:
-    """Print the pod's environment (the app container's variables), without intercepting."""
+    """Print the pod's environment (the app container's variables), without intercepting.
+
+    The Services' link variables (REDIS_SERVICE_HOST, ...) are printed as the pod has them;
+    a line on stderr says what intercept start and connect do with them on this machine."""
     import asyncio
     import json
     import shlex
@@ -363,9 +369,13 @@ def env_command(ctx: click.Context, output: str, **_: Any) -> None:
     from intercept.client.runner import dotenv
 
     try:
-        env = asyncio.run(api.pod_env(_spec(ctx, "service", "agent", "credentials", "agent_image", *CLUSTER)))
+        spec = _spec(ctx, "service", "agent", "credentials", "agent_image", "access", *CLUSTER)
+        env = asyncio.run(api.pod_env(spec))
+        note = api.env_access(env, spec)
     except InterceptError as e:
         _fail(e)
+    if note is not None:
+        click.echo(note.line(), err=True)
     if output == "json":
         click.echo(json.dumps(env, indent=2, sort_keys=True), file=_out())
     elif output == "sh":
@@ -498,6 +508,7 @@ def uninstall_command(ctx: click.Context, service: str | None, all_agents: bool,
         return
     parts = [f"restored {', '.join(result.restored)}"] if result.restored else []
     parts += [f"deleted Secret {', '.join(result.secrets_deleted)}"] if result.secrets_deleted else []
+    parts += [f"deleted {', '.join(result.deleted)}"] if result.deleted else []
     click.echo(f"intercept: uninstalled: {'; '.join(parts)} (namespace {result.namespace})")
 
 

@@ -12,7 +12,9 @@ Uses the official MCP Python SDK (``pip install 'intercept[mcp]'``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -30,6 +32,7 @@ from intercept.errors import InterceptError
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 120.0  # how long start_intercept waits for the route to be held
+_ANY_AGENT = "any"  # connect without a SERVICE: a spec needs one to be validated, and then has none
 
 
 class Intercepts:
@@ -175,7 +178,8 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
             "Route requests that carry a personal header from a Kubernetes service (or an agent in direct mode) "
             "to a process on this machine. start_intercept a service to a local port or command, send_request to "
             "see who answers with and without the header, process_output to read the local process, "
-            "stop_intercept when done."
+            "stop_intercept when done. connect runs one command that reaches the cluster's Services by name, "
+            "as a pod does, without intercepting."
         ),
         lifespan=lifespan,
     )
@@ -297,6 +301,47 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
             return await api.pod_env(s)
         except InterceptError as e:
             raise ToolError(str(e)) from None
+
+    @server.tool()
+    async def connect(
+        command: list[str],
+        service: str | None = None,
+        namespace: str | None = None,
+        also_namespaces: list[str] | None = None,
+        access: str | None = None,
+        outbound_allow: list[str] | None = None,
+        outbound_deny: list[str] | None = None,
+        name: str | None = None,
+        context: str | None = None,
+        kubeconfig: str | None = None,
+        agent_image: str | None = None,
+        timeout: float = 600.0,
+    ) -> dict[str, Any]:
+        """Run COMMAND once on this machine reaching the cluster as a pod of NAMESPACE does: every Service by
+        the names a pod uses (redis, redis.NS, redis.NS.svc.cluster.local; also_namespaces add other
+        namespaces'), any TCP port, no proxy settings; nothing is intercepted. Goes through the agent of
+        SERVICE, else any agent of the namespace, else a small agent of its own (removed by intercept gc once
+        idle). Returns exit_status (null when timeout seconds ran out and COMMAND was stopped), its output
+        (stdout and stderr lines, the last 1000) and the events (which names it reached, refusals)."""
+        s = _spec(service=service or _ANY_AGENT, namespace=namespace, also_namespaces=also_namespaces, access=access,
+                  outbound_allow=outbound_allow, outbound_deny=outbound_deny, name=name, context=context,
+                  kubeconfig=kubeconfig, agent_image=agent_image)
+        if not service:  # any agent of the namespace will do
+            s = dataclasses.replace(s, service=None)
+        output: collections.deque[str] = collections.deque(maxlen=api.OUTPUT_LINES)
+        events: list[str] = []
+        stop = asyncio.Event()
+        timer = asyncio.get_running_loop().call_later(timeout, stop.set)
+        try:
+            status = await api.connect(s, command, on_event=lambda event: events.append(event.line()),
+                                       output=output.append, stop=stop)
+        except InterceptError as e:
+            raise ToolError(str(e)) from None
+        finally:
+            timer.cancel()
+        timed_out = stop.is_set()
+        return {"exit_status": None if timed_out else status, "timed_out": timed_out, "output": list(output),
+                "events": events}
 
     @server.tool()
     async def send_request(

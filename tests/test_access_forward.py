@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -14,6 +15,7 @@ from intercept.client.outbound import SSHDialer
 from intercept.client.session import AgentSession, InterceptOptions
 from intercept.client.transport import DirectTransport
 from intercept.credentials import load
+from intercept.protocol import Hello
 from intercept.routing.match import Route
 from tests.apps import App
 from tests.conftest import Agent, free_port, start_agent
@@ -130,3 +132,36 @@ def test_a_service_that_goes_away_stops_listening_and_one_that_comes_listens(fen
 
     (before, after), _ = with_listeners(fenced_agent, [first], check)
     assert before == after == b"\x01ping"
+
+
+def test_a_session_that_reaches_the_cluster_keeps_the_agent_from_idling(fenced_agent: Agent, allowed: App):
+    """intercept gc removes agents idle for --idle; a connect holds no route, but its agent is in use."""
+    host, port = fenced_agent.ssh.rsplit(":", 1)
+
+    def session(name: str) -> AgentSession:
+        return AgentSession(InterceptOptions(DirectTransport(host, int(port)), load(fenced_agent.credentials),
+                                             Route(frozenset()), name, 1))
+
+    async def idle() -> float:
+        asking = session("gc")  # as intercept gc asks: a session that only asks is no use
+        await asking.connect()
+        try:
+            return (await asking.ask(Hello())).idle_seconds
+        finally:
+            await asking.leave()
+
+    async def main() -> tuple[float, float, float]:
+        connect = session("connect")
+        await connect.open_unrouted()
+        assert await connect.check_outbound("127.0.0.1", allowed.port) is None  # as connect asks for each Service
+        try:
+            during = await idle()
+        finally:
+            await connect.close()
+        closed = time.monotonic()
+        after = await idle()
+        return during, after, time.monotonic() - closed
+
+    during, after, since_close = asyncio.run(main())
+    assert during == 0.0
+    assert after <= since_close + 0.05  # counted from the connect's end (to 0.1 s), not from the agent's start

@@ -95,6 +95,30 @@ def test_root_mode_puts_the_names_in_the_hosts_file_and_leaves_it_byte_for_byte(
         driver.stop()
 
 
+@linux_root
+def test_two_root_mode_sessions_at_once_get_addresses_of_their_own(agent, redis_like, tmp_path):
+    port = redis_like.port
+    drivers = []
+    try:
+        for who in ("first", "second"):
+            hosts = tmp_path / f"hosts-{who}"
+            hosts.write_bytes(b"127.0.0.1 localhost\n")
+            drivers.append(Proc(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                                 f'mount --bind "$0" /etc/hosts && exec "$@"', str(hosts), *DRIVER, "--agent", agent.ssh,
+                                 "--credentials", str(agent.credentials), "--mode", "hosts-file",
+                                 "--service", f"redis={port}"], cwd=ROOT))
+        for driver in drivers:
+            driver.wait_for(r"^ready$")
+        seen = [in_namespace_of(d.p.pid, "getent", "hosts", "redis.shop").stdout.split()[0] for d in drivers]
+        assert seen[0] != seen[1], seen  # both listen on redis's port, each on an address of its own
+        for address in seen:
+            assert echo(address, port) == b"*1\r\n$4\r\nPING\r\n"
+        assert not any("is not reachable" in d.output for d in drivers), [d.output for d in drivers]
+    finally:
+        for driver in drivers:
+            driver.stop()
+
+
 def _wait_gone(pid: int) -> None:
     """Until process ``pid`` (not our child) has exited: pidfd_open, then poll its readability."""
     try:

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from intercept.access import hostsfile
-from intercept.access.names import ClusterMap, Resolver, hosts_lines, service_variables, with_cluster_names
+from intercept.access.names import ClusterMap, Resolver, hosts_lines, link_variables, service_variables, with_cluster_names
 
 
 def service(name: str, namespace: str = "shop", ports=((6379, "TCP"),), cluster_ip: str | None = "10.96.0.10", **spec):
@@ -150,6 +150,7 @@ def test_service_link_variables_point_at_the_local_address():
     assert changed == ["REDIS_CART_PORT", "REDIS_CART_PORT_6379_TCP", "REDIS_CART_PORT_6379_TCP_ADDR", "REDIS_CART_SERVICE_HOST"]
     assert new["REDIS_CART_PORT"] == f"tcp://{address}:6379"
     assert new["REDIS_CART_NOTE"] == new["OTHER"] == "10.96.0.101" and new["REDIS_CART_SERVICE_PORT"] == "6379"
+    assert link_variables(env) == changed  # what intercept env says start and connect point elsewhere
 
 
 # --- the managed block -------------------------------------------------------------------

@@ -6,6 +6,7 @@ import http.client
 import json
 import signal
 import socket
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -249,19 +250,28 @@ def test_command_gets_the_pod_environment_and_the_env_file(cluster_app, tmp_path
 def test_env_prints_the_pod_environment_without_intercepting(cluster_app, tmp_path):
     from tests.conftest import start_agent
 
-    agent = start_agent(tmp_path, cluster_app.port, env={"ORDERS_DB": "postgres://db/orders", "QUOTED": "a 'b' $c"})
+    links = {"REDIS_SERVICE_HOST": "10.96.0.12", "REDIS_SERVICE_PORT": "6379", "REDIS_PORT": "tcp://10.96.0.12:6379",
+             "REDIS_PORT_6379_TCP_ADDR": "10.96.0.12"}
+    agent = start_agent(tmp_path, cluster_app.port, env={"ORDERS_DB": "postgres://db/orders", "QUOTED": "a 'b' $c", **links})
     try:
         for output in ("json", "sh", "dotenv"):
-            proc = Proc(INTERCEPT + ["env", "--agent", agent.ssh, "--credentials", str(agent.credentials), "-o", output])
+            proc = Proc(INTERCEPT + ["env", "--agent", agent.ssh, "--credentials", str(agent.credentials), "-o", output],
+                        stderr=subprocess.PIPE)
             assert proc.finish() == 0, proc.output
-            text = proc.output
+            text = proc.output  # stdout alone: machine-readable
             if output == "json":
                 env = json.loads(text)
                 assert env["ORDERS_DB"] == "postgres://db/orders" and not any(k.startswith("INTERCEPT_") for k in env)
+                assert {k: env[k] for k in links} == links  # as the pod has them
             elif output == "sh":
                 assert "export QUOTED='a '\"'\"'b'\"'\"' $c'" in text
             else:
                 assert 'ORDERS_DB="postgres://db/orders"' in text
+            # stderr says what was done to the Services' variables: nothing, here and in direct mode
+            assert proc.p.stderr.read().decode().splitlines() == [
+                "intercept: access: REDIS_PORT, REDIS_PORT_6379_TCP_ADDR, REDIS_SERVICE_HOST are as in the pod (the "
+                "Services' ClusterIPs): intercept env leaves them, and so does intercept start --agent (direct mode "
+                "follows no Services)"]
         agent.proc.wait_for(r"connected from")  # it really spoke to the agent
         assert agent.app_of() == "cluster"
     finally:

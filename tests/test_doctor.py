@@ -106,6 +106,9 @@ def test_rbac_names_every_denied_verb_and_the_can_i_command() -> None:
     assert "kubectl auth can-i update deployments -n shop" in check.fix
     assert rbac_check("shop", []).status == "ok"
     assert Access("create", "pods", "", "portforward") in NEEDED and Access("update", "deployments", "apps") in NEEDED
+    # the cluster's names for the local process follow the Services and their endpoints
+    assert {Access(v, "services") for v in ("list", "watch")} <= set(NEEDED)
+    assert {Access(v, "endpointslices", "discovery.k8s.io") for v in ("list", "watch")} <= set(NEEDED)
 
 
 def test_the_default_image_passes_only_when_the_cluster_already_runs_it() -> None:

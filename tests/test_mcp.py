@@ -17,7 +17,8 @@ from mcp.client.stdio import StdioServerParameters  # noqa: E402
 from tests.conftest import free_port, tool_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-TOOLS = {"list_services", "start_intercept", "stop_intercept", "status", "pod_env", "send_request", "process_output", "doctor"}
+TOOLS = {"list_services", "start_intercept", "stop_intercept", "status", "pod_env", "send_request", "process_output", "doctor",
+         "connect"}
 # the developer's process: a test app named "mcp-dev" on the intercept's port, saying so on stdout
 COMMAND = [
     sys.executable, "-c",

@@ -12,6 +12,8 @@ image                           what it is
 ``intercept.test/sample-v2:1``  the same app answering ``v2/POD``: a changed build, for sandboxes
 ``intercept.test/echo:1``       any HTTP service (``e2e/echo/``): every port of ``$PORTS``,
                                 ``X-Served-By: POD``, the request echoed as JSON
+``intercept.test/servers:1``    real servers from Debian's packages (``e2e/servers/``): ``redis-server``,
+                                PostgreSQL 15, an h2c gRPC server (``python3-grpcio``)
 ``intercept.test/sleep:1``      ``intercept`` (as an injected agent runs it) never listens: never ready
 ``intercept.test/crash:1``      ``intercept`` exits 1 at once: a crash loop
 ==============================  ================================================================
@@ -55,6 +57,7 @@ AGENT = f"{REGISTRY}/agent:dev"
 CLI = f"{REGISTRY}/cli:dev"
 SAMPLE = f"{REGISTRY}/sample:1"
 ECHO = f"{REGISTRY}/echo:1"
+SERVERS = f"{REGISTRY}/servers:1"
 PACKAGES = ("mmdebstrap", "buildah")  # the tools, by Debian package (the command has the same name)
 FORMAT = 3  # how images are built here: raise it to rebuild them all
 
@@ -74,6 +77,7 @@ class Image:
     script: str = ""  # ... and this program as /usr/local/bin/intercept (what an injected agent container runs)
     pip: bool = False  # its RUN steps install from the package index
     target: str | None = None  # the Dockerfile's stage to build (default: its last)
+    apt: bool = False  # its RUN steps install Debian's packages (apt-get, from the base's mirror)
 
 
 # What agent_image/Dockerfile reads: its context as /.dockerignore filters it, and the pins.
@@ -88,6 +92,7 @@ IMAGES = (
     Image(SAMPLE, BASE, ROOT / "e2e" / "app"),
     Image(f"{REGISTRY}/sample-v2:1", SAMPLE, config=("--env", "SAMPLE_VERSION=v2")),
     Image(ECHO, BASE, ROOT / "e2e" / "echo"),
+    Image(SERVERS, BASE, ROOT / "e2e" / "servers", apt=True),
     Image(f"{REGISTRY}/sleep:1", BASE, script="#!/bin/sh\nexec python3 -c 'import signal, sys; "
                  "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); signal.pause()'\n",
           config=("--entrypoint", '["intercept"]', "--cmd", "", "--user", "65532:65532")),
@@ -250,6 +255,8 @@ class Images:
         with tempfile.TemporaryDirectory(dir=self.dir) as work:
             if image.pip:
                 argv += ["--network", "host", *self._pip_mounts(Path(work))]
+            elif image.apt:
+                argv += ["--network", "host"]
             else:
                 argv += ["--network", "none"]
             self._buildah(*argv, str(image.context))

@@ -8,7 +8,8 @@
   and ``--forward`` only, as before.
 - ``off``: asked for (``--access off``).
 
-In the first two, a loopback address per Service (127.77.0.0/16) listens on its ports;
+In the first two, a loopback address per Service (127.77.0.0/16, blocks of it leased per
+session: :mod:`intercept.access.leases`) listens on its ports;
 Linux routes the whole 127/8 to ``lo``, so no root is needed for that, except for ports
 below 1024 (said per Service when they cannot be bound).
 """
@@ -57,8 +58,9 @@ def choose(requested: str = "auto", hosts: Path = HOSTS) -> Mode:
                          "(Linux, no root)")
     why_not = isolate.available()
     if why_not is None:
-        return Mode("namespace", f"{hosts} is not writable, and user namespaces are available: COMMAND runs with a "
-                                 "hosts file of its own (other processes see nothing)")
+        why = "--access namespace" if requested == "namespace" else \
+            f"{hosts} is not writable, and user namespaces are available"
+        return Mode("namespace", f"{why}: COMMAND runs with a hosts file of its own (other processes see nothing)")
     if requested == "namespace":
         raise UsageError(f"--access namespace: {why_not}; run as root (--access hosts-file), or use --forward")
     if sys.platform == "linux":

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,13 +130,15 @@ class ClusterMap:
     :meth:`entries`. Both return whether the entries changed.
     """
 
-    def __init__(self, namespaces: Sequence[str], resolver: Resolver | None = None, network: str = DEFAULT_NETWORK) -> None:
+    def __init__(self, namespaces: Sequence[str], resolver: Resolver | None = None, network: str = DEFAULT_NETWORK,
+                 allocate: Callable[[], str] | None = None) -> None:
         if not namespaces:
             raise ValueError("a ClusterMap covers at least one namespace")
         self.namespaces = tuple(dict.fromkeys(namespaces))
         self.resolver = resolver or Resolver.for_namespace(self.namespaces[0])
         self._network = ipaddress.IPv4Network(network)
         self._next = 1
+        self._allocate = allocate or self._in_order  # each call a new address (intercept.access.leases: machine-wide)
         self._addresses: dict[tuple[str, ...], str] = {}
         self._services: dict[tuple[str, str], _Service] = {}
         self._orphan_slices: dict[tuple[str, str], dict[str, Obj]] = {}  # slices seen before their Service
@@ -257,7 +259,7 @@ class ClusterMap:
             self._addresses[key] = address
         return Entry(f"{key[0]}/{key[1]}", pod, address, tuple(self.resolver.names(full)), dial, ports, cluster_ip)
 
-    def _allocate(self) -> str:
+    def _in_order(self) -> str:
         while True:
             if self._next >= self._network.num_addresses - 1:
                 raise OverflowError(f"more Services than local addresses in {self._network}")
@@ -345,18 +347,34 @@ def service_variables(env: Mapping[str, str], entries: Iterable[Entry]) -> tuple
     for entry in entries:
         if entry.pod is not None or entry.cluster_ip is None:
             continue
-        prefix = entry.name.upper().replace("-", "_") + "_"
-        for key, value in env.items():
-            if not key.startswith(prefix) or entry.cluster_ip not in value:
-                continue
-            rest = key[len(prefix):]
-            if rest in ("SERVICE_HOST", "PORT") or rest.startswith("PORT_"):
-                new = re.sub(rf"(?<![\d.]){re.escape(entry.cluster_ip)}(?![\d.])", entry.address, value)
-                if new != value:
-                    out[key] = new
-                    changed.append(key)
+        for key in _link_keys(env, entry.name.upper().replace("-", "_") + "_", entry.cluster_ip):
+            new = re.sub(rf"(?<![\d.]){re.escape(entry.cluster_ip)}(?![\d.])", entry.address, env[key])
+            if new != env[key]:
+                out[key] = new
+                changed.append(key)
     return out, sorted(changed)
 
 
-__all__ = ["ClusterMap", "DEFAULT_DOMAIN", "DEFAULT_NETWORK", "Entry", "Resolver", "hosts_lines", "service_variables",
-           "with_cluster_names"]
+def link_variables(env: Mapping[str, str]) -> list[str]:
+    """The Service link variables of a pod's environment that carry a Service's ClusterIP
+    (those :func:`service_variables` points elsewhere), sorted: for each ``P_SERVICE_HOST``,
+    the variables of prefix ``P_`` that :func:`service_variables` would consider."""
+    found: set[str] = set()
+    for key, value in env.items():
+        if key.endswith("_SERVICE_HOST") and _is_address(value):
+            found.update(_link_keys(env, key[: -len("SERVICE_HOST")], value))
+    return sorted(found)
+
+
+def _link_keys(env: Mapping[str, str], prefix: str, cluster_ip: str) -> list[str]:
+    """The variables of ``prefix`` (``REDIS_``) that Kubernetes sets for a Service and that carry ``cluster_ip``."""
+    keys = []
+    for key, value in env.items():
+        rest = key[len(prefix):] if key.startswith(prefix) else None
+        if rest is not None and (rest in ("SERVICE_HOST", "PORT") or rest.startswith("PORT_")) and cluster_ip in value:
+            keys.append(key)
+    return keys
+
+
+__all__ = ["ClusterMap", "DEFAULT_DOMAIN", "DEFAULT_NETWORK", "Entry", "Resolver", "hosts_lines", "link_variables",
+           "service_variables", "with_cluster_names"]

@@ -23,6 +23,7 @@ from pathlib import Path
 from intercept.access import isolate
 from intercept.access.forward import Check, ServiceListeners
 from intercept.access.guard import HOSTS, ManagedHosts
+from intercept.access.leases import AddressLeases
 from intercept.access.modes import Mode, choose
 from intercept.access.names import ClusterMap, Entry, Resolver, hosts_lines, service_variables, with_cluster_names
 from intercept.client.outbound import Dial, Dialer
@@ -57,7 +58,9 @@ async def open_access(plan: AccessPlan, dialer: Dial | Dialer, report: Callable[
     resolver = Resolver.parse(resolver_text) if resolver_text.strip() else Resolver.for_namespace(plan.namespaces[0])
     if not resolver.search:
         resolver = Resolver.for_namespace(plan.namespaces[0])
-    access = ClusterAccess(mode, ClusterMap(plan.namespaces, resolver), dialer, report, check)
+    leases = AddressLeases()  # this session's addresses, none of another session's of this machine
+    access = ClusterAccess(mode, ClusterMap(plan.namespaces, resolver, allocate=leases.allocate), dialer, report, check,
+                           leases=leases)
     try:
         await access.start(plan.changes())
     except BaseException:
@@ -70,12 +73,13 @@ class ClusterAccess:
     """While it runs, COMMAND reaches the Services of ``cluster_map``'s namespaces by name."""
 
     def __init__(self, mode: Mode, cluster_map: ClusterMap, dialer: Dial | Dialer, report: Callable[[Event], None],
-                 check: Check | None = None, hosts: Path = HOSTS) -> None:
+                 check: Check | None = None, hosts: Path = HOSTS, leases: AddressLeases | None = None) -> None:
         if not mode.names:
             raise ValueError(f"mode {mode.name} gives no names")
         self.mode = mode
         self.map = cluster_map
         self.hosts = hosts
+        self.leases = leases  # the map's addresses, let go by close
         self._report = report
         self.listeners = ServiceListeners(dialer, lambda line, warning: report(Event("warning" if warning else "access", line)),
                                           check)
@@ -159,6 +163,8 @@ class ClusterAccess:
         if self._private is not None:
             with contextlib.suppress(OSError):
                 self._private.unlink()
+        if self.leases is not None:
+            self.leases.close()
 
 
 __all__ = ["AccessPlan", "ClusterAccess", "open_access"]

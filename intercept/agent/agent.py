@@ -187,8 +187,10 @@ class Agent:
             features=list(protocol.FEATURES), upstream=f"{host}:{port}", hold_timeout=self.config.hold_timeout,
             outbound=self.config.allow_outbound, fence=self.fence.to_json(), files=describe_files(self.files),
             tls_connections=self.h2.tls_seen,
-            # for intercept gc: how long no route has been held (a session that only asks, as gc does, is no use)
-            idle_seconds=0.0 if self.routes.held else round(time.monotonic() - self._last_busy, 1),
+            # for intercept gc: how long neither a route has been held nor a session reached the cluster through
+            # this pod (intercept connect); a session that only asks, as gc does, is no use
+            idle_seconds=0.0 if self.routes.held or any(s.reaching for s in self.sessions.values())
+            else round(time.monotonic() - self._last_busy, 1),
             resolver=_resolver_text())
 
     def fence_of(self, session: sshd.DeveloperSession) -> dict[str, Any]:
@@ -218,6 +220,8 @@ class Agent:
     def session_closed(self, session: sshd.DeveloperSession, exc: Exception | None) -> None:
         self.logging_in.pop(session, None)
         self.sessions.pop(session.id, None)
+        if session.reaching:
+            self._last_busy = time.monotonic()  # gc's idle time counts from the last session that reached the cluster
         for route in self.routes.remove_session(session.id):
             log.info("dropped route %s of %s (%s)", route.route.describe(), session.name, exc or "connection closed")
             self._last_busy = time.monotonic()  # gc's idle time counts from the last route

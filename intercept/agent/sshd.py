@@ -147,6 +147,7 @@ class DeveloperSession(asyncssh.SSHServer):
         self.links: set[ChannelLink] = set()
         self.draining = False  # the developer's process restarts: keep no channel past its response
         self.fence = Fence(owner="this session")  # the client's narrowing of the agent's fence
+        self.reaching = False  # it reaches the cluster through this pod (intercept connect): the agent is in use
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
@@ -190,6 +191,7 @@ class DeveloperSession(asyncssh.SSHServer):
         if not self.agent.config.allow_outbound:
             log.info("refused outbound connection to %s:%s from %s (agent started without --allow-outbound)", dest_host, dest_port, self.name)
             return False
+        self.reaching = True
         if self.agent.fence.open and self.fence.open:
             return True
         return self._fenced_connection(dest_host, dest_port)
@@ -382,6 +384,7 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
     async def _check_outbound(self, request: protocol.CheckOutbound) -> Reply | Refusal:
         if not self.session.agent.config.allow_outbound:
             return Refusal("invalid", "the agent does not allow outbound connections (it runs without --allow-outbound)")
+        self.session.reaching = True
         verdict = await self.session.check_outbound(request.host, request.port)
         if not verdict.allowed:
             return Refusal("fenced", verdict.reason)

@@ -118,15 +118,18 @@ class AgentInfo:
 
 @dataclass(frozen=True)
 class Uninstalled:
-    """What :func:`uninstall` put back (``Kind/name``, in write order) and which Secrets it deleted."""
+    """What :func:`uninstall` put back (``Kind/name``, in write order), which Secrets it
+    deleted, and which other objects of intercept's own (``Kind/name``: intercept connect's
+    agent) it deleted."""
 
     namespace: str
     restored: tuple[str, ...]
     secrets_deleted: tuple[str, ...]
+    deleted: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
-        return bool(self.restored or self.secrets_deleted)
+        return bool(self.restored or self.secrets_deleted or self.deleted)
 
 
 class _RolloutProblem(Exception):
@@ -582,8 +585,12 @@ def uninstall(
     When the Service is already gone, its agent is found by its own record: the injected
     workload of that name (``service`` may also name the workload itself); with no agent
     left in the namespace there is nothing to do, and with agents on other workloads only,
-    a :class:`ResolveError` names them.
+    a :class:`ResolveError` names them. ``intercept-connect`` (where no Service has that
+    name) is intercept connect's own agent, which ``all`` removes too
+    (:mod:`intercept.kube.connect_agent`: its Deployment and Secret are deleted).
     """
+    from intercept.kube import connect_agent
+
     if (service is None) == (not all):
         raise InjectError("uninstall takes a SERVICE or --all, not both" if service else
                           "uninstall needs a SERVICE, or --all for every agent in the namespace")
@@ -591,10 +598,13 @@ def uninstall(
     objects = _read_namespace(cluster, namespace, None)
     workload_key = None
     secrets: list[str] = []
+    own = Uninstalled(namespace, (), ())  # intercept connect's agent, deleted
     if service is not None and any(o["kind"] == "Service" and o["metadata"]["name"] == service for o in objects):
         target = _resolve_any_port(objects, service)
         workload_key = target.workload
         secrets = [inject.secret_name(target.workload_name)]
+    elif service == connect_agent.NAME:
+        return connect_agent.remove(api, namespace, progress)
     elif service is not None:
         orphan = _agent_without_service(objects, namespace, service)
         if orphan is None:
@@ -603,6 +613,7 @@ def uninstall(
         workload_key = _key(orphan)
         secrets = [inject.secret_name(orphan["metadata"]["name"])]
     else:
+        own = connect_agent.remove(api, namespace, progress)
         listed, _ = cluster.list("Secret", namespace, label_selector=f"{MANAGED_BY[0]}={MANAGED_BY[1]}")
         secrets = sorted(s["metadata"]["name"] for s in listed)
     restored = inject.restore(objects, workload_key)
@@ -641,7 +652,7 @@ def uninstall(
             continue
         deleted.append(name)
         progress(f"Secret/{name}: deleted")
-    return Uninstalled(namespace, tuple(_key(o) for o in written), tuple(deleted))
+    return Uninstalled(namespace, tuple(_key(o) for o in written), (*deleted, *own.secrets_deleted), own.deleted)
 
 
 def _delete_routes(cluster: Cluster, namespace: str, name: str, progress: Progress) -> None:

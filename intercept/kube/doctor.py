@@ -3,7 +3,7 @@
 The checks, in order; each gives one :class:`Check` (ok, failed, or skipped with why):
 
 1. ``cluster``: the API server answers these credentials (the context, the server, the namespace).
-2. ``rbac``: every verb the injection and the tunnel use (:data:`NEEDED`), asked of the
+2. ``rbac``: every verb the injection, the tunnel and the cluster names use (:data:`NEEDED`), asked of the
    authorizer with SelfSubjectAccessReviews (what ``kubectl auth can-i`` asks).
 3. ``agent image``: which image would be injected and who chose it; the built-in default
    passes only when the cluster already runs it (it exists once a release published it).
@@ -80,9 +80,12 @@ class Access:
 
 # What `intercept start` does in the namespace: read it (kube/apply.py _read_namespace), write
 # the workload, Service, policies and Secret (and put them back on failure), follow the rollout
-# and the agent pods (deleting pods for OnDelete StatefulSets), read events, and port-forward.
+# and the agent pods (deleting pods for OnDelete StatefulSets), read events, and port-forward;
+# and follow the Services and their EndpointSlices, whose names the local process reaches
+# (intercept.kube.services, for intercept start's and intercept connect's cluster names).
 NEEDED = (
-    *(Access(verb, "services") for verb in ("get", "list", "update")),
+    *(Access(verb, "services") for verb in ("get", "list", "watch", "update")),
+    *(Access(verb, "endpointslices", "discovery.k8s.io") for verb in ("list", "watch")),
     *(Access(verb, plural, "apps") for plural in ("deployments", "statefulsets", "replicasets")
       for verb in ("get", "list", "update")),
     *(Access(verb, "networkpolicies", "networking.k8s.io") for verb in ("get", "list", "update")),

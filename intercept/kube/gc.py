@@ -15,7 +15,9 @@ What it does, and so may do (each rule below says which step needs it):
   NetworkPolicies; update them (get again on a conflict); watch the rollout (get the
   workload, list its pods, delete an old pod that a StatefulSet with OnDelete or a bare
   ReplicaSet does not replace by itself; list events when it fails); delete the agent's
-  Secret and routes ConfigMap, and the routes authority with the last of them.
+  Secret and routes ConfigMap, and the routes authority with the last of them;
+- remove intercept connect's own agent once idle: get its Deployment and Secret, ask its
+  pod as any agent's, delete both.
 
 RBAC cannot narrow these to intercept's objects: ``resourceNames`` takes exact names, and
 the agents' Secrets and ConfigMaps are named after workloads that come and go

@@ -634,7 +634,7 @@ def _agent_container(
             "volumeMounts": mounts,
             "readinessProbe": {"tcpSocket": {"port": agent.http_port}, "periodSeconds": 5},
             "resources": copy.deepcopy(AGENT_RESOURCES),
-            "securityContext": _agent_security_context(pod, app),
+            "securityContext": agent_security_context(pod, app),
         }
     )
     return container
@@ -664,7 +664,7 @@ def _copy_env_var(var: Obj, app_name: str) -> Obj:
     return var
 
 
-def _agent_security_context(pod: Obj, app: Obj) -> Obj:
+def agent_security_context(pod: Obj, app: Obj) -> Obj:
     """Pod Security "restricted", as the same user as the app where that is non-root.
 
     Sharing the app's user lets the agent read the files of the mounts it copies.

@@ -37,7 +37,7 @@ from typing import Any
 from kubernetes.client import ApiClient
 
 from intercept.errors import InterceptError, UsageError
-from intercept.kube import inject, sandbox
+from intercept.kube import connect_agent, inject, sandbox
 from intercept.kube.apply import (
     MANAGED_BY,
     AgentInfo,
@@ -235,7 +235,28 @@ def gc(api: ApiClient, namespace: str | None, *, idle: float, idle_of: Callable[
             if not dry_run:
                 uninstall(api, ns, info.service, progress=progress, timeout=timeout)
             agents.append(f"{ns}/{info.service}")
+        if _connect_agent_idle(api, ns, idle, idle_of, progress, dry_run):
+            agents.append(f"{ns}/{connect_agent.NAME}")
     return Collected(tuple(f"{r['namespace']}/{r['sandbox']}" for r in expired), tuple(agents), tuple(changes))
+
+
+def _connect_agent_idle(api: ApiClient, namespace: str, idle: float, idle_of: Callable[[AgentInfo], float | None],
+                        progress: Progress, dry_run: bool) -> bool:
+    """Remove intercept connect's own agent of ``namespace`` when it has been idle for ``idle``
+    seconds (no session reached the cluster through it); whether it was (or would be)."""
+    try:
+        info = connect_agent.find(api, namespace)
+    except InterceptError as e:
+        progress(f"{connect_agent.NAME} in namespace {namespace}: kept: {e}")
+        return False
+    seconds = idle_of(info) if info is not None else None
+    if seconds is None or seconds < idle:
+        return False
+    progress(f"intercept connect's own agent in namespace {namespace}: no session for {seconds:.0f}s"
+             + ("; would remove it" if dry_run else "; removing it"))
+    if not dry_run:
+        connect_agent.remove(api, namespace, progress)
+    return True
 
 
 # --------------------------------------------------------------------------- plumbing

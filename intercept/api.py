@@ -130,7 +130,8 @@ async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow
         rules = [HeaderEquals("x-intercept-id", name)]
         emit(Event("header", f"your requests carry x-intercept-id: {name}"))
     options = InterceptOptions(transport=transport, credentials=credentials, route=Route(frozenset(rules)), name=name,
-                               local_port=s.port, all_traffic=s.all and route, ttl=s.ttl if route else None,
+                               local_port=s.port, all_traffic=s.all and route, mirror=s.mirror and route,
+                               ttl=s.ttl if route else None,
                                fence=Fence.parse(s.outbound_allow, s.outbound_deny, owner="this session"),
                                refresh_credentials=agents.refresh if agents else None)
     if agents is None:

@@ -60,6 +60,7 @@ FEATURES = (
     "check-outbound",  # CheckOutbound: would the fences let host:port through?
     "signed-pushes",  # SetClusterRoutes carries the document's text and the routes authority's signature
     "pending-routes",  # routes of developers not connected yet, from the mounted developers file
+    "mirror",  # Register(mirror=True): a copy of each matching request; the app still answers
 )
 
 
@@ -91,12 +92,18 @@ class ListRoutes:
 @dataclass(frozen=True)
 class Register:
     """Hold a route (all ``rules`` must match; ``all``: every request) for this session;
-    with ``ttl`` (seconds) the agent ends it by itself then, connected or not."""
+    with ``ttl`` (seconds) the agent ends it by itself then, connected or not.
+
+    With ``mirror`` (feature ``"mirror"``) the route takes nothing: each matching request
+    still goes where it would, and a copy of it comes to this session, whose answer the
+    agent reads and discards. Sent only when true, so an agent without the feature reads
+    every other register as before."""
 
     op: ClassVar[str] = "register"
     rules: list[dict[str, Any]] = field(default_factory=list)
     all: bool = False
     ttl: float | None = None
+    mirror: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,8 +171,17 @@ _REQUESTS: dict[str, type] = {
 }
 
 
+# Fields added after an agent could already read the request: written only when they differ
+# from their default, so that an agent from before them still reads the request.
+_LATER_FIELDS = {Register: ("mirror",)}
+
+
 def encode(request: Request) -> bytes:
-    return json.dumps({"op": request.op, **asdict(request)}).encode() + b"\n"
+    fields = asdict(request)
+    for name in _LATER_FIELDS.get(type(request), ()):
+        if not fields[name]:
+            del fields[name]
+    return json.dumps({"op": request.op, **fields}).encode() + b"\n"
 
 
 def decode(line: bytes) -> Request:
@@ -184,6 +200,8 @@ def decode(line: bytes) -> Request:
         raise BadRequest(f"malformed {op} request: {e}") from None
     if isinstance(request, Register) and not (isinstance(request.rules, list) and isinstance(request.all, bool)):
         raise BadRequest("malformed register request: rules must be a list and all a boolean")
+    if isinstance(request, Register) and not isinstance(request.mirror, bool):
+        raise BadRequest("malformed register request: mirror must be a boolean")
     if isinstance(request, Register) and request.ttl is not None and (
             not isinstance(request.ttl, int | float) or isinstance(request.ttl, bool)):
         raise BadRequest("malformed register request: ttl must be a number of seconds")

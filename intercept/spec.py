@@ -434,6 +434,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("all", "--all", "boolean", False,
            "Route every request; only while nobody else holds a route, and not with other rules.",
            True, _bool, verbatim=False),
+    Option("mirror", "--mirror", "boolean", False,
+           "Mirror instead of intercept: the app still answers every request; a copy of each one the rules match "
+           "(every one with --all) comes to your process, whose answer is discarded. Never slows the app's "
+           "answer: copies your process does not take in time are dropped and counted (intercept status). "
+           "Any number of developers may mirror the same requests, beside an intercept of them.",
+           True, _bool, verbatim=False),
     Option("name", "--name", "text", None,
            "Your display name, and the value of your personal header.", "alice", _name, top_level=True,
            default_doc="the local part of `git config user.email`, else `$USER`"),
@@ -614,6 +620,7 @@ class InterceptSpec:
     baggage: str | None = None
     path_prefix: str | None = None
     all: bool = False
+    mirror: bool = False
     name: str | None = None
     command: tuple[str, ...] = ()
     watch: tuple[Path, ...] = ()

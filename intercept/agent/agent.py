@@ -189,7 +189,7 @@ class Agent:
             tls_connections=self.h2.tls_seen,
             # for intercept gc: how long neither a route has been held nor a session reached the cluster through
             # this pod (intercept connect); a session that only asks, as gc does, is no use
-            idle_seconds=0.0 if self.routes.held or any(s.reaching for s in self.sessions.values())
+            idle_seconds=0.0 if self.routes.held or self.routes.mirrors or any(s.reaching for s in self.sessions.values())
             else round(time.monotonic() - self._last_busy, 1),
             resolver=_resolver_text())
 
@@ -229,8 +229,9 @@ class Agent:
         self.h2.session_closed(session.id, session.name)
 
     def register(self, session: sshd.DeveloperSession, rules: list[dict[str, Any]], all_traffic: bool,
-                 ttl: float | None = None) -> RegisteredRoute:
-        """Hold a developer's route for ``session``; with ``ttl`` (seconds) it ends by itself then."""
+                 ttl: float | None = None, *, mirror: bool = False) -> RegisteredRoute:
+        """Hold a developer's route for ``session``; with ``ttl`` (seconds) it ends by itself then.
+        A ``mirror`` takes nothing: the session gets a copy of each matching request."""
         if not session.forwarding:
             from intercept.agent.sshd import FORWARD_HOST, FORWARD_PORT  # loaded: a session calls this
 
@@ -241,6 +242,11 @@ class Agent:
         if ttl is not None and not ttl > 0:
             raise UsageError(f"ttl {ttl!r}: it must be a positive number of seconds")
         expires = time.time() + ttl if ttl is not None else None
+        if mirror:
+            registered = self.routes.add(session.id, session.name, route, expires=expires, mirror=True)
+            log.info("mirror of %s registered by %s", route.describe(), session.name)
+            self.h2.routes_changed()
+            return registered
         registered = self.routes.adopt(PENDING_PREFIX + session.name, session.id, route, expires=expires)
         if registered is not None:  # the route this pod knew from the developers file: requests held for it go on
             log.info("route %s taken over by %s's session", route.describe(), session.name)
@@ -255,7 +261,8 @@ class Agent:
         route = self.routes.get(route_id)  # a lookup: serializing the table for this cost 22 µs with 10 routes
         if route is not None and route.session_id == session.id:
             self.routes.remove(route_id)
-            log.info("route %s unregistered by %s", route.route.describe(), session.name)
+            log.info("%s %s unregistered by %s", "mirror of" if route.mirror else "route", route.route.describe(),
+                     session.name)
             self._last_busy = time.monotonic()
             self._routes_removed()
 
@@ -335,6 +342,21 @@ class Agent:
             removal = self._next_removal()
             await asyncio.wait({removal}, timeout=delay)
             delay = min(delay * 2, 0.25)
+
+    async def open_mirror(self, route: RegisteredRoute, owner: Any) -> Link:
+        """A channel to the developer of mirror ``route``, for copies; :class:`Unavailable` when
+        it cannot be had (at once: a copy never waits as an intercepted request does)."""
+        session = self.sessions.get(route.session_id)
+        if session is None or not self.routes.holds(route):
+            raise Unavailable(f"{route.holder} is no longer connected")
+        import asyncssh  # loaded already: a session exists
+
+        try:
+            return await session.open_channel(owner)
+        except asyncssh.ChannelOpenError as e:
+            raise Unavailable(f"{route.holder}'s process cannot take a copy: {e.reason}") from None
+        except (asyncssh.Error, OSError) as e:
+            raise Unavailable(f"the connection to {route.holder}'s machine failed ({e})") from None
 
     async def _await_developer(self, route: RegisteredRoute) -> None:
         """Hold a request matching the pending route of a developer whose session has not

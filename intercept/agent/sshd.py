@@ -113,6 +113,10 @@ class ChannelLink(asyncssh.SSHTCPSession[bytes]):
     def write_eof(self) -> None:
         self.chan.write_eof()
 
+    def buffered(self) -> int:
+        """Bytes written and not yet sent: the developer's end has not opened its window for them."""
+        return self.chan.get_write_buffer_size()
+
     def close(self) -> None:
         self.chan.close()
 
@@ -404,8 +408,8 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
                     return protocol.EnvReply(agent.pod_environment())
                 case protocol.ListRoutes():
                     return protocol.RoutesReply(agent.routes.snapshot())
-                case protocol.Register(rules=rules, all=everything, ttl=ttl):
-                    route = agent.register(session, rules, everything, ttl)
+                case protocol.Register(rules=rules, all=everything, ttl=ttl, mirror=mirror):
+                    route = agent.register(session, rules, everything, ttl, mirror=mirror)
                     return protocol.Registered(route.id, route.route.describe())
                 case protocol.SetClusterRoutes(document=text, signature=signature):
                     return protocol.PushReply(**agent.push_routes(text, signature))

@@ -42,6 +42,7 @@ class InterceptOptions:
     local_port: int
     local_host: str = "127.0.0.1"
     all_traffic: bool = False
+    mirror: bool = False  # a copy of each matching request comes here; the app still answers it
     ttl: float | None = None  # seconds after which the agents end the route by themselves
     fence: Fence = Fence(owner="this session")  # narrows the agents' outbound fence for this intercept
     # Where the credentials come from again (a workload's Secret), to tell a reinstalled agent's
@@ -49,7 +50,8 @@ class InterceptOptions:
     refresh_credentials: Callable[[], Awaitable[Credentials]] | None = field(default=None, compare=False)
 
     def describe(self) -> str:
-        return f"requests with {self.route.describe()}" if self.route.rules else "all requests"
+        what = f"requests with {self.route.describe()}" if self.route.rules else "all requests"
+        return f"copies of {what}" if self.mirror else what
 
 
 # Requests that only an agent with the feature understands (protocol.FEATURES).
@@ -159,9 +161,12 @@ class AgentSession:
                              f"{self.agent.protocol}) does not know the rule kind {', '.join(map(repr, unknown))} of "
                              "this route: upgrade it (intercept inject SERVICE --agent-image IMAGE of this version), "
                              "or route with other rules")
+        if opts.mirror and self.agent.lacks("mirror"):
+            self.conn.close()
+            raise UsageError(f"agent {where}: {self.agent.lacks('mirror')}")
         try:
             await self.conn.create_server(self.door.accept, FORWARD_HOST, FORWARD_PORT)
-            reply = await self.request(protocol.Register(opts.route.to_json(), opts.all_traffic, opts.ttl))
+            reply = await self.request(protocol.Register(opts.route.to_json(), opts.all_traffic, opts.ttl, opts.mirror))
         except (asyncssh.Error, OSError) as e:
             self.conn.close()
             raise AgentUnreachable(f"agent {where}: connection lost while registering: {e}") from None
@@ -171,7 +176,7 @@ class AgentSession:
                 raise RouteConflict(reply.message, holder=reply.holder)
             raise UsageError(f"agent {where} refused the route: {reply.message}")
         self.route_id = reply.id
-        log.info("route %s registered on %s", opts.route.describe(), where)
+        log.info("%s %s registered on %s", "mirror of" if opts.mirror else "route", opts.route.describe(), where)
 
     async def request(self, request: protocol.Request) -> protocol.Reply | Refusal:
         """One request on the control channel and its typed reply, or the agent's refusal; a

@@ -743,6 +743,8 @@ def run(s: InterceptSpec, on_event: OnEvent, *, registry_entry: Mapping[str, Any
                 registration.update(fence=event.fence)
             elif registration is not None and event.kind == "mount":
                 registration.update(files=event.path)
+            elif registration is not None and event.kind == "mirrored":
+                registration.update(mirrored={"copied": event.copied, "dropped": event.dropped})
 
         def observe(event: Event) -> None:
             record(event)  # first: once a line is printed, intercept status says it too

@@ -848,7 +848,10 @@ def status_command(output: str) -> None:
         state = "running" if r["alive"] else f"exited {r['exit_code']}" if r["exit_code"] is not None else "gone"
         what = r["service"] or f"agent {r['agent']}"
         what += f" -n {r['namespace']}" if r["namespace"] else ""
-        table.append([what, r["route"] or "-", str(r["local_port"] or "-"), r["fence"] or "-", r["files"] or "-",
+        route = r["route"] or "-"
+        if r.get("mirrored"):
+            route += f" (copied {r['mirrored']['copied']}, dropped {r['mirrored']['dropped']})"
+        table.append([what, route, str(r["local_port"] or "-"), r["fence"] or "-", r["files"] or "-",
                       str(r["pid"]), state, r["started_at"] or "-", r["log_file"] or "-"])
     _print_table(table)
 

@@ -127,6 +127,9 @@ class Intercepts:
 
 def _describe(key: str, it: api.Intercept) -> dict[str, Any]:
     state = "running" if not it.done else "ended"
+    counts = next((e for e in reversed(it.events) if e.kind == "mirrored"), None)
+    mirrored = {"mirrored": {"copied": counts.copied if counts else 0, "dropped": counts.dropped if counts else 0}} \
+        if it.spec.mirror else {}
     return {
         "id": key,
         "service": it.spec.service,
@@ -136,6 +139,7 @@ def _describe(key: str, it: api.Intercept) -> dict[str, Any]:
         "local_port": it.local_port,
         "state": state,
         "events": [event.line() for event in it.events[-20:]],
+        **mirrored,
     }
 
 

@@ -262,6 +262,25 @@ class Fleet:
                     return dict(reply.env)
         return {}
 
+    async def mirror_counts(self) -> tuple[int, int]:
+        """This mirror's copies so far on every replica that holds it: (copied, dropped), as the
+        agents count them (a replica that does not answer counts nothing)."""
+        copied = dropped = 0
+        for holder in list(self._holders.values()):
+            session = holder.session
+            if not holder.registered or session is None or session.route_id is None:
+                continue
+            try:
+                reply = await session.request(protocol.ListRoutes())
+            except Exception as e:  # noqa: BLE001 - any failure: this replica counts nothing now
+                log.info("replica %s: no mirror counts: %s", holder.replica.name, e)
+                continue
+            for route in getattr(reply, "routes", ()):
+                if route.get("id") == session.route_id and route.get("mirror"):
+                    copied += int(route.get("copied", 0))
+                    dropped += int(route.get("dropped", 0))
+        return copied, dropped
+
     async def drain(self, draining: bool) -> None:
         """Ask every agent to keep no channel past its response (``True``), or to reuse them again."""
         sessions = [h.session for h in self._holders.values() if h.registered and h.session is not None]

@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # intercept.access imports the client's outbound module: no c
 
 log = logging.getLogger(__name__)
 
+MIRROR_REPORT = 2.0  # seconds between looks at a mirror's counts (reported when they changed)
 DRAIN_GRACE = 10.0  # how long a restart waits for responses in flight to the old process
 LEAVE_GRACE = 10.0  # how long leaving waits for responses in flight (a second Ctrl-C: not at all)
 
@@ -127,8 +128,11 @@ async def start(
             stop.set()
 
         expiry = loop.call_later(options.ttl, time_is_up)
+    counting: asyncio.Future[None] | None = None
     try:
         intercepting = asyncio.ensure_future(fleet.run(replicas, stop))
+        if options.mirror:
+            counting = asyncio.ensure_future(_report_mirror_counts(fleet, options, report, stop))
         if command.argv:
             door.close()  # routed requests wait until the process accepts them
         if command.argv or mount is not None or access is not None:
@@ -212,9 +216,10 @@ async def start(
         stop.set()
         if expiry is not None:
             expiry.cancel()
-        if reloading is not None:
-            reloading.cancel()
-        await asyncio.gather(*(t for t in (reloading, intercepting) if t is not None), return_exceptions=True)
+        for task in (reloading, counting):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (reloading, intercepting, counting) if t is not None), return_exceptions=True)
         if supervisor is not None:
             await supervisor.stop()
         for listener in listeners:
@@ -238,6 +243,26 @@ async def ask_agent(options: InterceptOptions, request: protocol.Request) -> Any
         return await session.ask(request)
     finally:
         await session.leave()
+
+
+async def _report_mirror_counts(fleet: Fleet, options: InterceptOptions, report: Callable[[Event], None],
+                                stop: asyncio.Event) -> None:
+    """Until ``stop``: a ``mirrored`` event whenever the mirror's counts changed (looked at
+    every :data:`MIRROR_REPORT` seconds), so that the lines and ``intercept status`` say them."""
+    said = (0, 0)
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), MIRROR_REPORT)
+        except asyncio.TimeoutError:
+            pass
+        if not fleet.ready:
+            continue
+        counts = await fleet.mirror_counts()
+        if counts != said:
+            said = counts
+            copied, dropped = counts
+            report(Event("mirrored", f"{copied} copies reached localhost:{options.local_port}, {dropped} dropped",
+                         copied=copied, dropped=dropped))
 
 
 def session_variables(options: InterceptOptions) -> dict[str, str]:

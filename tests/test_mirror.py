@@ -1,0 +1,159 @@
+"""Mirror (issue 26): the app answers every request; a copy of each matching one reaches the
+developer's process, whose answer is discarded. Real agent and ``intercept start`` processes,
+real HTTP servers and clients on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from intercept import api
+from intercept.agent.mirror import MAX_UNANSWERED
+from tests.apps import App, read_responses
+from tests.conftest import INTERCEPT, start_client
+
+
+@pytest.fixture
+def developer_app():
+    """A second developer's local process (``local_app`` is the first's)."""
+    app = App("developer")
+    yield app
+    app.close()
+
+
+def mirror_counts(agent, holder: str) -> list[dict]:
+    """The mirrors of ``holder`` as the agent lists them (with their copied and dropped counts)."""
+    spec = api.make_spec(agent=agent.ssh, credentials=str(agent.credentials))
+    return [r for r in asyncio.run(api.agent_routes(spec)) if r.get("mirror") and r["holder"] == holder]
+
+
+def wait_until_counted(agent, holder: str, total: int, timeout: float = 30) -> dict:
+    """The mirror's counts once every one of ``total`` copies is counted, copied or dropped."""
+    deadline = time.monotonic() + timeout
+    while True:
+        [mirror] = mirror_counts(agent, holder)
+        if mirror["copied"] + mirror["dropped"] >= total or time.monotonic() > deadline:
+            return mirror
+
+
+def comparable(request: dict) -> dict:
+    """What the developer must see as the app saw it."""
+    return {k: request[k] for k in ("method", "target", "headers", "body_length", "body_sha256")}
+
+
+def test_the_app_answers_while_the_developer_sees_the_same_requests_in_order(agent, cluster_app, local_app, clients):
+    clients.append(start_client(agent, local_app.port, "--mirror", "--header", "x-dev=mirror-one", "--name", "mona"))
+    before = len(cluster_app.requests)
+    sock = socket.create_connection(("127.0.0.1", agent.http_port))
+    big = os.urandom(300_000)
+    requests = [
+        b"GET /one?x=1 HTTP/1.1\r\nHost: shop\r\nx-dev: mirror-one\r\n\r\n",
+        b"POST /two HTTP/1.1\r\nHost: shop\r\nx-dev: mirror-one\r\nContent-Length: 5\r\n\r\nhello",
+        b"GET /not-mirrored HTTP/1.1\r\nHost: shop\r\n\r\n",
+        b"PUT /three HTTP/1.1\r\nHost: shop\r\nx-dev: mirror-one\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n",
+        b"POST /big HTTP/1.1\r\nHost: shop\r\nx-dev: mirror-one\r\nContent-Length: %d\r\n\r\n" % len(big) + big,
+    ]
+    sock.sendall(b"".join(requests))  # pipelined, on one keep-alive connection
+    responses = read_responses(sock, len(requests))
+    sock.close()
+    assert [dict(r.headers)[b"x-app"] for r, _ in responses] == [b"cluster"] * 5
+    assert [json.loads(body)["target"] for _, body in responses] == ["/one?x=1", "/two", "/not-mirrored", "/three", "/big"]
+
+    seen = local_app.wait_requests(4)
+    app_saw = [r for r in cluster_app.requests[before:] if r["target"] != "/not-mirrored"]
+    assert [comparable(r) for r in seen] == [comparable(r) for r in app_saw]
+    assert len({r["connection"] for r in seen}) == 1  # one connection, as the client's was
+    assert wait_until_counted(agent, "mona", 4)["copied"] == 4
+
+
+def test_a_stopped_developer_costs_the_client_nothing(agent, local_app, clients):
+    client = start_client(agent, local_app.port, "--mirror", "--header", "x-dev=mirror-stopped", "--name", "sam")
+    clients.append(client)
+    os.killpg(client.p.pid, signal.SIGSTOP)  # the developer's machine stops reading
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", agent.http_port, timeout=30)
+        statuses = []
+        for i in range(1000):
+            conn.request("POST", f"/n{i}", body=b"x" * 100, headers={"x-dev": "mirror-stopped"})
+            response = conn.getresponse()
+            response.read()
+            statuses.append((response.status, response.getheader("X-App")))
+        conn.close()
+    finally:
+        os.killpg(client.p.pid, signal.SIGCONT)
+    assert statuses == [(200, "cluster")] * 1000
+    counts = wait_until_counted(agent, "sam", 1000)
+    print("stopped developer:", counts)
+    assert counts["copied"] + counts["dropped"] == 1000
+    assert counts["dropped"] >= 1000 - MAX_UNANSWERED  # at most that many waited for the stopped developer
+
+
+def test_two_mirrors_and_an_intercept_on_the_same_request(agent, cluster_app, local_app, developer_app, clients):
+    third = App("third")
+    try:
+        clients.append(start_client(agent, local_app.port, "--header", "x-dev=shared", "--name", "alice"))
+        clients.append(start_client(agent, developer_app.port, "--mirror", "--header", "x-dev=shared", "--name", "bob"))
+        clients.append(start_client(agent, third.port, "--mirror", "--header", "x-dev=shared", "--name", "dave"))
+        before = len(cluster_app.requests)
+        status, headers, body = agent.request("POST", "/order", {"x-dev": "shared"}, b"one order")
+        assert (status, headers["X-App"]) == (200, "local")  # alice's intercept answers
+        [alice_saw] = local_app.wait_requests(1)
+        for mirror in (developer_app, third):
+            [copy] = mirror.wait_requests(1)
+            assert comparable(copy) == comparable(alice_saw)
+        assert len(cluster_app.requests) == before  # the cluster's version never saw it
+        assert agent.app_of() == "cluster"
+    finally:
+        third.close()
+
+
+def test_a_mirror_takes_every_request_with_all_beside_another_developers_route(agent, cluster_app, developer_app, clients):
+    clients.append(start_client(agent, developer_app.port, "--mirror", "--all", "--name", "eve"))
+    assert agent.app_of({"x-anything": "1"}, "/everything") == "cluster"
+    [copy] = developer_app.wait_requests(1)
+    assert copy["target"] == "/everything"
+
+
+def test_a_mirror_whose_process_is_not_listening_drops_copies_and_the_app_still_answers(agent, clients):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here while the test runs
+        clients.append(start_client(agent, port, "--mirror", "--header", "x-dev=nobody-home", "--name", "nora"))
+        for _ in range(3):
+            assert agent.app_of({"x-dev": "nobody-home"}) == "cluster"
+        counts = wait_until_counted(agent, "nora", 3)
+    assert (counts["copied"], counts["dropped"]) == (0, 3)
+
+
+def test_status_shows_a_mirrors_copied_and_dropped(agent, local_app, tmp_path):
+    env = dict(os.environ, INTERCEPT_STATE_DIR=str(tmp_path), PYTHONUNBUFFERED="1")
+    client = start_client_env(agent, local_app.port, env, "--mirror", "--header", "x-dev=counted", "--name", "cole")
+    try:
+        for _ in range(2):
+            assert agent.app_of({"x-dev": "counted"}) == "cluster"
+        client.wait_for(r"^intercept: mirrored: 2 copies reached localhost:\d+, 0 dropped$")
+        rows = json.loads(subprocess.run(INTERCEPT + ["status", "-o", "json"], env=env, capture_output=True,
+                                         check=True, text=True).stdout)
+        assert [r["mirrored"] for r in rows] == [{"copied": 2, "dropped": 0}]
+        table = subprocess.run(INTERCEPT + ["status"], env=env, capture_output=True, check=True, text=True).stdout
+        assert "copies of requests with x-dev: counted (copied 2, dropped 0)" in table
+    finally:
+        client.stop()
+
+
+def start_client_env(agent, local_port, env, *args):
+    from tests.conftest import Proc
+
+    proc = Proc(INTERCEPT + ["start", "--agent", agent.ssh, "--credentials", str(agent.credentials),
+                             "--port", str(local_port), *args], env=env)
+    proc.wait_for(r"^intercept: ready: ")
+    return proc

@@ -157,3 +157,88 @@ def start_client_env(agent, local_port, env, *args):
                              "--port", str(local_port), *args], env=env)
     proc.wait_for(r"^intercept: ready: ")
     return proc
+
+
+# -- HTTP/2: gRPC calls mirrored per stream ------------------------------------------------
+
+
+@pytest.fixture
+def grpc_apps(tmp_path):
+    from tests.conftest import start_agent
+    from tests.grpc_apps import GrpcApp
+
+    cluster, mirror, developer = GrpcApp("cluster"), GrpcApp("mirror"), GrpcApp("developer")
+    agent = start_agent(tmp_path, cluster.port, "--hold-timeout", "10")
+    yield agent, cluster, mirror, developer
+    agent.proc.stop()
+    for app in (cluster, mirror, developer):
+        app.close()
+
+
+def mirrored_calls(app, count: int) -> list[tuple[str, bytes, dict]]:
+    app.wait_until(lambda: len(app.requests) >= count)
+    return list(app.requests)
+
+
+def test_grpc_unary_and_streaming_calls_are_mirrored_while_the_app_answers(grpc_apps, clients):
+    import hashlib
+
+    from tests.grpc_apps import channel, unary
+
+    agent, cluster, mirror, _ = grpc_apps
+    clients.append(start_client(agent, mirror.port, "--mirror", "--header", "x-dev=grace", "--name", "grace"))
+    metadata = [("x-dev", "grace"), ("x-echo-order", "42")]
+    messages = [os.urandom(1000 + i) for i in range(5)]
+    with channel(agent.http_port) as ch:
+        response, initial, trailing = unary(ch, b"hello", metadata)
+        assert (response, initial["x-app"], trailing["x-echo-order-t"]) == (b"cluster:hello", "cluster", "42")
+        streamed = list(ch.unary_stream("/test.Echo/ServerStream")(b"3 10", metadata=metadata, timeout=30))
+        assert streamed == [bytes([i]) * 10 for i in range(3)]
+        summed = ch.stream_unary("/test.Echo/ClientStream")(iter(messages), metadata=metadata, timeout=30)
+        digest = hashlib.sha256(b"".join(messages)).hexdigest()
+        assert summed == f"cluster:5:{sum(map(len, messages))}:{digest}".encode()
+        echoed = list(ch.stream_stream("/test.Echo/Bidi")(iter([b"a", b"b", b"c"]), metadata=metadata, timeout=30))
+        assert echoed == [b"cluster:a", b"cluster:b", b"cluster:c"]
+        assert unary(ch, b"not copied")[0] == b"cluster:not copied"
+    calls = mirrored_calls(mirror, 4)
+    assert [(method, request) for method, request, _ in calls] == [
+        ("Unary", b"hello"), ("ServerStream", b"3 10"), ("ClientStream", bytes.fromhex(digest)), ("Bidi", b"a|b|c")]
+    assert all(seen["x-dev"] == "grace" and seen["x-echo-order"] == "42" for _, _, seen in calls)
+    assert wait_until_counted(agent, "grace", 4)["copied"] == 4
+    assert len(cluster.requests) == 5
+
+
+def test_grpc_two_mirrors_and_an_intercept_on_the_same_call(grpc_apps, clients):
+    from tests.grpc_apps import GrpcApp, channel, unary
+
+    agent, cluster, mirror, developer = grpc_apps
+    second = GrpcApp("second")
+    try:
+        clients.append(start_client(agent, developer.port, "--header", "x-dev=heidi", "--name", "heidi"))
+        clients.append(start_client(agent, mirror.port, "--mirror", "--header", "x-dev=heidi", "--name", "ivan"))
+        clients.append(start_client(agent, second.port, "--mirror", "--header", "x-dev=heidi", "--name", "judy"))
+        with channel(agent.http_port) as ch:
+            assert unary(ch, b"order", [("x-dev", "heidi")])[0] == b"developer:order"
+        for app in (mirror, second):
+            assert [(m, r) for m, r, _ in mirrored_calls(app, 1)] == [("Unary", b"order")]
+        assert cluster.requests == []
+    finally:
+        second.close()
+
+
+def test_a_stopped_grpc_mirror_costs_the_calls_nothing(grpc_apps, clients):
+    from tests.grpc_apps import channel, unary
+
+    agent, cluster, mirror, _ = grpc_apps
+    client = start_client(agent, mirror.port, "--mirror", "--all", "--name", "kim")
+    clients.append(client)
+    os.killpg(client.p.pid, signal.SIGSTOP)
+    try:
+        with channel(agent.http_port) as ch:
+            answers = [unary(ch, b"%d" % i)[0] for i in range(300)]
+    finally:
+        os.killpg(client.p.pid, signal.SIGCONT)
+    assert answers == [b"cluster:%d" % i for i in range(300)]
+    counts = wait_until_counted(agent, "kim", 300)
+    assert counts["copied"] + counts["dropped"] == 300
+    assert counts["dropped"] >= 300 - MAX_UNANSWERED

@@ -50,6 +50,7 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from intercept.agent.h2mirror import MirrorConnection, StreamCopy
 from intercept.agent.proxy import ClientConnection, RouteGone, TCPLink, Unavailable
 from intercept.routing import h2codec
 from intercept.routing.h2 import (
@@ -96,6 +97,7 @@ class Hub:
         self.agent = agent  # routes, config, open_developer
         self.app = Pool(self, None)
         self.developers: dict[str, Pool] = {}
+        self.mirrors: dict[int, MirrorConnection] = {}  # by mirror route id (intercept.agent.h2mirror)
         self.relays: weakref.WeakSet[Relay] = weakref.WeakSet()
         self.dirty: set[Downstream | UpConnection] = set()
         self.upstream_h2: bool | None = None  # does the app speak h2c? (learnt from its first connection)
@@ -113,7 +115,7 @@ class Hub:
         proto: ClientSide
         if upgrade is not None and self.upstream_h2 is None:
             proto = UpgradeProbe(self, fresh, upgrade, settings, data, original)
-        elif upgrade is None and not len(self.agent.routes):
+        elif upgrade is None and not len(self.agent.routes) and not self.agent.routes.mirrors:
             proto = Relay(self, fresh)
         else:
             proto = Downstream(self, fresh, upgrade, settings)
@@ -172,7 +174,7 @@ class Hub:
 
     def routes_changed(self) -> None:
         """A route was registered: relayed connections must start being routed."""
-        if len(self.agent.routes):
+        if len(self.agent.routes) or self.agent.routes.mirrors:
             for relay in list(self.relays):
                 relay.convert()
 
@@ -197,6 +199,30 @@ class Hub:
             pool = self.developers[route.session_id] = Pool(self, route.session_id)
         pool.attach(stream)
 
+    def copy(self, stream: Stream) -> None:
+        """Start a copy of ``stream`` for each mirror it matches (its own routing is done)."""
+        routes = self.agent.routes
+        if not routes.mirrors:
+            return
+        matching = routes.mirrors_matching(*request_view(stream.headers))
+        if not matching:
+            return
+        headers = stream.headers + stream.down.forwarded if stream.down.forwarded else stream.headers
+        copies = []
+        for route in matching:
+            conn = self.mirrors.get(route.id)
+            if conn is None or not conn.accepting:
+                conn = self.mirrors[route.id] = MirrorConnection(self, route)
+            copy = conn.begin(headers, stream.req_ended)
+            if copy is not None:
+                copies.append(copy)
+        stream.copies = copies or None
+
+    def mirror_gone(self, conn: MirrorConnection) -> None:
+        """``conn`` takes no new copies: the next copy of its mirror opens another connection."""
+        if self.mirrors.get(conn.route.id) is conn:
+            del self.mirrors[conn.route.id]
+
     def flush(self) -> None:
         while self.dirty:
             self.dirty.pop().flush()
@@ -214,7 +240,7 @@ class Stream:
     __slots__ = (
         "down", "sid", "headers", "grpc", "route", "up", "up_id", "pool",
         "to_up", "req_ended", "req_trailers", "sent_end_up", "got_end_up",
-        "to_down", "resp_started", "resp_ended", "resp_trailers", "sent_end_down", "dead",
+        "to_down", "resp_started", "resp_ended", "resp_trailers", "sent_end_down", "dead", "copies",
     )
 
     def __init__(self, down: Downstream, sid: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
@@ -237,6 +263,7 @@ class Stream:
         self.resp_trailers: list[tuple[bytes, bytes]] | None = None
         self.sent_end_down = False
         self.dead = False  # answered or reset: request bytes still arriving are dropped
+        self.copies: list[StreamCopy] | None = None  # for the mirrors it matches (intercept.agent.h2mirror)
 
     # -- request direction -------------------------------------------------------------
 
@@ -462,6 +489,7 @@ class Downstream(ClientSide):
         self.opened = 1
         self.hub.dirty.add(self)
         self.hub.route(stream)
+        self.hub.copy(stream)
         self.hub.flush()
 
     def data_received(self, data: bytes) -> None:
@@ -478,6 +506,9 @@ class Downstream(ClientSide):
             t = type(ev)
             if t is Data:
                 stream = streams.get(ev.stream_id)
+                if stream is not None and stream.copies:
+                    for copy in stream.copies:
+                        copy.data(ev.data, ev.end_stream)
                 if stream is None or stream.dead:
                     self.codec.ack(ev.stream_id, ev.flow_length)
                     continue
@@ -495,8 +526,12 @@ class Downstream(ClientSide):
                     stream = streams[ev.stream_id] = Stream(self, ev.stream_id, ev.headers, ev.end_stream)
                     self.opened += 1
                     self.hub.route(stream)
+                    self.hub.copy(stream)
                 else:  # trailers
                     stream = streams.get(ev.stream_id)
+                    if stream is not None and stream.copies:
+                        for copy in stream.copies:
+                            copy.end_with(ev.headers)
                     if stream is not None and not stream.dead:
                         stream.req_trailers = ev.headers
                         stream.req_ended = True
@@ -520,6 +555,9 @@ class Downstream(ClientSide):
 
     def _abandon(self, stream: Stream, code: int) -> None:
         """The client reset ``stream``: carry the reset to the other side."""
+        if stream.copies:
+            for copy in stream.copies:
+                copy.cancel()
         stream.dead = True
         stream.sent_end_down = True
         if stream.pool is not None:
@@ -553,11 +591,17 @@ class Downstream(ClientSide):
         if not self.closed:
             self.codec.reset(stream.sid, code)
             self.hub.dirty.add(self)
+        if stream.copies:
+            for copy in stream.copies:
+                copy.cancel()
         self.streams.pop(stream.sid, None)
 
     def maybe_done(self, stream: Stream) -> None:
         """Forget ``stream`` once both directions have ended on this connection."""
         if stream.sent_end_down and (stream.req_ended or stream.dead):
+            if stream.copies and not stream.req_ended:  # the rest of the request will not be read
+                for copy in stream.copies:
+                    copy.cancel()
             self.streams.pop(stream.sid, None)
             self.established()
 

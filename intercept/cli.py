@@ -416,12 +416,16 @@ def files_command(ctx: click.Context, path: str, to: Path | None, **_: Any) -> N
 @main.command()
 @click.option("--keep", is_flag=True, help="Leave the processes running after the table is printed (Ctrl-C stops them).")
 @click.option("--grpc", is_flag=True, help="gRPC on HTTP/2 (h2c) instead: the calls share one client connection.")
-def demo(keep: bool, grpc: bool) -> None:
+@click.option("--mirror", is_flag=True, help="Mirror instead: the cluster version answers every request, and a copy of "
+                                             "each one with the header reaches the local version.")
+def demo(keep: bool, grpc: bool, mirror: bool) -> None:
     """Show routing by header without a cluster: real agent, client and two apps on loopback."""
     from intercept.demo import run_demo
 
+    if grpc and mirror:
+        _fail(UsageError("intercept demo: --mirror shows HTTP/1.1 requests; drop --grpc or --mirror"))
     try:
-        ok = run_demo(click.echo, keep=keep, grpc=grpc)
+        ok = run_demo(click.echo, keep=keep, grpc=grpc, mirror=mirror)
     except InterceptError as e:
         _fail(e)
     sys.exit(0 if ok else 1)

@@ -136,7 +136,9 @@ async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow
                                refresh_credentials=agents.refresh if agents else None)
     if agents is None:
         return _Target(options, None, namespace)
-    record = functools.partial(_keep_route_recorded, agents, name, options.route) if route else None
+    # A mirror is not recorded for pods that start later: they would hold its requests as an
+    # intercept's until the session arrives; the fleet registers it there when it connects.
+    record = functools.partial(_keep_route_recorded, agents, name, options.route) if route and not s.mirror else None
     return _Target(options, agents.replicas, namespace, record, _access_plan(s, agents.cluster, namespace))
 
 

@@ -92,7 +92,6 @@ def test_a_stopped_developer_costs_the_client_nothing(agent, local_app, clients)
         os.killpg(client.p.pid, signal.SIGCONT)
     assert statuses == [(200, "cluster")] * 1000
     counts = wait_until_counted(agent, "sam", 1000)
-    print("stopped developer:", counts)
     assert counts["copied"] + counts["dropped"] == 1000
     assert counts["dropped"] >= 1000 - MAX_UNANSWERED  # at most that many waited for the stopped developer
 
@@ -242,3 +241,12 @@ def test_a_stopped_grpc_mirror_costs_the_calls_nothing(grpc_apps, clients):
     counts = wait_until_counted(agent, "kim", 300)
     assert counts["copied"] + counts["dropped"] == 300
     assert counts["dropped"] >= 300 - MAX_UNANSWERED
+
+
+def test_mirror_is_spelt_in_intercept_yaml_the_environment_and_the_api(tmp_path):
+    (tmp_path / "intercept.yaml").write_text("version: 1\nintercepts:\n  - service: orders\n    mirror: true\n"
+                                             "    headers: [x-dev=alice]\n")
+    assert api.make_spec("orders", file=tmp_path / "intercept.yaml").mirror is True
+    assert api.make_spec("orders", env={"INTERCEPT_MIRROR": "true"}).mirror is True
+    assert api.make_spec("orders", mirror=True).mirror is True
+    assert api.make_spec("orders").mirror is False

@@ -542,7 +542,8 @@ def list_command(ctx: click.Context, all_namespaces: bool, output: str, **_: Any
     for r in rows:
         ports = ",".join(f"{p['port']}->{p['containerPort']}" for p in r["ports"]) or "-"
         routes = "-" if not r["routes"] else ", ".join(  # -o json says why an agent did not answer
-            "unknown" if "error" in x else f"{x['holder']} ({x['description']})" for x in r["routes"])
+            "unknown" if "error" in x else f"{x['holder']} ({'mirror of ' if x.get('mirror') else ''}{x['description']})"
+            for x in r["routes"])
         note = "" if r["interceptable"] else "not interceptable: " + (r["reason"] or "").split(";")[0]
         cells = [r["service"], r["workload"] or "-", ports, r["agentVersion"] or ("yes" if r["agent"] else "-"), routes, note]
         table.append(([r["namespace"]] if all_namespaces else []) + cells)

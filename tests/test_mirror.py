@@ -250,3 +250,18 @@ def test_mirror_is_spelt_in_intercept_yaml_the_environment_and_the_api(tmp_path)
     assert api.make_spec("orders", env={"INTERCEPT_MIRROR": "true"}).mirror is True
     assert api.make_spec("orders", mirror=True).mirror is True
     assert api.make_spec("orders").mirror is False
+
+
+def test_a_mirror_holds_a_bounded_number_of_channels_for_a_stopped_developer(agent, local_app, clients):
+    from intercept.agent.mirror import MAX_CHANNELS
+
+    client = start_client(agent, local_app.port, "--mirror", "--header", "x-dev=many-connections", "--name", "mia")
+    clients.append(client)
+    os.killpg(client.p.pid, signal.SIGSTOP)
+    try:
+        apps = [agent.app_of({"x-dev": "many-connections"}) for _ in range(MAX_CHANNELS + 36)]  # a connection each
+    finally:
+        os.killpg(client.p.pid, signal.SIGCONT)
+    assert apps == ["cluster"] * (MAX_CHANNELS + 36)
+    counts = wait_until_counted(agent, "mia", MAX_CHANNELS + 36)
+    assert counts["copied"] + counts["dropped"] == MAX_CHANNELS + 36 and counts["dropped"] >= 36

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib
 import ipaddress
 import logging
@@ -53,6 +54,7 @@ class Agent:
         self.forwarded_headers = config.forwarded_headers
         self.max_connections = config.max_connections
         self.fresh_connections = 0
+        self.mirror_channels: collections.Counter[int] = collections.Counter()  # intercept.agent.mirror
         self.fence = config.fence
         self.files = ServedFiles([*config.mounts, *parse_serve_files(config.serve_files)])
         self._sweeper: asyncio.Task[None] | None = None

@@ -15,8 +15,10 @@ Invariants:
   taken by the developer's end, or written before the channel is open). A larger body is
   streamed while the developer's end keeps taking it; when it does not, the copy is
   abandoned (and its channel closed, since a partial request is on it), never the original.
-- At most :data:`MAX_UNANSWERED` copies wait for an answer on a channel; one more is
-  dropped whole. A paused or dead developer therefore costs a bounded amount of memory.
+- At most :data:`MAX_UNANSWERED` copies wait for an answer on a channel, and a mirror has
+  at most :data:`MAX_CHANNELS` channels at once (one per client connection that has
+  copies); one more copy is dropped whole. A paused or dead developer therefore costs a
+  bounded amount of the agent.
 - Every copy ends counted once on its route: ``copied`` (the developer's process answered
   it) or ``dropped``.
 """
@@ -39,6 +41,7 @@ log = logging.getLogger(__name__)
 MIRROR_BUFFER = 1 << 20  # bytes held per mirror channel while the developer's end does not take them (1 MiB)
 MAX_UNANSWERED = 32  # copies sent on one mirror channel and not answered yet
 MIRROR_LINGER = 10.0  # seconds a channel waits for answers after its client connection ended
+MAX_CHANNELS = 64  # HTTP/1 channels of one mirror at once (client connections with copies in flight)
 
 
 class Copy:
@@ -63,6 +66,8 @@ class MirrorChannel:
     (within :data:`MIRROR_BUFFER`)."""
 
     def __init__(self, dest: Any, route: RegisteredRoute, loop: asyncio.AbstractEventLoop) -> None:
+        self.dest = dest
+        dest.mirror_channels[route.id] += 1  # given back at close
         self.route = route
         self.loop = loop
         self.link: Link | None = None
@@ -160,6 +165,10 @@ class MirrorChannel:
         if self.closed:
             return
         self.closed = True
+        counts = self.dest.mirror_channels
+        counts[self.route.id] -= 1
+        if counts[self.route.id] <= 0:
+            del counts[self.route.id]
         if self.linger is not None:
             self.linger.cancel()
         if self.opening is not None:

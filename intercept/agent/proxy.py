@@ -29,6 +29,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import weakref
 from enum import Enum
@@ -95,6 +96,7 @@ class Destinations(Protocol):
     forwarded_headers: bool  # add the client's address to each request (X-Forwarded-For, Forwarded)
     max_connections: int  # fresh connections allowed at once (0: no cap)
     fresh_connections: int  # connections that have not completed an exchange yet
+    mirror_channels: collections.Counter[int]  # HTTP/1 mirror channels open, by mirror route id
 
     async def open_upstream(self, owner: ClientConnection) -> Link: ...
     async def open_developer(self, route: RegisteredRoute, owner: ClientConnection) -> Link: ...
@@ -493,7 +495,7 @@ class ClientConnection(asyncio.Protocol):
     def _begin_copies(self, head: RequestHead) -> list[Copy] | None:
         """A copy of the request ``head`` for each mirror it matches (on this connection's
         channel to that mirror, opened with the first): the bytes the app gets go to them too."""
-        from intercept.agent.mirror import MirrorChannel
+        from intercept.agent.mirror import MAX_CHANNELS, MirrorChannel
 
         routes = self.dest.routes
         matching = routes.mirrors_matching(head.method, head.target, head.fields(routes.names))
@@ -505,6 +507,9 @@ class ClientConnection(asyncio.Protocol):
         for route in matching:
             channel = self.mirrors.get(route.id)
             if channel is None or channel.closed:
+                if self.dest.mirror_channels[route.id] >= MAX_CHANNELS:
+                    route.dropped += 1  # this mirror has a channel for as many connections as it may
+                    continue
                 channel = self.mirrors[route.id] = MirrorChannel(self.dest, route, self.loop)
             copy = channel.begin(head.method)
             if copy is not None:

@@ -11,7 +11,9 @@ Channels:
   root at its path (the app's ``mountPath``); ``hello`` lists the roots (``files``).
 - The client asks for ``tcpip-forward`` on the pseudo address
   (:data:`FORWARD_HOST`, :data:`FORWARD_PORT`); nothing is bound in the pod. The agent then
-  opens one ``forwarded-tcpip`` channel per routed downstream connection.
+  opens one ``forwarded-tcpip`` channel per routed downstream connection, and for a mirror
+  (``Register(mirror=True)``) one per downstream HTTP/1.1 connection with copies, or one
+  HTTP/2 connection carrying every stream's copy; what comes back on those is discarded.
 - ``direct-tcpip`` to (:data:`FRONT_DOOR_HOST`, :data:`FRONT_DOOR_PORT`) reaches the agent's
   own HTTP listener, so a client can send a request exactly as cluster traffic arrives
   (routed like it). Any other ``direct-tcpip`` is outbound from the pod and needs the agent's

@@ -873,7 +873,8 @@ def leave_command(service: str, namespace: str | None) -> None:
     except InterceptError as e:
         _fail(e)
     for entry in left:
-        route = f": {entry.route} go to the cluster again" if entry.route else ""
+        gone = "stop coming here" if entry.route and entry.route.startswith("copies of ") else "go to the cluster again"
+        route = f": {entry.route} {gone}" if entry.route else ""
         click.echo(f"intercept: left: {entry.label} (pid {entry.pid}){route}")
 
 

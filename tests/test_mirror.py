@@ -145,6 +145,11 @@ def test_status_shows_a_mirrors_copied_and_dropped(agent, local_app, tmp_path):
         assert [r["mirrored"] for r in rows] == [{"copied": 2, "dropped": 0}]
         table = subprocess.run(INTERCEPT + ["status"], env=env, capture_output=True, check=True, text=True).stdout
         assert "copies of requests with x-dev: counted (copied 2, dropped 0)" in table
+        left = subprocess.run(INTERCEPT + ["leave", f"127.0.0.1:{agent.ssh_port}"], env=env, capture_output=True,
+                              check=True, text=True).stdout
+        assert left.endswith(": copies of requests with x-dev: counted stop coming here\n")
+        assert client.finish() == 0
+        assert client.lines[-1] == "intercept: left: copies of requests with x-dev: counted stop coming here"
     finally:
         client.stop()
 

@@ -209,7 +209,7 @@ class Fleet:
             await self._close_all(self.leave_grace if self._error is None else 0.0)
         if self._error is not None:
             raise self._error
-        self._report(Event("left", f"{self.options.describe()} go to the cluster again", route=self.options.describe()))
+        self._report(Event("left", f"{self.options.describe()} {self.options.gone}", route=self.options.describe()))
 
     def connection(self) -> Any:
         """A live SSH connection to any agent of the set (for outbound dials), or None."""
@@ -529,7 +529,7 @@ class Fleet:
         busy = self.door.busy
         if sessions and busy and grace > 0 and not self.hurry.is_set():
             what = f"{busy} response{'s' if busy != 1 else ''} in flight"
-            self._report(Event("leaving", f"{self.options.describe()} go to the cluster again; letting {what} finish "
+            self._report(Event("leaving", f"{self.options.describe()} {self.options.gone}; letting {what} finish "
                                           f"(up to {grace:g}s; Ctrl-C again to leave now)", route=self.options.describe()))
             drained = asyncio.ensure_future(self.door.drained(grace))
             hurried = asyncio.ensure_future(self.hurry.wait())

@@ -53,6 +53,11 @@ class InterceptOptions:
         what = f"requests with {self.route.describe()}" if self.route.rules else "all requests"
         return f"copies of {what}" if self.mirror else what
 
+    @property
+    def gone(self) -> str:
+        """What leaving does to the traffic, said after :meth:`describe`."""
+        return "stop coming here" if self.mirror else "go to the cluster again"
+
 
 # Requests that only an agent with the feature understands (protocol.FEATURES).
 _FEATURE_OF = {protocol.CheckOutbound: "check-outbound", protocol.SetClusterRoutes: "signed-pushes"}

@@ -49,6 +49,40 @@ def test_floods_and_broken_frames_end_the_connection_with_one_code(case, code):
         assert (seen.closed, seen.goaway) == (True, code), (kind, seen.summary())
 
 
+@pytest.mark.parametrize("case", ["a-malformed-field-then-a-field-bomb", "a-field-bomb-on-a-closed-stream",
+                                  "a-field-bomb-on-a-refused-stream"])
+def test_a_block_of_more_fields_than_allowed_ends_the_connection_before_it_is_decoded(case, monkeypatch):
+    # fields nobody keeps (after a malformed one, on a stream that is over or refused) count
+    # too: 147,000 one-byte fields are not decoded one by one on the event loop
+    from intercept.routing.h2engine import _Decoder
+
+    decoded = []
+    real = _Decoder._field
+    monkeypatch.setattr(_Decoder, "_field", lambda self, header: (decoded.append(1), real(self, header))[1])
+    for kind in diff.CODECS:
+        seen = outcome(kind, [b"".join(CORPUS[case])])
+        assert (seen.closed, seen.goaway) == (True, ENHANCE_YOUR_CALM), (kind, seen.summary())
+    assert len(decoded) < 2000
+
+
+@pytest.mark.parametrize("malformed_first", [False, True])
+def test_the_h2_decoder_counts_the_fields_it_decodes_for_the_hpack_state_only(malformed_first):
+    # without Intake before it: a block ignored (start(None)), or whose first field is
+    # malformed, is refused past the field limit, not decoded to its end
+    import hpack
+
+    from intercept.routing.h2engine import _Decoder
+
+    decoder = _Decoder(64 << 10, 1024)
+    decoder.start(False if malformed_first else None)
+    decoded = []
+    real = decoder._field
+    decoder._field = lambda header: (decoded.append(1), real(header))[1]
+    with pytest.raises(hpack.OversizedHeaderListError):
+        decoder.decode((b"\x00\x01A\x01x" if malformed_first else b"") + b"\x82" * 100_000, raw=True)
+    assert len(decoded) == 1025
+
+
 def test_a_tiny_data_flood_is_stopped_before_either_codec_reads_it():
     # 12,000 one-byte DATA frames: what reached the app is what came before the limit
     for kind in diff.CODECS:

@@ -151,7 +151,7 @@ class Codec:
         )
         self.client = client
         self.conn = Connection(config) if client else ServerConnection(config, MAX_HEADER_LIST, MAX_HEADER_COUNT)
-        self.intake = None if client else Intake(clock, MAX_FRAME)
+        self.intake = None if client else Intake(clock, MAX_FRAME, MAX_HEADER_COUNT)
         self._answered: set[int] = set()  # server: streams whose response has begun and not ended
         self._client_left: int | None = None  # server: the code of the client's GOAWAY
         self.conn.local_settings = h2.settings.Settings(

@@ -326,9 +326,13 @@ class _Decoder(hpack.Decoder):
     A name or value whose length says more than 64 KiB is a COMPRESSION_ERROR as soon as
     that length is read. Each field is checked as it is decoded (:class:`FieldRules`):
     those after the first malformed one (the stream is then refused) are decoded for the
-    HPACK state only, as are those of a block that is ignored. Of the others, more than
-    ``max_header_count`` fields or ``max_header_list_size`` bytes (RFC 9113's count: 32
-    more per field) are an ENHANCE_YOUR_CALM.
+    HPACK state only, as are those of a block that is ignored. Every field is counted,
+    whatever block it is in: more than ``max_header_count`` fields in one block are an
+    ENHANCE_YOUR_CALM (``Intake`` counts them from the bytes before this decoder runs;
+    this bounds the decoder on its own too), and so are more than
+    ``max_header_list_size`` bytes (RFC 9113's count: 32 more per field) of the fields a
+    request or trailers keep. The fields of an ignored block, or after a malformed one,
+    are not kept, and libnghttp2 does not size them: their count bounds what they cost.
     """
 
     def __init__(self, max_header_list_size: int, max_header_count: int) -> None:
@@ -346,6 +350,9 @@ class _Decoder(hpack.Decoder):
         self.size = self.count = 0
 
     def _field(self, header):  # type: ignore[no-untyped-def]
+        self.count += 1
+        if self.count > self.count_limit:
+            raise hpack.OversizedHeaderListError(f"a header block of more than {self.count_limit} fields")
         rules = self.rules
         if rules is None:
             return
@@ -353,11 +360,9 @@ class _Decoder(hpack.Decoder):
         if self.malformed is not None:
             self.rules = None
             return
-        self.count += 1
         self.size += 32 + len(header[0]) + len(header[1])
-        if self.count > self.count_limit or self.size > self.list_limit:
-            raise hpack.OversizedHeaderListError(f"a header list of more than {self.count_limit} fields or "
-                                                 f"{self.list_limit} bytes")
+        if self.size > self.list_limit:
+            raise hpack.OversizedHeaderListError(f"a header list of more than {self.list_limit} bytes")
 
     def _decode_indexed(self, data):  # type: ignore[no-untyped-def]
         header, consumed = super()._decode_indexed(data)

@@ -43,7 +43,7 @@ class NgCodec:
 
     def __init__(self, client: bool, clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
-        self.intake = None if client else Intake(clock, h2codec.MAX_FRAME)
+        self.intake = None if client else Intake(clock, h2codec.MAX_FRAME, h2codec.MAX_HEADER_COUNT)
         self._reported: set[int] = set()  # server: streams whose request was reported and that are not closed
         self._ending: set[int] = set()  # server: streams reset by the client or the agent, until closed
         config = ngh2.Configuration(

@@ -126,7 +126,7 @@ def test_every_stream_of_a_connection_gets_the_agents_forwarded_entry(h2_agent):
 
 # -- malformed HTTP/2 ---------------------------------------------------------------------
 
-NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0, 1, 3, 5, 6, 9, 11
+NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0, 1, 3, 5, 6, 8, 9, 11
 
 
 def headers_frame(stream_id: int, encoder: hpack.Encoder, extra=(), flags=("END_HEADERS", "END_STREAM")) -> bytes:
@@ -474,6 +474,70 @@ def test_h2_connections_with_no_stream_open_are_closed_after_the_header_timeout(
                 assert [(f.error_code, f.last_stream_id) for f in goaways] == [(NO_ERROR, last)]
         app.gate.release()  # idle for longer than either, but never without a stream: still served
         assert list(ticks) == [b"tick 1 from cluster"]
+
+
+# -- streams that stop: reset, so that they hold no place and no app stream -----------------
+
+
+@pytest.fixture(params=["h2", "ngh2"])
+def stalling_agent(request, tmp_path, clients):
+    """(agent, app): --header-timeout 0.5, --hold-timeout 1, a route registered (streams are
+    terminated), an app that takes one stream per connection, on each codec."""
+    if request.param == "ngh2":
+        pytest.importorskip("ngh2", reason="the ngh2 codec is not installed (pip install -e '.[test]')")
+    app = GrpcApp("cluster", max_concurrent_streams=1)
+    agent = start_agent(tmp_path, app.port, "--header-timeout", "0.5", "--hold-timeout", "1",
+                        env={"INTERCEPT_H2_CODEC": request.param})
+    clients.append(start_client(agent, free_port(), "--header", "x-dev=alice", "--name", "alice"))
+    yield agent, app
+    app.release.set()
+    agent.proc.stop()
+    app.close()
+
+
+def open_request(stream_id: int, encoder: hpack.Encoder, path: str) -> bytes:
+    """HEADERS of a gRPC call without END_STREAM: its request goes on, or never does."""
+    f = HeadersFrame(stream_id, flags={"END_HEADERS"})
+    f.data = encoder.encode([(":method", "POST"), (":scheme", "http"), (":authority", "a"), (":path", path),
+                             ("content-type", "application/grpc"), ("te", "trailers")])
+    return f.serialize()
+
+
+def test_a_stream_whose_request_never_ends_is_reset_after_the_header_timeout(stalling_agent):
+    agent, _ = stalling_agent
+    with h2_connection(agent.http_port) as s:
+        s.sendall(open_request(1, hpack.Encoder(), "/test.Echo/Unary"))  # then nothing
+        frames = parse(until_closed(s))
+    assert [(f.stream_id, f.error_code) for f in frames if isinstance(f, RstStreamFrame)] == [(1, CANCEL)]
+    # its connection then has no stream open: GOAWAY, and its place is free
+    assert [(f.error_code, f.last_stream_id) for f in frames if isinstance(f, GoAwayFrame)] == [(NO_ERROR, 1)]
+
+
+def test_a_response_sent_whole_while_its_request_is_open_ends_the_stream_with_no_error(stalling_agent):
+    # RFC 9113 8.1: the app answered (UNIMPLEMENTED, trailers-only) before the request
+    # ended; the client is told to stop sending, and the stream holds nothing any more
+    agent, _ = stalling_agent
+    with h2_connection(agent.http_port) as s:
+        s.sendall(open_request(1, hpack.Encoder(), "/no.Such/Method"))
+        frames = parse(until_closed(s))
+    ends = [(type(f).__name__, f.stream_id) for f in frames
+            if isinstance(f, RstStreamFrame) or isinstance(f, HeadersFrame) and "END_STREAM" in f.flags]
+    assert ends == [("HeadersFrame", 1), ("RstStreamFrame", 1)]
+    assert [f.error_code for f in frames if isinstance(f, RstStreamFrame)] == [NO_ERROR]
+
+
+def test_a_stream_that_finds_no_room_at_the_app_is_answered_after_the_hold_timeout(stalling_agent):
+    from intercept.agent.h2proxy import MAX_CONNECTIONS
+
+    agent, app = stalling_agent
+    with channel(agent.http_port) as c:
+        held = [c.unary_unary("/test.Echo/Hold").future(b"", timeout=60) for _ in range(MAX_CONNECTIONS)]
+        app.wait_until(lambda: app.active == MAX_CONNECTIONS)  # every connection the pool may open is busy
+        with pytest.raises(grpc.RpcError) as e:
+            c.unary_unary("/test.Echo/Unary")(b"hi", timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "--hold-timeout" in e.value.details()
+        app.release.set()
+        assert [f.result() for f in held] == [b"held by cluster"] * MAX_CONNECTIONS
 
 
 # -- while no route could apply: a relay, converted when the first route appears -----------

@@ -39,7 +39,11 @@ Invariants:
   specification names, on its connection only.
 - A client connection counts against ``--max-connections`` until one of its streams has
   completed (as on HTTP/1.1, until an exchange has), and is closed once it has had no
-  stream open for ``--header-timeout`` (:meth:`ClientSide.expire`).
+  stream open for ``--header-timeout`` (:meth:`ClientSide.expire`). A stream whose request
+  is still open and that moves nothing either way for ``--header-timeout`` is reset
+  (CANCEL, :meth:`Downstream.expire`); one whose response was sent whole while its request
+  is still open is reset NO_ERROR (RFC 9113 section 8.1); a stream waits for room in a
+  pool up to the hold timeout. So no stream holds a place, or an app's stream, for ever.
 """
 
 from __future__ import annotations
@@ -215,6 +219,7 @@ class Stream:
         "down", "sid", "headers", "grpc", "route", "up", "up_id", "pool",
         "to_up", "req_ended", "req_trailers", "sent_end_up", "got_end_up",
         "to_down", "resp_started", "resp_ended", "resp_trailers", "sent_end_down", "dead",
+        "moved", "stall", "wait_timer",
     )
 
     def __init__(self, down: Downstream, sid: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
@@ -237,6 +242,9 @@ class Stream:
         self.resp_trailers: list[tuple[bytes, bytes]] | None = None
         self.sent_end_down = False
         self.dead = False  # answered or reset: request bytes still arriving are dropped
+        self.moved = 0  # frames that moved the stream on, either way (ClientSide.expire watches it)
+        self.stall: tuple[int, float] = (-1, 0.0)  # (moved, since when) at the sweeper's last look
+        self.wait_timer: asyncio.TimerHandle | None = None  # while waiting in a pool: the hold timeout
 
     # -- request direction -------------------------------------------------------------
 
@@ -483,6 +491,7 @@ class Downstream(ClientSide):
                     continue
                 if ev.flow_length > len(ev.data):
                     self.codec.ack(ev.stream_id, ev.flow_length - len(ev.data))  # padding
+                stream.moved += 1
                 if ev.data:
                     stream.to_up.append(ev.data)
                 if ev.end_stream:
@@ -498,6 +507,7 @@ class Downstream(ClientSide):
                 else:  # trailers
                     stream = streams.get(ev.stream_id)
                     if stream is not None and not stream.dead:
+                        stream.moved += 1
                         stream.req_trailers = ev.headers
                         stream.req_ended = True
                         stream.pump_up()
@@ -556,13 +566,55 @@ class Downstream(ClientSide):
         self.streams.pop(stream.sid, None)
 
     def maybe_done(self, stream: Stream) -> None:
-        """Forget ``stream`` once both directions have ended on this connection."""
-        if stream.sent_end_down and (stream.req_ended or stream.dead):
-            self.streams.pop(stream.sid, None)
+        """Forget ``stream`` once its response has been sent whole (or it ended otherwise).
+
+        A request still open then is not wanted any more (RFC 9113 section 8.1): the client
+        gets RST_STREAM NO_ERROR and the app's stream is cancelled, so that neither side
+        keeps a stream open that nobody will end. The connection is established only by a
+        stream whose request and response both completed."""
+        if not stream.sent_end_down:
+            return
+        complete = stream.req_ended
+        if not complete:
+            stream.req_ended = stream.dead = True
+            stream._drop_up_queue()
+            if not self.closed:
+                self.codec.reset(stream.sid, NO_ERROR)
+                self.hub.dirty.add(self)
+            up = stream.up
+            if up is not None and not up.closed and not stream.sent_end_up:
+                stream.sent_end_up = True
+                up.codec.reset(stream.up_id, CANCEL)
+                self.hub.dirty.add(up)
+                up.forget(stream)
+        if self.streams.pop(stream.sid, None) is not None and complete:
             self.established()
 
     def streams_opened(self) -> tuple[int, bool]:
         return self.opened, bool(self.streams)
+
+    def expire(self, now: float, timeout: float) -> None:
+        """Also reset each stream whose request is still open and that has moved nothing
+        either way for ``timeout`` while nothing of it waited for the app's window (HEADERS
+        without END_STREAM, then silence): RST_STREAM CANCEL, cancelled toward the app."""
+        stalled = []
+        for stream in self.streams.values():
+            if stream.req_ended or stream.dead or stream.to_up:
+                stream.stall = (-1, 0.0)
+            elif stream.stall[0] != stream.moved:
+                stream.stall = (stream.moved, now)
+            elif now - stream.stall[1] > timeout:
+                stalled.append(stream)
+        for stream in stalled:
+            log.info("HTTP/2 stream %d from %s reset: its request stopped arriving for %gs (--header-timeout)",
+                     stream.sid, self.transport.get_extra_info("peername"), timeout)
+            self.streams.pop(stream.sid, None)
+            self._abandon(stream, CANCEL)
+            self.codec.reset(stream.sid, CANCEL)
+            self.hub.dirty.add(self)
+        super().expire(now, timeout)
+        if stalled:
+            self.hub.flush()
 
     def close_idle(self) -> None:
         self.codec.goaway(NO_ERROR)
@@ -682,6 +734,7 @@ class UpConnection:
                     continue
                 if ev.flow_length > len(ev.data):
                     self.codec.ack(ev.stream_id, ev.flow_length - len(ev.data))
+                stream.moved += 1
                 if ev.data:
                     stream.to_down.append(ev.data)
                     stream.down.held += len(ev.data)
@@ -696,6 +749,7 @@ class UpConnection:
                 stream = streams.get(ev.stream_id)
                 if stream is None or stream.sent_end_down:
                     continue
+                stream.moved += 1
                 if ev.kind == Headers.TRAILERS:
                     stream.resp_trailers = ev.headers
                     stream.resp_ended = stream.got_end_up = True
@@ -849,19 +903,38 @@ class Pool:
                 return
         stream.pool = self
         self.waiting.append(stream)
+        hold = self.hub.agent.config.hold_timeout
+        stream.wait_timer = asyncio.get_running_loop().call_later(hold, self._waited_too_long, stream, hold)
         self._grow()
+
+    def _waited_too_long(self, stream: Stream, hold: float) -> None:
+        """``stream`` found no room here within the hold timeout: answered UNAVAILABLE (or 502)."""
+        stream.wait_timer = None
+        if stream.pool is not self:
+            return
+        if self.opening:  # a connection being opened answers it: it has a bound of its own (_open)
+            stream.wait_timer = asyncio.get_running_loop().call_later(hold, self._waited_too_long, stream, hold)
+            return
+        self.unwait(stream)
+        stream.fail(f"{self.where} had no room for another stream within {hold:g}s (--hold-timeout)")
+        self.hub.flush()
+
+    def _take(self) -> Stream:
+        """The first waiting stream, which leaves the queue."""
+        return _left(self.waiting.popleft())
 
     def unwait(self, stream: Stream) -> None:
         try:
             self.waiting.remove(stream)
         except ValueError:
             pass
+        _left(stream)
         stream.pool = None
 
     def room(self, conn: UpConnection) -> None:
         waiting = self.waiting
         while waiting and conn.has_room():
-            conn.start(waiting.popleft())
+            conn.start(self._take())
         if waiting:
             self._grow()
 
@@ -901,14 +974,14 @@ class Pool:
         except RouteGone:
             waiting, self.waiting = self.waiting, deque()
             for stream in waiting:
-                stream.pool = None
+                _left(stream).pool = None
                 self.hub.route(stream)
             self.hub.flush()
             return
         except Unavailable as e:
             waiting, self.waiting = self.waiting, deque()
             for stream in waiting:
-                stream.pool = None
+                _left(stream).pool = None
                 stream.fail(e.reason)
             self.hub.flush()
             return
@@ -931,8 +1004,16 @@ class Pool:
             conn.close(reason)
         waiting, self.waiting = self.waiting, deque()
         for stream in waiting:  # they never reached the developer: route them again
-            stream.pool = None
+            _left(stream).pool = None
             self.hub.route(stream)
+
+
+def _left(stream: Stream) -> Stream:
+    """``stream`` left a pool's queue: its hold timeout no longer runs."""
+    if stream.wait_timer is not None:
+        stream.wait_timer.cancel()
+        stream.wait_timer = None
+    return stream
 
 
 class UpgradeProbe(ClientSide):

@@ -370,13 +370,25 @@ def read_frames(sock: socket.socket, count: int) -> list[Frame]:
     """The next ``count`` frames (fewer if the connection ends)."""
     frames = []
     while len(frames) < count:
-        head = sock.recv(9, socket.MSG_WAITALL)
+        head = recv_exactly(sock, 9)
         if len(head) < 9:
             break
         f, length = Frame.parse_frame_header(memoryview(head))
-        f.parse_body(memoryview(sock.recv(length, socket.MSG_WAITALL) if length else b""))
+        f.parse_body(memoryview(recv_exactly(sock, length)))
         frames.append(f)
     return frames
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes, or fewer if the connection ends (MSG_WAITALL does not wait on a socket
+    with a timeout)."""
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return got
 
 
 def test_a_client_that_reads_nothing_stalls_no_one_else(codec_agent):
@@ -403,6 +415,48 @@ def test_what_a_client_leaves_unread_is_bounded_by_resetting_the_streams_past_th
         assert {f.error_code for f in resets} == {ENHANCE_YOUR_CALM}
     with channel(codec_agent.http_port) as c:
         assert app_of(c) == "cluster"
+
+
+def test_a_response_held_for_a_client_is_let_go_when_it_resets_the_stream_after_the_apps_goaway(h2_agent):
+    # each round: a response the client does not read (its window is 0) held in the agent,
+    # the app's GOAWAY and close, then the client's reset: what was held is let go, so the
+    # rounds never add up to the connection's limit (its streams would be reset past it)
+    from intercept.agent.h2proxy import HELD_LIMIT
+
+    size = 900_000  # within a stream's window: the app sends it all
+    enc = hpack.Encoder()
+
+    def request(sid: int, path: str, *extra: tuple[str, str]) -> bytes:
+        f = HeadersFrame(sid, flags={"END_HEADERS", "END_STREAM"})
+        f.data = enc.encode([(":method", "GET"), (":scheme", "http"), (":authority", "a"), (":path", path), *extra])
+        return f.serialize()
+
+    with socket.create_connection(("127.0.0.1", h2_agent.http_port), timeout=30) as s:
+        s.sendall(PREFACE + SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0}).serialize())
+        sid = 1
+        for _ in range(HELD_LIMIT // size + 2):
+            # the app answers both on one connection, in order: the second's end comes once
+            # the agent holds the whole first
+            held, last = sid, sid + 2
+            s.sendall(request(held, f"/bytes/{size}") + request(last, "/bytes/0", ("x-goaway", "1")))
+            frames = []
+            while not any(f.stream_id == last and "END_STREAM" in f.flags for f in frames):
+                frames += read_frames(s, 1)
+            assert not [f for f in frames if isinstance(f, (RstStreamFrame, GoAwayFrame))]
+            s.sendall(RstStreamFrame(held, error_code=CANCEL).serialize())
+            sid += 4
+        # and a response read in full still comes whole
+        s.sendall(SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 1 << 20}).serialize()
+                  + WindowUpdateFrame(0, window_increment=1 << 30).serialize() + request(sid, f"/bytes/{size}"))
+        got = 0
+        while True:
+            (f,) = read_frames(s, 1)
+            assert not isinstance(f, (RstStreamFrame, GoAwayFrame)), f
+            if f.stream_id == sid and isinstance(f, DataFrame):
+                got += len(f.data)
+            if f.stream_id == sid and "END_STREAM" in f.flags:
+                break
+        assert got == size
 
 
 # -- counted and expired as HTTP/1.1 connections are ---------------------------------------

@@ -534,9 +534,9 @@ class Downstream(ClientSide):
         stream.sent_end_down = True
         if stream.pool is not None:
             stream.pool.unwait(stream)
+        stream._drop_down_queue()  # (whatever became of the app's side: held counts it)
         up = stream.up
         if up is not None and not up.closed:
-            stream._drop_down_queue()
             up.codec.reset(stream.up_id, code)
             self.hub.dirty.add(up)
             up.forget(stream)

@@ -459,6 +459,60 @@ def test_a_response_held_for_a_client_is_let_go_when_it_resets_the_stream_after_
         assert got == size
 
 
+def get(sid: int, enc: hpack.Encoder, path: str, *extra: tuple[str, str]) -> bytes:
+    f = HeadersFrame(sid, flags={"END_HEADERS", "END_STREAM"})
+    f.data = enc.encode([(":method", "GET"), (":scheme", "http"), (":authority", "a"), (":path", path), *extra])
+    return f.serialize()
+
+
+def test_what_all_clients_leave_unread_is_bounded_and_a_reading_client_is_still_served(h2_agent):
+    # connection after connection leaves 3.6 MB unread (under its own limit); past the
+    # agent's budget, the connection that leaves most has its streams reset
+    from intercept.agent.h2proxy import AGENT_HELD_LIMIT, HELD_LIMIT
+
+    size = 900_000  # within a stream's window: the app sends it all, the agent holds it all
+    per_connection = HELD_LIMIT // size
+    connections = []
+    try:
+        for _ in range(AGENT_HELD_LIMIT // (per_connection * size) + 2):
+            s = socket.create_connection(("127.0.0.1", h2_agent.http_port), timeout=30)
+            connections.append(s)
+            enc = hpack.Encoder()
+            held = [2 * i + 1 for i in range(per_connection)]
+            marker = 2 * per_connection + 1  # answered after the others, on the same app connection
+            s.sendall(PREFACE + SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0}).serialize()
+                      + b"".join(get(sid, enc, f"/bytes/{size}") for sid in held) + get(marker, enc, "/bytes/0"))
+            frames = []
+            while not any(f.stream_id == marker and "END_STREAM" in f.flags for f in frames):
+                frames += read_frames(s, 1)
+        unread = 0
+        reset = 0
+        for s in connections:  # what each has been told so far: a PING's answer comes after it
+            s.sendall(PingFrame(0, opaque_data=b"counted!").serialize())
+            frames = []
+            while not any(isinstance(f, PingFrame) and "ACK" in f.flags for f in frames):
+                frames += read_frames(s, 1)
+            resets = {f.stream_id for f in frames if isinstance(f, RstStreamFrame) and f.error_code == ENHANCE_YOUR_CALM}
+            reset += bool(resets)
+            unread += (per_connection - len(resets)) * size
+        assert reset >= 2 and unread <= AGENT_HELD_LIMIT
+        with socket.create_connection(("127.0.0.1", h2_agent.http_port), timeout=30) as s:
+            s.sendall(PREFACE + SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 1 << 20}).serialize()
+                      + WindowUpdateFrame(0, window_increment=1 << 30).serialize() + get(1, hpack.Encoder(), f"/bytes/{size}"))
+            got = 0
+            while True:
+                (f,) = read_frames(s, 1)
+                assert not isinstance(f, (RstStreamFrame, GoAwayFrame)), f
+                if f.stream_id == 1 and isinstance(f, DataFrame):
+                    got += len(f.data)
+                if f.stream_id == 1 and "END_STREAM" in f.flags:
+                    break
+            assert got == size
+    finally:
+        for s in connections:
+            s.close()
+
+
 # -- counted and expired as HTTP/1.1 connections are ---------------------------------------
 
 

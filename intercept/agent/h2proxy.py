@@ -29,7 +29,8 @@ Invariants:
   (:data:`~intercept.routing.h2codec.SHARED_CONNECTION_WINDOW`), so streams whose client
   does not read cannot stall the other clients' streams on it; what one client connection
   leaves unread is bounded by :data:`HELD_LIMIT`, past which the stream that passes it is
-  reset (ENHANCE_YOUR_CALM).
+  reset (ENHANCE_YOUR_CALM), and what all of them leave by :data:`AGENT_HELD_LIMIT`, past
+  which the connection that leaves most has its streams reset (ENHANCE_YOUR_CALM).
 - A pool respects its peer's SETTINGS_MAX_CONCURRENT_STREAMS: a stream waits for room
   or for another connection; it is never failed for lack of room.
 - A stream whose developer cannot be reached is held up to the hold timeout, then
@@ -82,8 +83,11 @@ log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 8  # per pool; beyond, streams wait for room
 READY_TIMEOUT = 10.0  # for a new upstream connection's SETTINGS
 # Response bytes one client connection may leave unread in the agent (each stream holds at
-# most its window, STREAM_WINDOW): sixteen streams' worth.
-HELD_LIMIT = 16 * h2codec.STREAM_WINDOW
+# most its window, STREAM_WINDOW): four streams' worth.
+HELD_LIMIT = 4 * h2codec.STREAM_WINDOW
+# Response bytes all clients together may leave unread in the agent: past it, the client
+# connection that leaves most has its streams reset (the agent's memory limit is 128 Mi).
+AGENT_HELD_LIMIT = 32 << 20
 
 _SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
 
@@ -102,6 +106,8 @@ class Hub:
         self.developers: dict[str, Pool] = {}
         self.relays: weakref.WeakSet[Relay] = weakref.WeakSet()
         self.dirty: set[Downstream | UpConnection] = set()
+        self.downstreams: set[Downstream] = set()  # open client connections (terminated)
+        self.held = 0  # response bytes held for all of them (the sum of their ``held``)
         self.upstream_h2: bool | None = None  # does the app speak h2c? (learnt from its first connection)
         self._probe: asyncio.Task[bool | None] | None = None
 
@@ -201,6 +207,14 @@ class Hub:
             pool = self.developers[route.session_id] = Pool(self, route.session_id)
         pool.attach(stream)
 
+    def over_budget(self) -> None:
+        """More than :data:`AGENT_HELD_LIMIT` is held for clients: the connection that
+        leaves most unread loses its streams that hold bytes, until under the limit."""
+        while self.held > AGENT_HELD_LIMIT:
+            down = max(self.downstreams, key=lambda d: d.held, default=None)
+            if down is None or not down.held or not down.shed():
+                return
+
     def flush(self) -> None:
         while self.dirty:
             self.dirty.pop().flush()
@@ -298,7 +312,7 @@ class Stream:
         """Forget the response bytes the client has not taken; returns how many there were."""
         n = sum(map(len, self.to_down))
         self.to_down.clear()
-        self.down.held -= n
+        self.down.hold(-n)
         return n
 
     def _drop_down_queue(self) -> None:
@@ -332,7 +346,7 @@ class Stream:
                     piece = queue.popleft()
                 last = not queue and self.resp_ended and self.resp_trailers is None
                 codec.send_data(sid, piece, end_stream=last)
-                down.held -= len(piece)
+                down.hold(-len(piece))
                 if up is not None and not up.closed:
                     up.codec.ack(self.up_id, len(piece))
                 if last:
@@ -374,7 +388,7 @@ class Stream:
             if body:
                 self.respond(headers, False)
                 self.to_down.append(body)
-                self.down.held += len(body)
+                self.down.hold(len(body))
                 self.resp_ended = True
                 self.pump_down()
             else:
@@ -450,6 +464,7 @@ class Downstream(ClientSide):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.loop = asyncio.get_running_loop()
+        self.hub.downstreams.add(self)
         self.watch()
         if self.hub.agent.forwarded_headers:
             peer = transport.get_extra_info("peername")
@@ -541,6 +556,25 @@ class Downstream(ClientSide):
             self.hub.dirty.add(up)
             up.forget(stream)
         stream._drop_up_queue()
+
+    def hold(self, n: int) -> None:
+        """``n`` more response bytes held for this client (fewer, if negative)."""
+        self.held += n
+        self.hub.held += n
+
+    def shed(self) -> bool:
+        """This connection leaves the most unread while the agent holds too much: its
+        streams that hold bytes are reset (ENHANCE_YOUR_CALM). False if none did."""
+        holding = [stream for stream in self.streams.values() if stream.to_down]
+        log.info("HTTP/2 connection from %s leaves %d bytes of responses unread while the agent holds over %d: "
+                 "its %d streams holding bytes are reset", self.transport.get_extra_info("peername"), self.held,
+                 AGENT_HELD_LIMIT, len(holding))
+        for stream in holding:
+            self.streams.pop(stream.sid, None)
+            self._abandon(stream, CANCEL)
+            self.codec.reset(stream.sid, ENHANCE_YOUR_CALM)
+        self.hub.dirty.add(self)
+        return bool(holding)
 
     def overflow(self, stream: Stream) -> None:
         """The client leaves more than :data:`HELD_LIMIT` of responses unread: ``stream``,
@@ -644,6 +678,7 @@ class Downstream(ClientSide):
         self.established()
         self.hub.agent.connections.discard(self)
         self.hub.dirty.discard(self)
+        self.hub.downstreams.discard(self)
         for stream in list(self.streams.values()):
             self._abandon(stream, CANCEL)
         self.streams.clear()
@@ -737,7 +772,7 @@ class UpConnection:
                 stream.moved += 1
                 if ev.data:
                     stream.to_down.append(ev.data)
-                    stream.down.held += len(ev.data)
+                    stream.down.hold(len(ev.data))
                 if ev.end_stream:
                     stream.resp_ended = stream.got_end_up = True
                 stream.pump_down()
@@ -745,6 +780,8 @@ class UpConnection:
                     stream.down.overflow(stream)
                 elif ev.end_stream:
                     self.maybe_done(stream)
+                if self.hub.held > AGENT_HELD_LIMIT:
+                    self.hub.over_budget()
             elif t is Headers:
                 stream = streams.get(ev.stream_id)
                 if stream is None or stream.sent_end_down:

@@ -63,8 +63,9 @@ CONNECTION_WINDOW = 4 << 20
 # As a client (toward the app or a developer's process) one connection carries the
 # streams of many clients at once: its connection window is the largest there is, so
 # that the bytes held for clients that read slowly never use up the window the others
-# need. What the agent holds is bounded per stream (STREAM_WINDOW) and per client
-# connection (intercept.agent.h2proxy.HELD_LIMIT) instead.
+# need. What the agent holds is bounded per stream (STREAM_WINDOW), per client
+# connection (intercept.agent.h2proxy.HELD_LIMIT) and for all clients together
+# (intercept.agent.h2proxy.AGENT_HELD_LIMIT) instead.
 SHARED_CONNECTION_WINDOW = 2**31 - 1
 MAX_FRAME = 1 << 16
 MAX_HEADER_LIST = 64 << 10

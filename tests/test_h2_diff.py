@@ -41,6 +41,10 @@ def test_a_malformed_request_is_refused_on_its_stream_by_both_codecs(case):
 @pytest.mark.parametrize(("case", "code"), [("tiny-data-flood", ENHANCE_YOUR_CALM), ("continuation-flood", ENHANCE_YOUR_CALM),
                                             ("settings-flood", ENHANCE_YOUR_CALM), ("ping-flood", ENHANCE_YOUR_CALM),
                                             ("rapid-reset", ENHANCE_YOUR_CALM), ("malformed-stream-flood", ENHANCE_YOUR_CALM),
+                                            ("window-update-flood", ENHANCE_YOUR_CALM),
+                                            ("window-update-flood-on-a-closed-stream", ENHANCE_YOUR_CALM),
+                                            ("rst-on-a-closed-stream-flood", ENHANCE_YOUR_CALM),
+                                            ("goaway-flood", ENHANCE_YOUR_CALM),
                                             ("window-overflow-stream", FLOW_CONTROL_ERROR),
                                             ("settings-ack-with-payload", FRAME_SIZE_ERROR)])
 def test_floods_and_broken_frames_end_the_connection_with_one_code(case, code):
@@ -81,6 +85,23 @@ def test_the_h2_decoder_counts_the_fields_it_decodes_for_the_hpack_state_only(ma
     with pytest.raises(hpack.OversizedHeaderListError):
         decoder.decode((b"\x00\x01A\x01x" if malformed_first else b"") + b"\x82" * 100_000, raw=True)
     assert len(decoded) == 1025
+
+
+def test_window_updates_in_one_read_are_reported_once_per_stream():
+    # each report costs the proxy a pass over the connection's streams (up to 256)
+    from hyperframe.frame import SettingsFrame, WindowUpdateFrame
+
+    from intercept.routing.h2codec import WindowOpened, new_codec
+
+    updates = (b"".join(diff.headers(1, diff.POST, diff.hpack.Encoder(), end_stream=False))
+               + WindowUpdateFrame(0, window_increment=1).serialize() * 500
+               + WindowUpdateFrame(1, window_increment=1).serialize() * 500
+               + SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 1000}).serialize())
+    for kind in diff.CODECS:
+        codec = new_codec(client=False, clock=lambda: 0.0, kind=kind)
+        codec.start()
+        events = codec.receive(diff.PREFACE + SettingsFrame(0).serialize() + updates)
+        assert sorted(ev.stream_id for ev in events if type(ev) is WindowOpened) == [0, 1], kind
 
 
 def test_a_tiny_data_flood_is_stopped_before_either_codec_reads_it():

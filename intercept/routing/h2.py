@@ -63,6 +63,10 @@ CONTROL_BURST, CONTROL_RATE = 1000, 100.0
 RESET_BURST, RESET_RATE = 1000, 33.0
 SMALL_DATA = 128
 SMALL_DATA_BURST, SMALL_DATA_RATE = 10_000, 1000.0
+# WINDOW_UPDATE frames: a client with small windows sends one per half window it reads
+# (64 KiB windows at 160 MB/s: 10,000 a second), so they have a bucket of their own; past
+# it, they cost more to read than any download explains.
+WINDOW_UPDATE_BURST, WINDOW_UPDATE_RATE = 10_000, 10_000.0
 MAX_CONTINUATIONS = 8
 MAX_SETTINGS = 32  # values in one SETTINGS frame (libnghttp2's limit)
 MAX_HEADER_FIELDS = 1024  # fields in one header block (libnghttp2's limit)
@@ -241,8 +245,10 @@ class Intake:
     frame comes with the next bytes. When the connection must end first, it returns nothing and ``code``
     is the GOAWAY code (``reason`` says why):
 
-    - ENHANCE_YOUR_CALM past a limit: PING, SETTINGS, PRIORITY, extension frames and
-      empty DATA frames (:data:`CONTROL_BURST`), DATA frames under :data:`SMALL_DATA`
+    - ENHANCE_YOUR_CALM past a limit: PING, SETTINGS, PRIORITY, RST_STREAM, GOAWAY,
+      extension frames and empty DATA frames (:data:`CONTROL_BURST`; a reset of a stream
+      that is over, or a GOAWAY repeated, does nothing else), WINDOW_UPDATE frames
+      (:data:`WINDOW_UPDATE_BURST`), DATA frames under :data:`SMALL_DATA`
       bytes that do not end their stream (:data:`SMALL_DATA_BURST`), a header block
       continued more than :data:`MAX_CONTINUATIONS` times, a SETTINGS frame of more than
       :data:`MAX_SETTINGS` values, a header block of more than ``max_header_fields``
@@ -271,6 +277,7 @@ class Intake:
         self.control = RateLimit(CONTROL_BURST, CONTROL_RATE)
         self.small_data = RateLimit(SMALL_DATA_BURST, SMALL_DATA_RATE)
         self.resets = RateLimit(RESET_BURST, RESET_RATE)
+        self.windows = RateLimit(WINDOW_UPDATE_BURST, WINDOW_UPDATE_RATE)
         self.skip = len(PREFACE)
         self.held = b""  # the start of a frame that has not arrived whole
         self.judged = False  # its header was judged already
@@ -382,6 +389,8 @@ class Intake:
                 return FRAME_SIZE_ERROR, "a frame of a length its type does not have"
             if sid:
                 return PROTOCOL_ERROR, "a PING or GOAWAY on a stream"
+            if kind == GOAWAY and not self.control.spend(self.clock()):
+                return ENHANCE_YOUR_CALM, "too many GOAWAY frames"
         elif kind == PRIORITY:
             if length != 5:
                 return FRAME_SIZE_ERROR, "a PRIORITY frame that is not 5 bytes"
@@ -392,6 +401,10 @@ class Intake:
                 return FRAME_SIZE_ERROR, "a frame of a length its type does not have"
             if (sid or kind == DATA) and (not sid & 1 or sid > self.highest):
                 return PROTOCOL_ERROR, f"frame type {kind} on idle stream {sid}"
+            if kind == RST_STREAM and not self.control.spend(self.clock()):
+                return ENHANCE_YOUR_CALM, "too many RST_STREAM frames"
+            if kind == WINDOW_UPDATE and not self.windows.spend(self.clock()):
+                return ENHANCE_YOUR_CALM, "too many WINDOW_UPDATE frames"
             if kind == DATA:
                 if flags & PADDED_FLAG and (not length or pad >= length):
                     return PROTOCOL_ERROR, "DATA with more padding than payload"

@@ -11,7 +11,8 @@ Events (plain slotted classes, built once per frame that matters):
 - :class:`Headers` a request, a response, an informational response or trailers;
 - :class:`Data` payload and its flow-controlled length (padding included);
 - :class:`Reset` RST_STREAM from the peer;
-- :class:`WindowOpened` the peer gave send window back (``stream_id`` 0: the connection);
+- :class:`WindowOpened` the peer gave send window back (``stream_id`` 0: the connection,
+  or every stream's); at most once per stream in one :meth:`Codec.receive`;
 - :class:`Settings` the peer's SETTINGS arrived (its first one ends its preface);
 - :class:`GoAway` the peer will accept no stream above ``last_stream_id``.
 
@@ -205,6 +206,7 @@ class Codec:
             raise CodecError(int(code), str(e) or type(e).__name__) from None
         out: list[Event] = []
         append = out.append
+        opened: set[int] = set()  # streams (0: the connection) reported WindowOpened in this read
         refused: list[Refused] = []
         after_read = False  # a stream was refused after the read
         for ev in raw:
@@ -224,7 +226,9 @@ class Codec:
             elif t is h2.events.TrailersReceived:
                 append(Headers(ev.stream_id, ev.headers, True, Headers.TRAILERS))
             elif t is h2.events.WindowUpdated:
-                append(WindowOpened(ev.stream_id))
+                if ev.stream_id not in opened:  # once a read: each costs the proxy a pass over streams
+                    opened.add(ev.stream_id)
+                    append(WindowOpened(ev.stream_id))
             elif t is h2.events.StreamReset:
                 if ev.remote_reset:
                     if ev.stream_id in self._answered:
@@ -242,7 +246,8 @@ class Codec:
                 if changed is not None:
                     self.remote_max_streams = changed.new_value
                 append(Settings(self.remote_max_streams))
-                if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
+                if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings and 0 not in opened:
+                    opened.add(0)
                     append(WindowOpened(0))
             elif t is h2.events.ConnectionTerminated:
                 if intake is not None:  # the client leaves: its streams go on, then the connection is over

@@ -104,6 +104,28 @@ def test_window_updates_in_one_read_are_reported_once_per_stream():
         assert sorted(ev.stream_id for ev in events if type(ev) is WindowOpened) == [0, 1], kind
 
 
+def test_the_h2_engine_names_the_versions_to_install_when_an_internal_it_overrides_is_missing(monkeypatch):
+    import h2.frame_buffer
+
+    from intercept.routing import h2engine
+
+    h2engine.check_internals()  # the pinned versions have them all
+    monkeypatch.delattr(h2.frame_buffer.FrameBuffer, "_update_header_buffer")
+    with pytest.raises(ImportError, match=r"FrameBuffer\._update_header_buffer.*pip install 'h2>=4.4.1,<4.5' 'hpack>=4.2,<4.3'"):
+        h2engine.check_internals()
+
+
+def test_the_h2_and_hpack_versions_the_engine_adapts_are_pinned():
+    import tomllib
+    from pathlib import Path
+
+    from intercept.routing.h2engine import REQUIRED
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    for dependencies in (project["project"]["dependencies"], project["tool"]["intercept"]["agent-dependencies"]):
+        assert set(REQUIRED.split()) <= set(dependencies)
+
+
 def test_a_tiny_data_flood_is_stopped_before_either_codec_reads_it():
     # 12,000 one-byte DATA frames: what reached the app is what came before the limit
     for kind in diff.CODECS:

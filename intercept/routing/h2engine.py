@@ -20,9 +20,41 @@ import h2.frame_buffer
 import h2.settings
 import h2.stream
 import hpack
-from h2.connection import _decode_headers
-from hpack.hpack import decode_integer
+import hpack.hpack
 from hyperframe.frame import HeadersFrame, RstStreamFrame, WindowUpdateFrame
+
+# What this module overrides or calls of h2's and hpack's private internals, by owner: the
+# versions pyproject.toml pins have them all; another version may not, or not mean the same.
+REQUIRED = "h2>=4.4.1,<4.5 hpack>=4.2,<4.3"
+INTERNALS = {
+    h2.connection.H2Connection: ("_receive_headers_frame", "_receive_goaway_frame", "_begin_new_stream",
+                                 "_receive_data_frame", "_handle_data_on_closed_stream", "_receive_priority_frame",
+                                 "_receive_window_update_frame", "_receive_settings_frame", "_receive_rst_stream_frame",
+                                 "receive_data", "open_inbound_streams"),
+    h2.connection: ("_decode_headers",),
+    h2.errors: ("_error_code_from_int",),
+    h2.frame_buffer.FrameBuffer: ("__next__", "_update_header_buffer"),
+    h2.stream.H2Stream: ("_initialize_content_length", "_track_content_length"),
+    hpack.Decoder: ("_decode_indexed", "_decode_literal"),
+    hpack.hpack: ("decode_integer",),
+}
+
+
+def check_internals() -> None:
+    """Raise ImportError, naming the versions to install, if an internal this module
+    relies on is missing from the installed h2 or hpack."""
+    missing = [f"{getattr(owner, '__qualname__', None) or owner.__name__}.{name}"
+               for owner, names in INTERNALS.items() for name in names if not hasattr(owner, name)]
+    if missing:
+        install = " ".join(f"'{r}'" for r in REQUIRED.split())
+        raise ImportError(f"intercept's HTTP/2 engine needs {REQUIRED} (installed: h2 {h2.__version__}, hpack "
+                          f"{hpack.__version__}, without {', '.join(missing)}): pip install {install}")
+
+
+check_internals()
+
+from h2.connection import _decode_headers  # noqa: E402 (checked above)
+from hpack.hpack import decode_integer  # noqa: E402
 
 from intercept.routing.h2 import (
     FLOW_CONTROL_ERROR,

@@ -584,6 +584,19 @@ def test_h2_connections_with_no_stream_open_are_closed_after_the_header_timeout(
         assert list(ticks) == [b"tick 1 from cluster"]
 
 
+def test_a_client_still_sending_as_an_idle_connection_is_closed_is_not_reset(limited_agent):
+    # a call on its way as the agent's GOAWAY arrives: the agent shuts its side and reads
+    # what still comes, instead of answering it with a TCP reset (which can discard the
+    # GOAWAY unread, and with it the client's knowledge that it may retry the call)
+    agent, _ = limited_agent
+    with h2_connection(agent.http_port) as s:
+        frames = parse(until_closed(s))  # the GOAWAY, then the agent's end of the connection
+        assert [(f.error_code, f.last_stream_id) for f in frames if isinstance(f, GoAwayFrame)] == [(NO_ERROR, 0)]
+        s.sendall(grpc_call(1, hpack.Encoder()))
+        s.sendall(PingFrame(0, opaque_data=b"still on").serialize())  # (a reset would have made this fail)
+        assert s.recv(65536) == b""
+
+
 # -- streams that stop: reset, so that they hold no place and no app stream -----------------
 
 

@@ -82,6 +82,7 @@ log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 8  # per pool; beyond, streams wait for room
 READY_TIMEOUT = 10.0  # for a new upstream connection's SETTINGS
+LINGER = 1.0  # after a GOAWAY that closes a connection: how long what the client still sends is read
 # Response bytes one client connection may leave unread in the agent (each stream holds at
 # most its window, STREAM_WINDOW): four streams' worth.
 HELD_LIMIT = 4 * h2codec.STREAM_WINDOW
@@ -443,6 +444,18 @@ class ClientSide(asyncio.Protocol):
     def close_idle(self) -> None:
         raise NotImplementedError
 
+    def linger(self) -> None:
+        """Close after a GOAWAY, gracefully: the agent's side is shut (the client reads the
+        GOAWAY, then the end), what the client still sends is read and dropped, and the
+        socket is closed once the client closes or after :data:`LINGER`. Closed at once,
+        it would answer a request already on its way with a TCP reset, which can discard
+        the GOAWAY unread: the client could not tell that its call was never seen and
+        safe to retry."""
+        transport = self.transport
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER, transport.close)
+
 
 class Downstream(ClientSide):
     """A client's HTTP/2 connection, terminated: the agent is its server."""
@@ -653,8 +666,8 @@ class Downstream(ClientSide):
     def close_idle(self) -> None:
         self.codec.goaway(NO_ERROR)
         self.flush()
-        self.transport.close()
-        self._closed()
+        self._closed()  # what comes now is dropped
+        self.linger()
 
     def _abort(self, error: CodecError) -> None:
         peer = self.transport.get_extra_info("peername")
@@ -1121,6 +1134,7 @@ class Relay(ClientSide):
         self.early: list[bytes] = []  # client bytes before the app connection is up
         self.closed = False
         self.raw = bytearray()  # everything the client sent before the link was up, for a fallback
+        self.lingering = False  # closing after a GOAWAY: what the client sends is dropped
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -1160,6 +1174,8 @@ class Relay(ClientSide):
             self.convert()
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return
         acked = self.conv.client.ping_acked
         out, _ = self.conv.client.feed(data)
         if self.conv.client.ping_acked and not acked:
@@ -1191,10 +1207,16 @@ class Relay(ClientSide):
 
     def close_idle(self) -> None:
         """At a frame boundary of the app's direction, a GOAWAY naming the last stream the
-        client opened (it then knows that none was lost); anywhere else, just the close."""
+        client opened (it then knows that none was lost), then :meth:`linger`; anywhere
+        else, just the close."""
         if self.link is not None and self.conv.server.at_boundary:
             self.transport.write(self.conv.farewell())
-        self.transport.close()
+            self.lingering = True
+            self.link.close()
+            self.transport.resume_reading()  # (the app's side may have paused it)
+            self.linger()
+        else:
+            self.transport.close()
 
     def pause_writing(self) -> None:
         if self.link is not None:
@@ -1237,7 +1259,7 @@ class Relay(ClientSide):
         return False
 
     def link_lost(self, link: TCPLink) -> None:
-        if not self.closed:
+        if not self.closed and not self.lingering:
             self.transport.close()
 
     def link_pause(self, link: TCPLink) -> None:

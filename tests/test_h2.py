@@ -597,6 +597,16 @@ def test_a_client_still_sending_as_an_idle_connection_is_closed_is_not_reset(lim
         assert s.recv(65536) == b""
 
 
+def test_every_connection_the_sweeper_watches_says_how_to_expire_it():
+    # the upgrade probe lasts as long as its question: it is not watched, and has no
+    # methods of a watched connection that would only raise
+    from intercept.agent.h2proxy import ClientSide, Downstream, Relay, UpgradeProbe
+
+    assert not issubclass(UpgradeProbe, ClientSide)
+    for cls in (Downstream, Relay):
+        assert {"streams_opened", "close_idle"} <= set(vars(cls)), cls
+
+
 # -- streams that stop: reset, so that they hold no place and no app stream -----------------
 
 

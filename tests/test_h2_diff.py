@@ -142,10 +142,17 @@ def test_an_upgraded_connection_takes_frames_on_the_upgraded_stream():
 
     from intercept.routing.h2codec import new_codec
 
+    from hyperframe.frame import GoAwayFrame, RstStreamFrame
+
+    from intercept.routing.h2codec import Reset
+
     for kind in diff.CODECS:
         codec = new_codec(client=False, clock=lambda: 0.0, kind=kind)
         codec.start(base64.urlsafe_b64encode(SettingsFrame(0).serialize_body()))
-        codec.receive(diff.PREFACE + SettingsFrame(0).serialize() + WindowUpdateFrame(1, window_increment=1000).serialize())
+        events = codec.receive(diff.PREFACE + SettingsFrame(0).serialize() + WindowUpdateFrame(1, window_increment=1000).serialize())
+        assert not [ev for ev in events if type(ev) is Reset], kind
+        sent = diff.parse(codec.pending())
+        assert not [f for f in sent if isinstance(f, GoAwayFrame) or isinstance(f, RstStreamFrame) and f.stream_id == 1], kind
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

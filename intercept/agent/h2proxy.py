@@ -121,7 +121,7 @@ class Hub:
         request ``upgrade`` with its ``HTTP2-Settings`` value (``original``: that request's
         bytes and what followed, to give the connection back to HTTP/1.1 if need be).
         ``fresh``: it holds a place among the listener's fresh connections."""
-        proto: ClientSide
+        proto: TakenConnection
         if upgrade is not None and self.upstream_h2 is None:
             proto = UpgradeProbe(self, fresh, upgrade, settings, data, original)
         elif upgrade is None and not len(self.agent.routes):
@@ -402,26 +402,35 @@ class Stream:
             self.down.reset(self, INTERNAL_ERROR)
 
 
-class ClientSide(asyncio.Protocol):
+class TakenConnection(asyncio.Protocol):
     """A client connection the HTTP/2 path took over from the listener.
 
     While ``fresh`` it holds its place among the agent's fresh connections
     (``--max-connections``), as it did in the listener, until one of its streams has
-    completed or it closes (:meth:`established`). The agent's sweeper calls
-    :meth:`expire`: one that has had no stream open for ``--header-timeout`` (it never
-    sent a complete request, or no longer sends any) is closed with :meth:`close_idle`.
+    completed or it closes (:meth:`established`).
     """
 
     def __init__(self, hub: Hub, fresh: bool) -> None:
         self.hub = hub
         self.fresh = fresh
-        self.idle_since = 0.0
-        self.streams_seen = 0  # how many streams the client had opened at the last look
 
     def established(self) -> None:
         if self.fresh:
             self.fresh = False
             self.hub.agent.fresh_connections -= 1
+
+
+class ClientSide(TakenConnection):
+    """A taken connection that lasts: the agent's sweeper calls :meth:`expire`, and one
+    that has had no stream open for ``--header-timeout`` (it never sent a request, or no
+    longer sends any) is closed with :meth:`close_idle`. Subclasses say how many streams
+    the client opened (:meth:`streams_opened`) and how to close (:meth:`close_idle`).
+    """
+
+    def __init__(self, hub: Hub, fresh: bool) -> None:
+        super().__init__(hub, fresh)
+        self.idle_since = 0.0
+        self.streams_seen = 0  # how many streams the client had opened at the last look
 
     def watch(self) -> None:
         """Be expired by the agent's sweeper (it calls :meth:`expire` on its connections)."""
@@ -1066,7 +1075,7 @@ def _left(stream: Stream) -> Stream:
     return stream
 
 
-class UpgradeProbe(ClientSide):
+class UpgradeProbe(TakenConnection):
     """An ``Upgrade: h2c`` request while it is not known whether the app speaks HTTP/2.
 
     Reading waits while :meth:`Hub.probe_upstream` asks the app. If it speaks h2c, the

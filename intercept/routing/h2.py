@@ -317,7 +317,9 @@ class Intake:
             if end > n:
                 break  # a frame is given whole
             self.judged = False
-            if flags & END_HEADERS and (kind == HEADERS or kind == CONTINUATION):
+            # (each field takes a byte at least: a block as short as the limit is not read)
+            if (flags & END_HEADERS and (kind == HEADERS or kind == CONTINUATION)
+                    and length + (len(self.pending) if kind == CONTINUATION else 0) > self.max_header_fields):
                 block = _block(self.pending + data[pos:end] if kind == CONTINUATION else data[pos:end])
                 if _field_count(block, self.max_header_fields) > self.max_header_fields:
                     self.code = ENHANCE_YOUR_CALM

@@ -130,7 +130,7 @@ async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow
         rules = [HeaderEquals("x-intercept-id", name)]
         emit(Event("header", f"your requests carry x-intercept-id: {name}"))
     options = InterceptOptions(transport=transport, credentials=credentials, route=Route(frozenset(rules)), name=name,
-                               local_port=s.port, all_traffic=s.all and route, ttl=s.ttl if route else None,
+                               local_port=s.local_port, all_traffic=s.all and route, ttl=s.ttl if route else None,
                                fence=Fence.parse(s.outbound_allow, s.outbound_deny, owner="this session"),
                                refresh_credentials=agents.refresh if agents else None)
     if agents is None:
@@ -604,7 +604,7 @@ class Intercept:
         self.spec = s
         self.name: str = target.options.name
         self.route: str = target.options.describe()
-        self.local_port: int = s.port
+        self.local_port: int = s.local_port
         self.namespace = target.namespace
         self.events: list[Event] = []
         self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
@@ -710,7 +710,7 @@ async def start(s: InterceptSpec, *, on_event: OnEvent | None = None, capture_ou
     it = Intercept(s, target, emit)
     it.events.extend(early)
     transport = target.options.transport.describe()
-    it._event(Event("starting", f"{it.route} to localhost:{s.port} through {transport}", route=it.route))
+    it._event(Event("starting", f"{it.route} to localhost:{s.local_port} through {transport}", route=it.route))
     it._run(capture_output)
     return it
 

@@ -303,7 +303,7 @@ def start(ctx: click.Context, output: str, **_: Any) -> None:
     try:
         spec = _spec(ctx, *_START, command=ctx.meta["command"] or None)
         entry = {"service": spec.service, "agent": spec.agent, "namespace": spec.namespace, "context": spec.context,
-                 "name": spec.name, "local_port": spec.port, "command": list(spec.command)}
+                 "name": spec.name, "local_port": spec.local_port, "command": list(spec.command)}
         code = api.run(spec, render, registry_entry=entry)
     except InterceptError as e:
         if output == "json":

@@ -263,8 +263,10 @@ def agent(ctx: click.Context, **_: Any) -> None:
             raise UsageError(f"--serve-files / {MOUNTS_ENV}: {e}; see {ctx.command_path} --help") from None
 
         def ready(a: Any) -> None:
-            (h, p), (sh, sp) = a.http_address, a.ssh_address
-            click.echo(f"intercept: agent: http {h}:{p} ssh {sh}:{sp} upstream {config.upstream[0]}:{config.upstream[1]}", nl=True)
+            sh, sp = a.ssh_address
+            for front in a.fronts:  # one line per listener, the first as before there were several
+                (h, p), (uh, up) = front.http_address, front.upstream
+                click.echo(f"intercept: agent: http {h}:{p} ssh {sh}:{sp} upstream {uh}:{up}", nl=True)
             if not config.fence.open:  # it judges sandbox destinations, and developers' outbound connections
                 click.echo(f"intercept: agent: outbound fence: {config.fence.describe()}")
             if a.files:

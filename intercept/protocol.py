@@ -11,7 +11,11 @@ Channels:
   root at its path (the app's ``mountPath``); ``hello`` lists the roots (``files``).
 - The client asks for ``tcpip-forward`` on the pseudo address
   (:data:`FORWARD_HOST`, :data:`FORWARD_PORT`); nothing is bound in the pod. The agent then
-  opens one ``forwarded-tcpip`` channel per routed downstream connection.
+  opens one ``forwarded-tcpip`` channel per routed downstream connection. An agent in front
+  of several app ports (``hello``'s ``ports``; feature ``ports``) takes instead, for each
+  port a developer intercepts, ``tcpip-forward`` on (:data:`PORT_FORWARD_HOST`, the app's
+  port), and opens each routed connection on the pseudo address of the port it came to;
+  (:data:`FORWARD_HOST`, :data:`FORWARD_PORT`) stands for its first port.
 - ``direct-tcpip`` to (:data:`FRONT_DOOR_HOST`, :data:`FRONT_DOOR_PORT`) reaches the agent's
   own HTTP listener, so a client can send a request exactly as cluster traffic arrives
   (routed like it). Any other ``direct-tcpip`` is outbound from the pod and needs the agent's
@@ -39,6 +43,7 @@ CONTROL_SUBSYSTEM = "intercept"
 FILES_SUBSYSTEM = "sftp"  # the pod's files, read-only (the agent's --serve-files; in a pod, the app's mounts)
 FORWARD_HOST = "intercept"
 FORWARD_PORT = 1
+PORT_FORWARD_HOST = "intercept-port"  # with the app's port: routed connections that came to that port
 FRONT_DOOR_HOST = "intercept-http"
 FRONT_DOOR_PORT = 1
 KEEPALIVE_INTERVAL = 5
@@ -60,6 +65,7 @@ FEATURES = (
     "check-outbound",  # CheckOutbound: would the fences let host:port through?
     "signed-pushes",  # SetClusterRoutes carries the document's text and the routes authority's signature
     "pending-routes",  # routes of developers not connected yet, from the mounted developers file
+    "ports",  # in front of several app ports (hello's ports), each forwarded on (PORT_FORWARD_HOST, port)
 )
 
 
@@ -228,6 +234,7 @@ class HelloReply(Reply):
     rule_kinds: list[str] = field(default_factory=lambda: list(RULE_KINDS))
     features: list[str] = field(default_factory=list)
     upstream: str = ""
+    ports: list[int] = field(default_factory=list)  # the app ports it is in front of (empty: an agent before "ports")
     hold_timeout: float = 10.0
     outbound: bool = False
     fence: dict[str, list[str]] = field(default_factory=dict)  # the agent's own: {"allow": [...], "deny": [...]}

@@ -17,7 +17,8 @@ from tests.test_inject import boutique, find
 
 # A value for every setting that is not its default: a new setting must get one here.
 SAMPLES = {
-    "listen": ("0.0.0.0", 19900), "upstream": ("127.0.0.1", 3000), "ssh_listen": ("::", 19922),
+    "listen": (("0.0.0.0", 19900), ("0.0.0.0", 19901)), "upstream": (("127.0.0.1", 3000), ("127.0.0.1", 9090)),
+    "ssh_listen": ("::", 19922),
     "credentials": Path("/var/run/x/c.json"), "routes_file": Path("/var/run/r/routes.json"),
     "developers_file": Path("/var/run/r/developers.json"), "shutdown_grace": 7.5,
     "hold_timeout": 3.0, "allow_outbound": True, "outbound_allow": ("redis:6379", "*.shop.svc.cluster.local"),

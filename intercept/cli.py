@@ -305,7 +305,8 @@ def start(ctx: click.Context, output: str, **_: Any) -> None:
     try:
         spec = _spec(ctx, *_START, command=ctx.meta["command"] or None)
         entry = {"service": spec.service, "agent": spec.agent, "namespace": spec.namespace, "context": spec.context,
-                 "name": spec.name, "local_port": spec.local_port, "command": list(spec.command)}
+                 "name": spec.name, "local_port": spec.local_port, "command": list(spec.command),
+                 "ports": [str(p) for p in spec.port] if len(spec.port) > 1 else []}
         code = api.run(spec, render, registry_entry=entry)
     except InterceptError as e:
         if output == "json":
@@ -850,7 +851,8 @@ def status_command(output: str) -> None:
         state = "running" if r["alive"] else f"exited {r['exit_code']}" if r["exit_code"] is not None else "gone"
         what = r["service"] or f"agent {r['agent']}"
         what += f" -n {r['namespace']}" if r["namespace"] else ""
-        table.append([what, r["route"] or "-", str(r["local_port"] or "-"), r["fence"] or "-", r["files"] or "-",
+        port = " ".join(r.get("ports") or ()) or str(r["local_port"] or "-")  # several: SERVICE_PORT:LOCAL_PORT each
+        table.append([what, r["route"] or "-", port, r["fence"] or "-", r["files"] or "-",
                       str(r["pid"]), state, r["started_at"] or "-", r["log_file"] or "-"])
     _print_table(table)
 

@@ -897,7 +897,8 @@ def test_an_agent_in_front_of_one_port_refuses_another_until_injected_for_both()
     one = inject(objects, "orders", InjectOptions(image=OPTIONS.image, service_port="http"))
     target = resolve(one, "orders", "grpc")
     with pytest.raises(InjectError, match=r"already has an agent for container 'app' port 8080, and Service 'orders' "
-                                          r"port 9090 targets container 'app' port 9090; to put the agent in front of it"):
+                                          r"port 9090 targets container 'app' port 9090; to put the agent in front of it too, "
+                                          r"start with every port it should serve and --reinject"):
         check_serves(one[0], target)
     both = inject(one, "orders", InjectOptions(image=OPTIONS.image, service_ports=("http", "grpc")))
     check_serves(both[0], target)

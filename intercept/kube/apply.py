@@ -207,11 +207,8 @@ def ensure_agent(
             options = dataclasses.replace(options, service_port=None,
                                           service_ports=_with_served(objects, service, served, targets))
         else:
-            try:
-                for t in targets:
-                    inject.check_serves(workload, t)
-            except InjectError as e:
-                raise InjectError(f"{e}; or, for this Service, add --reinject to intercept start") from None
+            for t in targets:
+                inject.check_serves(workload, t)
         running = inject.running_options(workload, options)
         wanted = dataclasses.replace(running, **{k: getattr(options, k) for k in named if k in inject.POD_WIDE_FLAGS})
         if not reinject:

@@ -540,9 +540,9 @@ def _takeover_name(current: Obj, target: Target, extending: bool = False) -> str
     raise InjectError(
         f"{target.workload} already has an agent for {served}, and Service {target.service!r} "
         f"port {target.service_port} targets container {target.container!r} port {target.container_port}; "
-        f"to put the agent in front of it too, name every port it should serve: intercept inject "
-        f"{target.service} --service-port ... for each (its pods are replaced), or run `intercept uninstall` "
-        f"for the other Service first"
+        f"to put the agent in front of it too, start with every port it should serve and --reinject "
+        f"(intercept start {target.service} --port SERVICE_PORT:LOCAL_PORT ... --reinject; its pods are replaced), "
+        f"or, for another Service, run `intercept uninstall` for the first one first"
     )
 
 

@@ -97,6 +97,25 @@ class _Agents:
     refresh: Callable[[], Any]  # the credentials read again (a reinstalled agent has a new host key)
     cluster: Any
     workload: str
+    app_ports: tuple[int, ...] = ()  # the app port behind each of the spec's ports, in order
+
+
+def _app_ports(s: InterceptSpec, agents: _Agents | None) -> tuple[tuple[int, int], ...]:
+    """``(app port, local port)`` for each of ``s``'s ports: the app port behind the Service
+    port (direct mode: as given); () for one port without SERVICE_PORT in direct mode (the
+    agent's first port, as before several)."""
+    if agents is None:
+        if len(s.port) == 1 and s.port[0].service_port is None:
+            return ()
+        return tuple((int(p.service_port), p.local_port) for p in s.port)  # type: ignore[arg-type]
+    pairs = tuple(zip(agents.app_ports, (p.local_port for p in s.port)))
+    seen: dict[int, Any] = {}
+    for (app, _), port in zip(pairs, s.port):
+        if app in seen:
+            raise UsageError(f"--port {seen[app]} and --port {port} take the same port of Service {s.service} "
+                             f"(the app's port {app}); name it once")
+        seen[app] = port
+    return pairs
 
 
 async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow: bool = True) -> _Target:
@@ -130,8 +149,8 @@ async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow
         rules = [HeaderEquals("x-intercept-id", name)]
         emit(Event("header", f"your requests carry x-intercept-id: {name}"))
     options = InterceptOptions(transport=transport, credentials=credentials, route=Route(frozenset(rules)), name=name,
-                               local_port=s.port, all_traffic=s.all and route, mirror=s.mirror and route,
-                               ttl=s.ttl if route else None,
+                               local_port=s.local_port, ports=_app_ports(s, agents), all_traffic=s.all and route,
+                               mirror=s.mirror and route, ttl=s.ttl if route else None,
                                fence=Fence.parse(s.outbound_allow, s.outbound_deny, owner="this session"),
                                refresh_credentials=agents.refresh if agents else None)
     if agents is None:
@@ -192,7 +211,10 @@ _POD_WIDE = {"agent_image": "image", "no_outbound": "outbound", "no_forwarded_he
 def _inject_options(s: InterceptSpec) -> Any:
     from intercept.kube.inject import InjectOptions
 
-    return InjectOptions(image=s.agent_image, service_port=s.service_port, outbound=not s.no_outbound,
+    ports = s.ports()
+    return InjectOptions(image=s.agent_image, service_port=ports[0].service_port if len(ports) == 1 else None,
+                         service_ports=tuple(p.service_port for p in ports) if len(ports) > 1 else (),
+                         outbound=not s.no_outbound,
                          no_policy_changes=s.no_policy_changes, forwarded_headers=not s.no_forwarded_headers,
                          outbound_allow=s.outbound_allow, outbound_deny=s.outbound_deny, hold_timeout=s.hold_timeout)
 
@@ -297,9 +319,9 @@ async def _service_agents(s: InterceptSpec, emit: OnEvent, follow: bool, *, add:
                                 workload=(info.workload_kind, info.workload_name, s.service))
         replicas = pod_replicas(pods, cluster.api, in_cluster=cluster.in_cluster)
         return _Agents(ServiceTransport(cluster.namespace, s.service), info.credentials, replicas, cluster.namespace,
-                       refresh, cluster, info.workload_name)
+                       refresh, cluster, info.workload_name, info.app_ports)
     return _Agents(await asyncio.to_thread(_one_pod, cluster, info), info.credentials, None, cluster.namespace, refresh,
-                   cluster, info.workload_name)
+                   cluster, info.workload_name, info.app_ports)
 
 
 def _one_pod(cluster: Any, info: Any) -> Any:
@@ -607,7 +629,7 @@ class Intercept:
         self.spec = s
         self.name: str = target.options.name
         self.route: str = target.options.describe()
-        self.local_port: int = s.port
+        self.local_port: int = s.local_port
         self.namespace = target.namespace
         self.events: list[Event] = []
         self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
@@ -713,7 +735,7 @@ async def start(s: InterceptSpec, *, on_event: OnEvent | None = None, capture_ou
     it = Intercept(s, target, emit)
     it.events.extend(early)
     transport = target.options.transport.describe()
-    it._event(Event("starting", f"{it.route} to localhost:{s.port} through {transport}", route=it.route))
+    it._event(Event("starting", f"{it.route} to localhost:{s.local_port} through {transport}", route=it.route))
     it._run(capture_output)
     return it
 

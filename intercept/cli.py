@@ -263,8 +263,10 @@ def agent(ctx: click.Context, **_: Any) -> None:
             raise UsageError(f"--serve-files / {MOUNTS_ENV}: {e}; see {ctx.command_path} --help") from None
 
         def ready(a: Any) -> None:
-            (h, p), (sh, sp) = a.http_address, a.ssh_address
-            click.echo(f"intercept: agent: http {h}:{p} ssh {sh}:{sp} upstream {config.upstream[0]}:{config.upstream[1]}", nl=True)
+            sh, sp = a.ssh_address
+            for front in a.fronts:  # one line per listener, the first as before there were several
+                (h, p), (uh, up) = front.http_address, front.upstream
+                click.echo(f"intercept: agent: http {h}:{p} ssh {sh}:{sp} upstream {uh}:{up}", nl=True)
             if not config.fence.open:  # it judges sandbox destinations, and developers' outbound connections
                 click.echo(f"intercept: agent: outbound fence: {config.fence.describe()}")
             if a.files:
@@ -303,7 +305,8 @@ def start(ctx: click.Context, output: str, **_: Any) -> None:
     try:
         spec = _spec(ctx, *_START, command=ctx.meta["command"] or None)
         entry = {"service": spec.service, "agent": spec.agent, "namespace": spec.namespace, "context": spec.context,
-                 "name": spec.name, "local_port": spec.port, "command": list(spec.command)}
+                 "name": spec.name, "local_port": spec.local_port, "command": list(spec.command),
+                 "ports": [str(p) for p in spec.port] if len(spec.port) > 1 else []}
         code = api.run(spec, render, registry_entry=entry)
     except InterceptError as e:
         if output == "json":
@@ -853,10 +856,11 @@ def status_command(output: str) -> None:
         state = "running" if r["alive"] else f"exited {r['exit_code']}" if r["exit_code"] is not None else "gone"
         what = r["service"] or f"agent {r['agent']}"
         what += f" -n {r['namespace']}" if r["namespace"] else ""
+        port = " ".join(r.get("ports") or ()) or str(r["local_port"] or "-")  # several: SERVICE_PORT:LOCAL_PORT each
         route = r["route"] or "-"
         if r.get("mirrored"):
             route += f" (copied {r['mirrored']['copied']}, dropped {r['mirrored']['dropped']})"
-        table.append([what, route, str(r["local_port"] or "-"), r["fence"] or "-", r["files"] or "-",
+        table.append([what, route, port, r["fence"] or "-", r["files"] or "-",
                       str(r["pid"]), state, r["started_at"] or "-", r["log_file"] or "-"])
     _print_table(table)
 

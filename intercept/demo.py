@@ -92,7 +92,7 @@ def run_demo(echo: Callable[[str], None], keep: bool = False, grpc: bool = False
     try:
         with tempfile.TemporaryDirectory(prefix="intercept-demo-") as tmp:
             creds = Path(tmp) / "credentials.json"
-            agent = Agent(AgentConfig(listen=("127.0.0.1", 0), upstream=("127.0.0.1", cluster.server_port),
+            agent = Agent(AgentConfig(listen=(("127.0.0.1", 0),), upstream=(("127.0.0.1", cluster.server_port),),
                                       ssh_listen=("127.0.0.1", 0), credentials=creds))
             loop.call(agent.start())
             (host, port), (_, ssh_port) = agent.http_address, agent.ssh_address

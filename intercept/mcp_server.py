@@ -59,6 +59,7 @@ class Intercepts:
         self._registrations[key] = register({
             "service": it.spec.service, "agent": it.spec.agent, "namespace": it.namespace, "context": it.spec.context,
             "route": it.route, "name": it.name, "local_port": it.local_port, "command": list(it.spec.command),
+            "ports": [str(p) for p in it.spec.port] if len(it.spec.port) > 1 else [],
             "fence": next((e.fence for e in reversed(it.events) if e.fence is not None), None),
             "id": key, "control": str(socket_path) if socket_path else None})
 
@@ -137,6 +138,7 @@ def _describe(key: str, it: api.Intercept) -> dict[str, Any]:
         "namespace": it.namespace,
         "route": it.route,
         "local_port": it.local_port,
+        "ports": [str(p) for p in it.spec.port],
         "state": state,
         "events": [event.line() for event in it.events[-20:]],
         **mirrored,
@@ -226,7 +228,7 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
     @server.tool()
     async def start_intercept(
         service: str | None = None,
-        port: int = 8080,
+        port: int | str | list[int | str] | None = None,
         headers: list[str] | None = None,
         baggage: str | None = None,
         path_prefix: str | None = None,
@@ -244,7 +246,9 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
         mirror: bool | None = None,
     ) -> dict[str, Any]:
         """Intercept a Service: requests that match reach localhost:PORT (or COMMAND, run with the pod's
-        environment). headers are NAME=VALUE rules that must all match; with no rule, requests carrying
+        environment; default port 8080). port may be [SERVICE_PORT:]LOCAL_PORT, and a list of them takes several
+        ports of the Service in one intercept, each to its own local port (e.g. ["http:3000", "grpc:5000"];
+        SERVICE_PORT is the Service port's number or name). headers are NAME=VALUE rules that must all match; with no rule, requests carrying
         x-intercept-id: NAME are routed. mirror: the app still answers them, and a copy of each comes to
         the local process (its answer discarded; copies it does not take in time are dropped and counted). ttl (90m, 2h) ends the route by itself even if this machine goes.
         outbound_allow/outbound_deny (HOST[:PORT]) narrow where the process may connect through the pod.

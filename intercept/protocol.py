@@ -13,7 +13,11 @@ Channels:
   (:data:`FORWARD_HOST`, :data:`FORWARD_PORT`); nothing is bound in the pod. The agent then
   opens one ``forwarded-tcpip`` channel per routed downstream connection, and for a mirror
   (``Register(mirror=True)``) one per downstream HTTP/1.1 connection with copies, or one
-  HTTP/2 connection carrying every stream's copy; what comes back on those is discarded.
+  HTTP/2 connection carrying every stream's copy; what comes back on those is discarded. An
+  agent in front of several app ports (``hello``'s ``ports``; feature ``ports``) takes instead,
+  for each port a developer intercepts, ``tcpip-forward`` on (:data:`PORT_FORWARD_HOST`, the
+  app's port), and opens each routed connection on the pseudo address of the port it came to;
+  (:data:`FORWARD_HOST`, :data:`FORWARD_PORT`) stands for its first port.
 - ``direct-tcpip`` to (:data:`FRONT_DOOR_HOST`, :data:`FRONT_DOOR_PORT`) reaches the agent's
   own HTTP listener, so a client can send a request exactly as cluster traffic arrives
   (routed like it). Any other ``direct-tcpip`` is outbound from the pod and needs the agent's
@@ -41,6 +45,7 @@ CONTROL_SUBSYSTEM = "intercept"
 FILES_SUBSYSTEM = "sftp"  # the pod's files, read-only (the agent's --serve-files; in a pod, the app's mounts)
 FORWARD_HOST = "intercept"
 FORWARD_PORT = 1
+PORT_FORWARD_HOST = "intercept-port"  # with the app's port: routed connections that came to that port
 FRONT_DOOR_HOST = "intercept-http"
 FRONT_DOOR_PORT = 1
 KEEPALIVE_INTERVAL = 5
@@ -63,6 +68,7 @@ FEATURES = (
     "signed-pushes",  # SetClusterRoutes carries the document's text and the routes authority's signature
     "pending-routes",  # routes of developers not connected yet, from the mounted developers file
     "mirror",  # Register(mirror=True): a copy of each matching request; the app still answers
+    "ports",  # in front of several app ports (hello's ports), each forwarded on (PORT_FORWARD_HOST, port)
 )
 
 
@@ -248,6 +254,7 @@ class HelloReply(Reply):
     rule_kinds: list[str] = field(default_factory=lambda: list(RULE_KINDS))
     features: list[str] = field(default_factory=list)
     upstream: str = ""
+    ports: list[int] = field(default_factory=list)  # the app ports it is in front of (empty: an agent before "ports")
     hold_timeout: float = 10.0
     outbound: bool = False
     fence: dict[str, list[str]] = field(default_factory=dict)  # the agent's own: {"allow": [...], "deny": [...]}

@@ -52,6 +52,7 @@ __all__ = [
     "SPEC_VERSION",
     "TOP_LEVEL_KEYS",
     "Forward",
+    "Port",
     "InterceptSpec",
     "Option",
     "Origin",
@@ -101,6 +102,19 @@ class Forward:
         if self.local_port == self.port:
             return f"{self.service}:{self.port}"
         return f"{self.service}:{self.port}:{self.local_port}"
+
+
+@dataclass(frozen=True)
+class Port:
+    """``--port [SERVICE_PORT:]LOCAL_PORT``: requests to one port of the Service (its number
+    or its name; None: the single port, or ``service_port``) reach localhost:LOCAL_PORT.
+    In direct mode SERVICE_PORT is the number of the app's port the agent forwards to."""
+
+    service_port: int | str | None
+    local_port: int
+
+    def __str__(self) -> str:
+        return str(self.local_port) if self.service_port is None else f"{self.service_port}:{self.local_port}"
 
 
 # RFC 1035 label (Kubernetes Service names), RFC 1123 label (namespaces), IANA service
@@ -210,6 +224,32 @@ def _port(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
         return value
     raise _Invalid(f"not a port number; write a number from 1 to 65535, e.g. {_EG}")
+
+
+def _local_port(value: object) -> Port:
+    """One ``--port``: ``LOCAL_PORT`` or ``SERVICE_PORT:LOCAL_PORT`` (SERVICE_PORT a number or a name)."""
+    if isinstance(value, int) and not isinstance(value, bool) or isinstance(value, str) and value.strip().isdigit():
+        try:
+            return Port(None, _port(value))
+        except _Invalid:
+            raise _Invalid(f"not a port number; write a number from 1 to 65535, e.g. {_EG}") from None
+    text = _text(value)
+    wanted, sep, local = text.rpartition(":")
+    if not sep:
+        if len(text) <= 15 and _PORT_NAME.fullmatch(text) and re.search("[a-z]", text):
+            raise _Invalid(f"not a port number; to take the Service port named {text}, add the local port: "
+                           f"{_AS}{text}:LOCAL_PORT, e.g. {_AS}{text}:3000")
+        raise _Invalid(f"not a port number; write a number from 1 to 65535, e.g. {_EG}, "
+                       f"or SERVICE_PORT:LOCAL_PORT, e.g. {_AS}grpc:5000")
+    if not (local.isdigit() and 1 <= int(local) <= 65535):
+        raise _Invalid(f"{local!r} is not a local port; write SERVICE_PORT:LOCAL_PORT with LOCAL_PORT "
+                       f"a number from 1 to 65535, e.g. {_AS}grpc:5000 or {_AS}9090:5000")
+    try:
+        service_port = _service_port(wanted)
+    except _Invalid:
+        raise _Invalid(f"{wanted!r} is not a Service port; write SERVICE_PORT:LOCAL_PORT with SERVICE_PORT "
+                       f"the Service port's number (1 to 65535) or name, e.g. {_AS}grpc:5000 or {_AS}9090:5000") from None
+    return Port(service_port, int(local))
 
 
 def _seconds(value: object) -> float:
@@ -416,8 +456,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("service_port", "--service-port", "port name or number", None,
            "Which Service port to take, when the Service has several.", "http", _service_port,
            default_doc="the Service's only port"),
-    Option("port", "--port", "port", 8080,
-           "The local port that routed requests reach.", 3000, _port, verbatim=False),
+    Option("port", "--port", "list of [SERVICE_PORT:]LOCAL_PORT", (Port(None, 8080),),
+           "The local port that routed requests reach. Repeat it as SERVICE_PORT:LOCAL_PORT to take several ports "
+           "of the Service in one intercept, each to its own local port, with one route: SERVICE_PORT is the "
+           "Service port's number or name (in direct mode, the number of the app's port behind the agent). "
+           "Without SERVICE_PORT: the Service's only port, or `service_port`.",
+           3000, _local_port, multiple=True, default_doc="`8080`"),
     Option("headers", "--header", "list of NAME=VALUE", (),
            "Route requests whose header NAME has exactly VALUE. All rules of an intercept must match; "
            "with no rule at all, the route is your personal header `x-intercept-id: NAME`.",
@@ -614,7 +658,7 @@ class InterceptSpec:
     agent: str | None = None
     credentials: Path | None = None
     service_port: int | str | None = None
-    port: int = 8080
+    port: tuple[Port, ...] = (Port(None, 8080),)
     headers: tuple[str, ...] = ()
     header_regexes: tuple[str, ...] = ()
     baggage: str | None = None
@@ -657,6 +701,15 @@ class InterceptSpec:
         host, _, port = self.agent.rpartition(":")
         return host.strip("[]"), int(port)
 
+    @property
+    def local_port(self) -> int:
+        """The first ``port``'s local port: the one the command's ``INTERCEPT_SESSION_PORT`` names."""
+        return self.port[0].local_port
+
+    def ports(self) -> tuple[Port, ...]:
+        """Each ``port`` with the Service port it takes: its own, else ``service_port`` (None: the only one)."""
+        return tuple(p if p.service_port is not None else Port(self.service_port, p.local_port) for p in self.port)
+
     def rules(self) -> list[Rule]:
         """The route's explicit rules (empty: the caller applies the personal header, or ``all``)."""
         rules = [parse_rule("header", h) for h in self.headers]
@@ -670,6 +723,11 @@ class InterceptSpec:
 
         def plain(value: object) -> object:
             if isinstance(value, Path | Forward):
+                return str(value)
+            if isinstance(value, Port):
+                if value.service_port is None:
+                    return value.local_port
+
                 return str(value)
             if isinstance(value, tuple):
                 return [plain(v) for v in value]
@@ -738,7 +796,7 @@ def _from_flags(flags: Mapping[str, object]) -> tuple[dict[str, object], dict[st
         if value is None:
             continue
         if option.multiple:
-            items = [value] if isinstance(value, str | Path) else list(value)  # type: ignore[call-overload]
+            items = [value] if isinstance(value, str | Path | int) else list(value)  # type: ignore[call-overload]
             if not items:
                 continue
             if option.flag == "--":
@@ -796,7 +854,8 @@ def _build(values: Mapping[str, object], origins: Mapping[str, Origin], *, direc
     if v["debug_wait"] and not v["debug"]:
         raise fail(f"{said('debug_wait')} waits for a debugger, which needs debug; "
                    f"add {_example(_BY_KEY['debug'], medium_of('debug_wait'))}, or drop {said('debug_wait')}", "debug_wait")
-    if v["debug"] and v["debug_port"] == v["port"]:
+    _check_ports(v, said, medium_of, fail)
+    if v["debug"] and v["debug_port"] in {p.local_port for p in v["port"]}:
         raise fail(f"{said('debug_port')} {v['debug_port']} is also the local port ({said('port')}); "
                    f"give the debugger another port, e.g. {_example(_BY_KEY['debug_port'], medium_of('debug_port'))}", "debug_port")
     fence_key = next((k for k in ("outbound_allow", "outbound_deny") if v[k]), None)
@@ -815,6 +874,39 @@ def _build(values: Mapping[str, object], origins: Mapping[str, Origin], *, direc
     elif "watch" not in values:
         v["watch"] = (directory,) if v["command"] else ()
     return InterceptSpec(**v, directory=directory, origins=MappingProxyType(dict(origins)), location=location)  # type: ignore[arg-type]
+
+
+def _check_ports(v: dict[str, object], said: Callable[[str], str], medium_of: Callable[[str], Medium],
+                 fail: Callable[[str, str], SpecError]) -> None:
+    """Several ``port``s name each their Service port, once; no local port twice; in direct
+    mode a Service port is a number (there is no Service to name it)."""
+    ports: tuple[Port, ...] = v["port"]  # type: ignore[assignment]
+    example = _written(_BY_KEY["port"], medium_of("port"), ["http:3000", "grpc:5000"])
+    if len(ports) > 1:
+        bare = [p for p in ports if p.service_port is None]
+        if bare:
+            raise fail(f"{said('port')} {bare[0]}: with several ports, name the Service port each one takes "
+                       f"(SERVICE_PORT:LOCAL_PORT), e.g. {example}", "port")
+    if v["service_port"] is not None and all(p.service_port is not None for p in ports):
+        raise fail(f"{said('service_port')} picks the Service port of a {said('port')} without one, but each names "
+                   f"its own; drop {said('service_port')}", "service_port")
+    seen: dict[object, Port] = {}
+    for p in ports:
+        for key, what in ((("local", p.local_port), "local port"), (("service", p.service_port), "Service port")):
+            if key[1] is None:
+                continue
+            other = seen.get(key)
+            if other is not None:
+                raise fail(f"{said('port')} {other} and {p}: the {what} {key[1]} twice; give each "
+                           f"{'Service port its own local port' if what == 'local port' else 'Service port once'}, "
+                           f"e.g. {example}", "port")
+            seen[key] = p
+    if v["agent"] and not v["service"]:
+        named = next((p for p in ports if isinstance(p.service_port, str)), None)
+        if named is not None:
+            raise fail(f"{said('port')} {named}: in direct mode ({said('agent')}) there is no Service to name the "
+                       f"port {named.service_port!r}; write the number of the app's port the agent forwards to, "
+                       f"e.g. {_written(_BY_KEY['port'], medium_of('port'), ['8080:3000', '9090:5000'])}", "port")
 
 
 def merge(base: InterceptSpec | None, env: Mapping[str, str], flags: Mapping[str, object]) -> InterceptSpec:
@@ -905,7 +997,7 @@ def _check_together(intercepts: tuple[InterceptSpec, ...]) -> None:
     for spec in intercepts:
         wants = []
         if spec.command:
-            wants.append(("port", spec.port))
+            wants += [("port", p.local_port) for p in spec.port]
         if spec.debug:
             wants.append(("debug_port", spec.debug_port))
         for key, port in wants:

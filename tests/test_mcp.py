@@ -93,6 +93,10 @@ def test_errors_come_back_as_tool_errors_with_the_clis_reason(agent, tmp_path):
             assert json.loads(hosted["body"])["headers"].count(["Host", "orders.test"]) == 1
             nul = await client.call_tool("start_intercept", {**direct, "port": free_port(), "command": ["app\x00"]})
             assert nul.is_error and "cannot run 'app\\x00': embedded null byte" in nul.content[0].text, nul.content[0].text
+            # port goes through the option table: [SERVICE_PORT:]LOCAL_PORT, a list for several
+            named = await client.call_tool("start_intercept", {**direct, "port": ["8080:3000", "grpc:5000"]})
+            assert named.is_error and "port grpc:5000: in direct mode (--agent) there is no Service to name the port " \
+                                      "'grpc'" in named.content[0].text, named.content[0].text
 
     asyncio.run(session())
 

@@ -75,6 +75,7 @@ def test_a_version_1_agents_hello_says_what_it_lacks():
     lacks = old.lacks("check-outbound")
     assert lacks is not None and "intercept 0.0.9" in lacks and "'check-outbound'" in lacks
     assert "upgrade it" in lacks
+    assert old.ports == [] and "'ports'" in (old.lacks("ports") or ""), "an agent before several ports takes one"
 
 
 def test_a_refusal_and_garbage_come_back_as_refusals():

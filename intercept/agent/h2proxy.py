@@ -103,7 +103,7 @@ class Hub:
     """
 
     def __init__(self, agent: Any) -> None:
-        self.agent = agent  # routes, config, open_developer
+        self.agent = agent  # the front (intercept.agent.agent.Front): routes, upstream, open_developer
         self.app = Pool(self, None)
         self.developers: dict[str, Pool] = {}
         self.mirrors: dict[int, MirrorConnection] = {}  # by mirror route id (intercept.agent.h2mirror)
@@ -162,7 +162,7 @@ class Hub:
                 self._probe = None
 
     async def _probe_once(self) -> bool | None:
-        host, port = self.agent.config.upstream
+        host, port = self.agent.upstream
         codec = new_codec(client=True)
         codec.start()
         try:
@@ -994,7 +994,7 @@ class Pool:
         self.closed = False
         self.holder: str | None = None  # the developer, once known
         if session_id is None:
-            host, port = hub.agent.config.upstream
+            host, port = hub.agent.upstream
             self.where = f"upstream {host}:{port}"
         else:
             self.where = "the developer's process"
@@ -1056,7 +1056,7 @@ class Pool:
         conn = UpConnection(self)
         try:
             if self.session_id is None:
-                host, port = self.hub.agent.config.upstream
+                host, port = self.hub.agent.upstream
                 try:
                     _, conn.link = await asyncio.get_running_loop().create_connection(lambda: TCPLink(conn), host, port)
                 except OSError as e:
@@ -1196,7 +1196,7 @@ class Relay(ClientSide):
         asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
-        host, port = self.hub.agent.config.upstream
+        host, port = self.hub.agent.upstream
         self.transport.pause_reading()
         try:
             _, link = await asyncio.get_running_loop().create_connection(lambda: TCPLink(self), host, port)

@@ -51,6 +51,7 @@ from intercept.protocol import (
     ENCRYPTION_ALGS,
     FORWARD_HOST,
     FORWARD_PORT,
+    PORT_FORWARD_HOST,
     FRONT_DOOR_HOST,
     FRONT_DOOR_PORT,
     FENCE_REFUSED,
@@ -64,7 +65,7 @@ from intercept.protocol import (
 from intercept.sshwrite import CoalescingTunnel
 
 if TYPE_CHECKING:
-    from intercept.agent.agent import Agent
+    from intercept.agent.agent import Agent, Front
     from intercept.agent.proxy import ClientConnection
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,8 @@ class DeveloperSession(asyncssh.SSHServer):
         self.peer: tuple[str, int] = ("", 0)
         self.conn: asyncssh.SSHServerConnection | None = None
         self.forwarding = False
+        self.first_port = False  # forwarding on (FORWARD_HOST, FORWARD_PORT): the agent's first port
+        self.ports: set[int] = set()  # the app ports forwarded on (PORT_FORWARD_HOST, port)
         self.links: set[ChannelLink] = set()
         self.draining = False  # the developer's process restarts: keep no channel past its response
         self.fence = Fence(owner="this session")  # the client's narrowing of the agent's fence
@@ -181,11 +184,19 @@ class DeveloperSession(asyncssh.SSHServer):
         return self.conn.create_server_channel(encoding=None), SubsystemChannel(self)
 
     def server_requested(self, listen_host: str, listen_port: int) -> Any:
-        if (listen_host, listen_port) != (FORWARD_HOST, FORWARD_PORT):
+        if (listen_host, listen_port) == (FORWARD_HOST, FORWARD_PORT):
+            self.first_port = True
+        elif listen_host == PORT_FORWARD_HOST and self.agent.front_of(listen_port) is not None:
+            self.ports.add(listen_port)
+        else:
             log.warning("refused tcpip-forward %s:%s from %s", listen_host, listen_port, self.name)
             return False
         self.forwarding = True
         return _PseudoListener()
+
+    def takes(self, front: Front) -> bool:
+        """Whether this developer intercepts the app port of ``front``."""
+        return front.port in self.ports or (self.first_port and front.index == 0)
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         if (dest_host, dest_port) == (FRONT_DOOR_HOST, FRONT_DOOR_PORT):
@@ -233,9 +244,11 @@ class DeveloperSession(asyncssh.SSHServer):
                 error = e
         raise error
 
-    async def open_channel(self, owner: ClientConnection) -> ChannelLink:
+    async def open_channel(self, owner: ClientConnection, front: Front) -> ChannelLink:
+        """A channel to the developer for a connection that came to ``front``'s port."""
+        host, port = (PORT_FORWARD_HOST, front.port) if front.port in self.ports else (FORWARD_HOST, FORWARD_PORT)
         _, link = await self.conn.create_connection(
-            lambda: ChannelLink(owner, self), FORWARD_HOST, FORWARD_PORT, self.peer[0], self.peer[1]
+            lambda: ChannelLink(owner, self), host, port, self.peer[0], self.peer[1]
         )
         return link
 

@@ -449,7 +449,7 @@ class Fleet:
         if not self._ready:
             self._check_ready()
             return
-        what, target = self.options.describe(), f"localhost:{self.options.local_port}"
+        what, target = self.options.describe(), self.options.destinations()
         name = holder.replica.name
         # as the agent that just answered says (an explicit inject may have changed it)
         fence = holder.session.fence if holder.session is not None else self.fence()
@@ -467,7 +467,7 @@ class Fleet:
             return
         self._ready = True
         self.became_ready.set()
-        line = f"{self.options.describe()} now reach localhost:{self.options.local_port}"
+        line = f"{self.options.describe()} now reach {self.options.destinations()}"
         self._report(Event("ready", f"{line} ({self._count()})" if self._count_replicas else line, route=self.options.describe(),
                            fence=self.fence()))
         tls = sum(h.session.agent.tls_connections for h in self._holders.values() if h.session is not None)

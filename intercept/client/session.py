@@ -15,7 +15,16 @@ from typing import Any
 import asyncssh
 
 from intercept import protocol
-from intercept.protocol import CONTROL_SUBSYSTEM, ENCRYPTION_ALGS, FORWARD_HOST, FORWARD_PORT, KEEPALIVE_COUNT_MAX, KEEPALIVE_INTERVAL, Refusal
+from intercept.protocol import (
+    CONTROL_SUBSYSTEM,
+    ENCRYPTION_ALGS,
+    FORWARD_HOST,
+    FORWARD_PORT,
+    KEEPALIVE_COUNT_MAX,
+    KEEPALIVE_INTERVAL,
+    PORT_FORWARD_HOST,
+    Refusal,
+)
 from intercept.client.door import LocalDoor
 from intercept.client.transport import Transport
 from intercept.credentials import Credentials
@@ -40,6 +49,9 @@ class InterceptOptions:
     route: Route
     name: str  # the developer's display name, sent as the SSH user name
     local_port: int
+    # (app port, local port) for each port intercepted: requests that came to the agent's
+    # listener for that app port reach that local port. (): the agent's first port, to local_port.
+    ports: tuple[tuple[int, int], ...] = ()
     local_host: str = "127.0.0.1"
     all_traffic: bool = False
     mirror: bool = False  # a copy of each matching request comes here; the app still answers it
@@ -57,6 +69,12 @@ class InterceptOptions:
     def gone(self) -> str:
         """What leaving does to the traffic, said after :meth:`describe`."""
         return "stop coming here" if self.mirror else "go to the cluster again"
+
+    def destinations(self) -> str:
+        """Where routed requests go: ``localhost:3000``, or per app port with several."""
+        if len(self.ports) <= 1:
+            return f"localhost:{self.ports[0][1] if self.ports else self.local_port}"
+        return ", ".join(f"port {app} to localhost:{local}" for app, local in self.ports)
 
 
 # Requests that only an agent with the feature understands (protocol.FEATURES).
@@ -170,7 +188,7 @@ class AgentSession:
             self.conn.close()
             raise UsageError(f"agent {where}: {self.agent.lacks('mirror')}")
         try:
-            await self.conn.create_server(self.door.accept, FORWARD_HOST, FORWARD_PORT)
+            await self._forward(where)
             reply = await self.request(protocol.Register(opts.route.to_json(), opts.all_traffic, opts.ttl, opts.mirror))
         except (asyncssh.Error, OSError) as e:
             self.conn.close()
@@ -182,6 +200,27 @@ class AgentSession:
             raise UsageError(f"agent {where} refused the route: {reply.message}")
         self.route_id = reply.id
         log.info("%s %s registered on %s", "mirror of" if opts.mirror else "route", opts.route.describe(), where)
+
+    async def _forward(self, where: str) -> None:
+        """Ask the agent for the routed connections of each port intercepted (``options.ports``):
+        per app port where the agent has several (feature ``ports``), else its first port."""
+        ports = self.options.ports
+        if ports and not self.agent.lacks("ports"):
+            for app_port, local_port in ports:
+                if app_port not in self.agent.ports:
+                    self.conn.close()
+                    raise UsageError(f"agent {where} is in front of the app's port{'s' if len(self.agent.ports) > 1 else ''} "
+                                     f"{', '.join(map(str, self.agent.ports))}, not {app_port}: intercept one of those, "
+                                     f"or put the agent in front of {app_port} too (intercept start SERVICE --port ... "
+                                     f"--reinject, with every port it should serve)")
+                await self.conn.create_server(self.door.acceptor(local_port), PORT_FORWARD_HOST, app_port)
+            return
+        if len(ports) > 1:
+            self.conn.close()
+            raise UsageError(f"agent {where}: several ports in one intercept need an agent in front of several; "
+                             f"{self.agent.lacks('ports')}")
+        await self.conn.create_server(self.door.acceptor(ports[0][1]) if ports else self.door.accept,
+                                      FORWARD_HOST, FORWARD_PORT)
 
     async def request(self, request: protocol.Request) -> protocol.Reply | Refusal:
         """One request on the control channel and its typed reply, or the agent's refusal; a

@@ -94,7 +94,8 @@ async def start(
     if not isinstance(command, LocalCommand):
         command = LocalCommand(tuple(command))
     if command.argv:  # before the route is held: COMMAND is to listen on the port
-        await refuse_taken_port(options.local_host, options.local_port)
+        for port in _local_ports(options):
+            await refuse_taken_port(options.local_host, port)
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     door = LocalDoor(options.name, options.local_port, options.local_host)
@@ -200,7 +201,7 @@ async def start(
                 batches = await watch(command.watch, stop)
                 reloading = asyncio.ensure_future(_reload_on_change(batches, command, supervisor, door, fleet, options, report))
             if not command.debug_wait:
-                await accepting(options.local_host, options.local_port, door.hold_timeout, lambda: supervisor.running)
+                await _accepting_all(options, door, supervisor)
             door.open()
             for event in held:
                 report(event)
@@ -294,7 +295,7 @@ async def _reload_on_change(
             if not await door.drained(DRAIN_GRACE):
                 log.warning("%d routed connections still open after %ss; restarting anyway", door.busy, DRAIN_GRACE)
             await supervisor.restart()
-            up = await accepting(options.local_host, options.local_port, door.hold_timeout, lambda: supervisor.running)
+            up = await _accepting_all(options, door, supervisor)
         except InterceptError as e:  # e.g. the command vanished mid-save: say so, keep watching
             report(Event("waiting", f"{e}; save a change to try again"))
             continue
@@ -302,6 +303,20 @@ async def _reload_on_change(
             door.open()
             await fleet.drain(False)
         if up:
-            report(Event("reloaded", f"{name} restarted; {options.describe()} reach localhost:{options.local_port}"))
+            report(Event("reloaded", f"{name} restarted; {options.describe()} reach {options.destinations()}"))
         else:
-            report(Event("waiting", f"{name} does not accept connections on localhost:{options.local_port}; save a fix to restart it"))
+            shown = " or ".join(f"localhost:{p}" for p in _local_ports(options))
+            report(Event("waiting", f"{name} does not accept connections on {shown}; save a fix to restart it"))
+
+
+def _local_ports(options: InterceptOptions) -> list[int]:
+    """The local ports routed requests reach (one per port intercepted)."""
+    return [local for _, local in options.ports] or [options.local_port]
+
+
+async def _accepting_all(options: InterceptOptions, door: LocalDoor, supervisor: Any) -> bool:
+    """Whether the process accepts on every local port (each awaited as :func:`accepting` does)."""
+    up = True
+    for port in _local_ports(options):
+        up = await accepting(options.local_host, port, door.hold_timeout, lambda: supervisor.running) and up
+    return up

@@ -110,6 +110,7 @@ class AgentInfo:
     credentials: Credentials  # token and host public key (no private key)
     agent_version: str
     image: str
+    app_ports: tuple[int, ...] = ()  # the app port behind each Service port asked for, in order
 
     @property
     def workload(self) -> str:
@@ -194,11 +195,20 @@ def ensure_agent(
     """
     cluster = Cluster(api)
     objects = _read_namespace(cluster, namespace, service)
-    target = inject.resolve(objects, service, options.service_port)
+    targets = inject.resolve_ports(objects, service, options.wanted_ports())
+    target = targets[0]
+    asked = tuple(inject.resolve(objects, service, p).container_port for p in options.wanted_ports())
     wi = _index(objects, target.workload_kind, target.workload_name)
     workload = objects[wi]
     if inject.is_injected(workload):
-        inject.check_serves(workload, target)
+        served = inject.served_ports(workload)
+        missing = [t for t in targets if t.container_port not in served]
+        if missing and reinject:  # in front of these ports too, and of those it serves already
+            options = dataclasses.replace(options, service_port=None,
+                                          service_ports=_with_served(objects, service, served, targets))
+        else:
+            for t in targets:
+                inject.check_serves(workload, t)
         running = inject.running_options(workload, options)
         wanted = dataclasses.replace(running, **{k: getattr(options, k) for k in named if k in inject.POD_WIDE_FLAGS})
         if not reinject:
@@ -233,7 +243,7 @@ def ensure_agent(
                 f"{service} -n {namespace}",
                 events,
             ) from None
-        return _agent_info(namespace, service, injected[wi], credentials, options)
+        return dataclasses.replace(_agent_info(namespace, service, injected[wi], credentials, options), app_ports=asked)
 
     for line in inject.describe_changes(objects, injected):
         progress(line)
@@ -277,7 +287,22 @@ def ensure_agent(
         raise failure from None
 
     progress(f"{target.workload}: agent {options.agent_version} ready")
-    return _agent_info(namespace, service, injected[wi], credentials, options)
+    return dataclasses.replace(_agent_info(namespace, service, injected[wi], credentials, options), app_ports=asked)
+
+
+def _with_served(objects: list[Obj], service: str, served: list[int], targets: list[inject.Target]) -> tuple[int, ...]:
+    """The Service ports (numbers) of ``targets`` and those of ``service`` whose app ports in
+    ``served`` the agent is in front of already: an injection for more ports drops none."""
+    ports = [t.service_port for t in targets]
+    found_service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == service)
+    for port in inject.restore_object(found_service)["spec"]["ports"]:
+        try:
+            found = inject.resolve(objects, service, port["port"])
+        except ResolveError:
+            continue
+        if found.container_port in served and found.service_port not in ports:
+            ports.insert(0, found.service_port)
+    return tuple(ports)
 
 
 def _substituted_inject(objects: list[Obj], i: int, current: Obj, service: str, options: InjectOptions) -> Obj:

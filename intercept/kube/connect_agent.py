@@ -57,8 +57,8 @@ def deployment(namespace: str, options: InjectOptions) -> Obj:
         "secretName": inject.secret_name(NAME), "items": [{"key": inject.CREDENTIALS_KEY, "path": inject.CREDENTIALS_KEY}],
         "defaultMode": 0o444}}
     env = agentconfig.to_env({
-        "listen": ("0.0.0.0", AGENT_HTTP_PORT),
-        "upstream": UPSTREAM,
+        "listen": (("0.0.0.0", AGENT_HTTP_PORT),),
+        "upstream": (UPSTREAM,),
         "ssh_listen": ("0.0.0.0", AGENT_SSH_PORT),
         "credentials": Path(inject.CREDENTIALS_DIR, inject.CREDENTIALS_KEY),
         **options.pod_wide(),

@@ -137,6 +137,7 @@ class Entry:
     route: str | None = None
     name: str | None = None
     local_port: int | None = None
+    ports: tuple[str, ...] = ()  # each --port as given ([SERVICE_PORT:]LOCAL_PORT), when there are several
     command: tuple[str, ...] = ()
     log_file: str | None = None
     workspace: str | None = None
@@ -165,7 +166,8 @@ class Entry:
         return {
             "pid": self.pid, "process_start": self.process_start, "started_at": self.started_at,
             "service": self.service, "agent": self.agent, "namespace": self.namespace, "context": self.context,
-            "route": self.route, "name": self.name, "local_port": self.local_port, "command": list(self.command),
+            "route": self.route, "name": self.name, "local_port": self.local_port, "ports": list(self.ports),
+            "command": list(self.command),
             "log_file": self.log_file, "workspace": self.workspace, "exit_code": self.exit_code,
             "fence": self.fence, "files": self.files, "id": self.id, "control": self.control,
             "mirrored": self.mirrored,
@@ -176,12 +178,13 @@ class Entry:
         known = {k: data[k] for k in REGISTER_FIELDS + ("process_start", "exit_code", "mirrored") if k in data}
         known["pid"] = int(known["pid"])
         known["command"] = tuple(known.get("command") or ())
+        known["ports"] = tuple(known.get("ports") or ())
         return cls(**known, file=file)
 
 
 # What register() accepts; pid defaults to this process, started_at to now.
 REGISTER_FIELDS: tuple[str, ...] = ("pid", "started_at", "service", "agent", "namespace", "context", "route",
-                                    "name", "local_port", "command", "log_file", "workspace", "fence", "files", "id",
+                                    "name", "local_port", "ports", "command", "log_file", "workspace", "fence", "files", "id",
                                     "control")
 
 
@@ -342,7 +345,7 @@ def workspaces(env: Mapping[str, str] | None = None) -> list[WorkspaceState]:
 # The keys of each status() row, in order: stable for scripts (`intercept status -o json`).
 STATUS_FIELDS: tuple[str, ...] = ("service", "agent", "namespace", "context", "route", "name", "local_port",
                                   "command", "pid", "alive", "started_at", "exit_code", "log_file", "workspace",
-                                  "fence", "files", "id", "mirrored")
+                                  "fence", "files", "id", "mirrored", "ports")
 
 
 def _known(env: Mapping[str, str] | None) -> list[Entry]:

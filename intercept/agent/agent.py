@@ -353,7 +353,7 @@ class Agent:
             await asyncio.wait({removal}, timeout=delay)
             delay = min(delay * 2, 0.25)
 
-    async def open_mirror(self, route: RegisteredRoute, owner: Any) -> Link:
+    async def open_mirror(self, route: RegisteredRoute, owner: Any, front: Front) -> Link:
         """A channel to the developer of mirror ``route``, for copies; :class:`Unavailable` when
         it cannot be had (at once: a copy never waits as an intercepted request does)."""
         session = self.sessions.get(route.session_id)
@@ -362,7 +362,7 @@ class Agent:
         import asyncssh  # loaded already: a session exists
 
         try:
-            return await session.open_channel(owner)
+            return await session.open_channel(owner, front)
         except asyncssh.ChannelOpenError as e:
             raise Unavailable(f"{route.holder}'s process cannot take a copy: {e.reason}") from None
         except (asyncssh.Error, OSError) as e:
@@ -591,6 +591,14 @@ class Front:
         return self.agent.max_connections
 
     @property
+    def config(self) -> Any:
+        return self.agent.config
+
+    @property
+    def mirror_channels(self) -> collections.Counter[int]:
+        return self.agent.mirror_channels
+
+    @property
     def fresh_connections(self) -> int:
         return self.agent.fresh_connections
 
@@ -635,6 +643,9 @@ class Front:
     async def open_developer(self, route: RegisteredRoute, owner: ClientConnection) -> Link:
         return await self.agent.open_developer(route, owner, self)
 
+    async def open_mirror(self, route: RegisteredRoute, owner: Any) -> Link:
+        return await self.agent.open_mirror(route, owner, self)
+
 
 class _FrontRoutes:
     """The agent's route table as one front sees it: a match whose session does not take the
@@ -647,6 +658,14 @@ class _FrontRoutes:
     def match(self, method: bytes, target: bytes, headers: Any) -> RegisteredRoute | None:
         route = self._table.match(method, target, headers)
         return route if route is None or self._front.takes(route) else None
+
+    @property
+    def mirrors(self) -> tuple[RegisteredRoute, ...]:
+        """The mirrors whose sessions take this front's port."""
+        return tuple(r for r in self._table.mirrors if self._front.takes(r))
+
+    def mirrors_matching(self, method: bytes, target: bytes, headers: Any) -> list[RegisteredRoute]:
+        return [r for r in self._table.mirrors_matching(method, target, headers) if self._front.takes(r)]
 
     @property
     def held(self) -> Any:

@@ -205,8 +205,9 @@ def test_grpc_unary_and_streaming_calls_are_mirrored_while_the_app_answers(grpc_
         assert echoed == [b"cluster:a", b"cluster:b", b"cluster:c"]
         assert unary(ch, b"not copied")[0] == b"cluster:not copied"
     calls = mirrored_calls(mirror, 4)
-    assert [(method, request) for method, request, _ in calls] == [
-        ("Unary", b"hello"), ("ServerStream", b"3 10"), ("ClientStream", bytes.fromhex(digest)), ("Bidi", b"a|b|c")]
+    # each call is a stream of its own: its copy may end at the developer before an earlier one's
+    assert sorted((method, request) for method, request, _ in calls) == sorted([
+        ("Unary", b"hello"), ("ServerStream", b"3 10"), ("ClientStream", bytes.fromhex(digest)), ("Bidi", b"a|b|c")])
     assert all(seen["x-dev"] == "grace" and seen["x-echo-order"] == "42" for _, _, seen in calls)
     assert wait_until_counted(agent, "grace", 4)["copied"] == 4
     assert len(cluster.requests) == 5

@@ -867,9 +867,12 @@ def uninstall(service: str | None = None, *, all: bool = False, namespace: str |
     restore what it changed, exactly; idempotent. Returns :class:`~intercept.kube.apply.Uninstalled`.
 
     Refused (:class:`~intercept.errors.AgentInUse`), naming them, while developers hold
-    routes on an agent it would remove, unless ``force``; their intercepts then end
-    saying that the agent was removed by an uninstall."""
+    routes on an agent it would remove, or reach the cluster through intercept connect's
+    own agent (``intercept-connect``, which ``all`` removes too; asked as ``intercept gc``
+    asks it), unless ``force``; their intercepts and connects then end saying that the
+    agent was removed by an uninstall."""
     from intercept.errors import AgentInUse
+    from intercept.kube import connect_agent
     from intercept.kube.apply import uninstall as remove
     from intercept.kube.config import connect
 
@@ -882,12 +885,53 @@ def uninstall(service: str | None = None, *, all: bool = False, namespace: str |
         held = {r["service"]: sorted({x["holder"] for x in r["routes"] if "holder" in x and _connected(x)})
                 for r in rows if r["agent"] and (all or r["service"] == service)}
         held = {name: holders for name, holders in held.items() if holders}
-        if held:
-            said = "; ".join(f"the agent of {name} serves {', '.join(holders)}" for name, holders in sorted(held.items()))
-            raise AgentInUse(f"{said} (namespace {cluster.namespace}): uninstalling cuts their intercepts; ask them to "
-                             f"leave (intercept leave SERVICE), or uninstall anyway with --force")
+        said = [f"the agent of {name} serves {', '.join(holders)}" for name, holders in sorted(held.items())]
+        if all or (service == connect_agent.NAME and not any(r["service"] == service for r in rows)):
+            users = _connect_agent_users(cluster)
+            if users:
+                said.append(f"intercept connect's own agent ({connect_agent.NAME}) {users}")
+        if said:
+            raise AgentInUse(f"{'; '.join(said)} (namespace {cluster.namespace}): uninstalling cuts their intercepts "
+                             f"and connects; ask them to leave (intercept leave SERVICE, or end the connect), or "
+                             f"uninstall anyway with --force")
     return remove(cluster.api, cluster.namespace, service, all=all, progress=lambda line: emit(Event("progress", line)),
                   timeout=timeout)
+
+
+def _connect_agent_users(cluster: Any) -> str:
+    """Who reaches the cluster through the namespace's connect agent now, as it says (in
+    words: "serves alice, bob"), or "" when nobody does, it has no ready pod (nobody can
+    be using it) or the namespace has none. An agent that cannot be asked is taken as in
+    use (:class:`~intercept.errors.AgentInUse` says so): an uninstall without ``--force``
+    never cuts what it could not see."""
+    from intercept.client.session import InterceptOptions
+    from intercept.client.start import ask_agent, default_name
+    from intercept.errors import AgentInUse
+    from intercept.kube import connect_agent
+    from intercept.routing.match import Route
+
+    try:
+        info = connect_agent.find(cluster.api, cluster.namespace)
+    except InterceptError:  # a Deployment of that name that is not intercept's: uninstall keeps it anyway
+        return ""
+    if info is None:
+        return ""
+    try:
+        transport = _one_pod(cluster, info)
+    except UsageError:  # no ready pod: nobody reaches anything through it
+        return ""
+    try:
+        hello = asyncio.run(ask_agent(InterceptOptions(transport=transport, credentials=info.credentials,
+                                                       route=Route(frozenset()), name=default_name(), local_port=0),
+                                      protocol.Hello()))
+    except Exception as e:  # noqa: BLE001 - said in the refusal, with the way past it
+        raise AgentInUse(f"intercept connect's own agent ({connect_agent.NAME}, namespace {cluster.namespace}) could "
+                         f"not be asked whether connects use it ({e}); uninstall anyway with --force") from None
+    if hello.reaching:
+        return f"serves {', '.join(hello.reaching)}"
+    if hello.lacks("reach") is not None and hello.idle_seconds == 0:  # an agent from before it named them
+        return "is in use (its agent does not say by whom)"
+    return ""
 
 
 def doctor(service: str | None = None, *, namespace: str | None = None, kubeconfig: str | Path | None = None,

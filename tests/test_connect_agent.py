@@ -188,3 +188,79 @@ def test_remove_with_a_resource_version_keeps_an_agent_changed_since(stand: Stan
         connect_agent.remove(stand.api, NS, resource_version=read["metadata"]["resourceVersion"])
     assert stand.server.get("Deployment", NS, connect_agent.NAME) is not None
     assert Cluster(stand.api).get("Secret", NS, "intercept-intercept-connect")
+
+
+# --- intercept gc: idle, asked again just before the delete, which carries a precondition -----------
+
+
+def gc(stand: Stand, idle_of, idle: float = 60.0):
+    from intercept.kube import sandboxes
+
+    return sandboxes.gc(stand.api, NS, idle=idle, idle_of=idle_of, progress=stand.progress.append)
+
+
+def test_gc_removes_the_connect_agent_idle_at_both_questions(stand: Stand) -> None:
+    stand.ensure()
+    assert gc(stand, lambda info: 3600.0).agents == (f"{NS}/{connect_agent.NAME}",)
+    assert stand.server.get("Deployment", NS, connect_agent.NAME) is None
+
+
+def test_gc_keeps_the_connect_agent_when_a_connect_logs_in_before_the_delete(stand: Stand) -> None:
+    stand.ensure()
+    answers = [3600.0, 0.0]  # idle at the first question; a connect logged in before the second
+    assert gc(stand, lambda info: answers.pop(0)).agents == ()
+    assert answers == []
+    assert stand.server.get("Deployment", NS, connect_agent.NAME) is not None
+    assert any("kept: a session reached the cluster through it while gc asked" in line for line in stand.progress)
+
+
+def test_gc_keeps_the_connect_agent_that_changed_since_it_was_read(stand: Stand) -> None:
+    stand.ensure()
+
+    def idle_of(info) -> float:  # meanwhile, the Deployment changes (a connect recreated it, its pod restarted)
+        current = stand.server.get("Deployment", NS, connect_agent.NAME)
+        current["metadata"]["labels"]["changed"] = str(len(stand.progress))
+        stand.server.put(current)
+        return 3600.0
+
+    assert gc(stand, idle_of).agents == ()
+    assert stand.server.get("Deployment", NS, connect_agent.NAME) is not None
+    assert any("kept: it changed since gc read it" in line for line in stand.progress)
+
+
+def _never_ready(stand: Stand, since: str) -> None:
+    """The connect agent's Deployment, its pod never ready since ``since`` (unpullable, say)."""
+    stand.server.controller.unpullable.add("registry.example/unpullable:1")
+    created = deployment(NS, InjectOptions(image="registry.example/unpullable:1"))
+    stand.server.load([created])  # its pod waits in ImagePullBackOff
+    stored = stand.server.get("Deployment", NS, connect_agent.NAME)
+    stored["status"]["conditions"] = [
+        {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable", "lastTransitionTime": since}]
+    stand.server.put(stored)
+    assert stand.server.get("Deployment", NS, connect_agent.NAME)["status"]["readyReplicas"] == 0
+
+
+def test_gc_removes_a_connect_agent_that_has_had_no_ready_pod_for_longer_than_idle(stand: Stand) -> None:
+    _never_ready(stand, "2020-01-01T00:00:00Z")
+    asked = []
+    assert gc(stand, asked.append).agents == (f"{NS}/{connect_agent.NAME}",)
+    assert asked == []  # nothing to ask: no pod answers
+    assert stand.server.get("Deployment", NS, connect_agent.NAME) is None
+
+
+def test_gc_keeps_a_connect_agent_not_ready_for_less_than_idle(stand: Stand) -> None:
+    from datetime import datetime, timezone
+
+    _never_ready(stand, datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+    assert gc(stand, lambda info: None, idle=86400.0).agents == ()
+    assert stand.server.get("Deployment", NS, connect_agent.NAME) is not None
+
+
+def test_unready_for_counts_from_available_turning_false_else_from_creation() -> None:
+    workload = {"metadata": {"creationTimestamp": "2026-01-01T00:00:00Z"}, "status": {"readyReplicas": 0}}
+    start = 1767225600.0  # 2026-01-01T00:00:00Z
+    assert connect_agent.unready_for(workload, start + 90) == 90.0
+    workload["status"]["conditions"] = [{"type": "Available", "status": "False", "lastTransitionTime": "2026-01-01T00:01:00Z"}]
+    assert connect_agent.unready_for(workload, start + 90) == 30.0
+    workload["status"]["readyReplicas"] = 1
+    assert connect_agent.unready_for(workload, start + 90) is None

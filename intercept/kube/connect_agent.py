@@ -41,6 +41,7 @@ import hashlib
 import json
 import logging
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -191,6 +192,35 @@ def _get(cluster: Cluster, namespace: str) -> Obj | None:
     return workload
 
 
+def unready_for(workload: Obj, now: float) -> float | None:
+    """Seconds the connect agent's Deployment has had no ready replica at ``now`` (Unix time),
+    or None while it has one (pure): since its ``Available`` condition turned False, else
+    since its creation. A crash-looping or unschedulable agent serves nobody: ``intercept gc``
+    removes it once this exceeds ``--idle``."""
+    if _ready_replicas(workload) > 0:
+        return None
+    conditions = (workload.get("status") or {}).get("conditions") or []
+    available = next((c for c in conditions if c.get("type") == "Available"), None)
+    since = available.get("lastTransitionTime") if available is not None and available.get("status") != "True" else None
+    since = since or workload["metadata"].get("creationTimestamp")
+    if not since:
+        return None
+    started = datetime.fromisoformat(since.replace("Z", "+00:00")).astimezone(timezone.utc).timestamp()
+    return max(0.0, now - started)
+
+
+def read(api: ApiClient, namespace: str) -> Obj | None:
+    """The connect agent's Deployment of ``namespace`` as it is now, or None;
+    :class:`~intercept.errors.InjectError` when one of that name is not intercept's."""
+    workload = _get(Cluster(api), namespace)
+    return None if workload is None else {"apiVersion": "apps/v1", "kind": "Deployment", **workload}
+
+
+def info_of(api: ApiClient, namespace: str, workload: Obj) -> AgentInfo:
+    """What reaches the agent of ``workload`` (its credentials from its Secret)."""
+    return _info(namespace, workload, agent_credentials(api, namespace, NAME))
+
+
 def find(api: ApiClient, namespace: str) -> AgentInfo | None:
     """The connect agent of ``namespace`` (its credentials from its Secret), or None."""
     workload = _get(Cluster(api), namespace)
@@ -319,4 +349,5 @@ def remove(api: ApiClient, namespace: str, progress: Progress = lambda line: Non
     return Uninstalled(namespace, (), tuple(deleted["Secret"]), tuple(f"Deployment/{n}" for n in deleted["Deployment"]))
 
 
-__all__ = ["LABELS", "NAME", "ConnectAgentDiffers", "deployment", "differences", "ensure", "find", "remove", "template_hash"]
+__all__ = ["LABELS", "NAME", "ConnectAgentDiffers", "deployment", "differences", "ensure", "find", "info_of", "read", "remove", "template_hash",
+           "unready_for"]

@@ -333,7 +333,8 @@ async def _connect_agent(cluster: Any, s: InterceptSpec, emit: OnEvent) -> Any:
 
 
 async def connect(s: InterceptSpec, command: Sequence[str] = (), *, on_event: OnEvent | None = None,
-                  output: Callable[[str], None] | None = None, stop: asyncio.Event | None = None) -> int:
+                  output: Callable[[str], None] | None = None, stop: asyncio.Event | None = None,
+                  timeout: float | None = None) -> int:
     """``intercept connect``: the local process reaches the cluster as a pod of ``s.namespace``
     does (every Service by name, ``s.also_namespaces`` too), without intercepting anything.
 
@@ -343,12 +344,15 @@ async def connect(s: InterceptSpec, command: Sequence[str] = (), *, on_event: On
     fence from ``s.outbound_allow``/``s.outbound_deny``), started once and reused, which
     ``intercept gc`` removes once idle. Runs ``command`` (the user's shell when empty) with
     the names, and returns its exit status (128 + N when signal N ended it); ``stop`` ends it
-    early (status 0). ``output``: the command's lines, instead of our stdout (the MCP
-    server's tool).
+    early (status 0), and set before it starts, it is not started at all. ``timeout``: the
+    seconds ``command`` may run, counted from its start (not the agent's rollout nor the
+    tunnel's setup); then it is stopped (status 0) and ``stop`` set, so the caller can tell.
+    However this ends (cancelled too), ``command`` does not outlive it. ``output``: the
+    command's lines, instead of our stdout (the MCP server's tool).
     """
     from intercept.access.reach import open_access
     from intercept.client.outbound import SSHDialer
-    from intercept.client.runner import LocalProcess, exit_status
+    from intercept.client.runner import LocalProcess, exit_status, run_command
     from intercept.client.session import AgentSession, InterceptOptions
     from intercept.client.start import default_name
     from intercept.kube.apply import list_services as rows_of
@@ -390,15 +394,10 @@ async def connect(s: InterceptSpec, command: Sequence[str] = (), *, on_event: On
         argv = list(command) or [os.environ.get("SHELL") or "/bin/sh"]
         process = LocalProcess(argv, os.environ, output=output, setup=access.setup if access else None,
                                own_group=bool(command) or output is not None)
-        await process.start()
-        waiting = asyncio.ensure_future(process.wait())
-        stopping = asyncio.ensure_future((stop or asyncio.Event()).wait())
-        await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if not waiting.done():
-            await process.stop()
+        status = await run_command(process, stop, timeout)
+        if status is None:  # stopped (or never started: stop came during the setup)
             return 0
-        code = exit_status(waiting.result())
+        code = exit_status(status)
         emit(Event("exited", f"{argv[0]} exited with status {code}", status=code))
         return code
     finally:

@@ -321,7 +321,8 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
         the names a pod uses (redis, redis.NS, redis.NS.svc.cluster.local; also_namespaces add other
         namespaces'), any TCP port, no proxy settings; nothing is intercepted. Goes through the agent of
         SERVICE, else any agent of the namespace, else a small agent of its own (removed by intercept gc once
-        idle). Returns exit_status (null when timeout seconds ran out and COMMAND was stopped), its output
+        idle). Returns exit_status (null when timeout seconds, counted from COMMAND's start, ran out and it
+        was stopped), its output
         (stdout and stderr lines, the last 1000) and the events (which names it reached, refusals)."""
         s = _spec(service=service or _ANY_AGENT, namespace=namespace, also_namespaces=also_namespaces, access=access,
                   outbound_allow=outbound_allow, outbound_deny=outbound_deny, name=name, context=context,
@@ -330,15 +331,12 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
             s = dataclasses.replace(s, service=None)
         output: collections.deque[str] = collections.deque(maxlen=api.OUTPUT_LINES)
         events: list[str] = []
-        stop = asyncio.Event()
-        timer = asyncio.get_running_loop().call_later(timeout, stop.set)
+        stop = asyncio.Event()  # set when COMMAND's timeout runs out, counted from its start (not the agent's rollout)
         try:
             status = await api.connect(s, command, on_event=lambda event: events.append(event.line()),
-                                       output=output.append, stop=stop)
+                                       output=output.append, stop=stop, timeout=timeout)
         except InterceptError as e:
             raise ToolError(str(e)) from None
-        finally:
-            timer.cancel()
         timed_out = stop.is_set()
         return {"exit_status": None if timed_out else status, "timed_out": timed_out, "output": list(output),
                 "events": events}

@@ -1,0 +1,131 @@
+"""``api.connect`` runs COMMAND once: never after a stop that came during the setup, its
+``timeout`` counted from its start, and never outliving a cancelled call (issue 25).
+
+Real commands run; what is not under test is replaced: the cluster, the agent session
+and the cluster names (their own tests are ``test_connect_agent*.py``, ``test_access_*.py``).
+Whether COMMAND started at all is told by its setup step, which runs in the child between
+fork and exec (as the namespace mode's does): deterministic, where anything the command
+itself wrote would race with its being stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from intercept import api
+from intercept.spec import InterceptSpec
+
+WAITS = [sys.executable, "-c", "import os, sys; print(os.getpid(), flush=True); sys.stdin.read(); os.pause()"]
+
+
+@pytest.fixture
+def connect(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """``api.connect`` as through an agent of the namespace; ``started`` exists once COMMAND has started."""
+    started = tmp_path / "started"
+
+    class Session:
+        def __init__(self, options) -> None:
+            self.agent = SimpleNamespace(outbound=True, resolver="")
+            self.conn = None
+
+        async def open_unrouted(self) -> None:
+            pass
+
+        def check_outbound(self, host, port):
+            return None
+
+        async def close(self) -> None:
+            pass
+
+    class Access:
+        def setup(self) -> None:  # in the child, before exec
+            started.write_text("started")
+
+        async def close(self) -> None:
+            pass
+
+    async def open_access(*args, **kwargs):
+        return Access()
+
+    async def service_agents(*args, **kwargs):
+        return SimpleNamespace(transport=None, credentials=None)
+
+    monkeypatch.setattr("intercept.kube.config.connect", lambda *a: SimpleNamespace(api=None, namespace="shop"))
+    monkeypatch.setattr("intercept.kube.apply.list_services", lambda *a, **k: [{"service": "orders", "agent": True}])
+    monkeypatch.setattr("intercept.client.session.AgentSession", Session)
+    monkeypatch.setattr("intercept.access.reach.open_access", open_access)
+    monkeypatch.setattr(api, "_service_agents", service_agents)
+    monkeypatch.setattr(api, "_access_plan", lambda *a: object())
+
+    def run(command, **kwargs):
+        return api.connect(InterceptSpec(namespace="shop"), command, **kwargs)
+
+    run.started = started
+    return run
+
+
+def test_a_stop_during_the_setup_never_starts_the_command(connect) -> None:
+    stop = asyncio.Event()
+    stop.set()  # Ctrl-C, or the caller's deadline, while the agent rolled out
+
+    async def main() -> int:
+        return await connect(["true"], stop=stop, output=lambda line: None)
+
+    assert asyncio.run(main()) == 0
+    assert not connect.started.exists()
+
+
+def test_the_timeout_counts_from_the_commands_start(connect) -> None:
+    lines: list[str] = []
+
+    async def main() -> tuple[int, bool]:
+        stop = asyncio.Event()
+        code = await connect(WAITS, stop=stop, timeout=0, output=lines.append)
+        return code, stop.is_set()
+
+    assert asyncio.run(main()) == (0, True)  # stopped by its timeout, said by stop
+    assert connect.started.exists()  # but it ran: the setup before it took no part of its time
+
+
+def test_a_command_that_exits_returns_its_status_before_any_timeout(connect) -> None:
+    async def main() -> int:
+        return await connect([sys.executable, "-c", "raise SystemExit(3)"], timeout=3600, output=lambda line: None)
+
+    assert asyncio.run(main()) == 3
+
+
+def test_a_cancelled_connect_stops_its_command_and_leaves_no_task(connect) -> None:
+    pids: list[int] = []
+
+    async def main() -> list[asyncio.Task]:
+        printed = asyncio.Event()
+
+        def output(line: str) -> None:
+            pids.append(int(line))
+            printed.set()
+
+        running = asyncio.ensure_future(connect(WAITS, output=output))
+        await printed.wait()
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await running
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()
+                and "_read_lines" not in repr(t.get_coro())]
+
+    try:
+        left = asyncio.run(main())
+        assert left == []  # neither its wait nor the stop's
+        with pytest.raises(ProcessLookupError):
+            os.kill(pids[0], 0)  # stopped and reaped
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass

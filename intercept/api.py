@@ -52,22 +52,24 @@ BODY_LIMIT = 64 * 1024  # body bytes send_request returns by default
 
 
 def make_spec(service: str | None = None, *, env: Mapping[str, str] | None = None, file: Path | None = None,
-              **options: Any) -> InterceptSpec:
+              intercepting: bool = True, **options: Any) -> InterceptSpec:
     """An intercept's options, validated as ``intercept start``'s flags are.
 
     ``options`` are keyed as in ``intercept.yaml`` (``port=8080``, ``headers=["x-dev=alice"]``,
     ``command=["python", "app.py"]``); ``env`` (for example ``os.environ``) adds the
     ``INTERCEPT_*`` variables below them, and ``file`` (an ``intercept.yaml``, when it
     exists) the service's entry below those, as the CLI reads them. Raises
-    :class:`~intercept.errors.SpecError`.
+    :class:`~intercept.errors.SpecError`. ``intercepting=False``: for :func:`connect`, which
+    intercepts nothing: ``service`` may be None (any agent of the namespace), and then no
+    entry of the file applies.
     """
     from intercept.spec import for_service
 
     if service is not None:
         options["service"] = service
     if file is not None:
-        return for_service(env or {}, options, file)
-    return merge(None, env or {}, options)
+        return for_service(env or {}, options, file, target=intercepting)
+    return merge(None, env or {}, options, target=intercepting)
 
 
 # --------------------------------------------------------------------------- reaching the agents

@@ -129,3 +129,32 @@ def test_a_cancelled_connect_stops_its_command_and_leaves_no_task(connect) -> No
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
+
+
+# --- a connect without a SERVICE reads no intercept.yaml entry (an entry named "any" used to leak in) -----
+
+
+def _workspace_with_an_entry_named_any(directory: Path) -> None:
+    import yaml
+
+    (directory / "intercept.yaml").write_text(yaml.safe_dump({"version": 1, "intercepts": [
+        {"service": "any", "access": "off", "outbound_deny": ["db:5432"]}]}))
+
+
+def test_make_spec_for_connect_needs_no_service_and_reads_no_entry(tmp_path: Path) -> None:
+    _workspace_with_an_entry_named_any(tmp_path)
+    spec = api.make_spec(env={}, file=tmp_path / "intercept.yaml", intercepting=False, namespace="shop")
+    assert spec.service is None and spec.access == "auto" and spec.outbound_deny == ()
+
+
+def test_cli_connect_without_a_service_reads_no_entry_named_any(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.conftest import INTERCEPT
+
+    _workspace_with_an_entry_named_any(tmp_path)
+    (tmp_path / "intercept.yaml").write_text((tmp_path / "intercept.yaml").read_text().replace("off", "bogus"))
+    done = subprocess.run([*INTERCEPT, "connect", "-n", "shop", "--kubeconfig", str(tmp_path / "none"), "--", "true"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert "intercept.yaml" not in done.stderr and "bogus" not in done.stderr, done.stderr  # the entry of "any" is not read
+    assert done.returncode == 11, done.stderr  # it goes on to the cluster, which this kubeconfig does not name

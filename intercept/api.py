@@ -372,11 +372,15 @@ async def connect(s: InterceptSpec, command: Sequence[str] = (), *, on_event: On
         spec = s if s.service == service else replace(s, service=service, namespace=cluster.namespace)
         agents = await _service_agents(spec, emit, False, add=False)
         transport, credentials, via = agents.transport, agents.credentials, f"the agent of {service}"
+        no_outbound = (f" (injected with --no-outbound); inject it again without it: intercept inject {service} -n "
+                       f"{cluster.namespace}")
     else:
         spec = replace(s, namespace=cluster.namespace)
         info = await _connect_agent(cluster, s, emit)
         transport = await asyncio.to_thread(_one_pod, cluster, info)
         credentials, via = info.credentials, f"intercept connect's own agent ({info.workload})"
+        no_outbound = (f", which intercept never starts it without: it is not one this intercept started; remove it "
+                       f"(intercept uninstall {info.workload_name} -n {cluster.namespace}) and connect again")
     options = InterceptOptions(transport=transport, credentials=credentials, route=Route(frozenset()),
                                name=s.name or default_name(), local_port=1,
                                fence=Fence.parse(s.outbound_allow, s.outbound_deny, owner="this session"))
@@ -385,8 +389,7 @@ async def connect(s: InterceptSpec, command: Sequence[str] = (), *, on_event: On
     access = None
     try:
         if not session.agent.outbound:
-            raise UsageError(f"the agent of {cluster.namespace}/{service} allows no outbound connections (injected with "
-                             f"--no-outbound); inject it again without it: intercept inject {service} -n {cluster.namespace}")
+            raise UsageError(f"{via} (namespace {cluster.namespace}) allows no outbound connections{no_outbound}")
         emit(Event("starting", f"reaching the cluster as a pod of {cluster.namespace} does, through {via}"))
         plan = _access_plan(spec, cluster, cluster.namespace)
         if plan is None:
@@ -428,7 +431,10 @@ def env_access(env: Mapping[str, str], s: InterceptSpec) -> Event | None:
     said = f"{shown} are as in the pod (the Services' ClusterIPs): intercept env leaves them"
     if s.agent_address is not None:
         return Event("access", f"{said}, and so does intercept start --agent (direct mode follows no Services)")
-    mode = choose(s.access)
+    try:
+        mode = choose(s.access)
+    except UsageError as e:  # --access MODE that cannot work here: informational here, said as the reason
+        return Event("access", f"{said}; intercept start and connect with --access {s.access} would not start here: {e}")
     if mode.names:
         return Event("access", f"{said}; intercept start and connect point them at the Services' local addresses for "
                                f"COMMAND ({mode.name}: {mode.why})")

@@ -28,10 +28,11 @@ WAITS = [sys.executable, "-c", "import os, sys; print(os.getpid(), flush=True); 
 def connect(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """``api.connect`` as through an agent of the namespace; ``started`` exists once COMMAND has started."""
     started = tmp_path / "started"
+    state = SimpleNamespace(rows=[{"service": "orders", "agent": True}], outbound=True)
 
     class Session:
         def __init__(self, options) -> None:
-            self.agent = SimpleNamespace(outbound=True, resolver="")
+            self.agent = SimpleNamespace(outbound=state.outbound, resolver="")
             self.conn = None
 
         async def open_unrouted(self) -> None:
@@ -57,7 +58,12 @@ def connect(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
         return SimpleNamespace(transport=None, credentials=None)
 
     monkeypatch.setattr("intercept.kube.config.connect", lambda *a: SimpleNamespace(api=None, namespace="shop"))
-    monkeypatch.setattr("intercept.kube.apply.list_services", lambda *a, **k: [{"service": "orders", "agent": True}])
+    async def own_agent(*args, **kwargs):  # intercept connect's own agent (where no Service has one)
+        return SimpleNamespace(workload="Deployment/intercept-connect", workload_name="intercept-connect", credentials=None)
+
+    monkeypatch.setattr("intercept.kube.apply.list_services", lambda *a, **k: state.rows)
+    monkeypatch.setattr(api, "_connect_agent", own_agent)
+    monkeypatch.setattr(api, "_one_pod", lambda *a: None)
     monkeypatch.setattr("intercept.client.session.AgentSession", Session)
     monkeypatch.setattr("intercept.access.reach.open_access", open_access)
     monkeypatch.setattr(api, "_service_agents", service_agents)
@@ -67,6 +73,7 @@ def connect(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
         return api.connect(InterceptSpec(namespace="shop"), command, **kwargs)
 
     run.started = started
+    run.state = state
     return run
 
 
@@ -158,3 +165,42 @@ def test_cli_connect_without_a_service_reads_no_entry_named_any(tmp_path: Path) 
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert "intercept.yaml" not in done.stderr and "bogus" not in done.stderr, done.stderr  # the entry of "any" is not read
     assert done.returncode == 11, done.stderr  # it goes on to the cluster, which this kubeconfig does not name
+
+
+def test_an_own_agent_without_outbound_is_named_with_its_fix(connect) -> None:
+    from intercept.errors import UsageError
+
+    connect.state.rows, connect.state.outbound = [], False  # no agent in the namespace: connect's own, and it allows none
+    with pytest.raises(UsageError) as refused:
+        asyncio.run(connect(["true"], output=lambda line: None))
+    message = str(refused.value)
+    assert "None" not in message
+    assert message.startswith("intercept connect's own agent (Deployment/intercept-connect) (namespace shop) allows no "
+                              "outbound connections")
+    assert "intercept uninstall intercept-connect -n shop" in message and "intercept inject" not in message
+    assert not connect.started.exists()
+
+
+def test_a_service_agent_without_outbound_says_how_to_inject_it_again(connect) -> None:
+    from intercept.errors import UsageError
+
+    connect.state.outbound = False
+    with pytest.raises(UsageError, match=r"the agent of orders \(namespace shop\) allows no outbound connections "
+                                         r"\(injected with --no-outbound\); .*intercept inject orders -n shop"):
+        asyncio.run(connect(["true"], output=lambda line: None))
+
+
+# --- intercept env: an --access that cannot work here is a note, not a failure --------------------------
+
+
+def test_env_access_says_why_a_mode_cannot_work_instead_of_failing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from intercept.errors import UsageError
+
+    def choose(requested: str):
+        raise UsageError("--access hosts-file: /etc/hosts is not writable here; run as root, or use --access namespace")
+
+    monkeypatch.setattr("intercept.access.modes.choose", choose)
+    event = api.env_access({"REDIS_SERVICE_HOST": "10.0.0.7"}, InterceptSpec(service="orders", access="hosts-file"))
+    assert event is not None and event.kind == "access"
+    assert "REDIS_SERVICE_HOST are as in the pod" in event.message
+    assert "--access hosts-file would not start here: --access hosts-file: /etc/hosts is not writable" in event.message

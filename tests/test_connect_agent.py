@@ -264,3 +264,61 @@ def test_unready_for_counts_from_available_turning_false_else_from_creation() ->
     assert connect_agent.unready_for(workload, start + 90) == 30.0
     workload["status"]["readyReplicas"] = 1
     assert connect_agent.unready_for(workload, start + 90) is None
+
+
+# --- two connects at once: the create's conflict, and a failed rollout of an agent someone uses ------------
+
+
+class _Racing(Cluster):
+    """The stand-in's client, whose creates of the connect agent meet another connect's first ``times``."""
+
+    before: list = []
+
+    def create(self, obj, **kwargs):
+        if obj["kind"] == "Deployment" and self.before:
+            self.before.pop(0)()
+            raise Conflict("create deployments/intercept-connect: conflict (already exists)", 409, "AlreadyExists")
+        return super().create(obj, **kwargs)
+
+
+def test_a_create_conflict_with_an_agent_gone_again_creates_it(stand: Stand, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(connect_agent, "Cluster", _Racing)
+    monkeypatch.setattr(_Racing, "before", [lambda: None])  # created by another connect, and removed again (gc)
+    info = stand.ensure()
+    assert info.image == IMAGE and stand.server.get("Deployment", NS, connect_agent.NAME) is not None
+
+
+def test_a_create_conflict_reuses_the_agent_another_connect_created(stand: Stand, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(connect_agent, "Cluster", _Racing)
+    monkeypatch.setattr(_Racing, "before", [lambda: stand.server.load([deployment(NS, InjectOptions(image=IMAGE))])])
+    stand.ensure()
+    assert not any("starting intercept connect's own" in line for line in stand.progress[1:])  # one attempt only
+
+
+def test_an_agent_that_keeps_appearing_and_disappearing_is_a_typed_error(stand: Stand,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from intercept.errors import InjectError
+
+    monkeypatch.setattr(connect_agent, "Cluster", _Racing)
+    monkeypatch.setattr(_Racing, "before", [lambda: None] * 10)
+    with pytest.raises(InjectError, match="kept appearing and disappearing.*run the command again"):
+        stand.ensure()
+
+
+def test_a_failed_rollout_keeps_an_agent_that_became_ready_for_another_connect(stand: Stand) -> None:
+    stand.ensure()  # ready: another connect may be using it
+    uid = stand.server.get("Deployment", NS, connect_agent.NAME)["metadata"]["uid"]
+    assert connect_agent._remove_unless_ready(stand.api, NS, uid, stand.progress.append) is None
+    assert stand.server.get("Deployment", NS, connect_agent.NAME) is not None
+    assert connect_agent._remove_unless_ready(stand.api, NS, "another-uid", stand.progress.append).deleted == ()
+    assert stand.server.get("Deployment", NS, connect_agent.NAME) is not None
+
+
+def test_a_failed_rollout_removes_what_it_created(stand: Stand) -> None:
+    from intercept.kube.apply import RolloutFailed
+
+    stand.server.controller.unpullable.add("registry.example/unpullable:1")
+    with pytest.raises(RolloutFailed, match=r"Deployment/intercept-connect \(deleted\)"):
+        stand.ensure(InjectOptions(image="registry.example/unpullable:1"))
+    assert stand.server.get("Deployment", NS, connect_agent.NAME) is None
+    assert stand.server.get("Secret", NS, "intercept-intercept-connect") is None

@@ -50,8 +50,8 @@ from kubernetes.client import ApiClient
 from intercept import agentconfig
 from intercept.errors import AgentSettingsDiffer, InjectError, InterceptError
 from intercept.kube import inject
-from intercept.kube.apply import (CONFLICT_RETRIES, DEFAULT_TIMEOUT, MANAGED_BY, POLL_INTERVAL, WORKLOAD_LABEL, AgentInfo, Progress,
-                                  RolloutFailed, Uninstalled, _ensure_secret, _events_for, _failure, _fix, _public,
+from intercept.kube.apply import (CONFLICT_RETRIES, DEFAULT_TIMEOUT, MANAGED_BY, POLL_INTERVAL, WORKLOAD_LABEL, AgentInfo,
+                                  Progress, RolloutFailed, Uninstalled, _ensure_secret, _events_for, _failure, _fix, _public,
                                   _RolloutProblem, _wait_rollout, agent_credentials)
 from intercept.kube.inject import AGENT_CONTAINER, AGENT_HTTP_PORT, AGENT_SSH_PORT, InjectOptions
 from intercept.kube.rest import AccessDenied, Cluster, Conflict, NotFound, format_selector
@@ -148,7 +148,7 @@ def differences(running: Obj, wanted: Obj) -> tuple[tuple[str, str, str], ...]:
     if has.get(TEMPLATE_ANNOTATION) != asked[TEMPLATE_ANNOTATION]:
         found.append(("pod template", f"recorded as {(has.get(TEMPLATE_ANNOTATION) or 'none')[:12]}",
                       f"{asked[TEMPLATE_ANNOTATION][:12]} (this intercept's)"))
-    elif not _contains(live_spec, wanted_spec) or set(live_spec["containers"][0]) - _CONTAINER_KEYS \
+    elif not _contains(live_spec, wanted_spec) or set((live_spec.get("containers") or [{}])[0]) - _CONTAINER_KEYS \
             or live_spec.get("initContainers") or live_spec.get("ephemeralContainers"):
         found.append(("pod template", "changed since it was created", "as intercept created it"))
     return tuple(found)

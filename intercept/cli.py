@@ -76,14 +76,15 @@ def _given(ctx: click.Context, *keys: str) -> dict[str, Any]:
     return {key: ctx.params[key] for key in keys if ctx.get_parameter_source(key) is ParameterSource.COMMANDLINE}
 
 
-def _spec(ctx: click.Context, *keys: str, **extra: Any) -> Any:
+def _spec(ctx: click.Context, *keys: str, target: bool = True, **extra: Any) -> Any:
     """The intercept this command line describes, over the ``INTERCEPT_*`` variables and the
-    service's entry in ./intercept.yaml (:func:`intercept.spec.for_service`), validated."""
+    service's entry in ./intercept.yaml (:func:`intercept.spec.for_service`), validated
+    (``target=False``: no SERVICE required, for connect)."""
     import os
 
     from intercept.spec import for_service
 
-    return for_service(os.environ, {**_given(ctx, *keys), **extra})
+    return for_service(os.environ, {**_given(ctx, *keys), **extra}, target=target)
 
 
 def _options(ctx: click.Context, *keys: str) -> dict[str, Any]:
@@ -343,12 +344,9 @@ def connect_command(ctx: click.Context, **_: Any) -> None:
         return await api.connect(spec, command, on_event=lambda event: click.echo(event.line(), err=True), stop=stop)
 
     try:
-        import dataclasses
-
         keys = ("service", "also_namespaces", "access", "name", "outbound_allow", "outbound_deny", "agent_image", "timeout",
                 *CLUSTER)
-        named = ctx.params.get("service")  # without one, any agent of the namespace will do
-        spec = _spec(ctx, *keys) if named else dataclasses.replace(_spec(ctx, *keys, service="any"), service=None)
+        spec = _spec(ctx, *keys, target=False)  # without a SERVICE, any agent of the namespace will do
         code = asyncio.run(run())
     except InterceptError as e:
         _fail(e)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
@@ -32,7 +31,6 @@ from intercept.errors import InterceptError
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 120.0  # how long start_intercept waits for the route to be held
-_ANY_AGENT = "any"  # connect without a SERVICE: a spec needs one to be validated, and then has none
 
 
 class Intercepts:
@@ -145,11 +143,12 @@ def _describe(key: str, it: api.Intercept) -> dict[str, Any]:
     }
 
 
-def _spec(**options: Any) -> api.InterceptSpec:
+def _spec(intercepting: bool = True, **options: Any) -> api.InterceptSpec:
     """The options a tool was given, over this server's ``INTERCEPT_*`` variables and the
-    service's entry in ./intercept.yaml, validated as ``intercept start``'s flags are."""
+    service's entry in ./intercept.yaml, validated as ``intercept start``'s flags are
+    (``intercepting=False``: connect, which needs no service)."""
     try:
-        return api.make_spec(env=os.environ, file=Path("intercept.yaml"),
+        return api.make_spec(env=os.environ, file=Path("intercept.yaml"), intercepting=intercepting,
                              **{k: v for k, v in options.items() if v not in (None, [], "")})
     except InterceptError as e:
         raise ToolError(str(e)) from None
@@ -331,24 +330,20 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
         the names a pod uses (redis, redis.NS, redis.NS.svc.cluster.local; also_namespaces add other
         namespaces'), any TCP port, no proxy settings; nothing is intercepted. Goes through the agent of
         SERVICE, else any agent of the namespace, else a small agent of its own (removed by intercept gc once
-        idle). Returns exit_status (null when timeout seconds ran out and COMMAND was stopped), its output
+        idle). Returns exit_status (null when timeout seconds, counted from COMMAND's start, ran out and it
+        was stopped), its output
         (stdout and stderr lines, the last 1000) and the events (which names it reached, refusals)."""
-        s = _spec(service=service or _ANY_AGENT, namespace=namespace, also_namespaces=also_namespaces, access=access,
+        s = _spec(False, service=service, namespace=namespace, also_namespaces=also_namespaces, access=access,
                   outbound_allow=outbound_allow, outbound_deny=outbound_deny, name=name, context=context,
-                  kubeconfig=kubeconfig, agent_image=agent_image)
-        if not service:  # any agent of the namespace will do
-            s = dataclasses.replace(s, service=None)
+                  kubeconfig=kubeconfig, agent_image=agent_image)  # no service: any agent of the namespace
         output: collections.deque[str] = collections.deque(maxlen=api.OUTPUT_LINES)
         events: list[str] = []
-        stop = asyncio.Event()
-        timer = asyncio.get_running_loop().call_later(timeout, stop.set)
+        stop = asyncio.Event()  # set when COMMAND's timeout runs out, counted from its start (not the agent's rollout)
         try:
             status = await api.connect(s, command, on_event=lambda event: events.append(event.line()),
-                                       output=output.append, stop=stop)
+                                       output=output.append, stop=stop, timeout=timeout)
         except InterceptError as e:
             raise ToolError(str(e)) from None
-        finally:
-            timer.cancel()
         timed_out = stop.is_set()
         return {"exit_status": None if timed_out else status, "timed_out": timed_out, "output": list(output),
                 "events": events}

@@ -69,6 +69,7 @@ FEATURES = (
     "pending-routes",  # routes of developers not connected yet, from the mounted developers file
     "mirror",  # Register(mirror=True): a copy of each matching request; the app still answers
     "ports",  # in front of several app ports (hello's ports), each forwarded on (PORT_FORWARD_HOST, port)
+    "reach",  # Reach: this session reaches the cluster through the pod, in use from then on; hello names such sessions
 )
 
 
@@ -172,10 +173,20 @@ class CheckOutbound:
     port: int
 
 
-Request = Hello | Env | ListRoutes | Register | Unregister | Drain | Resume | SetClusterRoutes | Fence | CheckOutbound
+@dataclass(frozen=True)
+class Reach:
+    """This session reaches the cluster through the pod (``intercept connect``): the agent
+    counts it as in use from now until it leaves, whether or not it has connected anywhere
+    yet (``intercept gc`` keeps the agent; ``intercept uninstall`` names it). Refused
+    (``invalid``) by an agent that allows no outbound connection."""
+
+    op: ClassVar[str] = "reach"
+
+
+Request = Hello | Env | ListRoutes | Register | Unregister | Drain | Resume | SetClusterRoutes | Fence | CheckOutbound | Reach
 _REQUESTS: dict[str, type] = {
     cls.op: cls for cls in (Hello, Env, ListRoutes, Register, Unregister, Drain, Resume, SetClusterRoutes, Fence,
-                            CheckOutbound)
+                            CheckOutbound, Reach)
 }
 
 
@@ -261,6 +272,7 @@ class HelloReply(Reply):
     files: list[dict[str, Any]] = field(default_factory=list)  # the served roots: path, present
     tls_connections: int = 0  # connections that began with a TLS record: relayed, never routed
     idle_seconds: float = 0.0  # how long no route has been held (for intercept gc)
+    reaching: list[str] = field(default_factory=list)  # the sessions that reach the cluster through the pod now, by name
     resolver: str = ""  # the pod's /etc/resolv.conf: its search path names the cluster's Services
 
     def lacks(self, feature: str) -> str | None:
@@ -319,6 +331,7 @@ class OutboundReply(Reply):
 REPLIES: dict[type, type[Reply]] = {
     Hello: HelloReply, Env: EnvReply, ListRoutes: RoutesReply, Register: Registered, Unregister: Done,
     Drain: Drained, Resume: Drained, SetClusterRoutes: PushReply, Fence: FenceReply, CheckOutbound: OutboundReply,
+    Reach: Done,
 }
 
 

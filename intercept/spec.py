@@ -812,8 +812,9 @@ def _from_flags(flags: Mapping[str, object]) -> tuple[dict[str, object], dict[st
 
 
 def _build(values: Mapping[str, object], origins: Mapping[str, Origin], *, directory: Path,
-           location: Origin | None) -> InterceptSpec:
-    """Defaults, derived defaults and the checks that involve several options."""
+           location: Origin | None, target: bool = True) -> InterceptSpec:
+    """Defaults, derived defaults and the checks that involve several options (``target``:
+    a SERVICE or an agent is required, as for everything that intercepts)."""
     v = {o.key: o.default for o in OPTIONS}
     v.update(values)
     medium: Medium = location.medium if location is not None else "flag"
@@ -835,7 +836,7 @@ def _build(values: Mapping[str, object], origins: Mapping[str, Origin], *, direc
         return SpecError(lead + message, key=key,
                          path=location.path if location else None, line=location.line if location else None)
 
-    if not v["service"] and not v["agent"]:
+    if target and not v["service"] and not v["agent"]:
         service, agent = _BY_KEY["service"], _BY_KEY["agent"]
         if medium == "file":
             fix = f"add {_example(service, 'file')} (a Kubernetes Service) or {_example(agent, 'file')} (direct mode)"
@@ -909,7 +910,8 @@ def _check_ports(v: dict[str, object], said: Callable[[str], str], medium_of: Ca
                        f"e.g. {_written(_BY_KEY['port'], medium_of('port'), ['8080:3000', '9090:5000'])}", "port")
 
 
-def merge(base: InterceptSpec | None, env: Mapping[str, str], flags: Mapping[str, object]) -> InterceptSpec:
+def merge(base: InterceptSpec | None, env: Mapping[str, str], flags: Mapping[str, object], *,
+          target: bool = True) -> InterceptSpec:
     """One intercept from its three spellings: ``base`` (from a file, or ``None``) < ``env`` < ``flags``.
 
     ``env`` is the process environment (only the ``INTERCEPT_*`` names of
@@ -919,6 +921,8 @@ def merge(base: InterceptSpec | None, env: Mapping[str, str], flags: Mapping[str
     strings or already typed (click's ints, Paths, tuples). A list replaces, never
     extends, a lower layer's list. Raises :class:`SpecError` (exit code 2) naming the
     spelling at fault and the fix; ``ValueError`` for a key that is no option (a bug).
+    ``target=False``: no SERVICE (nor agent) is required, for what intercepts nothing
+    (``intercept connect`` without one uses any agent of the namespace).
     """
     values: dict[str, object] = {}
     origins: dict[str, Origin] = {}
@@ -931,19 +935,21 @@ def merge(base: InterceptSpec | None, env: Mapping[str, str], flags: Mapping[str
         origins.update(layer_origins)
     return _build(values, origins,
                   directory=base.directory if base is not None else Path("."),
-                  location=base.location if base is not None else None)
+                  location=base.location if base is not None else None, target=target)
 
 
-def for_service(env: Mapping[str, str], flags: Mapping[str, object], path: Path = Path(DEFAULT_FILE)) -> InterceptSpec:
+def for_service(env: Mapping[str, str], flags: Mapping[str, object], path: Path = Path(DEFAULT_FILE), *,
+                target: bool = True) -> InterceptSpec:
     """The intercept ``flags`` name, as every face reads it: flags > ``env`` > the entry of
     its ``service`` in ``path`` (``./intercept.yaml``), when that file exists and has one
     (with the file's top-level defaults) > the built-in defaults. So ``intercept start
-    orders``, ``doctor``, ``env``, the MCP tools and ``up`` agree on what ``orders`` is."""
+    orders``, ``doctor``, ``env``, the MCP tools and ``up`` agree on what ``orders`` is.
+    ``target``: as for :func:`merge` (with no SERVICE, no entry of the file applies)."""
     service = flags.get("service") or env.get(_BY_KEY["service"].env)
     base = None
     if service and path.is_file():
         base = next((i for i in load_workspace(path, env).intercepts if i.service == service), None)
-    return merge(base, env, flags)
+    return merge(base, env, flags, target=target)
 
 
 def options(env: Mapping[str, str], flags: Mapping[str, object], keys: Iterable[str]) -> dict[str, object]:

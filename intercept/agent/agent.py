@@ -201,6 +201,7 @@ class Agent:
             # this pod (intercept connect); a session that only asks, as gc does, is no use
             idle_seconds=0.0 if self.routes.held or self.routes.mirrors or any(s.reaching for s in self.sessions.values())
             else round(time.monotonic() - self._last_busy, 1),
+            reaching=sorted(s.name for s in self.sessions.values() if s.reaching),
             resolver=_resolver_text())
 
     def fence_of(self, session: sshd.DeveloperSession) -> dict[str, Any]:

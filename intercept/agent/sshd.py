@@ -154,7 +154,9 @@ class DeveloperSession(asyncssh.SSHServer):
         self.links: set[ChannelLink] = set()
         self.draining = False  # the developer's process restarts: keep no channel past its response
         self.fence = Fence(owner="this session")  # the client's narrowing of the agent's fence
-        self.reaching = False  # it reaches the cluster through this pod (intercept connect): the agent is in use
+        # it reaches the cluster through this pod (intercept connect): the agent is in use. Set by a Reach request
+        # (connect's sessions, at once after login) or by a connection the fences let through, never by a refused one
+        self.reaching = False
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
@@ -206,8 +208,8 @@ class DeveloperSession(asyncssh.SSHServer):
         if not self.agent.config.allow_outbound:
             log.info("refused outbound connection to %s:%s from %s (agent started without --allow-outbound)", dest_host, dest_port, self.name)
             return False
-        self.reaching = True
         if self.agent.fence.open and self.fence.open:
+            self.reaching = True
             return True
         return self._fenced_connection(dest_host, dest_port)
 
@@ -236,6 +238,7 @@ class DeveloperSession(asyncssh.SSHServer):
         if not verdict.allowed:
             log.info("refused outbound connection from %s: %s", self.name, verdict.reason)
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, FENCE_REFUSED + verdict.reason)
+        self.reaching = True  # only once the fences let it through: a refused attempt does not keep the agent busy
         error: asyncssh.ChannelOpenError | None = None
         for address in verdict.dial:  # what was judged, never the client's text nor the name resolved again
             try:
@@ -401,10 +404,10 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
     async def _check_outbound(self, request: protocol.CheckOutbound) -> Reply | Refusal:
         if not self.session.agent.config.allow_outbound:
             return Refusal("invalid", "the agent does not allow outbound connections (it runs without --allow-outbound)")
-        self.session.reaching = True
         verdict = await self.session.check_outbound(request.host, request.port)
-        if not verdict.allowed:
+        if not verdict.allowed:  # a refused attempt is no use of the pod: it does not keep the agent from idling
             return Refusal("fenced", verdict.reason)
+        self.session.reaching = True
         return protocol.OutboundReply(list(verdict.dial))
 
     def _handle(self, line: bytes) -> Reply | Refusal | Coroutine[Any, Any, Reply | Refusal]:
@@ -437,6 +440,13 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
                     return protocol.FenceReply(**agent.fence_of(session))
                 case protocol.CheckOutbound():
                     return self._check_outbound(request)  # a coroutine: _serve awaits it
+                case protocol.Reach():
+                    if not agent.config.allow_outbound:
+                        return Refusal("invalid", "the agent does not allow outbound connections (it runs without "
+                                                  "--allow-outbound): nothing is reached through it")
+                    session.reaching = True
+                    log.info("%s reaches the cluster through this pod", session.name)
+                    return protocol.Done()
         except RouteConflict as e:
             return Refusal("conflict", str(e), e.holder)
         except UnverifiedPush as e:

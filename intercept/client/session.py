@@ -103,8 +103,19 @@ class AgentSession:
 
     async def open_unrouted(self) -> None:
         """Connect and narrow the outbound fence, registering no route: a session that only
-        reaches the cluster (``intercept connect``)."""
+        reaches the cluster (``intercept connect``). The agent counts it as in use from here
+        (:class:`~intercept.protocol.Reach`), before its first connection: ``intercept gc``
+        does not remove an agent a connect has just logged in to."""
         await self.connect()
+        if self.agent.lacks("reach") is None:
+            try:
+                reply = await self.request(protocol.Reach())
+            except (asyncssh.Error, OSError) as e:
+                self.conn.close()
+                raise AgentUnreachable(f"agent {self.options.transport.describe()}: connection lost while saying it "
+                                       f"reaches the cluster: {e}") from None
+            if isinstance(reply, Refusal):
+                log.info("agent %s: %s", self.options.transport.describe(), reply.message)
         await self._narrow()
 
     async def check_outbound(self, host: str, port: int) -> str | None:

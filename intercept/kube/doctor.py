@@ -88,6 +88,9 @@ NEEDED = (
     *(Access(verb, "endpointslices", "discovery.k8s.io") for verb in ("list", "watch")),
     *(Access(verb, plural, "apps") for plural in ("deployments", "statefulsets", "replicasets")
       for verb in ("get", "list", "update")),
+    # intercept connect's own agent, where a namespace has none (intercept.kube.connect_agent): its Deployment
+    # (and the Secret below)
+    Access("create", "deployments", "apps"),
     *(Access(verb, "networkpolicies", "networking.k8s.io") for verb in ("get", "list", "update")),
     *(Access(verb, "secrets") for verb in ("get", "create", "update", "delete")),
     # the developers' routes, in the workload's routes ConfigMap (intercept.kube.developers)

@@ -85,7 +85,7 @@ def with_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[Cal
 
     def run(body: Callable[[Running], Awaitable[None]]) -> None:
         async def main() -> None:
-            agent = Agent(AgentConfig(listen=("127.0.0.1", 0), ssh_listen=("127.0.0.1", 0), upstream=("127.0.0.1", 1),
+            agent = Agent(AgentConfig(listen=(("127.0.0.1", 0),), ssh_listen=("127.0.0.1", 0), upstream=(("127.0.0.1", 1),),
                                       credentials=credentials, allow_outbound=True, outbound_deny=(DENIED[0],)))
             await agent.start()
             try:

@@ -85,8 +85,8 @@ def with_bed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[Calla
             json.loads(credentials.read_text())
 
             async def main() -> None:
-                agent = Agent(AgentConfig(listen=("127.0.0.1", 0), ssh_listen=("127.0.0.1", 0),
-                                          upstream=("127.0.0.1", 1), credentials=credentials, allow_outbound=True))
+                agent = Agent(AgentConfig(listen=(("127.0.0.1", 0),), ssh_listen=("127.0.0.1", 0),
+                                          upstream=(("127.0.0.1", 1),), credentials=credentials, allow_outbound=True))
                 await agent.start()
                 pod = next(p for p in server.objects("Pod", NS) if p["metadata"]["name"].startswith(connect_agent.NAME))
                 server.forward(pod["metadata"]["name"], agent.ssh_address[1])

@@ -176,19 +176,23 @@ def _ms(value: float) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-d", "--duration", type=float, default=10.0, help="seconds per row (default 10)")
+    ap.add_argument("-d", "--duration", type=float, help="seconds per row (default 10, 3 with --quick)")
     ap.add_argument("-c", "--connections", type=int, default=64, help="h2load connections (default 64)")
     ap.add_argument("-m", "--streams", type=int, default=1,
                     help="concurrent streams per connection (default 1: h2load 1.52 logs only part of the requests "
                     "of multiplexed streams, so p50/p99 are shown only with -m1)")
-    ap.add_argument("--warmup", type=float, default=2.0, help="h2load warm-up seconds (default 2)")
-    ap.add_argument("--quick", action="store_true", help="3 s per row, 1 s warm-up")
+    ap.add_argument("--warmup", type=float, help="h2load warm-up seconds (default 2, 1 with --quick)")
+    ap.add_argument("--quick", action="store_true", help="3 s per row, 1 s warm-up (unless -d, --warmup say)")
+    ap.add_argument("--quiet-wait", type=float, default=30.0,
+                    help="seconds to wait, before each row, for other processes to calm down (default 30)")
     ap.add_argument("--rows", default="a,b,c0,c,d", help="rows to measure (default a,b,c0,c,d)")
     ap.add_argument("--pin", default="auto", help="as bench/run.py: auto, none, or POD_CPUS/DEV_CPUS")
     ap.add_argument("--keep-tmp", action="store_true")
     args = ap.parse_args()
-    if args.quick:
-        args.duration, args.warmup = 3.0, 1.0
+    if args.duration is None:
+        args.duration = 3.0 if args.quick else 10.0
+    if args.warmup is None:
+        args.warmup = 1.0 if args.quick else 2.0
     for tool in ("h2load", "nginx") + (("taskset",) if args.pin != "none" else ()):
         if shutil.which(tool) is None:
             sys.exit(f"bench: {tool} is not on PATH (apt-get install -y nghttp2-client nginx-light util-linux)")
@@ -229,7 +233,7 @@ def run(procs: Procs, args: argparse.Namespace) -> int:
 
     def measure(row: str, port: int, header: bool, expect: str) -> None:
         check_route(procs, port, header, expect)
-        other = wait_quiet(procs, 2.5, 30)
+        other = wait_quiet(procs, 2.5, args.quiet_wait)
         log(f"{ROWS[row]}: h2load for {args.duration:g}s (other processes: {other:.0f}% CPU)")
         results[row] = h2load(procs, port, args, args.duration, header, expect)
         rss[row] = rss_mb(agent.pid)

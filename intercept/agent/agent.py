@@ -74,8 +74,10 @@ class Agent:
         self._removal: asyncio.Future[None] | None = None  # resolved when a route leaves the table
 
     async def start(self) -> None:
-        self.h2_codec, why = choose_h2_codec(os.environ.get("INTERCEPT_H2_CODEC"))
-        (log.info if self.h2_codec == "ngh2" else log.warning)("agent: HTTP/2 codec %s: %s", self.h2_codec, why)
+        requested = os.environ.get("INTERCEPT_H2_CODEC")
+        self.h2_codec, why = choose_h2_codec(requested)
+        fell_back = self.h2_codec == "h2" and not requested  # shown without -v: gRPC routing is slow
+        (log.warning if fell_back else log.info)("agent: HTTP/2 codec %s: %s", self.h2_codec, why)
         loop = asyncio.get_running_loop()
         # SSH first: the pod's readiness probe checks the HTTP port, and a ready pod must take sessions.
         # The port is bound now, but asyncssh (with its cryptography, 17 MB and 100 ms of imports) is

@@ -22,6 +22,7 @@ wait for delayed ACKs and p99 is 40 ms. Prints a Markdown table on stdout.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -80,23 +81,27 @@ def openssh(procs: Procs, forward_to: int) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-d", "--duration", type=float, default=10.0)
+    ap.add_argument("-d", "--duration", type=float, help="seconds per row (default 10, 3 with --quick)")
     ap.add_argument("-c", "--connections", type=int, default=16)
     ap.add_argument("-t", "--threads", type=int, default=1)
-    ap.add_argument("--quick", action="store_true", help="3 s rows")
+    ap.add_argument("--quick", action="store_true", help="3 s rows (unless -d says)")
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds of wrk before each row (default 1)")
+    ap.add_argument("--quiet-wait", type=float, default=30.0,
+                    help="seconds to wait, before each row, for other processes to calm down (default 30)")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds; each row reports its fastest")
     ap.add_argument("--body-mb", type=int, default=100)
     ap.add_argument("--no-bulk", action="store_true")
     args = ap.parse_args()
     args.connection_close = False
-    if args.quick:
-        args.duration = 3.0
+    if args.duration is None:
+        args.duration = 3.0 if args.quick else 10.0
     for tool in ("wrk", "nginx", "curl", "ssh", "ssh-keygen", "taskset"):
         if shutil.which(tool) is None:
             sys.exit(f"carrier: {tool} is not on PATH")
     if not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists()):
         sys.exit("carrier: sshd is not installed (apt-get install -y openssh-server)")
-    procs = Procs(Path(tempfile.mkdtemp(prefix="intercept-carrier-")), Pinning("0", "1"))
+    pin = Pinning("0", "1") if (os.cpu_count() or 1) >= 2 else Pinning()
+    procs = Procs(Path(tempfile.mkdtemp(prefix="intercept-carrier-")), pin)
     try:
         return run(procs, args)
     finally:
@@ -131,8 +136,9 @@ def run(procs: Procs, args: argparse.Namespace) -> int:
     best = {}
     for rnd in range(args.repeat):
         for row, port in ports.items():
-            wait_quiet(procs, 2.5, 30)
-            wrk(procs, port, args, 1.0, header[row])
+            wait_quiet(procs, 2.5, args.quiet_wait)
+            if args.warmup > 0:
+                wrk(procs, port, args, args.warmup, header[row])
             res = wrk(procs, port, args, args.duration, header[row])
             log(f"round {rnd + 1} {ROWS[row]}: {res.rps:.0f} req/s, p50 {res.p50:.2f} ms, others {res.other_cpu:.0f}%")
             if row not in best or res.rps > best[row].rps:
@@ -146,7 +152,7 @@ def run(procs: Procs, args: argparse.Namespace) -> int:
 
     nginx = best["b"].rps
     print(f"wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s, best of {args.repeat} rounds; "
-          f"pod processes on CPU 0, wrk and the laptop's on CPU 1; cipher {CIPHER}\n")
+          f"{procs.pin.describe()}; cipher {CIPHER}\n")
     print("| row | req/s | vs nginx | p50 ms | p99 ms | CPU µs/req | of which |")
     print("|---|---:|---:|---:|---:|---:|---|")
     for row, res in best.items():

@@ -9,14 +9,16 @@ Rows (see bench/README.md):
   (a) wrk -> upstream app                                   (the floor: no proxy at all)
   (b) wrk -> nginx routing on x-dev with a map -> upstream  (the yardstick)
   (h) wrk -> HAProxy routing on x-dev with an ACL -> upstream (the second yardstick)
+  (g) wrk -> Go net/http ReverseProxy routing on x-dev -> upstream (the Go-class anchor)
   (c) wrk -> agent -> upstream                              (requests without the header)
   (c100) as (c), with 100 other developers' routes held     (bench/routes.py)
   (cstd) as (c), the agent on the standard asyncio loop     (no uvloop: `pip install intercept`)
   (d) wrk -> agent -> SSH -> intercept client -> local app  (requests with x-dev: alice)
 
 The apps and the router are nginx (worker_processes 1, keep-alive, access_log off), so
-they are not the bottleneck. Needs wrk, nginx (nginx-light), haproxy and curl on PATH;
-stdlib only.
+they are not the bottleneck. Needs wrk, nginx (nginx-light), haproxy and curl on PATH,
+and Go for row (g) (bench/goproxy.go, built into ~/.cache/intercept-bench; without Go the
+row is left out, saying so); stdlib only.
 Reported: req/s, p50, p99 (wrk --latency), the agent's RSS after each row, the agent's
 RSS with 200 open keep-alive connections, and MB/s for a 100 MB body each way.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
 import os
 import platform
 import re
@@ -54,14 +57,18 @@ ROWS = {
     "a": "(a) direct to upstream",
     "b": "(b) nginx map routing",
     "h": "(h) HAProxy ACL routing",
+    "g": "(g) Go net/http ReverseProxy routing",
     "c": "(c) agent, no header",
     "c100": "(c100) agent, no header, 100 other routes",
     "cstd": "(cstd) agent on asyncio (no uvloop), no header",
     "d": "(d) agent, x-dev: alice -> SSH",
 }
+# (g) is not among them: the apps answer POST /sink before reading the body (nginx's return 200),
+# and net/http's server stops reading a request body once the proxy's handler has returned,
+# so Go's upload ends mid-body where nginx, HAProxy and the agent stream it to its end
 BULK_ROWS = ("a", "b", "h", "c", "d")
 # which watched processes make up each row's proxy (their CPU is the row's "proxy CPU")
-PROXY = {"a": [], "b": ["router"], "h": ["haproxy"], "c": ["agent"], "c100": ["agent"], "cstd": ["agent_std"],
+PROXY = {"a": [], "b": ["router"], "h": ["haproxy"], "g": ["goproxy"], "c": ["agent"], "c100": ["agent"], "cstd": ["agent_std"],
          "d": ["agent", "client"]}
 HAPROXY_CONFIG = """
 # Row (h): the agent's job done by HAProxy, one thread on the pod's CPU: x-dev: alice to the
@@ -255,6 +262,16 @@ class Procs:
             wait_port(port)
         except RuntimeError:
             raise RuntimeError(f"haproxy did not start: {(self.tmp / 'haproxy.stderr').read_text()}") from None
+        return p
+
+    def goproxy(self, binary: Path, port: int, upstream_port: int, local_port: int) -> subprocess.Popen:
+        """Row (g): bench/goproxy.go on one core (GOMAXPROCS=1) of the pod's CPUs."""
+        p = self.spawn([str(binary), f"127.0.0.1:{port}", f"127.0.0.1:{upstream_port}", f"127.0.0.1:{local_port}"], "pod",
+                       stdout=subprocess.DEVNULL, stderr=self.logfile("goproxy.stderr"), env={**os.environ, "GOMAXPROCS": "1"})
+        try:
+            wait_port(port)
+        except RuntimeError:
+            raise RuntimeError(f"goproxy did not start: {(self.tmp / 'goproxy.stderr').read_text()}") from None
         return p
 
     def router(self, port: int, upstream_port: int, local_port: int) -> subprocess.Popen:
@@ -519,10 +536,11 @@ def summarize_profile(path: Path, top: int = 12) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-d", "--duration", type=float, default=10.0, help="seconds per wrk row (default 10)")
+    ap.add_argument("-d", "--duration", type=float, help="seconds per wrk row (default 10, 3 with --quick)")
     ap.add_argument("-c", "--connections", type=int, default=16, help="wrk connections (default 16)")
     ap.add_argument("-t", "--threads", type=int, default=1, help="wrk threads (default 1)")
-    ap.add_argument("--quick", action="store_true", help="3 s per row and 1 s warm-up")
+    ap.add_argument("--quick", action="store_true", help="3 s per row and 1 s warm-up (unless -d, --warmup say)")
+    ap.add_argument("--warmup", type=float, help="seconds of wrk before each row (default 2, 1 with --quick)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of the wrk rows, interleaved; each row reports its best measurement, and from 3 rounds on (c100) is also compared with (c) round by round")
     ap.add_argument("--max-other-cpu", type=float, default=5.0, help="a row during which other processes used more CPU (%% of one CPU) is measured again (default 5)")
     ap.add_argument("--quiet-wait", type=float, default=30.0, help="seconds to wait, before each row, for other processes to calm down (default 30)")
@@ -533,7 +551,7 @@ def main() -> int:
         help="wrk sends Connection: close: a new connection per request (not what the targets are about)",
     )
     ap.add_argument("--open-connections", type=int, default=200, help="keep-alive connections held for the RSS figure")
-    ap.add_argument("--rows", default="", help="measure only these rows (comma-separated keys: a,b,h,c,c100,cstd,d); "
+    ap.add_argument("--rows", default="", help="measure only these rows (comma-separated keys: a,b,h,g,c,c100,cstd,d); "
                     "a shortcut while working, the targets table needs them all")
     ap.add_argument("--other-routes", type=int, default=100, help="other developers' routes held during row (c100) (default 100)")
     ap.add_argument("--body-mb", type=int, default=100, help="size of the bulk body, MiB (default 100)")
@@ -560,13 +578,16 @@ def main() -> int:
         keep = set(args.rows.split(",")) | {"b"}  # every row is compared with nginx's
         for row in [r for r in ROWS if r not in keep]:
             del ROWS[row]
-    if args.quick:
-        args.duration = 3.0
-    warmup = 1.0 if args.quick else 2.0
+    if args.duration is None:
+        args.duration = 3.0 if args.quick else 10.0
+    warmup = args.warmup if args.warmup is not None else 1.0 if args.quick else 2.0
 
     for tool in ("wrk", "nginx", "haproxy", "curl") + (("taskset",) if args.pin != "none" else ()):
         if shutil.which(tool) is None:
             sys.exit(f"bench: {tool} is not on PATH (apt-get install -y wrk nginx-light haproxy curl util-linux)")
+    if "g" in ROWS and shutil.which("go") is None:
+        log("go is not on PATH: row (g), Go's net/http reverse proxy, is left out (https://go.dev/dl/)")
+        del ROWS["g"]
     ncpu = os.cpu_count() or 1
     if args.pin == "none" or (args.pin == "auto" and ncpu < 2):
         pin = Pinning()
@@ -588,6 +609,30 @@ def main() -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def go_proxy() -> Path | None:
+    """bench/goproxy.go built by this machine's Go into ~/.cache/intercept-bench (``$XDG_CACHE_HOME``),
+    reused while the source and the Go version are the same; None without Go."""
+    go = shutil.which("go")
+    if go is None:
+        return None
+    env = {**os.environ, "GOTOOLCHAIN": "local", "GOFLAGS": "", "CGO_ENABLED": "0"}
+    version = subprocess.run([go, "env", "GOVERSION"], capture_output=True, text=True, check=True, env=env).stdout.strip()
+    source = HERE / "goproxy.go"
+    key = hashlib.sha256(source.read_bytes() + version.encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "intercept-bench"
+    binary = cache / f"goproxy-{key}"
+    if not binary.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = cache / f".goproxy-{key}.{os.getpid()}"
+        log(f"building {source.name} with {version} into {cache}")
+        done = subprocess.run([go, "build", "-trimpath", "-o", str(partial), source.name], cwd=HERE, env=env,
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"go build {source} failed: {done.stderr[-2000:]}")
+        partial.rename(binary)
+    return binary
+
+
 def big_file(tmp: Path, mb: int) -> Path:
     """The apps' ``/big`` body, ``mb`` MiB, written so that every row reads it from the page cache."""
     big = tmp / "big.bin"
@@ -605,6 +650,8 @@ def run(procs: Procs, args: argparse.Namespace, warmup: float) -> int:
     procs.app("local", local_port, big)
     router = procs.router(router_port, up_port, local_port)
     haproxy = procs.haproxy(haproxy_port, up_port, local_port)
+    goproxy_port = free_port()
+    goproxy = procs.goproxy(go_proxy(), goproxy_port, up_port, local_port) if "g" in ROWS else None
     # the credentials exist before the agent starts, as the injection's Secret holds them in a pod
     from intercept.credentials import Credentials
 
@@ -624,10 +671,12 @@ def run(procs: Procs, args: argparse.Namespace, warmup: float) -> int:
     client = procs.client(ssh_port, local_port)
     procs.watch = {"agent": agent.pid, "client": client.pid, "router": router.pid, "haproxy": haproxy.pid,
                    "agent_std": agent_std.pid}
+    if goproxy is not None:
+        procs.watch["goproxy"] = goproxy.pid
     log(f"agent pid {agent.pid} http :{agent_port} ssh :{ssh_port}, listening {started * 1e3:.0f} ms after spawn; "
         f"client pid {client.pid}; {procs.pin.describe()}")
 
-    ports = {"a": up_port, "b": router_port, "h": haproxy_port, "c": agent_port, "c100": agent_port,
+    ports = {"a": up_port, "b": router_port, "h": haproxy_port, "g": goproxy_port, "c": agent_port, "c100": agent_port,
              "cstd": agent_std_port, "d": agent_port}
     # each row reaches the app it should, or the figures mean nothing
     expect = {row: (row == "d", "local" if row == "d" else "upstream") for row in ROWS}
@@ -635,7 +684,7 @@ def run(procs: Procs, args: argparse.Namespace, warmup: float) -> int:
         status, got, body = http_get(ports[row], "/", {HEADER[0]: HEADER[1]} if header else {})
         if status != 200 or got != app or body.strip() != app:
             raise RuntimeError(f"row {row}: expected {app}, got {status} {got!r} {body!r}")
-    for name, port in (("nginx router", router_port), ("haproxy", haproxy_port)):
+    for name, port in (("nginx router", router_port), ("haproxy", haproxy_port)) + ((("goproxy", goproxy_port),) if goproxy else ()):
         status, got, _ = http_get(port, "/", {HEADER[0]: HEADER[1]})
         if got != "local":
             raise RuntimeError(f"{name} sent x-dev: alice to {got!r}")
@@ -810,29 +859,25 @@ def report(args, procs, results, accepted, rss_after, held, bulk, rss_idle, rss_
         print("(wrk sent Connection: close: one connection per request; the targets are about keep-alive connections.)")
         print()
         return
-    if set(ROWS) != set(PROXY):
+    if "g" in best and "c" in best:
+        print(f"(c) against (g), Go's net/http on one core: {best['c'].rps / best['g'].rps:.2f}x its req/s, "
+              f"{best['c'].proxy_us('c') / best['g'].proxy_us('g'):.2f}x its CPU per request.")
+        print()
+    if not {"c", "c100", "h"} <= set(ROWS):
         return
-    c, d, c100, cstd = best["c"], best["d"], best["c100"], best["cstd"]
-    # issue 11's targets
+    c, c100 = best["c"], best["c100"]
+    # issue 27's targets (part 3: keep what is met); issue 11's others are withdrawn
     checks = [
-        ("(c) req/s >= 0.9x nginx", c.rps / nginx.rps >= 0.9, f"{c.rps / nginx.rps:.2f}x (HAProxy {best['h'].rps / nginx.rps:.2f}x)"),
+        ("(c) req/s >= 0.65x nginx", c.rps / nginx.rps >= 0.65,
+         f"{c.rps / nginx.rps:.2f}x (HAProxy {best['h'].rps / nginx.rps:.2f}x"
+         + (f", Go {best['g'].rps / nginx.rps:.2f}x)" if "g" in best else ")")),
         ("(c) p99 <= 1.5x nginx", c.p99 <= 1.5 * nginx.p99, f"{c.p99 / nginx.p99:.2f}x ({c.p99:.2f} vs {nginx.p99:.2f} ms)"),
-        ("(cstd) req/s >= 0.6x nginx", cstd.rps / nginx.rps >= 0.6, f"{cstd.rps / nginx.rps:.2f}x"),
-        ("(d) req/s >= 0.5x nginx", d.rps / nginx.rps >= 0.5, f"{d.rps / nginx.rps:.2f}x"),
         ("(c100) within 5% of (c)", (paired[1] if paired else c100.rps / c.rps) >= 0.95,
          (f"median of {len(paired[0])} back-to-back pairs {paired[1] - 1:+.1%} req/s; best of each " if paired else "")
          + f"{c100.rps / c.rps - 1:+.1%} req/s, {c100.proxy_us('c100') - c.proxy_us('c'):+.1f} µs/req"),
         ("agent RSS <= 35 MB idle", rss_idle <= 35, f"{rss_idle:.1f} MB"),
-        (f"agent RSS <= 45 MB with {n} connections, no developer yet", rss_nodev <= 45, f"{rss_nodev:.1f} MB"),
-        (f"agent RSS <= 45 MB with {n} connections, a developer connected", max(held["c"], held["d"]) <= 45,
-         f"{max(held['c'], held['d']):.1f} MB"),
-        ("agent listening < 300 ms after spawn", started[0] < 0.3, f"{started[0] * 1e3:.0f} ms"),
+        ("agent listening <= 300 ms after spawn", started[0] <= 0.3, f"{started[0] * 1e3:.0f} ms"),
     ]
-    if bulk:
-        worst = min(bulk["d", "get"], bulk["d", "post"])
-        checks.append(
-            (f"(d) {args.body_mb} MiB body >= 600 MB/s", worst >= 600, f"GET {bulk['d', 'get']:.0f}, POST {bulk['d', 'post']:.0f} MB/s")
-        )
     print("| target | measured | met |")
     print("|---|---:|---|")
     for name, ok, shown in checks:

@@ -89,7 +89,7 @@ class OnlyTheAgents(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"{name} (of {owners[top]}) is not an agent dependency")
 sys.meta_path.insert(0, OnlyTheAgents())
 import intercept.cli, intercept.agent.agent, intercept.agent.sshd, intercept.agent.h2proxy, intercept.agent.sftp
-import intercept.routing.match, intercept.routing.cluster, uvloop, re2
+import intercept.routing.match, intercept.routing.cluster, intercept.routing.ngh2codec, uvloop, re2
 print("imported")
 """
 
@@ -162,6 +162,8 @@ def test_the_node_runs_the_agent_as_the_injection_wrote_it(real_cluster: RealClu
     environ = dict(item.split("=", 1) for item in Path(f"/proc/{agent}/environ").read_text().split("\0") if "=" in item)
     assert environ["PYTHONDONTWRITEBYTECODE"] == "1" and environ["INTERCEPT_UPSTREAM"] == "127.0.0.1:8080"
     assert environ["INTERCEPT_CREDENTIALS"] == "/var/run/intercept/credentials.json"
+    # the HTTP/2 codec over libnghttp2, chosen at start (loaded then), not the pure-Python fallback
+    assert "/ngh2/_core" in Path(f"/proc/{agent}/maps").read_text()
     credentials = Path(f"/proc/{agent}/root/run/intercept")
     assert (credentials / "..data").is_symlink() and (credentials / "credentials.json").is_symlink()  # a Secret volume
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -746,4 +747,58 @@ def test_an_unknown_h2_codec_stops_the_agent_at_start_naming_the_variable(tmp_pa
                                        "127.0.0.1:9", "--credentials", str(tmp_path / "c.json")],
                           env={**os.environ, "INTERCEPT_H2_CODEC": "nghttp3"}, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2, done
-    assert "INTERCEPT_H2_CODEC=nghttp3: unknown HTTP/2 codec; use h2 (the default) or ngh2" in done.stderr, done.stderr
+    assert ("INTERCEPT_H2_CODEC=nghttp3: unknown HTTP/2 codec; use ngh2 (the default when installed) or h2"
+            in done.stderr), done.stderr
+
+
+def _without_ngh2(tmp_path: Path) -> dict[str, str]:
+    """An environment where ``import ngh2`` fails, as with a wheel that cannot load here."""
+    fake = tmp_path / "no-ngh2" / "ngh2"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('raise ImportError("libnghttp2 cannot be loaded (a test stand-in)")\n')
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")]))}
+
+
+def test_the_agent_routes_grpc_with_libnghttp2_by_default_and_says_so(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("ngh2", reason="the ngh2 codec is not installed (pip install -e '.[fast]')")
+    monkeypatch.delenv("INTERCEPT_H2_CODEC", raising=False)
+    app, dev = GrpcApp("cluster"), GrpcApp("local")
+    agent = start_agent(tmp_path, app.port)
+    try:
+        agent.proc.wait_for(r"agent: HTTP/2 codec ngh2: libnghttp2, the default$")
+        client = start_client(agent, dev.port, "--header", "x-dev=alice", "--name", "alice")
+        with channel(agent.http_port) as c:
+            assert app_of(c) == "cluster" and app_of(c, [("x-dev", "alice")]) == "local"
+        client.stop()
+    finally:
+        agent.proc.stop()
+        app.close()
+        dev.close()
+
+
+def test_an_agent_whose_ngh2_cannot_load_routes_grpc_with_the_h2_codec_and_says_why(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv("INTERCEPT_H2_CODEC", raising=False)
+    app, dev = GrpcApp("cluster"), GrpcApp("local")
+    agent = start_agent(tmp_path, app.port, env=_without_ngh2(tmp_path))
+    try:
+        line = agent.proc.wait_for(r"WARNING .*agent: HTTP/2 codec h2: ngh2 cannot be imported \((.*)\).*$")
+        assert line[1] == "libnghttp2 cannot be loaded (a test stand-in)"
+        assert "pip install 'intercept[fast]'" in line[0]
+        client = start_client(agent, dev.port, "--header", "x-dev=alice", "--name", "alice")
+        with channel(agent.http_port) as c:
+            assert app_of(c) == "cluster" and app_of(c, [("x-dev", "alice")]) == "local"
+        client.stop()
+        assert len(re.findall("HTTP/2 codec", agent.proc.output)) == 1  # said once, at start
+    finally:
+        agent.proc.stop()
+        app.close()
+        dev.close()
+
+
+def test_an_h2_codec_asked_for_by_name_that_cannot_load_stops_the_agent_at_start(tmp_path: Path) -> None:
+    done = subprocess.run(INTERCEPT + ["agent", "--listen", "127.0.0.1:0", "--ssh-listen", "127.0.0.1:0", "--upstream",
+                                       "127.0.0.1:9", "--credentials", str(tmp_path / "c.json")],
+                          env={**os.environ, **_without_ngh2(tmp_path), "INTERCEPT_H2_CODEC": "ngh2"},
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done
+    assert "INTERCEPT_H2_CODEC=ngh2: the ngh2 package cannot be imported (libnghttp2 cannot be loaded" in done.stderr

@@ -69,6 +69,7 @@ class Agent:
         self._closing = False
         self.failed = asyncio.Event()  # set, with ``failure``, when the agent cannot go on (its SSH server did not start)
         self.failure = ""
+        self.h2_codec = "h2"  # the HTTP/2 codec, chosen at start (choose_h2_codec)
         self.cluster_routes = RoutesDocument(0.0)
         self.routes_authority: str | None = None  # the public key that signs pushed routes, from the routes file
         self._routes_follower: asyncio.Task[None] | None = None
@@ -76,7 +77,10 @@ class Agent:
         self._removal: asyncio.Future[None] | None = None  # resolved when a route leaves the table
 
     async def start(self) -> None:
-        _check_h2_codec(os.environ.get("INTERCEPT_H2_CODEC", "h2"))
+        requested = os.environ.get("INTERCEPT_H2_CODEC")
+        self.h2_codec, why = choose_h2_codec(requested)
+        fell_back = self.h2_codec == "h2" and not requested  # shown without -v: gRPC routing is slow
+        (log.warning if fell_back else log.info)("agent: HTTP/2 codec %s: %s", self.h2_codec, why)
         loop = asyncio.get_running_loop()
         # SSH first: the pod's readiness probe checks the HTTP port, and a ready pod must take sessions.
         # The port is bound now, but asyncssh (with its cryptography, 17 MB and 100 ms of imports) is
@@ -596,6 +600,10 @@ class Front:
         return self.agent.config
 
     @property
+    def h2_codec(self) -> str:
+        return self.agent.h2_codec
+
+    @property
     def mirror_channels(self) -> collections.Counter[int]:
         return self.agent.mirror_channels
 
@@ -769,16 +777,29 @@ def _listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _check_h2_codec(name: str) -> None:
-    """Refuse at start an ``INTERCEPT_H2_CODEC`` (read by :mod:`intercept.routing.h2codec`, which
-    loads only with the first HTTP/2 connection) that no connection could use."""
-    import importlib.util
+def choose_h2_codec(requested: str | None) -> tuple[str, str]:
+    """The HTTP/2 codec the agent's terminated connections use, and why, in words for its one
+    log line: ``requested`` is ``INTERCEPT_H2_CODEC`` (None or empty: not set).
 
-    if name not in ("h2", "ngh2"):
-        raise UsageError(f"INTERCEPT_H2_CODEC={name}: unknown HTTP/2 codec; use h2 (the default) or ngh2")
-    if name == "ngh2" and importlib.util.find_spec("ngh2") is None:
-        raise UsageError("INTERCEPT_H2_CODEC=ngh2: the ngh2 package is not installed; "
-                         "pip install 'intercept[h2fast]', or unset INTERCEPT_H2_CODEC for the default codec")
+    Unset, it is ``ngh2`` (libnghttp2, installed by ``intercept[fast]`` and in the agent
+    image) when that imports, else ``h2`` (python-hyper, pure Python, about a tenth of the
+    speed per stream). Chosen once, at start, by importing ngh2 (3 ms, 1 MB): a package that
+    is there but cannot load (a wheel for another libc) falls back here, not on the first
+    HTTP/2 connection. Asked for by name, a codec that cannot load is a :class:`UsageError`."""
+    if requested not in (None, "", "h2", "ngh2"):
+        raise UsageError(f"INTERCEPT_H2_CODEC={requested}: unknown HTTP/2 codec; "
+                         "use ngh2 (the default when installed) or h2")
+    if requested == "h2":
+        return "h2", "INTERCEPT_H2_CODEC=h2"
+    try:
+        import ngh2  # noqa: F401
+    except ImportError as e:
+        if requested == "ngh2":
+            raise UsageError(f"INTERCEPT_H2_CODEC=ngh2: the ngh2 package cannot be imported ({e}); "
+                             "pip install 'intercept[fast]', or unset INTERCEPT_H2_CODEC") from None
+        return "h2", (f"ngh2 cannot be imported ({e}), so HTTP/2 streams are routed by the pure-Python codec, "
+                      "about a tenth as fast; pip install 'intercept[fast]' for libnghttp2")
+    return "ngh2", "INTERCEPT_H2_CODEC=ngh2" if requested else "libnghttp2, the default"
 
 
 def run(config: AgentConfig, ready: Any = None) -> None:

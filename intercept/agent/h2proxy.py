@@ -104,6 +104,7 @@ class Hub:
 
     def __init__(self, agent: Any) -> None:
         self.agent = agent  # the front (intercept.agent.agent.Front): routes, upstream, open_developer
+        self.codec: str = agent.h2_codec  # the codec's kind, for new_codec (chosen at the agent's start)
         self.app = Pool(self, None)
         self.developers: dict[str, Pool] = {}
         self.mirrors: dict[int, MirrorConnection] = {}  # by mirror route id (intercept.agent.h2mirror)
@@ -163,7 +164,7 @@ class Hub:
 
     async def _probe_once(self) -> bool | None:
         host, port = self.agent.upstream
-        codec = new_codec(client=True)
+        codec = new_codec(client=True, kind=self.codec)
         codec.start()
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), READY_TIMEOUT)
@@ -500,7 +501,7 @@ class Downstream(ClientSide):
         super().__init__(hub, fresh)
         self.upgrade = upgrade
         self.settings = settings
-        self.codec = new_codec(client=False, clock=asyncio.get_running_loop().time)  # (flood limits)
+        self.codec = new_codec(client=False, clock=asyncio.get_running_loop().time, kind=hub.codec)  # (flood limits)
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
         self.writable = True
@@ -767,7 +768,7 @@ class UpConnection:
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.hub = pool.hub
-        self.codec = new_codec(client=True)
+        self.codec = new_codec(client=True, kind=self.hub.codec)
         self.codec.start()
         self.link: Any = None  # TCPLink or sshd.ChannelLink
         self.streams: dict[int, Stream] = {}

@@ -30,9 +30,10 @@ the connection with ENHANCE_YOUR_CALM. Where RFC 9113 lets an endpoint choose (a
 on a closed stream, a stream error made a connection error), the h2 codec chooses as
 libnghttp2 does.
 
-Which codec: :func:`new_codec` gives this module's :class:`Codec` (python-hyper h2),
-or, with ``INTERCEPT_H2_CODEC=ngh2`` and the optional ``ngh2`` package installed,
+Which codec: :func:`new_codec` gives this module's :class:`Codec` (python-hyper h2) or
 :class:`intercept.routing.ngh2codec.NgCodec` (libnghttp2), which offers the same methods.
+The agent uses NgCodec when ``ngh2`` imports (``intercept[fast]``, the agent image) and
+this one otherwise or with ``INTERCEPT_H2_CODEC=h2``.
 
 Flow control contract: the codec never gives receive window back by itself. The proxy
 calls :meth:`Codec.ack` for bytes once the next hop has taken them, so a slow receiver
@@ -42,7 +43,6 @@ advertised.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 
@@ -342,14 +342,12 @@ class Codec:
         self.conn.close_connection(code, last_stream_id=last_stream_id)
 
 
-def new_codec(client: bool, clock: Callable[[], float] = time.monotonic, kind: str | None = None) -> Codec:
-    """A codec of the ``kind`` that ``INTERCEPT_H2_CODEC`` names (unless given): ``h2``
-    (default) or ``ngh2``. ``clock`` times a server's flood limits."""
-    if (kind or CODEC) == "ngh2":
+def new_codec(client: bool, clock: Callable[[], float] = time.monotonic, kind: str = "h2") -> Codec:
+    """A codec of ``kind``: ``h2`` or ``ngh2`` (the agent chooses at start:
+    :func:`intercept.agent.agent.choose_h2_codec`). ``clock`` times a server's flood limits."""
+    if kind == "ngh2":
         from intercept.routing.ngh2codec import NgCodec
 
         return NgCodec(client, clock)  # type: ignore[return-value]
     return Codec(client, clock)
 
-
-CODEC = os.environ.get("INTERCEPT_H2_CODEC", "h2")

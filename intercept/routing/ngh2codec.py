@@ -2,8 +2,11 @@
 
 ``ngh2`` (PyPI, MIT) wraps libnghttp2 — the HTTP/2 engine of curl, nginx's test
 tools and Apache httpd — in a sans-IO API much like h2's, with the engine in C. It is
-optional (``pip install 'intercept[h2fast]'``) and chosen with
-``INTERCEPT_H2_CODEC=ngh2``; it is young (alpha), so python-hyper h2 stays the default.
+the agent's codec when it imports (``pip install 'intercept[fast]'`` and the agent image
+install it; :func:`intercept.agent.agent.choose_h2_codec`); ``INTERCEPT_H2_CODEC=h2``
+chooses python-hyper h2 instead, which also serves when ngh2 cannot load. ngh2 is young
+(0.3, alpha): the differential test (tests/test_h2_diff.py) and the fuzz campaign
+(fuzz/h2_diff.py) hold the two codecs to the same answers.
 
 What differs from h2, and how this class hides it:
 

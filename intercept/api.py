@@ -920,14 +920,17 @@ def uninstall(service: str | None = None, *, all: bool = False, namespace: str |
                 for r in rows if r["agent"] and (all or r["service"] == service)}
         held = {name: holders for name, holders in held.items() if holders}
         said = [f"the agent of {name} serves {', '.join(holders)}" for name, holders in sorted(held.items())]
+        connects = False
         if all or (service == connect_agent.NAME and not any(r["service"] == service for r in rows)):
             users = _connect_agent_users(cluster)
             if users:
                 said.append(f"intercept connect's own agent ({connect_agent.NAME}) {users}")
+                connects = True
         if said:
-            raise AgentInUse(f"{'; '.join(said)} (namespace {cluster.namespace}): uninstalling cuts their intercepts "
-                             f"and connects; ask them to leave (intercept leave SERVICE, or end the connect), or "
-                             f"uninstall anyway with --force")
+            cut, leave = ("intercepts and connects", "intercept leave SERVICE, or end the connect") if connects else (
+                "intercepts", "intercept leave SERVICE")
+            raise AgentInUse(f"{'; '.join(said)} (namespace {cluster.namespace}): uninstalling cuts their {cut}; "
+                             f"ask them to leave ({leave}), or uninstall anyway with --force")
     return remove(cluster.api, cluster.namespace, service, all=all, progress=lambda line: emit(Event("progress", line)),
                   timeout=timeout)
 

@@ -332,6 +332,7 @@ def remove(api: ApiClient, namespace: str, progress: Progress = lambda line: Non
     changed, and nothing is deleted)."""
     cluster = Cluster(api)
     deleted: dict[str, list[str]] = {"Deployment": [], "Secret": []}
+    found = []  # both read before either is deleted: the garbage collector takes the Secret with its owner
     for kind, name in (("Deployment", NAME), ("Secret", inject.secret_name(NAME))):
         try:
             obj = cluster.get(kind, namespace, name)
@@ -340,10 +341,14 @@ def remove(api: ApiClient, namespace: str, progress: Progress = lambda line: Non
         if not _ours(obj):
             log.warning("%s %s in namespace %s was not created by intercept; kept", kind, name, namespace)
             continue
+        found.append((kind, name))
+    for kind, name in found:
         try:
             cluster.delete(kind, namespace, name, resource_version=resource_version if kind == "Deployment" else None)
         except NotFound:
-            continue
+            if kind == "Deployment":
+                continue
+            # the Secret went with the Deployment it belongs to (garbage collector): deleted all the same
         deleted[kind].append(name)
         progress(f"{kind}/{name}: deleted (intercept connect's own agent)")
     return Uninstalled(namespace, (), tuple(deleted["Secret"]), tuple(f"Deployment/{n}" for n in deleted["Deployment"]))

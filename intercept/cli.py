@@ -278,6 +278,16 @@ def agent(ctx: click.Context, **_: Any) -> None:
         _fail(InterceptError(f"agent cannot listen: {e.strerror or e}; choose free ports with --listen/--ssh-listen"))
 
 
+@main.command("stand-in", hidden=True)
+@click.argument("developer")
+def stand_in_command(developer: str) -> None:
+    """What a replaced app container runs until its pod goes (intercept start --replace)."""
+    from intercept.standin import stand_in
+
+    stand_in(developer, lambda line: click.echo(line))
+    sys.exit(0)
+
+
 @main.command(cls=_DashDashCommand)
 @_spec_options(*_START)
 @_output_option("text", "json", help="text: intercept: KIND: MESSAGE lines; json: one event object per line (for scripts and "

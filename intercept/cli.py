@@ -97,7 +97,7 @@ def _options(ctx: click.Context, *keys: str) -> dict[str, Any]:
 
 CLUSTER = ("namespace", "context", "kubeconfig")
 _START = (
-    "service", "agent", "credentials", "port", "headers", "header_regexes", "baggage", "path_prefix", "all", "name",
+    "service", "agent", "credentials", "port", "headers", "header_regexes", "baggage", "path_prefix", "all", "replace", "name",
     "watch", "no_watch", "debug", "debug_port", "debug_wait", "env_file", "mount", "mount_mode", "forward", "also_namespaces", "access", "propagate_header",
     "no_outbound", "outbound_allow", "outbound_deny", "no_policy_changes", "no_forwarded_headers", "timeout", "ttl",
     "service_port", "agent_image", "hold_timeout", "reinject", *CLUSTER,
@@ -298,6 +298,8 @@ def start(ctx: click.Context, output: str, **_: Any) -> None:
 
     \b
     intercept start orders --header x-dev=alice --port 8080 -- python app.py
+    intercept start orders --replace --port 8080 -- python app.py
+    intercept start deployment/worker --replace -- python worker.py
     intercept start --agent HOST:PORT --credentials FILE --port 8080 [--header x-dev=alice] [-- COMMAND ARGS...]
     """
     import json

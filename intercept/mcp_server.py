@@ -237,10 +237,13 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
         outbound_deny: list[str] | None = None,
         agent: str | None = None,
         credentials: str | None = None,
+        replace: bool | None = None,
     ) -> dict[str, Any]:
         """Intercept a Service: requests that match reach localhost:PORT (or COMMAND, run with the pod's
         environment). headers are NAME=VALUE rules that must all match; with no rule, requests carrying
-        x-intercept-id: NAME are routed. ttl (90m, 2h) ends the route by itself even if this machine goes.
+        x-intercept-id: NAME are routed. replace: every request comes here and the app container runs in no
+        replica until stop_intercept (its queue consumers stop competing); service may then also be
+        deployment/NAME or statefulset/NAME (a worker with no Service); refused while others hold routes on it. ttl (90m, 2h) ends the route by itself even if this machine goes.
         outbound_allow/outbound_deny (HOST[:PORT]) narrow where the process may connect through the pod.
         agent_image is used only when the service has no agent yet (a running agent's is shared by everyone).
         agent and credentials select direct mode (no Kubernetes). Options not given come from INTERCEPT_*
@@ -249,7 +252,7 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
         s = _spec(service=service, port=port, headers=headers, baggage=baggage, path_prefix=path_prefix,
                   command=command, name=name, namespace=namespace, context=context, kubeconfig=kubeconfig,
                   agent_image=agent_image, ttl=ttl, outbound_allow=outbound_allow, outbound_deny=outbound_deny,
-                  agent=agent, credentials=credentials, no_watch=True if command else None)
+                  agent=agent, credentials=credentials, no_watch=True if command else None, replace=replace)
         try:
             it = await api.start(s, capture_output=True)
         except InterceptError as e:

@@ -157,6 +157,21 @@ def _label(pattern: re.Pattern[str], what: str, limit: int) -> Callable[[object]
 
 
 _service_name = _label(_DNS_1035, "Service name (starting with a letter)", 63)
+_WORKLOAD_KINDS = ("deployment", "statefulset")  # intercept.kube.inject.WORKLOAD_REFS
+
+
+def _service_or_workload(value: object) -> str:
+    """A Service name, or ``deployment/NAME`` / ``statefulset/NAME`` (a workload with no Service, for ``replace``)."""
+    text = _text(value)
+    kind, sep, name = text.partition("/")
+    if not sep:
+        return _service_name(text)
+    labels = name.split(".")
+    if kind in _WORKLOAD_KINDS and len(name) <= 253 and all(len(x) <= 63 and _DNS_1123.fullmatch(x) for x in labels):
+        return text
+    raise _Invalid(f"expected a Service name, or deployment/NAME or statefulset/NAME (a workload, with replace); "
+                   f"e.g. {_EG}")
+
 _namespace_name = _label(_DNS_1123, "namespace name", 63)
 
 
@@ -394,8 +409,9 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("service", "SERVICE", "Service name", None,
-           "The Kubernetes Service whose requests you take (the argument of `intercept start`).",
-           "orders", _service_name,
+           "The Kubernetes Service whose requests you take (the argument of `intercept start`); with `replace`, "
+           "also `deployment/NAME` or `statefulset/NAME`: a workload with no Service (a queue worker).",
+           "orders", _service_or_workload,
            default_doc="none: then `agent` is required"),
     Option("namespace", "--namespace", "namespace name", None,
            "The Service's namespace.", "shop", _namespace_name, top_level=True, short="-n",
@@ -433,6 +449,12 @@ OPTIONS: tuple[Option, ...] = (
            "/api", _rule("path-prefix"), default_doc="none"),
     Option("all", "--all", "boolean", False,
            "Route every request; only while nobody else holds a route, and not with other rules.",
+           True, _bool, verbatim=False),
+    Option("replace", "--replace", "boolean", False,
+           "Replace the cluster's version: every request comes to you (as `all`), and the app container runs in no "
+           "replica while you intercept (it runs a stand-in from the agent image, keeping its environment and "
+           "mounts for you), so its queue consumers and schedulers stop competing with yours; it comes back when "
+           "you leave. Only one developer at a time, and only while nobody else holds a route on it.",
            True, _bool, verbatim=False),
     Option("name", "--name", "text", None,
            "Your display name, and the value of your personal header.", "alice", _name, top_level=True,
@@ -614,6 +636,7 @@ class InterceptSpec:
     baggage: str | None = None
     path_prefix: str | None = None
     all: bool = False
+    replace: bool = False
     name: str | None = None
     command: tuple[str, ...] = ()
     watch: tuple[Path, ...] = ()
@@ -783,6 +806,15 @@ def _build(values: Mapping[str, object], origins: Mapping[str, Origin], *, direc
     rule_key = next((k for k in _RULE_KEYS if v[k]), None)
     if v["all"] and rule_key is not None:
         raise fail(f"{said('all')} takes every request, but {said(rule_key)} sets a rule; drop one of them", "all")
+    if v["replace"] and rule_key is not None:
+        raise fail(f"{said('replace')} takes every request, but {said(rule_key)} sets a rule; drop one of them", "replace")
+    if v["replace"] and v["agent"]:
+        raise fail(f"{said('replace')} stops the app container of a workload in Kubernetes, but {said('agent')} names "
+                   "an agent directly; name the Service (or deployment/NAME) instead", "replace")
+    if v["service"] and "/" in v["service"] and not v["replace"]:
+        raise fail(f"{v['service']} names a workload, which has no Service whose requests to take; add "
+                   f"{_example(_BY_KEY['replace'], medium_of('service'))} to run COMMAND in its place, or name a Service",
+                   "service")
     if v["debug"] and not v["command"]:
         raise fail(f"{said('debug')} runs the local command under debugpy, but no command is given; "
                    f"add one, e.g. {_example(_BY_KEY['command'], medium_of('debug'))}", "debug")

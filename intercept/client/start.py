@@ -92,7 +92,7 @@ async def start(
     propagate = propagation(options.route) if propagate_header else []
     if not isinstance(command, LocalCommand):
         command = LocalCommand(tuple(command))
-    if command.argv:  # before the route is held: COMMAND is to listen on the port
+    if command.argv and command.serves:  # before the route is held: COMMAND is to listen on the port
         await refuse_taken_port(options.local_host, options.local_port)
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
@@ -195,7 +195,7 @@ async def start(
             if command.watch:
                 batches = await watch(command.watch, stop)
                 reloading = asyncio.ensure_future(_reload_on_change(batches, command, supervisor, door, fleet, options, report))
-            if not command.debug_wait:
+            if command.serves and not command.debug_wait:
                 await accepting(options.local_host, options.local_port, door.hold_timeout, lambda: supervisor.running)
             door.open()
             for event in held:

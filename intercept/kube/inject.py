@@ -213,6 +213,12 @@ def replaced_by(workload: Obj) -> str | None:
     return (_record(workload) or {}).get("replacedBy")
 
 
+def running_upstream(workload: Obj) -> tuple[str, int] | None:
+    """The app container and port the agent injected in ``workload`` serves, or None."""
+    record = _record(workload)
+    return (record["upstream"]["container"], record["upstream"]["port"]) if record else None
+
+
 def is_workload_ref(name: str | None) -> bool:
     """Whether ``name`` names a workload (``deployment/NAME``, ``statefulset/NAME``), not a Service."""
     kind, sep, _ = (name or "").partition("/")

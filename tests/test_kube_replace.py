@@ -1,0 +1,56 @@
+"""--replace's cluster path against the stand-in API server, for the faults a real one cannot
+produce on demand (each test says which): the real node's test is tests/test_cluster_replace.py."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from intercept.errors import ReplaceRefused
+from intercept.kube import inject
+from intercept.kube.apply import RolloutFailed, put_back
+from tests.test_kube_apply import IMAGE, NS, OPTIONS, Cluster, cluster  # noqa: F401 (the fixture)
+
+
+def _replaced_by(name: str):
+    def mutate(deployment: dict) -> None:  # another developer's replace, written in place
+        replaced = inject.inject([deployment], f"deployment/{deployment['metadata']['name']}",
+                                 dataclasses.replace(OPTIONS, replace_by=name))[0]
+        deployment.clear()
+        deployment.update(replaced)
+
+    return mutate
+
+
+# stand-in: an image the node cannot pull on demand, after the agent runs (the stand-in runs from it).
+def test_a_failed_replace_leaves_the_workload_as_it_was(cluster: Cluster) -> None:
+    cluster.ensure("cartservice")
+    injected = cluster.snapshot()
+    cluster.server.controller.unpullable.add(IMAGE)
+    with pytest.raises(RolloutFailed, match=r"replacing the app of Deployment/cartservice .* failed: .*put back"):
+        cluster.ensure("cartservice", replace_by="alice")
+    assert cluster.snapshot() == injected
+
+
+# stand-in: another developer's replace exactly between our read and our write.
+def test_a_replace_that_loses_the_race_to_another_developer_is_refused_naming_them(cluster: Cluster) -> None:
+    cluster.ensure("cartservice")
+    cluster.server.interfere(kind="Deployment", name="cartservice", mutate=_replaced_by("bob"))
+    with pytest.raises(ReplaceRefused, match=r"is replaced by bob already") as refused:
+        cluster.ensure("cartservice", replace_by="alice")
+    assert refused.value.holders == ("bob",)
+    assert inject.replaced_by(cluster.get("Deployment", "cartservice")) == "bob"
+
+
+# stand-in: counts the client's writes.
+def test_leaving_puts_back_only_ones_own_replace(cluster: Cluster) -> None:
+    cluster.ensure("cartservice")
+    injected = cluster.get("Deployment", "cartservice")["spec"]["template"]
+    cluster.ensure("cartservice", replace_by="bob")
+    writes = len(cluster.server.writes())
+    assert put_back(cluster.api, NS, "cartservice", "alice", poll_interval=0) is False
+    assert len(cluster.server.writes()) == writes
+    assert put_back(cluster.api, NS, "cartservice", "bob", cluster.progress.append, poll_interval=0) is True
+    assert cluster.get("Deployment", "cartservice")["spec"]["template"] == injected
+    assert cluster.progress[-1] == "Deployment/cartservice: the app runs again"

@@ -144,14 +144,15 @@ async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow
 
 
 async def _put_back(agents: _Agents, s: InterceptSpec, replace_by: str, emit: OnEvent) -> None:
-    """The app container of ``s.service`` as it was before ``replace_by`` replaced it, rolled
-    out (:func:`intercept.kube.apply.put_back`); a failure is said, as an ``error`` event and
-    in the log, not raised: the intercept has ended by then."""
+    """The app container of ``s.service`` as it was before ``replace_by`` replaced it
+    (:func:`intercept.kube.apply.put_back`); a failure is said, as an ``error`` event and in
+    the log, not raised: the intercept has ended by then."""
     from intercept.kube.apply import put_back
 
+    loop = asyncio.get_running_loop()
+    progress = lambda line: loop.call_soon_threadsafe(emit, Event("progress", line))  # noqa: E731 (from the worker thread)
     try:
-        await _awaiting_rollout(emit, put_back, agents.cluster.api, agents.namespace, s.service, replace_by,
-                                timeout=s.timeout)
+        await asyncio.to_thread(put_back, agents.cluster.api, agents.namespace, s.service, replace_by, progress)
     except InterceptError as e:
         log.error("the app of %s is not back: %s", s.service, e)
         emit(Event("error", f"the app of {s.service} is not back: {e}; run intercept uninstall "

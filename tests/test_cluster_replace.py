@@ -15,6 +15,7 @@ import socket
 import sys
 from pathlib import Path
 
+from e2e.cluster.api import wait_until
 from e2e.cluster.images import SERVERS
 from intercept.kube.inject import STAND_IN_COMMAND, restore_object
 from tests.conftest import INTERCEPT, Proc, free_port
@@ -115,6 +116,17 @@ class _Redis:
         return [self.call("BLPOP", "done", str(int(WAIT)))[1] for _ in range(count)]  # type: ignore[index]
 
 
+def _app_back(cluster: RealCluster, ns: str, selector: str, container: str, count: int) -> None:
+    """Until the pods of ``selector`` are ``count`` ready ones, all running the app (the stand-ins gone)."""
+    def stands_in(pod: dict) -> bool:
+        spec = next(c for c in pod["spec"]["containers"] if c["name"] == container)
+        return tuple(spec.get("command") or ())[:2] == STAND_IN_COMMAND
+
+    wait_until(lambda: (lambda pods: len(pods) == count and not any(map(stands_in, pods)) or None)(
+        cluster.pods(ns, selector)), f"{count} pods of {selector} in {ns} running the app", WAIT)
+    cluster.wait_ready_pods(ns, selector, count)
+
+
 def _restored(workload: dict) -> dict:
     """``workload`` (as read) with the agent taken out by its record, as a snapshot lists it."""
     view = user_view(restore_object(workload))
@@ -168,7 +180,8 @@ def test_a_replaced_worker_stops_consuming_the_local_one_takes_every_item_and_th
 
         alice.signal(2)
         assert alice.finish(WAIT * 2) == 0, alice.output
-        assert "intercept: progress: Deployment/worker: the app runs again" in alice.lines, alice.output
+        assert ("intercept: progress: Deployment/worker: container worker runs the app again (its pods are being "
+                "replaced)") in alice.lines, alice.output
     finally:
         alice.stop()
 
@@ -176,7 +189,7 @@ def test_a_replaced_worker_stops_consuming_the_local_one_takes_every_item_and_th
     after = real_cluster.get("Deployment", ns, "worker")
     assert _app_container(user_view(after), "worker") == _app_container(before[("Deployment", "worker")], "worker")
     assert _restored(after) == before[("Deployment", "worker")]
-    real_cluster.wait_ready_pods(ns, "app=worker", 2)
+    _app_back(real_cluster, ns, "app=worker", "worker", 2)
     redis.call("RPUSH", "jobs", "after")
     assert redis.taken(1) == ["cluster:after"]
 
@@ -227,7 +240,8 @@ def test_replacing_a_service_takes_every_request_and_is_refused_while_another_de
         bob.stop()
 
     assert _restored(real_cluster.get("Deployment", ns, "cart")) == before[("Deployment", "cart")]
+    _app_back(real_cluster, ns, "app=cart", "app", 2)
     for endpoint in real_cluster.wait_ready(ns, "cart", 2):
-        assert served_by(endpoint).startswith("cluster/")
+        assert served_by(endpoint) == f"cluster/{endpoint.pod}"
     assert intercept("uninstall", "cart", *kube).returncode == 0
     assert snapshot(real_cluster, ns) == before

@@ -49,8 +49,8 @@ def test_leaving_puts_back_only_ones_own_replace(cluster: Cluster) -> None:
     injected = cluster.get("Deployment", "cartservice")["spec"]["template"]
     cluster.ensure("cartservice", replace_by="bob")
     writes = len(cluster.server.writes())
-    assert put_back(cluster.api, NS, "cartservice", "alice", poll_interval=0) is False
+    assert put_back(cluster.api, NS, "cartservice", "alice") is False
     assert len(cluster.server.writes()) == writes
-    assert put_back(cluster.api, NS, "cartservice", "bob", cluster.progress.append, poll_interval=0) is True
+    assert put_back(cluster.api, NS, "cartservice", "bob", cluster.progress.append) is True
     assert cluster.get("Deployment", "cartservice")["spec"]["template"] == injected
-    assert cluster.progress[-1] == "Deployment/cartservice: the app runs again"
+    assert cluster.progress[-1] == "Deployment/cartservice: container server runs the app again (its pods are being replaced)"

@@ -592,41 +592,33 @@ def _stands_in(pod: Obj, container: str) -> bool:
     return tuple(spec.get("command") or ())[:2] == inject.STAND_IN_COMMAND
 
 
-def put_back(api: ApiClient, namespace: str, service: str, replace_by: str, progress: Progress = _quiet, *,
-             timeout: float = DEFAULT_TIMEOUT, poll_interval: float = POLL_INTERVAL,
-             interrupt: threading.Event | None = None) -> bool:
+def put_back(api: ApiClient, namespace: str, service: str, replace_by: str, progress: Progress = _quiet) -> bool:
     """End ``replace_by``'s replace of the workload behind ``service``: its app container as it
     was (the pod template equal to the one before the replace; the agent stays, as after every
-    intercept), and wait for the rollout. False, writing nothing, when it is not replaced by
-    ``replace_by`` (any more: uninstalled, or the workload is gone)."""
+    intercept). One write, not waited for: leaving must end within ``intercept leave``'s and
+    ``intercept down``'s grace, and the controllers roll the pods back to the app by
+    themselves. False, writing nothing, when it is not replaced by ``replace_by`` (any more:
+    uninstalled, or the workload is gone)."""
     cluster = Cluster(api)
     try:
         objects = _read_namespace(cluster, namespace, None)
         target = inject.resolve(objects, service)
     except (ResolveError, NotFound):
         return False
-    workload = objects[_index(objects, target.workload_kind, target.workload_name)]
-    if inject.replaced_by(workload) != replace_by:
+    index = _index(objects, target.workload_kind, target.workload_name)
+    if inject.replaced_by(objects[index]) != replace_by:
         return False
-    progress(f"{target.workload}: putting the app container {target.container} back")
 
     def unreplaced(current: Obj) -> Obj:
         if inject.replaced_by(current) != replace_by:
-            return current
-        options = dataclasses.replace(inject.running_options(current, InjectOptions(image="unused")), replace_by=None)
-        view = [current if i == _index(objects, target.workload_kind, target.workload_name) else o
-                for i, o in enumerate(objects)]
-        return inject.inject(view, service, options)[_index(objects, target.workload_kind, target.workload_name)]
+            return current  # uninstalled meanwhile
+        running = inject.running_options(current, InjectOptions(image=AGENT_CONTAINER))  # the image is read back
+        view = [current if i == index else o for i, o in enumerate(objects)]
+        return inject.inject(view, service, dataclasses.replace(running, replace_by=None))[index]
 
-    _, written = _put(cluster, workload, unreplaced, fresh=True)
-    try:
-        _wait_rollout(cluster, written, progress, timeout, poll_interval, interrupt)
-    except _RolloutProblem as problem:
-        events = _events_for(cluster, namespace, written, problem)
-        shown = f"; events: {' | '.join(events)}" if events else ""
-        raise RolloutFailed(f"the app container of {_ref(written)} is put back, but its rollout fails: {problem.what}"
-                            f"{shown}; {_fix(problem)}", events) from None
-    progress(f"{target.workload}: the app runs again")
+    _, written = _put(cluster, objects[index], unreplaced, fresh=True)
+    if inject.replaced_by(written) is None:
+        progress(f"{target.workload}: container {target.container} runs the app again (its pods are being replaced)")
     return True
 
 

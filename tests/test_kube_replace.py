@@ -54,3 +54,11 @@ def test_leaving_puts_back_only_ones_own_replace(cluster: Cluster) -> None:
     assert put_back(cluster.api, NS, "cartservice", "bob", cluster.progress.append) is True
     assert cluster.get("Deployment", "cartservice")["spec"]["template"] == injected
     assert cluster.progress[-1] == "Deployment/cartservice: container server runs the app again (its pods are being replaced)"
+
+
+# stand-in: counts the client's writes.
+def test_a_command_that_adds_no_agent_reaches_the_one_in_place_and_writes_nothing(cluster: Cluster) -> None:
+    first = cluster.ensure("cartservice")
+    writes = len(cluster.server.writes())
+    assert cluster.ensure("cartservice", add=False) == first
+    assert len(cluster.server.writes()) == writes

@@ -222,12 +222,12 @@ def ensure_agent(
                     _agent_info(namespace, service, workload, credentials, running), tuple(differences))
             wanted = running
         options = dataclasses.replace(wanted, agent_version=options.agent_version if reinject else running.agent_version)
-    if replace_by is not None:
-        options = _replacing(cluster, namespace, service, workload, target, options, replace_by, holders)
     elif not add:
         raise NoAgent(f"Service {service} in namespace {namespace} has no agent ({target.workload} runs none), and "
                       f"this command does not add one: add it with intercept inject {service} -n {namespace} "
                       f"(or intercept start {service} -n {namespace}, which adds it)")
+    if replace_by is not None:
+        options = _replacing(cluster, namespace, service, workload, target, options, replace_by, holders)
     unchanged = inject.is_injected(workload) and not reinject and options.replace_by == inject.replaced_by(workload)
     injected = objects if unchanged else inject.inject(objects, service, options)
     changed = [i for i, (old, new) in enumerate(zip(objects, injected)) if old != new]

@@ -71,3 +71,17 @@ def test_the_mcp_start_tool_takes_replace():
 
     properties = asyncio.run(schema())["properties"]
     assert "replace" in properties
+
+
+def test_the_stand_in_says_whose_process_replaces_the_app_and_exits_0_on_sigterm():
+    import signal
+
+    from tests.conftest import Proc
+
+    stand_in = Proc([*INTERCEPT, "stand-in", "alice"])
+    try:
+        stand_in.wait_for(r"^intercept: stand-in: the app container is replaced by alice's local process ")
+        stand_in.signal(signal.SIGTERM)
+        assert stand_in.finish() == 0
+    finally:
+        stand_in.stop()

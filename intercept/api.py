@@ -135,7 +135,8 @@ async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow
     options = InterceptOptions(transport=transport, credentials=credentials, route=Route(frozenset(rules)), name=name,
                                local_port=s.port, all_traffic=(s.all or s.replace) and route, ttl=s.ttl if route else None,
                                fence=Fence.parse(s.outbound_allow, s.outbound_deny, owner="this session"),
-                               refresh_credentials=agents.refresh if agents else None)
+                               refresh_credentials=agents.refresh if agents else None,
+                               replacing=s.service if replace_by is not None and "/" in (s.service or "") else None)
     if agents is None:
         return _Target(options, None, namespace)
     record = functools.partial(_keep_route_recorded, agents, name, options.route) if route else None

@@ -155,7 +155,8 @@ def test_a_replaced_worker_stops_consuming_the_local_one_takes_every_item_and_th
                   "--name", "alice", "--access", "off", "--forward", f"redis:6379:{forward}", "--no-watch",
                   "--", sys.executable, str(script), "local", "127.0.0.1", str(forward)])
     try:
-        alice.wait_for(r"^intercept: ready: ", timeout=WAIT * 2)
+        alice.wait_for(r"^intercept: ready: deployment/worker is yours: your process runs in place of its app container",
+                       timeout=WAIT * 2)
         alice.wait_for(r"^local worker consuming jobs$", timeout=WAIT)  # QUEUE: the pod's environment, handed over
 
         # no replica runs the worker: each runs the stand-in, with the worker's environment kept

@@ -135,10 +135,14 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("listen", "--listen", "HOST:PORT", ("0.0.0.0", 9900), "HTTP listener (the Service's traffic).",
-            "injection", _address, _show_address),
-    Setting("upstream", "--upstream", "HOST:PORT", None, "The app container.", "injection", _address,
-            _show_address, required=True),
+    Setting("listen", "--listen", "HOST:PORT", (("0.0.0.0", 9900),),
+            "HTTP listener (the Service's traffic); repeat it with --upstream to front several ports of the app, "
+            "each --listen forwarding to the --upstream in the same place.",
+            "injection", _address, _show_address, multiple=True, default_doc="0.0.0.0:9900"),
+    Setting("upstream", "--upstream", "HOST:PORT", None,
+            "The app container's port (repeatable: one per --listen, in the same order; their port numbers differ, "
+            "since developers name each by it).", "injection", _address,
+            _show_address, required=True, multiple=True),
     Setting("ssh_listen", "--ssh-listen", "HOST:PORT", ("0.0.0.0", 9922), "SSH server.", "injection", _address,
             _show_address),
     Setting("credentials", "--credentials", "FILE", None,
@@ -185,8 +189,8 @@ class AgentConfig:
     (:func:`intercept.agent.files.mounts_from_env`), served beside ``serve_files``.
     """
 
-    listen: tuple[str, int] = ("0.0.0.0", 9900)
-    upstream: tuple[str, int] = ("127.0.0.1", 8080)
+    listen: tuple[tuple[str, int], ...] = (("0.0.0.0", 9900),)
+    upstream: tuple[tuple[str, int], ...] = (("127.0.0.1", 8080),)
     ssh_listen: tuple[str, int] = ("0.0.0.0", 9922)
     credentials: Path = Path("credentials.json")
     routes_file: Path | None = None
@@ -201,6 +205,23 @@ class AgentConfig:
     max_connections: int = 10000
     serve_files: tuple[str, ...] = ()
     mounts: tuple[Any, ...] = ()  # intercept.agent.files.ServedRoot
+
+    @property
+    def fronts(self) -> list[tuple[tuple[str, int], tuple[str, int]]]:
+        """Each HTTP listener with the app port it forwards to: ``(listen, upstream)``, in order."""
+        return list(zip(self.listen, self.upstream))
+
+    def check_fronts(self) -> None:
+        """Raise :class:`UsageError` unless ``listen`` and ``upstream`` pair one to one, with
+        distinct upstream ports (a developer names a front by its app port)."""
+        if len(self.listen) != len(self.upstream):
+            raise UsageError(f"{len(self.listen)} --listen for {len(self.upstream)} --upstream (INTERCEPT_LISTEN, "
+                             "INTERCEPT_UPSTREAM): they pair by position; give one --listen per --upstream")
+        ports = [port for _, port in self.upstream]
+        twice = next((p for p in ports if ports.count(p) > 1), None)
+        if twice is not None:
+            raise UsageError(f"--upstream: port {twice} twice; developers name each app port by its number, "
+                             "so give each --upstream its own port")
 
     @cached_property
     def fence(self) -> Fence:
@@ -244,7 +265,11 @@ def resolve(env: Mapping[str, str], flags: Mapping[str, Any]) -> AgentConfig:
         if setting.required and setting.key not in values:
             raise UsageError(f"missing option {setting.flag!r} (or {setting.env}): {setting.help[0].lower()}"
                              f"{setting.help[1:].rstrip('.')}")
+    if "listen" not in values and len(values.get("upstream", ())) > 1:
+        raise UsageError(f"{len(values['upstream'])} --upstream need as many --listen (INTERCEPT_LISTEN), "
+                         "one for each in the same order")
     config = AgentConfig(**values)
+    config.check_fronts()
     config.fence  # noqa: B018 (a bad rule fails here, naming it)
     return config
 

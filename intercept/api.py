@@ -52,22 +52,24 @@ BODY_LIMIT = 64 * 1024  # body bytes send_request returns by default
 
 
 def make_spec(service: str | None = None, *, env: Mapping[str, str] | None = None, file: Path | None = None,
-              **options: Any) -> InterceptSpec:
+              intercepting: bool = True, **options: Any) -> InterceptSpec:
     """An intercept's options, validated as ``intercept start``'s flags are.
 
     ``options`` are keyed as in ``intercept.yaml`` (``port=8080``, ``headers=["x-dev=alice"]``,
     ``command=["python", "app.py"]``); ``env`` (for example ``os.environ``) adds the
     ``INTERCEPT_*`` variables below them, and ``file`` (an ``intercept.yaml``, when it
     exists) the service's entry below those, as the CLI reads them. Raises
-    :class:`~intercept.errors.SpecError`.
+    :class:`~intercept.errors.SpecError`. ``intercepting=False``: for :func:`connect`, which
+    intercepts nothing: ``service`` may be None (any agent of the namespace), and then no
+    entry of the file applies.
     """
     from intercept.spec import for_service
 
     if service is not None:
         options["service"] = service
     if file is not None:
-        return for_service(env or {}, options, file)
-    return merge(None, env or {}, options)
+        return for_service(env or {}, options, file, target=intercepting)
+    return merge(None, env or {}, options, target=intercepting)
 
 
 # --------------------------------------------------------------------------- reaching the agents
@@ -99,6 +101,25 @@ class _Agents:
     refresh: Callable[[], Any]  # the credentials read again (a reinstalled agent has a new host key)
     cluster: Any
     workload: str
+    app_ports: tuple[int, ...] = ()  # the app port behind each of the spec's ports, in order
+
+
+def _app_ports(s: InterceptSpec, agents: _Agents | None) -> tuple[tuple[int, int], ...]:
+    """``(app port, local port)`` for each of ``s``'s ports: the app port behind the Service
+    port (direct mode: as given); () for one port without SERVICE_PORT in direct mode (the
+    agent's first port, as before several)."""
+    if agents is None:
+        if len(s.port) == 1 and s.port[0].service_port is None:
+            return ()
+        return tuple((int(p.service_port), p.local_port) for p in s.port)  # type: ignore[arg-type]
+    pairs = tuple(zip(agents.app_ports, (p.local_port for p in s.port)))
+    seen: dict[int, Any] = {}
+    for (app, _), port in zip(pairs, s.port):
+        if app in seen:
+            raise UsageError(f"--port {seen[app]} and --port {port} take the same port of Service {s.service} "
+                             f"(the app's port {app}); name it once")
+        seen[app] = port
+    return pairs
 
 
 async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow: bool = True) -> _Target:
@@ -133,13 +154,16 @@ async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow
         rules = [HeaderEquals("x-intercept-id", name)]
         emit(Event("header", f"your requests carry x-intercept-id: {name}"))
     options = InterceptOptions(transport=transport, credentials=credentials, route=Route(frozenset(rules)), name=name,
-                               local_port=s.port, all_traffic=(s.all or s.replace) and route, ttl=s.ttl if route else None,
+                               local_port=s.local_port, ports=_app_ports(s, agents), all_traffic=(s.all or s.replace) and route,
+                               mirror=s.mirror and route, ttl=s.ttl if route else None,
                                fence=Fence.parse(s.outbound_allow, s.outbound_deny, owner="this session"),
                                refresh_credentials=agents.refresh if agents else None,
                                replacing=s.service if replace_by is not None and "/" in (s.service or "") else None)
     if agents is None:
         return _Target(options, None, namespace)
-    record = functools.partial(_keep_route_recorded, agents, name, options.route) if route else None
+    # A mirror is not recorded for pods that start later: they would hold its requests as an
+    # intercept's until the session arrives; the fleet registers it there when it connects.
+    record = functools.partial(_keep_route_recorded, agents, name, options.route) if route and not s.mirror else None
     put_back = functools.partial(_put_back, agents, s, replace_by) if replace_by is not None else None
     return _Target(options, agents.replicas, namespace, record, _access_plan(s, agents.cluster, namespace), put_back)
 
@@ -210,7 +234,10 @@ _POD_WIDE = {"agent_image": "image", "no_outbound": "outbound", "no_forwarded_he
 def _inject_options(s: InterceptSpec) -> Any:
     from intercept.kube.inject import InjectOptions
 
-    return InjectOptions(image=s.agent_image, service_port=s.service_port, outbound=not s.no_outbound,
+    ports = s.ports()
+    return InjectOptions(image=s.agent_image, service_port=ports[0].service_port if len(ports) == 1 else None,
+                         service_ports=tuple(p.service_port for p in ports) if len(ports) > 1 else (),
+                         outbound=not s.no_outbound,
                          no_policy_changes=s.no_policy_changes, forwarded_headers=not s.no_forwarded_headers,
                          outbound_allow=s.outbound_allow, outbound_deny=s.outbound_deny, hold_timeout=s.hold_timeout)
 
@@ -323,9 +350,9 @@ async def _service_agents(s: InterceptSpec, emit: OnEvent, follow: bool, *, add:
                                 workload=(info.workload_kind, info.workload_name, s.service))
         replicas = pod_replicas(pods, cluster.api, in_cluster=cluster.in_cluster)
         return _Agents(ServiceTransport(cluster.namespace, s.service), info.credentials, replicas, cluster.namespace,
-                       refresh, cluster, info.workload_name)
+                       refresh, cluster, info.workload_name, info.app_ports)
     return _Agents(await asyncio.to_thread(_one_pod, cluster, info), info.credentials, None, cluster.namespace, refresh,
-                   cluster, info.workload_name)
+                   cluster, info.workload_name, info.app_ports)
 
 
 def _one_pod(cluster: Any, info: Any) -> Any:
@@ -362,7 +389,8 @@ async def _connect_agent(cluster: Any, s: InterceptSpec, emit: OnEvent) -> Any:
 
 
 async def connect(s: InterceptSpec, command: Sequence[str] = (), *, on_event: OnEvent | None = None,
-                  output: Callable[[str], None] | None = None, stop: asyncio.Event | None = None) -> int:
+                  output: Callable[[str], None] | None = None, stop: asyncio.Event | None = None,
+                  timeout: float | None = None) -> int:
     """``intercept connect``: the local process reaches the cluster as a pod of ``s.namespace``
     does (every Service by name, ``s.also_namespaces`` too), without intercepting anything.
 
@@ -372,12 +400,15 @@ async def connect(s: InterceptSpec, command: Sequence[str] = (), *, on_event: On
     fence from ``s.outbound_allow``/``s.outbound_deny``), started once and reused, which
     ``intercept gc`` removes once idle. Runs ``command`` (the user's shell when empty) with
     the names, and returns its exit status (128 + N when signal N ended it); ``stop`` ends it
-    early (status 0). ``output``: the command's lines, instead of our stdout (the MCP
-    server's tool).
+    early (status 0), and set before it starts, it is not started at all. ``timeout``: the
+    seconds ``command`` may run, counted from its start (not the agent's rollout nor the
+    tunnel's setup); then it is stopped (status 0) and ``stop`` set, so the caller can tell.
+    However this ends (cancelled too), ``command`` does not outlive it. ``output``: the
+    command's lines, instead of our stdout (the MCP server's tool).
     """
     from intercept.access.reach import open_access
     from intercept.client.outbound import SSHDialer
-    from intercept.client.runner import LocalProcess, exit_status
+    from intercept.client.runner import LocalProcess, exit_status, run_command
     from intercept.client.session import AgentSession, InterceptOptions
     from intercept.client.start import default_name
     from intercept.kube.apply import list_services as rows_of
@@ -395,11 +426,15 @@ async def connect(s: InterceptSpec, command: Sequence[str] = (), *, on_event: On
         spec = s if s.service == service else replace(s, service=service, namespace=cluster.namespace)
         agents = await _service_agents(spec, emit, False, add=False)
         transport, credentials, via = agents.transport, agents.credentials, f"the agent of {service}"
+        no_outbound = (f" (injected with --no-outbound); inject it again without it: intercept inject {service} -n "
+                       f"{cluster.namespace}")
     else:
         spec = replace(s, namespace=cluster.namespace)
         info = await _connect_agent(cluster, s, emit)
         transport = await asyncio.to_thread(_one_pod, cluster, info)
         credentials, via = info.credentials, f"intercept connect's own agent ({info.workload})"
+        no_outbound = (f", which intercept never starts it without: it is not one this intercept started; remove it "
+                       f"(intercept uninstall {info.workload_name} -n {cluster.namespace}) and connect again")
     options = InterceptOptions(transport=transport, credentials=credentials, route=Route(frozenset()),
                                name=s.name or default_name(), local_port=1,
                                fence=Fence.parse(s.outbound_allow, s.outbound_deny, owner="this session"))
@@ -408,8 +443,7 @@ async def connect(s: InterceptSpec, command: Sequence[str] = (), *, on_event: On
     access = None
     try:
         if not session.agent.outbound:
-            raise UsageError(f"the agent of {cluster.namespace}/{service} allows no outbound connections (injected with "
-                             f"--no-outbound); inject it again without it: intercept inject {service} -n {cluster.namespace}")
+            raise UsageError(f"{via} (namespace {cluster.namespace}) allows no outbound connections{no_outbound}")
         emit(Event("starting", f"reaching the cluster as a pod of {cluster.namespace} does, through {via}"))
         plan = _access_plan(spec, cluster, cluster.namespace)
         if plan is None:
@@ -419,15 +453,10 @@ async def connect(s: InterceptSpec, command: Sequence[str] = (), *, on_event: On
         argv = list(command) or [os.environ.get("SHELL") or "/bin/sh"]
         process = LocalProcess(argv, os.environ, output=output, setup=access.setup if access else None,
                                own_group=bool(command) or output is not None)
-        await process.start()
-        waiting = asyncio.ensure_future(process.wait())
-        stopping = asyncio.ensure_future((stop or asyncio.Event()).wait())
-        await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if not waiting.done():
-            await process.stop()
+        status = await run_command(process, stop, timeout)
+        if status is None:  # stopped (or never started: stop came during the setup)
             return 0
-        code = exit_status(waiting.result())
+        code = exit_status(status)
         emit(Event("exited", f"{argv[0]} exited with status {code}", status=code))
         return code
     finally:
@@ -456,7 +485,10 @@ def env_access(env: Mapping[str, str], s: InterceptSpec) -> Event | None:
     said = f"{shown} are as in the pod (the Services' ClusterIPs): intercept env leaves them"
     if s.agent_address is not None:
         return Event("access", f"{said}, and so does intercept start --agent (direct mode follows no Services)")
-    mode = choose(s.access)
+    try:
+        mode = choose(s.access)
+    except UsageError as e:  # --access MODE that cannot work here: informational here, said as the reason
+        return Event("access", f"{said}; intercept start and connect with --access {s.access} would not start here: {e}")
     if mode.names:
         return Event("access", f"{said}; intercept start and connect point them at the Services' local addresses for "
                                f"COMMAND ({mode.name}: {mode.why})")
@@ -633,7 +665,7 @@ class Intercept:
         self.spec = s
         self.name: str = target.options.name
         self.route: str = target.options.describe()
-        self.local_port: int = s.port
+        self.local_port: int = s.local_port
         self.namespace = target.namespace
         self.events: list[Event] = []
         self.output: collections.deque[str] = collections.deque(maxlen=OUTPUT_LINES)
@@ -746,7 +778,7 @@ async def start(s: InterceptSpec, *, on_event: OnEvent | None = None, capture_ou
     if s.replace and "/" in (s.service or ""):
         said = f"{s.service} replaced by your process: its app container runs in no replica until you leave (no Service: no requests)"
     else:
-        said = f"{it.route} to localhost:{s.port} through {transport}"
+        said = f"{it.route} to localhost:{s.local_port} through {transport}"
         said += f"; its app container runs in no replica until you leave" if s.replace else ""
     it._event(Event("starting", said, route=it.route))
     it._run(capture_output)
@@ -780,6 +812,8 @@ def run(s: InterceptSpec, on_event: OnEvent, *, registry_entry: Mapping[str, Any
                 registration.update(fence=event.fence)
             elif registration is not None and event.kind == "mount":
                 registration.update(files=event.path)
+            elif registration is not None and event.kind == "mirrored":
+                registration.update(mirrored={"copied": event.copied, "dropped": event.dropped})
 
         def observe(event: Event) -> None:
             record(event)  # first: once a line is printed, intercept status says it too
@@ -905,9 +939,12 @@ def uninstall(service: str | None = None, *, all: bool = False, namespace: str |
     restore what it changed, exactly; idempotent. Returns :class:`~intercept.kube.apply.Uninstalled`.
 
     Refused (:class:`~intercept.errors.AgentInUse`), naming them, while developers hold
-    routes on an agent it would remove, unless ``force``; their intercepts then end
-    saying that the agent was removed by an uninstall."""
+    routes on an agent it would remove, or reach the cluster through intercept connect's
+    own agent (``intercept-connect``, which ``all`` removes too; asked as ``intercept gc``
+    asks it), unless ``force``; their intercepts and connects then end saying that the
+    agent was removed by an uninstall."""
     from intercept.errors import AgentInUse
+    from intercept.kube import connect_agent
     from intercept.kube.apply import uninstall as remove
     from intercept.kube.config import connect
 
@@ -920,12 +957,53 @@ def uninstall(service: str | None = None, *, all: bool = False, namespace: str |
         held = {r["service"]: sorted({x["holder"] for x in r["routes"] if "holder" in x and _connected(x)})
                 for r in rows if r["agent"] and (all or r["service"] == service)}
         held = {name: holders for name, holders in held.items() if holders}
-        if held:
-            said = "; ".join(f"the agent of {name} serves {', '.join(holders)}" for name, holders in sorted(held.items()))
-            raise AgentInUse(f"{said} (namespace {cluster.namespace}): uninstalling cuts their intercepts; ask them to "
-                             f"leave (intercept leave SERVICE), or uninstall anyway with --force")
+        said = [f"the agent of {name} serves {', '.join(holders)}" for name, holders in sorted(held.items())]
+        if all or (service == connect_agent.NAME and not any(r["service"] == service for r in rows)):
+            users = _connect_agent_users(cluster)
+            if users:
+                said.append(f"intercept connect's own agent ({connect_agent.NAME}) {users}")
+        if said:
+            raise AgentInUse(f"{'; '.join(said)} (namespace {cluster.namespace}): uninstalling cuts their intercepts "
+                             f"and connects; ask them to leave (intercept leave SERVICE, or end the connect), or "
+                             f"uninstall anyway with --force")
     return remove(cluster.api, cluster.namespace, service, all=all, progress=lambda line: emit(Event("progress", line)),
                   timeout=timeout)
+
+
+def _connect_agent_users(cluster: Any) -> str:
+    """Who reaches the cluster through the namespace's connect agent now, as it says (in
+    words: "serves alice, bob"), or "" when nobody does, it has no ready pod (nobody can
+    be using it) or the namespace has none. An agent that cannot be asked is taken as in
+    use (:class:`~intercept.errors.AgentInUse` says so): an uninstall without ``--force``
+    never cuts what it could not see."""
+    from intercept.client.session import InterceptOptions
+    from intercept.client.start import ask_agent, default_name
+    from intercept.errors import AgentInUse
+    from intercept.kube import connect_agent
+    from intercept.routing.match import Route
+
+    try:
+        info = connect_agent.find(cluster.api, cluster.namespace)
+    except InterceptError:  # a Deployment of that name that is not intercept's: uninstall keeps it anyway
+        return ""
+    if info is None:
+        return ""
+    try:
+        transport = _one_pod(cluster, info)
+    except UsageError:  # no ready pod: nobody reaches anything through it
+        return ""
+    try:
+        hello = asyncio.run(ask_agent(InterceptOptions(transport=transport, credentials=info.credentials,
+                                                       route=Route(frozenset()), name=default_name(), local_port=0),
+                                      protocol.Hello()))
+    except Exception as e:  # noqa: BLE001 - said in the refusal, with the way past it
+        raise AgentInUse(f"intercept connect's own agent ({connect_agent.NAME}, namespace {cluster.namespace}) could "
+                         f"not be asked whether connects use it ({e}); uninstall anyway with --force") from None
+    if hello.reaching:
+        return f"serves {', '.join(hello.reaching)}"
+    if hello.lacks("reach") is not None and hello.idle_seconds == 0:  # an agent from before it named them
+        return "is in use (its agent does not say by whom)"
+    return ""
 
 
 def doctor(service: str | None = None, *, namespace: str | None = None, kubeconfig: str | Path | None = None,

@@ -76,14 +76,15 @@ def _given(ctx: click.Context, *keys: str) -> dict[str, Any]:
     return {key: ctx.params[key] for key in keys if ctx.get_parameter_source(key) is ParameterSource.COMMANDLINE}
 
 
-def _spec(ctx: click.Context, *keys: str, **extra: Any) -> Any:
+def _spec(ctx: click.Context, *keys: str, target: bool = True, **extra: Any) -> Any:
     """The intercept this command line describes, over the ``INTERCEPT_*`` variables and the
-    service's entry in ./intercept.yaml (:func:`intercept.spec.for_service`), validated."""
+    service's entry in ./intercept.yaml (:func:`intercept.spec.for_service`), validated
+    (``target=False``: no SERVICE required, for connect)."""
     import os
 
     from intercept.spec import for_service
 
-    return for_service(os.environ, {**_given(ctx, *keys), **extra})
+    return for_service(os.environ, {**_given(ctx, *keys), **extra}, target=target)
 
 
 def _options(ctx: click.Context, *keys: str) -> dict[str, Any]:
@@ -97,7 +98,7 @@ def _options(ctx: click.Context, *keys: str) -> dict[str, Any]:
 
 CLUSTER = ("namespace", "context", "kubeconfig")
 _START = (
-    "service", "agent", "credentials", "port", "headers", "header_regexes", "baggage", "path_prefix", "all", "replace", "name",
+    "service", "agent", "credentials", "port", "headers", "header_regexes", "baggage", "path_prefix", "all", "replace", "mirror", "name",
     "watch", "no_watch", "debug", "debug_port", "debug_wait", "env_file", "mount", "mount_mode", "forward", "also_namespaces", "access", "propagate_header",
     "no_outbound", "outbound_allow", "outbound_deny", "no_policy_changes", "no_forwarded_headers", "timeout", "ttl",
     "service_port", "agent_image", "hold_timeout", "reinject", *CLUSTER,
@@ -263,8 +264,10 @@ def agent(ctx: click.Context, **_: Any) -> None:
             raise UsageError(f"--serve-files / {MOUNTS_ENV}: {e}; see {ctx.command_path} --help") from None
 
         def ready(a: Any) -> None:
-            (h, p), (sh, sp) = a.http_address, a.ssh_address
-            click.echo(f"intercept: agent: http {h}:{p} ssh {sh}:{sp} upstream {config.upstream[0]}:{config.upstream[1]}", nl=True)
+            sh, sp = a.ssh_address
+            for front in a.fronts:  # one line per listener, the first as before there were several
+                (h, p), (uh, up) = front.http_address, front.upstream
+                click.echo(f"intercept: agent: http {h}:{p} ssh {sh}:{sp} upstream {uh}:{up}", nl=True)
             if not config.fence.open:  # it judges sandbox destinations, and developers' outbound connections
                 click.echo(f"intercept: agent: outbound fence: {config.fence.describe()}")
             if a.files:
@@ -315,7 +318,8 @@ def start(ctx: click.Context, output: str, **_: Any) -> None:
     try:
         spec = _spec(ctx, *_START, command=ctx.meta["command"] or None)
         entry = {"service": spec.service, "agent": spec.agent, "namespace": spec.namespace, "context": spec.context,
-                 "name": spec.name, "local_port": spec.port, "command": list(spec.command)}
+                 "name": spec.name, "local_port": spec.local_port, "command": list(spec.command),
+                 "ports": [str(p) for p in spec.port] if len(spec.port) > 1 else []}
         code = api.run(spec, render, registry_entry=entry)
     except InterceptError as e:
         if output == "json":
@@ -352,12 +356,9 @@ def connect_command(ctx: click.Context, **_: Any) -> None:
         return await api.connect(spec, command, on_event=lambda event: click.echo(event.line(), err=True), stop=stop)
 
     try:
-        import dataclasses
-
         keys = ("service", "also_namespaces", "access", "name", "outbound_allow", "outbound_deny", "agent_image", "timeout",
                 *CLUSTER)
-        named = ctx.params.get("service")  # without one, any agent of the namespace will do
-        spec = _spec(ctx, *keys) if named else dataclasses.replace(_spec(ctx, *keys, service="any"), service=None)
+        spec = _spec(ctx, *keys, target=False)  # without a SERVICE, any agent of the namespace will do
         code = asyncio.run(run())
     except InterceptError as e:
         _fail(e)
@@ -428,12 +429,16 @@ def files_command(ctx: click.Context, path: str, to: Path | None, **_: Any) -> N
 @main.command()
 @click.option("--keep", is_flag=True, help="Leave the processes running after the table is printed (Ctrl-C stops them).")
 @click.option("--grpc", is_flag=True, help="gRPC on HTTP/2 (h2c) instead: the calls share one client connection.")
-def demo(keep: bool, grpc: bool) -> None:
+@click.option("--mirror", is_flag=True, help="Mirror instead: the cluster version answers every request, and a copy of "
+                                             "each one with the header reaches the local version.")
+def demo(keep: bool, grpc: bool, mirror: bool) -> None:
     """Show routing by header without a cluster: real agent, client and two apps on loopback."""
     from intercept.demo import run_demo
 
+    if grpc and mirror:
+        _fail(UsageError("intercept demo: --mirror shows HTTP/1.1 requests; drop --grpc or --mirror"))
     try:
-        ok = run_demo(click.echo, keep=keep, grpc=grpc)
+        ok = run_demo(click.echo, keep=keep, grpc=grpc, mirror=mirror)
     except InterceptError as e:
         _fail(e)
     sys.exit(0 if ok else 1)
@@ -550,7 +555,8 @@ def list_command(ctx: click.Context, all_namespaces: bool, output: str, **_: Any
     for r in rows:
         ports = ",".join(f"{p['port']}->{p['containerPort']}" for p in r["ports"]) or "-"
         routes = "-" if not r["routes"] else ", ".join(  # -o json says why an agent did not answer
-            "unknown" if "error" in x else f"{x['holder']} ({x['description']})" for x in r["routes"])
+            "unknown" if "error" in x else f"{x['holder']} ({'mirror of ' if x.get('mirror') else ''}{x['description']})"
+            for x in r["routes"])
         note = "" if r["interceptable"] else "not interceptable: " + (r["reason"] or "").split(";")[0]
         cells = [r["service"], r["workload"] or "-", ports, r["agentVersion"] or ("yes" if r["agent"] else "-"), routes, note]
         table.append(([r["namespace"]] if all_namespaces else []) + cells)
@@ -860,7 +866,11 @@ def status_command(output: str) -> None:
         state = "running" if r["alive"] else f"exited {r['exit_code']}" if r["exit_code"] is not None else "gone"
         what = r["service"] or f"agent {r['agent']}"
         what += f" -n {r['namespace']}" if r["namespace"] else ""
-        table.append([what, r["route"] or "-", str(r["local_port"] or "-"), r["fence"] or "-", r["files"] or "-",
+        port = " ".join(r.get("ports") or ()) or str(r["local_port"] or "-")  # several: SERVICE_PORT:LOCAL_PORT each
+        route = r["route"] or "-"
+        if r.get("mirrored"):
+            route += f" (copied {r['mirrored']['copied']}, dropped {r['mirrored']['dropped']})"
+        table.append([what, route, port, r["fence"] or "-", r["files"] or "-",
                       str(r["pid"]), state, r["started_at"] or "-", r["log_file"] or "-"])
     _print_table(table)
 
@@ -877,7 +887,8 @@ def leave_command(service: str, namespace: str | None) -> None:
     except InterceptError as e:
         _fail(e)
     for entry in left:
-        route = f": {entry.route} go to the cluster again" if entry.route else ""
+        gone = "stop coming here" if entry.route and entry.route.startswith("copies of ") else "go to the cluster again"
+        route = f": {entry.route} {gone}" if entry.route else ""
         click.echo(f"intercept: left: {entry.label} (pid {entry.pid}){route}")
 
 

@@ -26,6 +26,7 @@ EventKind = Literal[
     "forward",  # a --forward listens
     "access",  # the local process reaches the cluster's Services by name (and which came or went)
     "mount",  # the pod's files are under a local directory (--mount)
+    "mirrored",  # a mirror's copies so far: copied (answered by the local process) and dropped
     "warning",  # something works, but probably not as the developer expects
     "reloading",  # a change was saved; the local process restarts
     "reloaded",
@@ -47,7 +48,8 @@ class Event:
     ``gone``, ``reconnecting`` and ``reconnected`` on a Service; ``status`` is the exit
     status for ``exited``, and the exit code of the error for ``error``; ``fence``
     describes the outbound fence in effect for ``ready`` (``allow redis:6379; deny
-    10.0.0.0/8``, or ``everything``); ``path`` is the local directory for ``mount``.
+    10.0.0.0/8``, or ``everything``); ``path`` is the local directory for ``mount``;
+    ``copied`` and ``dropped`` count a mirror's copies for ``mirrored``.
     """
 
     kind: EventKind
@@ -57,6 +59,8 @@ class Event:
     route: str | None = None
     fence: str | None = None
     path: str | None = None
+    copied: int | None = None
+    dropped: int | None = None
 
     def line(self) -> str:
         return f"intercept: {self.kind}: {self.message}"
@@ -73,6 +77,8 @@ class Event:
             out["fence"] = self.fence
         if self.path is not None:
             out["path"] = self.path
+        if self.copied is not None:
+            out["copied"], out["dropped"] = self.copied, self.dropped
         return out
 
     @classmethod
@@ -81,4 +87,4 @@ class Event:
         if kind not in KINDS or not isinstance(data.get("message"), str):
             raise ValueError(f"not an intercept event: {data!r}")
         return cls(kind, data["message"], data.get("replica"), data.get("status"), data.get("route"), data.get("fence"),
-                   data.get("path"))
+                   data.get("path"), data.get("copied"), data.get("dropped"))

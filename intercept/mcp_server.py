@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 import itertools
 import json
 import logging
@@ -32,7 +31,6 @@ from intercept.errors import InterceptError
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT = 120.0  # how long start_intercept waits for the route to be held
-_ANY_AGENT = "any"  # connect without a SERVICE: a spec needs one to be validated, and then has none
 
 
 class Intercepts:
@@ -59,6 +57,7 @@ class Intercepts:
         self._registrations[key] = register({
             "service": it.spec.service, "agent": it.spec.agent, "namespace": it.namespace, "context": it.spec.context,
             "route": it.route, "name": it.name, "local_port": it.local_port, "command": list(it.spec.command),
+            "ports": [str(p) for p in it.spec.port] if len(it.spec.port) > 1 else [],
             "fence": next((e.fence for e in reversed(it.events) if e.fence is not None), None),
             "id": key, "control": str(socket_path) if socket_path else None})
 
@@ -127,6 +126,9 @@ class Intercepts:
 
 def _describe(key: str, it: api.Intercept) -> dict[str, Any]:
     state = "running" if not it.done else "ended"
+    counts = next((e for e in reversed(it.events) if e.kind == "mirrored"), None)
+    mirrored = {"mirrored": {"copied": counts.copied if counts else 0, "dropped": counts.dropped if counts else 0}} \
+        if it.spec.mirror else {}
     return {
         "id": key,
         "service": it.spec.service,
@@ -134,16 +136,19 @@ def _describe(key: str, it: api.Intercept) -> dict[str, Any]:
         "namespace": it.namespace,
         "route": it.route,
         "local_port": it.local_port,
+        "ports": [str(p) for p in it.spec.port],
         "state": state,
         "events": [event.line() for event in it.events[-20:]],
+        **mirrored,
     }
 
 
-def _spec(**options: Any) -> api.InterceptSpec:
+def _spec(intercepting: bool = True, **options: Any) -> api.InterceptSpec:
     """The options a tool was given, over this server's ``INTERCEPT_*`` variables and the
-    service's entry in ./intercept.yaml, validated as ``intercept start``'s flags are."""
+    service's entry in ./intercept.yaml, validated as ``intercept start``'s flags are
+    (``intercepting=False``: connect, which needs no service)."""
     try:
-        return api.make_spec(env=os.environ, file=Path("intercept.yaml"),
+        return api.make_spec(env=os.environ, file=Path("intercept.yaml"), intercepting=intercepting,
                              **{k: v for k, v in options.items() if v not in (None, [], "")})
     except InterceptError as e:
         raise ToolError(str(e)) from None
@@ -222,7 +227,7 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
     @server.tool()
     async def start_intercept(
         service: str | None = None,
-        port: int = 8080,
+        port: int | str | list[int | str] | None = None,
         headers: list[str] | None = None,
         baggage: str | None = None,
         path_prefix: str | None = None,
@@ -238,12 +243,17 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
         agent: str | None = None,
         credentials: str | None = None,
         replace: bool | None = None,
+        mirror: bool | None = None,
     ) -> dict[str, Any]:
         """Intercept a Service: requests that match reach localhost:PORT (or COMMAND, run with the pod's
-        environment). headers are NAME=VALUE rules that must all match; with no rule, requests carrying
+        environment; default port 8080). port may be [SERVICE_PORT:]LOCAL_PORT, and a list of them takes several
+        ports of the Service in one intercept, each to its own local port (e.g. ["http:3000", "grpc:5000"];
+        SERVICE_PORT is the Service port's number or name). headers are NAME=VALUE rules that must all match; with no rule, requests carrying
         x-intercept-id: NAME are routed. replace: every request comes here and the app container runs in no
         replica until stop_intercept (its queue consumers stop competing); service may then also be
-        deployment/NAME or statefulset/NAME (a worker with no Service); refused while others hold routes on it. ttl (90m, 2h) ends the route by itself even if this machine goes.
+        deployment/NAME or statefulset/NAME (a worker with no Service); refused while others hold routes on it.
+        mirror: the app still answers them, and a copy of each comes to the local process (its answer discarded;
+        copies it does not take in time are dropped and counted); not with replace. ttl (90m, 2h) ends the route by itself even if this machine goes.
         outbound_allow/outbound_deny (HOST[:PORT]) narrow where the process may connect through the pod.
         agent_image is used only when the service has no agent yet (a running agent's is shared by everyone).
         agent and credentials select direct mode (no Kubernetes). Options not given come from INTERCEPT_*
@@ -252,7 +262,8 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
         s = _spec(service=service, port=port, headers=headers, baggage=baggage, path_prefix=path_prefix,
                   command=command, name=name, namespace=namespace, context=context, kubeconfig=kubeconfig,
                   agent_image=agent_image, ttl=ttl, outbound_allow=outbound_allow, outbound_deny=outbound_deny,
-                  agent=agent, credentials=credentials, no_watch=True if command else None, replace=replace)
+                  agent=agent, credentials=credentials, no_watch=True if command else None, replace=replace,
+                  mirror=mirror or None)
         try:
             it = await api.start(s, capture_output=True)
         except InterceptError as e:
@@ -324,24 +335,20 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
         the names a pod uses (redis, redis.NS, redis.NS.svc.cluster.local; also_namespaces add other
         namespaces'), any TCP port, no proxy settings; nothing is intercepted. Goes through the agent of
         SERVICE, else any agent of the namespace, else a small agent of its own (removed by intercept gc once
-        idle). Returns exit_status (null when timeout seconds ran out and COMMAND was stopped), its output
+        idle). Returns exit_status (null when timeout seconds, counted from COMMAND's start, ran out and it
+        was stopped), its output
         (stdout and stderr lines, the last 1000) and the events (which names it reached, refusals)."""
-        s = _spec(service=service or _ANY_AGENT, namespace=namespace, also_namespaces=also_namespaces, access=access,
+        s = _spec(False, service=service, namespace=namespace, also_namespaces=also_namespaces, access=access,
                   outbound_allow=outbound_allow, outbound_deny=outbound_deny, name=name, context=context,
-                  kubeconfig=kubeconfig, agent_image=agent_image)
-        if not service:  # any agent of the namespace will do
-            s = dataclasses.replace(s, service=None)
+                  kubeconfig=kubeconfig, agent_image=agent_image)  # no service: any agent of the namespace
         output: collections.deque[str] = collections.deque(maxlen=api.OUTPUT_LINES)
         events: list[str] = []
-        stop = asyncio.Event()
-        timer = asyncio.get_running_loop().call_later(timeout, stop.set)
+        stop = asyncio.Event()  # set when COMMAND's timeout runs out, counted from its start (not the agent's rollout)
         try:
             status = await api.connect(s, command, on_event=lambda event: events.append(event.line()),
-                                       output=output.append, stop=stop)
+                                       output=output.append, stop=stop, timeout=timeout)
         except InterceptError as e:
             raise ToolError(str(e)) from None
-        finally:
-            timer.cancel()
         timed_out = stop.is_set()
         return {"exit_status": None if timed_out else status, "timed_out": timed_out, "output": list(output),
                 "events": events}

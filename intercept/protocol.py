@@ -11,7 +11,13 @@ Channels:
   root at its path (the app's ``mountPath``); ``hello`` lists the roots (``files``).
 - The client asks for ``tcpip-forward`` on the pseudo address
   (:data:`FORWARD_HOST`, :data:`FORWARD_PORT`); nothing is bound in the pod. The agent then
-  opens one ``forwarded-tcpip`` channel per routed downstream connection.
+  opens one ``forwarded-tcpip`` channel per routed downstream connection, and for a mirror
+  (``Register(mirror=True)``) one per downstream HTTP/1.1 connection with copies, or one
+  HTTP/2 connection carrying every stream's copy; what comes back on those is discarded. An
+  agent in front of several app ports (``hello``'s ``ports``; feature ``ports``) takes instead,
+  for each port a developer intercepts, ``tcpip-forward`` on (:data:`PORT_FORWARD_HOST`, the
+  app's port), and opens each routed connection on the pseudo address of the port it came to;
+  (:data:`FORWARD_HOST`, :data:`FORWARD_PORT`) stands for its first port.
 - ``direct-tcpip`` to (:data:`FRONT_DOOR_HOST`, :data:`FRONT_DOOR_PORT`) reaches the agent's
   own HTTP listener, so a client can send a request exactly as cluster traffic arrives
   (routed like it). Any other ``direct-tcpip`` is outbound from the pod and needs the agent's
@@ -39,6 +45,7 @@ CONTROL_SUBSYSTEM = "intercept"
 FILES_SUBSYSTEM = "sftp"  # the pod's files, read-only (the agent's --serve-files; in a pod, the app's mounts)
 FORWARD_HOST = "intercept"
 FORWARD_PORT = 1
+PORT_FORWARD_HOST = "intercept-port"  # with the app's port: routed connections that came to that port
 FRONT_DOOR_HOST = "intercept-http"
 FRONT_DOOR_PORT = 1
 KEEPALIVE_INTERVAL = 5
@@ -60,6 +67,9 @@ FEATURES = (
     "check-outbound",  # CheckOutbound: would the fences let host:port through?
     "signed-pushes",  # SetClusterRoutes carries the document's text and the routes authority's signature
     "pending-routes",  # routes of developers not connected yet, from the mounted developers file
+    "mirror",  # Register(mirror=True): a copy of each matching request; the app still answers
+    "ports",  # in front of several app ports (hello's ports), each forwarded on (PORT_FORWARD_HOST, port)
+    "reach",  # Reach: this session reaches the cluster through the pod, in use from then on; hello names such sessions
 )
 
 
@@ -91,12 +101,18 @@ class ListRoutes:
 @dataclass(frozen=True)
 class Register:
     """Hold a route (all ``rules`` must match; ``all``: every request) for this session;
-    with ``ttl`` (seconds) the agent ends it by itself then, connected or not."""
+    with ``ttl`` (seconds) the agent ends it by itself then, connected or not.
+
+    With ``mirror`` (feature ``"mirror"``) the route takes nothing: each matching request
+    still goes where it would, and a copy of it comes to this session, whose answer the
+    agent reads and discards. Sent only when true, so an agent without the feature reads
+    every other register as before."""
 
     op: ClassVar[str] = "register"
     rules: list[dict[str, Any]] = field(default_factory=list)
     all: bool = False
     ttl: float | None = None
+    mirror: bool = False
 
 
 @dataclass(frozen=True)
@@ -157,15 +173,34 @@ class CheckOutbound:
     port: int
 
 
-Request = Hello | Env | ListRoutes | Register | Unregister | Drain | Resume | SetClusterRoutes | Fence | CheckOutbound
+@dataclass(frozen=True)
+class Reach:
+    """This session reaches the cluster through the pod (``intercept connect``): the agent
+    counts it as in use from now until it leaves, whether or not it has connected anywhere
+    yet (``intercept gc`` keeps the agent; ``intercept uninstall`` names it). Refused
+    (``invalid``) by an agent that allows no outbound connection."""
+
+    op: ClassVar[str] = "reach"
+
+
+Request = Hello | Env | ListRoutes | Register | Unregister | Drain | Resume | SetClusterRoutes | Fence | CheckOutbound | Reach
 _REQUESTS: dict[str, type] = {
     cls.op: cls for cls in (Hello, Env, ListRoutes, Register, Unregister, Drain, Resume, SetClusterRoutes, Fence,
-                            CheckOutbound)
+                            CheckOutbound, Reach)
 }
 
 
+# Fields added after an agent could already read the request: written only when they differ
+# from their default, so that an agent from before them still reads the request.
+_LATER_FIELDS = {Register: ("mirror",)}
+
+
 def encode(request: Request) -> bytes:
-    return json.dumps({"op": request.op, **asdict(request)}).encode() + b"\n"
+    fields = asdict(request)
+    for name in _LATER_FIELDS.get(type(request), ()):
+        if not fields[name]:
+            del fields[name]
+    return json.dumps({"op": request.op, **fields}).encode() + b"\n"
 
 
 def decode(line: bytes) -> Request:
@@ -184,6 +219,8 @@ def decode(line: bytes) -> Request:
         raise BadRequest(f"malformed {op} request: {e}") from None
     if isinstance(request, Register) and not (isinstance(request.rules, list) and isinstance(request.all, bool)):
         raise BadRequest("malformed register request: rules must be a list and all a boolean")
+    if isinstance(request, Register) and not isinstance(request.mirror, bool):
+        raise BadRequest("malformed register request: mirror must be a boolean")
     if isinstance(request, Register) and request.ttl is not None and (
             not isinstance(request.ttl, int | float) or isinstance(request.ttl, bool)):
         raise BadRequest("malformed register request: ttl must be a number of seconds")
@@ -228,12 +265,14 @@ class HelloReply(Reply):
     rule_kinds: list[str] = field(default_factory=lambda: list(RULE_KINDS))
     features: list[str] = field(default_factory=list)
     upstream: str = ""
+    ports: list[int] = field(default_factory=list)  # the app ports it is in front of (empty: an agent before "ports")
     hold_timeout: float = 10.0
     outbound: bool = False
     fence: dict[str, list[str]] = field(default_factory=dict)  # the agent's own: {"allow": [...], "deny": [...]}
     files: list[dict[str, Any]] = field(default_factory=list)  # the served roots: path, present
     tls_connections: int = 0  # connections that began with a TLS record: relayed, never routed
     idle_seconds: float = 0.0  # how long no route has been held (for intercept gc)
+    reaching: list[str] = field(default_factory=list)  # the sessions that reach the cluster through the pod now, by name
     resolver: str = ""  # the pod's /etc/resolv.conf: its search path names the cluster's Services
 
     def lacks(self, feature: str) -> str | None:
@@ -292,6 +331,7 @@ class OutboundReply(Reply):
 REPLIES: dict[type, type[Reply]] = {
     Hello: HelloReply, Env: EnvReply, ListRoutes: RoutesReply, Register: Registered, Unregister: Done,
     Drain: Drained, Resume: Drained, SetClusterRoutes: PushReply, Fence: FenceReply, CheckOutbound: OutboundReply,
+    Reach: Done,
 }
 
 

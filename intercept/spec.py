@@ -52,6 +52,7 @@ __all__ = [
     "SPEC_VERSION",
     "TOP_LEVEL_KEYS",
     "Forward",
+    "Port",
     "InterceptSpec",
     "Option",
     "Origin",
@@ -101,6 +102,19 @@ class Forward:
         if self.local_port == self.port:
             return f"{self.service}:{self.port}"
         return f"{self.service}:{self.port}:{self.local_port}"
+
+
+@dataclass(frozen=True)
+class Port:
+    """``--port [SERVICE_PORT:]LOCAL_PORT``: requests to one port of the Service (its number
+    or its name; None: the single port, or ``service_port``) reach localhost:LOCAL_PORT.
+    In direct mode SERVICE_PORT is the number of the app's port the agent forwards to."""
+
+    service_port: int | str | None
+    local_port: int
+
+    def __str__(self) -> str:
+        return str(self.local_port) if self.service_port is None else f"{self.service_port}:{self.local_port}"
 
 
 # RFC 1035 label (Kubernetes Service names), RFC 1123 label (namespaces), IANA service
@@ -225,6 +239,32 @@ def _port(value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
         return value
     raise _Invalid(f"not a port number; write a number from 1 to 65535, e.g. {_EG}")
+
+
+def _local_port(value: object) -> Port:
+    """One ``--port``: ``LOCAL_PORT`` or ``SERVICE_PORT:LOCAL_PORT`` (SERVICE_PORT a number or a name)."""
+    if isinstance(value, int) and not isinstance(value, bool) or isinstance(value, str) and value.strip().isdigit():
+        try:
+            return Port(None, _port(value))
+        except _Invalid:
+            raise _Invalid(f"not a port number; write a number from 1 to 65535, e.g. {_EG}") from None
+    text = _text(value)
+    wanted, sep, local = text.rpartition(":")
+    if not sep:
+        if len(text) <= 15 and _PORT_NAME.fullmatch(text) and re.search("[a-z]", text):
+            raise _Invalid(f"not a port number; to take the Service port named {text}, add the local port: "
+                           f"{_AS}{text}:LOCAL_PORT, e.g. {_AS}{text}:3000")
+        raise _Invalid(f"not a port number; write a number from 1 to 65535, e.g. {_EG}, "
+                       f"or SERVICE_PORT:LOCAL_PORT, e.g. {_AS}grpc:5000")
+    if not (local.isdigit() and 1 <= int(local) <= 65535):
+        raise _Invalid(f"{local!r} is not a local port; write SERVICE_PORT:LOCAL_PORT with LOCAL_PORT "
+                       f"a number from 1 to 65535, e.g. {_AS}grpc:5000 or {_AS}9090:5000")
+    try:
+        service_port = _service_port(wanted)
+    except _Invalid:
+        raise _Invalid(f"{wanted!r} is not a Service port; write SERVICE_PORT:LOCAL_PORT with SERVICE_PORT "
+                       f"the Service port's number (1 to 65535) or name, e.g. {_AS}grpc:5000 or {_AS}9090:5000") from None
+    return Port(service_port, int(local))
 
 
 def _seconds(value: object) -> float:
@@ -432,8 +472,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("service_port", "--service-port", "port name or number", None,
            "Which Service port to take, when the Service has several.", "http", _service_port,
            default_doc="the Service's only port"),
-    Option("port", "--port", "port", 8080,
-           "The local port that routed requests reach.", 3000, _port, verbatim=False),
+    Option("port", "--port", "list of [SERVICE_PORT:]LOCAL_PORT", (Port(None, 8080),),
+           "The local port that routed requests reach. Repeat it as SERVICE_PORT:LOCAL_PORT to take several ports "
+           "of the Service in one intercept, each to its own local port, with one route: SERVICE_PORT is the "
+           "Service port's number or name (in direct mode, the number of the app's port behind the agent). "
+           "Without SERVICE_PORT: the Service's only port, or `service_port`.",
+           3000, _local_port, multiple=True, default_doc="`8080`"),
     Option("headers", "--header", "list of NAME=VALUE", (),
            "Route requests whose header NAME has exactly VALUE. All rules of an intercept must match; "
            "with no rule at all, the route is your personal header `x-intercept-id: NAME`.",
@@ -454,7 +498,14 @@ OPTIONS: tuple[Option, ...] = (
            "Replace the cluster's version: every request comes to you (as `all`), and the app container runs in no "
            "replica while you intercept (it runs a stand-in from the agent image, keeping its environment and "
            "mounts for you), so its queue consumers and schedulers stop competing with yours; it comes back when "
-           "you leave. Only one developer at a time, and only while nobody else holds a route on it.",
+           "you leave. Only one developer at a time, and only while nobody else holds a route on it. Not with "
+           "`mirror`.",
+           True, _bool, verbatim=False),
+    Option("mirror", "--mirror", "boolean", False,
+           "Mirror instead of intercept: the app still answers every request; a copy of each one the rules match "
+           "(every one with --all) comes to your process, whose answer is discarded. Never slows the app's "
+           "answer: copies your process does not take in time are dropped and counted (intercept status). "
+           "Any number of developers may mirror the same requests, beside an intercept of them.",
            True, _bool, verbatim=False),
     Option("name", "--name", "text", None,
            "Your display name, and the value of your personal header.", "alice", _name, top_level=True,
@@ -630,13 +681,14 @@ class InterceptSpec:
     agent: str | None = None
     credentials: Path | None = None
     service_port: int | str | None = None
-    port: int = 8080
+    port: tuple[Port, ...] = (Port(None, 8080),)
     headers: tuple[str, ...] = ()
     header_regexes: tuple[str, ...] = ()
     baggage: str | None = None
     path_prefix: str | None = None
     all: bool = False
     replace: bool = False
+    mirror: bool = False
     name: str | None = None
     command: tuple[str, ...] = ()
     watch: tuple[Path, ...] = ()
@@ -673,6 +725,15 @@ class InterceptSpec:
         host, _, port = self.agent.rpartition(":")
         return host.strip("[]"), int(port)
 
+    @property
+    def local_port(self) -> int:
+        """The first ``port``'s local port: the one the command's ``INTERCEPT_SESSION_PORT`` names."""
+        return self.port[0].local_port
+
+    def ports(self) -> tuple[Port, ...]:
+        """Each ``port`` with the Service port it takes: its own, else ``service_port`` (None: the only one)."""
+        return tuple(p if p.service_port is not None else Port(self.service_port, p.local_port) for p in self.port)
+
     def rules(self) -> list[Rule]:
         """The route's explicit rules (empty: the caller applies the personal header, or ``all``)."""
         rules = [parse_rule("header", h) for h in self.headers]
@@ -686,6 +747,11 @@ class InterceptSpec:
 
         def plain(value: object) -> object:
             if isinstance(value, Path | Forward):
+                return str(value)
+            if isinstance(value, Port):
+                if value.service_port is None:
+                    return value.local_port
+
                 return str(value)
             if isinstance(value, tuple):
                 return [plain(v) for v in value]
@@ -754,7 +820,7 @@ def _from_flags(flags: Mapping[str, object]) -> tuple[dict[str, object], dict[st
         if value is None:
             continue
         if option.multiple:
-            items = [value] if isinstance(value, str | Path) else list(value)  # type: ignore[call-overload]
+            items = [value] if isinstance(value, str | Path | int) else list(value)  # type: ignore[call-overload]
             if not items:
                 continue
             if option.flag == "--":
@@ -770,8 +836,9 @@ def _from_flags(flags: Mapping[str, object]) -> tuple[dict[str, object], dict[st
 
 
 def _build(values: Mapping[str, object], origins: Mapping[str, Origin], *, directory: Path,
-           location: Origin | None) -> InterceptSpec:
-    """Defaults, derived defaults and the checks that involve several options."""
+           location: Origin | None, target: bool = True) -> InterceptSpec:
+    """Defaults, derived defaults and the checks that involve several options (``target``:
+    a SERVICE or an agent is required, as for everything that intercepts)."""
     v = {o.key: o.default for o in OPTIONS}
     v.update(values)
     medium: Medium = location.medium if location is not None else "flag"
@@ -793,7 +860,7 @@ def _build(values: Mapping[str, object], origins: Mapping[str, Origin], *, direc
         return SpecError(lead + message, key=key,
                          path=location.path if location else None, line=location.line if location else None)
 
-    if not v["service"] and not v["agent"]:
+    if target and not v["service"] and not v["agent"]:
         service, agent = _BY_KEY["service"], _BY_KEY["agent"]
         if medium == "file":
             fix = f"add {_example(service, 'file')} (a Kubernetes Service) or {_example(agent, 'file')} (direct mode)"
@@ -808,6 +875,9 @@ def _build(values: Mapping[str, object], origins: Mapping[str, Origin], *, direc
         raise fail(f"{said('all')} takes every request, but {said(rule_key)} sets a rule; drop one of them", "all")
     if v["replace"] and rule_key is not None:
         raise fail(f"{said('replace')} takes every request, but {said(rule_key)} sets a rule; drop one of them", "replace")
+    if v["replace"] and v["mirror"]:
+        raise fail(f"{said('replace')} takes every request from the app and stops it, but {said('mirror')} leaves the "
+                   f"requests to the app and copies them to you; drop one of them", "mirror")
     if v["replace"] and v["agent"]:
         raise fail(f"{said('replace')} stops the app container of a workload in Kubernetes, but {said('agent')} names "
                    "an agent directly; name the Service (or deployment/NAME) instead", "replace")
@@ -821,7 +891,8 @@ def _build(values: Mapping[str, object], origins: Mapping[str, Origin], *, direc
     if v["debug_wait"] and not v["debug"]:
         raise fail(f"{said('debug_wait')} waits for a debugger, which needs debug; "
                    f"add {_example(_BY_KEY['debug'], medium_of('debug_wait'))}, or drop {said('debug_wait')}", "debug_wait")
-    if v["debug"] and v["debug_port"] == v["port"]:
+    _check_ports(v, said, medium_of, fail)
+    if v["debug"] and v["debug_port"] in {p.local_port for p in v["port"]}:
         raise fail(f"{said('debug_port')} {v['debug_port']} is also the local port ({said('port')}); "
                    f"give the debugger another port, e.g. {_example(_BY_KEY['debug_port'], medium_of('debug_port'))}", "debug_port")
     fence_key = next((k for k in ("outbound_allow", "outbound_deny") if v[k]), None)
@@ -842,7 +913,47 @@ def _build(values: Mapping[str, object], origins: Mapping[str, Origin], *, direc
     return InterceptSpec(**v, directory=directory, origins=MappingProxyType(dict(origins)), location=location)  # type: ignore[arg-type]
 
 
-def merge(base: InterceptSpec | None, env: Mapping[str, str], flags: Mapping[str, object]) -> InterceptSpec:
+def _check_ports(v: dict[str, object], said: Callable[[str], str], medium_of: Callable[[str], Medium],
+                 fail: Callable[[str, str], SpecError]) -> None:
+    """Several ``port``s name each their Service port, once; no local port twice; in direct
+    mode a Service port is a number (there is no Service to name it)."""
+    ports: tuple[Port, ...] = v["port"]  # type: ignore[assignment]
+    example = _written(_BY_KEY["port"], medium_of("port"), ["http:3000", "grpc:5000"])
+    if len(ports) > 1:
+        bare = [p for p in ports if p.service_port is None]
+        if bare:
+            raise fail(f"{said('port')} {bare[0]}: with several ports, name the Service port each one takes "
+                       f"(SERVICE_PORT:LOCAL_PORT), e.g. {example}", "port")
+    if v["service_port"] is not None and all(p.service_port is not None for p in ports):
+        raise fail(f"{said('service_port')} picks the Service port of a {said('port')} without one, but each names "
+                   f"its own; drop {said('service_port')}", "service_port")
+    seen: dict[object, Port] = {}
+    for p in ports:
+        for key, what in ((("local", p.local_port), "local port"), (("service", p.service_port), "Service port")):
+            if key[1] is None:
+                continue
+            other = seen.get(key)
+            if other is not None:
+                raise fail(f"{said('port')} {other} and {p}: the {what} {key[1]} twice; give each "
+                           f"{'Service port its own local port' if what == 'local port' else 'Service port once'}, "
+                           f"e.g. {example}", "port")
+            seen[key] = p
+    if v["service"] and "/" in v["service"]:
+        named = next((p for p in ports if p.service_port is not None), None)
+        if named is not None:
+            raise fail(f"{said('port')} {named}: {v['service']} is a workload with no Service, whose port "
+                       f"{named.service_port} nobody sends requests to; give only the LOCAL_PORT, e.g. "
+                       f"{_written(_BY_KEY['port'], medium_of('port'), ['8080'])}", "port")
+    if v["agent"] and not v["service"]:
+        named = next((p for p in ports if isinstance(p.service_port, str)), None)
+        if named is not None:
+            raise fail(f"{said('port')} {named}: in direct mode ({said('agent')}) there is no Service to name the "
+                       f"port {named.service_port!r}; write the number of the app's port the agent forwards to, "
+                       f"e.g. {_written(_BY_KEY['port'], medium_of('port'), ['8080:3000', '9090:5000'])}", "port")
+
+
+def merge(base: InterceptSpec | None, env: Mapping[str, str], flags: Mapping[str, object], *,
+          target: bool = True) -> InterceptSpec:
     """One intercept from its three spellings: ``base`` (from a file, or ``None``) < ``env`` < ``flags``.
 
     ``env`` is the process environment (only the ``INTERCEPT_*`` names of
@@ -852,6 +963,8 @@ def merge(base: InterceptSpec | None, env: Mapping[str, str], flags: Mapping[str
     strings or already typed (click's ints, Paths, tuples). A list replaces, never
     extends, a lower layer's list. Raises :class:`SpecError` (exit code 2) naming the
     spelling at fault and the fix; ``ValueError`` for a key that is no option (a bug).
+    ``target=False``: no SERVICE (nor agent) is required, for what intercepts nothing
+    (``intercept connect`` without one uses any agent of the namespace).
     """
     values: dict[str, object] = {}
     origins: dict[str, Origin] = {}
@@ -864,19 +977,21 @@ def merge(base: InterceptSpec | None, env: Mapping[str, str], flags: Mapping[str
         origins.update(layer_origins)
     return _build(values, origins,
                   directory=base.directory if base is not None else Path("."),
-                  location=base.location if base is not None else None)
+                  location=base.location if base is not None else None, target=target)
 
 
-def for_service(env: Mapping[str, str], flags: Mapping[str, object], path: Path = Path(DEFAULT_FILE)) -> InterceptSpec:
+def for_service(env: Mapping[str, str], flags: Mapping[str, object], path: Path = Path(DEFAULT_FILE), *,
+                target: bool = True) -> InterceptSpec:
     """The intercept ``flags`` name, as every face reads it: flags > ``env`` > the entry of
     its ``service`` in ``path`` (``./intercept.yaml``), when that file exists and has one
     (with the file's top-level defaults) > the built-in defaults. So ``intercept start
-    orders``, ``doctor``, ``env``, the MCP tools and ``up`` agree on what ``orders`` is."""
+    orders``, ``doctor``, ``env``, the MCP tools and ``up`` agree on what ``orders`` is.
+    ``target``: as for :func:`merge` (with no SERVICE, no entry of the file applies)."""
     service = flags.get("service") or env.get(_BY_KEY["service"].env)
     base = None
     if service and path.is_file():
         base = next((i for i in load_workspace(path, env).intercepts if i.service == service), None)
-    return merge(base, env, flags)
+    return merge(base, env, flags, target=target)
 
 
 def options(env: Mapping[str, str], flags: Mapping[str, object], keys: Iterable[str]) -> dict[str, object]:
@@ -930,7 +1045,7 @@ def _check_together(intercepts: tuple[InterceptSpec, ...]) -> None:
     for spec in intercepts:
         wants = []
         if spec.command:
-            wants.append(("port", spec.port))
+            wants += [("port", p.local_port) for p in spec.port]
         if spec.debug:
             wants.append(("debug_port", spec.debug_port))
         for key, port in wants:

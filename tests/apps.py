@@ -56,8 +56,16 @@ class App:
         self.hits = 0
         self.seen: list[str] = []  # "METHOD target" of every request, in order
         self.connections = 0  # TCP connections accepted
-        self._lock = threading.Lock()
+        self.requests: list[dict] = []  # every complete request: method, target, headers, body digest, connection
+        self._lock = threading.Condition()
         accept_each(self.sock, self._handle)
+
+    def wait_requests(self, count: int, timeout: float = 30) -> list[dict]:
+        """The requests received, once there are ``count`` of them."""
+        with self._lock:
+            assert self._lock.wait_for(lambda: len(self.requests) >= count, timeout), \
+                f"{self.name} received {len(self.requests)} of {count} requests within {timeout}s"
+            return list(self.requests)
 
     def close(self) -> None:
         try:
@@ -117,6 +125,11 @@ class App:
                 break
             else:
                 return False
+        with self._lock:
+            self.requests.append({"method": request.method.decode(), "target": request.target.decode(),
+                                  "headers": [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw_items()],
+                                  "body_length": length, "body_sha256": digest.hexdigest(), "connection": id(conn)})
+            self._lock.notify_all()
         target = request.target.decode()
         parts = target.split("?")[0].strip("/").split("/")
         base = [("X-App", self.name)]

@@ -55,6 +55,8 @@ class GrpcApp:
         self.release = threading.Event()
         self.received = 0
         self.progress = threading.Condition()
+        self.requests: list[tuple[str, bytes, dict]] = []  # (method, request messages joined, metadata) of each call
+
         options = list(OPTIONS)
         if max_concurrent_streams is not None:
             options.append(("grpc.max_concurrent_streams", max_concurrent_streams))
@@ -98,12 +100,19 @@ class GrpcApp:
         with self.progress:
             self.progress.notify_all()
 
+    def _record(self, method: str, request: bytes, context: grpc.ServicerContext) -> None:
+        with self.progress:
+            self.requests.append((method, request, dict(context.invocation_metadata())))
+            self.progress.notify_all()
+
     def _unary(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         self._begin(context)
+        self._record("Unary", request, context)
         return self.name.encode() + b":" + request
 
     def _server_stream(self, request: bytes, context: grpc.ServicerContext):
         self._begin(context)
+        self._record("ServerStream", request, context)
         count, size = map(int, request.split())
         for i in range(count):
             yield bytes([i % 256]) * size
@@ -118,12 +127,16 @@ class GrpcApp:
             with self.progress:
                 self.received += 1
                 self.progress.notify_all()
+        self._record("ClientStream", bytes.fromhex(digest.hexdigest()), context)
         return f"{self.name}:{count}:{length}:{digest.hexdigest()}".encode()
 
     def _bidi(self, requests, context: grpc.ServicerContext):
         self._begin(context)
+        seen = []
         for message in requests:
+            seen.append(message)
             yield self.name.encode() + b":" + message
+        self._record("Bidi", b"|".join(seen), context)
 
     def _abort(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         self._begin(context)

@@ -1,7 +1,9 @@
 """A plain HTTP/2 (h2c, prior knowledge) app for the tests, on python-hyper h2 in a thread.
 
 Every response is JSON naming the app, with the request's method, path, headers (as
-received) and body length; header ``x-app`` names the app too.
+received) and body length; header ``x-app`` names the app too. A request for
+``/bytes/N`` is answered N bytes instead; one with the header ``x-goaway`` is answered,
+then the app sends GOAWAY and closes the connection.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ class _Conn(asyncio.Protocol):
         self.name = name
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
         self.requests: dict[int, dict] = {}
+        self.leaving = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -42,17 +45,29 @@ class _Conn(asyncio.Protocol):
             elif isinstance(ev, h2.events.StreamEnded):
                 self._answer(ev.stream_id)
         self.transport.write(self.conn.data_to_send())
+        if self.leaving:
+            self.transport.close()
 
     def _answer(self, stream_id: int) -> None:
         req = self.requests.pop(stream_id)
         pseudo = dict(h for h in req["headers"] if h[0].startswith(":"))
-        body = json.dumps(
-            {"app": self.name, "method": pseudo.get(":method"), "path": pseudo.get(":path"),
-             "headers": req["headers"], "body_length": req["length"]}
-        ).encode()
+        path = pseudo.get(":path") or ""
+        if path.startswith("/bytes/"):  # (within the stream's window)
+            body = b"x" * int(path[len("/bytes/"):])
+        else:
+            body = json.dumps(
+                {"app": self.name, "method": pseudo.get(":method"), "path": path,
+                 "headers": req["headers"], "body_length": req["length"]}
+            ).encode()
         self.conn.send_headers(stream_id, [(":status", "200"), ("x-app", self.name), ("content-type", "application/json"),
                                            ("content-length", str(len(body)))])
-        self.conn.send_data(stream_id, body, end_stream=True)
+        step = self.conn.max_outbound_frame_size
+        for i in range(0, len(body), step):
+            self.conn.send_data(stream_id, body[i : i + step])
+        self.conn.end_stream(stream_id)
+        if any(k == "x-goaway" for k, _ in req["headers"]):
+            self.conn.close_connection()
+            self.leaving = True
 
 
 class H2App:

@@ -343,12 +343,22 @@ def _corpus() -> dict[str, list[bytes]]:
         "more-than-1024-fields": case(req([*REQUEST, *[(b"x%d" % i, b"1") for i in range(1021)]], pieces=4)),
         "a-malformed-field-then-a-huge-list": case(req([*REQUEST, (b"X", b"1"), *[(b"x-%d" % i, b"v" * 100) for i in range(600)]],
                                                       pieces=6)),
+        # a block whose fields nobody keeps is still decoded (the HPACK state): one field, then
+        # 147,000 one-byte indexed fields, after a malformed field, or on a stream that is over
+        "a-malformed-field-then-a-field-bomb": case(field_bomb(1, b"\x00\x01A\x01x")),
+        "a-field-bomb-on-a-closed-stream": case(req(REQUEST), field_bomb(1, b"\x82")),
+        "a-field-bomb-on-a-refused-stream": case([f for i in range(256) for f in headers(2 * i + 1, POST, _encoder, end_stream=False)],
+                                                 field_bomb(513, b"\x82")),
         # floods
         "settings-flood": case([SettingsFrame(0, settings={4: 65535}).serialize()] * 1500),
         "ping-flood": case([PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize() for i in range(1500)]),
         "ping-ack-flood": case([PingFrame(0, opaque_data=b"x" * 8, flags={"ACK"}).serialize()] * 1500),
         "priority-flood": case([PriorityFrame(3, depends_on=0, stream_weight=5).serialize()] * 1500),
         "unknown-frame-flood": case([raw(0xFA, 0, 0, b"x")] * 1500),
+        "window-update-flood": case(req(POST, end_stream=False), [WindowUpdateFrame(0, window_increment=1).serialize()] * 12_000),
+        "window-update-flood-on-a-closed-stream": case(req(REQUEST), [WindowUpdateFrame(1, window_increment=1).serialize()] * 12_000),
+        "rst-on-a-closed-stream-flood": case(req(REQUEST), [RstStreamFrame(1, error_code=8).serialize()] * 1500),
+        "goaway-flood": case(req(POST, end_stream=False), [GoAwayFrame(0, last_stream_id=0).serialize()] * 1500),
         "empty-data-flood": case(req(POST, end_stream=False), [data(1, b"")] * 1500),
         "tiny-data-flood": case(req(POST, end_stream=False), [data(1, b"x")] * 12_000),
         "small-message-stream": case(req(POST, end_stream=False), [data(1, b"\0\0\0\0\x03abc")] * 5_000, data(1, b"", True)),
@@ -356,6 +366,16 @@ def _corpus() -> dict[str, list[bytes]]:
         "malformed-stream-flood": case(malformed_streams(hpack.Encoder())),
         "more-streams-than-allowed": case([f for i in range(300) for f in headers(4 * i + 3, REQUEST, _encoder)]),
     }
+
+
+def field_bomb(stream_id: int, first: bytes, frame: int = 1 << 14) -> list[bytes]:
+    """A header block of HEADERS and 8 CONTINUATION frames (the most a client may send, in
+    frames of the size allowed before SETTINGS are acknowledged): the field ``first``, then
+    ``\\x82`` (``:method: GET``, one byte) to the end."""
+    block = first + b"\x82" * (9 * frame - len(first))
+    parts = [block[i : i + frame] for i in range(0, len(block), frame)]
+    return [raw(1, 0x1, stream_id, parts[0]), *(raw(9, 0x4 if i == len(parts) - 1 else 0, stream_id, p)
+                                               for i, p in enumerate(parts) if i)]
 
 
 def rapid_reset(enc: hpack.Encoder) -> list[bytes]:

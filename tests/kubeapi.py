@@ -26,7 +26,8 @@ What it speaks (namespaced, and across namespaces for LIST):
   ``notin``, ``key``, ``!key``; ``fieldSelector`` with dotted paths and ``=``/``!=``),
   POST (409 AlreadyExists), PUT (409 Conflict unless ``metadata.resourceVersion`` is the
   stored one; ``status`` and ``uid``/``creationTimestamp``/``generation`` are the
-  server's, as with a status subresource), DELETE, 404 as a Status object.
+  server's, as with a status subresource), DELETE (409 when its ``preconditions`` uid or
+  resourceVersion is not the stored one), 404 as a Status object.
 - ``?watch=true``: chunked JSON lines ``{"type": ADDED|MODIFIED|DELETED|ERROR, "object"}``
   from ``resourceVersion`` (or synthetic ADDED of the current objects without one),
   ending after ``timeoutSeconds``; a version older than the compaction horizon gets an
@@ -819,10 +820,22 @@ class KubeAPI:
                 return copy.deepcopy(self._replace(plural, ns, body))
             if method == "DELETE":
                 assert name is not None
+                self._check_preconditions(plural, ns, name, (body or {}).get("preconditions") or {})
                 self._delete(plural, ns, name)
                 return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
                         "details": {"name": name, "kind": plural}}
             raise ApiStatus(405, "MethodNotAllowed", f"{method} is not supported by the stand-in")
+
+    def _check_preconditions(self, plural: str, ns: str, name: str, preconditions: Obj) -> None:
+        """A DELETE's ``preconditions`` (uid, resourceVersion), as the real server checks them: 409."""
+        stored = self._objects.get((plural, ns, name))
+        if stored is None:
+            return
+        for key in ("uid", "resourceVersion"):
+            if key in preconditions and preconditions[key] != stored["metadata"].get(key):
+                raise ApiStatus(409, "Conflict", f"Operation cannot be fulfilled on {plural} \"{name}\": the "
+                                f"{key} in the precondition ({preconditions[key]}) does not match the {key} in record "
+                                f"({stored['metadata'].get(key)}). The object might have been modified")
 
     def _interfere(self, plural: str, ns: str, name: str) -> None:
         kind = RESOURCES[plural][1]

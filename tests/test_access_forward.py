@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -150,18 +149,15 @@ def test_a_session_that_reaches_the_cluster_keeps_the_agent_from_idling(fenced_a
         finally:
             await asking.leave()
 
-    async def main() -> tuple[float, float, float]:
+    async def main() -> float:
         connect = session("connect")
         await connect.open_unrouted()
         assert await connect.check_outbound("127.0.0.1", allowed.port) is None  # as connect asks for each Service
         try:
-            during = await idle()
+            return await idle()
         finally:
             await connect.close()
-        closed = time.monotonic()
-        after = await idle()
-        return during, after, time.monotonic() - closed
 
-    during, after, since_close = asyncio.run(main())
-    assert during == 0.0
-    assert after <= since_close + 0.05  # counted from the connect's end (to 0.1 s), not from the agent's start
+    assert asyncio.run(main()) == 0.0
+    # That the idle time counts from the connect's end (exactly, the agent's clock moved by hand, no
+    # threshold): tests/test_agent_idle.py.

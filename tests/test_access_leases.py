@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import sys
 from pathlib import Path
 
 import pytest
 
-from intercept.access.leases import AddressLeases, NoFreeAddresses
+from intercept.access.leases import AddressLeases, NoFreeAddresses, UnsafeLeases
 from tests.conftest import Proc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,3 +65,64 @@ def test_a_session_with_more_services_than_a_block_leases_the_next_free_one(tmp_
         leases.close()
         other.stop()
     assert held[0] == "127.77.0.1"
+
+
+# --- the directory is in /tmp: nothing in it is trusted by its name (what another local user may plant) ---
+
+
+def test_a_link_planted_in_the_directory_is_not_followed(tmp_path):
+    leases_dir = tmp_path / "leases"
+    leases_dir.mkdir(mode=0o1777)
+    victim = tmp_path / "nologin"  # as root, following the link would create it (/etc/nologin: nobody logs in)
+    (leases_dir / "127.77.0.0").symlink_to(victim)
+    leases = AddressLeases(directory=leases_dir)
+    try:
+        assert leases.allocate() == "127.77.1.1"  # the planted block is skipped
+    finally:
+        leases.close()
+    assert not victim.exists() and not victim.is_symlink()
+
+
+def test_a_fifo_planted_in_the_directory_is_skipped_without_waiting(tmp_path):
+    os.mkfifo(tmp_path / "127.77.0.0")  # an open for reading would wait for a writer forever
+    leases = AddressLeases(directory=tmp_path)
+    try:
+        assert leases.allocate() == "127.77.1.1"
+    finally:
+        leases.close()
+
+
+def test_a_directory_that_is_a_link_is_refused(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "leases").symlink_to(elsewhere)
+    with pytest.raises(UnsafeLeases, match=rf"the address lease directory {tmp_path / 'leases'} is a link, .*remove it"):
+        AddressLeases(directory=tmp_path / "leases").allocate()
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another user takes root")
+def test_a_directory_owned_by_another_user_is_refused(tmp_path):
+    leases_dir = tmp_path / "leases"
+    leases_dir.mkdir(mode=0o1777)
+    os.chown(leases_dir, 4242, 4242)  # another local user made it first
+    with pytest.raises(UnsafeLeases, match=rf"{leases_dir} is owned by another user \(uid 4242\).*chmod 1777"):
+        AddressLeases(directory=leases_dir).allocate()
+    assert list(leases_dir.iterdir()) == []
+
+
+def test_a_directory_others_may_write_without_the_sticky_bit_is_refused(tmp_path):
+    leases_dir = tmp_path / "leases"
+    leases_dir.mkdir()
+    leases_dir.chmod(0o777)
+    with pytest.raises(UnsafeLeases, match=r"writable by others without the sticky bit \(mode 777\)"):
+        AddressLeases(directory=leases_dir).allocate()
+
+
+def test_a_new_directory_is_made_shared_and_sticky(tmp_path):
+    leases = AddressLeases(directory=tmp_path / "leases")
+    try:
+        leases.allocate()
+    finally:
+        leases.close()
+    assert stat.S_IMODE((tmp_path / "leases").lstat().st_mode) == 0o1777

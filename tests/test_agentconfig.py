@@ -3,6 +3,8 @@ and read back by the agent through the same code, and spelled as a flag of inter
 
 from __future__ import annotations
 
+import re
+
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +19,8 @@ from tests.test_inject import boutique, find
 
 # A value for every setting that is not its default: a new setting must get one here.
 SAMPLES = {
-    "listen": ("0.0.0.0", 19900), "upstream": ("127.0.0.1", 3000), "ssh_listen": ("::", 19922),
+    "listen": (("0.0.0.0", 19900), ("0.0.0.0", 19901)), "upstream": (("127.0.0.1", 3000), ("127.0.0.1", 9090)),
+    "ssh_listen": ("::", 19922),
     "credentials": Path("/var/run/x/c.json"), "routes_file": Path("/var/run/r/routes.json"),
     "developers_file": Path("/var/run/r/developers.json"), "shutdown_grace": 7.5,
     "hold_timeout": 3.0, "allow_outbound": True, "outbound_allow": ("redis:6379", "*.shop.svc.cluster.local"),
@@ -69,6 +72,27 @@ def test_a_bad_variable_is_refused_naming_it(env, named):
     with pytest.raises(UsageError) as caught:
         resolve({"INTERCEPT_UPSTREAM": "127.0.0.1:1", "INTERCEPT_CREDENTIALS": "c.json", **env}, {})
     assert named in str(caught.value)
+
+
+def test_listeners_and_upstreams_pair_by_position():
+    config = resolve({"INTERCEPT_LISTEN": "0.0.0.0:9900 0.0.0.0:9901", "INTERCEPT_UPSTREAM": "127.0.0.1:8080 127.0.0.1:9090",
+                      "INTERCEPT_CREDENTIALS": "c.json"}, {})
+    assert config.fronts == [(("0.0.0.0", 9900), ("127.0.0.1", 8080)), (("0.0.0.0", 9901), ("127.0.0.1", 9090))]
+    one = resolve({"INTERCEPT_UPSTREAM": "127.0.0.1:8080", "INTERCEPT_CREDENTIALS": "c.json"}, {})
+    assert one.fronts == [(("0.0.0.0", 9900), ("127.0.0.1", 8080))], "one upstream: the default listener, as before"
+
+
+@pytest.mark.parametrize(("env", "expected"), [
+    ({"INTERCEPT_UPSTREAM": "127.0.0.1:8080 127.0.0.1:9090"},
+     "2 --upstream need as many --listen (INTERCEPT_LISTEN), one for each in the same order"),
+    ({"INTERCEPT_LISTEN": "0.0.0.0:9900 0.0.0.0:9901", "INTERCEPT_UPSTREAM": "127.0.0.1:8080"},
+     "2 --listen for 1 --upstream (INTERCEPT_LISTEN, INTERCEPT_UPSTREAM): they pair by position"),
+    ({"INTERCEPT_LISTEN": "0.0.0.0:9900 0.0.0.0:9901", "INTERCEPT_UPSTREAM": "127.0.0.1:8080 10.0.0.1:8080"},
+     "--upstream: port 8080 twice; developers name each app port by its number"),
+])
+def test_listeners_without_their_upstream_are_refused_with_the_fix(env, expected):
+    with pytest.raises(UsageError, match=re.escape(expected)):
+        resolve({"INTERCEPT_CREDENTIALS": "c.json", **env}, {})
 
 
 def test_the_fence_is_the_allow_and_deny_settings():

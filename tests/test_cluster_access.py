@@ -77,8 +77,8 @@ def test_connect_with_no_agent_runs_its_own_reuses_it_and_gc_removes_it_once_idl
     kube = ["-n", ns, "--kubeconfig", str(real_cluster.kubeconfig)]
     client = [*_unset_proxies(), sys.executable, "-c", _CLIENT + "sys.exit(3)\n", "redis:6379", f"redis.{ns}:6379"]
 
-    first = intercept("connect", *kube, "--agent-image", AGENT_IMAGE, "--access", "namespace", "--", *client,
-                      timeout=WAIT * 2)
+    first = intercept("connect", *kube, "--agent-image", AGENT_IMAGE, "--access", "namespace",
+                      "--outbound-deny", "memo:1", "--", *client, timeout=WAIT * 2)
     assert first.returncode == 3, first.stdout + first.stderr
     assert first.stdout.splitlines() == ["reached redis:6379 200", f"reached redis.{ns}:6379 200"]
     assert "intercept: progress: Deployment/intercept-connect: no agent in namespace" in first.stderr
@@ -86,14 +86,25 @@ def test_connect_with_no_agent_runs_its_own_reuses_it_and_gc_removes_it_once_idl
     own = real_cluster.get("Deployment", ns, "intercept-connect")
     assert own["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "intercept"
     assert [c["name"] for c in own["spec"]["template"]["spec"]["containers"]] == ["intercept-agent"]  # no app
+    assert "INTERCEPT_OUTBOUND_DENY" not in str(own["spec"]["template"])  # no fence of the first connect's for all
 
     # a later connect reuses it: the same Deployment, nothing started
-    again = intercept("connect", *kube, "--access", "namespace", "--", *client, timeout=WAIT)
+    again = intercept("connect", *kube, "--agent-image", AGENT_IMAGE, "--access", "namespace", "--", *client,
+                      timeout=WAIT)
     assert again.returncode == 3, again.stdout + again.stderr
     assert "no agent in namespace" not in again.stderr and "through intercept connect's own agent" in again.stderr
     assert real_cluster.get("Deployment", ns, "intercept-connect")["metadata"]["uid"] == own["metadata"]["uid"]
 
-    # so does a coding agent's connect tool: one command, its exit status and output
+    # one of another image is not trusted: refused (exit 13), naming the difference and the fix, nothing changed
+    seen = real_cluster.get("Deployment", ns, "intercept-connect")["metadata"]["resourceVersion"]
+    other = intercept("connect", *kube, "--agent-image", "registry.example/other-agent:1", "--access", "namespace", "--",
+                      "true", timeout=WAIT)
+    assert other.returncode == 13, other.stdout + other.stderr
+    assert f"image: it has {AGENT_IMAGE}, not registry.example/other-agent:1" in other.stderr
+    assert f"intercept uninstall intercept-connect -n {ns}" in other.stderr
+    assert real_cluster.get("Deployment", ns, "intercept-connect")["metadata"]["resourceVersion"] == seen
+
+    # a coding agent's connect tool reuses it too: one command, its exit status and output
     async def tool() -> dict:
         from mcp import Client
         from mcp.client.stdio import StdioServerParameters
@@ -101,7 +112,8 @@ def test_connect_with_no_agent_runs_its_own_reuses_it_and_gc_removes_it_once_idl
         env = {**os.environ, "KUBECONFIG": str(real_cluster.kubeconfig), "INTERCEPT_STATE_DIR": str(tmp_path / "state")}
         async with Client(StdioServerParameters(command=sys.executable, args=["-m", "intercept", "mcp"], env=env),
                           read_timeout_seconds=WAIT) as mcp:
-            return tool_result(await mcp.call_tool("connect", {"namespace": ns, "access": "namespace", "command": client}))
+            return tool_result(await mcp.call_tool("connect", {"namespace": ns, "access": "namespace", "command": client,
+                                                                  "agent_image": AGENT_IMAGE}))
 
     result = asyncio.run(tool())
     assert (result["exit_status"], result["timed_out"]) == (3, False), result

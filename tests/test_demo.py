@@ -77,3 +77,13 @@ def test_kept_grpc_demo_routes_a_grpcio_client_by_its_metadata():
         assert demo.finish() == 0, demo.output
     finally:
         demo.stop()
+
+
+def test_mirror_demo_shows_the_app_answering_and_which_copies_reached_the_developer():
+    out = subprocess.run([*INTERCEPT, "demo", "--mirror"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert ("intercept: demo: 8/8 requests answered by the cluster version with their copies where they should be "
+            "(the agent counts 4 copied, 0 dropped)") in out.stdout
+    rows = re.findall(r"^\d+\s+(fresh|keep-alive)\s+.+?\s+(\w+)\s+(yes|no)\s+(yes|no)\s+ok$", out.stdout, re.M)
+    assert len(rows) == 8 and {answered for _, answered, _, _ in rows} == {"cluster"}
+    assert sum(reached == "yes" for *_, reached in rows) == 4

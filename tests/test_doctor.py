@@ -109,6 +109,8 @@ def test_rbac_names_every_denied_verb_and_the_can_i_command() -> None:
     # the cluster's names for the local process follow the Services and their endpoints
     assert {Access(v, "services") for v in ("list", "watch")} <= set(NEEDED)
     assert {Access(v, "endpointslices", "discovery.k8s.io") for v in ("list", "watch")} <= set(NEEDED)
+    # intercept connect's own agent, where a namespace has none: its Deployment and its Secret (README)
+    assert {Access("create", "deployments", "apps"), Access("create", "secrets")} <= set(NEEDED)
 
 
 def test_the_default_image_passes_only_when_the_cluster_already_runs_it() -> None:

@@ -126,7 +126,7 @@ def test_every_stream_of_a_connection_gets_the_agents_forwarded_entry(h2_agent):
 
 # -- malformed HTTP/2 ---------------------------------------------------------------------
 
-NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0, 1, 3, 5, 6, 9, 11
+NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, STREAM_CLOSED, FRAME_SIZE_ERROR, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0, 1, 3, 5, 6, 8, 9, 11
 
 
 def headers_frame(stream_id: int, encoder: hpack.Encoder, extra=(), flags=("END_HEADERS", "END_STREAM")) -> bytes:
@@ -370,13 +370,25 @@ def read_frames(sock: socket.socket, count: int) -> list[Frame]:
     """The next ``count`` frames (fewer if the connection ends)."""
     frames = []
     while len(frames) < count:
-        head = sock.recv(9, socket.MSG_WAITALL)
+        head = recv_exactly(sock, 9)
         if len(head) < 9:
             break
         f, length = Frame.parse_frame_header(memoryview(head))
-        f.parse_body(memoryview(sock.recv(length, socket.MSG_WAITALL) if length else b""))
+        f.parse_body(memoryview(recv_exactly(sock, length)))
         frames.append(f)
     return frames
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes, or fewer if the connection ends (MSG_WAITALL does not wait on a socket
+    with a timeout)."""
+    got = b""
+    while len(got) < n:
+        chunk = sock.recv(n - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return got
 
 
 def test_a_client_that_reads_nothing_stalls_no_one_else(codec_agent):
@@ -403,6 +415,102 @@ def test_what_a_client_leaves_unread_is_bounded_by_resetting_the_streams_past_th
         assert {f.error_code for f in resets} == {ENHANCE_YOUR_CALM}
     with channel(codec_agent.http_port) as c:
         assert app_of(c) == "cluster"
+
+
+def test_a_response_held_for_a_client_is_let_go_when_it_resets_the_stream_after_the_apps_goaway(h2_agent):
+    # each round: a response the client does not read (its window is 0) held in the agent,
+    # the app's GOAWAY and close, then the client's reset: what was held is let go, so the
+    # rounds never add up to the connection's limit (its streams would be reset past it)
+    from intercept.agent.h2proxy import HELD_LIMIT
+
+    size = 900_000  # within a stream's window: the app sends it all
+    enc = hpack.Encoder()
+
+    def request(sid: int, path: str, *extra: tuple[str, str]) -> bytes:
+        f = HeadersFrame(sid, flags={"END_HEADERS", "END_STREAM"})
+        f.data = enc.encode([(":method", "GET"), (":scheme", "http"), (":authority", "a"), (":path", path), *extra])
+        return f.serialize()
+
+    with socket.create_connection(("127.0.0.1", h2_agent.http_port), timeout=30) as s:
+        s.sendall(PREFACE + SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0}).serialize())
+        sid = 1
+        for _ in range(HELD_LIMIT // size + 2):
+            # the app answers both on one connection, in order: the second's end comes once
+            # the agent holds the whole first
+            held, last = sid, sid + 2
+            s.sendall(request(held, f"/bytes/{size}") + request(last, "/bytes/0", ("x-goaway", "1")))
+            frames = []
+            while not any(f.stream_id == last and "END_STREAM" in f.flags for f in frames):
+                frames += read_frames(s, 1)
+            assert not [f for f in frames if isinstance(f, (RstStreamFrame, GoAwayFrame))]
+            s.sendall(RstStreamFrame(held, error_code=CANCEL).serialize())
+            sid += 4
+        # and a response read in full still comes whole
+        s.sendall(SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 1 << 20}).serialize()
+                  + WindowUpdateFrame(0, window_increment=1 << 30).serialize() + request(sid, f"/bytes/{size}"))
+        got = 0
+        while True:
+            (f,) = read_frames(s, 1)
+            assert not isinstance(f, (RstStreamFrame, GoAwayFrame)), f
+            if f.stream_id == sid and isinstance(f, DataFrame):
+                got += len(f.data)
+            if f.stream_id == sid and "END_STREAM" in f.flags:
+                break
+        assert got == size
+
+
+def get(sid: int, enc: hpack.Encoder, path: str, *extra: tuple[str, str]) -> bytes:
+    f = HeadersFrame(sid, flags={"END_HEADERS", "END_STREAM"})
+    f.data = enc.encode([(":method", "GET"), (":scheme", "http"), (":authority", "a"), (":path", path), *extra])
+    return f.serialize()
+
+
+def test_what_all_clients_leave_unread_is_bounded_and_a_reading_client_is_still_served(h2_agent):
+    # connection after connection leaves 3.6 MB unread (under its own limit); past the
+    # agent's budget, the connection that leaves most has its streams reset
+    from intercept.agent.h2proxy import AGENT_HELD_LIMIT, HELD_LIMIT
+
+    size = 900_000  # within a stream's window: the app sends it all, the agent holds it all
+    per_connection = HELD_LIMIT // size
+    connections = []
+    try:
+        for _ in range(AGENT_HELD_LIMIT // (per_connection * size) + 2):
+            s = socket.create_connection(("127.0.0.1", h2_agent.http_port), timeout=30)
+            connections.append(s)
+            enc = hpack.Encoder()
+            held = [2 * i + 1 for i in range(per_connection)]
+            marker = 2 * per_connection + 1  # answered after the others, on the same app connection
+            s.sendall(PREFACE + SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 0}).serialize()
+                      + b"".join(get(sid, enc, f"/bytes/{size}") for sid in held) + get(marker, enc, "/bytes/0"))
+            frames = []
+            while not any(f.stream_id == marker and "END_STREAM" in f.flags for f in frames):
+                frames += read_frames(s, 1)
+        unread = 0
+        reset = 0
+        for s in connections:  # what each has been told so far: a PING's answer comes after it
+            s.sendall(PingFrame(0, opaque_data=b"counted!").serialize())
+            frames = []
+            while not any(isinstance(f, PingFrame) and "ACK" in f.flags for f in frames):
+                frames += read_frames(s, 1)
+            resets = {f.stream_id for f in frames if isinstance(f, RstStreamFrame) and f.error_code == ENHANCE_YOUR_CALM}
+            reset += bool(resets)
+            unread += (per_connection - len(resets)) * size
+        assert reset >= 2 and unread <= AGENT_HELD_LIMIT
+        with socket.create_connection(("127.0.0.1", h2_agent.http_port), timeout=30) as s:
+            s.sendall(PREFACE + SettingsFrame(0, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 1 << 20}).serialize()
+                      + WindowUpdateFrame(0, window_increment=1 << 30).serialize() + get(1, hpack.Encoder(), f"/bytes/{size}"))
+            got = 0
+            while True:
+                (f,) = read_frames(s, 1)
+                assert not isinstance(f, (RstStreamFrame, GoAwayFrame)), f
+                if f.stream_id == 1 and isinstance(f, DataFrame):
+                    got += len(f.data)
+                if f.stream_id == 1 and "END_STREAM" in f.flags:
+                    break
+            assert got == size
+    finally:
+        for s in connections:
+            s.close()
 
 
 # -- counted and expired as HTTP/1.1 connections are ---------------------------------------
@@ -474,6 +582,93 @@ def test_h2_connections_with_no_stream_open_are_closed_after_the_header_timeout(
                 assert [(f.error_code, f.last_stream_id) for f in goaways] == [(NO_ERROR, last)]
         app.gate.release()  # idle for longer than either, but never without a stream: still served
         assert list(ticks) == [b"tick 1 from cluster"]
+
+
+def test_a_client_still_sending_as_an_idle_connection_is_closed_is_not_reset(limited_agent):
+    # a call on its way as the agent's GOAWAY arrives: the agent shuts its side and reads
+    # what still comes, instead of answering it with a TCP reset (which can discard the
+    # GOAWAY unread, and with it the client's knowledge that it may retry the call)
+    agent, _ = limited_agent
+    with h2_connection(agent.http_port) as s:
+        frames = parse(until_closed(s))  # the GOAWAY, then the agent's end of the connection
+        assert [(f.error_code, f.last_stream_id) for f in frames if isinstance(f, GoAwayFrame)] == [(NO_ERROR, 0)]
+        s.sendall(grpc_call(1, hpack.Encoder()))
+        s.sendall(PingFrame(0, opaque_data=b"still on").serialize())  # (a reset would have made this fail)
+        assert s.recv(65536) == b""
+
+
+def test_every_connection_the_sweeper_watches_says_how_to_expire_it():
+    # the upgrade probe lasts as long as its question: it is not watched, and has no
+    # methods of a watched connection that would only raise
+    from intercept.agent.h2proxy import ClientSide, Downstream, Relay, UpgradeProbe
+
+    assert not issubclass(UpgradeProbe, ClientSide)
+    for cls in (Downstream, Relay):
+        assert {"streams_opened", "close_idle"} <= set(vars(cls)), cls
+
+
+# -- streams that stop: reset, so that they hold no place and no app stream -----------------
+
+
+@pytest.fixture(params=["h2", "ngh2"])
+def stalling_agent(request, tmp_path, clients):
+    """(agent, app): --header-timeout 0.5, --hold-timeout 1, a route registered (streams are
+    terminated), an app that takes one stream per connection, on each codec."""
+    if request.param == "ngh2":
+        pytest.importorskip("ngh2", reason="the ngh2 codec is not installed (pip install -e '.[test]')")
+    app = GrpcApp("cluster", max_concurrent_streams=1)
+    agent = start_agent(tmp_path, app.port, "--header-timeout", "0.5", "--hold-timeout", "1",
+                        env={"INTERCEPT_H2_CODEC": request.param})
+    clients.append(start_client(agent, free_port(), "--header", "x-dev=alice", "--name", "alice"))
+    yield agent, app
+    app.release.set()
+    agent.proc.stop()
+    app.close()
+
+
+def open_request(stream_id: int, encoder: hpack.Encoder, path: str) -> bytes:
+    """HEADERS of a gRPC call without END_STREAM: its request goes on, or never does."""
+    f = HeadersFrame(stream_id, flags={"END_HEADERS"})
+    f.data = encoder.encode([(":method", "POST"), (":scheme", "http"), (":authority", "a"), (":path", path),
+                             ("content-type", "application/grpc"), ("te", "trailers")])
+    return f.serialize()
+
+
+def test_a_stream_whose_request_never_ends_is_reset_after_the_header_timeout(stalling_agent):
+    agent, _ = stalling_agent
+    with h2_connection(agent.http_port) as s:
+        s.sendall(open_request(1, hpack.Encoder(), "/test.Echo/Unary"))  # then nothing
+        frames = parse(until_closed(s))
+    assert [(f.stream_id, f.error_code) for f in frames if isinstance(f, RstStreamFrame)] == [(1, CANCEL)]
+    # its connection then has no stream open: GOAWAY, and its place is free
+    assert [(f.error_code, f.last_stream_id) for f in frames if isinstance(f, GoAwayFrame)] == [(NO_ERROR, 1)]
+
+
+def test_a_response_sent_whole_while_its_request_is_open_ends_the_stream_with_no_error(stalling_agent):
+    # RFC 9113 8.1: the app answered (UNIMPLEMENTED, trailers-only) before the request
+    # ended; the client is told to stop sending, and the stream holds nothing any more
+    agent, _ = stalling_agent
+    with h2_connection(agent.http_port) as s:
+        s.sendall(open_request(1, hpack.Encoder(), "/no.Such/Method"))
+        frames = parse(until_closed(s))
+    ends = [(type(f).__name__, f.stream_id) for f in frames
+            if isinstance(f, RstStreamFrame) or isinstance(f, HeadersFrame) and "END_STREAM" in f.flags]
+    assert ends == [("HeadersFrame", 1), ("RstStreamFrame", 1)]
+    assert [f.error_code for f in frames if isinstance(f, RstStreamFrame)] == [NO_ERROR]
+
+
+def test_a_stream_that_finds_no_room_at_the_app_is_answered_after_the_hold_timeout(stalling_agent):
+    from intercept.agent.h2proxy import MAX_CONNECTIONS
+
+    agent, app = stalling_agent
+    with channel(agent.http_port) as c:
+        held = [c.unary_unary("/test.Echo/Hold").future(b"", timeout=60) for _ in range(MAX_CONNECTIONS)]
+        app.wait_until(lambda: app.active == MAX_CONNECTIONS)  # every connection the pool may open is busy
+        with pytest.raises(grpc.RpcError) as e:
+            c.unary_unary("/test.Echo/Unary")(b"hi", timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "--hold-timeout" in e.value.details()
+        app.release.set()
+        assert [f.result() for f in held] == [b"held by cluster"] * MAX_CONNECTIONS
 
 
 # -- while no route could apply: a relay, converted when the first route appears -----------

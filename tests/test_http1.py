@@ -334,3 +334,30 @@ def test_fields_by_name_are_the_headers_with_those_names(lines, names, built):
     if built:
         head.headers  # noqa: B018  (the list is built first: fields filters it)
     assert head.fields(names) == expected
+
+
+def test_answers_counts_each_complete_response_however_the_bytes_are_split():
+    from intercept.routing.http1 import Answers
+
+    stream = (b"HTTP/1.1 100 Continue\r\n\r\n"
+              b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"
+              b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"  # to a HEAD: no body
+              b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+              b"HTTP/1.1 204 No Content\r\n\r\n")
+    for size in (1, 7, len(stream)):
+        answers = Answers()
+        for method in (b"POST", b"HEAD", b"GET", b"DELETE"):
+            answers.expect(method)
+        counted = sum(answers.feed(stream[i:i + size]) for i in range(0, len(stream), size))
+        assert counted == 4 and not answers.methods
+
+
+def test_answers_end_a_response_delimited_by_the_close_and_refuse_one_to_no_request():
+    from intercept.routing.http1 import Answers
+
+    answers = Answers()
+    answers.expect(b"GET")
+    assert answers.feed(b"HTTP/1.0 200 OK\r\n\r\nuntil the close") == 0
+    assert answers.closed() == 1
+    with pytest.raises(ProtocolError):
+        answers.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")

@@ -20,9 +20,11 @@ import yaml
 
 from intercept.errors import InjectError, ResolveError, UsageError
 from intercept.kube import manifests
+from intercept import agentconfig
 from intercept.kube.inject import (
     AGENT_CONTAINER,
     ANNOTATION,
+    check_serves,
     InjectOptions,
     describe_changes,
     inject,
@@ -30,6 +32,7 @@ from intercept.kube.inject import (
     resolve,
     restore,
     secret_name,
+    served_ports,
 )
 from tests import shop
 
@@ -669,7 +672,8 @@ def test_a_second_service_on_another_port_of_an_injected_workload_is_refused():
                service("orders-admin", selector={"app": "orders"},
                        ports=[{"name": "admin", "port": 81, "targetPort": "admin"}])]
     injected = inject(objects, "orders", OPTIONS)
-    with pytest.raises(InjectError, match="one agent serves one port"):
+    with pytest.raises(InjectError, match="already has an agent for container 'app' port 8080, and Service "
+                                          "'orders-admin' port 81 targets container 'app' port 8081"):
         inject(injected, "orders-admin", OPTIONS)
 
 
@@ -845,3 +849,64 @@ def test_services_in_other_namespaces_do_not_select_the_workload():
     svc["metadata"]["namespace"] = "shop"
     with pytest.raises(ResolveError, match="no Deployment"):
         resolve([deployment(), svc], "orders")
+
+
+# --------------------------------------------------------------------------- several ports of one Service
+
+def two_port_objects(**policy_ports):
+    """orders: http (named targetPort) on 8080 and grpc (numeric targetPort) on 9090, and a
+    policy that admits both app ports to the pods."""
+    app = app_container(ports=[{"name": "http", "containerPort": 8080}, {"name": "grpc", "containerPort": 9090}],
+                        readinessProbe={"tcpSocket": {"port": "http"}})
+    return [deployment(containers=[app]),
+            service(ports=[{"name": "http", "port": 80, "targetPort": "http"},
+                           {"name": "grpc", "port": 9090, "targetPort": 9090}]),
+            policy("orders-in", {"app": "orders"}, [{"port": 8080}, {"port": 9090}])]
+
+
+def test_the_agent_is_put_in_front_of_every_port_asked_for_and_restored_exactly():
+    objects = two_port_objects()
+    injected = roundtrip(objects, options=InjectOptions(image=OPTIONS.image, service_ports=("http", 9090)))
+    pod = pod_of(injected[0])
+    assert_sane_pod_ports(pod)
+    # each Service port now lands on its own listener of the agent, which forwards to its app port
+    assert service_reaches(injected, "orders", 0) == (9900, AGENT_CONTAINER)
+    assert service_reaches(injected, "orders", 1) == (9901, AGENT_CONTAINER)
+    env = env_of(agent_of(injected[0]))
+    assert env["INTERCEPT_LISTEN"] == "0.0.0.0:9900 0.0.0.0:9901"
+    assert env["INTERCEPT_UPSTREAM"] == "127.0.0.1:8080 127.0.0.1:9090"
+    assert agentconfig.from_env(env, ("injection",))["upstream"] == (("127.0.0.1", 8080), ("127.0.0.1", 9090))
+    # the renamed app port keeps its probe; the policy admits both agent ports
+    assert probe_port(container(injected[0], "app"), container(injected[0], "app")["readinessProbe"]) == 8080
+    assert admitting_rules(injected, injected[0], 9900) == admitting_rules(injected, injected[0], 9901) != set()
+    assert served_ports(injected[0]) == [8080, 9090]
+    assert "forwards to app:8080, app:9090" in " ".join(describe_changes(objects, injected))
+
+
+def test_one_port_of_a_multi_port_service_is_injected_as_before():
+    objects = two_port_objects()
+    injected = roundtrip(objects, options=InjectOptions(image=OPTIONS.image, service_port="grpc"))
+    env = env_of(agent_of(injected[0]))
+    assert (env["INTERCEPT_LISTEN"], env["INTERCEPT_UPSTREAM"]) == ("0.0.0.0:9900", "127.0.0.1:9090")
+    assert service_reaches(injected, "orders", 0) == (8080, "app"), "the http port is left to the app"
+    assert served_ports(injected[0]) == [9090]
+
+
+def test_an_agent_in_front_of_one_port_refuses_another_until_injected_for_both():
+    objects = two_port_objects()
+    one = inject(objects, "orders", InjectOptions(image=OPTIONS.image, service_port="http"))
+    target = resolve(one, "orders", "grpc")
+    with pytest.raises(InjectError, match=r"already has an agent for container 'app' port 8080, and Service 'orders' "
+                                          r"port 9090 targets container 'app' port 9090; to put the agent in front of it too, "
+                                          r"start with every port it should serve and --reinject"):
+        check_serves(one[0], target)
+    both = inject(one, "orders", InjectOptions(image=OPTIONS.image, service_ports=("http", "grpc")))
+    check_serves(both[0], target)
+    assert restore(both) == objects
+
+
+def test_a_policy_change_for_any_port_is_refused_under_no_policy_changes():
+    objects = two_port_objects()
+    with pytest.raises(InjectError, match="NetworkPolicy/orders-in admits only the app's port 8080"):
+        inject(objects, "orders", InjectOptions(image=OPTIONS.image, service_ports=("http", "grpc"),
+                                                no_policy_changes=True))

@@ -411,3 +411,47 @@ def test_list_ignores_the_replicasets_of_deployments(cluster: Cluster) -> None:
     rows = list_services(cluster.api, NS)
     assert all(r["interceptable"] for r in rows), [r["reason"] for r in rows if not r["interceptable"]]
 
+
+
+# --------------------------------------------------------------------------- several ports
+
+def two_port_app() -> list[dict]:
+    """db: http (named targetPort) on 8080 and grpc (numeric) on 9090 of one container."""
+    labels = {"app": "db"}
+    workload = {
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "db"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": labels},
+                 "template": {"metadata": {"labels": labels},
+                              "spec": {"containers": [{"name": "db", "image": "example/db:1",
+                                                       "ports": [{"name": "http", "containerPort": 8080},
+                                                                 {"name": "grpc", "containerPort": 9090}]}]}}},
+    }
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db"},
+               "spec": {"selector": labels, "ports": [{"name": "http", "port": 80, "targetPort": "http"},
+                                                      {"name": "grpc", "port": 9090, "targetPort": 9090}]}}
+    return [service, workload]
+
+
+# stand-in: what was written, read back, and the refusal before any write.
+def test_a_start_for_more_ports_is_refused_and_with_reinject_the_agent_fronts_them_all(tmp_path: Path) -> None:
+    with KubeAPI() as server:
+        server.load(two_port_app())
+        cluster = Cluster(server, server.kubeconfig(tmp_path / "kubeconfig"))
+        before = cluster.snapshot()
+        first = cluster.ensure("db", InjectOptions(image=IMAGE, service_port="grpc"))
+        assert first.app_ports == (9090,)
+        assert inject.served_ports(cluster.get("Deployment", "db")) == [9090]
+
+        both = InjectOptions(image=IMAGE, service_ports=("http", "grpc"))
+        writes = len(server.writes())
+        with pytest.raises(InjectError, match=r"already has an agent for container 'db' port 9090, and Service 'db' "
+                                              r"port 80 targets container 'db' port 8080; .* --reinject"):
+            cluster.ensure("db", both)
+        assert len(server.writes()) == writes
+
+        info = cluster.ensure("db", InjectOptions(image=IMAGE, service_port="http"), reinject=True)
+        assert info.app_ports == (8080,)
+        assert inject.served_ports(cluster.get("Deployment", "db")) == [9090, 8080], "the port it served is kept"
+        assert cluster.ensure("db", both).app_ports == (8080, 9090)  # now in front of both: nothing to write
+        cluster.uninstall("db")
+        assert cluster.snapshot() == before

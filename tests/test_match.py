@@ -779,3 +779,26 @@ def test_a_table_of_a_hundred_developers_finds_each_one():
         got = table.match(b"GET", f"/dev{i}/x".encode(), lines)
         assert got is not None and got.holder == f"dev{i}"
     assert table.match(b"GET", b"/", [(b"host", b"x")]) is None
+
+
+def test_mirrors_take_nothing_never_conflict_and_are_all_listed_for_a_request():
+    from intercept.routing.match import Route, RouteTable, parse_rule
+
+    alice = Route(frozenset({parse_rule("header", "x-dev=alice")}))
+    table = RouteTable()
+    intercept = table.add("s1", "alice", alice)
+    bob = table.add("s2", "bob", alice, mirror=True)
+    carol = table.add("s3", "carol", Route(), mirror=True)  # all traffic, beside alice's route
+    assert table.add("s2", "bob", alice, mirror=True) is bob  # idempotent for its session
+    view = (b"GET", b"/", [(b"x-dev", b"alice")])
+    assert table.match(*view) is intercept
+    assert table.mirrors_matching(*view) == [bob, carol]
+    assert table.mirrors_matching(b"GET", b"/", []) == [carol]
+    assert b"x-dev" in table.names
+    bob.copied, bob.dropped = 3, 1
+    assert [(r["holder"], r.get("mirror"), r.get("copied"), r.get("dropped")) for r in table.snapshot()] == [
+        ("alice", None, None, None), ("bob", True, 3, 1), ("carol", True, 0, 0)]
+    assert table.routes_of("s2") == [] and table.get(bob.id) is bob
+    table.remove(bob.id)
+    assert table.remove_session("s3") == [carol]
+    assert not table.mirrors and table.match(*view) is intercept

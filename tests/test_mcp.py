@@ -93,6 +93,10 @@ def test_errors_come_back_as_tool_errors_with_the_clis_reason(agent, tmp_path):
             assert json.loads(hosted["body"])["headers"].count(["Host", "orders.test"]) == 1
             nul = await client.call_tool("start_intercept", {**direct, "port": free_port(), "command": ["app\x00"]})
             assert nul.is_error and "cannot run 'app\\x00': embedded null byte" in nul.content[0].text, nul.content[0].text
+            # port goes through the option table: [SERVICE_PORT:]LOCAL_PORT, a list for several
+            named = await client.call_tool("start_intercept", {**direct, "port": ["8080:3000", "grpc:5000"]})
+            assert named.is_error and "port grpc:5000: in direct mode (--agent) there is no Service to name the port " \
+                                      "'grpc'" in named.content[0].text, named.content[0].text
 
     asyncio.run(session())
 
@@ -127,5 +131,30 @@ def test_an_intercept_started_here_is_in_this_machines_registry_and_a_terminal_c
             assert ["X-App", "cluster"] in routed["headers"]  # the route went with it
             status = tool_result(await client.call_tool("status", {}))
             assert status["started_here"] == [] and status["this_machine"] == []
+
+    asyncio.run(session())
+
+
+def test_an_agent_mirrors_requests_while_the_app_answers_and_sees_the_counts(agent, local_app, tmp_path):
+    import time
+
+    direct = {"agent": agent.ssh, "credentials": str(agent.credentials)}
+
+    async def session() -> None:
+        async with Client(server(tmp_path)) as client:
+            started = tool_result(await client.call_tool("start_intercept", {
+                **direct, "port": local_app.port, "headers": ["x-dev=mcp-mirror"], "mirror": True}))
+            assert started["route"] == "copies of requests with x-dev: mcp-mirror"
+            answered = tool_result(await client.call_tool("send_request", {
+                **direct, "path": "/copied", "headers": {"x-dev": "mcp-mirror"}}))
+            assert ["X-App", "cluster"] in answered["headers"]
+            assert await asyncio.to_thread(local_app.wait_requests, 1) and local_app.requests[0]["target"] == "/copied"
+            deadline = time.monotonic() + 30
+            while True:  # the counts come with the intercept's next look at its agents
+                [mine] = tool_result(await client.call_tool("status", {}))["started_here"]
+                if mine["mirrored"]["copied"] == 1 or time.monotonic() > deadline:
+                    break
+            assert mine["mirrored"] == {"copied": 1, "dropped": 0}
+            await client.call_tool("stop_intercept", {"id": started["id"]})
 
     asyncio.run(session())

@@ -14,6 +14,7 @@ from intercept.protocol import BadRequest, Refusal
     "request_",
     [protocol.Hello(), protocol.Env(), protocol.ListRoutes(), protocol.Drain(), protocol.Resume(),
      protocol.Register([{"kind": "header", "name": "x-dev", "value": "alice"}], False), protocol.Unregister(7),
+     protocol.Register([{"kind": "header", "name": "x-dev", "value": "bob"}], False, mirror=True),
      protocol.SetClusterRoutes('{"updated": 1, "routes": []}', "c2lnbmF0dXJl")],
 )
 def test_every_request_reads_back_as_written(request_):
@@ -33,6 +34,7 @@ def test_every_request_reads_back_as_written(request_):
         (b'{"op": "unregister"}', "malformed unregister"),
         (b'{"op": "unregister", "id": "7"}', "id must be a number"),
         (b'{"op": "register", "rules": {}}', "rules must be a list"),
+        (b'{"op": "register", "rules": [], "all": true, "mirror": "yes"}', "mirror must be a boolean"),
         (b'{"op": "hello", "extra": 1}', "malformed hello"),
         (b'{"op": "cluster-routes", "document": {"updated": 1, "routes": []}}', "document must be the routes document's text"),
     ],
@@ -73,6 +75,7 @@ def test_a_version_1_agents_hello_says_what_it_lacks():
     lacks = old.lacks("check-outbound")
     assert lacks is not None and "intercept 0.0.9" in lacks and "'check-outbound'" in lacks
     assert "upgrade it" in lacks
+    assert old.ports == [] and "'ports'" in (old.lacks("ports") or ""), "an agent before several ports takes one"
 
 
 def test_a_refusal_and_garbage_come_back_as_refusals():
@@ -80,3 +83,17 @@ def test_a_refusal_and_garbage_come_back_as_refusals():
     assert refusal == protocol.Refusal("bad-request", "x")
     assert protocol.decode_reply(protocol.ListRoutes(), b"[1]").error == "bad-request"
     assert protocol.decode_reply(protocol.ListRoutes(), b"not json").error == "bad-request"
+
+
+def test_a_register_without_mirror_reads_as_an_agent_from_before_mirrors_would():
+    # mirror is written only when true: an older agent, which knows no such field, reads the rest as before
+    plain = json.loads(protocol.encode(protocol.Register([], True)))
+    assert plain == {"op": "register", "rules": [], "all": True, "ttl": None}
+    assert json.loads(protocol.encode(protocol.Register([], True, mirror=True)))["mirror"] is True
+    assert protocol.decode(b'{"op": "register", "rules": [], "all": true}') == protocol.Register([], True)
+
+
+def test_an_agent_without_mirrors_says_so():
+    older = protocol.HelloReply(agent_version="0.0.9", protocol=2, features=["check-outbound"])
+    assert "lacks 'mirror'" in older.lacks("mirror")
+    assert "mirror" in protocol.FEATURES

@@ -16,6 +16,7 @@ from intercept.spec import (
     OPTIONS,
     Forward,
     InterceptSpec,
+    Port,
     load_workspace,
     merge,
     parse_workspace,
@@ -74,7 +75,7 @@ def test_every_option_has_one_flag_and_one_variable_of_its_own():
 def test_nothing_given_but_a_service_gives_the_defaults():
     spec = merge(None, {}, {"service": "orders"})
     assert spec == InterceptSpec(service="orders")
-    assert spec.port == 8080 and spec.debug_port == 5678
+    assert spec.local_port == 8080 and spec.debug_port == 5678
     assert spec.watch == () and spec.headers == () and spec.all is False
     assert dict(spec.origins).keys() == {"service"}
 
@@ -127,12 +128,74 @@ def test_typed_values():
         "service": "orders", "port": "3000", "service_port": "80", "forward": ("redis:6379", "pg.db:5432:15432"),
         "kubeconfig": Path("/k"), "all": True,
     })
-    assert spec.port == 3000 and spec.service_port == 80
+    assert spec.local_port == 3000 and spec.service_port == 80
     assert spec.forward == (Forward("redis", 6379, 6379), Forward("pg.db", 5432, 15432))
     assert [str(f) for f in spec.forward] == ["redis:6379", "pg.db:5432:15432"]
     assert spec.kubeconfig == Path("/k")
     assert merge(None, {}, {"service": "orders", "service_port": "http"}).service_port == "http"
     assert merge(None, {}, {"agent": "[::1]:9922", "credentials": "c.json"}).agent_address == ("::1", 9922)
+
+
+@pytest.mark.parametrize(("given", "expected"), [
+    ("8080", Port(None, 8080)),
+    (8080, Port(None, 8080)),
+    ("9090:5000", Port(9090, 5000)),
+    ("grpc:5000", Port("grpc", 5000)),
+])
+def test_port_takes_a_local_port_after_an_optional_service_port(given, expected):
+    assert merge(None, {}, {"service": "orders", "port": given}).port == (expected,)
+
+
+def test_several_ports_each_to_its_own_local_port_in_every_spelling():
+    from_flags = merge(None, {}, {"service": "orders", "port": ("http:3000", "9090:5000")})
+    from_env = merge(None, {"INTERCEPT_PORT": "http:3000 9090:5000"}, {"service": "orders"})
+    from_file = one("version: 1\nintercepts:\n  - service: orders\n    port: [http:3000, 9090:5000]\n")
+    for spec in (from_flags, from_env, from_file):
+        assert spec.port == (Port("http", 3000), Port(9090, 5000))
+        assert spec.local_port == 3000
+    assert to_args(from_flags) == ["orders", "--port", "http:3000", "--port", "9090:5000"]
+    assert from_flags.to_dict()["port"] == ["http:3000", "9090:5000"]
+    # read as written: YAML 1.1 would read 80:30 as the sexagesimal number 4830
+    assert one("version: 1\nintercepts:\n  - service: orders\n    port: 80:30\n").port == (Port(80, 30),)
+
+
+def test_a_port_without_service_port_takes_the_service_port_option():
+    spec = merge(None, {}, {"service": "orders", "port": "3000", "service_port": "grpc"})
+    assert spec.ports() == (Port("grpc", 3000),)
+    assert merge(None, {}, {"service": "orders"}).ports() == (Port(None, 8080),)
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    ({"port": "grpc"}, "--port grpc: not a port number; to take the Service port named grpc, add the local port: "
+                       "--port grpc:LOCAL_PORT, e.g. --port grpc:3000"),
+    ({"port": "grpc:"}, "--port grpc:: '' is not a local port; write SERVICE_PORT:LOCAL_PORT with LOCAL_PORT a number "
+                        "from 1 to 65535, e.g. --port grpc:5000 or --port 9090:5000"),
+    ({"port": "9090:70000"}, "--port 9090:70000: '70000' is not a local port"),
+    ({"port": "Bad_Name:5000"}, "--port Bad_Name:5000: 'Bad_Name' is not a Service port; write SERVICE_PORT:LOCAL_PORT "
+                                "with SERVICE_PORT the Service port's number (1 to 65535) or name, e.g. --port grpc:5000"),
+    ({"port": "1:2:3"}, "--port 1:2:3: '1:2' is not a Service port"),
+    ({"port": ("3000", "grpc:5000")}, "--port 3000: with several ports, name the Service port each one takes "
+                                      "(SERVICE_PORT:LOCAL_PORT), e.g. --port http:3000 --port grpc:5000"),
+    ({"port": ("http:3000", "grpc:3000")}, "--port http:3000 and grpc:3000: the local port 3000 twice; "
+                                           "give each Service port its own local port"),
+    ({"port": ("http:3000", "http:3001")}, "--port http:3000 and http:3001: the Service port http twice"),
+    ({"port": ("http:3000", "grpc:5000"), "service_port": "http"},
+     "--service-port picks the Service port of a --port without one, but each names its own; drop --service-port"),
+    ({"port": ("http:3000",), "debug": True, "debug_port": 3000, "command": ["a"]},
+     "--debug-port 3000 is also the local port (--port)"),
+])
+def test_a_bad_port_names_the_flag_and_the_fix(flags, expected):
+    with pytest.raises(SpecError) as caught:
+        merge(None, {}, {"service": "orders", **flags})
+    assert str(caught.value).startswith(expected), str(caught.value)
+
+
+def test_in_direct_mode_a_port_is_named_by_its_number():
+    spec = merge(None, {}, {"agent": "10.0.0.7:9922", "credentials": "c.json", "port": ("8080:3000", "9090:5000")})
+    assert spec.port == (Port(8080, 3000), Port(9090, 5000))
+    with pytest.raises(SpecError, match=r"--port grpc:5000: in direct mode \(--agent\) there is no Service to name the "
+                                        r"port 'grpc'; write the number of the app's port"):
+        merge(None, {}, {"agent": "10.0.0.7:9922", "credentials": "c.json", "port": ("8080:3000", "grpc:5000")})
 
 
 def test_the_route_rules_come_from_the_rule_options():
@@ -213,7 +276,7 @@ def test_the_intercept_beats_the_top_level_which_beats_the_default():
 
 def test_env_beats_the_file():
     spec = one(LAYERED, {"INTERCEPT_NAMESPACE": "env", "INTERCEPT_PORT": "4000", "INTERCEPT_NAME": "env-name"})
-    assert (spec.namespace, spec.port, spec.name) == ("env", 4000, "env-name")
+    assert (spec.namespace, spec.local_port, spec.name) == ("env", 4000, "env-name")
     assert spec.headers == ("x-dev=file",)
     assert spec.origins["port"].label == "INTERCEPT_PORT"
 
@@ -222,9 +285,9 @@ def test_flags_beat_env_and_file():
     ws = workspace(LAYERED, {"INTERCEPT_PORT": "4000", "INTERCEPT_HEADER": "x-dev=env"})
     env = {"INTERCEPT_PORT": "4000", "INTERCEPT_HEADER": "x-dev=env"}
     (spec,) = resolve_workspace(ws, env, {"port": 5000}).intercepts
-    assert spec.port == 5000 and spec.headers == ("x-dev=env",)
+    assert spec.local_port == 5000 and spec.headers == ("x-dev=env",)
     (spec,) = resolve_workspace(ws, env, {"headers": ("x-dev=flag",)}).intercepts
-    assert spec.port == 4000 and spec.headers == ("x-dev=flag",)
+    assert spec.local_port == 4000 and spec.headers == ("x-dev=flag",)
     assert spec.origins["headers"].label == "--header"
 
 
@@ -247,14 +310,14 @@ intercepts:
   - {service: cart, port: 8081}
 """, {"INTERCEPT_NAME": "alice"})
     merged = resolve_workspace(ws, {}, {"namespace": "shop"})
-    assert [(s.service, s.port, s.name, s.namespace) for s in merged.intercepts] == [
+    assert [(s.service, s.local_port, s.name, s.namespace) for s in merged.intercepts] == [
         ("orders", 8080, "alice", "shop"), ("cart", 8081, "alice", "shop")]
 
 
 def test_null_and_empty_variables_count_as_unset():
     spec = one("version: 1\nnamespace: top\nintercepts:\n  - {service: orders, namespace: ~, port: null}\n",
                {"INTERCEPT_NAME": "", "INTERCEPT_PORT": ""})
-    assert spec.namespace == "top" and spec.port == 8080 and spec.name is None
+    assert spec.namespace == "top" and spec.local_port == 8080 and spec.name is None
 
 
 # --- watch -----------------------------------------------------------------------------
@@ -392,7 +455,8 @@ def test_an_intercept_option_at_the_top_level_is_sent_under_intercepts():
 
 
 @pytest.mark.parametrize(("line", "expected"), [
-    ("port: abc", "intercept.yaml:4: intercepts[0].port 'abc': not a port number; write a number from 1 to 65535, e.g. port: 3000"),
+    ("port: abc", "intercept.yaml:4: intercepts[0].port 'abc': not a port number; to take the Service port named abc, add the local port: port: abc:LOCAL_PORT, e.g. port: abc:3000"),
+    ("port: 3.5", "intercept.yaml:4: intercepts[0].port '3.5': not a port number; write a number from 1 to 65535, e.g. port: 3000, or SERVICE_PORT:LOCAL_PORT, e.g. port: grpc:5000"),
     ("port: 70000", "intercept.yaml:4: intercepts[0].port '70000': not a port number"),
     ("debug_port: true", "intercept.yaml:4: intercepts[0].debug_port 'true': not a port number"),
     ("headers: [x dev=alice]", "intercept.yaml:4: intercepts[0].headers[0] 'x dev=alice': header name 'x dev' is not a valid HTTP token; write NAME=VALUE, e.g. headers: x-dev=alice"),
@@ -404,7 +468,8 @@ def test_an_intercept_option_at_the_top_level_is_sent_under_intercepts():
     ("agent: nohost", "intercept.yaml:4: intercepts[0].agent 'nohost': expected HOST:PORT"),
     ("forward: [redis]", "intercept.yaml:4: intercepts[0].forward[0] 'redis': expected SERVICE:PORT or SERVICE:PORT:LOCAL_PORT"),
     ("name: two words", "intercept.yaml:4: intercepts[0].name 'two words': not visible ASCII without spaces"),
-    ("port: [1, 2]", "intercept.yaml:4: intercepts[0].port: expected one value, got a list; e.g. port: 3000"),
+    ("port: [http:3000, 'grpc:']", "intercept.yaml:4: intercepts[0].port[1] 'grpc:': '' is not a local port; write SERVICE_PORT:LOCAL_PORT with LOCAL_PORT a number from 1 to 65535, e.g. port: grpc:5000 or port: 9090:5000"),
+    ("port: {http: 3000}", "intercept.yaml:4: intercepts[0].port: expected a list, got a mapping"),
     ("command: {python: app.py}", "intercept.yaml:4: intercepts[0].command: expected a list, got a mapping"),
 ])
 def test_a_bad_value_names_the_file_the_line_the_key_and_the_fix(line, expected):
@@ -422,7 +487,8 @@ def test_a_list_item_error_points_at_the_item_line():
 def test_a_bad_variable_names_the_variable_and_the_fix():
     with pytest.raises(SpecError) as caught:
         merge(None, {"INTERCEPT_PORT": "http"}, {"service": "orders"})
-    assert str(caught.value) == "INTERCEPT_PORT=http: not a port number; write a number from 1 to 65535, e.g. INTERCEPT_PORT=3000"
+    assert str(caught.value) == ("INTERCEPT_PORT=http: not a port number; to take the Service port named http, "
+                                 "add the local port: INTERCEPT_PORT=http:LOCAL_PORT, e.g. INTERCEPT_PORT=http:3000")
     with pytest.raises(SpecError) as caught:
         merge(None, {"INTERCEPT_HEADER": "x-dev=a 'x team=b'"}, {"service": "orders"})
     assert str(caught.value).startswith("INTERCEPT_HEADER='x-dev=a '\"'\"'x team=b'\"'\"'' (word 2, 'x team=b'): header name 'x team'")

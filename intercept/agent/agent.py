@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib
 import ipaddress
 import logging
@@ -41,24 +42,26 @@ LOGIN_TIMEOUT = 10.0  # seconds an SSH connection may take to log in
 
 
 class Agent:
-    """Serves HTTP on ``config.listen``: each request to the upstream, or to the developer whose route it matches."""
+    """Serves HTTP on each ``config.listen`` (a :class:`Front` per listener): each request to
+    that listener's upstream, or to the developer whose route it matches."""
 
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.credentials = credentials.load_or_create(config.credentials)
         self.routes = RouteTable()
-        self.pool = UpstreamPool()
-        self.h2 = LazyHub(self)
         self.connections: weakref.WeakSet[ClientConnection] = weakref.WeakSet()
         self.forwarded_headers = config.forwarded_headers
         self.max_connections = config.max_connections
         self.fresh_connections = 0
+        self.mirror_channels: collections.Counter[int] = collections.Counter()  # intercept.agent.mirror
         self.fence = config.fence
         self.files = ServedFiles([*config.mounts, *parse_serve_files(config.serve_files)])
+        self.fronts = [Front(self, i, listen, upstream) for i, (listen, upstream) in enumerate(config.fronts)]
+        self.pool = self.fronts[0].pool  # the first listener's, as before there were several
+        self.h2 = self.fronts[0].h2
         self._sweeper: asyncio.Task[None] | None = None
         self.sessions: dict[str, sshd.DeveloperSession] = {}
         self.logging_in: dict[sshd.DeveloperSession, None] = {}  # not logged in yet, oldest first
-        self._http: asyncio.Server | None = None
         self._ssh_socket: socket.socket | None = None  # bound at start; asyncssh takes it with the first developer
         self._ssh_address: tuple[str, int] = ("", 0)
         self._ssh: asyncssh.SSHAcceptor | None = None
@@ -87,17 +90,20 @@ class Agent:
         seen_developers = self._look_at_developers_file(developers, None) if developers is not None else None
         self._ssh_socket = _listening_socket(*self.config.ssh_listen)
         self._ssh_address = self._ssh_socket.getsockname()[:2]
-        host, port = self.config.listen
         try:
-            self._http = await loop.create_server(lambda: ClientConnection(self), host, port, backlog=1024,
-                                                  reuse_address=True)
+            for front in self.fronts:
+                await front.start()
         except BaseException:
+            for front in self.fronts:
+                front.close()
             self._close_ssh_socket()
             raise
         loop.add_reader(self._ssh_socket.fileno(), self._first_developer)
         self._sweeper = loop.create_task(self._expire_waiting())
         self._routes_follower = loop.create_task(self._follow_routes_file(seen, seen_developers))
-        log.info("agent %s: http %s, ssh %s, upstream %s", __version__, self.http_address, self.ssh_address, self.config.upstream)
+        for front in self.fronts:
+            log.info("agent %s: http %s, ssh %s, upstream %s", __version__, front.http_address, self.ssh_address,
+                     front.upstream)
 
     def _first_developer(self) -> None:
         """A connection waits on the SSH port: start asyncssh's server on it (the import in a thread,
@@ -136,7 +142,12 @@ class Agent:
 
     @property
     def http_address(self) -> tuple[str, int]:
-        return self._http.sockets[0].getsockname()[:2]
+        """The first listener's address."""
+        return self.fronts[0].http_address
+
+    def front_of(self, port: int) -> Front | None:
+        """The listener that forwards to the app's port ``port``, if any."""
+        return next((f for f in self.fronts if f.port == port), None)
 
     @property
     def ssh_address(self) -> tuple[str, int]:
@@ -166,10 +177,8 @@ class Agent:
             self._close_ssh_socket()
         for session in list(self.sessions.values()):
             session.conn.close()
-        if self._http is not None:
-            self._http.close()
-        self.pool.close()
-        self.h2.close()
+        for front in self.fronts:
+            front.close()
 
     @staticmethod
     def pod_environment() -> dict[str, str]:
@@ -181,16 +190,18 @@ class Agent:
 
     def hello(self) -> protocol.HelloReply:
         """What the agent says of itself: versions, what it knows, its settings and state."""
-        host, port = self.config.upstream
+        host, port = self.fronts[0].upstream
         return protocol.HelloReply(
             agent_version=__version__, protocol=protocol.PROTOCOL_VERSION, rule_kinds=list(protocol.RULE_KINDS),
-            features=list(protocol.FEATURES), upstream=f"{host}:{port}", hold_timeout=self.config.hold_timeout,
+            features=list(protocol.FEATURES), upstream=f"{host}:{port}", ports=[f.port for f in self.fronts],
+            hold_timeout=self.config.hold_timeout,
             outbound=self.config.allow_outbound, fence=self.fence.to_json(), files=describe_files(self.files),
-            tls_connections=self.h2.tls_seen,
+            tls_connections=sum(f.h2.tls_seen for f in self.fronts),
             # for intercept gc: how long neither a route has been held nor a session reached the cluster through
             # this pod (intercept connect); a session that only asks, as gc does, is no use
-            idle_seconds=0.0 if self.routes.held or any(s.reaching for s in self.sessions.values())
+            idle_seconds=0.0 if self.routes.held or self.routes.mirrors or any(s.reaching for s in self.sessions.values())
             else round(time.monotonic() - self._last_busy, 1),
+            reaching=sorted(s.name for s in self.sessions.values() if s.reaching),
             resolver=_resolver_text())
 
     def fence_of(self, session: sshd.DeveloperSession) -> dict[str, Any]:
@@ -226,11 +237,13 @@ class Agent:
             log.info("dropped route %s of %s (%s)", route.route.describe(), session.name, exc or "connection closed")
             self._last_busy = time.monotonic()  # gc's idle time counts from the last route
         self._routes_removed()
-        self.h2.session_closed(session.id, session.name)
+        for front in self.fronts:
+            front.h2.session_closed(session.id, session.name)
 
     def register(self, session: sshd.DeveloperSession, rules: list[dict[str, Any]], all_traffic: bool,
-                 ttl: float | None = None) -> RegisteredRoute:
-        """Hold a developer's route for ``session``; with ``ttl`` (seconds) it ends by itself then."""
+                 ttl: float | None = None, *, mirror: bool = False) -> RegisteredRoute:
+        """Hold a developer's route for ``session``; with ``ttl`` (seconds) it ends by itself then.
+        A ``mirror`` takes nothing: the session gets a copy of each matching request."""
         if not session.forwarding:
             from intercept.agent.sshd import FORWARD_HOST, FORWARD_PORT  # loaded: a session calls this
 
@@ -241,6 +254,11 @@ class Agent:
         if ttl is not None and not ttl > 0:
             raise UsageError(f"ttl {ttl!r}: it must be a positive number of seconds")
         expires = time.time() + ttl if ttl is not None else None
+        if mirror:
+            registered = self.routes.add(session.id, session.name, route, expires=expires, mirror=True)
+            log.info("mirror of %s registered by %s", route.describe(), session.name)
+            self.h2.routes_changed()
+            return registered
         registered = self.routes.adopt(PENDING_PREFIX + session.name, session.id, route, expires=expires)
         if registered is not None:  # the route this pod knew from the developers file: requests held for it go on
             log.info("route %s taken over by %s's session", route.describe(), session.name)
@@ -248,29 +266,27 @@ class Agent:
         else:
             registered = self.routes.add(session.id, session.name, route, expires=expires)
             log.info("route %s registered by %s", route.describe(), session.name)
-        self.h2.routes_changed()
+        self._tell_routes_changed()
         return registered
 
     def unregister(self, session: sshd.DeveloperSession, route_id: int) -> None:
         route = self.routes.get(route_id)  # a lookup: serializing the table for this cost 22 µs with 10 routes
         if route is not None and route.session_id == session.id:
             self.routes.remove(route_id)
-            log.info("route %s unregistered by %s", route.route.describe(), session.name)
+            log.info("%s %s unregistered by %s", "mirror of" if route.mirror else "route", route.route.describe(),
+                     session.name)
             self._last_busy = time.monotonic()
             self._routes_removed()
+
+    def _tell_routes_changed(self) -> None:
+        for front in self.fronts:
+            front.h2.routes_changed()
 
     # -- destinations for the proxy --------------------------------------------------------
 
     async def open_upstream(self, owner: ClientConnection) -> Link:
-        link = self.pool.take(owner)
-        if link is not None:
-            return link
-        host, port = self.config.upstream
-        try:
-            _, link = await asyncio.get_running_loop().create_connection(lambda: TCPLink(owner), host, port)
-        except OSError as e:
-            raise Unavailable(f"upstream {host}:{port} is unreachable: {e.strerror or e}") from None
-        return link
+        """A link to the first listener's upstream (:meth:`Front.open_upstream`)."""
+        return await self.fronts[0].open_upstream(owner)
 
     def _routes_removed(self) -> None:
         """Wake every request waiting for a route: if its route went, it is routed again now."""
@@ -287,7 +303,7 @@ class Agent:
     def _still_held(self, route: RegisteredRoute) -> bool:
         return route.session_id in self.sessions and self.routes.holds(route)
 
-    async def open_developer(self, route: RegisteredRoute, owner: ClientConnection) -> Link:
+    async def open_developer(self, route: RegisteredRoute, owner: ClientConnection, front: Front | None = None) -> Link:
         """A channel to the developer of ``route``; held up to the hold timeout while their process does not accept.
 
         Raises :class:`RouteGone` as soon as ``route`` leaves the table while the request
@@ -297,7 +313,9 @@ class Agent:
         app, or to whoever matches now. Raises :class:`Unavailable` (the 502's text, with the
         time really held) when the hold timeout passes with the route still there.
 
-        A sandbox's route goes to its cluster destination instead (:meth:`_open_fork`)."""
+        A sandbox's route goes to its cluster destination instead (:meth:`_open_fork`).
+        ``front`` is the listener the request came to (None: the first): the channel is
+        opened for that port of the developer's (:meth:`DeveloperSession.open_channel`)."""
         if route.destination is not None:
             return await self._open_fork(route, owner)
         if route.session_id.startswith(PENDING_PREFIX):
@@ -314,7 +332,7 @@ class Agent:
             if loop.time() > deadline:
                 raise Unavailable(f"intercept of {route.holder} failed: {reason} (held {loop.time() - started:.1f}s)")
             session = self.sessions[route.session_id]
-            opening = asyncio.ensure_future(session.open_channel(owner))
+            opening = asyncio.ensure_future(session.open_channel(owner, front or self.fronts[0]))
             while not opening.done():
                 await asyncio.wait({opening, self._next_removal()}, return_when=asyncio.FIRST_COMPLETED)
                 if not opening.done() and not self._still_held(route):
@@ -335,6 +353,21 @@ class Agent:
             removal = self._next_removal()
             await asyncio.wait({removal}, timeout=delay)
             delay = min(delay * 2, 0.25)
+
+    async def open_mirror(self, route: RegisteredRoute, owner: Any, front: Front) -> Link:
+        """A channel to the developer of mirror ``route``, for copies; :class:`Unavailable` when
+        it cannot be had (at once: a copy never waits as an intercepted request does)."""
+        session = self.sessions.get(route.session_id)
+        if session is None or not self.routes.holds(route):
+            raise Unavailable(f"{route.holder} is no longer connected")
+        import asyncssh  # loaded already: a session exists
+
+        try:
+            return await session.open_channel(owner, front)
+        except asyncssh.ChannelOpenError as e:
+            raise Unavailable(f"{route.holder}'s process cannot take a copy: {e.reason}") from None
+        except (asyncssh.Error, OSError) as e:
+            raise Unavailable(f"the connection to {route.holder}'s machine failed ({e})") from None
 
     async def _await_developer(self, route: RegisteredRoute) -> None:
         """Hold a request matching the pending route of a developer whose session has not
@@ -395,7 +428,7 @@ class Agent:
         if not verdict.allowed:
             raise Unavailable(f"{route.holder} failed: its fork {verdict.reason}")
         passed = addresses if verdict.addresses is None else list(verdict.dial)  # as judged (fence.Verdict.dial)
-        own_ports = {self.http_address[1], self.ssh_address[1]}
+        own_ports = {*(f.http_address[1] for f in self.fronts), self.ssh_address[1]}
         kept = [a for a in passed if not (port in own_ports and _reaches_this_pod(a))]
         if not kept:
             raise Unavailable(f"{route.holder} failed: its destination {host}:{port} is this agent's own listener")
@@ -437,7 +470,7 @@ class Agent:
             except RouteConflict as e:
                 refused.append(f"{route.holder}: {e}")
                 log.warning("%s", refused[-1])
-        self.h2.routes_changed()
+        self._tell_routes_changed()
         log.info("cluster routes of %s applied: %s", document.updated, ", ".join(sorted(applied)) or "none")
         return {"applied": sorted(applied), "refused": refused}
 
@@ -460,7 +493,7 @@ class Agent:
                 self.routes.add(entry.session_id, entry.name, entry.route, expires=entry.expires)
             except RouteConflict as e:
                 log.warning("pending route of %s not held: %s", entry.name, e)
-        self.h2.routes_changed()
+        self._tell_routes_changed()
 
     async def _follow_routes_file(self, seen: tuple[str, float, int] | None,
                                   seen_developers: tuple[str, float, int] | None = None) -> None:
@@ -523,14 +556,141 @@ def _look_at_file(path: Path, seen: tuple[str, float, int] | None, apply: Any,
     return current
 
 
+class Front:
+    """One HTTP listener of the agent and the app port behind it (a ``--listen`` and its
+    ``--upstream``): the destinations its connections use (:class:`~intercept.agent.proxy.Destinations`).
+
+    Its upstream pool and HTTP/2 hub are its own; the routes, sessions, limits and the
+    connections the sweeper expires are the agent's. A developer names a front by its app
+    port (``port``). A route holds on every front, but a request that matches it here goes
+    to the developer only if their session takes this port (:meth:`takes`); else to the app,
+    as if the route were not there: who intercepts HTTP alone leaves gRPC to the cluster."""
+
+    def __init__(self, agent: Agent, index: int, listen: tuple[str, int], upstream: tuple[str, int]) -> None:
+        self.agent = agent
+        self.index = index
+        self.listen = listen
+        self.upstream = upstream
+        self.port = upstream[1]
+        self.pool = UpstreamPool()
+        self.h2 = LazyHub(self)
+        # one front: every session that forwards takes it, so the table itself (nothing added to the hot path)
+        self.routes: Any = agent.routes if len(agent.config.listen) == 1 else _FrontRoutes(self)
+        self._http: asyncio.Server | None = None
+
+    # what connections read of the agent, shared by every front
+    @property
+    def connections(self) -> weakref.WeakSet[ClientConnection]:
+        return self.agent.connections
+
+    @property
+    def forwarded_headers(self) -> bool:
+        return self.agent.forwarded_headers
+
+    @property
+    def max_connections(self) -> int:
+        return self.agent.max_connections
+
+    @property
+    def config(self) -> Any:
+        return self.agent.config
+
+    @property
+    def mirror_channels(self) -> collections.Counter[int]:
+        return self.agent.mirror_channels
+
+    @property
+    def fresh_connections(self) -> int:
+        return self.agent.fresh_connections
+
+    @fresh_connections.setter
+    def fresh_connections(self, value: int) -> None:
+        self.agent.fresh_connections = value
+
+    async def start(self) -> None:
+        host, port = self.listen
+        self._http = await asyncio.get_running_loop().create_server(lambda: ClientConnection(self), host, port,
+                                                                    backlog=1024, reuse_address=True)
+
+    @property
+    def http_address(self) -> tuple[str, int]:
+        return self._http.sockets[0].getsockname()[:2]
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.close()
+        self.pool.close()
+        self.h2.close()
+
+    def takes(self, route: RegisteredRoute) -> bool:
+        """Whether a request to this front that matches ``route`` goes where the route says."""
+        if route.destination is not None:  # a sandbox's fork: reached on its Service's one port
+            return self.index == 0
+        session = self.agent.sessions.get(route.session_id)
+        # a route whose session is not (or no longer) here: open_developer holds or routes it again
+        return session is None or session.takes(self)
+
+    async def open_upstream(self, owner: ClientConnection) -> Link:
+        link = self.pool.take(owner)
+        if link is not None:
+            return link
+        host, port = self.upstream
+        try:
+            _, link = await asyncio.get_running_loop().create_connection(lambda: TCPLink(owner), host, port)
+        except OSError as e:
+            raise Unavailable(f"upstream {host}:{port} is unreachable: {e.strerror or e}") from None
+        return link
+
+    async def open_developer(self, route: RegisteredRoute, owner: ClientConnection) -> Link:
+        return await self.agent.open_developer(route, owner, self)
+
+    async def open_mirror(self, route: RegisteredRoute, owner: Any) -> Link:
+        return await self.agent.open_mirror(route, owner, self)
+
+
+class _FrontRoutes:
+    """The agent's route table as one front sees it: a match whose session does not take the
+    front's port is no match (the request goes to the app). Everything else is the table's."""
+
+    def __init__(self, front: Front) -> None:
+        self._front = front
+        self._table = front.agent.routes
+
+    def match(self, method: bytes, target: bytes, headers: Any) -> RegisteredRoute | None:
+        route = self._table.match(method, target, headers)
+        return route if route is None or self._front.takes(route) else None
+
+    @property
+    def mirrors(self) -> tuple[RegisteredRoute, ...]:
+        """The mirrors whose sessions take this front's port."""
+        return tuple(r for r in self._table.mirrors if self._front.takes(r))
+
+    def mirrors_matching(self, method: bytes, target: bytes, headers: Any) -> list[RegisteredRoute]:
+        return [r for r in self._table.mirrors_matching(method, target, headers) if self._front.takes(r)]
+
+    @property
+    def held(self) -> Any:
+        return self._table.held
+
+    @property
+    def names(self) -> Any:
+        return self._table.names
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._table, name)
+
+
 class LazyHub:
     """The HTTP/2 path (:class:`intercept.agent.h2proxy.Hub`), imported and built with the
     first HTTP/2 connection: an agent that never sees one does not load the h2 stack
     (about 5 MB of its idle RSS and a tenth of its start-up). Until then there is no
     HTTP/2 state, so route and session changes have nothing to tell it."""
 
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, agent: Front) -> None:
+        self.agent = agent  # what the hub takes its routes, upstream and developers from
         self.hub: Any = None
         self.tls_seen = 0  # connections that began with a TLS record (counted by the listener)
 

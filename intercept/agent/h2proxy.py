@@ -29,7 +29,8 @@ Invariants:
   (:data:`~intercept.routing.h2codec.SHARED_CONNECTION_WINDOW`), so streams whose client
   does not read cannot stall the other clients' streams on it; what one client connection
   leaves unread is bounded by :data:`HELD_LIMIT`, past which the stream that passes it is
-  reset (ENHANCE_YOUR_CALM).
+  reset (ENHANCE_YOUR_CALM), and what all of them leave by :data:`AGENT_HELD_LIMIT`, past
+  which the connection that leaves most has its streams reset (ENHANCE_YOUR_CALM).
 - A pool respects its peer's SETTINGS_MAX_CONCURRENT_STREAMS: a stream waits for room
   or for another connection; it is never failed for lack of room.
 - A stream whose developer cannot be reached is held up to the hold timeout, then
@@ -39,7 +40,11 @@ Invariants:
   specification names, on its connection only.
 - A client connection counts against ``--max-connections`` until one of its streams has
   completed (as on HTTP/1.1, until an exchange has), and is closed once it has had no
-  stream open for ``--header-timeout`` (:meth:`ClientSide.expire`).
+  stream open for ``--header-timeout`` (:meth:`ClientSide.expire`). A stream whose request
+  is still open and that moves nothing either way for ``--header-timeout`` is reset
+  (CANCEL, :meth:`Downstream.expire`); one whose response was sent whole while its request
+  is still open is reset NO_ERROR (RFC 9113 section 8.1); a stream waits for room in a
+  pool up to the hold timeout. So no stream holds a place, or an app's stream, for ever.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from intercept.agent.h2mirror import MirrorConnection, StreamCopy
 from intercept.agent.proxy import ClientConnection, RouteGone, TCPLink, Unavailable
 from intercept.routing import h2codec
 from intercept.routing.h2 import (
@@ -77,9 +83,13 @@ log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 8  # per pool; beyond, streams wait for room
 READY_TIMEOUT = 10.0  # for a new upstream connection's SETTINGS
+LINGER = 1.0  # after a GOAWAY that closes a connection: how long what the client still sends is read
 # Response bytes one client connection may leave unread in the agent (each stream holds at
-# most its window, STREAM_WINDOW): sixteen streams' worth.
-HELD_LIMIT = 16 * h2codec.STREAM_WINDOW
+# most its window, STREAM_WINDOW): four streams' worth.
+HELD_LIMIT = 4 * h2codec.STREAM_WINDOW
+# Response bytes all clients together may leave unread in the agent: past it, the client
+# connection that leaves most has its streams reset (the agent's memory limit is 128 Mi).
+AGENT_HELD_LIMIT = 32 << 20
 
 _SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
 
@@ -93,11 +103,14 @@ class Hub:
     """
 
     def __init__(self, agent: Any) -> None:
-        self.agent = agent  # routes, config, open_developer
+        self.agent = agent  # the front (intercept.agent.agent.Front): routes, upstream, open_developer
         self.app = Pool(self, None)
         self.developers: dict[str, Pool] = {}
+        self.mirrors: dict[int, MirrorConnection] = {}  # by mirror route id (intercept.agent.h2mirror)
         self.relays: weakref.WeakSet[Relay] = weakref.WeakSet()
         self.dirty: set[Downstream | UpConnection] = set()
+        self.downstreams: set[Downstream] = set()  # open client connections (terminated)
+        self.held = 0  # response bytes held for all of them (the sum of their ``held``)
         self.upstream_h2: bool | None = None  # does the app speak h2c? (learnt from its first connection)
         self._probe: asyncio.Task[bool | None] | None = None
 
@@ -110,10 +123,10 @@ class Hub:
         request ``upgrade`` with its ``HTTP2-Settings`` value (``original``: that request's
         bytes and what followed, to give the connection back to HTTP/1.1 if need be).
         ``fresh``: it holds a place among the listener's fresh connections."""
-        proto: ClientSide
+        proto: TakenConnection
         if upgrade is not None and self.upstream_h2 is None:
             proto = UpgradeProbe(self, fresh, upgrade, settings, data, original)
-        elif upgrade is None and not len(self.agent.routes):
+        elif upgrade is None and not len(self.agent.routes) and not self.agent.routes.mirrors:
             proto = Relay(self, fresh)
         else:
             proto = Downstream(self, fresh, upgrade, settings)
@@ -149,7 +162,7 @@ class Hub:
                 self._probe = None
 
     async def _probe_once(self) -> bool | None:
-        host, port = self.agent.config.upstream
+        host, port = self.agent.upstream
         codec = new_codec(client=True)
         codec.start()
         try:
@@ -172,7 +185,7 @@ class Hub:
 
     def routes_changed(self) -> None:
         """A route was registered: relayed connections must start being routed."""
-        if len(self.agent.routes):
+        if len(self.agent.routes) or self.agent.routes.mirrors:
             for relay in list(self.relays):
                 relay.convert()
 
@@ -197,6 +210,38 @@ class Hub:
             pool = self.developers[route.session_id] = Pool(self, route.session_id)
         pool.attach(stream)
 
+    def copy(self, stream: Stream) -> None:
+        """Start a copy of ``stream`` for each mirror it matches (its own routing is done)."""
+        routes = self.agent.routes
+        if not routes.mirrors:
+            return
+        matching = routes.mirrors_matching(*request_view(stream.headers))
+        if not matching:
+            return
+        headers = stream.headers + stream.down.forwarded if stream.down.forwarded else stream.headers
+        copies = []
+        for route in matching:
+            conn = self.mirrors.get(route.id)
+            if conn is None or not conn.accepting:
+                conn = self.mirrors[route.id] = MirrorConnection(self, route)
+            copy = conn.begin(headers, stream.req_ended)
+            if copy is not None:
+                copies.append(copy)
+        stream.copies = copies or None
+
+    def mirror_gone(self, conn: MirrorConnection) -> None:
+        """``conn`` takes no new copies: the next copy of its mirror opens another connection."""
+        if self.mirrors.get(conn.route.id) is conn:
+            del self.mirrors[conn.route.id]
+
+    def over_budget(self) -> None:
+        """More than :data:`AGENT_HELD_LIMIT` is held for clients: the connection that
+        leaves most unread loses its streams that hold bytes, until under the limit."""
+        while self.held > AGENT_HELD_LIMIT:
+            down = max(self.downstreams, key=lambda d: d.held, default=None)
+            if down is None or not down.held or not down.shed():
+                return
+
     def flush(self) -> None:
         while self.dirty:
             self.dirty.pop().flush()
@@ -214,7 +259,8 @@ class Stream:
     __slots__ = (
         "down", "sid", "headers", "grpc", "route", "up", "up_id", "pool",
         "to_up", "req_ended", "req_trailers", "sent_end_up", "got_end_up",
-        "to_down", "resp_started", "resp_ended", "resp_trailers", "sent_end_down", "dead",
+        "to_down", "resp_started", "resp_ended", "resp_trailers", "sent_end_down", "dead", "copies",
+        "moved", "stall", "wait_timer",
     )
 
     def __init__(self, down: Downstream, sid: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
@@ -237,6 +283,10 @@ class Stream:
         self.resp_trailers: list[tuple[bytes, bytes]] | None = None
         self.sent_end_down = False
         self.dead = False  # answered or reset: request bytes still arriving are dropped
+        self.copies: list[StreamCopy] | None = None  # for the mirrors it matches (intercept.agent.h2mirror)
+        self.moved = 0  # frames that moved the stream on, either way (ClientSide.expire watches it)
+        self.stall: tuple[int, float] = (-1, 0.0)  # (moved, since when) at the sweeper's last look
+        self.wait_timer: asyncio.TimerHandle | None = None  # while waiting in a pool: the hold timeout
 
     # -- request direction -------------------------------------------------------------
 
@@ -290,7 +340,7 @@ class Stream:
         """Forget the response bytes the client has not taken; returns how many there were."""
         n = sum(map(len, self.to_down))
         self.to_down.clear()
-        self.down.held -= n
+        self.down.hold(-n)
         return n
 
     def _drop_down_queue(self) -> None:
@@ -324,7 +374,7 @@ class Stream:
                     piece = queue.popleft()
                 last = not queue and self.resp_ended and self.resp_trailers is None
                 codec.send_data(sid, piece, end_stream=last)
-                down.held -= len(piece)
+                down.hold(-len(piece))
                 if up is not None and not up.closed:
                     up.codec.ack(self.up_id, len(piece))
                 if last:
@@ -366,7 +416,7 @@ class Stream:
             if body:
                 self.respond(headers, False)
                 self.to_down.append(body)
-                self.down.held += len(body)
+                self.down.hold(len(body))
                 self.resp_ended = True
                 self.pump_down()
             else:
@@ -379,26 +429,35 @@ class Stream:
             self.down.reset(self, INTERNAL_ERROR)
 
 
-class ClientSide(asyncio.Protocol):
+class TakenConnection(asyncio.Protocol):
     """A client connection the HTTP/2 path took over from the listener.
 
     While ``fresh`` it holds its place among the agent's fresh connections
     (``--max-connections``), as it did in the listener, until one of its streams has
-    completed or it closes (:meth:`established`). The agent's sweeper calls
-    :meth:`expire`: one that has had no stream open for ``--header-timeout`` (it never
-    sent a complete request, or no longer sends any) is closed with :meth:`close_idle`.
+    completed or it closes (:meth:`established`).
     """
 
     def __init__(self, hub: Hub, fresh: bool) -> None:
         self.hub = hub
         self.fresh = fresh
-        self.idle_since = 0.0
-        self.streams_seen = 0  # how many streams the client had opened at the last look
 
     def established(self) -> None:
         if self.fresh:
             self.fresh = False
             self.hub.agent.fresh_connections -= 1
+
+
+class ClientSide(TakenConnection):
+    """A taken connection that lasts: the agent's sweeper calls :meth:`expire`, and one
+    that has had no stream open for ``--header-timeout`` (it never sent a request, or no
+    longer sends any) is closed with :meth:`close_idle`. Subclasses say how many streams
+    the client opened (:meth:`streams_opened`) and how to close (:meth:`close_idle`).
+    """
+
+    def __init__(self, hub: Hub, fresh: bool) -> None:
+        super().__init__(hub, fresh)
+        self.idle_since = 0.0
+        self.streams_seen = 0  # how many streams the client had opened at the last look
 
     def watch(self) -> None:
         """Be expired by the agent's sweeper (it calls :meth:`expire` on its connections)."""
@@ -421,6 +480,18 @@ class ClientSide(asyncio.Protocol):
     def close_idle(self) -> None:
         raise NotImplementedError
 
+    def linger(self) -> None:
+        """Close after a GOAWAY, gracefully: the agent's side is shut (the client reads the
+        GOAWAY, then the end), what the client still sends is read and dropped, and the
+        socket is closed once the client closes or after :data:`LINGER`. Closed at once,
+        it would answer a request already on its way with a TCP reset, which can discard
+        the GOAWAY unread: the client could not tell that its call was never seen and
+        safe to retry."""
+        transport = self.transport
+        if transport.can_write_eof():
+            transport.write_eof()
+        asyncio.get_running_loop().call_later(LINGER, transport.close)
+
 
 class Downstream(ClientSide):
     """A client's HTTP/2 connection, terminated: the agent is its server."""
@@ -442,6 +513,7 @@ class Downstream(ClientSide):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.loop = asyncio.get_running_loop()
+        self.hub.downstreams.add(self)
         self.watch()
         if self.hub.agent.forwarded_headers:
             peer = transport.get_extra_info("peername")
@@ -462,6 +534,7 @@ class Downstream(ClientSide):
         self.opened = 1
         self.hub.dirty.add(self)
         self.hub.route(stream)
+        self.hub.copy(stream)
         self.hub.flush()
 
     def data_received(self, data: bytes) -> None:
@@ -478,11 +551,15 @@ class Downstream(ClientSide):
             t = type(ev)
             if t is Data:
                 stream = streams.get(ev.stream_id)
+                if stream is not None and stream.copies:
+                    for copy in stream.copies:
+                        copy.data(ev.data, ev.end_stream)
                 if stream is None or stream.dead:
                     self.codec.ack(ev.stream_id, ev.flow_length)
                     continue
                 if ev.flow_length > len(ev.data):
                     self.codec.ack(ev.stream_id, ev.flow_length - len(ev.data))  # padding
+                stream.moved += 1
                 if ev.data:
                     stream.to_up.append(ev.data)
                 if ev.end_stream:
@@ -495,9 +572,14 @@ class Downstream(ClientSide):
                     stream = streams[ev.stream_id] = Stream(self, ev.stream_id, ev.headers, ev.end_stream)
                     self.opened += 1
                     self.hub.route(stream)
+                    self.hub.copy(stream)
                 else:  # trailers
                     stream = streams.get(ev.stream_id)
+                    if stream is not None and stream.copies:
+                        for copy in stream.copies:
+                            copy.end_with(ev.headers)
                     if stream is not None and not stream.dead:
+                        stream.moved += 1
                         stream.req_trailers = ev.headers
                         stream.req_ended = True
                         stream.pump_up()
@@ -520,17 +602,39 @@ class Downstream(ClientSide):
 
     def _abandon(self, stream: Stream, code: int) -> None:
         """The client reset ``stream``: carry the reset to the other side."""
+        if stream.copies:
+            for copy in stream.copies:
+                copy.cancel()
         stream.dead = True
         stream.sent_end_down = True
         if stream.pool is not None:
             stream.pool.unwait(stream)
+        stream._drop_down_queue()  # (whatever became of the app's side: held counts it)
         up = stream.up
         if up is not None and not up.closed:
-            stream._drop_down_queue()
             up.codec.reset(stream.up_id, code)
             self.hub.dirty.add(up)
             up.forget(stream)
         stream._drop_up_queue()
+
+    def hold(self, n: int) -> None:
+        """``n`` more response bytes held for this client (fewer, if negative)."""
+        self.held += n
+        self.hub.held += n
+
+    def shed(self) -> bool:
+        """This connection leaves the most unread while the agent holds too much: its
+        streams that hold bytes are reset (ENHANCE_YOUR_CALM). False if none did."""
+        holding = [stream for stream in self.streams.values() if stream.to_down]
+        log.info("HTTP/2 connection from %s leaves %d bytes of responses unread while the agent holds over %d: "
+                 "its %d streams holding bytes are reset", self.transport.get_extra_info("peername"), self.held,
+                 AGENT_HELD_LIMIT, len(holding))
+        for stream in holding:
+            self.streams.pop(stream.sid, None)
+            self._abandon(stream, CANCEL)
+            self.codec.reset(stream.sid, ENHANCE_YOUR_CALM)
+        self.hub.dirty.add(self)
+        return bool(holding)
 
     def overflow(self, stream: Stream) -> None:
         """The client leaves more than :data:`HELD_LIMIT` of responses unread: ``stream``,
@@ -553,22 +657,70 @@ class Downstream(ClientSide):
         if not self.closed:
             self.codec.reset(stream.sid, code)
             self.hub.dirty.add(self)
+        if stream.copies:
+            for copy in stream.copies:
+                copy.cancel()
         self.streams.pop(stream.sid, None)
 
     def maybe_done(self, stream: Stream) -> None:
-        """Forget ``stream`` once both directions have ended on this connection."""
-        if stream.sent_end_down and (stream.req_ended or stream.dead):
-            self.streams.pop(stream.sid, None)
+        """Forget ``stream`` once its response has been sent whole (or it ended otherwise).
+
+        A request still open then is not wanted any more (RFC 9113 section 8.1): the client
+        gets RST_STREAM NO_ERROR and the app's stream is cancelled, so that neither side
+        keeps a stream open that nobody will end. The connection is established only by a
+        stream whose request and response both completed."""
+        if not stream.sent_end_down:
+            return
+        complete = stream.req_ended
+        if not complete:
+            if stream.copies:  # the rest of the request will not be read
+                for copy in stream.copies:
+                    copy.cancel()
+            stream.req_ended = stream.dead = True
+            stream._drop_up_queue()
+            if not self.closed:
+                self.codec.reset(stream.sid, NO_ERROR)
+                self.hub.dirty.add(self)
+            up = stream.up
+            if up is not None and not up.closed and not stream.sent_end_up:
+                stream.sent_end_up = True
+                up.codec.reset(stream.up_id, CANCEL)
+                self.hub.dirty.add(up)
+                up.forget(stream)
+        if self.streams.pop(stream.sid, None) is not None and complete:
             self.established()
 
     def streams_opened(self) -> tuple[int, bool]:
         return self.opened, bool(self.streams)
 
+    def expire(self, now: float, timeout: float) -> None:
+        """Also reset each stream whose request is still open and that has moved nothing
+        either way for ``timeout`` while nothing of it waited for the app's window (HEADERS
+        without END_STREAM, then silence): RST_STREAM CANCEL, cancelled toward the app."""
+        stalled = []
+        for stream in self.streams.values():
+            if stream.req_ended or stream.dead or stream.to_up:
+                stream.stall = (-1, 0.0)
+            elif stream.stall[0] != stream.moved:
+                stream.stall = (stream.moved, now)
+            elif now - stream.stall[1] > timeout:
+                stalled.append(stream)
+        for stream in stalled:
+            log.info("HTTP/2 stream %d from %s reset: its request stopped arriving for %gs (--header-timeout)",
+                     stream.sid, self.transport.get_extra_info("peername"), timeout)
+            self.streams.pop(stream.sid, None)
+            self._abandon(stream, CANCEL)
+            self.codec.reset(stream.sid, CANCEL)
+            self.hub.dirty.add(self)
+        super().expire(now, timeout)
+        if stalled:
+            self.hub.flush()
+
     def close_idle(self) -> None:
         self.codec.goaway(NO_ERROR)
         self.flush()
-        self.transport.close()
-        self._closed()
+        self._closed()  # what comes now is dropped
+        self.linger()
 
     def _abort(self, error: CodecError) -> None:
         peer = self.transport.get_extra_info("peername")
@@ -592,6 +744,7 @@ class Downstream(ClientSide):
         self.established()
         self.hub.agent.connections.discard(self)
         self.hub.dirty.discard(self)
+        self.hub.downstreams.discard(self)
         for stream in list(self.streams.values()):
             self._abandon(stream, CANCEL)
         self.streams.clear()
@@ -682,9 +835,10 @@ class UpConnection:
                     continue
                 if ev.flow_length > len(ev.data):
                     self.codec.ack(ev.stream_id, ev.flow_length - len(ev.data))
+                stream.moved += 1
                 if ev.data:
                     stream.to_down.append(ev.data)
-                    stream.down.held += len(ev.data)
+                    stream.down.hold(len(ev.data))
                 if ev.end_stream:
                     stream.resp_ended = stream.got_end_up = True
                 stream.pump_down()
@@ -692,10 +846,13 @@ class UpConnection:
                     stream.down.overflow(stream)
                 elif ev.end_stream:
                     self.maybe_done(stream)
+                if self.hub.held > AGENT_HELD_LIMIT:
+                    self.hub.over_budget()
             elif t is Headers:
                 stream = streams.get(ev.stream_id)
                 if stream is None or stream.sent_end_down:
                     continue
+                stream.moved += 1
                 if ev.kind == Headers.TRAILERS:
                     stream.resp_trailers = ev.headers
                     stream.resp_ended = stream.got_end_up = True
@@ -837,7 +994,7 @@ class Pool:
         self.closed = False
         self.holder: str | None = None  # the developer, once known
         if session_id is None:
-            host, port = hub.agent.config.upstream
+            host, port = hub.agent.upstream
             self.where = f"upstream {host}:{port}"
         else:
             self.where = "the developer's process"
@@ -849,19 +1006,38 @@ class Pool:
                 return
         stream.pool = self
         self.waiting.append(stream)
+        hold = self.hub.agent.config.hold_timeout
+        stream.wait_timer = asyncio.get_running_loop().call_later(hold, self._waited_too_long, stream, hold)
         self._grow()
+
+    def _waited_too_long(self, stream: Stream, hold: float) -> None:
+        """``stream`` found no room here within the hold timeout: answered UNAVAILABLE (or 502)."""
+        stream.wait_timer = None
+        if stream.pool is not self:
+            return
+        if self.opening:  # a connection being opened answers it: it has a bound of its own (_open)
+            stream.wait_timer = asyncio.get_running_loop().call_later(hold, self._waited_too_long, stream, hold)
+            return
+        self.unwait(stream)
+        stream.fail(f"{self.where} had no room for another stream within {hold:g}s (--hold-timeout)")
+        self.hub.flush()
+
+    def _take(self) -> Stream:
+        """The first waiting stream, which leaves the queue."""
+        return _left(self.waiting.popleft())
 
     def unwait(self, stream: Stream) -> None:
         try:
             self.waiting.remove(stream)
         except ValueError:
             pass
+        _left(stream)
         stream.pool = None
 
     def room(self, conn: UpConnection) -> None:
         waiting = self.waiting
         while waiting and conn.has_room():
-            conn.start(waiting.popleft())
+            conn.start(self._take())
         if waiting:
             self._grow()
 
@@ -880,7 +1056,7 @@ class Pool:
         conn = UpConnection(self)
         try:
             if self.session_id is None:
-                host, port = self.hub.agent.config.upstream
+                host, port = self.hub.agent.upstream
                 try:
                     _, conn.link = await asyncio.get_running_loop().create_connection(lambda: TCPLink(conn), host, port)
                 except OSError as e:
@@ -901,14 +1077,14 @@ class Pool:
         except RouteGone:
             waiting, self.waiting = self.waiting, deque()
             for stream in waiting:
-                stream.pool = None
+                _left(stream).pool = None
                 self.hub.route(stream)
             self.hub.flush()
             return
         except Unavailable as e:
             waiting, self.waiting = self.waiting, deque()
             for stream in waiting:
-                stream.pool = None
+                _left(stream).pool = None
                 stream.fail(e.reason)
             self.hub.flush()
             return
@@ -931,11 +1107,19 @@ class Pool:
             conn.close(reason)
         waiting, self.waiting = self.waiting, deque()
         for stream in waiting:  # they never reached the developer: route them again
-            stream.pool = None
+            _left(stream).pool = None
             self.hub.route(stream)
 
 
-class UpgradeProbe(ClientSide):
+def _left(stream: Stream) -> Stream:
+    """``stream`` left a pool's queue: its hold timeout no longer runs."""
+    if stream.wait_timer is not None:
+        stream.wait_timer.cancel()
+        stream.wait_timer = None
+    return stream
+
+
+class UpgradeProbe(TakenConnection):
     """An ``Upgrade: h2c`` request while it is not known whether the app speaks HTTP/2.
 
     Reading waits while :meth:`Hub.probe_upstream` asks the app. If it speaks h2c, the
@@ -1003,6 +1187,7 @@ class Relay(ClientSide):
         self.early: list[bytes] = []  # client bytes before the app connection is up
         self.closed = False
         self.raw = bytearray()  # everything the client sent before the link was up, for a fallback
+        self.lingering = False  # closing after a GOAWAY: what the client sends is dropped
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -1011,7 +1196,7 @@ class Relay(ClientSide):
         asyncio.get_running_loop().create_task(self._connect())
 
     async def _connect(self) -> None:
-        host, port = self.hub.agent.config.upstream
+        host, port = self.hub.agent.upstream
         self.transport.pause_reading()
         try:
             _, link = await asyncio.get_running_loop().create_connection(lambda: TCPLink(self), host, port)
@@ -1042,6 +1227,8 @@ class Relay(ClientSide):
             self.convert()
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return
         acked = self.conv.client.ping_acked
         out, _ = self.conv.client.feed(data)
         if self.conv.client.ping_acked and not acked:
@@ -1073,10 +1260,16 @@ class Relay(ClientSide):
 
     def close_idle(self) -> None:
         """At a frame boundary of the app's direction, a GOAWAY naming the last stream the
-        client opened (it then knows that none was lost); anywhere else, just the close."""
+        client opened (it then knows that none was lost), then :meth:`linger`; anywhere
+        else, just the close."""
         if self.link is not None and self.conv.server.at_boundary:
             self.transport.write(self.conv.farewell())
-        self.transport.close()
+            self.lingering = True
+            self.link.close()
+            self.transport.resume_reading()  # (the app's side may have paused it)
+            self.linger()
+        else:
+            self.transport.close()
 
     def pause_writing(self) -> None:
         if self.link is not None:
@@ -1119,7 +1312,7 @@ class Relay(ClientSide):
         return False
 
     def link_lost(self, link: TCPLink) -> None:
-        if not self.closed:
+        if not self.closed and not self.lingering:
             self.transport.close()
 
     def link_pause(self, link: TCPLink) -> None:

@@ -29,6 +29,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import weakref
 from enum import Enum
@@ -55,6 +56,7 @@ from intercept.routing.h2 import begins_h2, h2c_upgrade_settings
 
 if TYPE_CHECKING:
     from intercept.agent.h2proxy import Hub
+    from intercept.agent.mirror import Copy, MirrorChannel
     from intercept.routing.match import RegisteredRoute, RouteTable
 
 log = logging.getLogger(__name__)
@@ -94,9 +96,11 @@ class Destinations(Protocol):
     forwarded_headers: bool  # add the client's address to each request (X-Forwarded-For, Forwarded)
     max_connections: int  # fresh connections allowed at once (0: no cap)
     fresh_connections: int  # connections that have not completed an exchange yet
+    mirror_channels: collections.Counter[int]  # HTTP/1 mirror channels open, by mirror route id
 
     async def open_upstream(self, owner: ClientConnection) -> Link: ...
     async def open_developer(self, route: RegisteredRoute, owner: ClientConnection) -> Link: ...
+    async def open_mirror(self, route: RegisteredRoute, owner: MirrorChannel) -> Link: ...
 
 
 class TCPLink(asyncio.Protocol):
@@ -264,6 +268,10 @@ class ClientConnection(asyncio.Protocol):
         self.fresh = False  # counted in dest.fresh_connections: no exchange completed yet
         self.reads = 0  # downstream reads so far: progress, as the sweeper sees it (expire)
         self.stall = (0, 0.0)  # (reads, when) the sweeper last saw this connection's body progress
+        # mirrors (intercept.agent.mirror): a channel per mirror route, and the current request's copies
+        self.mirrors: dict[int, MirrorChannel] | None = None
+        self.copies: list[Copy] | None = None
+        self.copied_head: RequestHead | None = None  # the request the copies are of (a resent one is not copied again)
 
     # -- downstream events -------------------------------------------------------------
 
@@ -360,6 +368,9 @@ class ClientConnection(asyncio.Protocol):
                     return
                 if end > pos:
                     self.link.write(data[pos:end])
+                    if self.copies:
+                        for copy in self.copies:
+                            copy.write(data[pos:end])
                 pos = end
             elif mode is _HEAD:
                 if data[pos] == 13:
@@ -469,10 +480,41 @@ class ClientConnection(asyncio.Protocol):
         if self.mode is not _CLOSED:
             if self.forwarded:
                 # one splice: the client's address as new lines before the head's final CRLF
-                link.write(b"".join((data[start : pos - 2], self.forwarded, data[pos - 2 : end])))
+                chunk = b"".join((data[start : pos - 2], self.forwarded, data[pos - 2 : end]))
             else:
-                link.write(data[start:end])
+                chunk = data[start:end]
+            link.write(chunk)
+            if head is not self.copied_head:
+                self.copied_head = head
+                self.copies = self._begin_copies(head) if self.dest.routes.mirrors and not head.upgrade else None
+                if self.copies:
+                    for copy in self.copies:
+                        copy.write(chunk)
         return end
+
+    def _begin_copies(self, head: RequestHead) -> list[Copy] | None:
+        """A copy of the request ``head`` for each mirror it matches (on this connection's
+        channel to that mirror, opened with the first): the bytes the app gets go to them too."""
+        from intercept.agent.mirror import MAX_CHANNELS, MirrorChannel
+
+        routes = self.dest.routes
+        matching = routes.mirrors_matching(head.method, head.target, head.fields(routes.names))
+        if not matching:
+            return None
+        if self.mirrors is None:
+            self.mirrors = {}
+        copies = []
+        for route in matching:
+            channel = self.mirrors.get(route.id)
+            if channel is None or channel.closed:
+                if self.dest.mirror_channels[route.id] >= MAX_CHANNELS:
+                    route.dropped += 1  # this mirror has a channel for as many connections as it may
+                    continue
+                channel = self.mirrors[route.id] = MirrorChannel(self.dest, route, self.loop)
+            copy = channel.begin(head.method)
+            if copy is not None:
+                copies.append(copy)
+        return copies
 
     def _request_body_end(self, data: bytes, pos: int) -> int:
         """How far the current request's body reaches in ``data``; moves on when it ends."""
@@ -784,6 +826,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _close(self) -> None:
         self._established()
+        if self.mirrors:
+            mirrors, self.mirrors, self.copies = self.mirrors, None, None
+            for channel in mirrors.values():
+                channel.finish()
         clean = self.mode is _HEAD  # both directions ended a message: nothing in flight
         if self.mode is not _CLOSED:
             self.mode = _CLOSED

@@ -51,6 +51,7 @@ from intercept.protocol import (
     ENCRYPTION_ALGS,
     FORWARD_HOST,
     FORWARD_PORT,
+    PORT_FORWARD_HOST,
     FRONT_DOOR_HOST,
     FRONT_DOOR_PORT,
     FENCE_REFUSED,
@@ -64,7 +65,7 @@ from intercept.protocol import (
 from intercept.sshwrite import CoalescingTunnel
 
 if TYPE_CHECKING:
-    from intercept.agent.agent import Agent
+    from intercept.agent.agent import Agent, Front
     from intercept.agent.proxy import ClientConnection
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,10 @@ class ChannelLink(asyncssh.SSHTCPSession[bytes]):
     def write_eof(self) -> None:
         self.chan.write_eof()
 
+    def buffered(self) -> int:
+        """Bytes written and not yet sent: the developer's end has not opened its window for them."""
+        return self.chan.get_write_buffer_size()
+
     def close(self) -> None:
         self.chan.close()
 
@@ -144,10 +149,14 @@ class DeveloperSession(asyncssh.SSHServer):
         self.peer: tuple[str, int] = ("", 0)
         self.conn: asyncssh.SSHServerConnection | None = None
         self.forwarding = False
+        self.first_port = False  # forwarding on (FORWARD_HOST, FORWARD_PORT): the agent's first port
+        self.ports: set[int] = set()  # the app ports forwarded on (PORT_FORWARD_HOST, port)
         self.links: set[ChannelLink] = set()
         self.draining = False  # the developer's process restarts: keep no channel past its response
         self.fence = Fence(owner="this session")  # the client's narrowing of the agent's fence
-        self.reaching = False  # it reaches the cluster through this pod (intercept connect): the agent is in use
+        # it reaches the cluster through this pod (intercept connect): the agent is in use. Set by a Reach request
+        # (connect's sessions, at once after login) or by a connection the fences let through, never by a refused one
+        self.reaching = False
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self.conn = conn
@@ -177,11 +186,19 @@ class DeveloperSession(asyncssh.SSHServer):
         return self.conn.create_server_channel(encoding=None), SubsystemChannel(self)
 
     def server_requested(self, listen_host: str, listen_port: int) -> Any:
-        if (listen_host, listen_port) != (FORWARD_HOST, FORWARD_PORT):
+        if (listen_host, listen_port) == (FORWARD_HOST, FORWARD_PORT):
+            self.first_port = True
+        elif listen_host == PORT_FORWARD_HOST and self.agent.front_of(listen_port) is not None:
+            self.ports.add(listen_port)
+        else:
             log.warning("refused tcpip-forward %s:%s from %s", listen_host, listen_port, self.name)
             return False
         self.forwarding = True
         return _PseudoListener()
+
+    def takes(self, front: Front) -> bool:
+        """Whether this developer intercepts the app port of ``front``."""
+        return front.port in self.ports or (self.first_port and front.index == 0)
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> Any:
         if (dest_host, dest_port) == (FRONT_DOOR_HOST, FRONT_DOOR_PORT):
@@ -191,8 +208,8 @@ class DeveloperSession(asyncssh.SSHServer):
         if not self.agent.config.allow_outbound:
             log.info("refused outbound connection to %s:%s from %s (agent started without --allow-outbound)", dest_host, dest_port, self.name)
             return False
-        self.reaching = True
         if self.agent.fence.open and self.fence.open:
+            self.reaching = True
             return True
         return self._fenced_connection(dest_host, dest_port)
 
@@ -221,6 +238,7 @@ class DeveloperSession(asyncssh.SSHServer):
         if not verdict.allowed:
             log.info("refused outbound connection from %s: %s", self.name, verdict.reason)
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, FENCE_REFUSED + verdict.reason)
+        self.reaching = True  # only once the fences let it through: a refused attempt does not keep the agent busy
         error: asyncssh.ChannelOpenError | None = None
         for address in verdict.dial:  # what was judged, never the client's text nor the name resolved again
             try:
@@ -229,9 +247,11 @@ class DeveloperSession(asyncssh.SSHServer):
                 error = e
         raise error
 
-    async def open_channel(self, owner: ClientConnection) -> ChannelLink:
+    async def open_channel(self, owner: ClientConnection, front: Front) -> ChannelLink:
+        """A channel to the developer for a connection that came to ``front``'s port."""
+        host, port = (PORT_FORWARD_HOST, front.port) if front.port in self.ports else (FORWARD_HOST, FORWARD_PORT)
         _, link = await self.conn.create_connection(
-            lambda: ChannelLink(owner, self), FORWARD_HOST, FORWARD_PORT, self.peer[0], self.peer[1]
+            lambda: ChannelLink(owner, self), host, port, self.peer[0], self.peer[1]
         )
         return link
 
@@ -384,10 +404,10 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
     async def _check_outbound(self, request: protocol.CheckOutbound) -> Reply | Refusal:
         if not self.session.agent.config.allow_outbound:
             return Refusal("invalid", "the agent does not allow outbound connections (it runs without --allow-outbound)")
-        self.session.reaching = True
         verdict = await self.session.check_outbound(request.host, request.port)
-        if not verdict.allowed:
+        if not verdict.allowed:  # a refused attempt is no use of the pod: it does not keep the agent from idling
             return Refusal("fenced", verdict.reason)
+        self.session.reaching = True
         return protocol.OutboundReply(list(verdict.dial))
 
     def _handle(self, line: bytes) -> Reply | Refusal | Coroutine[Any, Any, Reply | Refusal]:
@@ -404,8 +424,8 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
                     return protocol.EnvReply(agent.pod_environment())
                 case protocol.ListRoutes():
                     return protocol.RoutesReply(agent.routes.snapshot())
-                case protocol.Register(rules=rules, all=everything, ttl=ttl):
-                    route = agent.register(session, rules, everything, ttl)
+                case protocol.Register(rules=rules, all=everything, ttl=ttl, mirror=mirror):
+                    route = agent.register(session, rules, everything, ttl, mirror=mirror)
                     return protocol.Registered(route.id, route.route.describe())
                 case protocol.SetClusterRoutes(document=text, signature=signature):
                     return protocol.PushReply(**agent.push_routes(text, signature))
@@ -420,6 +440,13 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
                     return protocol.FenceReply(**agent.fence_of(session))
                 case protocol.CheckOutbound():
                     return self._check_outbound(request)  # a coroutine: _serve awaits it
+                case protocol.Reach():
+                    if not agent.config.allow_outbound:
+                        return Refusal("invalid", "the agent does not allow outbound connections (it runs without "
+                                                  "--allow-outbound): nothing is reached through it")
+                    session.reaching = True
+                    log.info("%s reaches the cluster through this pod", session.name)
+                    return protocol.Done()
         except RouteConflict as e:
             return Refusal("conflict", str(e), e.holder)
         except UnverifiedPush as e:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import asyncssh
 
@@ -153,7 +153,15 @@ class LocalDoor:
             return False
 
     async def accept(self, orig_host: str, orig_port: int) -> asyncssh.SSHTCPSession[bytes]:
-        """asyncssh's session factory for a channel from an agent."""
+        """asyncssh's session factory for a channel from an agent: to ``port``."""
+        return await self._accept(self.port)
+
+    def acceptor(self, port: int) -> Callable[[str, int], Awaitable[asyncssh.SSHTCPSession[bytes]]]:
+        """A session factory like :meth:`accept` for channels to local ``port`` (one per port
+        intercepted; the gate and the count of connections are the door's, shared)."""
+        return lambda orig_host, orig_port: self._accept(port)
+
+    async def _accept(self, port: int) -> asyncssh.SSHTCPSession[bytes]:
         if not self._open_gate.is_set():
             try:
                 await asyncio.wait_for(self._open_gate.wait(), self.hold_timeout)
@@ -167,12 +175,12 @@ class LocalDoor:
         self._bridges.add(bridge)
         self._empty.clear()
         try:
-            await connect_local(lambda: _LocalSide(bridge), self.host, self.port)
+            await connect_local(lambda: _LocalSide(bridge), self.host, port)
         except OSError:
             self._closed(bridge)
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_CONNECT_FAILED,
-                f"{self.name}'s process does not accept connections on localhost:{self.port}",
+                f"{self.name}'s process does not accept connections on localhost:{port}",
             ) from None
         except BaseException:  # cancelled
             self._closed(bridge)

@@ -209,7 +209,7 @@ class Fleet:
             await self._close_all(self.leave_grace if self._error is None else 0.0)
         if self._error is not None:
             raise self._error
-        self._report(Event("left", f"{self.options.describe()} go to the cluster again", route=self.options.describe()))
+        self._report(Event("left", f"{self.options.describe()} {self.options.gone}", route=self.options.describe()))
 
     def connection(self) -> Any:
         """A live SSH connection to any agent of the set (for outbound dials), or None."""
@@ -261,6 +261,25 @@ class Fleet:
                 if isinstance(reply, protocol.EnvReply):
                     return dict(reply.env)
         return {}
+
+    async def mirror_counts(self) -> tuple[int, int]:
+        """This mirror's copies so far on every replica that holds it: (copied, dropped), as the
+        agents count them (a replica that does not answer counts nothing)."""
+        copied = dropped = 0
+        for holder in list(self._holders.values()):
+            session = holder.session
+            if not holder.registered or session is None or session.route_id is None:
+                continue
+            try:
+                reply = await session.request(protocol.ListRoutes())
+            except Exception as e:  # noqa: BLE001 - any failure: this replica counts nothing now
+                log.info("replica %s: no mirror counts: %s", holder.replica.name, e)
+                continue
+            for route in getattr(reply, "routes", ()):
+                if route.get("id") == session.route_id and route.get("mirror"):
+                    copied += int(route.get("copied", 0))
+                    dropped += int(route.get("dropped", 0))
+        return copied, dropped
 
     async def drain(self, draining: bool) -> None:
         """Ask every agent to keep no channel past its response (``True``), or to reuse them again."""
@@ -430,7 +449,7 @@ class Fleet:
         if not self._ready:
             self._check_ready()
             return
-        what, target = self.options.describe(), f"localhost:{self.options.local_port}"
+        what, target = self.options.describe(), self.options.destinations()
         name = holder.replica.name
         # as the agent that just answered says (an explicit inject may have changed it)
         fence = holder.session.fence if holder.session is not None else self.fence()
@@ -448,7 +467,7 @@ class Fleet:
             return
         self._ready = True
         self.became_ready.set()
-        line = f"{self.options.describe()} now reach localhost:{self.options.local_port}"
+        line = f"{self.options.describe()} now reach {self.options.destinations()}"
         if self.options.replacing is not None:  # no Service: nothing to reach; say what holds
             line = f"{self.options.replacing} is yours: your process runs in place of its app container"
         self._report(Event("ready", f"{line} ({self._count()})" if self._count_replicas else line, route=self.options.describe(),
@@ -512,7 +531,7 @@ class Fleet:
         busy = self.door.busy
         if sessions and busy and grace > 0 and not self.hurry.is_set():
             what = f"{busy} response{'s' if busy != 1 else ''} in flight"
-            self._report(Event("leaving", f"{self.options.describe()} go to the cluster again; letting {what} finish "
+            self._report(Event("leaving", f"{self.options.describe()} {self.options.gone}; letting {what} finish "
                                           f"(up to {grace:g}s; Ctrl-C again to leave now)", route=self.options.describe()))
             drained = asyncio.ensure_future(self.door.drained(grace))
             hurried = asyncio.ensure_future(self.hurry.wait())

@@ -91,6 +91,37 @@ class LocalProcess:
         return await self.proc.wait()
 
 
+async def run_command(process: LocalProcess, stop: asyncio.Event | None = None,
+                      timeout: float | None = None) -> int | None:
+    """Run ``process`` once: started unless ``stop`` is set already, then waited for until it
+    exits, ``stop`` is set, or ``timeout`` seconds have passed since its start (counted from
+    there, not from whatever the caller did before: a rollout, a tunnel), which sets
+    ``stop`` (when given, so the caller can tell). Returns its exit status (as
+    :meth:`asyncio.subprocess.Process.wait` gives it), or None when it was stopped before it
+    exited (or never started).
+
+    However this ends (its own task cancelled too) the process does not outlive it, and no
+    task of its is left behind."""
+    stop = stop if stop is not None else asyncio.Event()
+    if stop.is_set():
+        return None
+    await process.start()
+    timer = asyncio.get_running_loop().call_later(timeout, stop.set) if timeout is not None else None
+    waiting = asyncio.ensure_future(process.wait())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({waiting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        return waiting.result() if waiting.done() else None
+    finally:
+        if timer is not None:
+            timer.cancel()
+        stopping.cancel()
+        if not waiting.done():
+            await asyncio.shield(process.stop())  # cancelled or stopped: it goes before we do
+        waiting.cancel()
+        await asyncio.gather(waiting, stopping, return_exceptions=True)
+
+
 _PR_SET_PDEATHSIG = 1
 
 

@@ -15,7 +15,16 @@ from typing import Any
 import asyncssh
 
 from intercept import protocol
-from intercept.protocol import CONTROL_SUBSYSTEM, ENCRYPTION_ALGS, FORWARD_HOST, FORWARD_PORT, KEEPALIVE_COUNT_MAX, KEEPALIVE_INTERVAL, Refusal
+from intercept.protocol import (
+    CONTROL_SUBSYSTEM,
+    ENCRYPTION_ALGS,
+    FORWARD_HOST,
+    FORWARD_PORT,
+    KEEPALIVE_COUNT_MAX,
+    KEEPALIVE_INTERVAL,
+    PORT_FORWARD_HOST,
+    Refusal,
+)
 from intercept.client.door import LocalDoor
 from intercept.client.transport import Transport
 from intercept.credentials import Credentials
@@ -40,8 +49,12 @@ class InterceptOptions:
     route: Route
     name: str  # the developer's display name, sent as the SSH user name
     local_port: int
+    # (app port, local port) for each port intercepted: requests that came to the agent's
+    # listener for that app port reach that local port. (): the agent's first port, to local_port.
+    ports: tuple[tuple[int, int], ...] = ()
     local_host: str = "127.0.0.1"
     all_traffic: bool = False
+    mirror: bool = False  # a copy of each matching request comes here; the app still answers it
     ttl: float | None = None  # seconds after which the agents end the route by themselves
     fence: Fence = Fence(owner="this session")  # narrows the agents' outbound fence for this intercept
     # Where the credentials come from again (a workload's Secret), to tell a reinstalled agent's
@@ -52,7 +65,19 @@ class InterceptOptions:
     replacing: str | None = None
 
     def describe(self) -> str:
-        return f"requests with {self.route.describe()}" if self.route.rules else "all requests"
+        what = f"requests with {self.route.describe()}" if self.route.rules else "all requests"
+        return f"copies of {what}" if self.mirror else what
+
+    @property
+    def gone(self) -> str:
+        """What leaving does to the traffic, said after :meth:`describe`."""
+        return "stop coming here" if self.mirror else "go to the cluster again"
+
+    def destinations(self) -> str:
+        """Where routed requests go: ``localhost:3000``, or per app port with several."""
+        if len(self.ports) <= 1:
+            return f"localhost:{self.ports[0][1] if self.ports else self.local_port}"
+        return ", ".join(f"port {app} to localhost:{local}" for app, local in self.ports)
 
 
 # Requests that only an agent with the feature understands (protocol.FEATURES).
@@ -81,8 +106,19 @@ class AgentSession:
 
     async def open_unrouted(self) -> None:
         """Connect and narrow the outbound fence, registering no route: a session that only
-        reaches the cluster (``intercept connect``)."""
+        reaches the cluster (``intercept connect``). The agent counts it as in use from here
+        (:class:`~intercept.protocol.Reach`), before its first connection: ``intercept gc``
+        does not remove an agent a connect has just logged in to."""
         await self.connect()
+        if self.agent.lacks("reach") is None:
+            try:
+                reply = await self.request(protocol.Reach())
+            except (asyncssh.Error, OSError) as e:
+                self.conn.close()
+                raise AgentUnreachable(f"agent {self.options.transport.describe()}: connection lost while saying it "
+                                       f"reaches the cluster: {e}") from None
+            if isinstance(reply, Refusal):
+                log.info("agent %s: %s", self.options.transport.describe(), reply.message)
         await self._narrow()
 
     async def check_outbound(self, host: str, port: int) -> str | None:
@@ -162,9 +198,12 @@ class AgentSession:
                              f"{self.agent.protocol}) does not know the rule kind {', '.join(map(repr, unknown))} of "
                              "this route: upgrade it (intercept inject SERVICE --agent-image IMAGE of this version), "
                              "or route with other rules")
+        if opts.mirror and self.agent.lacks("mirror"):
+            self.conn.close()
+            raise UsageError(f"agent {where}: {self.agent.lacks('mirror')}")
         try:
-            await self.conn.create_server(self.door.accept, FORWARD_HOST, FORWARD_PORT)
-            reply = await self.request(protocol.Register(opts.route.to_json(), opts.all_traffic, opts.ttl))
+            await self._forward(where)
+            reply = await self.request(protocol.Register(opts.route.to_json(), opts.all_traffic, opts.ttl, opts.mirror))
         except (asyncssh.Error, OSError) as e:
             self.conn.close()
             raise AgentUnreachable(f"agent {where}: connection lost while registering: {e}") from None
@@ -174,7 +213,28 @@ class AgentSession:
                 raise RouteConflict(reply.message, holder=reply.holder)
             raise UsageError(f"agent {where} refused the route: {reply.message}")
         self.route_id = reply.id
-        log.info("route %s registered on %s", opts.route.describe(), where)
+        log.info("%s %s registered on %s", "mirror of" if opts.mirror else "route", opts.route.describe(), where)
+
+    async def _forward(self, where: str) -> None:
+        """Ask the agent for the routed connections of each port intercepted (``options.ports``):
+        per app port where the agent has several (feature ``ports``), else its first port."""
+        ports = self.options.ports
+        if ports and not self.agent.lacks("ports"):
+            for app_port, local_port in ports:
+                if app_port not in self.agent.ports:
+                    self.conn.close()
+                    raise UsageError(f"agent {where} is in front of the app's port{'s' if len(self.agent.ports) > 1 else ''} "
+                                     f"{', '.join(map(str, self.agent.ports))}, not {app_port}: intercept one of those, "
+                                     f"or put the agent in front of {app_port} too (intercept start SERVICE --port ... "
+                                     f"--reinject, with every port it should serve)")
+                await self.conn.create_server(self.door.acceptor(local_port), PORT_FORWARD_HOST, app_port)
+            return
+        if len(ports) > 1:
+            self.conn.close()
+            raise UsageError(f"agent {where}: several ports in one intercept need an agent in front of several; "
+                             f"{self.agent.lacks('ports')}")
+        await self.conn.create_server(self.door.acceptor(ports[0][1]) if ports else self.door.accept,
+                                      FORWARD_HOST, FORWARD_PORT)
 
     async def request(self, request: protocol.Request) -> protocol.Reply | Refusal:
         """One request on the control channel and its typed reply, or the agent's refusal; a

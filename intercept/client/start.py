@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # intercept.access imports the client's outbound module: no c
 
 log = logging.getLogger(__name__)
 
+MIRROR_REPORT = 2.0  # seconds between looks at a mirror's counts (reported when they changed)
 DRAIN_GRACE = 10.0  # how long a restart waits for responses in flight to the old process
 LEAVE_GRACE = 10.0  # how long leaving waits for responses in flight (a second Ctrl-C: not at all)
 
@@ -93,7 +94,8 @@ async def start(
     if not isinstance(command, LocalCommand):
         command = LocalCommand(tuple(command))
     if command.argv and command.serves:  # before the route is held: COMMAND is to listen on the port
-        await refuse_taken_port(options.local_host, options.local_port)
+        for port in _local_ports(options):
+            await refuse_taken_port(options.local_host, port)
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
     door = LocalDoor(options.name, options.local_port, options.local_host)
@@ -127,8 +129,11 @@ async def start(
             stop.set()
 
         expiry = loop.call_later(options.ttl, time_is_up)
+    counting: asyncio.Future[None] | None = None
     try:
         intercepting = asyncio.ensure_future(fleet.run(replicas, stop))
+        if options.mirror:
+            counting = asyncio.ensure_future(_report_mirror_counts(fleet, options, report, stop))
         if command.argv:
             door.close()  # routed requests wait until the process accepts them
         if command.argv or mount is not None or access is not None:
@@ -196,7 +201,7 @@ async def start(
                 batches = await watch(command.watch, stop)
                 reloading = asyncio.ensure_future(_reload_on_change(batches, command, supervisor, door, fleet, options, report))
             if command.serves and not command.debug_wait:
-                await accepting(options.local_host, options.local_port, door.hold_timeout, lambda: supervisor.running)
+                await _accepting_all(options, door, supervisor)
             door.open()
             for event in held:
                 report(event)
@@ -212,9 +217,10 @@ async def start(
         stop.set()
         if expiry is not None:
             expiry.cancel()
-        if reloading is not None:
-            reloading.cancel()
-        await asyncio.gather(*(t for t in (reloading, intercepting) if t is not None), return_exceptions=True)
+        for task in (reloading, counting):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (reloading, intercepting, counting) if t is not None), return_exceptions=True)
         if supervisor is not None:
             await supervisor.stop()
         for listener in listeners:
@@ -238,6 +244,26 @@ async def ask_agent(options: InterceptOptions, request: protocol.Request) -> Any
         return await session.ask(request)
     finally:
         await session.leave()
+
+
+async def _report_mirror_counts(fleet: Fleet, options: InterceptOptions, report: Callable[[Event], None],
+                                stop: asyncio.Event) -> None:
+    """Until ``stop``: a ``mirrored`` event whenever the mirror's counts changed (looked at
+    every :data:`MIRROR_REPORT` seconds), so that the lines and ``intercept status`` say them."""
+    said = (0, 0)
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), MIRROR_REPORT)
+        except asyncio.TimeoutError:
+            pass
+        if not fleet.ready:
+            continue
+        counts = await fleet.mirror_counts()
+        if counts != said:
+            said = counts
+            copied, dropped = counts
+            report(Event("mirrored", f"{copied} copies reached localhost:{options.local_port}, {dropped} dropped",
+                         copied=copied, dropped=dropped))
 
 
 def session_variables(options: InterceptOptions) -> dict[str, str]:
@@ -269,7 +295,7 @@ async def _reload_on_change(
             if not await door.drained(DRAIN_GRACE):
                 log.warning("%d routed connections still open after %ss; restarting anyway", door.busy, DRAIN_GRACE)
             await supervisor.restart()
-            up = await accepting(options.local_host, options.local_port, door.hold_timeout, lambda: supervisor.running)
+            up = await _accepting_all(options, door, supervisor)
         except InterceptError as e:  # e.g. the command vanished mid-save: say so, keep watching
             report(Event("waiting", f"{e}; save a change to try again"))
             continue
@@ -277,6 +303,20 @@ async def _reload_on_change(
             door.open()
             await fleet.drain(False)
         if up:
-            report(Event("reloaded", f"{name} restarted; {options.describe()} reach localhost:{options.local_port}"))
+            report(Event("reloaded", f"{name} restarted; {options.describe()} reach {options.destinations()}"))
         else:
-            report(Event("waiting", f"{name} does not accept connections on localhost:{options.local_port}; save a fix to restart it"))
+            shown = " or ".join(f"localhost:{p}" for p in _local_ports(options))
+            report(Event("waiting", f"{name} does not accept connections on {shown}; save a fix to restart it"))
+
+
+def _local_ports(options: InterceptOptions) -> list[int]:
+    """The local ports routed requests reach (one per port intercepted)."""
+    return [local for _, local in options.ports] or [options.local_port]
+
+
+async def _accepting_all(options: InterceptOptions, door: LocalDoor, supervisor: Any) -> bool:
+    """Whether the process accepts on every local port (each awaited as :func:`accepting` does)."""
+    up = True
+    for port in _local_ports(options):
+        up = await accepting(options.local_host, port, door.hold_timeout, lambda: supervisor.running) and up
+    return up

@@ -112,6 +112,7 @@ class AgentInfo:
     credentials: Credentials  # token and host public key (no private key)
     agent_version: str
     image: str
+    app_ports: tuple[int, ...] = ()  # the app port behind each Service port asked for, in order
 
     @property
     def workload(self) -> str:
@@ -205,11 +206,26 @@ def ensure_agent(
     """
     cluster = Cluster(api)
     objects = _read_namespace(cluster, namespace, None if inject.is_workload_ref(service) else service)
-    target = inject.resolve(objects, service, options.service_port)
+    targets = inject.resolve_ports(objects, service, options.wanted_ports())
+    target = targets[0]
+    # the app port behind each port asked for; none for a workload named directly (no Service, no requests)
+    asked = () if not target.has_service else tuple(inject.resolve(objects, service, p).container_port
+                                                      for p in options.wanted_ports())
     wi = _index(objects, target.workload_kind, target.workload_name)
     workload = objects[wi]
     if inject.is_injected(workload):
-        inject.check_serves(workload, target)
+        served = inject.served_ports(workload)
+        missing = [t for t in targets if t.container_port not in served]
+        if missing and reinject:  # in front of these ports too, and of those it serves already
+            options = dataclasses.replace(options, service_port=None,
+                                          service_ports=_with_served(objects, service, served, targets))
+        else:
+            for t in targets:
+                inject.check_serves(workload, t)
+            if replace_by is not None and target.has_service:
+                # the replace rewrites the pod template: the agent stays in front of every port it serves
+                options = dataclasses.replace(options, service_port=None,
+                                              service_ports=_served_in_order(objects, service, served, targets))
         running = inject.running_options(workload, options)
         wanted = dataclasses.replace(running, **{k: getattr(options, k) for k in named if k in inject.POD_WIDE_FLAGS})
         if not reinject:
@@ -249,7 +265,7 @@ def ensure_agent(
                 f"{service} -n {namespace}",
                 events,
             ) from None
-        return _agent_info(namespace, service, injected[wi], credentials, options)
+        return dataclasses.replace(_agent_info(namespace, service, injected[wi], credentials, options), app_ports=asked)
 
     for line in inject.describe_changes(objects, injected):
         progress(line)
@@ -296,7 +312,30 @@ def ensure_agent(
         raise failure from None
 
     progress(f"{target.workload}: agent {options.agent_version} ready")
-    return _agent_info(namespace, service, injected[wi], credentials, options)
+    return dataclasses.replace(_agent_info(namespace, service, injected[wi], credentials, options), app_ports=asked)
+
+
+def _with_served(objects: list[Obj], service: str, served: list[int], targets: list[inject.Target]) -> tuple[int, ...]:
+    """The Service ports (numbers) of ``targets`` and those of ``service`` whose app ports in
+    ``served`` the agent is in front of already: an injection for more ports drops none."""
+    ports = [t.service_port for t in targets]
+    found_service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == service)
+    for port in inject.restore_object(found_service)["spec"]["ports"]:
+        try:
+            found = inject.resolve(objects, service, port["port"])
+        except ResolveError:
+            continue
+        if found.container_port in served and found.service_port not in ports:
+            ports.insert(0, found.service_port)
+    return tuple(ports)
+
+
+def _served_in_order(objects: list[Obj], service: str, served: list[int], targets: list[inject.Target]) -> tuple[int, ...]:
+    """:func:`_with_served` in the order of the agent's listeners (``served``), then the new
+    ones: an injection that adds no port keeps each listener's port as it was."""
+    ports = _with_served(objects, service, served, targets)
+    app = {p: inject.resolve(objects, service, p).container_port for p in ports}
+    return tuple(sorted(ports, key=lambda p: served.index(app[p]) if app[p] in served else len(served)))
 
 
 def _replacing(cluster: Cluster, namespace: str, service: str, workload: Obj, target: inject.Target,
@@ -602,7 +641,7 @@ def put_back(api: ApiClient, namespace: str, service: str, replace_by: str, prog
     cluster = Cluster(api)
     try:
         objects = _read_namespace(cluster, namespace, None)
-        target = inject.resolve(objects, service)
+        target = _resolve_any_port(objects, service)
     except (ResolveError, NotFound):
         return False
     index = _index(objects, target.workload_kind, target.workload_name)
@@ -613,6 +652,9 @@ def put_back(api: ApiClient, namespace: str, service: str, replace_by: str, prog
         if inject.replaced_by(current) != replace_by:
             return current  # uninstalled meanwhile
         running = inject.running_options(current, InjectOptions(image=AGENT_CONTAINER))  # the image is read back
+        if target.has_service:  # in front of every port it serves, as they were
+            running = dataclasses.replace(running, service_ports=_served_in_order(
+                objects, service, inject.served_ports(current), []))
         view = [current if i == index else o for i, o in enumerate(objects)]
         return inject.inject(view, service, dataclasses.replace(running, replace_by=None))[index]
 

@@ -88,6 +88,9 @@ NEEDED = (
     *(Access(verb, "endpointslices", "discovery.k8s.io") for verb in ("list", "watch")),
     *(Access(verb, plural, "apps") for plural in ("deployments", "statefulsets", "replicasets")
       for verb in ("get", "list", "update")),
+    # intercept connect's own agent, where a namespace has none (intercept.kube.connect_agent): its Deployment
+    # (and the Secret below)
+    Access("create", "deployments", "apps"),
     *(Access(verb, "networkpolicies", "networking.k8s.io") for verb in ("get", "list", "update")),
     *(Access(verb, "secrets") for verb in ("get", "create", "update", "delete")),
     # the developers' routes, in the workload's routes ConfigMap (intercept.kube.developers)
@@ -244,7 +247,7 @@ def _running_agent(cluster: Cluster, namespace: str, service: str | None,
         return None
     try:
         objects = _read_namespace(cluster, namespace, service)
-        target = inject.resolve(objects, service, options.service_port)
+        target = inject.resolve(objects, service, options.wanted_ports()[0])
     except InterceptError:  # the service check says why, below
         return None
     workload = next(o for o in objects if o["kind"] == target.workload_kind
@@ -286,7 +289,7 @@ def run(api: ApiClient, namespace: str, context: str | None, service: str | None
                          for name in ("network policies", "protocol")]
     try:
         objects = _read_namespace(cluster, namespace, service)
-        target = inject.resolve(objects, service, options.service_port)
+        target = inject.resolve_ports(objects, service, options.wanted_ports())[0]
         injected = inject.inject(objects, service, _allowing(options))
     except InterceptError as error:  # the Service leads nowhere intercept can go: that is the one finding
         return checks + [Check("service", "failed", str(error)), *(

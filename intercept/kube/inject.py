@@ -11,6 +11,8 @@ What :func:`inject` changes, and nothing else:
   appended, and for a *named* targetPort the app container's port is renamed (and its
   probes that used the name follow it) so that the name now resolves to the agent;
 - the Service, for a *numeric* targetPort: that port's targetPort points at the agent;
+- for several Service ports (``InjectOptions.service_ports``), all of the above for each:
+  the agent listens once per app port (9900, 9901, ...), each listener forwarding to its own;
 - NetworkPolicies that admit the app's port but not the agent's: the rules that admit
   the app's port also admit the agent's (refused with ``no_policy_changes``);
 - with ``replace_by`` (``intercept start --replace``), the app container itself: it runs
@@ -39,8 +41,9 @@ the recorded values' keys in their original order::
      "replaced": [{"path": [...], "value": <original>} | {"path": [...], "absent": true}],
      "added": [{"path": [...], "name": "<list item name>", "listWasAbsent": bool}],
      "annotationsWereAbsent": bool,
-     ...role specific: "agentVersion", "upstream", "portName", "replacedBy" (workload,
-                       the last only while a developer replaces the app container),
+     ...role specific: "agentVersion", "upstream", "portName" (workload; with several
+                       ports also "upstreams" and "portNames", one per listener, in order),
+                       "replacedBy" (workload, only while a developer replaces the app container),
                        "workload" (service), "workloads" (policy)}
 
 A path is a list of keys, where ``{"name": N}`` stands for the list item named N (paths
@@ -130,6 +133,8 @@ class InjectOptions:
     image: str
     agent_version: str = __version__
     service_port: str | int | None = None
+    # Several Service ports (names or numbers) to put the agent in front of; () : ``service_port`` alone.
+    service_ports: tuple[str | int | None, ...] = ()
     no_policy_changes: bool = False
     outbound: bool = True
     hold_timeout: float = 10.0
@@ -148,6 +153,10 @@ class InjectOptions:
         Fence.parse(self.outbound_allow, self.outbound_deny)  # a bad rule fails here, not in the pod
         if self.hold_timeout <= 0:
             raise UsageError(f"invalid hold timeout {self.hold_timeout!r}: it must be positive")
+
+    def wanted_ports(self) -> tuple[str | int | None, ...]:
+        """The Service ports to put the agent in front of (None: the Service's only port)."""
+        return self.service_ports or (self.service_port,)
 
     def pod_wide(self) -> dict[str, object]:
         """The agent's pod-wide settings these options make, by :mod:`intercept.agentconfig` key."""
@@ -247,6 +256,20 @@ def check_serves(workload: Obj, target: Target) -> None:
     _takeover_name(workload, target)
 
 
+def served_ports(workload: Obj) -> list[int]:
+    """The app (container) ports the agent injected in ``workload`` is in front of, in order."""
+    record = _record(workload) or {}
+    return [u["port"] for u in _upstreams(record)]
+
+
+def _upstreams(record: Obj) -> list[Obj]:
+    return record.get("upstreams") or ([record["upstream"]] if "upstream" in record else [])
+
+
+def _port_names_of(record: Obj) -> list[str | None]:
+    return record.get("portNames") or [record.get("portName")]
+
+
 def secret_name(workload_name: str) -> str:
     """The Secret holding the agent's host key and token: ``intercept-<workload>``.
 
@@ -306,7 +329,13 @@ def resolve_workload(objects: list[Obj], ref: str) -> Target:
     (``kubectl.kubernetes.io/default-container``, else the first) and that container's first
     TCP port (0 when it declares none: nothing reaches the agent of a workload named so).
 
-    An agent in place keeps the container and port it was injected for."""
+    An agent in place keeps the container and port it was injected for (its first)."""
+    return _workload_targets(objects, ref)[0]
+
+
+def _workload_targets(objects: list[Obj], ref: str) -> list[Target]:
+    """:func:`resolve_workload`, and with an agent in place one target per app port it is in
+    front of, in its order (one injected for several ports of a Service keeps them all)."""
     kind_word, _, name = ref.partition("/")
     kind = WORKLOAD_REFS[kind_word.lower()]
     found = [o for o in objects if o.get("kind") == kind and _name(o) == name]
@@ -322,14 +351,29 @@ def resolve_workload(objects: list[Obj], ref: str) -> Target:
         raise ResolveError(f"{_ref(workload)} has no containers to replace")
     record = _record(workload)
     if record is not None:
-        container, port = record["upstream"]["container"], record["upstream"]["port"]
+        upstreams = [(u["container"], u["port"]) for u in _upstreams(record)]
     else:
         default = ((workload["spec"]["template"].get("metadata") or {}).get("annotations") or {}).get(_DEFAULT_CONTAINER)
         chosen = next((c for c in containers if c["name"] == default), containers[0])
-        container = chosen["name"]
         port = next((p["containerPort"] for p in chosen.get("ports") or [] if p.get("protocol", "TCP") == "TCP"), 0)
-    return Target(service=ref, namespace=_namespace(workload), service_port=0, service_port_name=None, target_port=port,
-                  workload_kind=kind, workload_name=name, container=container, container_port=port)
+        upstreams = [(chosen["name"], port)]
+    return [Target(service=ref, namespace=_namespace(workload), service_port=0, service_port_name=None, target_port=port,
+                   workload_kind=kind, workload_name=name, container=container, container_port=port)
+            for container, port in upstreams]
+
+
+def resolve_ports(objects: list[Obj], service_name: str, wanted: Iterable[str | int | None]) -> list[Target]:
+    """:func:`resolve` for each Service port of ``wanted`` (None: the only one), each once.
+    A workload named directly (``deployment/NAME``) has no Service port to want: its targets
+    are those of :func:`_workload_targets`."""
+    if is_workload_ref(service_name):
+        return _workload_targets(objects, service_name)
+    targets: list[Target] = []
+    for port in wanted:
+        target = resolve(objects, service_name, port)
+        if all(t.service_port != target.service_port for t in targets):
+            targets.append(target)
+    return targets
 
 
 def _find_service(view: list[Obj], name: str) -> Obj:
@@ -499,82 +543,112 @@ def inject(objects: list[Obj], service_name: str, options: InjectOptions) -> lis
     :class:`InjectError` when the injection cannot be done safely (a NetworkPolicy would
     need a change under ``no_policy_changes``, an agent already serves another port, ...).
     """
-    target = resolve(objects, service_name, options.service_port)
+    targets = resolve_ports(objects, service_name, options.wanted_ports())
+    target = targets[0]
     result = list(objects)
 
     wi = _index_of(objects, target.workload_kind, target.workload_name, target.namespace)
     current = objects[wi]
     original = restore_object(current)
-    takeover = _takeover_name(current, target)
-    workload, agent = _inject_workload(original, target, takeover, options)
+    # one listener per app port; Service ports that reach the same app port share it
+    fronts = list({t.container_port: t for t in reversed(targets)}.values())[::-1]
+    # an agent in front of some of these ports may be put in front of more (none dropped)
+    extending = is_injected(current) and set(served_ports(current)) < {t.container_port for t in fronts}
+    takeovers = [_takeover_name(current, t, extending) for t in fronts]
+    workload, agent = _inject_workload(original, fronts, takeovers, options)
     if workload != current:
         log.info("%s: agent %s", _ref(current), "updated" if is_injected(current) else "added")
         result[wi] = workload
 
     if not target.has_service:
         return result  # a workload named directly: no Service, no traffic, no policy to widen
-    if not target.named:
+    numeric = [t for t in targets if not t.named]
+    if numeric:
         si = _index_of(objects, "Service", target.service, target.namespace)
-        service = _redirect_service(restore_object(objects[si]), target, agent.http_port)
+        service = _redirect_service(restore_object(objects[si]), numeric, agent)
         if service != objects[si]:
-            log.info("%s: port %s now targets the agent's port %d", _ref(service),
-                     target.service_port, agent.http_port)
+            for t in numeric:
+                log.info("%s: port %s now targets the agent's port %d", _ref(service),
+                         t.service_port, agent.front(t).http_port)
             result[si] = service
 
-    refused = []
+    refused: dict[str, tuple[Target, _Front]] = {}
     for i, obj in enumerate(objects):
         if obj.get("kind") != "NetworkPolicy" or _namespace(obj) != target.namespace:
             continue
-        policy, admits_more = _admit_agent(obj, original, target, agent)
-        if policy is obj:
-            continue
-        if admits_more and options.no_policy_changes:
-            refused.append(_ref(obj))
-        else:
-            log.info("%s: now also admits the agent's port %d", _ref(obj), agent.http_port)
+        policy = obj
+        for front in agent.fronts:
+            # each front's additions on top of the last; the first one's record keeps the original
+            changed, admits_more = _admit_agent(policy, original, front.target, front)
+            if changed is policy:
+                continue
+            if admits_more and options.no_policy_changes:
+                refused.setdefault(_ref(obj), (front.target, front))
+            else:
+                log.info("%s: now also admits the agent's port %d", _ref(obj), front.http_port)
+                policy = changed
+        if policy is not obj:
             result[i] = policy
     if refused:
+        first_target, first = next(iter(refused.values()))
         raise InjectError(
             f"{', '.join(refused)} admit{'s' if len(refused) == 1 else ''} only the app's port "
-            f"{target.container_port} to the pods of {target.workload}, so traffic to the "
-            f"agent's port {agent.http_port} would be dropped; drop --no-policy-changes to "
+            f"{first_target.container_port} to the pods of {target.workload}, so traffic to the "
+            f"agent's port {first.http_port} would be dropped; drop --no-policy-changes to "
             f"let intercept extend it (restored on uninstall), or admit TCP port "
-            f"{agent.http_port} yourself"
+            f"{first.http_port} yourself"
         )
     return result
+
+
+@dataclass(frozen=True)
+class _Front:
+    """One of the agent's listeners in a pod: the app port behind it and how it is reached."""
+
+    target: Target  # the (first) Service port that reaches this app port
+    http_port: int
+    http_port_name: str
+    app_port_name: str | None  # the app port's name after injection
 
 
 @dataclass(frozen=True)
 class _Agent:
     """The agent's choices in one pod, which the Service and the policies must follow."""
 
-    http_port: int
-    http_port_name: str
+    fronts: tuple[_Front, ...]
     ssh_port: int
-    app_port_name: str | None  # the app port's name after injection
+
+    def front(self, target: Target) -> _Front:
+        return next(f for f in self.fronts if f.target.container_port == target.container_port)
 
 
-def _takeover_name(current: Obj, target: Target) -> str | None:
+def _takeover_name(current: Obj, target: Target, extending: bool = False) -> str | None:
     """The port name the agent takes over: this Service's, or the one an earlier injection took.
 
-    One agent forwards to one app port; a second Service on another port is refused.
+    The agent forwards to the app ports it was injected for; a Service on another port is
+    refused, unless ``extending`` (an injection for more ports, all of the earlier ones among them).
     """
     record = _record(current)
     if not record:
         return target.target_port if target.named else None
-    upstream = record["upstream"]
-    if (upstream["container"], upstream["port"]) != (target.container, target.container_port):
-        raise InjectError(
-            f"{target.workload} already has an agent for container {upstream['container']!r} "
-            f"port {upstream['port']}, and Service {target.service!r} targets container "
-            f"{target.container!r} port {target.container_port}; one agent serves one port: "
-            f"run `intercept uninstall` for the other Service first"
-        )
-    return target.target_port if target.named else record.get("portName")
+    upstreams = _upstreams(record)
+    for upstream, name in zip(upstreams, _port_names_of(record)):
+        if (upstream["container"], upstream["port"]) == (target.container, target.container_port):
+            return target.target_port if target.named else name
+    if extending:
+        return target.target_port if target.named else None
+    served = ", ".join(f"container {u['container']!r} port {u['port']}" for u in upstreams)
+    raise InjectError(
+        f"{target.workload} already has an agent for {served}, and Service {target.service!r} "
+        f"port {target.service_port} targets container {target.container!r} port {target.container_port}; "
+        f"to put the agent in front of it too, start with every port it should serve and --reinject "
+        f"(intercept start {target.service} --port SERVICE_PORT:LOCAL_PORT ... --reinject; its pods are replaced), "
+        f"or, for another Service, run `intercept uninstall` for the first one first"
+    )
 
 
 def _inject_workload(
-    original: Obj, target: Target, takeover: str | None, options: InjectOptions
+    original: Obj, targets: list[Target], takeovers: list[str | None], options: InjectOptions
 ) -> tuple[Obj, _Agent]:
     workload = copy.deepcopy(original)
     pod = _pod_spec(workload)
@@ -584,40 +658,50 @@ def _inject_workload(
             f"{_ref(original)} has a container named {AGENT_CONTAINER!r} but no "
             f"{ANNOTATION} annotation to restore from; remove that container by hand, then inject"
         )
+    target = targets[0]
     app = next(c for c in containers if c["name"] == target.container)
-    app_path = [*_POD_SPEC, "containers", {"name": app["name"]}]
     replaced: list[Obj] = []
 
-    used_ports = _pod_ports(pod) | {target.container_port}
-    http_port = _free_port(AGENT_HTTP_PORT, used_ports)
-    ssh_port = _free_port(AGENT_SSH_PORT, used_ports | {http_port})
+    used_ports = _pod_ports(pod) | {t.container_port for t in targets}
     used_names = _pod_port_names(pod)
-
-    app_port_name = _port_name(app, target.container_port)
-    if takeover is not None:
-        others = [c["name"] for c in containers if c is not app and takeover in _port_names(c)]
-        if others:
-            raise InjectError(
-                f"{_ref(original)}: containers {app['name']!r} and {', '.join(others)} both "
-                f"declare the port name {takeover!r}; give the others another name so that "
-                "the name can be taken over"
-            )
-        fresh = _fresh_name(f"app-{takeover}", used_names, _PORT_NAME_MAX)
-        replaced.append({"path": [*app_path, "ports"], "value": copy.deepcopy(app["ports"])})
-        app["ports"] = [dict(p, name=fresh) if p.get("name") == takeover else p for p in app["ports"]]
-        # Probes address ports within their own container: follow the rename there only.
-        for key in (*_PROBES, "lifecycle"):
-            if key in app:
-                renamed = _rename_port_refs(app[key], takeover, fresh)
-                if renamed != app[key]:
-                    replaced.append({"path": [*app_path, key], "value": app[key]})
-                    app[key] = renamed
-        http_name, app_port_name = takeover, fresh
-        used_names = (used_names - {takeover}) | {fresh}
-    else:
-        http_name = _fresh_name(AGENT_HTTP_PORT_NAME, used_names, _PORT_NAME_MAX)
-    ssh_name = _fresh_name(AGENT_SSH_PORT_NAME, used_names | {http_name}, _PORT_NAME_MAX)
-    agent = _Agent(http_port, http_name, ssh_port, app_port_name)
+    fronts = []
+    saved: set[str] = set()  # containers whose ports list is recorded already
+    for t, takeover in zip(targets, takeovers):
+        owner = next(c for c in containers if c["name"] == t.container)
+        owner_path = [*_POD_SPEC, "containers", {"name": owner["name"]}]
+        http_port = _free_port(AGENT_HTTP_PORT, used_ports)
+        used_ports.add(http_port)
+        app_port_name = _port_name(owner, t.container_port)
+        if takeover is not None:
+            others = [c["name"] for c in containers if c is not owner and takeover in _port_names(c)]
+            if others:
+                raise InjectError(
+                    f"{_ref(original)}: containers {owner['name']!r} and {', '.join(others)} both "
+                    f"declare the port name {takeover!r}; give the others another name so that "
+                    "the name can be taken over"
+                )
+            fresh = _fresh_name(f"app-{takeover}", used_names, _PORT_NAME_MAX)
+            if owner["name"] not in saved:
+                replaced.append({"path": [*owner_path, "ports"], "value": copy.deepcopy(owner["ports"])})
+                saved.add(owner["name"])
+            owner["ports"] = [dict(p, name=fresh) if p.get("name") == takeover else p for p in owner["ports"]]
+            # Probes address ports within their own container: follow the rename there only.
+            for key in (*_PROBES, "lifecycle"):
+                if key in owner:
+                    renamed = _rename_port_refs(owner[key], takeover, fresh)
+                    if renamed != owner[key]:
+                        if not any(r["path"] == [*owner_path, key] for r in replaced):
+                            replaced.append({"path": [*owner_path, key], "value": owner[key]})
+                        owner[key] = renamed
+            http_name, app_port_name = takeover, fresh
+            used_names = (used_names - {takeover}) | {fresh}
+        else:
+            http_name = _fresh_name(AGENT_HTTP_PORT_NAME, used_names, _PORT_NAME_MAX)
+        used_names = used_names | {http_name}
+        fronts.append(_Front(t, http_port, http_name, app_port_name))
+    ssh_port = _free_port(AGENT_SSH_PORT, used_ports)
+    ssh_name = _fresh_name(AGENT_SSH_PORT_NAME, used_names, _PORT_NAME_MAX)
+    agent = _Agent(tuple(fronts), ssh_port)
 
     volume_names = {v.get("name") for v in pod.get("volumes") or []}
     volume = _fresh_name(CREDENTIALS_VOLUME, volume_names, _DNS_LABEL_MAX)
@@ -645,18 +729,21 @@ def _inject_workload(
             "configMap": {"name": routes_name(_name(original)), "optional": True, "defaultMode": 0o444},
         },
     ])
-    containers.append(_agent_container(original, pod, app, target, agent, ssh_name, volume, routes_volume, options))
+    containers.append(_agent_container(original, pod, app, agent, ssh_name, volume, routes_volume, options))
     if options.replace_by is not None:
-        _stand_in(app, app_path, replaced, options)
+        _stand_in(app, [*_POD_SPEC, "containers", {"name": app["name"]}], replaced, options)
 
     record = {
         "role": "workload",
         "agentVersion": options.agent_version,
-        "upstream": {"container": app["name"], "port": target.container_port},
-        "portName": takeover,
+        "upstream": {"container": target.container, "port": target.container_port},
+        "portName": takeovers[0],
         "replaced": replaced,
         "added": added,
     }
+    if len(targets) > 1:
+        record["upstreams"] = [{"container": t.container, "port": t.container_port} for t in targets]
+        record["portNames"] = list(takeovers)
     if options.replace_by is not None:
         record["replacedBy"] = options.replace_by
     _write_record(workload, record, _annotations_absent(original))
@@ -692,7 +779,6 @@ def _agent_container(
     workload: Obj,
     pod: Obj,
     app: Obj,
-    target: Target,
     agent: _Agent,
     ssh_name: str,
     volume: str,
@@ -718,8 +804,8 @@ def _agent_container(
     env = [_copy_env_var(e, app["name"]) for e in app.get("env") or []
            if not e.get("name", "").startswith("INTERCEPT_")]
     env += agentconfig.to_env({
-        "listen": ("0.0.0.0", agent.http_port),
-        "upstream": ("127.0.0.1", target.container_port),
+        "listen": tuple(("0.0.0.0", f.http_port) for f in agent.fronts),
+        "upstream": tuple(("127.0.0.1", f.target.container_port) for f in agent.fronts),
         "ssh_listen": ("0.0.0.0", agent.ssh_port),
         "credentials": Path(CREDENTIALS_DIR, CREDENTIALS_KEY),
         "routes_file": Path(ROUTES_DIR, ROUTES_KEY),
@@ -741,7 +827,7 @@ def _agent_container(
         "imagePullPolicy": "IfNotPresent",
         "command": ["intercept", "agent"],
         "ports": [
-            {"name": agent.http_port_name, "containerPort": agent.http_port, "protocol": "TCP"},
+            *({"name": f.http_port_name, "containerPort": f.http_port, "protocol": "TCP"} for f in agent.fronts),
             {"name": ssh_name, "containerPort": agent.ssh_port, "protocol": "TCP"},
         ],
         "env": env,
@@ -751,7 +837,7 @@ def _agent_container(
     container.update(
         {
             "volumeMounts": mounts,
-            "readinessProbe": {"tcpSocket": {"port": agent.http_port}, "periodSeconds": 5},
+            "readinessProbe": {"tcpSocket": {"port": agent.fronts[0].http_port}, "periodSeconds": 5},
             "resources": copy.deepcopy(AGENT_RESOURCES),
             "securityContext": agent_security_context(pod, app),
         }
@@ -808,14 +894,15 @@ def agent_security_context(pod: Obj, app: Obj) -> Obj:
     return context
 
 
-def _redirect_service(original: Obj, target: Target, http_port: int) -> Obj:
+def _redirect_service(original: Obj, targets: list[Target], agent: _Agent) -> Obj:
     service = copy.deepcopy(original)
     ports = service["spec"]["ports"]
-    index = next(
-        i for i, p in enumerate(ports)
-        if p["port"] == target.service_port and p.get("name") == target.service_port_name
-    )
-    ports[index]["targetPort"] = http_port
+    for target in targets:
+        index = next(
+            i for i, p in enumerate(ports)
+            if p["port"] == target.service_port and p.get("name") == target.service_port_name
+        )
+        ports[index]["targetPort"] = agent.front(target).http_port
     record = {
         "role": "service",
         "workload": target.workload,
@@ -830,7 +917,7 @@ def _redirect_service(original: Obj, target: Target, http_port: int) -> Obj:
 
 
 def _admit_agent(
-    current: Obj, original_workload: Obj, target: Target, agent: _Agent
+    current: Obj, original_workload: Obj, target: Target, agent: _Front
 ) -> tuple[Obj, bool]:
     """``current`` with every rule that reaches the app's port also reaching the agent's.
 
@@ -839,6 +926,7 @@ def _admit_agent(
     agent's port is decided on the original policy; the ports are added to the current
     one, so other workloads' additions stay. Named ports resolve against the pod as
     NetworkPolicies do: before injection the app port's name, after it the agent's.
+    ``current`` may hold another front's additions already (one call per listener).
     """
     original = restore_object(current)
     labels = _pod_labels(original_workload)
@@ -1036,15 +1124,15 @@ def describe_changes(before: list[Obj], after: list[Obj]) -> list[str]:
             lines.append(f"{_ref(new)}: restored")
         elif record["role"] == "workload":
             agent = _container(new, AGENT_CONTAINER)
-            up = record["upstream"]
+            ups = _upstreams(record)
             if not is_injected(old) or _container(old, AGENT_CONTAINER) != agent:
                 ports = ", ".join(f"{p['name']}={p['containerPort']}" for p in agent["ports"])
                 verb = "agent updated" if is_injected(old) else "agent added"
-                lines.append(f"{_ref(new)}: {verb} ({agent['image']}; {ports}; forwards to "
-                             f"{up['container']}:{up['port']})")
+                forwards = ", ".join(f"{up['container']}:{up['port']}" for up in ups)
+                lines.append(f"{_ref(new)}: {verb} ({agent['image']}; {ports}; forwards to {forwards})")
             by, was = record.get("replacedBy"), replaced_by(old)
             if by != was:
-                lines.append(f"{_ref(new)}: container {up['container']} " + (
+                lines.append(f"{_ref(new)}: container {ups[0]['container']} " + (
                     f"replaced by {by}'s local process (it runs the stand-in until they leave)" if by
                     else "runs the app again"))
         elif record["role"] == "service":

@@ -71,7 +71,7 @@ def agent_ports(pod_spec: Obj) -> tuple[int, int] | None:
         settings = agentconfig.from_env(env, ("injection",))
     except UsageError:
         settings = {}
-    listen = settings.get("listen", ("", AGENT_HTTP_PORT))
+    listen = settings.get("listen", (("", AGENT_HTTP_PORT),))[0]  # the first listener's
     ssh_listen = settings.get("ssh_listen", ("", AGENT_SSH_PORT))
     return listen[1], ssh_listen[1]
 

@@ -163,8 +163,13 @@ class Cluster:
         """PUT: fails with :class:`Conflict` when ``metadata.resourceVersion`` is no longer current."""
         return self._json("PUT", obj["kind"], _namespace(obj), obj["metadata"]["name"], body=obj)
 
-    def delete(self, kind: str, namespace: str, name: str) -> None:
-        self._json("DELETE", kind, namespace, name)
+    def delete(self, kind: str, namespace: str, name: str, *, uid: str | None = None,
+               resource_version: str | None = None) -> None:
+        """DELETE; with ``uid`` or ``resource_version`` only that object, unchanged since it was
+        read (the server's preconditions): :class:`Conflict` when it is another or has changed."""
+        preconditions = {k: v for k, v in (("uid", uid), ("resourceVersion", resource_version)) if v is not None}
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": preconditions} if preconditions else None
+        self._json("DELETE", kind, namespace, name, body=body)
 
     def watch(
         self,

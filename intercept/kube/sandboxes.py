@@ -243,19 +243,47 @@ def gc(api: ApiClient, namespace: str | None, *, idle: float, idle_of: Callable[
 def _connect_agent_idle(api: ApiClient, namespace: str, idle: float, idle_of: Callable[[AgentInfo], float | None],
                         progress: Progress, dry_run: bool) -> bool:
     """Remove intercept connect's own agent of ``namespace`` when it has been idle for ``idle``
-    seconds (no session reached the cluster through it); whether it was (or would be)."""
+    seconds (no session reached the cluster through it; asked twice, the second time just
+    before the delete) or has had no ready pod for as long; whether it was (or would be).
+
+    The delete carries the Deployment's resourceVersion as read: one that changed since (a
+    connect recreated it, its pod restarted) is kept. A connect that logs in after the
+    second question and before the delete is still cut: the window is one request long."""
+    def kept(why: str) -> bool:
+        progress(f"intercept connect's own agent in namespace {namespace}: kept: {why}")
+        return False
+
     try:
-        info = connect_agent.find(api, namespace)
+        workload = connect_agent.read(api, namespace)
     except InterceptError as e:
-        progress(f"{connect_agent.NAME} in namespace {namespace}: kept: {e}")
+        return kept(str(e))
+    if workload is None:
         return False
-    seconds = idle_of(info) if info is not None else None
-    if seconds is None or seconds < idle:
-        return False
-    progress(f"intercept connect's own agent in namespace {namespace}: no session for {seconds:.0f}s"
+    unready = connect_agent.unready_for(workload, time.time())
+    if unready is not None:
+        if unready < idle:
+            return False
+        why = f"no ready pod for {unready:.0f}s"
+    else:
+        try:
+            info = connect_agent.info_of(api, namespace, workload)
+        except InterceptError as e:
+            return kept(str(e))
+        seconds = idle_of(info)
+        if seconds is None or seconds < idle:
+            return False
+        if not dry_run:
+            again = idle_of(info)  # just before the delete: a connect may have logged in since
+            if again is None or again < idle:
+                return kept("a session reached the cluster through it while gc asked")
+        why = f"no session for {seconds:.0f}s"
+    progress(f"intercept connect's own agent in namespace {namespace}: {why}"
              + ("; would remove it" if dry_run else "; removing it"))
     if not dry_run:
-        connect_agent.remove(api, namespace, progress)
+        try:
+            connect_agent.remove(api, namespace, progress, resource_version=workload["metadata"]["resourceVersion"])
+        except Conflict:
+            return kept("it changed since gc read it (a connect may be starting it)")
     return True
 
 

@@ -63,8 +63,13 @@ CONTROL_BURST, CONTROL_RATE = 1000, 100.0
 RESET_BURST, RESET_RATE = 1000, 33.0
 SMALL_DATA = 128
 SMALL_DATA_BURST, SMALL_DATA_RATE = 10_000, 1000.0
+# WINDOW_UPDATE frames: a client with small windows sends one per half window it reads
+# (64 KiB windows at 160 MB/s: 10,000 a second), so they have a bucket of their own; past
+# it, they cost more to read than any download explains.
+WINDOW_UPDATE_BURST, WINDOW_UPDATE_RATE = 10_000, 10_000.0
 MAX_CONTINUATIONS = 8
 MAX_SETTINGS = 32  # values in one SETTINGS frame (libnghttp2's limit)
+MAX_HEADER_FIELDS = 1024  # fields in one header block (libnghttp2's limit)
 
 GRPC_UNAVAILABLE = 14
 
@@ -240,11 +245,16 @@ class Intake:
     frame comes with the next bytes. When the connection must end first, it returns nothing and ``code``
     is the GOAWAY code (``reason`` says why):
 
-    - ENHANCE_YOUR_CALM past a limit: PING, SETTINGS, PRIORITY, extension frames and
-      empty DATA frames (:data:`CONTROL_BURST`), DATA frames under :data:`SMALL_DATA`
+    - ENHANCE_YOUR_CALM past a limit: PING, SETTINGS, PRIORITY, RST_STREAM, GOAWAY,
+      extension frames and empty DATA frames (:data:`CONTROL_BURST`; a reset of a stream
+      that is over, or a GOAWAY repeated, does nothing else), WINDOW_UPDATE frames
+      (:data:`WINDOW_UPDATE_BURST`), DATA frames under :data:`SMALL_DATA`
       bytes that do not end their stream (:data:`SMALL_DATA_BURST`), a header block
       continued more than :data:`MAX_CONTINUATIONS` times, a SETTINGS frame of more than
-      :data:`MAX_SETTINGS` values. The codec calls :meth:`reset` for each stream the client
+      :data:`MAX_SETTINGS` values, a header block of more than ``max_header_fields``
+      field representations (counted from the block's bytes, before any is decoded, in
+      every block: a request's, trailers, or one a codec would decode only for the HPACK
+      state, whose fields neither codec keeps or counts). The codec calls :meth:`reset` for each stream the client
       resets before its answer began, and each one it refuses as malformed
       (:data:`RESET_BURST`).
     - PROTOCOL_ERROR or FRAME_SIZE_ERROR for what a frame's header (and padding) shows,
@@ -258,14 +268,16 @@ class Intake:
       WINDOW_UPDATE on a stream the client has not opened yet (5.1: "idle").
     """
 
-    def __init__(self, clock: Callable[[], float], max_frame_size: int) -> None:
+    def __init__(self, clock: Callable[[], float], max_frame_size: int, max_header_fields: int = MAX_HEADER_FIELDS) -> None:
         self.clock = clock
         self.max_frame_size = max_frame_size
+        self.max_header_fields = max_header_fields
         self.frame_limit = 1 << 14  # until the client acknowledges the agent's SETTINGS
         self.acked = False  # it has
         self.control = RateLimit(CONTROL_BURST, CONTROL_RATE)
         self.small_data = RateLimit(SMALL_DATA_BURST, SMALL_DATA_RATE)
         self.resets = RateLimit(RESET_BURST, RESET_RATE)
+        self.windows = RateLimit(WINDOW_UPDATE_BURST, WINDOW_UPDATE_RATE)
         self.skip = len(PREFACE)
         self.held = b""  # the start of a frame that has not arrived whole
         self.judged = False  # its header was judged already
@@ -305,6 +317,14 @@ class Intake:
             if end > n:
                 break  # a frame is given whole
             self.judged = False
+            # (each field takes a byte at least: a block as short as the limit is not read)
+            if (flags & END_HEADERS and (kind == HEADERS or kind == CONTINUATION)
+                    and length + (len(self.pending) if kind == CONTINUATION else 0) > self.max_header_fields):
+                block = _block(self.pending + data[pos:end] if kind == CONTINUATION else data[pos:end])
+                if _field_count(block, self.max_header_fields) > self.max_header_fields:
+                    self.code = ENHANCE_YOUR_CALM
+                    self.reason = f"a header block of more than {self.max_header_fields} fields"
+                    return b""
             if kind > CONTINUATION or kind == CONTINUATION or kind == HEADERS and self.block:
                 # a header block of several frames is given once whole; an extension frame, never
                 if start < pos:
@@ -371,6 +391,8 @@ class Intake:
                 return FRAME_SIZE_ERROR, "a frame of a length its type does not have"
             if sid:
                 return PROTOCOL_ERROR, "a PING or GOAWAY on a stream"
+            if kind == GOAWAY and not self.control.spend(self.clock()):
+                return ENHANCE_YOUR_CALM, "too many GOAWAY frames"
         elif kind == PRIORITY:
             if length != 5:
                 return FRAME_SIZE_ERROR, "a PRIORITY frame that is not 5 bytes"
@@ -381,6 +403,10 @@ class Intake:
                 return FRAME_SIZE_ERROR, "a frame of a length its type does not have"
             if (sid or kind == DATA) and (not sid & 1 or sid > self.highest):
                 return PROTOCOL_ERROR, f"frame type {kind} on idle stream {sid}"
+            if kind == RST_STREAM and not self.control.spend(self.clock()):
+                return ENHANCE_YOUR_CALM, "too many RST_STREAM frames"
+            if kind == WINDOW_UPDATE and not self.windows.spend(self.clock()):
+                return ENHANCE_YOUR_CALM, "too many WINDOW_UPDATE frames"
             if kind == DATA:
                 if flags & PADDED_FLAG and (not length or pad >= length):
                     return PROTOCOL_ERROR, "DATA with more padding than payload"
@@ -401,6 +427,68 @@ class Intake:
             return True
         self.reason = "too many streams reset before their answer (rapid reset) or refused as malformed"
         return False
+
+
+def _block(frames: bytes | bytearray) -> bytes:
+    """The field block that whole HEADERS and CONTINUATION ``frames`` carry (padding and
+    priority left out)."""
+    parts = []
+    pos = 0
+    while pos + FRAME_HEADER <= len(frames):
+        length, kind, flags = int.from_bytes(frames[pos : pos + 3], "big"), frames[pos + 3], frames[pos + 4]
+        start, end = pos + FRAME_HEADER, pos + FRAME_HEADER + length
+        if kind == HEADERS:
+            if flags & PADDED_FLAG and length:
+                end -= frames[start]
+                start += 1
+            if flags & PRIORITY_FLAG:
+                start += 5
+        parts.append(bytes(frames[start:max(start, end)]))
+        pos += FRAME_HEADER + length
+    return b"".join(parts)
+
+
+def _field_count(block: bytes, limit: int) -> int:
+    """How many fields an HPACK ``block`` holds (RFC 7541 section 6), read from the
+    representations' prefixes without decoding any: it stops once past ``limit``, or where
+    the block cannot be read (the codec then says why)."""
+    count, pos, n = 0, 0, len(block)
+
+    def skip_int(pos: int, prefix: int) -> tuple[int, int]:  # (value, position after it)
+        mask = (1 << prefix) - 1
+        value = block[pos] & mask
+        pos += 1
+        if value < mask:
+            return value, pos
+        shift = 0
+        while pos < n and shift < 64:
+            b = block[pos]
+            pos += 1
+            value += (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return value, pos
+        return -1, n  # truncated or absurd: not read further
+
+    while pos < n and count <= limit:
+        b = block[pos]
+        if b & 0x80:  # indexed field
+            count += 1
+            pos = skip_int(pos, 7)[1]
+            continue
+        if b & 0xE0 == 0x20:  # dynamic table size update: no field
+            pos = skip_int(pos, 5)[1]
+            continue
+        count += 1  # a literal field: with incremental indexing (01), without (0000), never indexed (0001)
+        index, pos = skip_int(pos, 6 if b & 0x40 else 4)
+        for _ in range(1 if index else 2):  # the name (unless indexed), then the value
+            if pos >= n:
+                return count
+            length, pos = skip_int(pos, 7)
+            if length < 0:
+                return count
+            pos += length
+    return count
 
 
 # -- what a client may send (RFC 9113 sections 8.1.1, 8.2, 8.3) -----------------------------

@@ -11,7 +11,8 @@ Events (plain slotted classes, built once per frame that matters):
 - :class:`Headers` a request, a response, an informational response or trailers;
 - :class:`Data` payload and its flow-controlled length (padding included);
 - :class:`Reset` RST_STREAM from the peer;
-- :class:`WindowOpened` the peer gave send window back (``stream_id`` 0: the connection);
+- :class:`WindowOpened` the peer gave send window back (``stream_id`` 0: the connection,
+  or every stream's); at most once per stream in one :meth:`Codec.receive`;
 - :class:`Settings` the peer's SETTINGS arrived (its first one ends its preface);
 - :class:`GoAway` the peer will accept no stream above ``last_stream_id``.
 
@@ -63,8 +64,9 @@ CONNECTION_WINDOW = 4 << 20
 # As a client (toward the app or a developer's process) one connection carries the
 # streams of many clients at once: its connection window is the largest there is, so
 # that the bytes held for clients that read slowly never use up the window the others
-# need. What the agent holds is bounded per stream (STREAM_WINDOW) and per client
-# connection (intercept.agent.h2proxy.HELD_LIMIT) instead.
+# need. What the agent holds is bounded per stream (STREAM_WINDOW), per client
+# connection (intercept.agent.h2proxy.HELD_LIMIT) and for all clients together
+# (intercept.agent.h2proxy.AGENT_HELD_LIMIT) instead.
 SHARED_CONNECTION_WINDOW = 2**31 - 1
 MAX_FRAME = 1 << 16
 MAX_HEADER_LIST = 64 << 10
@@ -151,7 +153,7 @@ class Codec:
         )
         self.client = client
         self.conn = Connection(config) if client else ServerConnection(config, MAX_HEADER_LIST, MAX_HEADER_COUNT)
-        self.intake = None if client else Intake(clock, MAX_FRAME)
+        self.intake = None if client else Intake(clock, MAX_FRAME, MAX_HEADER_COUNT)
         self._answered: set[int] = set()  # server: streams whose response has begun and not ended
         self._client_left: int | None = None  # server: the code of the client's GOAWAY
         self.conn.local_settings = h2.settings.Settings(
@@ -204,6 +206,7 @@ class Codec:
             raise CodecError(int(code), str(e) or type(e).__name__) from None
         out: list[Event] = []
         append = out.append
+        opened: set[int] = set()  # streams (0: the connection) reported WindowOpened in this read
         refused: list[Refused] = []
         after_read = False  # a stream was refused after the read
         for ev in raw:
@@ -223,7 +226,9 @@ class Codec:
             elif t is h2.events.TrailersReceived:
                 append(Headers(ev.stream_id, ev.headers, True, Headers.TRAILERS))
             elif t is h2.events.WindowUpdated:
-                append(WindowOpened(ev.stream_id))
+                if ev.stream_id not in opened:  # once a read: each costs the proxy a pass over streams
+                    opened.add(ev.stream_id)
+                    append(WindowOpened(ev.stream_id))
             elif t is h2.events.StreamReset:
                 if ev.remote_reset:
                     if ev.stream_id in self._answered:
@@ -241,7 +246,8 @@ class Codec:
                 if changed is not None:
                     self.remote_max_streams = changed.new_value
                 append(Settings(self.remote_max_streams))
-                if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings:
+                if h2.settings.SettingCodes.INITIAL_WINDOW_SIZE in ev.changed_settings and 0 not in opened:
+                    opened.add(0)
                     append(WindowOpened(0))
             elif t is h2.events.ConnectionTerminated:
                 if intake is not None:  # the client leaves: its streams go on, then the connection is over

@@ -20,9 +20,41 @@ import h2.frame_buffer
 import h2.settings
 import h2.stream
 import hpack
-from h2.connection import _decode_headers
-from hpack.hpack import decode_integer
+import hpack.hpack
 from hyperframe.frame import HeadersFrame, RstStreamFrame, WindowUpdateFrame
+
+# What this module overrides or calls of h2's and hpack's private internals, by owner: the
+# versions pyproject.toml pins have them all; another version may not, or not mean the same.
+REQUIRED = "h2>=4.4.1,<4.5 hpack>=4.2,<4.3"
+INTERNALS = {
+    h2.connection.H2Connection: ("_receive_headers_frame", "_receive_goaway_frame", "_begin_new_stream",
+                                 "_receive_data_frame", "_handle_data_on_closed_stream", "_receive_priority_frame",
+                                 "_receive_window_update_frame", "_receive_settings_frame", "_receive_rst_stream_frame",
+                                 "receive_data", "open_inbound_streams"),
+    h2.connection: ("_decode_headers",),
+    h2.errors: ("_error_code_from_int",),
+    h2.frame_buffer.FrameBuffer: ("__next__", "_update_header_buffer"),
+    h2.stream.H2Stream: ("_initialize_content_length", "_track_content_length"),
+    hpack.Decoder: ("_decode_indexed", "_decode_literal"),
+    hpack.hpack: ("decode_integer",),
+}
+
+
+def check_internals() -> None:
+    """Raise ImportError, naming the versions to install, if an internal this module
+    relies on is missing from the installed h2 or hpack."""
+    missing = [f"{getattr(owner, '__qualname__', None) or owner.__name__}.{name}"
+               for owner, names in INTERNALS.items() for name in names if not hasattr(owner, name)]
+    if missing:
+        install = " ".join(f"'{r}'" for r in REQUIRED.split())
+        raise ImportError(f"intercept's HTTP/2 engine needs {REQUIRED} (installed: h2 {h2.__version__}, hpack "
+                          f"{hpack.__version__}, without {', '.join(missing)}): pip install {install}")
+
+
+check_internals()
+
+from h2.connection import _decode_headers  # noqa: E402 (checked above)
+from hpack.hpack import decode_integer  # noqa: E402
 
 from intercept.routing.h2 import (
     FLOW_CONTROL_ERROR,
@@ -326,9 +358,13 @@ class _Decoder(hpack.Decoder):
     A name or value whose length says more than 64 KiB is a COMPRESSION_ERROR as soon as
     that length is read. Each field is checked as it is decoded (:class:`FieldRules`):
     those after the first malformed one (the stream is then refused) are decoded for the
-    HPACK state only, as are those of a block that is ignored. Of the others, more than
-    ``max_header_count`` fields or ``max_header_list_size`` bytes (RFC 9113's count: 32
-    more per field) are an ENHANCE_YOUR_CALM.
+    HPACK state only, as are those of a block that is ignored. Every field is counted,
+    whatever block it is in: more than ``max_header_count`` fields in one block are an
+    ENHANCE_YOUR_CALM (``Intake`` counts them from the bytes before this decoder runs;
+    this bounds the decoder on its own too), and so are more than
+    ``max_header_list_size`` bytes (RFC 9113's count: 32 more per field) of the fields a
+    request or trailers keep. The fields of an ignored block, or after a malformed one,
+    are not kept, and libnghttp2 does not size them: their count bounds what they cost.
     """
 
     def __init__(self, max_header_list_size: int, max_header_count: int) -> None:
@@ -346,6 +382,9 @@ class _Decoder(hpack.Decoder):
         self.size = self.count = 0
 
     def _field(self, header):  # type: ignore[no-untyped-def]
+        self.count += 1
+        if self.count > self.count_limit:
+            raise hpack.OversizedHeaderListError(f"a header block of more than {self.count_limit} fields")
         rules = self.rules
         if rules is None:
             return
@@ -353,11 +392,9 @@ class _Decoder(hpack.Decoder):
         if self.malformed is not None:
             self.rules = None
             return
-        self.count += 1
         self.size += 32 + len(header[0]) + len(header[1])
-        if self.count > self.count_limit or self.size > self.list_limit:
-            raise hpack.OversizedHeaderListError(f"a header list of more than {self.count_limit} fields or "
-                                                 f"{self.list_limit} bytes")
+        if self.size > self.list_limit:
+            raise hpack.OversizedHeaderListError(f"a header list of more than {self.list_limit} bytes")
 
     def _decode_indexed(self, data):  # type: ignore[no-untyped-def]
         header, consumed = super()._decode_indexed(data)

@@ -24,6 +24,7 @@ Invariants kept here (the proxy relies on them for request-smuggling safety):
 from __future__ import annotations
 
 import functools
+from collections import deque
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -546,3 +547,74 @@ _REASONS = {
     503: "Service Unavailable",
     505: "HTTP Version Not Supported",
 }
+
+
+class Answers:
+    """Counts the complete responses on a connection whose requests are known only by their
+    methods, in order (:meth:`expect`); the responses themselves are discarded. Sans-IO: a
+    mirror's channel feeds it what the developer's process says (:mod:`intercept.agent.mirror`).
+
+    Interim (1xx) responses are skipped; a response delimited by the connection's close
+    completes at :meth:`closed`. Raises :class:`ProtocolError` (502) for bytes that are not
+    a response to an expected request: the connection can no longer be framed.
+    """
+
+    __slots__ = ("methods", "_buf", "_scanned", "_head", "_left", "_chunks")
+
+    def __init__(self) -> None:
+        self.methods: deque[bytes] = deque()  # of the requests not answered yet, oldest first
+        self._buf = b""
+        self._scanned = 0
+        self._head: ResponseHead | None = None  # of the response whose body is arriving
+        self._left = 0
+        self._chunks: ChunkedScanner | None = None
+
+    def expect(self, method: bytes) -> None:
+        self.methods.append(method)
+
+    def feed(self, data: bytes) -> int:
+        """How many responses ``data`` completed."""
+        buf = self._buf + data if self._buf else data
+        self._buf, pos, n, done = b"", 0, len(buf), 0
+        while pos < n:
+            head = self._head
+            if head is None:
+                if not self.methods:
+                    raise ProtocolError(502, "a response to no request")
+                head = parse_response_head(buf, self.methods[0], pos, self._scanned if pos == 0 else 0)
+                if head is None:
+                    self._buf, self._scanned = buf[pos:], n - pos
+                    return done
+                self._scanned = 0
+                pos += head.size
+                if head.status < 200:
+                    continue
+                if head.framing is Framing.TUNNEL:
+                    raise ProtocolError(502, "a response that switches protocols")
+                self._head, self._left = head, head.length
+                self._chunks = ChunkedScanner(502) if head.framing is Framing.CHUNKED else None
+            if head.framing is Framing.LENGTH:
+                take = min(self._left, n - pos)
+                self._left -= take
+                pos += take
+                finished = self._left == 0
+            elif head.framing is Framing.CHUNKED:
+                pos = self._chunks.feed(buf, pos)
+                finished = self._chunks.done
+            elif head.framing is Framing.UNTIL_CLOSE:
+                return done  # everything up to the close is its body
+            else:
+                finished = True
+            if finished:
+                self._head = None
+                self.methods.popleft()
+                done += 1
+        return done
+
+    def closed(self) -> int:
+        """The connection closed: 1 when that ended a response (one delimited by the close)."""
+        head, self._head = self._head, None
+        if head is not None and head.framing is Framing.UNTIL_CLOSE:
+            self.methods.popleft()
+            return 1
+        return 0

@@ -648,6 +648,11 @@ class RegisteredRoute:
     ``destination`` is ``None`` for a developer's route (the session's channel), else the
     cluster address that matching requests go to. ``expires`` (Unix time) ends the route
     by itself: an expired route no longer matches.
+
+    A ``mirror`` route takes nothing: matching requests still go where they would go, and
+    a copy of each goes to the session. ``copied`` counts the copies the developer's
+    process answered, ``dropped`` those abandoned (the developer did not keep up, or
+    could not be reached); every copy ends as one or the other.
     """
 
     id: int
@@ -656,6 +661,9 @@ class RegisteredRoute:
     route: Route
     destination: tuple[str, int] | None = None
     expires: float | None = None
+    mirror: bool = False
+    copied: int = 0
+    dropped: int = 0
 
 
 def _alternative(route: Route) -> str:
@@ -688,6 +696,10 @@ class RouteTable:
       (an empty rule set) is the only session in the table: :meth:`add` refuses with
       :class:`RouteConflict` naming the holder.
     - Route ids are never reused within a table.
+    - Mirrors (``add(..., mirror=True)``) are held apart: they never take a request
+      (:meth:`match` ignores them) and never conflict, with each other or with routes;
+      :meth:`mirrors_matching` lists every one a request matches. Any number of
+      sessions may mirror the same requests, and an intercept of them may be held too.
 
     Mutation rebuilds an immutable tuple and a :class:`_RouteIndex` of it, so that
     :meth:`match` looks up the request's header values, baggage members and path in
@@ -698,31 +710,43 @@ class RouteTable:
     """
 
     def __init__(self) -> None:
+        self.mirrors: tuple[RegisteredRoute, ...] = ()  # public and truthy when any mirror is held
         self._set(())
         self._next_id = 1
 
-    def _set(self, routes: tuple[RegisteredRoute, ...]) -> None:
+    def _set(self, routes: tuple[RegisteredRoute, ...], mirrors: tuple[RegisteredRoute, ...] | None = None) -> None:
         self._routes = routes
         self.held = routes  # public and truthy when any route is held: the proxy's test, without a call
+        if mirrors is not None:
+            self.mirrors = mirrors
         # Every rule reads only the lines of its own field (a header rule its NAME, a baggage
         # rule ``baggage``, a path rule none), so match() gives the same answer when handed
         # only the lines named here: the proxy passes just those (RequestHead.fields).
         self.names = frozenset(
             rule._name if isinstance(rule, (HeaderEquals, HeaderRegex)) else b"baggage"
-            for r in routes for rule in r.route.rules if not isinstance(rule, PathPrefix)
+            for r in (*routes, *self.mirrors) for rule in r.route.rules if not isinstance(rule, PathPrefix)
         )
-        self._by_id = {r.id: r for r in routes}
+        self._by_id = {r.id: r for r in (*routes, *self.mirrors)}
         self._index = _RouteIndex(routes)
 
     def add(self, session_id: str, holder: str, route: Route, *, destination: tuple[str, int] | None = None,
-            expires: float | None = None) -> RegisteredRoute:
+            expires: float | None = None, mirror: bool = False) -> RegisteredRoute:
         """Register ``route`` for ``session_id``; idempotent for the same session.
 
         A session may hold several routes. Raises :class:`RouteConflict` (with
         ``holder``) when another session holds the identical rule set, when ``route``
         is all traffic and another session holds any route, or when another session
-        holds all traffic.
+        holds all traffic. A ``mirror`` never conflicts.
         """
+        if mirror:
+            for other in self.mirrors:
+                if other.session_id == session_id and other.route == route:
+                    other.expires = expires
+                    return other
+            registered = RegisteredRoute(self._next_id, session_id, holder, route, None, expires, mirror=True)
+            self._next_id += 1
+            self._set(self._routes, (*self.mirrors, registered))
+            return registered
         for other in self._routes:
             if other.session_id == session_id and other.route == route:
                 other.destination, other.expires = destination, expires
@@ -769,16 +793,26 @@ class RouteTable:
         return None
 
     def remove(self, route_id: int) -> None:
-        """Drop one route; an unknown id is ignored (the route is already gone)."""
+        """Drop one route or mirror; an unknown id is ignored (the route is already gone)."""
         if route_id in self._by_id:
-            self._set(tuple(r for r in self._routes if r.id != route_id))
+            self._set(tuple(r for r in self._routes if r.id != route_id),
+                      tuple(r for r in self.mirrors if r.id != route_id))
 
     def remove_session(self, session_id: str) -> list[RegisteredRoute]:
-        """Drop every route of a session (it left); returns them in registration order."""
-        removed = [r for r in self._routes if r.session_id == session_id]
+        """Drop every route and mirror of a session (it left); returns them in registration order."""
+        removed = [r for r in (*self._routes, *self.mirrors) if r.session_id == session_id]
         if removed:
-            self._set(tuple(r for r in self._routes if r.session_id != session_id))
-        return removed
+            self._set(tuple(r for r in self._routes if r.session_id != session_id),
+                      tuple(r for r in self.mirrors if r.session_id != session_id))
+        return sorted(removed, key=lambda r: r.id)
+
+    def mirrors_matching(self, method: bytes, target: bytes, headers: Headers) -> list[RegisteredRoute]:
+        """Every mirror the request matches, in registration order (none expired)."""
+        found = [m for m in self.mirrors if m.route.matches(method, target, headers)]
+        if found and any(m.expires is not None for m in found):
+            now = time.time()
+            found = [m for m in found if m.expires is None or m.expires > now]
+        return found
 
     def match(self, method: bytes, target: bytes, headers: Headers) -> RegisteredRoute | None:
         """The first registered route matching the request, or None (to the app); an
@@ -805,9 +839,9 @@ class RouteTable:
 
     def remove_expired(self, now: float) -> list[RegisteredRoute]:
         """Drop the routes whose time is up; returns them."""
-        expired = [r for r in self._routes if r.expires is not None and r.expires <= now]
+        expired = [r for r in (*self._routes, *self.mirrors) if r.expires is not None and r.expires <= now]
         if expired:
-            self._set(tuple(r for r in self._routes if r not in expired))
+            self._set(tuple(r for r in self._routes if r not in expired), tuple(r for r in self.mirrors if r not in expired))
         return expired
 
     def holds(self, registered: RegisteredRoute) -> bool:
@@ -819,16 +853,19 @@ class RouteTable:
         return self._by_id.get(route_id)
 
     def routes_of(self, session_id: str) -> list[RegisteredRoute]:
+        """The routes (not the mirrors) of a session."""
         return [r for r in self._routes if r.session_id == session_id]
 
     def sessions(self) -> set[str]:
+        """The sessions holding a route (not only mirrors)."""
         return {r.session_id for r in self._routes}
 
     def __len__(self) -> int:
         return len(self._routes)
 
     def snapshot(self) -> list[dict[str, Any]]:
-        """The table as JSON-ready dicts, in registration order."""
+        """The table as JSON-ready dicts, in registration order: the routes, then the mirrors
+        (``"mirror": true`` with their ``copied`` and ``dropped`` counts)."""
         return [
             {
                 "id": r.id,
@@ -838,8 +875,9 @@ class RouteTable:
                 "description": r.route.describe(),
                 **({"destination": f"{r.destination[0]}:{r.destination[1]}"} if r.destination else {}),
                 **({"expires": r.expires} if r.expires is not None else {}),
+                **({"mirror": True, "copied": r.copied, "dropped": r.dropped} if r.mirror else {}),
             }
-            for r in self._routes
+            for r in (*self._routes, *self.mirrors)
         ]
 
 

@@ -43,7 +43,7 @@ class NgCodec:
 
     def __init__(self, client: bool, clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
-        self.intake = None if client else Intake(clock, h2codec.MAX_FRAME)
+        self.intake = None if client else Intake(clock, h2codec.MAX_FRAME, h2codec.MAX_HEADER_COUNT)
         self._reported: set[int] = set()  # server: streams whose request was reported and that are not closed
         self._ending: set[int] = set()  # server: streams reset by the client or the agent, until closed
         config = ngh2.Configuration(
@@ -107,6 +107,7 @@ class NgCodec:
             raise CodecError(PROTOCOL_ERROR, str(e)) from None
         out: list = []
         append = out.append
+        opened: set[int] = set()  # streams (0: the connection) reported WindowOpened in this read
         for ev in raw:
             t = type(ev)
             if t is ngh2.DataReceived:
@@ -124,7 +125,9 @@ class NgCodec:
             elif t is ngh2.TrailersReceived:
                 append(Headers(ev.stream_id, list(ev.headers), True, Headers.TRAILERS))
             elif t is ngh2.WindowUpdated:
-                append(WindowOpened(ev.stream_id))
+                if ev.stream_id not in opened:  # once a read, as the h2 codec
+                    opened.add(ev.stream_id)
+                    append(WindowOpened(ev.stream_id))
             elif t is ngh2.StreamReset:
                 if self.intake is not None:
                     # a stream that is over, or was refused unreported, the engine still reports:
@@ -154,7 +157,8 @@ class NgCodec:
                 if value is not None:
                     self.remote_max_streams = value
                 append(Settings(self.remote_max_streams))
-                if ngh2.Setting.INITIAL_WINDOW_SIZE in ev.settings:
+                if ngh2.Setting.INITIAL_WINDOW_SIZE in ev.settings and 0 not in opened:
+                    opened.add(0)
                     append(WindowOpened(0))
             elif t is ngh2.GoAwayReceived:
                 append(GoAway(ev.last_stream_id, ev.error_code))

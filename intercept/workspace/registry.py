@@ -137,12 +137,14 @@ class Entry:
     route: str | None = None
     name: str | None = None
     local_port: int | None = None
+    ports: tuple[str, ...] = ()  # each --port as given ([SERVICE_PORT:]LOCAL_PORT), when there are several
     command: tuple[str, ...] = ()
     log_file: str | None = None
     workspace: str | None = None
     exit_code: int | None = None
     fence: str | None = None  # the outbound fence in effect, once the route is held
     files: str | None = None  # where the pod's files are (--mount)
+    mirrored: dict[str, int] | None = None  # a mirror's copies so far: {"copied": N, "dropped": M}
     # An intercept hosted by a process with several (the MCP server): its id there, and the
     # Unix socket on which that process takes "leave ID" (see :func:`leave`).
     id: str | None = None
@@ -164,22 +166,25 @@ class Entry:
         return {
             "pid": self.pid, "process_start": self.process_start, "started_at": self.started_at,
             "service": self.service, "agent": self.agent, "namespace": self.namespace, "context": self.context,
-            "route": self.route, "name": self.name, "local_port": self.local_port, "command": list(self.command),
+            "route": self.route, "name": self.name, "local_port": self.local_port, "ports": list(self.ports),
+            "command": list(self.command),
             "log_file": self.log_file, "workspace": self.workspace, "exit_code": self.exit_code,
             "fence": self.fence, "files": self.files, "id": self.id, "control": self.control,
+            "mirrored": self.mirrored,
         }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], file: Path | None = None) -> Entry:
-        known = {k: data[k] for k in REGISTER_FIELDS + ("process_start", "exit_code") if k in data}
+        known = {k: data[k] for k in REGISTER_FIELDS + ("process_start", "exit_code", "mirrored") if k in data}
         known["pid"] = int(known["pid"])
         known["command"] = tuple(known.get("command") or ())
+        known["ports"] = tuple(known.get("ports") or ())
         return cls(**known, file=file)
 
 
 # What register() accepts; pid defaults to this process, started_at to now.
 REGISTER_FIELDS: tuple[str, ...] = ("pid", "started_at", "service", "agent", "namespace", "context", "route",
-                                    "name", "local_port", "command", "log_file", "workspace", "fence", "files", "id",
+                                    "name", "local_port", "ports", "command", "log_file", "workspace", "fence", "files", "id",
                                     "control")
 
 
@@ -195,8 +200,8 @@ class Registration:
     file: Path | None
 
     def update(self, **fields: Any) -> None:
-        """Record what became known since (``fence``, ``files``); the file is rewritten atomically."""
-        unknown = set(fields) - {"route", "fence", "files"}
+        """Record what became known since (``fence``, ``files``, ``mirrored``); the file is rewritten atomically."""
+        unknown = set(fields) - {"route", "fence", "files", "mirrored"}
         if unknown:
             raise ValueError(f"Registration.update(): unknown keys {sorted(unknown)}")
         self.entry = replace(self.entry, **fields)
@@ -340,7 +345,7 @@ def workspaces(env: Mapping[str, str] | None = None) -> list[WorkspaceState]:
 # The keys of each status() row, in order: stable for scripts (`intercept status -o json`).
 STATUS_FIELDS: tuple[str, ...] = ("service", "agent", "namespace", "context", "route", "name", "local_port",
                                   "command", "pid", "alive", "started_at", "exit_code", "log_file", "workspace",
-                                  "fence", "files", "id")
+                                  "fence", "files", "id", "mirrored", "ports")
 
 
 def _known(env: Mapping[str, str] | None) -> list[Entry]:

@@ -320,7 +320,8 @@ class _Supervisor:
                 cwd=spec.directory, env=self.env, start_new_session=True)
             entry = Entry(pid=process.pid, process_start=_process_start(process.pid), started_at=_now(),
                           service=spec.service, agent=spec.agent, namespace=spec.namespace, context=spec.context,
-                          name=spec.name, local_port=spec.port, command=spec.command,
+                          name=spec.name, local_port=spec.local_port, command=spec.command,
+                          ports=tuple(str(p) for p in spec.port) if len(spec.port) > 1 else (),
                           log_file=str(self.log_file) if self.log_file else None, workspace=str(self.absolute))
             child = _Child(spec, label, process, entry)
             child.exited = asyncio.ensure_future(process.wait())

@@ -62,3 +62,28 @@ def test_a_command_that_adds_no_agent_reaches_the_one_in_place_and_writes_nothin
     writes = len(cluster.server.writes())
     assert cluster.ensure("cartservice", add=False) == first
     assert len(cluster.server.writes()) == writes
+
+
+# stand-in: what was written, read back (the replace x ports merge).
+@pytest.mark.parametrize("service, options", [
+    ("db", dataclasses.replace(OPTIONS, service_port="grpc")),  # one of the agent's two ports asked for
+    ("deployment/db", OPTIONS),  # the workload named directly: no port asked for
+])
+def test_a_replace_of_an_agent_in_front_of_several_ports_keeps_them_all_and_leaving_gives_the_pod_back(
+        tmp_path, service, options) -> None:
+    from tests.kubeapi import KubeAPI
+    from tests.test_kube_apply import Cluster, two_port_app
+
+    with KubeAPI() as server:
+        server.load(two_port_app())
+        cluster = Cluster(server, server.kubeconfig(tmp_path / "kubeconfig"))
+        cluster.ensure("db", dataclasses.replace(OPTIONS, service_ports=("http", "grpc")))
+        injected = cluster.snapshot()
+        info = cluster.ensure(service, options, replace_by="alice")
+        workload = cluster.get("Deployment", "db")
+        assert inject.replaced_by(workload) == "alice"
+        assert inject.served_ports(workload) == [8080, 9090], "no listener dropped"
+        assert info.app_ports == ((9090,) if service == "db" else ())
+        assert cluster.snapshot()[("Service", "db")] == injected[("Service", "db")]
+        assert put_back(cluster.api, NS, service, "alice", cluster.progress.append) is True
+        assert cluster.snapshot() == injected

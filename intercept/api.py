@@ -86,6 +86,8 @@ class _Target:
     # event is set); None in direct mode.
     record: Callable[[asyncio.Event], Any] | None = None
     access: Any = None  # intercept.access.reach.AccessPlan: the cluster's names for the local process; None in direct mode
+    # With --replace: puts the app container back when the intercept ends (its progress as events).
+    put_back: Callable[[OnEvent], Any] | None = None
 
 
 @dataclass
@@ -142,25 +144,44 @@ async def _target(s: InterceptSpec, emit: OnEvent, *, route: bool = True, follow
         transport, credentials, namespace = DirectTransport(*s.agent_address), load(s.credentials), s.namespace
     elif s.service is None:
         raise UsageError("name the SERVICE (intercept start orders), or --agent HOST:PORT for an agent you can reach")
-    else:
-        agents = await _service_agents(s, emit, follow, add=route)
-        transport, credentials, namespace = agents.transport, agents.credentials, agents.namespace
     name = s.name or default_name()
+    replace_by = name if s.replace and route else None
+    if agents is None and s.agent_address is None:
+        agents = await _service_agents(s, emit, follow, add=route, replace_by=replace_by)
+        transport, credentials, namespace = agents.transport, agents.credentials, agents.namespace
     rules = s.rules() if route else []
-    if route and not rules and not s.all:
+    if route and not rules and not s.all and not s.replace:
         rules = [HeaderEquals("x-intercept-id", name)]
         emit(Event("header", f"your requests carry x-intercept-id: {name}"))
     options = InterceptOptions(transport=transport, credentials=credentials, route=Route(frozenset(rules)), name=name,
-                               local_port=s.local_port, ports=_app_ports(s, agents), all_traffic=s.all and route,
+                               local_port=s.local_port, ports=_app_ports(s, agents), all_traffic=(s.all or s.replace) and route,
                                mirror=s.mirror and route, ttl=s.ttl if route else None,
                                fence=Fence.parse(s.outbound_allow, s.outbound_deny, owner="this session"),
-                               refresh_credentials=agents.refresh if agents else None)
+                               refresh_credentials=agents.refresh if agents else None,
+                               replacing=s.service if replace_by is not None and "/" in (s.service or "") else None)
     if agents is None:
         return _Target(options, None, namespace)
     # A mirror is not recorded for pods that start later: they would hold its requests as an
     # intercept's until the session arrives; the fleet registers it there when it connects.
     record = functools.partial(_keep_route_recorded, agents, name, options.route) if route and not s.mirror else None
-    return _Target(options, agents.replicas, namespace, record, _access_plan(s, agents.cluster, namespace))
+    put_back = functools.partial(_put_back, agents, s, replace_by) if replace_by is not None else None
+    return _Target(options, agents.replicas, namespace, record, _access_plan(s, agents.cluster, namespace), put_back)
+
+
+async def _put_back(agents: _Agents, s: InterceptSpec, replace_by: str, emit: OnEvent) -> None:
+    """The app container of ``s.service`` as it was before ``replace_by`` replaced it
+    (:func:`intercept.kube.apply.put_back`); a failure is said, as an ``error`` event and in
+    the log, not raised: the intercept has ended by then."""
+    from intercept.kube.apply import put_back
+
+    loop = asyncio.get_running_loop()
+    progress = lambda line: loop.call_soon_threadsafe(emit, Event("progress", line))  # noqa: E731 (from the worker thread)
+    try:
+        await asyncio.to_thread(put_back, agents.cluster.api, agents.namespace, s.service, replace_by, progress)
+    except InterceptError as e:
+        log.error("the app of %s is not back: %s", s.service, e)
+        emit(Event("error", f"the app of {s.service} is not back: {e}; run intercept uninstall "
+                            f"{agents.workload} -n {agents.namespace} to put it back"))
 
 
 def _access_plan(s: InterceptSpec, cluster: Any, namespace: str) -> Any:
@@ -222,11 +243,11 @@ def _inject_options(s: InterceptSpec) -> Any:
 
 
 async def _ensure_agent(cluster: Any, s: InterceptSpec, emit: OnEvent, *, add: bool, named: Collection[str],
-                        reinject: bool) -> Any:
+                        reinject: bool, replace_by: str | None = None) -> Any:
     """:func:`_ensure_agent_raw`; a refusal for settings that differ names the developers the
     agent serves now and the explicit way to change it."""
     try:
-        return await _ensure_agent_raw(cluster, s, emit, add=add, named=named, reinject=reinject)
+        return await _ensure_agent_raw(cluster, s, emit, add=add, named=named, reinject=reinject, replace_by=replace_by)
     except AgentSettingsDiffer as e:
         holders = await _holders(cluster, e.agent)
         serves = f"it serves {', '.join(holders)} now" if holders else "nobody holds a route on it now"
@@ -239,13 +260,20 @@ async def _ensure_agent(cluster: Any, s: InterceptSpec, emit: OnEvent, *, add: b
 
 
 async def _ensure_agent_raw(cluster: Any, s: InterceptSpec, emit: OnEvent, *, add: bool, named: Collection[str],
-                            reinject: bool) -> Any:
+                            reinject: bool, replace_by: str | None = None) -> Any:
     """:func:`intercept.kube.apply.ensure_agent` in a thread, its progress as events; Ctrl-C
-    while a rollout is awaited puts the originals back first."""
+    while a rollout is awaited puts the originals back first. With ``replace_by``, the
+    developers holding routes on an agent in place are asked for (a replace is refused then)."""
     from intercept.kube.apply import ensure_agent
 
+    loop = asyncio.get_running_loop()
+
+    def holders(info: Any) -> list[str]:  # from ensure_agent's thread: ask on the loop
+        return asyncio.run_coroutine_threadsafe(_holders(cluster, info), loop).result()
+
     return await _awaiting_rollout(emit, ensure_agent, cluster.api, cluster.namespace, s.service, _inject_options(s),
-                                   timeout=s.timeout, named=named, reinject=reinject, add=add)
+                                   timeout=s.timeout, named=named, reinject=reinject, add=add, replace_by=replace_by,
+                                   holders=holders)
 
 
 async def _awaiting_rollout(emit: OnEvent, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -299,7 +327,8 @@ def _connected(route: Mapping[str, Any]) -> bool:
     return not str(route.get("session", "")).startswith((SESSION_PREFIX, PENDING_PREFIX))
 
 
-async def _service_agents(s: InterceptSpec, emit: OnEvent, follow: bool, *, add: bool = True) -> _Agents:
+async def _service_agents(s: InterceptSpec, emit: OnEvent, follow: bool, *, add: bool = True,
+                          replace_by: str | None = None) -> _Agents:
     """The agents of Service ``s.service`` (the agent injected first if it has none and
     ``add``); with ``follow``, the replica sets to follow (an uninstall ends them with
     AgentRemoved), else the transport to one ready pod."""
@@ -311,7 +340,7 @@ async def _service_agents(s: InterceptSpec, emit: OnEvent, follow: bool, *, add:
 
     cluster = await asyncio.to_thread(connect, s.kubeconfig, s.context, s.namespace)
     named = {field for key, field in _POD_WIDE.items() if key in s.origins}
-    info = await _ensure_agent(cluster, s, emit, add=add, named=named, reinject=s.reinject and add)
+    info = await _ensure_agent(cluster, s, emit, add=add, named=named, reinject=s.reinject and add, replace_by=replace_by)
 
     async def refresh() -> Any:
         return await asyncio.to_thread(agent_credentials, cluster.api, cluster.namespace, info.workload_name)
@@ -656,6 +685,7 @@ class Intercept:
     def _run(self, capture: bool) -> None:
         from intercept.client.runner import LocalCommand
         from intercept.client.start import start as start_client
+        from intercept.kube.inject import is_workload_ref
 
         s = self.spec
         command = LocalCommand(
@@ -666,6 +696,7 @@ class Intercept:
             debug_wait=s.debug_wait,
             env_file=str(s.env_file) if s.env_file else None,
             output=self.output.append if capture else None,
+            serves=not is_workload_ref(s.service),
         )
         mount = None
         if s.mount is not None:
@@ -687,6 +718,8 @@ class Intercept:
             ended.set()
             if recording is not None:
                 await asyncio.gather(recording, return_exceptions=True)
+            if self._target.put_back is not None:  # --replace: the app comes back (also after a failed start)
+                await self._target.put_back(self._event)
 
     @property
     def done(self) -> bool:
@@ -742,7 +775,12 @@ async def start(s: InterceptSpec, *, on_event: OnEvent | None = None, capture_ou
     it = Intercept(s, target, emit)
     it.events.extend(early)
     transport = target.options.transport.describe()
-    it._event(Event("starting", f"{it.route} to localhost:{s.local_port} through {transport}", route=it.route))
+    if s.replace and "/" in (s.service or ""):
+        said = f"{s.service} replaced by your process: its app container runs in no replica until you leave (no Service: no requests)"
+    else:
+        said = f"{it.route} to localhost:{s.local_port} through {transport}"
+        said += f"; its app container runs in no replica until you leave" if s.replace else ""
+    it._event(Event("starting", said, route=it.route))
     it._run(capture_output)
     return it
 

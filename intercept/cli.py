@@ -98,7 +98,7 @@ def _options(ctx: click.Context, *keys: str) -> dict[str, Any]:
 
 CLUSTER = ("namespace", "context", "kubeconfig")
 _START = (
-    "service", "agent", "credentials", "port", "headers", "header_regexes", "baggage", "path_prefix", "all", "mirror", "name",
+    "service", "agent", "credentials", "port", "headers", "header_regexes", "baggage", "path_prefix", "all", "replace", "mirror", "name",
     "watch", "no_watch", "debug", "debug_port", "debug_wait", "env_file", "mount", "mount_mode", "forward", "also_namespaces", "access", "propagate_header",
     "no_outbound", "outbound_allow", "outbound_deny", "no_policy_changes", "no_forwarded_headers", "timeout", "ttl",
     "service_port", "agent_image", "hold_timeout", "reinject", *CLUSTER,
@@ -281,6 +281,16 @@ def agent(ctx: click.Context, **_: Any) -> None:
         _fail(InterceptError(f"agent cannot listen: {e.strerror or e}; choose free ports with --listen/--ssh-listen"))
 
 
+@main.command("stand-in", hidden=True)
+@click.argument("developer")
+def stand_in_command(developer: str) -> None:
+    """What a replaced app container runs until its pod goes (intercept start --replace)."""
+    from intercept.standin import stand_in
+
+    stand_in(developer, lambda line: click.echo(line))
+    sys.exit(0)
+
+
 @main.command(cls=_DashDashCommand)
 @_spec_options(*_START)
 @_output_option("text", "json", help="text: intercept: KIND: MESSAGE lines; json: one event object per line (for scripts and "
@@ -291,6 +301,8 @@ def start(ctx: click.Context, output: str, **_: Any) -> None:
 
     \b
     intercept start orders --header x-dev=alice --port 8080 -- python app.py
+    intercept start orders --replace --port 8080 -- python app.py
+    intercept start deployment/worker --replace -- python worker.py
     intercept start --agent HOST:PORT --credentials FILE --port 8080 [--header x-dev=alice] [-- COMMAND ARGS...]
     """
     import json

@@ -115,6 +115,17 @@ class AgentInUse(InterceptError):
     exit_code = 16
 
 
+class ReplaceRefused(InterceptError):
+    """``intercept start --replace`` refused: another developer replaces the workload already,
+    or developers hold routes on its agent (named in the message)."""
+
+    exit_code = 17
+
+    def __init__(self, message: str, holders: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.holders = holders
+
+
 class ChecksFailed(InterceptError):
     """``intercept doctor``: at least one check failed (each failed line says its fix)."""
 

@@ -242,14 +242,18 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
         outbound_deny: list[str] | None = None,
         agent: str | None = None,
         credentials: str | None = None,
+        replace: bool | None = None,
         mirror: bool | None = None,
     ) -> dict[str, Any]:
         """Intercept a Service: requests that match reach localhost:PORT (or COMMAND, run with the pod's
         environment; default port 8080). port may be [SERVICE_PORT:]LOCAL_PORT, and a list of them takes several
         ports of the Service in one intercept, each to its own local port (e.g. ["http:3000", "grpc:5000"];
         SERVICE_PORT is the Service port's number or name). headers are NAME=VALUE rules that must all match; with no rule, requests carrying
-        x-intercept-id: NAME are routed. mirror: the app still answers them, and a copy of each comes to
-        the local process (its answer discarded; copies it does not take in time are dropped and counted). ttl (90m, 2h) ends the route by itself even if this machine goes.
+        x-intercept-id: NAME are routed. replace: every request comes here and the app container runs in no
+        replica until stop_intercept (its queue consumers stop competing); service may then also be
+        deployment/NAME or statefulset/NAME (a worker with no Service); refused while others hold routes on it.
+        mirror: the app still answers them, and a copy of each comes to the local process (its answer discarded;
+        copies it does not take in time are dropped and counted); not with replace. ttl (90m, 2h) ends the route by itself even if this machine goes.
         outbound_allow/outbound_deny (HOST[:PORT]) narrow where the process may connect through the pod.
         agent_image is used only when the service has no agent yet (a running agent's is shared by everyone).
         agent and credentials select direct mode (no Kubernetes). Options not given come from INTERCEPT_*
@@ -258,7 +262,8 @@ def build(intercepts: Intercepts | None = None) -> MCPServer:
         s = _spec(service=service, port=port, headers=headers, baggage=baggage, path_prefix=path_prefix,
                   command=command, name=name, namespace=namespace, context=context, kubeconfig=kubeconfig,
                   agent_image=agent_image, ttl=ttl, outbound_allow=outbound_allow, outbound_deny=outbound_deny,
-                  agent=agent, credentials=credentials, no_watch=True if command else None, mirror=mirror or None)
+                  agent=agent, credentials=credentials, no_watch=True if command else None, replace=replace,
+                  mirror=mirror or None)
         try:
             it = await api.start(s, capture_output=True)
         except InterceptError as e:

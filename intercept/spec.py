@@ -171,6 +171,21 @@ def _label(pattern: re.Pattern[str], what: str, limit: int) -> Callable[[object]
 
 
 _service_name = _label(_DNS_1035, "Service name (starting with a letter)", 63)
+_WORKLOAD_KINDS = ("deployment", "statefulset")  # intercept.kube.inject.WORKLOAD_REFS
+
+
+def _service_or_workload(value: object) -> str:
+    """A Service name, or ``deployment/NAME`` / ``statefulset/NAME`` (a workload with no Service, for ``replace``)."""
+    text = _text(value)
+    kind, sep, name = text.partition("/")
+    if not sep:
+        return _service_name(text)
+    labels = name.split(".")
+    if kind in _WORKLOAD_KINDS and len(name) <= 253 and all(len(x) <= 63 and _DNS_1123.fullmatch(x) for x in labels):
+        return text
+    raise _Invalid(f"expected a Service name, or deployment/NAME or statefulset/NAME (a workload, with replace); "
+                   f"e.g. {_EG}")
+
 _namespace_name = _label(_DNS_1123, "namespace name", 63)
 
 
@@ -434,8 +449,9 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("service", "SERVICE", "Service name", None,
-           "The Kubernetes Service whose requests you take (the argument of `intercept start`).",
-           "orders", _service_name,
+           "The Kubernetes Service whose requests you take (the argument of `intercept start`); with `replace`, "
+           "also `deployment/NAME` or `statefulset/NAME`: a workload with no Service (a queue worker).",
+           "orders", _service_or_workload,
            default_doc="none: then `agent` is required"),
     Option("namespace", "--namespace", "namespace name", None,
            "The Service's namespace.", "shop", _namespace_name, top_level=True, short="-n",
@@ -477,6 +493,13 @@ OPTIONS: tuple[Option, ...] = (
            "/api", _rule("path-prefix"), default_doc="none"),
     Option("all", "--all", "boolean", False,
            "Route every request; only while nobody else holds a route, and not with other rules.",
+           True, _bool, verbatim=False),
+    Option("replace", "--replace", "boolean", False,
+           "Replace the cluster's version: every request comes to you (as `all`), and the app container runs in no "
+           "replica while you intercept (it runs a stand-in from the agent image, keeping its environment and "
+           "mounts for you), so its queue consumers and schedulers stop competing with yours; it comes back when "
+           "you leave. Only one developer at a time, and only while nobody else holds a route on it. Not with "
+           "`mirror`.",
            True, _bool, verbatim=False),
     Option("mirror", "--mirror", "boolean", False,
            "Mirror instead of intercept: the app still answers every request; a copy of each one the rules match "
@@ -664,6 +687,7 @@ class InterceptSpec:
     baggage: str | None = None
     path_prefix: str | None = None
     all: bool = False
+    replace: bool = False
     mirror: bool = False
     name: str | None = None
     command: tuple[str, ...] = ()
@@ -849,6 +873,18 @@ def _build(values: Mapping[str, object], origins: Mapping[str, Origin], *, direc
     rule_key = next((k for k in _RULE_KEYS if v[k]), None)
     if v["all"] and rule_key is not None:
         raise fail(f"{said('all')} takes every request, but {said(rule_key)} sets a rule; drop one of them", "all")
+    if v["replace"] and rule_key is not None:
+        raise fail(f"{said('replace')} takes every request, but {said(rule_key)} sets a rule; drop one of them", "replace")
+    if v["replace"] and v["mirror"]:
+        raise fail(f"{said('replace')} takes every request from the app and stops it, but {said('mirror')} leaves the "
+                   f"requests to the app and copies them to you; drop one of them", "mirror")
+    if v["replace"] and v["agent"]:
+        raise fail(f"{said('replace')} stops the app container of a workload in Kubernetes, but {said('agent')} names "
+                   "an agent directly; name the Service (or deployment/NAME) instead", "replace")
+    if v["service"] and "/" in v["service"] and not v["replace"]:
+        raise fail(f"{v['service']} names a workload, which has no Service whose requests to take; add "
+                   f"{_example(_BY_KEY['replace'], medium_of('service'))} to run COMMAND in its place, or name a Service",
+                   "service")
     if v["debug"] and not v["command"]:
         raise fail(f"{said('debug')} runs the local command under debugpy, but no command is given; "
                    f"add one, e.g. {_example(_BY_KEY['command'], medium_of('debug'))}", "debug")
@@ -902,6 +938,12 @@ def _check_ports(v: dict[str, object], said: Callable[[str], str], medium_of: Ca
                            f"{'Service port its own local port' if what == 'local port' else 'Service port once'}, "
                            f"e.g. {example}", "port")
             seen[key] = p
+    if v["service"] and "/" in v["service"]:
+        named = next((p for p in ports if p.service_port is not None), None)
+        if named is not None:
+            raise fail(f"{said('port')} {named}: {v['service']} is a workload with no Service, whose port "
+                       f"{named.service_port} nobody sends requests to; give only the LOCAL_PORT, e.g. "
+                       f"{_written(_BY_KEY['port'], medium_of('port'), ['8080'])}", "port")
     if v["agent"] and not v["service"]:
         named = next((p for p in ports if isinstance(p.service_port, str)), None)
         if named is not None:

@@ -468,6 +468,8 @@ class Fleet:
         self._ready = True
         self.became_ready.set()
         line = f"{self.options.describe()} now reach {self.options.destinations()}"
+        if self.options.replacing is not None:  # no Service: nothing to reach; say what holds
+            line = f"{self.options.replacing} is yours: your process runs in place of its app container"
         self._report(Event("ready", f"{line} ({self._count()})" if self._count_replicas else line, route=self.options.describe(),
                            fence=self.fence()))
         tls = sum(h.session.agent.tls_connections for h in self._holders.values() if h.session is not None)

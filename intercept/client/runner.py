@@ -265,6 +265,9 @@ class LocalCommand:
     output: Callable[[str], None] | None = field(default=None, compare=False)  # its lines; None: our stdout
     # Runs in the child between fork and exec (a private mount namespace: intercept.access.isolate).
     setup: Callable[[], None] | None = field(default=None, compare=False)
+    # Whether it serves routed requests on the local port (False: a workload with no Service, a
+    # queue worker replaced by it; nobody waits for it to accept connections there).
+    serves: bool = True
 
 
 def dotenv(env: Mapping[str, str]) -> str:

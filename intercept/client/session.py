@@ -60,6 +60,9 @@ class InterceptOptions:
     # Where the credentials come from again (a workload's Secret), to tell a reinstalled agent's
     # new host key from an impersonation; None in direct mode (the file is all there is).
     refresh_credentials: Callable[[], Awaitable[Credentials]] | None = field(default=None, compare=False)
+    # A workload with no Service replaced by this intercept (deployment/worker): no request comes,
+    # and the lines say what the route holds instead.
+    replacing: str | None = None
 
     def describe(self) -> str:
         what = f"requests with {self.route.describe()}" if self.route.rules else "all requests"

@@ -93,7 +93,7 @@ async def start(
     propagate = propagation(options.route) if propagate_header else []
     if not isinstance(command, LocalCommand):
         command = LocalCommand(tuple(command))
-    if command.argv:  # before the route is held: COMMAND is to listen on the port
+    if command.argv and command.serves:  # before the route is held: COMMAND is to listen on the port
         for port in _local_ports(options):
             await refuse_taken_port(options.local_host, port)
     loop = asyncio.get_running_loop()
@@ -200,7 +200,7 @@ async def start(
             if command.watch:
                 batches = await watch(command.watch, stop)
                 reloading = asyncio.ensure_future(_reload_on_change(batches, command, supervisor, door, fleet, options, report))
-            if not command.debug_wait:
+            if command.serves and not command.debug_wait:
                 await _accepting_all(options, door, supervisor)
             door.open()
             for event in held:

@@ -45,7 +45,8 @@ from typing import Any
 from kubernetes.client import ApiClient
 
 from intercept.credentials import Credentials
-from intercept.errors import AgentSettingsDiffer, CredentialsError, InjectError, InterceptError, NoAgent, ResolveError
+from intercept.errors import (AgentSettingsDiffer, CredentialsError, InjectError, InterceptError, NoAgent,
+                              ReplaceRefused, ResolveError)
 from intercept.kube import inject
 from intercept.kube.image import how_to_provide
 from intercept.kube.inject import ANNOTATION, AGENT_CONTAINER, CREDENTIALS_KEY, InjectOptions
@@ -62,6 +63,7 @@ __all__ = [
     "agent_pods",
     "ensure_agent",
     "list_services",
+    "put_back",
     "uninstall",
     "watch_agent_pods",
 ]
@@ -172,6 +174,8 @@ def ensure_agent(
     named: Collection[str] = (),
     reinject: bool = False,
     add: bool = True,
+    replace_by: str | None = None,
+    holders: Callable[[AgentInfo], list[str]] | None = None,
 ) -> AgentInfo:
     """Make sure the workload behind ``service`` runs an agent; wait for it.
 
@@ -192,12 +196,21 @@ def ensure_agent(
 
     ``interrupt``, set from another thread, ends a rollout wait as Ctrl-C would: what was
     written is put back and :class:`Interrupted` raised.
+
+    With ``replace_by`` (a developer's name: ``intercept start --replace``), the app container
+    runs the stand-in in every replica once this returns (the pods of the app that went are
+    gone, not only terminating): written with the agent in one rollout when there is none.
+    Refused (:class:`~intercept.errors.ReplaceRefused`, nothing written) while another
+    developer replaces the workload, or while ``holders`` (who holds routes on an agent in
+    place) names anyone. ``service`` may name a workload (``deployment/NAME``).
     """
     cluster = Cluster(api)
-    objects = _read_namespace(cluster, namespace, service)
+    objects = _read_namespace(cluster, namespace, None if inject.is_workload_ref(service) else service)
     targets = inject.resolve_ports(objects, service, options.wanted_ports())
     target = targets[0]
-    asked = tuple(inject.resolve(objects, service, p).container_port for p in options.wanted_ports())
+    # the app port behind each port asked for; none for a workload named directly (no Service, no requests)
+    asked = () if not target.has_service else tuple(inject.resolve(objects, service, p).container_port
+                                                      for p in options.wanted_ports())
     wi = _index(objects, target.workload_kind, target.workload_name)
     workload = objects[wi]
     if inject.is_injected(workload):
@@ -209,6 +222,10 @@ def ensure_agent(
         else:
             for t in targets:
                 inject.check_serves(workload, t)
+            if replace_by is not None and target.has_service:
+                # the replace rewrites the pod template: the agent stays in front of every port it serves
+                options = dataclasses.replace(options, service_port=None,
+                                              service_ports=_served_in_order(objects, service, served, targets))
         running = inject.running_options(workload, options)
         wanted = dataclasses.replace(running, **{k: getattr(options, k) for k in named if k in inject.POD_WIDE_FLAGS})
         if not reinject:
@@ -225,7 +242,10 @@ def ensure_agent(
         raise NoAgent(f"Service {service} in namespace {namespace} has no agent ({target.workload} runs none), and "
                       f"this command does not add one: add it with intercept inject {service} -n {namespace} "
                       f"(or intercept start {service} -n {namespace}, which adds it)")
-    injected = objects if inject.is_injected(workload) and not reinject else inject.inject(objects, service, options)
+    if replace_by is not None:
+        options = _replacing(cluster, namespace, service, workload, target, options, replace_by, holders)
+    unchanged = inject.is_injected(workload) and not reinject and options.replace_by == inject.replaced_by(workload)
+    injected = objects if unchanged else inject.inject(objects, service, options)
     changed = [i for i, (old, new) in enumerate(zip(objects, injected)) if old != new]
 
     if not changed:
@@ -234,6 +254,8 @@ def ensure_agent(
         credentials, _ = _ensure_secret(cluster, workload)
         try:
             _wait_rollout(cluster, workload, progress, timeout, poll_interval, interrupt)
+            if replace_by is not None:
+                _wait_app_gone(cluster, workload, progress, timeout, poll_interval, interrupt)
         except _RolloutProblem as problem:
             events = _events_for(cluster, namespace, workload, problem)
             shown = f"; events: {' | '.join(events)}" if events else ""
@@ -263,6 +285,8 @@ def ensure_agent(
             write(wi)
         # Also when only the Service changes (an earlier run stopped short): its pods must answer first.
         _wait_rollout(cluster, workload, progress, timeout, poll_interval, interrupt)
+        if replace_by is not None:
+            _wait_app_gone(cluster, workload, progress, timeout, poll_interval, interrupt)
         for i in changed:
             if objects[i]["kind"] == "Service":
                 write(i)
@@ -279,9 +303,10 @@ def ensure_agent(
                 f"back failed too ({also}): run intercept uninstall {service} -n {namespace} to finish",
                 events,
             ) from None
-        if not isinstance(error, (_RolloutProblem, InterceptError)):
-            raise  # interrupted (Ctrl-C) or a bug: put back, then let it through
-        failure = _failure(f"injecting the agent into {_ref(workload)}", what, events, put_back, _fix(error))
+        if not isinstance(error, (_RolloutProblem, InterceptError)) or isinstance(error, ReplaceRefused):
+            raise  # interrupted (Ctrl-C), refused meanwhile, or a bug: put back, then let it through
+        doing = f"replacing the app of {_ref(workload)}" if replace_by else f"injecting the agent into {_ref(workload)}"
+        failure = _failure(doing, what, events, put_back, _fix(error))
         if isinstance(error, AccessDenied):  # the user may not do this: exit 11, not "cannot be injected"
             raise AccessDenied(str(failure), error.status, error.reason) from None
         raise failure from None
@@ -305,8 +330,45 @@ def _with_served(objects: list[Obj], service: str, served: list[int], targets: l
     return tuple(ports)
 
 
+def _served_in_order(objects: list[Obj], service: str, served: list[int], targets: list[inject.Target]) -> tuple[int, ...]:
+    """:func:`_with_served` in the order of the agent's listeners (``served``), then the new
+    ones: an injection that adds no port keeps each listener's port as it was."""
+    ports = _with_served(objects, service, served, targets)
+    app = {p: inject.resolve(objects, service, p).container_port for p in ports}
+    return tuple(sorted(ports, key=lambda p: served.index(app[p]) if app[p] in served else len(served)))
+
+
+def _replacing(cluster: Cluster, namespace: str, service: str, workload: Obj, target: inject.Target,
+               options: InjectOptions, replace_by: str, holders: Callable[[AgentInfo], list[str]] | None) -> InjectOptions:
+    """``options`` replacing the app container for ``replace_by``; ReplaceRefused while someone
+    else replaces it or holds a route on its agent."""
+    _refuse_other_replacer(workload, replace_by)
+    if inject.is_injected(workload) and inject.replaced_by(workload) is None and holders is not None:
+        credentials, _ = _ensure_secret(cluster, workload)
+        held = holders(_agent_info(namespace, service, workload, credentials, options))
+        if held:
+            who = ", ".join(held)
+            raise ReplaceRefused(
+                f"{target.workload} in namespace {namespace}: {who} hold{'s' if len(held) == 1 else ''} routes on its "
+                f"agent, and replacing it would take their requests and stop the app they fall back to; ask "
+                f"{who} to leave (intercept status shows theirs), then replace it", tuple(held))
+    return dataclasses.replace(options, replace_by=replace_by)
+
+
+def _refuse_other_replacer(workload: Obj, replace_by: str) -> None:
+    holder = inject.replaced_by(workload)
+    if holder is not None and holder != replace_by:
+        namespace = workload["metadata"].get("namespace")
+        raise ReplaceRefused(
+            f"{_key(workload)} in namespace {namespace} is replaced by {holder} already, and one developer at a time "
+            f"replaces a workload; ask {holder} to leave (or remove the agent: intercept uninstall "
+            f"{workload['metadata']['name']} -n {namespace})", (holder,))
+
+
 def _substituted_inject(objects: list[Obj], i: int, current: Obj, service: str, options: InjectOptions) -> Obj:
     """The injected form of ``current`` (a fresh read of ``objects[i]``), the others as first read."""
+    if options.replace_by is not None and current.get("kind") in inject.WORKLOAD_KINDS:
+        _refuse_other_replacer(current, options.replace_by)  # another developer's replace won the race
     view = list(objects)
     view[i] = current
     return inject.inject(view, service, options)[i]
@@ -531,6 +593,75 @@ def _wait_rollout(cluster: Cluster, workload: Obj, progress: Progress, timeout: 
         elif interrupt.wait(pause):
             raise Interrupted()
         pause = min(pause * 2, poll_interval)
+
+
+def _wait_app_gone(cluster: Cluster, workload: Obj, progress: Progress, timeout: float, poll_interval: float,
+                   interrupt: threading.Event | None = None) -> None:
+    """Wait until no pod of ``workload`` runs its app any more: a rollout is done while the
+    pods it replaced still terminate, and a queue consumer among them may take one more item."""
+    kind, namespace, name = workload["kind"], workload["metadata"]["namespace"], workload["metadata"]["name"]
+    start = time.monotonic()
+    pause = min(_FIRST_POLL, poll_interval)
+    said = False
+    while True:
+        current = cluster.get(kind, namespace, name)
+        container = (inject.running_upstream(current) or ("", 0))[0]
+        pods, _ = cluster.list("Pod", namespace, label_selector=format_selector(current["spec"]["selector"]))
+        running_app = [p["metadata"]["name"] for p in pods if not _stands_in(p, container)]
+        if not running_app:
+            return
+        if not said:
+            progress(f"{_key(current)}: waiting for the app to stop in {', '.join(running_app)}")
+            said = True
+        if time.monotonic() - start >= timeout:
+            raise _RolloutProblem(f"the app still runs in {', '.join(running_app)} after {timeout:g}s",
+                                  tuple(running_app))
+        if interrupt is None:
+            time.sleep(pause)
+        elif interrupt.wait(pause):
+            raise Interrupted()
+        pause = min(pause * 2, poll_interval)
+
+
+def _stands_in(pod: Obj, container: str) -> bool:
+    """Whether ``pod``'s container ``container`` runs the stand-in (a pod that has finished runs nothing)."""
+    if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        return True
+    spec = next((c for c in (pod.get("spec") or {}).get("containers") or [] if c.get("name") == container), {})
+    return tuple(spec.get("command") or ())[:2] == inject.STAND_IN_COMMAND
+
+
+def put_back(api: ApiClient, namespace: str, service: str, replace_by: str, progress: Progress = _quiet) -> bool:
+    """End ``replace_by``'s replace of the workload behind ``service``: its app container as it
+    was (the pod template equal to the one before the replace; the agent stays, as after every
+    intercept). One write, not waited for: leaving must end within ``intercept leave``'s and
+    ``intercept down``'s grace, and the controllers roll the pods back to the app by
+    themselves. False, writing nothing, when it is not replaced by ``replace_by`` (any more:
+    uninstalled, or the workload is gone)."""
+    cluster = Cluster(api)
+    try:
+        objects = _read_namespace(cluster, namespace, None)
+        target = _resolve_any_port(objects, service)
+    except (ResolveError, NotFound):
+        return False
+    index = _index(objects, target.workload_kind, target.workload_name)
+    if inject.replaced_by(objects[index]) != replace_by:
+        return False
+
+    def unreplaced(current: Obj) -> Obj:
+        if inject.replaced_by(current) != replace_by:
+            return current  # uninstalled meanwhile
+        running = inject.running_options(current, InjectOptions(image=AGENT_CONTAINER))  # the image is read back
+        if target.has_service:  # in front of every port it serves, as they were
+            running = dataclasses.replace(running, service_ports=_served_in_order(
+                objects, service, inject.served_ports(current), []))
+        view = [current if i == index else o for i, o in enumerate(objects)]
+        return inject.inject(view, service, dataclasses.replace(running, replace_by=None))[index]
+
+    _, written = _put(cluster, objects[index], unreplaced, fresh=True)
+    if inject.replaced_by(written) is None:
+        progress(f"{target.workload}: container {target.container} runs the app again (its pods are being replaced)")
+    return True
 
 
 def _events_for(cluster: Cluster, namespace: str, workload: Obj, error: BaseException) -> list[str]:

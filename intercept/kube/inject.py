@@ -14,7 +14,14 @@ What :func:`inject` changes, and nothing else:
 - for several Service ports (``InjectOptions.service_ports``), all of the above for each:
   the agent listens once per app port (9900, 9901, ...), each listener forwarding to its own;
 - NetworkPolicies that admit the app's port but not the agent's: the rules that admit
-  the app's port also admit the agent's (refused with ``no_policy_changes``).
+  the app's port also admit the agent's (refused with ``no_policy_changes``);
+- with ``replace_by`` (``intercept start --replace``), the app container itself: it runs
+  the stand-in (:data:`STAND_IN_COMMAND`, from the agent image) instead of the app, with
+  its name, env, envFrom, volumeMounts, ports, resources and securityContext kept, and
+  without what belongs to the app's own program (args, workingDir, probes, lifecycle).
+
+A workload may also be named directly (``deployment/NAME``, ``statefulset/NAME``: a queue
+worker with no Service, replaced only): then no Service or policy is changed.
 
 Invariants, kept by the tests:
 
@@ -36,6 +43,7 @@ the recorded values' keys in their original order::
      "annotationsWereAbsent": bool,
      ...role specific: "agentVersion", "upstream", "portName" (workload; with several
                        ports also "upstreams" and "portNames", one per listener, in order),
+                       "replacedBy" (workload, only while a developer replaces the app container),
                        "workload" (service), "workloads" (policy)}
 
 A path is a list of keys, where ``{"name": N}`` stands for the list item named N (paths
@@ -101,6 +109,21 @@ _DNS_SUBDOMAIN_MAX = 253
 _PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
 _POD_SPEC = ("spec", "template", "spec")
 
+# What the app container runs while a developer replaces it: a process of the agent image
+# (already on the node, and present whatever the app's image holds: distroless has no
+# sleep) that does nothing until SIGTERM (intercept.agent.standin).
+STAND_IN_COMMAND = ("intercept", "stand-in")
+# The app container's fields that belong to its own program, and go while it is replaced:
+# arguments to a command it no longer runs, a directory the agent image may not have (and
+# could not create under readOnlyRootFilesystem), probes of ports nothing listens on, hooks
+# that exec the app's binaries. Its name, env, envFrom, volumeMounts, ports, resources and
+# securityContext stay: the pod keeps its shape, the agent's copies of them stay true, and a
+# resourceFieldRef naming the container still resolves.
+_STAND_IN_DROPS = ("args", "workingDir", *_PROBES, "lifecycle")
+# How a workload is named instead of a Service (intercept start deployment/worker --replace).
+WORKLOAD_REFS = {"deployment": "Deployment", "statefulset": "StatefulSet"}
+_DEFAULT_CONTAINER = "kubectl.kubernetes.io/default-container"
+
 
 @dataclass(frozen=True)
 class InjectOptions:
@@ -118,10 +141,15 @@ class InjectOptions:
     forwarded_headers: bool = True  # the agent adds the client's address (X-Forwarded-For, Forwarded)
     outbound_allow: tuple[str, ...] = ()  # the agent's outbound fence: HOST[:PORT] rules (intercept.routing.fence)
     outbound_deny: tuple[str, ...] = ()
+    # The developer whose local process replaces the app container (intercept start --replace):
+    # it runs the stand-in meanwhile. Not pod-wide: it comes and goes with that developer.
+    replace_by: str | None = None
 
     def __post_init__(self) -> None:
         if not self.image or any(c.isspace() for c in self.image):
             raise UsageError(f"invalid agent image {self.image!r}: pass --agent-image REPOSITORY:TAG")
+        if self.replace_by is not None and not (self.replace_by.isprintable() and self.replace_by.strip()):
+            raise UsageError(f"invalid developer name {self.replace_by!r} for --replace: pass --name NAME")
         Fence.parse(self.outbound_allow, self.outbound_deny)  # a bad rule fails here, not in the pod
         if self.hold_timeout <= 0:
             raise UsageError(f"invalid hold timeout {self.hold_timeout!r}: it must be positive")
@@ -139,7 +167,11 @@ class InjectOptions:
 
 @dataclass(frozen=True)
 class Target:
-    """What a Service port leads to: the workload, its app container and the port it serves."""
+    """What a Service port leads to: the workload, its app container and the port it serves.
+
+    For a workload named directly (``deployment/worker``), ``service`` is that name, there is
+    no Service port (``service_port`` 0), and the container is the pod's default one.
+    """
 
     service: str
     namespace: str | None
@@ -161,6 +193,11 @@ class Target:
         """True when the Service reaches the app by port name (taken over by renaming)."""
         return isinstance(self.target_port, str)
 
+    @property
+    def has_service(self) -> bool:
+        """False for a workload named directly: no Service, no traffic."""
+        return not is_workload_ref(self.service)
+
 
 # How a developer names each pod-wide option of InjectOptions (on intercept start and inject).
 POD_WIDE_FLAGS = {"image": "--agent-image", "outbound": "--no-outbound", "forwarded_headers": "--no-forwarded-headers",
@@ -177,7 +214,24 @@ def running_options(workload: Obj, options: InjectOptions) -> InjectOptions:
         agent_version=(_record(workload) or {}).get("agentVersion", options.agent_version),
         outbound=values["allow_outbound"], hold_timeout=values["hold_timeout"],
         forwarded_headers=values["forwarded_headers"], outbound_allow=tuple(values["outbound_allow"]),
-        outbound_deny=tuple(values["outbound_deny"]))
+        outbound_deny=tuple(values["outbound_deny"]), replace_by=replaced_by(workload))
+
+
+def replaced_by(workload: Obj) -> str | None:
+    """The developer whose local process replaces ``workload``'s app container, or None."""
+    return (_record(workload) or {}).get("replacedBy")
+
+
+def running_upstream(workload: Obj) -> tuple[str, int] | None:
+    """The app container and port the agent injected in ``workload`` serves, or None."""
+    record = _record(workload)
+    return (record["upstream"]["container"], record["upstream"]["port"]) if record else None
+
+
+def is_workload_ref(name: str | None) -> bool:
+    """Whether ``name`` names a workload (``deployment/NAME``, ``statefulset/NAME``), not a Service."""
+    kind, sep, _ = (name or "").partition("/")
+    return bool(sep) and kind.lower() in WORKLOAD_REFS
 
 
 def pod_wide_differences(running: InjectOptions, wanted: InjectOptions,
@@ -246,9 +300,12 @@ def resolve(objects: list[Obj], service_name: str, service_port: str | int | Non
 
     Works on injected objects too: it sees through the records to the originals.
     Raises :class:`ResolveError` for every ambiguity and dead end, naming the candidates
-    and the flag that picks one.
+    and the flag that picks one. ``deployment/NAME`` or ``statefulset/NAME`` names a
+    workload instead (:func:`resolve_workload`).
     """
     view = [restore_object(o) for o in objects]
+    if is_workload_ref(service_name):
+        return resolve_workload(objects, service_name)  # the records say which container an agent serves
     service = _find_service(view, service_name)
     _check_interceptable(service)
     port = service["spec"]["ports"][_choose_service_port(service, service_port)]
@@ -267,8 +324,50 @@ def resolve(objects: list[Obj], service_name: str, service_port: str | int | Non
     )
 
 
+def resolve_workload(objects: list[Obj], ref: str) -> Target:
+    """``deployment/NAME`` or ``statefulset/NAME`` -> the workload, its default container
+    (``kubectl.kubernetes.io/default-container``, else the first) and that container's first
+    TCP port (0 when it declares none: nothing reaches the agent of a workload named so).
+
+    An agent in place keeps the container and port it was injected for (its first)."""
+    return _workload_targets(objects, ref)[0]
+
+
+def _workload_targets(objects: list[Obj], ref: str) -> list[Target]:
+    """:func:`resolve_workload`, and with an agent in place one target per app port it is in
+    front of, in its order (one injected for several ports of a Service keeps them all)."""
+    kind_word, _, name = ref.partition("/")
+    kind = WORKLOAD_REFS[kind_word.lower()]
+    found = [o for o in objects if o.get("kind") == kind and _name(o) == name]
+    if not found:
+        known = ", ".join(sorted(_name(o) for o in objects if o.get("kind") == kind)) or "none"
+        raise ResolveError(f"no {kind} named {name!r} in the manifests ({kind}s: {known}); check the name, "
+                           "or pick the namespace with -n NAMESPACE")
+    if len(found) > 1:
+        raise ResolveError(f"several {kind}s named {name!r}: pass the manifests of one namespace only")
+    workload = found[0]
+    containers = _pod_spec(workload).get("containers") or []
+    if not containers:
+        raise ResolveError(f"{_ref(workload)} has no containers to replace")
+    record = _record(workload)
+    if record is not None:
+        upstreams = [(u["container"], u["port"]) for u in _upstreams(record)]
+    else:
+        default = ((workload["spec"]["template"].get("metadata") or {}).get("annotations") or {}).get(_DEFAULT_CONTAINER)
+        chosen = next((c for c in containers if c["name"] == default), containers[0])
+        port = next((p["containerPort"] for p in chosen.get("ports") or [] if p.get("protocol", "TCP") == "TCP"), 0)
+        upstreams = [(chosen["name"], port)]
+    return [Target(service=ref, namespace=_namespace(workload), service_port=0, service_port_name=None, target_port=port,
+                   workload_kind=kind, workload_name=name, container=container, container_port=port)
+            for container, port in upstreams]
+
+
 def resolve_ports(objects: list[Obj], service_name: str, wanted: Iterable[str | int | None]) -> list[Target]:
-    """:func:`resolve` for each Service port of ``wanted`` (None: the only one), each once."""
+    """:func:`resolve` for each Service port of ``wanted`` (None: the only one), each once.
+    A workload named directly (``deployment/NAME``) has no Service port to want: its targets
+    are those of :func:`_workload_targets`."""
+    if is_workload_ref(service_name):
+        return _workload_targets(objects, service_name)
     targets: list[Target] = []
     for port in wanted:
         target = resolve(objects, service_name, port)
@@ -461,6 +560,8 @@ def inject(objects: list[Obj], service_name: str, options: InjectOptions) -> lis
         log.info("%s: agent %s", _ref(current), "updated" if is_injected(current) else "added")
         result[wi] = workload
 
+    if not target.has_service:
+        return result  # a workload named directly: no Service, no traffic, no policy to widen
     numeric = [t for t in targets if not t.named]
     if numeric:
         si = _index_of(objects, "Service", target.service, target.namespace)
@@ -629,6 +730,8 @@ def _inject_workload(
         },
     ])
     containers.append(_agent_container(original, pod, app, agent, ssh_name, volume, routes_volume, options))
+    if options.replace_by is not None:
+        _stand_in(app, [*_POD_SPEC, "containers", {"name": app["name"]}], replaced, options)
 
     record = {
         "role": "workload",
@@ -641,8 +744,35 @@ def _inject_workload(
     if len(targets) > 1:
         record["upstreams"] = [{"container": t.container, "port": t.container_port} for t in targets]
         record["portNames"] = list(takeovers)
+    if options.replace_by is not None:
+        record["replacedBy"] = options.replace_by
     _write_record(workload, record, _annotations_absent(original))
     return workload, agent
+
+
+def _stand_in(app: Obj, app_path: list[Any], replaced: list[Obj], options: InjectOptions) -> None:
+    """The app container (already copied into the agent's) turned into the stand-in, in
+    place; each field changed recorded once, with its value before injection (a probe that a
+    port takeover renamed is recorded already)."""
+    recorded = {json.dumps(r["path"]) for r in replaced}
+
+    def record(key: str) -> None:
+        path = [*app_path, key]
+        if json.dumps(path) in recorded:
+            return
+        entry = ({"path": path, "value": copy.deepcopy(app[key])} if key in app else {"path": path, "absent": True})
+        replaced.append(entry)
+        recorded.add(json.dumps(path))
+
+    for key, value in (("image", options.image), ("imagePullPolicy", "IfNotPresent"),
+                       ("command", [*STAND_IN_COMMAND, options.replace_by])):
+        if app.get(key) != value:
+            record(key)
+            app[key] = value
+    for key in _STAND_IN_DROPS:
+        if key in app:
+            record(key)
+            del app[key]
 
 
 def _agent_container(
@@ -994,10 +1124,17 @@ def describe_changes(before: list[Obj], after: list[Obj]) -> list[str]:
             lines.append(f"{_ref(new)}: restored")
         elif record["role"] == "workload":
             agent = _container(new, AGENT_CONTAINER)
-            ports = ", ".join(f"{p['name']}={p['containerPort']}" for p in agent["ports"])
-            verb = "agent updated" if is_injected(old) else "agent added"
-            ups = ", ".join(f"{up['container']}:{up['port']}" for up in _upstreams(record))
-            lines.append(f"{_ref(new)}: {verb} ({agent['image']}; {ports}; forwards to {ups})")
+            ups = _upstreams(record)
+            if not is_injected(old) or _container(old, AGENT_CONTAINER) != agent:
+                ports = ", ".join(f"{p['name']}={p['containerPort']}" for p in agent["ports"])
+                verb = "agent updated" if is_injected(old) else "agent added"
+                forwards = ", ".join(f"{up['container']}:{up['port']}" for up in ups)
+                lines.append(f"{_ref(new)}: {verb} ({agent['image']}; {ports}; forwards to {forwards})")
+            by, was = record.get("replacedBy"), replaced_by(old)
+            if by != was:
+                lines.append(f"{_ref(new)}: container {ups[0]['container']} " + (
+                    f"replaced by {by}'s local process (it runs the stand-in until they leave)" if by
+                    else "runs the app again"))
         elif record["role"] == "service":
             lines.append(f"{_ref(new)}: now targets the agent of {record['workload']}")
         else:

@@ -64,9 +64,10 @@ def h2_agent(h2_cluster, h2_local, tmp_path_factory):
 
 @pytest.fixture
 def pure_h2_agent(h2_cluster, h2_local, tmp_path_factory):
-    """:func:`h2_agent` on the pure-Python codec. The tests that use it need the app to send a
-    900 kB response whole while the client reads nothing; behind ngh2 (the default codec) that
-    response stalls before its end, so they would measure nothing there (issue 27 notes)."""
+    """:func:`h2_agent` on the pure-Python codec. The tests that use it keep the client's
+    window at 0 and wait for an empty response's END_STREAM; libnghttp2 (ngh2, the default
+    codec) defers even an empty DATA frame while the window is 0, so that end never comes
+    there (a client must open its window to see it: RFC 9113 allows either)."""
     agent = start_agent(tmp_path_factory.mktemp("agent"), h2_cluster.port, env={"INTERCEPT_H2_CODEC": "h2"})
     client = start_client(agent, h2_local.port, "--header", "x-dev=alice", "--name", "alice")
     yield agent

@@ -10,8 +10,9 @@ ahead of every small response that follows it: over a 20 Mbit/s link that was up
 rate on a long path (a window must cover the bandwidth-delay product), so the bound is
 put where the bytes wait, on the sending side:
 
-- the socket keeps little unsent data (``TCP_NOTSENT_LOWAT`` = :data:`UNSENT_MAX`), so what
-  it holds beyond what is in flight is a few milliseconds of link time;
+- the socket keeps little unsent data (``TCP_NOTSENT_LOWAT``: :data:`UNSENT_TIME` of the
+  connection's delivery rate), so what it holds beyond what is in flight is about 10 ms
+  of link time;
 - the socket's transport then says "full" once it holds :data:`PIPE_HIGH` bytes
   (``pause_writing``), and :class:`SendPipe` is closed until it drains to :data:`PIPE_LOW`;
 - while the pipe is closed, each channel's data waits in its own :class:`ChannelSender`,
@@ -44,13 +45,16 @@ log = logging.getLogger(__name__)
 QUANTUM = 32 * 1024
 """Bytes a channel writes per turn: asyncssh's default packet size, so no extra packets."""
 
-UNSENT_MAX = 32 * 1024
-"""``TCP_NOTSENT_LOWAT`` of the SSH socket: unsent bytes the kernel takes beyond what is in
-flight. 2.6 ms of a 100 Mbit/s link, 13 ms of a 20 Mbit/s one; on loopback the kernel sends
-at once, so nothing waits there. Measured with bench/wan.py: 16 KiB (with 16 KiB in the
-transport) once let an upload through the agent fall to 78% of a 100 Mbit/s link (the
-agent did not refill the socket in time); 64 KiB (with 32 KiB) kept it at 93% but doubled
-what a small response waits behind at 20 Mbit/s."""
+UNSENT_TIME = 0.01
+"""Seconds of the connection's delivery rate that the SSH socket may hold unsent beyond what
+is in flight (``TCP_NOTSENT_LOWAT``, set by :mod:`intercept.sshwrite`): 125 KB at 100 Mbit/s,
+25 KB at 20 Mbit/s. On loopback the kernel sends at once, so nothing waits there."""
+
+UNSENT_MIN = 16 * 1024
+"""... at least this many bytes (and this many until a rate is known) ..."""
+
+UNSENT_MAX = 256 * 1024
+"""... and at most this many."""
 
 PIPE_HIGH = 16 * 1024
 """The socket's transport is full (no channel writes) above this many bytes of its own buffer..."""
@@ -81,6 +85,7 @@ class SendPipe:
         self.turns: deque[ChannelSender] = deque()
         self._running = False
         self._queued_run = False
+        self.on_full: Callable[[], None] | None = None  # told when the socket fills (intercept.sshwrite)
 
     @property
     def idle(self) -> bool:
@@ -89,6 +94,8 @@ class SendPipe:
 
     def pause_writing(self) -> None:
         self.full = True
+        if self.on_full is not None:
+            self.on_full()
 
     def resume_writing(self) -> None:
         self.full = False

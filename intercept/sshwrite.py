@@ -44,10 +44,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
 from collections.abc import Callable
 from typing import Any, cast
 
-from intercept.sshshare import PIPE_HIGH, PIPE_INFO, PIPE_LOW, UNSENT_MAX, SendPipe
+from intercept.sshshare import PIPE_HIGH, PIPE_INFO, PIPE_LOW, UNSENT_MAX, UNSENT_MIN, UNSENT_TIME, SendPipe
 
 log = logging.getLogger(__name__)
 
@@ -188,18 +189,58 @@ class _Watched:
         self.resume_writing = pipe.resume_writing
 
 
-def _bound_unsent(inner: asyncio.Transport) -> None:
-    """At most :data:`~intercept.sshshare.UNSENT_MAX` unsent bytes in a TCP socket's kernel
-    buffer (``TCP_NOTSENT_LOWAT``), and the transport's own buffer full at
+class _UnsentBound:
+    """The unsent bytes a TCP socket's kernel buffer may hold (``TCP_NOTSENT_LOWAT``): about
+    :data:`~intercept.sshshare.UNSENT_TIME` of what the connection delivers (``TCP_INFO``'s
+    delivery rate), between :data:`~intercept.sshshare.UNSENT_MIN` and
+    :data:`~intercept.sshshare.UNSENT_MAX`, looked at again when the pipe fills, at most every
+    :data:`RECHECK` seconds. A fixed bound was either too small for a fast link (the
+    sender did not refill it in time: an upload at 78% of 100 Mbit/s) or too large for a slow
+    one (a small response waited behind it: 26 ms per 64 KiB at 20 Mbit/s)."""
+
+    def __init__(self, sock: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.sock = sock
+        self.loop = loop
+        self.bound = 0
+        self.checked = -RECHECK
+        self.set(UNSENT_MIN)
+
+    def set(self, bound: int) -> None:
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, bound)
+            self.bound = bound
+        except OSError as e:  # an old kernel, or a socket closed meanwhile: the transport's bound still holds
+            log.debug("TCP_NOTSENT_LOWAT not set: %s", e)
+
+    def pipe_full(self) -> None:
+        now = self.loop.time()
+        if now - self.checked < RECHECK:
+            return
+        self.checked = now
+        try:
+            info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 168)
+        except OSError:
+            return
+        if len(info) < 168:  # a kernel without tcpi_delivery_rate
+            return
+        (rate,) = struct.unpack_from("Q", info, 160)  # bytes per second
+        bound = min(UNSENT_MAX, max(UNSENT_MIN, int(rate * UNSENT_TIME)))
+        if abs(bound - self.bound) * 4 > self.bound:  # more than a quarter off
+            self.set(bound)
+
+
+RECHECK = 0.1
+"""Seconds between looks at a socket's delivery rate."""
+
+
+def _bound_unsent(inner: asyncio.Transport, pipe: SendPipe, loop: asyncio.AbstractEventLoop) -> None:
+    """:class:`_UnsentBound` on a TCP socket, and the transport's own buffer full at
     :data:`~intercept.sshshare.PIPE_HIGH`: beyond that, channels' bytes wait in their own
     senders, where they can take turns (:mod:`intercept.sshshare`). A Unix socket's buffer
     (the port-forward's socketpair) is no network queue: only the transport's bound applies."""
     sock = inner.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_NOTSENT_LOWAT"):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_MAX)
-        except OSError as e:  # an old kernel: the transport's bound still holds
-            log.debug("TCP_NOTSENT_LOWAT not set: %s", e)
+        pipe.on_full = _UnsentBound(sock, loop).pipe_full
     inner.set_write_buffer_limits(high=PIPE_HIGH, low=PIPE_LOW)
 
 
@@ -218,7 +259,7 @@ class _Splice(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         protocol = self.protocol = self._make()
         pipe = SendPipe(loop)
-        _bound_unsent(inner)
+        _bound_unsent(inner, pipe, loop)
         inner.set_protocol(cast(asyncio.BaseProtocol, _Watched(protocol, pipe)))
         self.transport = CoalescingTransport(inner, loop, pipe)
         protocol.connection_made(self.transport)

@@ -63,7 +63,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from intercept import protocol
-from intercept.protocol import KEEPALIVE_INTERVAL, SILENT_LOSS_BOUND
+from intercept.protocol import SILENT_LOSS_BOUND
 from intercept.client.door import LocalDoor
 from intercept.client.session import AgentSession, InterceptOptions
 from intercept.client.transport import DirectTransport, FallbackTransport, Transport
@@ -81,6 +81,9 @@ BACKOFF_MAX = 10.0
 # After a silent loss, the agent may still hold our previous session (and its route) until
 # its keepalive gives up on it; a reconnect that meets our own route is retried this long.
 STALE_SESSION_GRACE = 2.0 * SILENT_LOSS_BOUND
+# A connected agent that has not answered a hello for this long is said to be silent
+# (reconnecting): the requests routed to us wait there meanwhile. A hello is sent this often.
+SILENCE_NOTICE = 2.0
 
 
 @dataclass(frozen=True)
@@ -171,7 +174,7 @@ class Fleet:
         door: LocalDoor | None = None,
         leave_grace: float = 10.0,
         hurry: asyncio.Event | None = None,
-        silence_notice: float = KEEPALIVE_INTERVAL,
+        silence_notice: float = SILENCE_NOTICE,
     ) -> None:
         self.options = options
         self.silence_notice = silence_notice

@@ -30,7 +30,8 @@ floor's; a link outage under routed load (requests sent at a steady rate, each o
 own connection): how many were answered by the laptop's app, how long after link-up
 the first answer came, and whether the client said ``reconnecting`` meanwhile.
 
-Traffic stays inside the two namespaces made here. Namespaces, TUN devices and processes
+``WAN_HOLD=1`` keeps the setup up once it is made (for ``ss -ti`` and the like inside the
+namespaces) until SIGTERM. Traffic stays inside the two namespaces made here. Namespaces, TUN devices and processes
 are removed at the end, on an error and on Ctrl-C. Needs ip (iproute2), wrk, curl, nginx,
 ssh and sshd (openssh-client, openssh-server). Prints Markdown on stdout, progress on stderr.
 """

@@ -18,7 +18,10 @@ ready         once, when every current replica has the route:
 waiting       before ready: no replica yet, or one not reached yet (with the reason and retry)
 joined        a replica that appeared after ready has the route
 gone          a replica left the set; its session is closed
-reconnecting  a replica's connection was lost; retrying after the delay
+reconnecting  a replica's connection was lost; retrying after the delay. Also when a
+              connected agent has not answered for ``silence_notice`` seconds: requests
+              routed to this developer wait there until it answers again (then
+              ``reconnected``) or the connection is given up (15 s of silence)
 reconnected   that replica has the route again
 leaving       the fleet is stopping: the route is already off every replica, and responses
               still in flight to the local process are let finish (up to ``leave_grace``)
@@ -78,6 +81,9 @@ BACKOFF_MAX = 10.0
 # After a silent loss, the agent may still hold our previous session (and its route) until
 # its keepalive gives up on it; a reconnect that meets our own route is retried this long.
 STALE_SESSION_GRACE = 2.0 * SILENT_LOSS_BOUND
+# A connected agent that has not answered a hello for this long is said to be silent
+# (reconnecting): the requests routed to us wait there meanwhile. A hello is sent this often.
+SILENCE_NOTICE = 2.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,11 @@ class Replica:
 
     name: str
     transport: Transport
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _close_source(source: AsyncIterator[Any]) -> None:
@@ -163,8 +174,10 @@ class Fleet:
         door: LocalDoor | None = None,
         leave_grace: float = 10.0,
         hurry: asyncio.Event | None = None,
+        silence_notice: float = SILENCE_NOTICE,
     ) -> None:
         self.options = options
+        self.silence_notice = silence_notice
         self.leave_grace = leave_grace
         self.hurry = hurry or asyncio.Event()
         self.door = door or LocalDoor(options.name, options.local_port, options.local_host)
@@ -394,12 +407,44 @@ class Fleet:
                 continue
             holder.failures = 0
             self._registered(holder)
-            await session.wait_closed()
+            await self._watch(session, replica, where)
             holder.registered, holder.session = False, None
             holder.lost_at = asyncio.get_running_loop().time()
             delay = BACKOFF_FIRST
             log.info("replica %s: connection to %s lost", replica.name, where)
             self._report(Event("reconnecting", f"connection to agent {where} lost; retrying in {delay:g}s", replica=replica.name))
+
+    async def _watch(self, session: AgentSession, replica: Replica, where: str) -> None:
+        """Until ``session`` closes: ask the agent every ``silence_notice`` seconds whether it is
+        there (hello), and say ``reconnecting`` when it does not answer within that time (a link
+        gone silent: the agent holds the requests routed here meanwhile), ``reconnected`` when it
+        answers again. Without this nothing was said until keepalive gave up, 15 s later."""
+        closed = asyncio.ensure_future(session.wait_closed())
+        try:
+            while True:
+                # never cancelled: a hello cut after it was sent would leave its reply to the next request
+                probe = asyncio.ensure_future(session.request(protocol.Hello()))
+                probe.add_done_callback(_retrieved)  # a lost connection's error is the close's to report
+                done, _ = await asyncio.wait({closed, probe}, timeout=self.silence_notice, return_when=asyncio.FIRST_COMPLETED)
+                if closed in done:
+                    return
+                if probe not in done:
+                    log.info("replica %s: agent %s silent for %gs", replica.name, where, self.silence_notice)
+                    self._report(Event("reconnecting", f"agent {where} has not answered for {self.silence_notice:g}s: "
+                                       "requests routed here wait there until it does (the connection is given up "
+                                       f"after {SILENT_LOSS_BOUND:g}s of silence)", replica=replica.name))
+                    done, _ = await asyncio.wait({closed, probe}, return_when=asyncio.FIRST_COMPLETED)
+                    if closed in done:
+                        return
+                    self._report(Event("reconnected", f"agent {where} answers again", replica=replica.name))
+                if probe.exception() is not None:  # the connection is going: closed follows
+                    await closed
+                    return
+                done, _ = await asyncio.wait({closed}, timeout=self.silence_notice)
+                if closed in done:
+                    return
+        finally:
+            closed.cancel()
 
     def _retry(self, holder: _Holder, error: Exception) -> tuple[str, str] | None:
         """The event kind and message for a failed attempt worth retrying; None when it is fatal."""

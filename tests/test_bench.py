@@ -28,11 +28,13 @@ QUICK = {
     "reload.py": ["--rounds", "1"],
     "access.py": ["--rounds", "3", "--megabytes", "1"],
     "cycle.py": ["--n", "200", "--reps", "1"],
+    "wan.py": ["--quick"],
 }
 NEEDS = {
     "run.py": ["wrk", "nginx", "haproxy", "curl", "taskset"],
     "grpc.py": ["h2load", "nginx", "taskset"],
     "carrier.py": ["wrk", "nginx", "curl", "ssh", "ssh-keygen", "taskset"],
+    "wan.py": ["ip", "wrk", "curl", "nginx", "ssh", "ssh-keygen"],
 }
 # What each prints when it completes: its table's rows (or its result lines)
 PRINTS = {
@@ -47,6 +49,9 @@ PRINTS = {
                    "| (o) what-if: agent -> OpenSSH (sshd, ssh -R) -> local app |", "| 1 MiB body, median of 3 |"],
     "reload.py": ["reload latency over 1 saves", "target <= 500 ms:"],
     "cycle.py": ["µs per request cycle: "],
+    "wan.py": ["### Profile A: 40 ms RTT, 100 Mbit/s", "| measure | direct (floor) | intercept | OpenSSH carrier |",
+               "| warm keep-alive GET, ms: floor p50 / p99, others extra over it |", "share of link rate |",
+               "| the same 50 during a download: p99 ms, vs the floor's |", "link outage under routed load"],
 }
 
 
@@ -67,8 +72,8 @@ def _run(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedP
 
 @pytest.mark.parametrize("script", sorted(QUICK))
 def test_a_bench_script_completes_and_prints_its_table(script: str) -> None:
-    if script == "carrier.py" and not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists()):
-        pytest.skip("bench/carrier.py needs sshd (.ci/run installs openssh-server)")
+    if script in ("carrier.py", "wan.py") and not (shutil.which("sshd") or Path("/usr/sbin/sshd").exists()):
+        pytest.skip(f"bench/{script} needs sshd (.ci/run installs openssh-server)")
     done = _run(script, *QUICK[script])
     if script == "access.py":
         figures = json.loads(done.stdout)

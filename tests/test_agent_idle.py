@@ -9,7 +9,6 @@ not a race with the machine's load, and nothing sleeps.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -23,21 +22,9 @@ from intercept.client.transport import DirectTransport
 from intercept.credentials import load
 from intercept.protocol import CheckOutbound, Hello, HelloReply, Refusal
 from intercept.routing.match import Route
+from tests.fakeclock import Clock
 
 DENIED = ("192.0.2.1", 5432)  # the agent's fence refuses it: nothing is dialled
-
-
-class Clock:
-    """``time`` as the agent module sees it, with ``monotonic`` moved by the test."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def __getattr__(self, name: str):
-        return getattr(time, name)
 
 
 class Running:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -31,21 +30,11 @@ from intercept.kube import connect_agent
 from intercept.kube.config import connect
 from intercept.kube.inject import InjectOptions
 from intercept.routing.match import Route
+from tests.fakeclock import Clock
 from tests.kubeapi import KubeAPI
 
 NS = "default"
 IMAGE = "registry.example/intercept-agent:0.1.0"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def monotonic(self) -> float:
-        return self.now
-
-    def __getattr__(self, name: str):
-        return getattr(time, name)
 
 
 class Bed:

@@ -38,13 +38,21 @@ def test_a_replacement_pod_holds_a_developers_request_until_their_session_arrive
     bob = start(real_cluster, ns, "churn", free_port(), name="bob", header="x-dev=bob", served_as="bob")
     misrouted: list[tuple[str, str, str]] = []
     stop = threading.Event()
+    # While alice's client is frozen, the agents she was connected to may drop her after their
+    # keepalive (about 10 s: a developer who has gone) and answer her requests themselves; her
+    # requests are loaded only while she is running and back on every pod.
+    frozen = threading.Event()
+    # A pod the test deletes keeps serving for the agent's shutdown grace while the clients have
+    # already let it go (a terminating pod is no longer one of the replicas), so what it answers
+    # then is not judged here: a known gap, said in the README ("Every replica").
+    deleted: set[str] = set()
 
     def load() -> None:  # both developers' requests through every ready pod, until told to stop
         while not stop.is_set():
             for endpoint in real_cluster.endpoints(ns, "churn"):
-                for developer in ("alice", "bob"):
+                for developer in ("bob",) if frozen.is_set() else ("alice", "bob"):
                     answered = _answer(endpoint, {"x-dev": developer})
-                    if answered not in (None, developer):
+                    if answered not in (None, developer) and endpoint.pod not in deleted:
                         misrouted.append((endpoint.pod, developer, answered))
 
     try:
@@ -56,8 +64,10 @@ def test_a_replacement_pod_holds_a_developers_request_until_their_session_arrive
         # A pod deleted while alice's client is frozen: its replacement becomes Ready before she can
         # connect to it, and must hold her request until she does.
         old = {e.pod for e in real_cluster.wait_ready(ns, "churn", 2)}
+        frozen.set()
         os.kill(alice.p.pid, signal.SIGSTOP)
         try:
+            deleted.add(sorted(old)[0])
             real_cluster.delete("Pod", ns, sorted(old)[0])
             fresh = wait_until(lambda: next((e for e in real_cluster.endpoints(ns, "churn") if e.pod not in old), None),
                                "the replacement pod's ready endpoint", WAIT)
@@ -69,11 +79,16 @@ def test_a_replacement_pod_holds_a_developers_request_until_their_session_arrive
             os.kill(alice.p.pid, signal.SIGCONT)
         waiting.join(WAIT)
         assert held == ["alice"]  # held by the new pod until alice's session took the route over
+        wait_until(lambda: all(_answer(e, {"x-dev": "alice"}) == "alice"
+                               for e in real_cluster.endpoints(ns, "churn")) or None,
+                   "alice's requests to reach her through every pod again", WAIT)
+        frozen.clear()
 
         # Two more deletes under the same steady load of both developers.
         for _ in range(2):
             before = {e.pod for e in real_cluster.wait_ready(ns, "churn", 2)}
             mark = len(bob.lines)
+            deleted.add(sorted(before)[-1])
             real_cluster.delete("Pod", ns, sorted(before)[-1])
             bob.wait_for(r"^intercept: joined: ", start=mark, timeout=WAIT)
             real_cluster.wait_ready(ns, "churn", 2)

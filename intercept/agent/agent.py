@@ -166,7 +166,10 @@ class Agent:
             await asyncio.sleep(min(5.0, timeout / 2))
             now = loop.time()
             for connection in list(self.connections):
-                connection.expire(now, timeout)
+                try:
+                    connection.expire(now, timeout)
+                except Exception:  # noqa: BLE001 - one connection's failure must not end the sweep for all
+                    log.exception("expiring %r failed; the sweeper goes on", connection)
 
     async def close(self) -> None:
         for task in (self._sweeper, self._routes_follower):

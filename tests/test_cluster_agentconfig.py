@@ -184,7 +184,9 @@ def test_a_reinstalled_agents_host_key_comes_from_its_secret_and_only_a_key_unli
         alice.wait_for(r"^intercept: ready: ", timeout=WAIT)
         old = real_cluster.get("Secret", ns, "intercept-keys")["data"]["credentials.json"]
         secret(Credentials.generate())  # what a reinstall does: a new host key and token...
-        (pod,) = [p["metadata"]["name"] for p in real_cluster.pods(ns, "app=keys")]
+        # the pod that serves (the rollout's old one may still be terminating)
+        (pod,) = [p["metadata"]["name"] for p in real_cluster.pods(ns, "app=keys")
+                  if not p["metadata"].get("deletionTimestamp")]
         mark = len(alice.lines)
         real_cluster.delete("Pod", ns, pod)  # ...and pods that present it
         alice.wait_for(r"^intercept: progress: the agent was reinstalled: its new host key and token come from its "

@@ -147,9 +147,31 @@ class RealCluster:
     # ------------------------------------------------------------------ waiting
 
     def wait_ready(self, namespace: str, service: str, count: int, timeout: float = WAIT) -> list[Endpoint]:
-        """The Service's ready endpoints once there are exactly ``count`` of them."""
-        return wait_until(lambda: (lambda e: e if len(e) == count else None)(self.endpoints(namespace, service)),
-                          f"{count} ready endpoints of Service {namespace}/{service}", timeout)
+        """The Service's ready endpoints once there are exactly ``count`` of them; on timeout, the error
+        says what the Service's pods are doing (unscheduled, waiting for an image, failing a probe)."""
+        try:
+            return wait_until(lambda: (lambda e: e if len(e) == count else None)(self.endpoints(namespace, service)),
+                              f"{count} ready endpoints of Service {namespace}/{service}", timeout)
+        except TimeoutError as error:
+            raise TimeoutError(f"{error}\n{self.describe_pods(namespace, service)}") from None
+
+    def describe_pods(self, namespace: str, service: str) -> str:
+        """One line per pod the Service selects (phase, conditions not met, containers not running), then the
+        namespace's warning events: what a timeout message needs to say why."""
+        selector = self.get("Service", namespace, service)["spec"].get("selector") or {}
+        lines = []
+        for pod in self.items("Pod", namespace, labelSelector=",".join(f"{k}={v}" for k, v in selector.items())):
+            status = pod.get("status") or {}
+            unmet = [f"{c['type']}={c['status']}({c.get('reason', '')}: {c.get('message', '')})"
+                     for c in status.get("conditions") or [] if c.get("status") != "True"]
+            containers = [f"{c['name']}:{next(iter(c.get('state') or {}), '?')}"
+                          f"{(list((c.get('state') or {}).values()) or [{}])[0].get('reason', '')} restarts={c.get('restartCount')}"
+                          for c in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])]
+            lines.append(f"  pod {pod['metadata']['name']}: {status.get('phase')} {' '.join(unmet)} {' '.join(containers)}")
+        for event in self.items("Event", namespace):
+            if event.get("type") == "Warning":
+                lines.append(f"  event {event['involvedObject'].get('name')}: {event.get('reason')}: {event.get('message')}")
+        return "\n".join(lines[-40:]) or "  (no pods)"
 
     def endpoints(self, namespace: str, service: str, port_name: str | None = None) -> list[Endpoint]:
         """Ready endpoints of ``service`` (sorted by pod), read from its EndpointSlices."""
@@ -184,8 +206,12 @@ class RealCluster:
 
     def provide_as_echo(self, references: set[str]) -> None:
         """Have the node hold ``intercept.test/echo:1`` under each image reference (as a registry mirror of them
-        would serve it), so that third-party manifests run unchanged: each container answers HTTP on 8080."""
-        tagged = subprocess.run([*self.ctr(), "images", "tag", "--force", images.ECHO, *sorted(references)],
+        would serve it), so that third-party manifests run unchanged: each container answers HTTP on 8080.
+
+        A reference pinned by digest is left out: no mirror serves other content under a digest (and the
+        node's image store, asked for such a name on another image, fails every name of that image)."""
+        names = sorted({docker_name(r) for r in references if "@" not in r})
+        tagged = subprocess.run([*self.ctr(), "images", "tag", "--force", images.ECHO, *names],
                                 capture_output=True, text=True)
         assert tagged.returncode == 0, tagged.stderr
 
@@ -195,6 +221,17 @@ class RealCluster:
         container_id = status["containerID"].removeprefix("containerd://")
         tasks = subprocess.run([*self.ctr(), "tasks", "ls"], capture_output=True, text=True, check=True).stdout
         return next(int(line.split()[1]) for line in tasks.splitlines() if line.startswith(container_id))
+
+
+def docker_name(reference: str) -> str:
+    """An image reference as the node's runtime looks it up: ``redis:alpine`` is
+    ``docker.io/library/redis:alpine``, a reference without a tag is ``:latest``."""
+    first, _, rest = reference.partition("/")
+    if not rest:
+        reference = f"docker.io/library/{reference}"
+    elif "." not in first and ":" not in first and first != "localhost":
+        reference = f"docker.io/{reference}"
+    return reference if ":" in reference.rpartition("/")[2] else f"{reference}:latest"
 
 
 def served_by(endpoint: Endpoint, headers: dict[str, str] | None = None) -> str:

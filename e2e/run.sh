@@ -43,6 +43,7 @@ cleanup() {
     kill -INT "$START_PID" 2>/dev/null || true
     wait "$START_PID" 2>/dev/null || true
   fi
+  [[ $code == 0 ]] && printf '\nPASS\n' || printf '\nFAIL (exit %s); intercept start said:\n%s\n' "$code" "$(cat "$WORK/start.log" 2>/dev/null)"
   if [[ -n "$EXISTING" ]]; then
     kubectl delete namespace "$NS" --wait=false >/dev/null 2>&1 || true
     rm -rf "$WORK"
@@ -52,7 +53,6 @@ cleanup() {
     kind delete cluster --name "$NAME" >/dev/null 2>&1 || true
     rm -rf "$WORK"
   fi
-  [[ $code == 0 ]] && printf '\nPASS\n' || printf '\nFAIL (exit %s); intercept start said:\n%s\n' "$code" "$(cat "$WORK/start.log" 2>/dev/null)"
 }
 trap cleanup EXIT
 
@@ -74,14 +74,26 @@ kubectl -n "$NS" get deployment "$SERVICE" -o jsonpath='{.spec}' >"$WORK/deploym
 kubectl -n "$NS" get service "$SERVICE" -o jsonpath='{.spec}' >"$WORK/service.before"
 
 # Who serves GET / through the port the Service targets in POD (a port-forward), with optional header.
+# The request is sent once; only starting kubectl port-forward is tried again (a local port taken
+# meanwhile, a slow start), and what it said is shown when it never listened.
 via_pod() {
-  local pod=$1 header=${2:-} port local_port pid out
+  local pod=$1 header=${2:-} port local_port pid out attempt
   port=$(kubectl -n "$NS" get pod "$pod" -o jsonpath='{.spec.containers[*].ports[?(@.name=="http")].containerPort}')
-  local_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  kubectl -n "$NS" port-forward "pod/$pod" "$local_port:$port" >"$WORK/pf.log" 2>&1 & pid=$!
-  for _ in $(seq 100); do grep -q Forwarding "$WORK/pf.log" && break; sleep 0.1; done
+  for attempt in 1 2 3; do
+    local_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    kubectl -n "$NS" port-forward "pod/$pod" "$local_port:$port" >"$WORK/pf.log" 2>&1 & pid=$!
+    for _ in $(seq 200); do
+      grep -q Forwarding "$WORK/pf.log" && break
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    grep -q Forwarding "$WORK/pf.log" && break
+    echo "  kubectl port-forward pod/$pod did not listen (attempt $attempt): $(cat "$WORK/pf.log")" >&2
+    kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
+  done
   out=$(curl -fsS -o /dev/null -D - ${header:+-H "$header"} "http://127.0.0.1:$local_port/" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-served-by"{print $2}')
   kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
+  [[ -n "$out" ]] || echo "  kubectl port-forward pod/$pod said: $(cat "$WORK/pf.log")" >&2
   echo "$out"
 }
 

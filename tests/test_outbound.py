@@ -95,9 +95,35 @@ def read_until(sock: socket.socket, marker: bytes) -> bytes:
 
 
 def read_response(sock: socket.socket, method: str = "GET") -> tuple[int, bytes]:
-    resp = http.client.HTTPResponse(sock, method=method)
-    resp.begin()
-    return resp.status, resp.read()
+    return read_responses(sock, [method])[0]
+
+
+class _OneFile:
+    """``sock`` as http.client reads it, through one buffered file for every response: an
+    ``HTTPResponse`` per response would buffer past its own and drop the next one's bytes."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.file = sock.makefile("rb")
+
+    def makefile(self, *args, **kwargs):
+        return self
+
+    def __getattr__(self, name: str):  # readline, read, readinto: the shared file's
+        return getattr(self.file, name)
+
+    def close(self) -> None:  # a response read to its end closes its file: not the next one's
+        pass
+
+
+def read_responses(sock: socket.socket, methods: list[str]) -> list[tuple[int, bytes]]:
+    """The responses to pipelined requests of ``methods``, in order."""
+    source = _OneFile(sock)
+    answers = []
+    for method in methods:
+        resp = http.client.HTTPResponse(source, method=method)
+        resp.begin()
+        answers.append((resp.status, resp.read()))
+    return answers
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +224,7 @@ def test_pipelined_requests_are_each_forwarded_and_answered_in_order(outbound_ag
                       f"5\r\nhello\r\n0\r\n\r\n"
                       f"POST {base}/two HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"
                       f"GET {base}/three HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
-            answers = [read_response(s, "POST"), read_response(s, "POST"), read_response(s)]
+            answers = read_responses(s, ["POST", "POST", "GET"])
             return answers, s.recv(1)
 
     answers, after = through_proxy(outbound_agent, check)

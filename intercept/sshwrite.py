@@ -26,7 +26,15 @@ It is put in place through asyncssh's public ``tunnel`` option, on both ends:
 ``create_connection`` or ``create_server`` (typed by asyncssh as structural protocols),
 which :class:`CoalescingTunnel` provides. No private asyncssh code is patched or called;
 should a later asyncssh accept only its own connections there, tests/test_sshwrite.py
-fails. The receiving side is left alone: the socket's transport delivers to asyncssh
+fails.
+
+The tunnel also bounds what the socket holds and tells the connection's channels when
+it is full (:mod:`intercept.sshshare`: channels take turns, so a bulk body waits in its
+own channel rather than in the socket ahead of every other request): it sets
+``TCP_NOTSENT_LOWAT`` and the transport's write-buffer limits, and routes the transport's
+``pause_writing``/``resume_writing`` (which asyncssh ignores) to the connection's
+:class:`~intercept.sshshare.SendPipe`, which a channel finds through ``get_extra_info``.
+The receiving side is left alone: the socket's transport delivers to asyncssh
 directly (``set_protocol``), so reads cost nothing more, and fewer writes on one side
 already mean fewer reads on the other.
 """
@@ -34,9 +42,15 @@ already mean fewer reads on the other.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
+import struct
 from collections.abc import Callable
 from typing import Any, cast
+
+from intercept.sshshare import PIPE_HIGH, PIPE_INFO, PIPE_LOW, UNSENT_MAX, UNSENT_MIN, UNSENT_TIME, SendPipe
+
+log = logging.getLogger(__name__)
 
 HOLD_MAX = 64
 """A write of at most this many bytes is held for the next one. An encrypted empty IGNORE
@@ -56,10 +70,11 @@ one goes out with ``writelines`` (one ``writev(2)`` under uvloop), which does no
 class CoalescingTransport(asyncio.Transport):
     """A transport that holds tiny writes for the next write; everything else is ``inner``'s."""
 
-    def __init__(self, inner: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, inner: asyncio.Transport, loop: asyncio.AbstractEventLoop, pipe: SendPipe | None = None) -> None:
         super().__init__()
         self.inner = inner
         self._loop = loop
+        self.pipe = pipe  # the channels' turns on this connection (intercept.sshshare), when watched
         self._held = b""
         self._flush_queued = False
 
@@ -148,13 +163,85 @@ class CoalescingTransport(asyncio.Transport):
         return self.inner.is_reading()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == PIPE_INFO and self.pipe is not None:
+            return self.pipe
         return self.inner.get_extra_info(name, default)
 
     def get_protocol(self) -> asyncio.BaseProtocol:
-        return self.inner.get_protocol()
+        protocol = self.inner.get_protocol()
+        return cast(asyncio.BaseProtocol, protocol.protocol) if isinstance(protocol, _Watched) else protocol
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self.inner.set_protocol(protocol)
+
+
+class _Watched:
+    """The socket transport's protocol: asyncssh's, whose reads it receives directly (the
+    bound methods themselves), except that the transport's ``pause_writing`` and
+    ``resume_writing`` (which asyncssh ignores) tell the connection's :class:`SendPipe`."""
+
+    def __init__(self, protocol: asyncio.Protocol, pipe: SendPipe) -> None:
+        self.protocol = protocol
+        self.data_received = protocol.data_received
+        self.eof_received = protocol.eof_received
+        self.connection_lost = protocol.connection_lost
+        self.pause_writing = pipe.pause_writing
+        self.resume_writing = pipe.resume_writing
+
+
+class _UnsentBound:
+    """The unsent bytes a TCP socket's kernel buffer may hold (``TCP_NOTSENT_LOWAT``): about
+    :data:`~intercept.sshshare.UNSENT_TIME` of what the connection delivers (``TCP_INFO``'s
+    delivery rate), between :data:`~intercept.sshshare.UNSENT_MIN` and
+    :data:`~intercept.sshshare.UNSENT_MAX`, looked at again when the pipe fills, at most every
+    :data:`RECHECK` seconds. A fixed bound was either too small for a fast link (the
+    sender did not refill it in time: an upload at 78% of 100 Mbit/s) or too large for a slow
+    one (a small response waited behind it: 26 ms per 64 KiB at 20 Mbit/s)."""
+
+    def __init__(self, sock: Any, loop: asyncio.AbstractEventLoop) -> None:
+        self.sock = sock
+        self.loop = loop
+        self.bound = 0
+        self.checked = -RECHECK
+        self.set(UNSENT_MIN)
+
+    def set(self, bound: int) -> None:
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, bound)
+            self.bound = bound
+        except OSError as e:  # an old kernel, or a socket closed meanwhile: the transport's bound still holds
+            log.debug("TCP_NOTSENT_LOWAT not set: %s", e)
+
+    def pipe_full(self) -> None:
+        now = self.loop.time()
+        if now - self.checked < RECHECK:
+            return
+        self.checked = now
+        try:
+            info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 168)
+        except OSError:
+            return
+        if len(info) < 168:  # a kernel without tcpi_delivery_rate
+            return
+        (rate,) = struct.unpack_from("Q", info, 160)  # bytes per second
+        bound = min(UNSENT_MAX, max(UNSENT_MIN, int(rate * UNSENT_TIME)))
+        if abs(bound - self.bound) * 4 > self.bound:  # more than a quarter off
+            self.set(bound)
+
+
+RECHECK = 0.1
+"""Seconds between looks at a socket's delivery rate."""
+
+
+def _bound_unsent(inner: asyncio.Transport, pipe: SendPipe, loop: asyncio.AbstractEventLoop) -> None:
+    """:class:`_UnsentBound` on a TCP socket, and the transport's own buffer full at
+    :data:`~intercept.sshshare.PIPE_HIGH`: beyond that, channels' bytes wait in their own
+    senders, where they can take turns (:mod:`intercept.sshshare`). A Unix socket's buffer
+    (the port-forward's socketpair) is no network queue: only the transport's bound applies."""
+    sock = inner.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        pipe.on_full = _UnsentBound(sock, loop).pipe_full
+    inner.set_write_buffer_limits(high=PIPE_HIGH, low=PIPE_LOW)
 
 
 class _Splice(asyncio.Protocol):
@@ -169,9 +256,12 @@ class _Splice(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport is not an asyncio.Transport subclass, but it is one
         inner = cast(asyncio.Transport, transport)
+        loop = asyncio.get_running_loop()
         protocol = self.protocol = self._make()
-        inner.set_protocol(protocol)
-        self.transport = CoalescingTransport(inner, asyncio.get_running_loop())
+        pipe = SendPipe(loop)
+        _bound_unsent(inner, pipe, loop)
+        inner.set_protocol(cast(asyncio.BaseProtocol, _Watched(protocol, pipe)))
+        self.transport = CoalescingTransport(inner, loop, pipe)
         protocol.connection_made(self.transport)
 
 

@@ -62,6 +62,7 @@ from intercept.protocol import (
     Refusal,
     Reply,
 )
+from intercept.sshshare import ChannelSender
 from intercept.sshwrite import CoalescingTunnel
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ class ChannelLink(asyncssh.SSHTCPSession[bytes]):
         self.owner = owner
         self.session = session
         self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
+        self.sender: ChannelSender | None = None  # what goes to the developer, taking turns with other channels
 
     @property
     def reusable(self) -> bool:
@@ -87,6 +89,7 @@ class ChannelLink(asyncssh.SSHTCPSession[bytes]):
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self.chan = chan
+        self.sender = ChannelSender(chan, lambda: self.owner.link_pause(self), lambda: self.owner.link_resume(self))
         self.session.links.add(self)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
@@ -96,30 +99,32 @@ class ChannelLink(asyncssh.SSHTCPSession[bytes]):
         return self.owner.link_eof(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.sender.lost()
         self.session.links.discard(self)
         self.owner.link_lost(self)
 
+    # the developer's window is used up / open again: the sender holds the bytes and pauses the owner
     def pause_writing(self) -> None:
-        self.owner.link_pause(self)
+        self.sender.channel_paused()
 
     def resume_writing(self) -> None:
-        self.owner.link_resume(self)
+        self.sender.channel_resumed()
 
     def write(self, data: bytes) -> None:
         try:
-            self.chan.write(bytes(data))
+            self.sender.write(bytes(data))
         except BrokenPipeError:  # the developer's side closed: connection_lost follows
             pass
 
     def write_eof(self) -> None:
-        self.chan.write_eof()
+        self.sender.write_eof()
 
     def buffered(self) -> int:
         """Bytes written and not yet sent: the developer's end has not opened its window for them."""
         return self.chan.get_write_buffer_size()
 
     def close(self) -> None:
-        self.chan.close()
+        self.sender.close()  # after what was written before it
 
     def pause_reading(self) -> None:
         self.chan.pause_reading()

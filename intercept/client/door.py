@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 
 import asyncssh
 
+from intercept.sshshare import ChannelSender
+
 log = logging.getLogger(__name__)
 
 LOOPBACKS = ("127.0.0.1", "::1")
@@ -47,6 +49,7 @@ class _Bridge(asyncssh.SSHTCPSession[bytes]):
     def __init__(self, door: LocalDoor) -> None:
         self.door = door
         self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
+        self.sender: ChannelSender | None = None  # the local process's bytes, taking turns with other channels
         self.local: asyncio.Transport | None = None
         # what the local process said before the channel was open: a server that speaks
         # first (gRPC sends its SETTINGS at once) is not always held off by pause_reading
@@ -55,12 +58,13 @@ class _Bridge(asyncssh.SSHTCPSession[bytes]):
     # the SSH channel side
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self.chan = chan
+        sender = self.sender = ChannelSender(chan, self.local.pause_reading, self.local.resume_reading)
         for data in self.early:
-            chan.write(data)
+            sender.write(data)
         self.early.clear()
         if self.local.is_closing():  # the process closed before the channel was open
-            chan.write_eof()
-            chan.close()
+            sender.write_eof()
+            sender.close()
             return
         self.local.resume_reading()
 
@@ -73,14 +77,16 @@ class _Bridge(asyncssh.SSHTCPSession[bytes]):
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.sender.lost()
         self.local.close()
         self.door._closed(self)
 
+    # the peer's window is used up / open again: the sender holds the bytes and pauses the process
     def pause_writing(self) -> None:
-        self.local.pause_reading()
+        self.sender.channel_paused()
 
     def resume_writing(self) -> None:
-        self.local.resume_reading()
+        self.sender.channel_resumed()
 
 
 class _LocalSide(asyncio.Protocol):
@@ -92,21 +98,21 @@ class _LocalSide(asyncio.Protocol):
         transport.pause_reading()  # until the channel is open
 
     def data_received(self, data: bytes) -> None:
-        chan = self.bridge.chan
-        if chan is None:
+        sender = self.bridge.sender
+        if sender is None:
             self.bridge.early.append(data)
         else:
-            chan.write(data)
+            sender.write(data)
 
     def eof_received(self) -> bool:
-        if self.bridge.chan is None:
+        if self.bridge.sender is None:
             return False  # closes; the channel, once open, is closed with it
-        self.bridge.chan.write_eof()
+        self.bridge.sender.write_eof()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.bridge.chan is not None:
-            self.bridge.chan.close()
+        if self.bridge.sender is not None:
+            self.bridge.sender.close()  # after what the process sent before it
 
     def pause_writing(self) -> None:
         self.bridge.chan.pause_reading()

@@ -14,19 +14,7 @@ import pytest
 from intercept.protocol import ENCRYPTION_ALGS
 from intercept.sshshare import PIPE_HIGH, QUANTUM, SENDER_HIGH, SENDER_LOW, ChannelSender, SendPipe
 from intercept.sshwrite import CoalescingTunnel
-
-
-class FakeLoop:
-    def __init__(self) -> None:
-        self.queued: list[Callable[[], Any]] = []
-
-    def call_soon(self, callback: Callable[[], Any]) -> None:
-        self.queued.append(callback)
-
-    def run_once(self) -> None:
-        queued, self.queued = self.queued, []
-        for callback in queued:
-            callback()
+from tests.fakeclock import FakeLoop
 
 
 class Wire:
@@ -134,14 +122,14 @@ def test_a_small_response_overtakes_a_bulk_body_queued_before_it():
     assert wire.bytes_of("small") == 0  # the socket is full: it waits its turn, in its own channel
     while not wire.bytes_of("small"):
         wire.drain(room=PIPE_HIGH)
-        loop.run_once()
+        loop.end_iteration()
     # one packet of the bulk body at most, then the small response: not the bulk's whole backlog
     names = [n for n, _ in wire.sent]
     at = names.index("small")
     assert sum(len(d) for n, d in wire.sent[:at] if n == "bulk") <= before + QUANTUM
     while bulk.queued:
         wire.drain(room=PIPE_HIGH)
-        loop.run_once()
+        loop.end_iteration()
     assert b"".join(d for n, d in wire.sent if n == "bulk") == b"b" * 4 * 65536  # all of it, in order
 
 
@@ -152,7 +140,7 @@ def test_busy_channels_take_turns_one_packet_each():
     for s in senders:
         s.write(bytes([ord(s.chan.name)]) * 3 * QUANTUM)
     wire.drain(room=10**9)
-    loop.run_once()
+    loop.end_iteration()
     assert [n for n, _ in wire.sent[1:]] == list("abc" * 3)
     assert all(len(d) == QUANTUM for _, d in wire.sent[1:])
 
@@ -165,7 +153,7 @@ def test_the_process_is_resumed_as_its_channel_drains():
     assert source.paused
     while source.paused:
         wire.drain(room=QUANTUM)
-        loop.run_once()
+        loop.end_iteration()
     assert bulk.queued <= SENDER_LOW
 
 
@@ -179,7 +167,7 @@ def test_eof_and_close_wait_for_the_bytes_written_before_them():
     assert chan.events == []
     while bulk.queued:
         wire.drain(room=QUANTUM)
-        loop.run_once()
+        loop.end_iteration()
     assert chan.events[-2:] == ["eof", "close"]
     assert chan.events.count("data") == 4
 
@@ -193,14 +181,14 @@ def test_a_channel_whose_window_is_used_up_takes_no_turn_and_holds_no_one_back()
     stuck.channel_paused()  # the developer's side stopped reading: no window left
     small.write(b"ok")
     wire.drain(room=10**9)
-    loop.run_once()
+    loop.end_iteration()
     assert wire.sent[1:] == [("stuck", b"s" * QUANTUM), ("small", b"ok")] or wire.sent[1:] == [("small", b"ok")]
     sent = wire.bytes_of("stuck")
     wire.drain(room=10**9)
-    loop.run_once()
+    loop.end_iteration()
     assert wire.bytes_of("stuck") == sent  # nothing more while its window is used up
     stuck.channel_resumed()
-    loop.run_once()
+    loop.end_iteration()
     assert wire.bytes_of("stuck") == 100_000
 
 
@@ -211,7 +199,7 @@ def test_a_lost_channel_drops_what_waits():
     bulk.write(b"b" * 200_000)
     bulk.lost()
     wire.drain(room=10**9)
-    loop.run_once()
+    loop.end_iteration()
     assert wire.bytes_of("bulk") == 0 and bulk.queued == 0
 
 

@@ -18,23 +18,9 @@ import pytest
 from intercept.protocol import ENCRYPTION_ALGS
 from intercept.sshwrite import HELD_MAX, HOLD_MAX, JOIN_MAX, CoalescingTransport, CoalescingTunnel
 from tests.conftest import echo, start_client
+from tests.fakeclock import FakeLoop
 
 IGNORE = b"i" * 36  # an encrypted empty SSH_MSG_IGNORE with aes128-gcm@openssh.com
-
-
-class FakeLoop:
-    """``call_soon`` only: a queue that the test runs as one loop iteration."""
-
-    def __init__(self) -> None:
-        self.queued: list[Callable[[], Any]] = []
-
-    def call_soon(self, callback: Callable[[], Any]) -> None:
-        self.queued.append(callback)
-
-    def end_iteration(self) -> None:
-        queued, self.queued = self.queued, []
-        for callback in queued:
-            callback()
 
 
 class FakeTransport:

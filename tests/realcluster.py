@@ -164,9 +164,11 @@ class RealCluster:
             status = pod.get("status") or {}
             unmet = [f"{c['type']}={c['status']}({c.get('reason', '')}: {c.get('message', '')})"
                      for c in status.get("conditions") or [] if c.get("status") != "True"]
-            containers = [f"{c['name']}:{next(iter(c.get('state') or {}), '?')}"
-                          f"{(list((c.get('state') or {}).values()) or [{}])[0].get('reason', '')} restarts={c.get('restartCount')}"
-                          for c in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or [])]
+            containers = []
+            for c in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+                state, detail = next(iter((c.get("state") or {"unknown": {}}).items()))  # one of waiting, running, ...
+                reason = f"({detail['reason']})" if detail.get("reason") else ""
+                containers.append(f"{c['name']}:{state}{reason} restarts={c.get('restartCount')}")
             lines.append(f"  pod {pod['metadata']['name']}: {status.get('phase')} {' '.join(unmet)} {' '.join(containers)}")
         for event in self.items("Event", namespace):
             if event.get("type") == "Warning":

@@ -9,6 +9,7 @@ holds the route.
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import threading
@@ -22,7 +23,7 @@ def _answer(endpoint: Endpoint, headers: dict[str, str]) -> str | None:
     """Who answered (X-Served-By), or None when the pod went away meanwhile (not a misroute)."""
     try:
         return served_by(endpoint, headers)
-    except (OSError, AssertionError):
+    except (OSError, AssertionError, http.client.HTTPException):  # cut mid-response (IncompleteRead) too
         return None
 
 

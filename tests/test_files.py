@@ -457,13 +457,24 @@ def hostile(tmp_path_factory: pytest.TempPathFactory) -> Path:
     listener.close()
 
 
-@pytest.fixture(scope="module")
-def cost_agent(hostile, cluster_app, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
-    agent = start_agent(tmp_path_factory.mktemp("cost-agent"), cluster_app.port, "--serve-files", str(hostile))
+def _cost_agent(state: Path, cluster_app, hostile: Path) -> Iterator[Agent]:
+    agent = start_agent(state, cluster_app.port, "--serve-files", str(hostile))
     agent.proc.wait_for(r"^intercept: agent: files: ")
     resource.prlimit(agent.proc.p.pid, resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))  # before any developer
     yield agent
     agent.proc.stop()
+
+
+@pytest.fixture(scope="module")
+def cost_agent(hostile, cluster_app, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
+    yield from _cost_agent(tmp_path_factory.mktemp("cost-agent"), cluster_app, hostile)
+
+
+@pytest.fixture
+def idle_cost_agent(hostile, cluster_app, tmp_path: Path) -> Iterator[Agent]:
+    """A cost agent of its own: no handle of an earlier test's session still being given back
+    (the agent gives them back after the session's queued work, not at the client's close)."""
+    yield from _cost_agent(tmp_path, cluster_app, hostile)
 
 
 def peak_rss_reset(pid: int) -> int:
@@ -571,7 +582,8 @@ def test_answers_a_client_does_not_read_are_not_piled_up_in_the_agent(cost_agent
     assert peak - before < 64 * MiB, f"the agent's memory grew by {(peak - before) // MiB} MiB"
 
 
-def test_handles_and_channels_are_capped_per_session_and_in_all(cost_agent, hostile):
+def test_handles_and_channels_are_capped_per_session_and_in_all(idle_cost_agent, hostile):
+    cost_agent = idle_cost_agent
     per_session, in_all, per_session_channels = 128, FD_LIMIT // 4, 8
 
     async def open_until_refused(sftp) -> tuple[list, tuple[int, str]]:

@@ -48,6 +48,7 @@ FORWARD_PORT = 1
 PORT_FORWARD_HOST = "intercept-port"  # with the app's port: routed connections that came to that port
 FRONT_DOOR_HOST = "intercept-http"
 FRONT_DOOR_PORT = 1
+SPARE_ORIGIN = "intercept-spare"  # the originator host of a spare channel (Spares): connected at its first byte
 KEEPALIVE_INTERVAL = 5
 # asyncssh drops a peer when the timer fires with count_max keepalives unanswered: after
 # (count_max + 1) silent intervals. 2 makes a silent peer's loss known within 15 s.
@@ -70,6 +71,7 @@ FEATURES = (
     "mirror",  # Register(mirror=True): a copy of each matching request; the app still answers
     "ports",  # in front of several app ports (hello's ports), each forwarded on (PORT_FORWARD_HOST, port)
     "reach",  # Reach: this session reaches the cluster through the pod, in use from then on; hello names such sessions
+    "spares",  # Spares: a channel kept open ahead per port, so a new connection's request needs no round trip first
 )
 
 
@@ -183,10 +185,23 @@ class Reach:
     op: ClassVar[str] = "reach"
 
 
-Request = Hello | Env | ListRoutes | Register | Unregister | Drain | Resume | SetClusterRoutes | Fence | CheckOutbound | Reach
+@dataclass(frozen=True)
+class Spares:
+    """This session takes spare channels: once the agent has opened a channel to one of its
+    ports, it keeps one more open there ahead of need (a channel's opening costs a round trip
+    to the client's machine), with originator :data:`SPARE_ORIGIN`. The client connects such
+    a channel to its process only when the first byte comes on it, so a spare costs the
+    process nothing: a server that serves one connection at a time is not held by an idle
+    one. Closed by the agent when the session drains."""
+
+    op: ClassVar[str] = "spares"
+
+
+Request = (Hello | Env | ListRoutes | Register | Unregister | Drain | Resume | SetClusterRoutes | Fence | CheckOutbound
+           | Reach | Spares)
 _REQUESTS: dict[str, type] = {
     cls.op: cls for cls in (Hello, Env, ListRoutes, Register, Unregister, Drain, Resume, SetClusterRoutes, Fence,
-                            CheckOutbound, Reach)
+                            CheckOutbound, Reach, Spares)
 }
 
 
@@ -331,7 +346,7 @@ class OutboundReply(Reply):
 REPLIES: dict[type, type[Reply]] = {
     Hello: HelloReply, Env: EnvReply, ListRoutes: RoutesReply, Register: Registered, Unregister: Done,
     Drain: Drained, Resume: Drained, SetClusterRoutes: PushReply, Fence: FenceReply, CheckOutbound: OutboundReply,
-    Reach: Done,
+    Reach: Done, Spares: Done,
 }
 
 

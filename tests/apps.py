@@ -372,3 +372,49 @@ class EventReader:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class Relay:
+    """A TCP relay to loopback ``port`` whose directions can be held without closing anything:
+    a link whose packets are all dropped (a laptop's Wi-Fi gone, a VPN that stalls).
+    ``forth`` carries what the connecting side sends, ``back`` what ``port`` answers."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.forth, self.back = threading.Event(), threading.Event()
+        self.carry()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold(self, *directions: threading.Event) -> None:
+        """Stop carrying ``directions`` (both when none is named)."""
+        for direction in directions or (self.forth, self.back):
+            direction.clear()
+
+    def carry(self) -> None:
+        self.forth.set()
+        self.back.set()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                a, _ = self.listener.accept()
+            except OSError:
+                return
+            b = socket.create_connection(("127.0.0.1", self.target))
+            for src, dst, direction in ((a, b, self.forth), (b, a, self.back)):
+                threading.Thread(target=self._pump, args=(src, dst, direction), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, direction: threading.Event) -> None:
+        try:
+            while data := src.recv(65536):
+                direction.wait()  # held: nothing goes through, nothing is closed
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+    def close(self) -> None:
+        self.listener.close()

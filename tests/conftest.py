@@ -160,19 +160,22 @@ class Agent:
         return hdrs["X-App"]
 
 
-def start_agent(tmp_path: Path, upstream_port: int, *extra: str, credentials: Path | None = None, ports=(0, 0), env=None) -> Agent:
+def start_agent(tmp_path: Path, upstream_port: int, *extra: str, credentials: Path | None = None, ports=(0, 0), env=None,
+                verbose: str = "-v") -> Agent:
     credentials = credentials or tmp_path / f"agent-{time.monotonic_ns()}.json"
     proc = Proc(
-        INTERCEPT + ["-v", "agent", "--listen", f"127.0.0.1:{ports[0]}", "--ssh-listen", f"127.0.0.1:{ports[1]}",
+        INTERCEPT + [verbose, "agent", "--listen", f"127.0.0.1:{ports[0]}", "--ssh-listen", f"127.0.0.1:{ports[1]}",
                      "--upstream", f"127.0.0.1:{upstream_port}", "--credentials", str(credentials), *extra],
         env=env or {},
     )
     return Agent(proc, credentials)
 
 
-def start_client(agent: Agent, local_port: int, *args: str, credentials: Path | None = None, wait: bool = True) -> Proc:
+def start_client(agent: Agent, local_port: int, *args: str, credentials: Path | None = None, wait: bool = True,
+                 via: str | None = None) -> Proc:
+    """``intercept start`` against ``agent`` (reached at ``via`` instead, when given: a relay)."""
     proc = Proc(
-        INTERCEPT + ["start", "--agent", agent.ssh, "--credentials", str(credentials or agent.credentials),
+        INTERCEPT + ["start", "--agent", via or agent.ssh, "--credentials", str(credentials or agent.credentials),
                      "--port", str(local_port), *args]
     )
     if wait:

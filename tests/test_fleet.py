@@ -25,7 +25,7 @@ from intercept.client.fleet import Fleet, Replica
 from intercept.credentials import load
 from intercept.errors import AgentUnreachable, RouteConflict
 from intercept.routing.match import HeaderEquals, Route
-from tests.apps import App
+from tests.apps import App, Relay
 from tests.conftest import LINE_TIMEOUT, Agent, free_port, start_agent, start_client
 
 
@@ -352,59 +352,23 @@ def test_a_pod_ip_that_cannot_be_reached_falls_back_to_the_port_forward_and_says
         cluster.close()
 
 
-class SilentLink:
-    """A TCP relay to ``port`` that can go silent both ways without closing: a link whose
-    packets are all dropped (a laptop's Wi-Fi gone, a VPN that stalls)."""
-
-    def __init__(self, port: int) -> None:
-        self.target = port
-        self.carrying = threading.Event()
-        self.carrying.set()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                a, _ = self.listener.accept()
-            except OSError:
-                return
-            b = socket.create_connection(("127.0.0.1", self.target))
-            for src, dst in ((a, b), (b, a)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                self.carrying.wait()  # silent: nothing goes through, nothing is closed
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            dst.close()
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 def test_a_silent_agent_is_said_while_requests_wait_and_its_return_too(replicas, local_app):
     """When the link goes silent, the connection stays up for up to 15 s (keepalive) while the
     agent holds the requests routed here; the developer is told at once, not after 15 s."""
     agent = replicas[0]
-    link = SilentLink(agent.ssh_port)
+    link = Relay(agent.ssh_port)
     fleet = RunningFleet(options_for(agent, "x-dev=hal", "hal", local_app.port), silence_notice=0.5)
     try:
         fleet.set_replicas(Replica("web-0", DirectTransport("127.0.0.1", link.port)))
         fleet.wait_for("ready")
         mark = len(fleet.events)
-        link.carrying.clear()
+        link.hold()
         silent = fleet.wait_for("reconnecting", r"has not answered for 0.5s: requests routed here wait there until it does", start=mark)
         assert silent.message.startswith(f"agent 127.0.0.1:{link.port} has not answered")
-        link.carrying.set()
+        link.carry()
         fleet.wait_for("reconnected", rf"^agent 127.0.0.1:{link.port} answers again$", start=mark)
         assert "reconnecting: connection to agent" not in "\n".join(fleet.lines())  # the connection itself held
     finally:
-        link.carrying.set()
+        link.carry()
         fleet.stop()
         link.close()

@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.apps import App
-from tests.conftest import echo, free_port, start_agent, start_client
+from tests.apps import App, Relay
+from tests.conftest import LINE_TIMEOUT, echo, free_port, start_agent, start_client
 
 
 def test_request_with_my_header_reaches_my_process(agent, local_app, clients):
@@ -360,6 +360,35 @@ def test_path_prefix_routes_on_the_normalized_path_and_forwards_the_raw_one(agen
     assert (app, seen["target"]) == ("cluster", "/api/../secret")
     app, seen = _raw_exchange(port, b"GET /%61pi/x HTTP/1.1\r\nHost: a\r\nx-dev: beth\r\n\r\n")
     assert (app, seen["target"]) == ("local", "/%61pi/x")
+
+
+def test_a_new_connections_request_reaches_the_developer_with_no_round_trip_first(cluster_app, tmp_path, clients):
+    """Opening an SSH channel to the developer's machine costs a round trip (40 to 120 ms over
+    a real network). Once one was opened, the agent keeps a spare open: a request on a new
+    connection reaches the developer's process while nothing from their machine can reach
+    the agent. The spare costs the process nothing: it is connected when the request comes."""
+    local = App("local")
+    agent = start_agent(tmp_path, cluster_app.port, verbose="-vv")  # says when the spare is open
+    link = Relay(agent.ssh_port)
+    answers: list[tuple] = []
+    try:
+        clients.append(start_client(agent, local.port, "--header", "x-dev=sal", "--name", "sal", via=f"127.0.0.1:{link.port}"))
+        assert agent.app_of({"x-dev": "sal"}) == "local"
+        agent.proc.wait_for(r"a spare channel to sal is open")
+        assert local.connections == 1  # a process that serves one connection at a time is not held by the spare
+        link.hold(link.forth)  # the developer's machine can no longer answer anything, a channel's opening included
+        asking = threading.Thread(target=lambda: answers.append(agent.request(path="/new", headers={"x-dev": "sal"})))
+        asking.start()
+        assert local.wait_requests(2, timeout=LINE_TIMEOUT)[-1]["target"] == "/new"
+        link.carry()
+        asking.join()
+        (status, headers, _), = answers
+        assert (status, headers["X-App"], local.connections) == (200, "local", 2)
+    finally:
+        link.carry()
+        link.close()
+        agent.proc.stop()
+        local.close()
 
 
 def test_requests_waiting_for_a_silently_lost_developer_go_to_the_app(cluster_app, local_app, tmp_path, clients):

@@ -99,7 +99,7 @@ class Destinations(Protocol):
     mirror_channels: collections.Counter[int]  # HTTP/1 mirror channels open, by mirror route id
 
     async def open_upstream(self, owner: ClientConnection) -> Link: ...
-    async def open_developer(self, route: RegisteredRoute, owner: ClientConnection) -> Link: ...
+    async def open_developer(self, route: RegisteredRoute, owner: ClientConnection, spare: bool = False) -> Link: ...
     async def open_mirror(self, route: RegisteredRoute, owner: MirrorChannel) -> Link: ...
 
 
@@ -539,15 +539,18 @@ class ClientConnection(asyncio.Protocol):
                 self._request_finished()
         return end
 
-    async def _connect(self, route: RegisteredRoute | None, head: RequestHead | None) -> None:
-        """Reach the destination of a request (or of a non-HTTP stream when ``head`` is None)."""
+    async def _connect(self, route: RegisteredRoute | None, head: RequestHead | None, again: bool = False) -> None:
+        """Reach the destination of a request (or of a non-HTTP stream when ``head`` is None).
+        ``again``: the request is being sent a second time (its first link closed unanswered)."""
         reused = False
+        # a spare channel (no round trip first) only for what can be sent again should it be dead
+        spare = not again and head is not None and head.framing is _NO_BODY and head.method in _REPLAYABLE
         while True:
             try:
                 if route is None:
                     link = self.upstream = await self.dest.open_upstream(self)
                 else:
-                    link = self.developers[route.session_id] = await self.dest.open_developer(route, self)
+                    link = self.developers[route.session_id] = await self.dest.open_developer(route, self, spare)
                 break
             except RouteGone:
                 route = self.dest.routes.match(head.method, head.target, head.headers)
@@ -567,7 +570,7 @@ class ClientConnection(asyncio.Protocol):
         if self.mode is _CLOSED:
             link.close()
             return
-        self.link_used = reused or getattr(link, "pooled", False)  # a channel is never pooled
+        self.link_used = reused or getattr(link, "pooled", False)  # an idle upstream connection, or a spare channel
         data, self.pending = self.pending, b""
         self._resume("connecting")
         if head is None:
@@ -740,7 +743,7 @@ class ClientConnection(asyncio.Protocol):
                 self.pending = buf[start:end] + self.pending
                 routes = self.dest.routes
                 route = routes.match(self.req.method, self.req.target, self.req.headers) if routes.held else None
-                self.connecting = self.loop.create_task(self._connect(route, self.req))
+                self.connecting = self.loop.create_task(self._connect(route, self.req, again=True))
             elif not self.resp_started:
                 self._refuse(502, "the destination closed the connection before responding", head_only=self.req.method == b"HEAD")
             else:

@@ -1,7 +1,9 @@
 """Where routed connections enter the developer's machine.
 
 Every channel an agent opens for a routed request becomes one TCP connection to the
-local process, bridged byte for byte with flow control both ways. The door can be
+local process, bridged byte for byte with flow control both ways. A *spare* channel (one
+the agent opens ahead of need, :class:`intercept.protocol.Spares`) is connected only when
+its first byte comes, so it costs the process nothing while it waits. The door can be
 *closed* while the local process restarts: new channels then wait (up to the hold
 timeout) instead of failing, and :meth:`LocalDoor.drained` tells when the old process
 has finished its last response (the agents close channels at response boundaries
@@ -16,6 +18,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncssh
 
+from intercept.protocol import SPARE_ORIGIN
 from intercept.sshshare import ChannelSender
 
 log = logging.getLogger(__name__)
@@ -44,9 +47,12 @@ async def connect_local(factory: Callable[[], asyncio.BaseProtocol], host: str, 
 
 
 class _Bridge(asyncssh.SSHTCPSession[bytes]):
-    """One routed connection: an SSH channel on one side, a local TCP connection on the other."""
+    """One routed connection: an SSH channel on one side, a local TCP connection on the other.
 
-    def __init__(self, door: LocalDoor) -> None:
+    A spare's (``spare_port`` set) local connection is made when its first byte comes: what
+    comes meanwhile waits in ``waiting``, the channel paused."""
+
+    def __init__(self, door: LocalDoor, spare_port: int | None = None) -> None:
         self.door = door
         self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
         self.sender: ChannelSender | None = None  # the local process's bytes, taking turns with other channels
@@ -54,11 +60,17 @@ class _Bridge(asyncssh.SSHTCPSession[bytes]):
         # what the local process said before the channel was open: a server that speaks
         # first (gRPC sends its SETTINGS at once) is not always held off by pause_reading
         self.early: list[bytes] = []
+        self.spare_port = spare_port
+        self.waiting: list[bytes] | None = None  # a spare's first bytes while it connects to the process
+        self.waiting_eof = False
+        self.connecting: asyncio.Task[None] | None = None
 
     # the SSH channel side
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self.chan = chan
-        sender = self.sender = ChannelSender(chan, self.local.pause_reading, self.local.resume_reading)
+        sender = self.sender = ChannelSender(chan, self._pause_local, self._resume_local)
+        if self.local is None:  # a spare: connected at its first byte
+            return
         for data in self.early:
             sender.write(data)
         self.early.clear()
@@ -68,18 +80,54 @@ class _Bridge(asyncssh.SSHTCPSession[bytes]):
             return
         self.local.resume_reading()
 
+    def _pause_local(self) -> None:
+        self.local.pause_reading()
+
+    def _resume_local(self) -> None:
+        self.local.resume_reading()
+
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        self.local.write(data)
+        if self.local is not None:
+            self.local.write(data)
+        elif self.waiting is not None:
+            self.waiting.append(data)
+        else:
+            self.waiting = [data]
+            self.chan.pause_reading()
+            self.connecting = asyncio.ensure_future(self._connect_spare())
 
     def eof_received(self) -> bool:
-        if self.local.can_write_eof():
+        if self.local is None:
+            self.waiting_eof = True
+        elif self.local.can_write_eof():
             self.local.write_eof()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.sender.lost()
-        self.local.close()
+        if self.connecting is not None:
+            self.connecting.cancel()
+        if self.local is not None:
+            self.local.close()
         self.door._closed(self)
+
+    async def _connect_spare(self) -> None:
+        """Connect this spare to the process now that a request came: as a new channel would
+        be, held while the door is closed or the process does not accept, up to the hold
+        timeout; past it the channel is closed (the agent answers the request 502)."""
+        try:
+            await self.door._connect(self, self.spare_port, retry=True)
+        except asyncssh.ChannelOpenError as e:
+            log.warning("%s", e.reason)
+            self.chan.close()
+            return
+        waiting, self.waiting = self.waiting or [], None
+        for data in waiting:
+            self.local.write(data)
+        if self.waiting_eof and self.local.can_write_eof():
+            self.local.write_eof()
+        self.local.resume_reading()
+        self.chan.resume_reading()
 
     # the peer's window is used up / open again: the sender holds the bytes and pauses the process
     def pause_writing(self) -> None:
@@ -160,14 +208,26 @@ class LocalDoor:
 
     async def accept(self, orig_host: str, orig_port: int) -> asyncssh.SSHTCPSession[bytes]:
         """asyncssh's session factory for a channel from an agent: to ``port``."""
-        return await self._accept(self.port)
+        return await self._accept(self.port, orig_host == SPARE_ORIGIN)
 
     def acceptor(self, port: int) -> Callable[[str, int], Awaitable[asyncssh.SSHTCPSession[bytes]]]:
         """A session factory like :meth:`accept` for channels to local ``port`` (one per port
         intercepted; the gate and the count of connections are the door's, shared)."""
-        return lambda orig_host, orig_port: self._accept(port)
+        return lambda orig_host, orig_port: self._accept(port, orig_host == SPARE_ORIGIN)
 
-    async def _accept(self, port: int) -> asyncssh.SSHTCPSession[bytes]:
+    async def _accept(self, port: int, spare: bool) -> asyncssh.SSHTCPSession[bytes]:
+        if spare:
+            return _Bridge(self, port)  # connected at its first byte; not counted until then
+        bridge = _Bridge(self)
+        await self._connect(bridge, port)
+        return bridge
+
+    async def _connect(self, bridge: _Bridge, port: int, retry: bool = False) -> None:
+        """Connect ``bridge`` to the process on ``port``, once the door is open (held up to the
+        hold timeout). Refused: :class:`asyncssh.ChannelOpenError` at once, or with ``retry``
+        (a spare, whose channel is open already) once the hold timeout has passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.hold_timeout
         if not self._open_gate.is_set():
             try:
                 await asyncio.wait_for(self._open_gate.wait(), self.hold_timeout)
@@ -175,23 +235,27 @@ class LocalDoor:
                 raise asyncssh.ChannelOpenError(
                     asyncssh.OPEN_CONNECT_FAILED, f"{self.name}'s process is still restarting"
                 ) from None
-        bridge = _Bridge(self)
         # Counted from now, not once connected: a restart that begins while this connects to the
         # process waits for its request too, instead of stopping the process under it.
         self._bridges.add(bridge)
         self._empty.clear()
-        try:
-            await connect_local(lambda: _LocalSide(bridge), self.host, port)
-        except OSError:
-            self._closed(bridge)
-            raise asyncssh.ChannelOpenError(
-                asyncssh.OPEN_CONNECT_FAILED,
-                f"{self.name}'s process does not accept connections on localhost:{port}",
-            ) from None
-        except BaseException:  # cancelled
-            self._closed(bridge)
-            raise
-        return bridge
+        delay = 0.02
+        while True:
+            try:
+                await connect_local(lambda: _LocalSide(bridge), self.host, port)
+                return
+            except OSError:
+                if not retry or loop.time() + delay > deadline:
+                    self._closed(bridge)
+                    raise asyncssh.ChannelOpenError(
+                        asyncssh.OPEN_CONNECT_FAILED,
+                        f"{self.name}'s process does not accept connections on localhost:{port}",
+                    ) from None
+            except BaseException:  # cancelled
+                self._closed(bridge)
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
 
     def _closed(self, bridge: _Bridge) -> None:
         self._bridges.discard(bridge)

@@ -466,6 +466,43 @@ def test_tcp_forward_relays_bytes_and_http(outbound_agent, target, closed_port):
     assert closed == b""  # the pod could not connect: the local connection is closed
 
 
+def test_a_server_that_speaks_first_is_heard_on_every_connection(outbound_agent):
+    """MySQL, SMTP and gRPC servers speak before the client does. Their first bytes reach the
+    agent while the channel for the connection is still opening; asyncssh's own forwarder
+    dropped them (or kept them where nothing sent them on), and the client waited forever."""
+    greeter = socket.create_server(("127.0.0.1", 0))
+
+    def greet(conn: socket.socket) -> None:
+        with conn:
+            conn.sendall(b"220 greeter ready\r\n")
+            conn.recv(1)  # until the client closes
+
+    accept_each(greeter, greet)
+
+    async def main():
+        conn = await _connect(outbound_agent)
+        forward = TCPForward(SSHDialer(lambda: conn), "127.0.0.1", greeter.getsockname()[1], 0)
+        _, port = await forward.start()
+
+        def greetings() -> list[bytes]:
+            heard = []
+            for _ in range(30):
+                with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+                    heard.append(read_until(s, b"\r\n"))
+            return heard
+
+        try:
+            return await asyncio.to_thread(greetings)
+        finally:
+            await forward.close()
+            conn.close()
+
+    try:
+        assert asyncio.run(main()) == [b"220 greeter ready\r\n"] * 30
+    finally:
+        greeter.close()
+
+
 def test_tcp_forward_on_a_busy_port_says_which_forward_and_the_fix(target):
     async def main():
         with socket.create_server(("127.0.0.1", 0)) as busy:

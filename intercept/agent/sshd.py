@@ -67,6 +67,7 @@ from intercept.protocol import (
     Refusal,
     Reply,
 )
+from intercept.sshbridge import bridge_to
 from intercept.sshshare import ChannelSender
 from intercept.sshwrite import CoalescingTunnel
 
@@ -242,13 +243,13 @@ class DeveloperSession(asyncssh.SSHServer):
         if (dest_host, dest_port) == (FRONT_DOOR_HOST, FRONT_DOOR_PORT):
             # the agent's own listener: nothing is reached that cluster traffic could not reach
             host, port = self.agent.http_address
-            return self.conn.forward_connection("127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
+            return bridge_to("127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
         if not self.agent.config.allow_outbound:
             log.info("refused outbound connection to %s:%s from %s (agent started without --allow-outbound)", dest_host, dest_port, self.name)
             return False
         if self.agent.fence.open and self.fence.open:
             self.reaching = True
-            return True
+            return bridge_to(dest_host, dest_port)  # not asyncssh's forwarder: it loses what a server says first
         return self._fenced_connection(dest_host, dest_port)
 
     def fences(self) -> tuple[Fence, Fence]:
@@ -280,7 +281,7 @@ class DeveloperSession(asyncssh.SSHServer):
         error: asyncssh.ChannelOpenError | None = None
         for address in verdict.dial:  # what was judged, never the client's text nor the name resolved again
             try:
-                return await self.conn.forward_connection(address, port)
+                return await bridge_to(address, port)
             except asyncssh.ChannelOpenError as e:
                 error = e
         raise error

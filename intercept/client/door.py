@@ -1,7 +1,8 @@
 """Where routed connections enter the developer's machine.
 
 Every channel an agent opens for a routed request becomes one TCP connection to the
-local process, bridged byte for byte with flow control both ways. A *spare* channel (one
+local process, bridged byte for byte with flow control both ways
+(:mod:`intercept.sshbridge`). A *spare* channel (one
 the agent opens ahead of need, :class:`intercept.protocol.Spares`) is connected only when
 its first byte comes, so it costs the process nothing while it waits. The door can be
 *closed* while the local process restarts: new channels then wait (up to the hold
@@ -19,7 +20,7 @@ from collections.abc import Awaitable, Callable
 import asyncssh
 
 from intercept.protocol import SPARE_ORIGIN
-from intercept.sshshare import ChannelSender
+from intercept.sshbridge import TCPBridge, TCPSide
 
 log = logging.getLogger(__name__)
 
@@ -46,49 +47,23 @@ async def connect_local(factory: Callable[[], asyncio.BaseProtocol], host: str, 
     return await loop.create_connection(factory, last, port)
 
 
-class _Bridge(asyncssh.SSHTCPSession[bytes]):
+class _Bridge(TCPBridge):
     """One routed connection: an SSH channel on one side, a local TCP connection on the other.
 
     A spare's (``spare_port`` set) local connection is made when its first byte comes: what
     comes meanwhile waits in ``waiting``, the channel paused."""
 
     def __init__(self, door: LocalDoor, spare_port: int | None = None) -> None:
+        super().__init__(door._closed)
         self.door = door
-        self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
-        self.sender: ChannelSender | None = None  # the local process's bytes, taking turns with other channels
-        self.local: asyncio.Transport | None = None
-        # what the local process said before the channel was open: a server that speaks
-        # first (gRPC sends its SETTINGS at once) is not always held off by pause_reading
-        self.early: list[bytes] = []
         self.spare_port = spare_port
         self.waiting: list[bytes] | None = None  # a spare's first bytes while it connects to the process
         self.waiting_eof = False
         self.connecting: asyncio.Task[None] | None = None
 
-    # the SSH channel side
-    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
-        self.chan = chan
-        sender = self.sender = ChannelSender(chan, self._pause_local, self._resume_local)
-        if self.local is None:  # a spare: connected at its first byte
-            return
-        for data in self.early:
-            sender.write(data)
-        self.early.clear()
-        if self.local.is_closing():  # the process closed before the channel was open
-            sender.write_eof()
-            sender.close()
-            return
-        self.local.resume_reading()
-
-    def _pause_local(self) -> None:
-        self.local.pause_reading()
-
-    def _resume_local(self) -> None:
-        self.local.resume_reading()
-
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        if self.local is not None:
-            self.local.write(data)
+        if self.tcp is not None:
+            self.tcp.write(data)
         elif self.waiting is not None:
             self.waiting.append(data)
         else:
@@ -97,19 +72,15 @@ class _Bridge(asyncssh.SSHTCPSession[bytes]):
             self.connecting = asyncio.ensure_future(self._connect_spare())
 
     def eof_received(self) -> bool:
-        if self.local is None:
+        if self.tcp is None:
             self.waiting_eof = True
-        elif self.local.can_write_eof():
-            self.local.write_eof()
-        return True
+            return True
+        return super().eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.sender.lost()
         if self.connecting is not None:
             self.connecting.cancel()
-        if self.local is not None:
-            self.local.close()
-        self.door._closed(self)
+        super().connection_lost(exc)
 
     async def _connect_spare(self) -> None:
         """Connect this spare to the process now that a request came: as a new channel would
@@ -123,50 +94,11 @@ class _Bridge(asyncssh.SSHTCPSession[bytes]):
             return
         waiting, self.waiting = self.waiting or [], None
         for data in waiting:
-            self.local.write(data)
-        if self.waiting_eof and self.local.can_write_eof():
-            self.local.write_eof()
-        self.local.resume_reading()
+            self.tcp.write(data)
+        if self.waiting_eof and self.tcp.can_write_eof():
+            self.tcp.write_eof()
+        self.start()
         self.chan.resume_reading()
-
-    # the peer's window is used up / open again: the sender holds the bytes and pauses the process
-    def pause_writing(self) -> None:
-        self.sender.channel_paused()
-
-    def resume_writing(self) -> None:
-        self.sender.channel_resumed()
-
-
-class _LocalSide(asyncio.Protocol):
-    def __init__(self, bridge: _Bridge) -> None:
-        self.bridge = bridge
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.bridge.local = transport  # type: ignore[assignment]
-        transport.pause_reading()  # until the channel is open
-
-    def data_received(self, data: bytes) -> None:
-        sender = self.bridge.sender
-        if sender is None:
-            self.bridge.early.append(data)
-        else:
-            sender.write(data)
-
-    def eof_received(self) -> bool:
-        if self.bridge.sender is None:
-            return False  # closes; the channel, once open, is closed with it
-        self.bridge.sender.write_eof()
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.bridge.sender is not None:
-            self.bridge.sender.close()  # after what the process sent before it
-
-    def pause_writing(self) -> None:
-        self.bridge.chan.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.bridge.chan.resume_reading()
 
 
 class LocalDoor:
@@ -242,7 +174,7 @@ class LocalDoor:
         delay = 0.02
         while True:
             try:
-                await connect_local(lambda: _LocalSide(bridge), self.host, port)
+                await connect_local(lambda: TCPSide(bridge), self.host, port)
                 return
             except OSError:
                 if not retry or loop.time() + delay > deadline:

@@ -290,10 +290,10 @@ class DeveloperSession(asyncssh.SSHServer):
         """A channel to the developer for a connection that came to ``front``'s port. With
         ``spare``: the spare, when one is open, else a new one (a round trip to their
         machine); either way, for a client that takes spares, one is then opened for the
-        next connection that may take one. Nothing
-        is opened ahead for a port whose channel could not be opened (the process is down or
-        restarting), and a spare costs the client no connection to its process, so a
-        session holds at most one idle channel per port, and only once requests came."""
+        next connection that may take one. Nothing is opened ahead for a port whose channel
+        could not be opened (the process is down or restarting), and a spare costs the
+        client no connection to its process: a session holds at most one idle channel per
+        port, and only once requests came."""
         key = (PORT_FORWARD_HOST, front.port) if front.port in self.ports else (FORWARD_HOST, FORWARD_PORT)
         link = self.spares.pop(key, None) if spare else None
         if link is not None:

@@ -2,9 +2,9 @@
 
 Every channel an agent opens for a routed request becomes one TCP connection to the
 local process, bridged byte for byte with flow control both ways
-(:mod:`intercept.sshbridge`). A *spare* channel (one
-the agent opens ahead of need, :class:`intercept.protocol.Spares`) is connected only when
-its first byte comes, so it costs the process nothing while it waits. The door can be
+(:mod:`intercept.sshbridge`). A *spare* channel (one the agent opens ahead of need,
+:class:`intercept.protocol.Spares`) is connected only when its first byte comes, so it
+costs the process nothing while it waits. The door can be
 *closed* while the local process restarts: new channels then wait (up to the hold
 timeout) instead of failing, and :meth:`LocalDoor.drained` tells when the old process
 has finished its last response (the agents close channels at response boundaries

@@ -1,11 +1,13 @@
-"""Stand-ins for time and the event loop that a test moves by hand: ``time`` whose
-``monotonic`` it sets, and a loop whose ``call_soon`` callbacks it runs."""
+"""Stand-ins the SSH tests share: ``time`` whose ``monotonic`` the test sets, a loop whose
+``call_soon`` callbacks it runs by hand, and an SSH server that lets anyone log in."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from typing import Any
+
+import asyncssh
 
 
 class Clock:
@@ -34,3 +36,16 @@ class FakeLoop:
         queued, self.queued = self.queued, []
         for callback in queued:
             callback()
+
+
+class AnyLogin(asyncssh.SSHServer):
+    """An SSH server that takes any user and password: the tests' far end of a connection."""
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    def validate_password(self, username: str, password: str) -> bool:
+        return True

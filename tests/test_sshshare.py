@@ -14,7 +14,7 @@ import pytest
 from intercept.protocol import ENCRYPTION_ALGS
 from intercept.sshshare import PIPE_HIGH, QUANTUM, SENDER_HIGH, SENDER_LOW, ChannelSender, SendPipe
 from intercept.sshwrite import CoalescingTunnel
-from tests.fakeclock import FakeLoop
+from tests.fakeclock import AnyLogin, FakeLoop
 
 
 class Wire:
@@ -220,18 +220,9 @@ class _Sink(asyncssh.SSHTCPSession[bytes]):
             self.arrivals["small_arrived"].set()
 
 
-class _Server(asyncssh.SSHServer):
+class _Server(AnyLogin):
     def __init__(self, arrivals: dict[str, Any]) -> None:
         self.arrivals = arrivals
-
-    def begin_auth(self, username: str) -> bool:
-        return True
-
-    def password_auth_supported(self) -> bool:
-        return True
-
-    def validate_password(self, username: str, password: str) -> bool:
-        return True
 
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> _Sink:
         return _Sink(dest_host, self.arrivals)

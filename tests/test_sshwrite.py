@@ -18,7 +18,7 @@ import pytest
 from intercept.protocol import ENCRYPTION_ALGS
 from intercept.sshwrite import HELD_MAX, HOLD_MAX, JOIN_MAX, CoalescingTransport, CoalescingTunnel
 from tests.conftest import echo, start_client
-from tests.fakeclock import FakeLoop
+from tests.fakeclock import AnyLogin, FakeLoop
 
 IGNORE = b"i" * 36  # an encrypted empty SSH_MSG_IGNORE with aes128-gcm@openssh.com
 
@@ -207,16 +207,7 @@ class _Echo(asyncssh.SSHTCPSession[bytes]):
         self.chan.write(data)
 
 
-class _Server(asyncssh.SSHServer):
-    def begin_auth(self, username: str) -> bool:
-        return True
-
-    def password_auth_supported(self) -> bool:
-        return True
-
-    def validate_password(self, username: str, password: str) -> bool:
-        return True
-
+class _Server(AnyLogin):
     def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int) -> _Echo:
         return _Echo()
 

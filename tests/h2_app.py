@@ -4,6 +4,11 @@ Every response is JSON naming the app, with the request's method, path, headers 
 received) and body length; header ``x-app`` names the app too. A request for
 ``/bytes/N`` is answered N bytes instead; one with the header ``x-goaway`` is answered,
 then the app sends GOAWAY and closes the connection.
+
+A request whose header ``x-refuse`` has a value the app has not seen before is refused
+unprocessed (RFC 9113 section 8.7): with RST_STREAM REFUSED_STREAM, or, for a value
+starting ``goaway``, with a GOAWAY whose last stream is the one before it. ``refused``
+lists those values, in order.
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ import threading
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
+import h2.exceptions
 
 
 class _Conn(asyncio.Protocol):
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, refused: list[str]) -> None:
         self.name = name
+        self.refused = refused
         self.conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding=None))
         self.requests: dict[int, dict] = {}
         self.leaving = False
@@ -38,11 +46,22 @@ class _Conn(asyncio.Protocol):
             return
         for ev in events:
             if isinstance(ev, h2.events.RequestReceived):
-                self.requests[ev.stream_id] = {"headers": [(k.decode(), v.decode()) for k, v in ev.headers], "length": 0}
+                headers = [(k.decode(), v.decode()) for k, v in ev.headers]
+                refuse = dict(headers).get("x-refuse")
+                if refuse is not None and refuse not in self.refused:
+                    self.refused.append(refuse)
+                    if refuse.startswith("goaway"):
+                        self.conn.close_connection(last_stream_id=ev.stream_id - 2)
+                        self.leaving = True
+                    else:
+                        self.conn.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                    continue
+                self.requests[ev.stream_id] = {"headers": headers, "length": 0}
             elif isinstance(ev, h2.events.DataReceived):
-                self.requests[ev.stream_id]["length"] += len(ev.data)
                 self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
-            elif isinstance(ev, h2.events.StreamEnded):
+                if ev.stream_id in self.requests:
+                    self.requests[ev.stream_id]["length"] += len(ev.data)
+            elif isinstance(ev, h2.events.StreamEnded) and ev.stream_id in self.requests:
                 self._answer(ev.stream_id)
         self.transport.write(self.conn.data_to_send())
         if self.leaving:
@@ -73,12 +92,13 @@ class _Conn(asyncio.Protocol):
 class H2App:
     def __init__(self, name: str) -> None:
         self.name = name
+        self.refused: list[str] = []
         self.loop = asyncio.new_event_loop()
         ready = threading.Event()
 
         def run() -> None:
             asyncio.set_event_loop(self.loop)
-            self.server = self.loop.run_until_complete(self.loop.create_server(lambda: _Conn(name), "127.0.0.1", 0))
+            self.server = self.loop.run_until_complete(self.loop.create_server(lambda: _Conn(name, self.refused), "127.0.0.1", 0))
             self.port = self.server.sockets[0].getsockname()[1]
             ready.set()
             self.loop.run_forever()

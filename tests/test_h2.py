@@ -112,6 +112,58 @@ def test_the_last_forwarded_entry_is_the_agents_as_on_http1(h2_agent, mode, to):
     assert (got["app"], version, forwarded_fields(got)) == (to, "2", FORWARDED)
 
 
+@pytest.fixture(scope="module", params=["h2", "ngh2"])
+def codec_h2_agent(request, h2_cluster, h2_local, tmp_path_factory):
+    """:func:`h2_agent` on each codec."""
+    if request.param == "ngh2":
+        pytest.importorskip("ngh2", reason="the ngh2 codec is not installed (pip install -e '.[test]')")
+    agent = start_agent(tmp_path_factory.mktemp("agent"), h2_cluster.port, env={"INTERCEPT_H2_CODEC": request.param})
+    client = start_client(agent, h2_local.port, "--header", "x-dev=alice", "--name", "alice")
+    yield agent
+    client.stop()
+    agent.proc.stop()
+
+
+def post_once(port: int, headers: list[tuple[str, str]], body: bytes) -> dict | int:
+    """One POST on a connection of its own, from a client that does not retry (as curl
+    does a refused stream): the JSON answer, or the RST_STREAM code it got instead."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":authority", "a"), (":path", "/upload"), *headers])
+    for i in range(0, len(body), 16384):  # (within the initial window)
+        conn.send_data(1, body[i : i + 16384], end_stream=i + 16384 >= len(body))
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(conn.data_to_send())
+        while True:
+            data = s.recv(65536)
+            assert data, "the agent closed the connection without an answer"
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.StreamReset):
+                    return ev.error_code
+                if isinstance(ev, h2.events.DataReceived):
+                    answer += ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                if isinstance(ev, h2.events.StreamEnded):
+                    return json.loads(answer)
+            s.sendall(conn.data_to_send())
+
+
+@pytest.mark.parametrize("how", ["rst-stream", "goaway"])
+@pytest.mark.parametrize("to", ["cluster", "local"])
+def test_a_request_its_app_refused_unprocessed_is_sent_again_whole(codec_h2_agent, h2_cluster, h2_local, how, to, tmp_path):
+    """RFC 9113 section 8.7: a stream refused with REFUSED_STREAM, or past a GOAWAY's last
+    stream, was not processed; the agent sends it again (body included) instead of passing
+    the refusal on to a client that may not retry it."""
+    app = h2_cluster if to == "cluster" else h2_local
+    token = f"{how}-{os.getpid()}-{tmp_path.name}"
+    dev = [("x-dev", "alice")] if to == "local" else []
+    got = post_once(codec_h2_agent.http_port, [("x-refuse", token), *dev], os.urandom(20000))
+    assert token in app.refused  # it was refused once
+    assert isinstance(got, dict), f"the client got RST_STREAM {got}"
+    assert (got["app"], got["method"], got["body_length"]) == (to, "POST", 20000)
+
+
 def test_every_stream_of_a_connection_gets_the_agents_forwarded_entry(h2_agent):
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
     conn.initiate_connection()

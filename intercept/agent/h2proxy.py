@@ -32,7 +32,11 @@ Invariants:
   reset (ENHANCE_YOUR_CALM), and what all of them leave by :data:`AGENT_HELD_LIMIT`, past
   which the connection that leaves most has its streams reset (ENHANCE_YOUR_CALM).
 - A pool respects its peer's SETTINGS_MAX_CONCURRENT_STREAMS: a stream waits for room
-  or for another connection; it is never failed for lack of room.
+  or for another connection; it is never failed for lack of room. A stream the peer
+  refused unprocessed (RST_STREAM REFUSED_STREAM, or past a GOAWAY's last stream: RFC 9113
+  section 8.7) is sent again, on that connection once one of its streams has ended or on
+  another, while the request bytes already passed on are kept (:data:`RESEND_LIMIT`) and
+  no response has begun, up to :data:`RESENDS` times; otherwise the client gets the refusal.
 - A stream whose developer cannot be reached is held up to the hold timeout, then
   answered gRPC UNAVAILABLE (or 502) with the HTTP/1.1 path's text. A developer who
   leaves ends their streams in flight with UNAVAILABLE; new streams go to the app.
@@ -90,6 +94,10 @@ HELD_LIMIT = 4 * h2codec.STREAM_WINDOW
 # Response bytes all clients together may leave unread in the agent: past it, the client
 # connection that leaves most has its streams reset (the agent's memory limit is 128 Mi).
 AGENT_HELD_LIMIT = 32 << 20
+# Request bytes kept per stream, after they were passed on, until its response begins: so
+# that a stream its peer refused unprocessed can be sent again. A longer request is not.
+RESEND_LIMIT = 64 << 10
+RESENDS = 3  # times one stream is sent again after a refusal, before the client gets it
 
 _SWITCHING = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
 
@@ -261,7 +269,7 @@ class Stream:
         "down", "sid", "headers", "grpc", "route", "up", "up_id", "pool",
         "to_up", "req_ended", "req_trailers", "sent_end_up", "got_end_up",
         "to_down", "resp_started", "resp_ended", "resp_trailers", "sent_end_down", "dead", "copies",
-        "moved", "stall", "wait_timer",
+        "moved", "stall", "wait_timer", "kept", "kept_len", "credited", "resends",
     )
 
     def __init__(self, down: Downstream, sid: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
@@ -288,6 +296,12 @@ class Stream:
         self.moved = 0  # frames that moved the stream on, either way (ClientSide.expire watches it)
         self.stall: tuple[int, float] = (-1, 0.0)  # (moved, since when) at the sweeper's last look
         self.wait_timer: asyncio.TimerHandle | None = None  # while waiting in a pool: the hold timeout
+        # Request bytes passed on to ``up`` (``kept_len`` of them), kept until the response
+        # begins so that a refused stream can be sent again; None past RESEND_LIMIT.
+        self.kept: list[bytes] | None = []
+        self.kept_len = 0
+        self.credited = 0  # bytes at the head of ``to_up`` the client already got window for
+        self.resends = 0
 
     # -- request direction -------------------------------------------------------------
 
@@ -313,7 +327,19 @@ class Stream:
                     piece = queue.popleft()
                 last = not queue and self.req_ended and self.req_trailers is None
                 codec.send_data(up_id, piece, end_stream=last)
-                down_codec.ack(sid, len(piece))
+                n = len(piece)
+                if self.kept is not None:
+                    self.kept_len += n
+                    if self.kept_len > RESEND_LIMIT:
+                        self.kept = None
+                    else:
+                        self.kept.append(piece)
+                if self.credited:  # sent before, on a stream that was refused
+                    skip = min(self.credited, n)
+                    self.credited -= skip
+                    n -= skip
+                if n:
+                    down_codec.ack(sid, n)
                 if last:
                     self.sent_end_up = True
             if self.req_ended and not self.sent_end_up:
@@ -329,9 +355,24 @@ class Stream:
         if self.sent_end_up:
             up.maybe_done(self)
 
+    def resend(self) -> bool:
+        """``up`` refused this stream unprocessed: make it ready to be started again, with
+        the request bytes passed on so far queued first. False if it cannot be: its response
+        has begun, the client is gone, the bytes were not kept, or it was refused too often."""
+        if self.kept is None or self.resp_started or self.dead or self.down.closed or self.resends >= RESENDS:
+            return False
+        self.resends += 1
+        self.to_up.extendleft(reversed(self.kept))
+        self.credited += self.kept_len
+        self.kept, self.kept_len = [], 0
+        self.up, self.up_id = None, 0
+        self.sent_end_up = False
+        return True
+
     def _drop_up_queue(self) -> None:
         """Request bytes that will never be passed on: give their window back to the client."""
-        n = sum(map(len, self.to_up))
+        n = sum(map(len, self.to_up)) - self.credited
+        self.credited = 0
         self.to_up.clear()
         if n and not self.down.closed:
             self.down.codec.ack(self.sid, n)
@@ -394,6 +435,7 @@ class Stream:
 
     def respond(self, headers: list[tuple[bytes, bytes]], end: bool) -> None:
         self.resp_started = True
+        self.kept = None
         try:
             self.down.codec.send_headers(self.sid, headers, end_stream=end)
         except StreamError as e:
@@ -778,9 +820,12 @@ class UpConnection:
         self.closed = False
         self.link_closed = False
         self.where = pool.where
+        # After the peer refused a stream: the streams it had room for then, until one ends.
+        self.cap: int | None = None
 
     def has_room(self) -> bool:
-        return self.accepting and len(self.streams) < self.codec.remote_max_streams
+        limit = self.codec.remote_max_streams if self.cap is None else self.cap
+        return self.accepting and len(self.streams) < limit
 
     def start(self, stream: Stream) -> None:
         """Open ``stream``'s counterpart here and pass on what it has so far."""
@@ -802,6 +847,7 @@ class UpConnection:
 
     def forget(self, stream: Stream) -> None:
         if self.streams.pop(stream.up_id, None) is not None:
+            self.cap = None
             if not self.accepting and not self.streams:
                 self.close()
             else:
@@ -879,6 +925,9 @@ class UpConnection:
             elif t is Reset:
                 stream = streams.get(ev.stream_id)
                 if stream is not None:
+                    if ev.code == REFUSED_STREAM:
+                        self._refused(stream)
+                        continue
                     self.forget(stream)
                     stream.up = None
                     if stream.resp_ended:  # answered; the request's rest is not wanted
@@ -897,17 +946,40 @@ class UpConnection:
                 self._going_away(ev.last_stream_id)
         self.hub.flush()
 
+    def _refused(self, stream: Stream) -> None:
+        """The peer refused ``stream`` unprocessed (RFC 9113 section 8.7): this connection
+        takes no more streams than it holds now until one ends (a connection left with none
+        is retired), and the stream is sent again, or the client gets the refusal."""
+        self.cap = len(self.streams) - 1
+        if self.cap == 0:
+            self.accepting = False
+            self.pool.drop(self)
+        self.streams.pop(stream.up_id, None)
+        if not self.accepting and not self.streams:
+            self.close()
+        self._again(stream)
+
+    def _again(self, stream: Stream) -> None:
+        """``stream``, refused unprocessed here, is routed again (its route may have changed
+        meanwhile), or the client gets the refusal."""
+        stream.up = None
+        if stream.resend():
+            log.debug("%s refused a stream: it is sent again (time %d)", self.where, stream.resends)
+            self.hub.route(stream)
+        else:
+            stream.down.reset(stream, REFUSED_STREAM)
+
     def _going_away(self, last_stream_id: int) -> None:
-        """The peer takes no new stream: streams it never saw are refused (the client may
-        retry them, as gRPC does), the others finish; new streams go to another connection."""
+        """The peer takes no new stream: streams it never saw are sent again on another
+        connection (or refused to the client, which may retry them, as gRPC does), the
+        others finish; new streams go to another connection."""
         log.info("%s sent GOAWAY (last stream %d)", self.where, last_stream_id)
         self.accepting = False
         self.pool.drop(self)
-        for up_id, stream in list(self.streams.items()):
-            if up_id > last_stream_id:
-                self.streams.pop(up_id)
-                stream.up = None
-                stream.down.reset(stream, REFUSED_STREAM)
+        unseen = [stream for up_id, stream in self.streams.items() if up_id > last_stream_id]
+        for stream in unseen:
+            self.streams.pop(stream.up_id)
+            self._again(stream)
         if not self.streams:
             self.close()
 

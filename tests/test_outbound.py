@@ -14,6 +14,7 @@ import http.client
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -501,6 +502,48 @@ def test_a_server_that_speaks_first_is_heard_on_every_connection(outbound_agent)
         assert asyncio.run(main()) == [b"220 greeter ready\r\n"] * 30
     finally:
         greeter.close()
+
+
+def test_ctrl_c_stops_the_command_before_its_forwarded_connections_close(outbound_agent):
+    """Leaving, ``intercept start`` stops COMMAND first, then closes the SSH sessions its
+    forwards ride on: a worker holding a connection through ``--forward`` can still use it
+    once asked to stop (here: to hand its work back), instead of finding it cut."""
+    holder = socket.create_server(("127.0.0.1", 0))
+
+    def hold(conn: socket.socket) -> None:
+        with conn:
+            conn.sendall(b"hello\n")
+            if conn.makefile("rb").readline() == b"bye\n":
+                conn.sendall(b"ok\n")
+
+    accept_each(holder, hold)
+    local_port, forward_port = free_port(), free_port()
+    worker = ("import signal, socket, sys\n"
+              "server = socket.create_server(('127.0.0.1', %d))\n"
+              "s = socket.create_connection(('127.0.0.1', %d))\n"
+              "print('connected', s.makefile('rb').readline().decode().strip(), flush=True)\n"
+              "def stopped(*_):\n"
+              "    s.sendall(b'bye\\n')\n"
+              "    handed_back = s.recv(16) == b'ok\\n'\n"
+              "    print('handed back' if handed_back else 'connection lost', flush=True)\n"
+              "    sys.exit(0 if handed_back else 3)\n"
+              "signal.signal(signal.SIGTERM, stopped)\n"
+              "s.recv(1)\n"
+              "print('connection lost', flush=True)\n"
+              "sys.exit(3)\n") % (local_port, forward_port)
+    client = Proc(INTERCEPT + ["start", "--agent", outbound_agent.ssh, "--credentials", str(outbound_agent.credentials),
+                               "--port", str(local_port), "--name", "worker", "--no-watch",
+                               "--forward", f"127.0.0.1:{holder.getsockname()[1]}:{forward_port}",
+                               "--", sys.executable, "-c", worker])
+    try:
+        client.wait_for(r"^connected hello$")
+        client.wait_for(r"^intercept: ready: ")
+        client.signal(signal.SIGINT)
+        assert client.finish() == 0, client.output
+        assert "handed back" in client.lines and "connection lost" not in client.lines, client.output
+    finally:
+        client.stop()
+        holder.close()
 
 
 def test_tcp_forward_on_a_busy_port_says_which_forward_and_the_fix(target):

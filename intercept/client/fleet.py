@@ -33,6 +33,8 @@ unregistered from every replica (new requests go to the app at once), the agents
 asked to close each channel at the end of its response (as for a restart), and the
 connections close when the last routed connection did, or after ``leave_grace``
 seconds (an endless stream), or at once when ``hurry`` is set (a second Ctrl-C).
+``before_close`` is awaited just before they close: ``intercept start`` stops COMMAND
+there, while the connections its forwards and proxy ride on are still up.
 A crash (``kill -9``) skips all that: the agents see the connections close, drop the
 route and cut what was in flight to this machine.
 
@@ -58,7 +60,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -175,8 +177,10 @@ class Fleet:
         leave_grace: float = 10.0,
         hurry: asyncio.Event | None = None,
         silence_notice: float = SILENCE_NOTICE,
+        before_close: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.options = options
+        self.before_close = before_close
         self.silence_notice = silence_notice
         self.leave_grace = leave_grace
         self.hurry = hurry or asyncio.Event()
@@ -585,6 +589,11 @@ class Fleet:
             drained.cancel()
             if self.door.busy:
                 log.warning("leaving with %d routed connections still open", self.door.busy)
+        if self.before_close is not None:
+            try:
+                await self.before_close()
+            except Exception:
+                log.exception("before closing the sessions")
         results = await asyncio.gather(*(session.close() for session in sessions), *self._closing, return_exceptions=True)
         for result in results:
             if isinstance(result, Exception):

@@ -302,7 +302,7 @@ class Supervisor:
         self.command = command
         self.on_exit = on_exit
         self.process: LocalProcess | None = None
-        self._stopping = False
+        self._stopped: LocalProcess | None = None  # the process stop() ended: its exit is not news
 
     async def start(self) -> None:
         cmd = self.command
@@ -315,7 +315,7 @@ class Supervisor:
         asyncio.ensure_future(process.wait()).add_done_callback(lambda task: self._ended(process, task))
 
     def _ended(self, process: LocalProcess, task: asyncio.Future[int]) -> None:
-        if process is self.process and not self._stopping and not task.cancelled():
+        if process is self.process and process is not self._stopped and not task.cancelled():
             self.on_exit(task.result())
 
     @property
@@ -328,11 +328,8 @@ class Supervisor:
 
     async def stop(self) -> None:
         if self.process is not None:
-            self._stopping = True
-            try:
-                await self.process.stop()
-            finally:
-                self._stopping = False
+            self._stopped = self.process
+            await self.process.stop()
 
 
 async def accepting(host: str, port: int, timeout: float, alive: Callable[[], bool]) -> bool:

@@ -74,7 +74,8 @@ async def start(
 
     Leaving (``stop``) unregisters the route first, then lets responses in flight to the
     local process finish, up to :data:`LEAVE_GRACE` seconds or until ``hurry`` is set,
-    and only then stops COMMAND (see :class:`~intercept.client.fleet.Fleet`).
+    and only then stops COMMAND, before the sessions its forwards and proxy ride on close
+    (see :class:`~intercept.client.fleet.Fleet`): it can still use them while it stops.
 
     When the agents allow outbound connections, COMMAND gets HTTP_PROXY/HTTPS_PROXY
     pointing at a local proxy that dials from the agent's pod (with the route's headers
@@ -107,12 +108,16 @@ async def start(
         else:
             report(event)
 
+    async def stop_command() -> None:
+        if supervisor is not None:
+            await supervisor.stop()
+
     if replicas is None:
         fleet = Fleet(options, fleet_report, count_replicas=False, first_attempts=1, door=door,
-                      leave_grace=LEAVE_GRACE, hurry=hurry)
+                      leave_grace=LEAVE_GRACE, hurry=hurry, before_close=stop_command)
         replicas = fixed([Replica(options.transport.describe(), options.transport)])
     else:
-        fleet = Fleet(options, fleet_report, door=door, leave_grace=LEAVE_GRACE, hurry=hurry)
+        fleet = Fleet(options, fleet_report, door=door, leave_grace=LEAVE_GRACE, hurry=hurry, before_close=stop_command)
     exited: asyncio.Future[int] = loop.create_future()  # COMMAND's returncode (-N: killed by signal N)
     supervisor: Supervisor | None = None
     reloading: asyncio.Future[None] | None = None

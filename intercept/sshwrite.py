@@ -31,9 +31,11 @@ fails.
 The tunnel also bounds what the socket holds and tells the connection's channels when
 it is full (:mod:`intercept.sshshare`: channels take turns, so a bulk body waits in its
 own channel rather than in the socket ahead of every other request): it sets
-``TCP_NOTSENT_LOWAT`` and the transport's write-buffer limits, and routes the transport's
-``pause_writing``/``resume_writing`` (which asyncssh ignores) to the connection's
-:class:`~intercept.sshshare.SendPipe`, which a channel finds through ``get_extra_info``.
+``TCP_NOTSENT_LOWAT`` and the transport's write-buffer limits, paces a bulk sender just
+under the link's rate so that the network's queue stays short (:class:`Pacing`), and
+routes the transport's ``pause_writing``/``resume_writing`` (which asyncssh ignores) to
+the connection's :class:`~intercept.sshshare.SendPipe`, which a channel finds through
+``get_extra_info``.
 The receiving side is left alone: the socket's transport delivers to asyncssh
 directly (``set_protocol``), so reads cost nothing more, and fewer writes on one side
 already mean fewer reads on the other.
@@ -45,6 +47,7 @@ import asyncio
 import logging
 import socket
 import struct
+import sys
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -189,20 +192,106 @@ class _Watched:
         self.resume_writing = pipe.resume_writing
 
 
+class Pacing:
+    """How fast a bulk sender's SSH socket may send, so that it keeps the network's queue
+    short (sans-IO: fed what ``TCP_INFO`` says, it answers the cap to set).
+
+    Why: every request of a session shares one TCP connection. Its congestion control
+    (cubic, or BBR in its startup) puts up to a few times the path's bandwidth-delay product
+    in flight while a download runs; the excess waits in the bottleneck's queue, and each
+    small response sent behind it waits as long (``bench/wan.py``'s "during a download"
+    row: p99 3.8x the floor at 40 ms and 100 Mbit/s). A socket paced just under the link's
+    rate keeps that queue empty.
+
+    Looked at while the socket is full (a bulk transfer), at most once per round trip, on
+    a delivery rate that the sender's own pauses did not limit. A queue stands when both
+    what is in flight beyond what the path holds (the delivery rate times the least RTT) is
+    over :data:`QUEUE_BYTES` and the smoothed RTT is over the least by :data:`QUEUE_TARGET`
+    (the first alone is also true of a slow start, whose delivery rate lags; the second
+    alone, of a slow sender's delayed ACKs). Then the cap is the delivery rate (the
+    bottleneck's, while a queue stands) less the share that drains the queue in
+    :data:`DRAIN_TIME`; otherwise an existing cap grows by :data:`GROW`, probing for room.
+    A queue that stays for :data:`GIVE_UP` looks is not this connection's (other traffic
+    fills it): the cap goes for :data:`REST` seconds, so that the tunnel does not yield to
+    everyone else's downloads. After :data:`IDLE` seconds without a look the cap goes too.
+"""
+
+    def __init__(self) -> None:
+        self.cap: float | None = None  # bytes per second; None: not capped
+        self.last = -IDLE
+        self.queued = 0  # looks in a row that found a queue
+        self.resting_until = 0.0
+
+    def look(self, now: float, rtt: float, min_rtt: float, delivered: float, in_flight: int) -> float | None:
+        """The cap (bytes per second; None: none), given the smoothed and least RTT
+        (seconds), the delivery rate (bytes per second) and the bytes in flight at ``now``."""
+        if now - self.last > IDLE:
+            self.cap, self.queued = None, 0
+        self.last = now
+        if now < self.resting_until:
+            return None
+        if delivered <= 0:
+            return self.cap
+        excess = in_flight - delivered * min_rtt  # bytes
+        queue = min(rtt - min_rtt, excess / delivered)  # seconds
+        if excess > QUEUE_BYTES and queue > QUEUE_TARGET:
+            self.queued += 1
+            if self.queued > GIVE_UP:
+                self.cap, self.queued, self.resting_until = None, 0, now + REST
+            else:
+                self.cap = delivered * max(1 - queue / DRAIN_TIME, 1 - MAX_CUT)
+        else:
+            self.queued = 0
+            if self.cap is not None:
+                self.cap *= GROW
+        return self.cap
+
+
+QUEUE_BYTES = 64 * 1024
+"""Bytes queued in the network that a bulk sender leaves alone..."""
+
+QUEUE_TARGET = 0.005
+"""... and seconds of queueing."""
+
+DRAIN_TIME = 0.5
+"""Seconds in which a standing queue is to be drained: the cap is the delivery rate less
+the queue's share of it."""
+
+MAX_CUT = 0.5
+"""The cap is at most this share below the delivery rate."""
+
+GROW = 1.05
+"""An existing cap grows this much per look that finds no queue."""
+
+GIVE_UP = 30
+"""Looks in a row that found a queue, after which the queue is taken to be others'."""
+
+REST = 10.0
+"""Seconds without a cap after giving up."""
+
+IDLE = 2.0
+"""Seconds without a look after which a cap is dropped."""
+
+
 class _UnsentBound:
     """The unsent bytes a TCP socket's kernel buffer may hold (``TCP_NOTSENT_LOWAT``): about
     :data:`~intercept.sshshare.UNSENT_TIME` of what the connection delivers (``TCP_INFO``'s
     delivery rate), between :data:`~intercept.sshshare.UNSENT_MIN` and
-    :data:`~intercept.sshshare.UNSENT_MAX`, looked at again when the pipe fills, at most every
-    :data:`RECHECK` seconds. A fixed bound was either too small for a fast link (the
-    sender did not refill it in time: an upload at 78% of 100 Mbit/s) or too large for a slow
-    one (a small response waited behind it: 26 ms per 64 KiB at 20 Mbit/s)."""
+    :data:`~intercept.sshshare.UNSENT_MAX`; and its pacing cap (``SO_MAX_PACING_RATE``, on
+    Linux), as :class:`Pacing` says. Looked at again when the pipe fills, at most once per
+    round trip and every :data:`RECHECK` seconds. A fixed unsent bound was either too small
+    for a fast link (the sender did not refill it in time: an upload at 78% of 100 Mbit/s)
+    or too large for a slow one (a small response waited behind it: 26 ms per 64 KiB at
+    20 Mbit/s)."""
 
     def __init__(self, sock: Any, loop: asyncio.AbstractEventLoop) -> None:
         self.sock = sock
         self.loop = loop
         self.bound = 0
-        self.checked = -RECHECK
+        self.next = 0.0
+        self.pacing = Pacing()
+        self.cap: int | None = None
+        self.idle: asyncio.TimerHandle | None = None  # drops the cap once looks stop (the sender went idle)
         self.set(UNSENT_MIN)
 
     def set(self, bound: int) -> None:
@@ -212,25 +301,59 @@ class _UnsentBound:
         except OSError as e:  # an old kernel, or a socket closed meanwhile: the transport's bound still holds
             log.debug("TCP_NOTSENT_LOWAT not set: %s", e)
 
+    def pace(self, cap: float | None) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
+        if cap is not None:
+            self.idle = self.loop.call_later(IDLE, self._idle)
+        value = UNPACED if cap is None else max(int(cap), PACING_MIN)
+        if value == (self.cap or UNPACED):
+            return
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, struct.pack("I", value))
+            self.cap = None if cap is None else value
+        except OSError as e:  # not Linux, or a socket closed meanwhile
+            log.debug("SO_MAX_PACING_RATE not set: %s", e)
+
+    def _idle(self) -> None:
+        self.idle = None
+        self.pacing.cap = None
+        self.pace(None)
+
     def pipe_full(self) -> None:
         now = self.loop.time()
-        if now - self.checked < RECHECK:
+        if now < self.next:
             return
-        self.checked = now
         try:
             info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 168)
         except OSError:
+            self.next = now + RECHECK
             return
         if len(info) < 168:  # a kernel without tcpi_delivery_rate
+            self.next = now + RECHECK
             return
-        (rate,) = struct.unpack_from("Q", info, 160)  # bytes per second
+        app_limited = info[7] & 1  # tcpi_delivery_rate_app_limited
+        (mss,) = struct.unpack_from("I", info, 16)  # tcpi_snd_mss
+        (unacked,) = struct.unpack_from("I", info, 24)  # segments in flight
+        (rtt,) = struct.unpack_from("I", info, 68)  # smoothed, microseconds
+        (min_rtt,) = struct.unpack_from("I", info, 148)
+        (rate,) = struct.unpack_from("Q", info, 160)  # tcpi_delivery_rate, bytes per second
+        self.next = now + max(RECHECK, rtt / 1e6)
         bound = min(UNSENT_MAX, max(UNSENT_MIN, int(rate * UNSENT_TIME)))
         if abs(bound - self.bound) * 4 > self.bound:  # more than a quarter off
             self.set(bound)
+        if SO_MAX_PACING_RATE is not None and min_rtt and not app_limited:
+            self.pace(self.pacing.look(now, rtt / 1e6, min_rtt / 1e6, rate, unacked * mss))
 
 
 RECHECK = 0.1
-"""Seconds between looks at a socket's delivery rate."""
+"""Seconds between looks at a socket's delivery rate, at least."""
+
+SO_MAX_PACING_RATE: int | None = getattr(socket, "SO_MAX_PACING_RATE", 47 if sys.platform == "linux" else None)
+UNPACED = 0xFFFFFFFF  # the kernel's "no cap"
+PACING_MIN = 64 * 1024
+"""A cap is never below this many bytes per second."""
 
 
 def _bound_unsent(inner: asyncio.Transport, pipe: SendPipe, loop: asyncio.AbstractEventLoop) -> None:

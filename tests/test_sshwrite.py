@@ -8,6 +8,7 @@ import hashlib
 import http.client
 import random
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any, cast
@@ -16,7 +17,18 @@ import asyncssh
 import pytest
 
 from intercept.protocol import ENCRYPTION_ALGS
-from intercept.sshwrite import HELD_MAX, HOLD_MAX, JOIN_MAX, CoalescingTransport, CoalescingTunnel
+from intercept.sshwrite import (
+    HELD_MAX,
+    HOLD_MAX,
+    IDLE,
+    JOIN_MAX,
+    REST,
+    SO_MAX_PACING_RATE,
+    CoalescingTransport,
+    CoalescingTunnel,
+    Pacing,
+    _UnsentBound,
+)
 from tests.conftest import echo, start_client
 from tests.fakeclock import AnyLogin, FakeLoop
 
@@ -357,3 +369,111 @@ def test_data_through_agent_and_client_is_intact_and_in_order_under_flow_control
     conn.request("GET", "/small", headers={"x-dev": "wren"})  # the connection is still in step
     assert echo(conn.getresponse().read())["target"] == "/small"
     conn.close()
+
+
+# -- pacing a bulk sender under the link's rate (issue 27) -----------------------------------
+
+LINK = 12.5e6  # bytes per second: 100 Mbit/s
+RTT = 0.040
+BDP = int(LINK * RTT)  # what the path holds: 500 kB
+
+
+def test_a_transfer_that_builds_no_queue_is_not_capped():
+    pacing = Pacing()
+    assert [pacing.look(t / 10, RTT + 0.001, RTT, LINK, BDP) for t in range(20)] == [None] * 20
+
+
+def test_a_slow_start_is_no_queue_though_more_is_in_flight_than_its_delivery_rate_shows():
+    pacing = Pacing()
+    assert pacing.look(0.0, RTT + 0.001, RTT, LINK / 4, BDP) is None
+
+
+def test_delayed_acks_of_a_slow_sender_are_no_queue_though_the_rtt_grows():
+    pacing = Pacing()
+    assert pacing.look(0.0, RTT + 0.025, RTT, 70_000, 3 * 1448) is None
+
+
+def test_a_standing_queue_gets_a_cap_under_the_delivery_rate_that_drains_it():
+    pacing = Pacing()
+    queued = int(0.060 * LINK)  # 60 ms of the link in the bottleneck's queue
+    cap = pacing.look(0.0, RTT + 0.060, RTT, LINK, BDP + queued)
+    assert cap is not None and LINK * 0.8 < cap < LINK
+    # the smaller the queue, the less the cap is under the link
+    assert pacing.look(0.1, RTT + 0.020, RTT, LINK, BDP + queued // 3) > cap
+
+
+def test_once_the_queue_is_gone_the_cap_grows_until_a_queue_appears_again():
+    pacing = Pacing()
+    caps = [pacing.look(0.0, RTT + 0.060, RTT, LINK, BDP + int(0.060 * LINK))]
+    for i in range(1, 5):
+        caps.append(pacing.look(0.1 * i, RTT + 0.001, RTT, caps[-1], int(caps[-1] * RTT)))
+    assert caps == sorted(caps) and len(set(caps)) == 5 and caps[-1] > LINK
+    assert pacing.look(0.5, RTT + 0.030, RTT, LINK, BDP + int(0.030 * LINK)) < LINK
+
+
+def test_a_queue_the_cap_cannot_drain_is_others_and_the_cap_goes_for_a_while():
+    """Other traffic filling the bottleneck must not make the tunnel yield to it for ever."""
+    pacing = Pacing()
+    t, caps = 0.0, []
+    while t < 5.0:
+        caps.append(pacing.look(t, RTT + 0.080, RTT, LINK / 2, BDP))
+        t += 0.1
+    assert caps[0] is not None and None in caps
+    gave_up = caps.index(None)
+    assert set(caps[gave_up:]) == {None}  # resting: no cap however long the queue
+    assert pacing.look(t + REST, RTT + 0.080, RTT, LINK / 2, BDP) is not None  # then it tries again
+
+
+def test_a_cap_is_dropped_after_the_sender_was_idle():
+    pacing = Pacing()
+    assert pacing.look(0.0, RTT + 0.060, RTT, LINK, 2 * BDP) is not None
+    assert pacing.look(IDLE + 1, RTT + 0.001, RTT, LINK, BDP) is None
+
+
+class Timers:
+    """An event loop's ``time`` and ``call_later``: the test says when time passes."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.due: list[Timers.Handle] = []
+
+    class Handle:
+        def __init__(self, when: float, callback: Callable[[], Any]) -> None:
+            self.when, self.callback, self.cancelled = when, callback, False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    def time(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, callback: Callable[[], Any]) -> Timers.Handle:
+        handle = Timers.Handle(self.now + delay, callback)
+        self.due.append(handle)
+        return handle
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        for handle in [h for h in self.due if h.when <= self.now]:
+            self.due.remove(handle)
+            if not handle.cancelled:
+                handle.callback()
+
+
+@pytest.mark.skipif(SO_MAX_PACING_RATE is None, reason="SO_MAX_PACING_RATE is Linux's")
+def test_the_cap_reaches_the_socket_and_goes_once_the_sender_is_idle():
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()) as sock:
+        timers = Timers()
+        bound = _UnsentBound(sock, cast(asyncio.AbstractEventLoop, timers))
+
+        def kernel_cap() -> int:
+            return struct.unpack("I", sock.getsockopt(socket.SOL_SOCKET, SO_MAX_PACING_RATE, 4))[0]
+
+        bound.pace(3_000_000.7)
+        assert kernel_cap() == 3_000_000
+        timers.advance(IDLE / 2)
+        bound.pace(3_100_000)  # a look while the transfer goes on: the idle clock starts again
+        timers.advance(IDLE * 0.9)
+        assert kernel_cap() == 3_100_000
+        timers.advance(IDLE * 0.2)  # no look for IDLE seconds: a small response is not held to the cap
+        assert kernel_cap() == 0xFFFFFFFF and bound.pacing.cap is None

@@ -424,6 +424,13 @@ def test_a_queue_the_cap_cannot_drain_is_others_and_the_cap_goes_for_a_while():
     assert pacing.look(t + REST, RTT + 0.080, RTT, LINK / 2, BDP) is not None  # then it tries again
 
 
+def test_a_near_path_is_never_capped_though_a_busy_cpu_delays_its_acks():
+    """Loopback or a LAN: milliseconds of delay there are the CPU's, not a queue, and a cap
+    from a starved receiver's delivery rate would slow the transfer for nothing."""
+    pacing = Pacing()
+    assert [pacing.look(t / 10, 0.008, 0.00005, 2e6, 4 << 20) for t in range(20)] == [None] * 20
+
+
 def test_a_cap_is_dropped_after_the_sender_was_idle():
     pacing = Pacing()
     assert pacing.look(0.0, RTT + 0.060, RTT, LINK, 2 * BDP) is not None
@@ -477,3 +484,43 @@ def test_the_cap_reaches_the_socket_and_goes_once_the_sender_is_idle():
         assert kernel_cap() == 3_100_000
         timers.advance(IDLE * 0.2)  # no look for IDLE seconds: a small response is not held to the cap
         assert kernel_cap() == 0xFFFFFFFF and bound.pacing.cap is None
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_CONGESTION"), reason="TCP_CONGESTION is Linux's")
+@pytest.mark.parametrize("chosen", ["bbr", "cubic", "reno"])
+def test_an_ssh_socket_never_runs_bbr_whose_probe_rtt_stalls_every_request_of_the_session(chosen):
+    """The tunnel's own sockets, client and server: on a BBR system they run cubic; any
+    other choice is left as it is."""
+    try:
+        with socket.socket() as probe:
+            probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, chosen.encode())
+    except OSError:
+        pytest.skip(f"this kernel has no {chosen}")
+
+    def congestion(sock: socket.socket) -> str:
+        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16).rstrip(b"\0").decode()
+
+    async def main() -> list[str]:
+        listening = socket.create_server(("127.0.0.1", 0))
+        listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, chosen.encode())  # accepted sockets inherit it
+        seen: list[str] = []
+        both = asyncio.Event()
+
+        class Side(asyncio.Protocol):
+            def connection_made(self, transport: Any) -> None:
+                seen.append(congestion(transport.get_extra_info("socket")))
+                if len(seen) == 2:
+                    both.set()
+
+        server = await CoalescingTunnel(sock=listening).create_server(lambda *_: Side(), "", 0)
+        dialled = socket.socket()
+        dialled.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, chosen.encode())
+        dialled.connect(listening.getsockname())
+        transport, _ = await CoalescingTunnel(sock=dialled).create_connection(Side, "", 0)
+        await asyncio.wait_for(both.wait(), 10)
+        transport.close()
+        server.close()
+        return seen
+
+    expected = "cubic" if chosen == "bbr" else chosen
+    assert asyncio.run(main()) == [expected, expected]

@@ -37,6 +37,8 @@ knows, so a client meeting an older agent says which feature it lacks. A refusal
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -48,7 +50,8 @@ FORWARD_PORT = 1
 PORT_FORWARD_HOST = "intercept-port"  # with the app's port: routed connections that came to that port
 FRONT_DOOR_HOST = "intercept-http"
 FRONT_DOOR_PORT = 1
-SPARE_ORIGIN = "intercept-spare"  # the originator host of a spare channel (Spares): connected at its first byte
+EARLY_DATA_ORIGIN = "intercept-early-data:"  # then, base64: a channel's first bytes, carried by its opening (EarlyData)
+EARLY_DATA_MAX = 8192  # bytes carried by an opening at most (an SSH packet holds 32 KiB; base64 grows them by a third)
 KEEPALIVE_INTERVAL = 5
 # asyncssh drops a peer when the timer fires with count_max keepalives unanswered: after
 # (count_max + 1) silent intervals. 2 makes a silent peer's loss known within 15 s.
@@ -71,7 +74,7 @@ FEATURES = (
     "mirror",  # Register(mirror=True): a copy of each matching request; the app still answers
     "ports",  # in front of several app ports (hello's ports), each forwarded on (PORT_FORWARD_HOST, port)
     "reach",  # Reach: this session reaches the cluster through the pod, in use from then on; hello names such sessions
-    "spares",  # Spares: a channel kept open ahead per port, so a new connection's request needs no round trip first
+    "early-data",  # EarlyData: a new channel's first bytes come with its opening, so they need no round trip first
 )
 
 
@@ -186,22 +189,42 @@ class Reach:
 
 
 @dataclass(frozen=True)
-class Spares:
-    """This session takes spare channels: once the agent has opened a channel to one of its
-    ports, it keeps one more open there ahead of need (a channel's opening costs a round trip
-    to the client's machine), with originator :data:`SPARE_ORIGIN`. The client connects such
-    a channel to its process only when the first byte comes on it, so a spare costs the
-    process nothing: a server that serves one connection at a time is not held by an idle
-    one. Closed by the agent when the session drains."""
+class EarlyData:
+    """This session takes a new channel's first bytes with its opening: the agent may open a
+    routed channel with originator :data:`EARLY_DATA_ORIGIN` followed by those bytes in
+    base64 (:func:`early_data_origin`, at most :data:`EARLY_DATA_MAX` of them: a request
+    without a body, as the process is to read it). The client connects the channel to its
+    process, writes them there, and only then confirms the opening; a refused opening
+    delivered nothing. So every new connection's request reaches the developer's process
+    after one trip, however many come at once."""
 
-    op: ClassVar[str] = "spares"
+    op: ClassVar[str] = "early-data"
+
+
+def early_data_origin(data: bytes) -> str:
+    """The originator of a channel whose opening carries ``data`` (:class:`EarlyData`)."""
+    if len(data) > EARLY_DATA_MAX:
+        raise ValueError(f"{len(data)} bytes is more than an opening carries ({EARLY_DATA_MAX})")
+    return EARLY_DATA_ORIGIN + base64.b64encode(data).decode()
+
+
+def early_data(origin: str) -> bytes | None:
+    """The bytes an opening with originator ``origin`` carries; None for any other originator
+    (or one that is not this encoding: the channel is then an ordinary one)."""
+    if not origin.startswith(EARLY_DATA_ORIGIN):
+        return None
+    try:
+        data = base64.b64decode(origin[len(EARLY_DATA_ORIGIN):], validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return data if len(data) <= EARLY_DATA_MAX else None
 
 
 Request = (Hello | Env | ListRoutes | Register | Unregister | Drain | Resume | SetClusterRoutes | Fence | CheckOutbound
-           | Reach | Spares)
+           | Reach | EarlyData)
 _REQUESTS: dict[str, type] = {
     cls.op: cls for cls in (Hello, Env, ListRoutes, Register, Unregister, Drain, Resume, SetClusterRoutes, Fence,
-                            CheckOutbound, Reach, Spares)
+                            CheckOutbound, Reach, EarlyData)
 }
 
 
@@ -346,7 +369,7 @@ class OutboundReply(Reply):
 REPLIES: dict[type, type[Reply]] = {
     Hello: HelloReply, Env: EnvReply, ListRoutes: RoutesReply, Register: Registered, Unregister: Done,
     Drain: Drained, Resume: Drained, SetClusterRoutes: PushReply, Fence: FenceReply, CheckOutbound: OutboundReply,
-    Reach: Done, Spares: Done,
+    Reach: Done, EarlyData: Done,
 }
 
 

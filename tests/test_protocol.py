@@ -97,3 +97,12 @@ def test_an_agent_without_mirrors_says_so():
     older = protocol.HelloReply(agent_version="0.0.9", protocol=2, features=["check-outbound"])
     assert "lacks 'mirror'" in older.lacks("mirror")
     assert "mirror" in protocol.FEATURES
+
+
+def test_early_data_travels_in_an_openings_originator_and_nothing_else_is_taken_for_it():
+    request = b"GET /x HTTP/1.1\r\nHost: a\r\nx-dev: \xff\r\n\r\n"  # any bytes, obs-text too
+    assert protocol.early_data(protocol.early_data_origin(request)) == request
+    assert protocol.early_data("127.0.0.1") is None  # an ordinary channel's originator
+    assert protocol.early_data(protocol.EARLY_DATA_ORIGIN + "not base64!") is None
+    with pytest.raises(ValueError, match="more than an opening carries"):
+        protocol.early_data_origin(b"x" * (protocol.EARLY_DATA_MAX + 1))

@@ -362,28 +362,29 @@ def test_path_prefix_routes_on_the_normalized_path_and_forwards_the_raw_one(agen
     assert (app, seen["target"]) == ("local", "/%61pi/x")
 
 
-def test_a_new_connections_request_reaches_the_developer_with_no_round_trip_first(cluster_app, tmp_path, clients):
+def test_new_connections_requests_reach_the_developer_with_no_round_trip_first(cluster_app, tmp_path, clients):
     """Opening an SSH channel to the developer's machine costs a round trip (40 to 120 ms over
-    a real network). Once one was opened, the agent keeps a spare open: a request on a new
-    connection reaches the developer's process while nothing from their machine can reach
-    the agent. The spare costs the process nothing: it is connected when the request comes."""
+    a real network). A request without a body travels with its channel's opening: several new
+    connections' requests reach the developer's process while nothing from their machine
+    (a channel's confirmation included) can reach the agent."""
     local = App("local")
-    agent = start_agent(tmp_path, cluster_app.port, verbose="-vv")  # says when the spare is open
+    agent = start_agent(tmp_path, cluster_app.port)
     link = Relay(agent.ssh_port)
     answers: list[tuple] = []
     try:
         clients.append(start_client(agent, local.port, "--header", "x-dev=sal", "--name", "sal", via=f"127.0.0.1:{link.port}"))
         assert agent.app_of({"x-dev": "sal"}) == "local"
-        agent.proc.wait_for(r"a spare channel to sal is open")
-        assert local.connections == 1  # a process that serves one connection at a time is not held by the spare
         link.hold(link.forth)  # the developer's machine can no longer answer anything, a channel's opening included
-        asking = threading.Thread(target=lambda: answers.append(agent.request(path="/new", headers={"x-dev": "sal"})))
-        asking.start()
-        assert local.wait_requests(2, timeout=LINE_TIMEOUT)[-1]["target"] == "/new"
+        asking = [threading.Thread(target=lambda i=i: answers.append(agent.request(path=f"/new{i}", headers={"x-dev": "sal"})))
+                  for i in range(3)]
+        for thread in asking:
+            thread.start()
+        assert sorted(r["target"] for r in local.wait_requests(4, timeout=LINE_TIMEOUT)[1:]) == ["/new0", "/new1", "/new2"]
         link.carry()
-        asking.join()
-        (status, headers, _), = answers
-        assert (status, headers["X-App"], local.connections) == (200, "local", 2)
+        for thread in asking:
+            thread.join()
+        assert sorted((status, headers["X-App"]) for status, headers, _ in answers) == [(200, "local")] * 3
+        assert local.connections == 4  # one per connection: nothing held open ahead of need
     finally:
         link.carry()
         link.close()

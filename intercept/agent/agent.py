@@ -311,7 +311,7 @@ class Agent:
         return route.session_id in self.sessions and self.routes.holds(route)
 
     async def open_developer(self, route: RegisteredRoute, owner: ClientConnection, front: Front | None = None,
-                             spare: bool = False) -> Link:
+                             first: bytes = b"") -> Link:
         """A channel to the developer of ``route``; held up to the hold timeout while their process does not accept.
 
         Raises :class:`RouteGone` as soon as ``route`` leaves the table while the request
@@ -324,9 +324,8 @@ class Agent:
         A sandbox's route goes to its cluster destination instead (:meth:`_open_fork`).
         ``front`` is the listener the request came to (None: the first): the channel is
         opened for that port of the developer's (:meth:`DeveloperSession.open_channel`).
-        With ``spare`` the session's spare channel may be taken: only for a request the
-        caller can send again when the channel turns out dead before any answer (the
-        developer was lost before the spare's opening showed it), then routed anew."""
+        With ``first``, the channel's opening may carry those bytes (the link's ``carried``
+        says whether it did: :meth:`DeveloperSession.open_channel`)."""
         if route.destination is not None:
             return await self._open_fork(route, owner)
         if route.session_id.startswith(PENDING_PREFIX):
@@ -343,7 +342,7 @@ class Agent:
             if loop.time() > deadline:
                 raise Unavailable(f"intercept of {route.holder} failed: {reason} (held {loop.time() - started:.1f}s)")
             session = self.sessions[route.session_id]
-            opening = asyncio.ensure_future(session.open_channel(owner, front or self.fronts[0], spare))
+            opening = asyncio.ensure_future(session.open_channel(owner, front or self.fronts[0], first))
             while not opening.done():
                 await asyncio.wait({opening, self._next_removal()}, return_when=asyncio.FIRST_COMPLETED)
                 if not opening.done() and not self._still_held(route):
@@ -374,7 +373,7 @@ class Agent:
         import asyncssh  # loaded already: a session exists
 
         try:
-            return await session.open_channel(owner, front, spare=True)  # a copy lost is only a copy dropped
+            return await session.open_channel(owner, front)
         except asyncssh.ChannelOpenError as e:
             raise Unavailable(f"{route.holder}'s process cannot take a copy: {e.reason}") from None
         except (asyncssh.Error, OSError) as e:
@@ -656,8 +655,8 @@ class Front:
             raise Unavailable(f"upstream {host}:{port} is unreachable: {e.strerror or e}") from None
         return link
 
-    async def open_developer(self, route: RegisteredRoute, owner: ClientConnection, spare: bool = False) -> Link:
-        return await self.agent.open_developer(route, owner, self, spare)
+    async def open_developer(self, route: RegisteredRoute, owner: ClientConnection, first: bytes = b"") -> Link:
+        return await self.agent.open_developer(route, owner, self, first)
 
     async def open_mirror(self, route: RegisteredRoute, owner: Any) -> Link:
         return await self.agent.open_mirror(route, owner, self)

@@ -99,7 +99,7 @@ class Destinations(Protocol):
     mirror_channels: collections.Counter[int]  # HTTP/1 mirror channels open, by mirror route id
 
     async def open_upstream(self, owner: ClientConnection) -> Link: ...
-    async def open_developer(self, route: RegisteredRoute, owner: ClientConnection, spare: bool = False) -> Link: ...
+    async def open_developer(self, route: RegisteredRoute, owner: ClientConnection, first: bytes = b"") -> Link: ...
     async def open_mirror(self, route: RegisteredRoute, owner: MirrorChannel) -> Link: ...
 
 
@@ -453,15 +453,20 @@ class ClientConnection(asyncio.Protocol):
             return -1
         return end
 
-    def _send_head(self, link: Link, data: bytes, pos: int) -> int:
-        """Start forwarding the current request (head at ``data[pos]``) over ``link``."""
+    def _head_bytes(self, data: bytes, start: int, end: int) -> bytes:
+        """What the destination gets of ``data[start:end]``, the head at its start: the
+        client's address spliced in as new lines before the head's final CRLF."""
+        if not self.forwarded:
+            return data[start:end]
+        pos = start + self.req.size
+        return b"".join((data[start : pos - 2], self.forwarded, data[pos - 2 : end]))
+
+    def _send_head(self, link: Link, data: bytes, pos: int, carried: bool = False) -> int:
+        """Start forwarding the current request (head at ``data[pos]``) over ``link``; with
+        ``carried``, a request without a body whose bytes the link's opening carried."""
         head = self.req
-        if self.link is not link:
-            self.link = link
-            if self.down_full:
-                link.pause_reading()
-            else:
-                link.resume_reading()  # it may have been paused while it was not current
+        switched = self.link is not link
+        self.link = link
         self.resp = None
         self.resp_started = self.resp_done = False
         start = pos
@@ -478,18 +483,20 @@ class ClientConnection(asyncio.Protocol):
             self.mode = _BODY
             end = self._request_body_end(data, pos)
         if self.mode is not _CLOSED:
-            if self.forwarded:
-                # one splice: the client's address as new lines before the head's final CRLF
-                chunk = b"".join((data[start : pos - 2], self.forwarded, data[pos - 2 : end]))
-            else:
-                chunk = data[start:end]
-            link.write(chunk)
+            chunk = self._head_bytes(data, start, end)
+            if not carried:
+                link.write(chunk)
             if head is not self.copied_head:
                 self.copied_head = head
                 self.copies = self._begin_copies(head) if self.dest.routes.mirrors and not head.upgrade else None
                 if self.copies:
                     for copy in self.copies:
                         copy.write(chunk)
+        if switched and not carried:  # (a carried link is resumed by _connect, once this request is all taken)
+            if self.down_full:
+                link.pause_reading()
+            else:
+                link.resume_reading()  # it may have been paused while it was not current
         return end
 
     def _begin_copies(self, head: RequestHead) -> list[Copy] | None:
@@ -543,14 +550,16 @@ class ClientConnection(asyncio.Protocol):
         """Reach the destination of a request (or of a non-HTTP stream when ``head`` is None).
         ``again``: the request is being sent a second time (its first link closed unanswered)."""
         reused = False
-        # a spare channel (no round trip first) only for what can be sent again should it be dead
-        spare = not again and head is not None and head.framing is _NO_BODY and head.method in _REPLAYABLE
+        # a request without a body may come with the channel's opening (no round trip first)
+        first = b""
+        if route is not None and head is not None and head.framing is _NO_BODY:
+            first = self._head_bytes(self.pending, 0, head.size)
         while True:
             try:
                 if route is None:
                     link = self.upstream = await self.dest.open_upstream(self)
                 else:
-                    link = self.developers[route.session_id] = await self.dest.open_developer(route, self, spare)
+                    link = self.developers[route.session_id] = await self.dest.open_developer(route, self, first)
                 break
             except RouteGone:
                 route = self.dest.routes.match(head.method, head.target, head.headers)
@@ -570,16 +579,21 @@ class ClientConnection(asyncio.Protocol):
         if self.mode is _CLOSED:
             link.close()
             return
-        self.link_used = reused or getattr(link, "pooled", False)  # an idle upstream connection, or a spare channel
+        self.link_used = reused or getattr(link, "pooled", False)  # an idle upstream connection
         data, self.pending = self.pending, b""
         self._resume("connecting")
         if head is None:
             self.link = link
             self._tunnel(data)
             return
-        pos = self._send_head(link, data, 0)
+        carried = not reused and getattr(link, "carried", False)
+        pos = self._send_head(link, data, 0, carried)
         if pos < len(data) and self.mode is not _CLOSED:
             self._consume(data[pos:])
+        if carried and self.link is link and not self.down_full:
+            # last: the answer may have come with the opening's confirmation, and resuming
+            # hands it over at once; what the client sent after the request waits in pending
+            link.resume_reading()
 
     def _current_link(self, route: RegisteredRoute | None) -> Link | None:
         """The link this connection already has to the destination of ``route`` (None: the

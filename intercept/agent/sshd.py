@@ -5,10 +5,8 @@ Each client connection is one :class:`DeveloperSession`. The client asks for a
 the agent then opens one ``forwarded-tcpip`` channel per downstream connection that
 matched the developer's route, and the client connects it to the local process. Opening
 a channel costs a round trip to the developer's machine, so for a client that asks
-(``spares``) the agent keeps one *spare* channel open per port once a channel was opened
-there: the next downstream connection takes it and sends its request at once, and a new
-spare is opened behind it (:meth:`DeveloperSession.open_channel`). The client connects a
-spare to its process only when the first byte comes.
+(``early-data``) a request without a body goes with the channel's opening: the client
+writes it to its process before it confirms (:meth:`DeveloperSession.open_channel`).
 
 A session channel is either the control subsystem or ``sftp``: the pod's files, served
 read-only (:mod:`intercept.agent.files`) when the agent serves any, on a few channels per
@@ -83,20 +81,17 @@ _session_ids = itertools.count(1)
 class ChannelLink(asyncssh.SSHTCPSession[bytes]):
     """An SSH channel to a developer's machine, as a :class:`~intercept.agent.proxy.Link`.
 
-    A *spare* (``owner`` None) is opened before any connection needs it, with
-    :data:`~intercept.protocol.SPARE_ORIGIN` as its originator: the client connects it to the
-    process when the first byte comes, so nothing comes back on it before :meth:`claim`;
-    anything that does, or an end from the client's side, only removes it from the
-    session's spares."""
+    One opened for early data (``carried``: :class:`~intercept.protocol.EarlyData`) is not read
+    before its owner takes it, since the answer may come with the opening's confirmation."""
 
-    def __init__(self, owner: ClientConnection | None, session: DeveloperSession) -> None:
+    def __init__(self, owner: ClientConnection, session: DeveloperSession, carried: bool = False) -> None:
         self.owner = owner
         self.session = session
         self.chan: asyncssh.SSHTCPChannel[bytes] | None = None
         self.sender: ChannelSender | None = None  # what goes to the developer, taking turns with other channels
-        # taken as a spare: it may turn out dead before any answer (the developer was lost
-        # silently), like an idle upstream connection, and the request is sent again
-        self.pooled = False
+        # its opening carried the first bytes (EarlyData): they are not written again, and the
+        # answer, which may come with the confirmation, is not read before the owner takes the link
+        self.carried = carried
 
     @property
     def reusable(self) -> bool:
@@ -105,31 +100,18 @@ class ChannelLink(asyncssh.SSHTCPSession[bytes]):
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         self.chan = chan
         self.sender = ChannelSender(chan, lambda: self.owner.link_pause(self), lambda: self.owner.link_resume(self))
-        if self.owner is not None:
-            self.session.links.add(self)
-
-    def claim(self, owner: ClientConnection) -> None:
-        """This spare is ``owner``'s from now on."""
-        self.owner, self.pooled = owner, True
+        if self.carried:
+            chan.pause_reading()  # until the owner takes the link (its _send_head resumes it)
         self.session.links.add(self)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        if self.owner is None:  # nothing was asked on it: out of step
-            self.session.drop_spare(self)
-            return
         self.owner.link_data(self, data)
 
     def eof_received(self) -> bool:
-        if self.owner is None:
-            self.session.drop_spare(self)
-            return False
         return self.owner.link_eof(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.sender.lost()
-        if self.owner is None:
-            self.session.drop_spare(self)
-            return
         self.session.links.discard(self)
         self.owner.link_lost(self)
 
@@ -187,10 +169,7 @@ class DeveloperSession(asyncssh.SSHServer):
         self.first_port = False  # forwarding on (FORWARD_HOST, FORWARD_PORT): the agent's first port
         self.ports: set[int] = set()  # the app ports forwarded on (PORT_FORWARD_HOST, port)
         self.links: set[ChannelLink] = set()
-        # one channel kept open per (host, port) that channels are opened to, once one was asked for
-        self.takes_spares = False  # the client asked for them (Spares): it connects one at its first byte
-        self.spares: dict[tuple[str, int], ChannelLink] = {}
-        self._spares_opening: set[tuple[str, int]] = set()
+        self.takes_early_data = False  # the client asked for it (EarlyData): an opening may carry the first bytes
         self.draining = False  # the developer's process restarts: keep no channel past its response
         self.fence = Fence(owner="this session")  # the client's narrowing of the agent's fence
         # it reaches the cluster through this pod (intercept connect): the agent is in use. Set by a Reach request
@@ -286,60 +265,24 @@ class DeveloperSession(asyncssh.SSHServer):
                 error = e
         raise error
 
-    async def open_channel(self, owner: ClientConnection, front: Front, spare: bool = False) -> ChannelLink:
-        """A channel to the developer for a connection that came to ``front``'s port. With
-        ``spare``: the spare, when one is open, else a new one (a round trip to their
-        machine); either way, for a client that takes spares, one is then opened for the
-        next connection that may take one. Nothing is opened ahead for a port whose channel
-        could not be opened (the process is down or restarting), and a spare costs the
-        client no connection to its process: a session holds at most one idle channel per
-        port, and only once requests came."""
+    async def open_channel(self, owner: ClientConnection, front: Front, first: bytes = b"") -> ChannelLink:
+        """A channel to the developer for a connection that came to ``front``'s port (a round
+        trip to their machine). With ``first`` (the bytes to send first: a request without a
+        body) and a client that takes early data, they go with the opening, so the request
+        reaches the process as soon as the opening does (the link's ``carried`` says so)."""
         key = (PORT_FORWARD_HOST, front.port) if front.port in self.ports else (FORWARD_HOST, FORWARD_PORT)
-        link = self.spares.pop(key, None) if spare else None
-        if link is not None:
-            link.claim(owner)
+        if first and self.takes_early_data and len(first) <= protocol.EARLY_DATA_MAX:
+            _, link = await self.conn.create_connection(lambda: ChannelLink(owner, self, carried=True), *key,
+                                                        protocol.early_data_origin(first), 0)
         else:
             _, link = await self.conn.create_connection(lambda: ChannelLink(owner, self), *key, *self.peer)
-        if spare:
-            self._open_spare(key)
         return link
 
-    def _open_spare(self, key: tuple[str, int]) -> None:
-        if not self.takes_spares or self.draining or key in self.spares or key in self._spares_opening:
-            return
-        self._spares_opening.add(key)
-        opening = asyncio.ensure_future(
-            self.conn.create_connection(lambda: ChannelLink(None, self), *key, protocol.SPARE_ORIGIN, 0))
-        opening.add_done_callback(lambda done: self._spare_opened(key, done))
-
-    def _spare_opened(self, key: tuple[str, int], opening: asyncio.Future[tuple[Any, ChannelLink]]) -> None:
-        self._spares_opening.discard(key)
-        if opening.cancelled() or opening.exception() is not None:
-            return  # the next connection opens its own channel, and a spare again if that works
-        _, link = opening.result()
-        if self.draining or key in self.spares or link.chan.is_closing():
-            link.chan.close()
-            return
-        self.spares[key] = link
-        log.debug("a spare channel to %s is open (%s:%s)", self.name, *key)
-
-    def drop_spare(self, link: ChannelLink) -> None:
-        """``link`` is no longer a spare (the client closed it, or spoke on it out of step).
-        Another is opened when a connection next needs a channel, not at once."""
-        for key, spare in list(self.spares.items()):
-            if spare is link:
-                del self.spares[key]
-        link.chan.close()
-
     def drain(self, draining: bool) -> int:
-        """While draining, channels close at the end of their response (idle ones and spares
-        now), so that the developer's old process sees no new request. Returns the channels
-        still busy."""
+        """While draining, channels close at the end of their response (idle ones now), so that
+        the developer's old process sees no new request. Returns the channels still busy."""
         self.draining = draining
         if draining:
-            spares, self.spares = list(self.spares.values()), {}
-            for spare in spares:
-                spare.chan.close()
             for link in list(self.links):
                 link.owner.release(link)
         return len(self.links)
@@ -514,8 +457,8 @@ class ControlChannel(asyncssh.SSHServerSession[bytes]):
                 case protocol.Unregister(id=route_id):
                     agent.unregister(session, route_id)
                     return protocol.Done()
-                case protocol.Spares():
-                    session.takes_spares = True
+                case protocol.EarlyData():
+                    session.takes_early_data = True
                     return protocol.Done()
                 case protocol.Fence(allow=allow, deny=deny):
                     session.fence = Fence.parse(allow, deny, owner="this session")

@@ -2,9 +2,9 @@
 
 Every channel an agent opens for a routed request becomes one TCP connection to the
 local process, bridged byte for byte with flow control both ways
-(:mod:`intercept.sshbridge`). A *spare* channel (one the agent opens ahead of need,
-:class:`intercept.protocol.Spares`) is connected only when its first byte comes, so it
-costs the process nothing while it waits. The door can be
+(:mod:`intercept.sshbridge`). A channel whose opening carries the request
+(:class:`intercept.protocol.EarlyData`) has it written to the process before the opening
+is confirmed, so the request needs no round trip to the agent first. The door can be
 *closed* while the local process restarts: new channels then wait (up to the hold
 timeout) instead of failing, and :meth:`LocalDoor.drained` tells when the old process
 has finished its last response (the agents close channels at response boundaries
@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncssh
 
-from intercept.protocol import SPARE_ORIGIN
+from intercept.protocol import early_data
 from intercept.sshbridge import TCPBridge, TCPSide
 
 log = logging.getLogger(__name__)
@@ -48,57 +48,11 @@ async def connect_local(factory: Callable[[], asyncio.BaseProtocol], host: str, 
 
 
 class _Bridge(TCPBridge):
-    """One routed connection: an SSH channel on one side, a local TCP connection on the other.
+    """One routed connection: an SSH channel on one side, a local TCP connection on the other."""
 
-    A spare's (``spare_port`` set) local connection is made when its first byte comes: what
-    comes meanwhile waits in ``waiting``, the channel paused."""
-
-    def __init__(self, door: LocalDoor, spare_port: int | None = None) -> None:
+    def __init__(self, door: LocalDoor) -> None:
         super().__init__(door._closed)
         self.door = door
-        self.spare_port = spare_port
-        self.waiting: list[bytes] | None = None  # a spare's first bytes while it connects to the process
-        self.waiting_eof = False
-        self.connecting: asyncio.Task[None] | None = None
-
-    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
-        if self.tcp is not None:
-            self.tcp.write(data)
-        elif self.waiting is not None:
-            self.waiting.append(data)
-        else:
-            self.waiting = [data]
-            self.chan.pause_reading()
-            self.connecting = asyncio.ensure_future(self._connect_spare())
-
-    def eof_received(self) -> bool:
-        if self.tcp is None:
-            self.waiting_eof = True
-            return True
-        return super().eof_received()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.connecting is not None:
-            self.connecting.cancel()
-        super().connection_lost(exc)
-
-    async def _connect_spare(self) -> None:
-        """Connect this spare to the process now that a request came: as a new channel would
-        be, held while the door is closed or the process does not accept, up to the hold
-        timeout; past it the channel is closed (the agent answers the request 502)."""
-        try:
-            await self.door._connect(self, self.spare_port, retry=True)
-        except asyncssh.ChannelOpenError as e:
-            log.warning("%s", e.reason)
-            self.chan.close()
-            return
-        waiting, self.waiting = self.waiting or [], None
-        for data in waiting:
-            self.tcp.write(data)
-        if self.waiting_eof and self.tcp.can_write_eof():
-            self.tcp.write_eof()
-        self.start()
-        self.chan.resume_reading()
 
 
 class LocalDoor:
@@ -140,26 +94,24 @@ class LocalDoor:
 
     async def accept(self, orig_host: str, orig_port: int) -> asyncssh.SSHTCPSession[bytes]:
         """asyncssh's session factory for a channel from an agent: to ``port``."""
-        return await self._accept(self.port, orig_host == SPARE_ORIGIN)
+        return await self._accept(self.port, orig_host)
 
     def acceptor(self, port: int) -> Callable[[str, int], Awaitable[asyncssh.SSHTCPSession[bytes]]]:
         """A session factory like :meth:`accept` for channels to local ``port`` (one per port
         intercepted; the gate and the count of connections are the door's, shared)."""
-        return lambda orig_host, orig_port: self._accept(port, orig_host == SPARE_ORIGIN)
+        return lambda orig_host, orig_port: self._accept(port, orig_host)
 
-    async def _accept(self, port: int, spare: bool) -> asyncssh.SSHTCPSession[bytes]:
-        if spare:
-            return _Bridge(self, port)  # connected at its first byte; not counted until then
+    async def _accept(self, port: int, origin: str) -> asyncssh.SSHTCPSession[bytes]:
         bridge = _Bridge(self)
         await self._connect(bridge, port)
+        first = early_data(origin)  # the request the opening carried: the process has it before the agent hears back
+        if first:
+            bridge.tcp.write(first)
         return bridge
 
-    async def _connect(self, bridge: _Bridge, port: int, retry: bool = False) -> None:
+    async def _connect(self, bridge: _Bridge, port: int) -> None:
         """Connect ``bridge`` to the process on ``port``, once the door is open (held up to the
-        hold timeout). Refused: :class:`asyncssh.ChannelOpenError` at once, or with ``retry``
-        (a spare, whose channel is open already) once the hold timeout has passed."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.hold_timeout
+        hold timeout). Refused: :class:`asyncssh.ChannelOpenError`."""
         if not self._open_gate.is_set():
             try:
                 await asyncio.wait_for(self._open_gate.wait(), self.hold_timeout)
@@ -171,23 +123,17 @@ class LocalDoor:
         # process waits for its request too, instead of stopping the process under it.
         self._bridges.add(bridge)
         self._empty.clear()
-        delay = 0.02
-        while True:
-            try:
-                await connect_local(lambda: TCPSide(bridge), self.host, port)
-                return
-            except OSError:
-                if not retry or loop.time() + delay > deadline:
-                    self._closed(bridge)
-                    raise asyncssh.ChannelOpenError(
-                        asyncssh.OPEN_CONNECT_FAILED,
-                        f"{self.name}'s process does not accept connections on localhost:{port}",
-                    ) from None
-            except BaseException:  # cancelled
-                self._closed(bridge)
-                raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.25)
+        try:
+            await connect_local(lambda: TCPSide(bridge), self.host, port)
+        except OSError:
+            self._closed(bridge)
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_CONNECT_FAILED,
+                f"{self.name}'s process does not accept connections on localhost:{port}",
+            ) from None
+        except BaseException:  # cancelled
+            self._closed(bridge)
+            raise
 
     def _closed(self, bridge: _Bridge) -> None:
         self._bridges.discard(bridge)

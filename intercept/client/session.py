@@ -203,8 +203,8 @@ class AgentSession:
             raise UsageError(f"agent {where}: {self.agent.lacks('mirror')}")
         try:
             await self._forward(where)
-            if not self.agent.lacks("spares"):  # the door connects a spare at its first byte (LocalDoor)
-                await self.request(protocol.Spares())
+            if not self.agent.lacks("early-data"):  # the door writes what a channel's opening carries (LocalDoor)
+                await self.request(protocol.EarlyData())
             reply = await self.request(protocol.Register(opts.route.to_json(), opts.all_traffic, opts.ttl, opts.mirror))
         except (asyncssh.Error, OSError) as e:
             self.conn.close()

@@ -203,10 +203,12 @@ class Pacing:
     row: p99 3.8x the floor at 40 ms and 100 Mbit/s). A socket paced just under the link's
     rate keeps that queue empty.
 
-    Looked at while the socket is full (a bulk transfer), at most once per round trip, on
-    a delivery rate that the sender's own pauses did not limit. A queue stands when both
-    what is in flight beyond what the path holds (the delivery rate times the least RTT) is
-    over :data:`QUEUE_BYTES` and the smoothed RTT is over the least by :data:`QUEUE_TARGET`
+    Looked at while the socket is full (a bulk transfer), at most once per round trip. The
+    delivery rate is taken even when the kernel flags it as limited by the sender (ours
+    often is: the socket holds little unsent, and cubic's window runs ahead of what is in
+    flight), since a standing queue shows the link is full all the same. A queue stands
+    when both what is in flight beyond what the path holds (the delivery rate times the
+    least RTT) is over :data:`QUEUE_BYTES` and the smoothed RTT is over the least by :data:`QUEUE_TARGET`
     (the first alone is also true of a slow start, whose delivery rate lags; the second
     alone, of a slow sender's delayed ACKs). Then the cap is the delivery rate (the
     bottleneck's, while a queue stands) less the share that drains the queue in
@@ -337,7 +339,6 @@ class _UnsentBound:
         if len(info) < 168:  # a kernel without tcpi_delivery_rate
             self.next = now + RECHECK
             return
-        app_limited = info[7] & 1  # tcpi_delivery_rate_app_limited
         (mss,) = struct.unpack_from("I", info, 16)  # tcpi_snd_mss
         (unacked,) = struct.unpack_from("I", info, 24)  # segments in flight
         (rtt,) = struct.unpack_from("I", info, 68)  # smoothed, microseconds
@@ -347,7 +348,7 @@ class _UnsentBound:
         bound = min(UNSENT_MAX, max(UNSENT_MIN, int(rate * UNSENT_TIME)))
         if abs(bound - self.bound) * 4 > self.bound:  # more than a quarter off
             self.set(bound)
-        if SO_MAX_PACING_RATE is not None and min_rtt and not app_limited:
+        if SO_MAX_PACING_RATE is not None and min_rtt:
             self.pace(self.pacing.look(now, rtt / 1e6, min_rtt / 1e6, rate, unacked * mss))
 
 

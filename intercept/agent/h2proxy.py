@@ -35,8 +35,9 @@ Invariants:
   or for another connection; it is never failed for lack of room. A stream the peer
   refused unprocessed (RST_STREAM REFUSED_STREAM, or past a GOAWAY's last stream: RFC 9113
   section 8.7) is sent again, on that connection once one of its streams has ended or on
-  another, while the request bytes already passed on are kept (:data:`RESEND_LIMIT`) and
-  no response has begun, up to :data:`RESENDS` times; otherwise the client gets the refusal.
+  another, while the request bytes already passed on are kept (:data:`RESEND_LIMIT`; they
+  are let go once a response begins or the peer opens the stream's window, which shows it
+  is reading it), up to :data:`RESENDS` times; otherwise the client gets the refusal.
 - A stream whose developer cannot be reached is held up to the hold timeout, then
   answered gRPC UNAVAILABLE (or 502) with the HTTP/1.1 path's text. A developer who
   leaves ends their streams in flight with UNAVAILABLE; new streams go to the app.
@@ -297,7 +298,8 @@ class Stream:
         self.stall: tuple[int, float] = (-1, 0.0)  # (moved, since when) at the sweeper's last look
         self.wait_timer: asyncio.TimerHandle | None = None  # while waiting in a pool: the hold timeout
         # Request bytes passed on to ``up`` (``kept_len`` of them), kept until the response
-        # begins so that a refused stream can be sent again; None past RESEND_LIMIT.
+        # begins or the peer opens the stream's window, so that a refused stream can be sent
+        # again; None past RESEND_LIMIT.
         self.kept: list[bytes] | None = []
         self.kept_len = 0
         self.credited = 0  # bytes at the head of ``to_up`` the client already got window for
@@ -918,6 +920,7 @@ class UpConnection:
                 if ev.stream_id:
                     stream = streams.get(ev.stream_id)
                     if stream is not None:
+                        stream.kept = None  # the peer is reading it: it will not be refused now
                         stream.pump_up()
                 else:
                     for stream in list(streams.values()):

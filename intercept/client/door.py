@@ -14,7 +14,6 @@ while draining). Together these make a restart invisible to the requests.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 
 import asyncssh
@@ -22,7 +21,6 @@ import asyncssh
 from intercept.protocol import early_data
 from intercept.sshbridge import TCPBridge, TCPSide
 
-log = logging.getLogger(__name__)
 
 LOOPBACKS = ("127.0.0.1", "::1")
 

@@ -518,18 +518,19 @@ def test_ctrl_c_stops_the_command_before_its_forwarded_connections_close(outboun
 
     accept_each(holder, hold)
     local_port, forward_port = free_port(), free_port()
-    worker = ("import signal, socket, sys\n"
+    # each line in one write(2): the worker's output shares a pipe with intercept's lines
+    worker = ("import os, signal, socket, sys\n"
               "server = socket.create_server(('127.0.0.1', %d))\n"
               "s = socket.create_connection(('127.0.0.1', %d))\n"
-              "print('connected', s.makefile('rb').readline().decode().strip(), flush=True)\n"
+              "os.write(1, b'connected ' + s.makefile('rb').readline())\n"
               "def stopped(*_):\n"
               "    s.sendall(b'bye\\n')\n"
               "    handed_back = s.recv(16) == b'ok\\n'\n"
-              "    print('handed back' if handed_back else 'connection lost', flush=True)\n"
+              "    os.write(1, b'handed back\\n' if handed_back else b'connection lost\\n')\n"
               "    sys.exit(0 if handed_back else 3)\n"
               "signal.signal(signal.SIGTERM, stopped)\n"
               "s.recv(1)\n"
-              "print('connection lost', flush=True)\n"
+              "os.write(1, b'connection lost\\n')\n"
               "sys.exit(3)\n") % (local_port, forward_port)
     client = Proc(INTERCEPT + ["start", "--agent", outbound_agent.ssh, "--credentials", str(outbound_agent.credentials),
                                "--port", str(local_port), "--name", "worker", "--no-watch",
